@@ -1,0 +1,73 @@
+//! Builds the shipped policy components for wasm32-wasip2 and hands them to
+//! the host crate (`include_bytes!` in `src/policies.rs`), so `cargo run`
+//! alone gives a binary with the per-user policy embedded.
+//!
+//! The nested cargo uses its own target dir: sharing the outer one deadlocks
+//! on cargo's build-directory lock.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const GUESTS: [&str; 2] = ["per-user", "per-thread"];
+
+fn main() {
+    let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap());
+    let workspace = manifest_dir.parent().expect("host/ sits in the workspace").to_path_buf();
+    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").unwrap());
+    // OUT_DIR is <target>/<profile>/build/<pkg>-<hash>/out.
+    let target_root = out_dir.ancestors().nth(4).unwrap_or(&out_dir).join("wasm-guests");
+
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&workspace)
+        .args(["build", "--release", "--target", "wasm32-wasip2", "--locked"])
+        .env("CARGO_TARGET_DIR", &target_root);
+    for guest in GUESTS {
+        cmd.args(["-p", guest]);
+    }
+    // The outer build's flags and wrappers are for the host, not the guests.
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_BUILD_TARGET",
+    ] {
+        cmd.env_remove(var);
+    }
+    let status = cmd.status().expect("failed to run cargo for the guest policies");
+    if !status.success() {
+        panic!(
+            "building the policy components failed; is the wasm target installed? \
+             run `rustup target add wasm32-wasip2`"
+        );
+    }
+
+    let built = target_root.join("wasm32-wasip2").join("release");
+    for guest in GUESTS {
+        let stem = guest.replace('-', "_");
+        let wasm = built.join(format!("{stem}.wasm"));
+        std::fs::copy(&wasm, out_dir.join(format!("{stem}.wasm")))
+            .unwrap_or_else(|e| panic!("copying {}: {e}", wasm.display()));
+        rerun_if_sources_change(&built.join(format!("{stem}.d")));
+    }
+    println!("cargo:rerun-if-changed={}", workspace.join("wit").display());
+    println!("cargo:rerun-if-changed={}", workspace.join("guest").display());
+    println!("cargo:rerun-if-changed=build.rs");
+}
+
+/// Cargo's dep-info file lists every source of the guest: rebuild on any change.
+fn rerun_if_sources_change(dep_info: &Path) {
+    let Ok(text) = std::fs::read_to_string(dep_info) else {
+        return;
+    };
+    let Some((_, deps)) = text.split_once(": ") else {
+        return;
+    };
+    for dep in deps.split_whitespace() {
+        if Path::new(dep).exists() {
+            println!("cargo:rerun-if-changed={dep}");
+        }
+    }
+}

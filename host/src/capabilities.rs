@@ -1,0 +1,296 @@
+//! The host side of the WIT `containers` and `workspaces` imports: the
+//! provider's operations behind the host's rules.
+//!
+//! - Every id a policy passes is validated here again (defence in depth).
+//! - A container is only started, inspected or removed when it carries this
+//!   host's labels for its namespace; anything else is refused untouched.
+//! - Image, mounts, limits, network, user and name come from the config.
+//! - Containers handed to a policy are remembered with their backend, so a
+//!   policy cannot make the host exec into a container of another backend.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::error::{Result, SandboxError};
+use crate::naming::{self, label};
+use crate::plan::ContainerPlan;
+use crate::provider::{ContainerProvider, ContainerRecord, ProviderError, Status};
+use crate::workspace::Workspaces;
+
+/// A container this host labelled, as policies and `sandbox ls` see it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ManagedContainer {
+    pub id: String,
+    pub name: String,
+    pub backend_id: String,
+    pub workspace: String,
+    pub policy: String,
+    #[serde(serialize_with = "status_name")]
+    pub status: Status,
+    pub created: Option<i64>,
+}
+
+fn status_name<S: serde::Serializer>(status: &Status, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{status:?}").to_lowercase())
+}
+
+/// The host's capabilities, shared by every policy instance.
+pub struct Capabilities {
+    config: Config,
+    provider: Arc<dyn ContainerProvider>,
+    workspaces: Workspaces,
+    /// container id -> backend id, for every container handed to a policy.
+    vetted: Mutex<HashMap<String, String>>,
+}
+
+impl Capabilities {
+    pub fn new(config: Config, provider: Arc<dyn ContainerProvider>) -> Self {
+        let workspaces = Workspaces::new(config.workspace_root.clone(), config.sandbox_user());
+        Capabilities {
+            config,
+            provider,
+            workspaces,
+            vetted: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn provider(&self) -> &Arc<dyn ContainerProvider> {
+        &self.provider
+    }
+
+    pub fn workspaces(&self) -> &Workspaces {
+        &self.workspaces
+    }
+
+    fn namespace(&self) -> &str {
+        &self.config.namespace
+    }
+
+    /// The container this host labelled for `backend_id`, if any.
+    pub async fn find(&self, backend_id: &str) -> Result<Option<ManagedContainer>> {
+        policy_core::ids::validate_backend(backend_id)?;
+        let found = self
+            .provider
+            .list(&[
+                (label::MANAGED, "true"),
+                (label::NAMESPACE, self.namespace()),
+                (label::BACKEND, backend_id),
+            ])
+            .await?;
+        // Names are unique per backend, so there is at most one; prefer a
+        // running one should an older engine have let two through.
+        let best = found
+            .into_iter()
+            .max_by_key(|c| c.status == Status::Running)
+            .map(|c| self.managed(c))
+            .transpose()?;
+        Ok(best)
+    }
+
+    /// Every container this host labelled in its namespace.
+    pub async fn list_managed(&self) -> Result<Vec<ManagedContainer>> {
+        let found = self
+            .provider
+            .list(&[(label::MANAGED, "true"), (label::NAMESPACE, self.namespace())])
+            .await?;
+        found.into_iter().map(|c| self.managed(c)).collect()
+    }
+
+    /// Creates the container of a backend; adopts it when another host won
+    /// the race for the name.
+    pub async fn create(&self, backend_id: &str, workspace: &str, policy: &str) -> Result<ManagedContainer> {
+        policy_core::ids::validate_backend(backend_id)?;
+        let path = self.workspaces.prepare(workspace)?;
+        let plan = ContainerPlan::new(&self.config, backend_id, workspace, path, self.workspaces.owner(), policy);
+        match self.provider.create(&plan).await {
+            Ok(record) => self.managed(record),
+            Err(ProviderError::Conflict(_)) => {
+                let existing = self.provider.inspect(&plan.name).await?.ok_or_else(|| {
+                    SandboxError::Other(format!("container {} vanished during a create race", plan.name))
+                })?;
+                let existing = self.managed(existing)?;
+                if existing.backend_id != backend_id {
+                    return Err(SandboxError::Refused(format!(
+                        "container name {} is taken by backend {}",
+                        plan.name, existing.backend_id
+                    )));
+                }
+                tracing::debug!(backend = backend_id, "create raced another host; adopting its container");
+                Ok(existing)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Starts a container this host labelled.
+    pub async fn start(&self, container_id: &str) -> Result<()> {
+        let owned = self
+            .inspect(container_id)
+            .await?
+            .ok_or_else(|| SandboxError::NotFound(format!("container {container_id}")))?;
+        Ok(self.provider.start(&owned.id).await?)
+    }
+
+    /// The state of a container this host labelled; `None` when gone.
+    pub async fn inspect(&self, container_id: &str) -> Result<Option<ManagedContainer>> {
+        validate_container_ref(container_id)?;
+        match self.provider.inspect(container_id).await? {
+            Some(record) => self.managed(record).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Force-removes a container this host labelled; false when gone.
+    pub async fn remove(&self, container_id: &str) -> Result<bool> {
+        let Some(owned) = self.inspect(container_id).await? else {
+            return Ok(false);
+        };
+        let removed = self.provider.remove(&owned.id).await?;
+        self.vetted.lock().unwrap().remove(&owned.id);
+        Ok(removed)
+    }
+
+    /// Creates or checks the workspace directory.
+    pub fn prepare_workspace(&self, name: &str) -> Result<()> {
+        self.workspaces.prepare(name).map(drop)
+    }
+
+    /// Checks that a container a policy returned for `backend_id` is one
+    /// this host handed out for that backend.
+    pub fn check_serves(&self, container_id: &str, backend_id: &str) -> Result<()> {
+        match self.vetted.lock().unwrap().get(container_id) {
+            Some(owner) if owner == backend_id => Ok(()),
+            Some(owner) => Err(SandboxError::Refused(format!(
+                "the policy returned the container of backend {owner} for backend {backend_id}"
+            ))),
+            None => Err(SandboxError::Refused(format!(
+                "the policy returned container {} which the host never handed out",
+                policy_core::ids::shown(container_id)
+            ))),
+        }
+    }
+
+    /// Converts a record, refusing containers this host did not label.
+    fn managed(&self, record: ContainerRecord) -> Result<ManagedContainer> {
+        if !naming::is_owned(&record.labels, self.namespace()) {
+            return Err(SandboxError::Refused(format!(
+                "container {} is not managed by sandbox namespace {:?}; it was left untouched",
+                record.name,
+                self.namespace()
+            )));
+        }
+        let get = |key: &str| record.labels.get(key).cloned().unwrap_or_default();
+        let container = ManagedContainer {
+            backend_id: get(label::BACKEND),
+            workspace: get(label::WORKSPACE),
+            policy: get(label::POLICY),
+            id: record.id,
+            name: record.name,
+            status: record.status,
+            created: record.created,
+        };
+        self.vetted
+            .lock()
+            .unwrap()
+            .insert(container.id.clone(), container.backend_id.clone());
+        Ok(container)
+    }
+}
+
+/// Container ids and names only: they are spliced into API paths.
+fn validate_container_ref(reference: &str) -> Result<()> {
+    let ok = !reference.is_empty()
+        && reference.len() <= 128
+        && reference.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        && reference.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(SandboxError::InvalidId(format!(
+            "container reference {}",
+            policy_core::ids::shown(reference)
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UserIds;
+    use crate::provider::memory::MemoryProvider;
+
+    fn caps(root: &std::path::Path) -> (Capabilities, Arc<MemoryProvider>) {
+        let provider = Arc::new(MemoryProvider::new());
+        let config = Config {
+            workspace_root: root.to_owned(),
+            namespace: "unit".into(),
+            sandbox_user: Some(UserIds {
+                uid: nix::unistd::geteuid().as_raw(),
+                gid: nix::unistd::getegid().as_raw(),
+            }),
+            ..Config::default()
+        };
+        (Capabilities::new(config, provider.clone()), provider)
+    }
+
+    fn foreign(id: &str, labels: &[(&str, &str)]) -> ContainerRecord {
+        ContainerRecord {
+            id: id.into(),
+            name: id.into(),
+            image: "x".into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            status: Status::Running,
+            created: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn unlabelled_and_foreign_namespace_containers_are_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let (caps, provider) = caps(dir.path());
+        provider.insert(foreign("victim", &[]));
+        provider.insert(foreign("other", &[(label::MANAGED, "true"), (label::NAMESPACE, "prod")]));
+        for id in ["victim", "other"] {
+            assert!(matches!(caps.remove(id).await, Err(SandboxError::Refused(_))));
+            assert!(matches!(caps.start(id).await, Err(SandboxError::Refused(_))));
+            assert!(matches!(caps.inspect(id).await, Err(SandboxError::Refused(_))));
+        }
+        assert_eq!(provider.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn create_twice_adopts_instead_of_duplicating() {
+        let dir = tempfile::tempdir().unwrap();
+        let (caps, provider) = caps(dir.path());
+        let a = caps.create("alice", "alice", "per-user").await.unwrap();
+        let b = caps.create("alice", "alice", "per-user").await.unwrap();
+        assert_eq!(a.id, b.id);
+        assert_eq!(provider.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_container_is_only_served_to_its_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let (caps, _) = caps(dir.path());
+        let alice = caps.create("alice", "alice", "per-user").await.unwrap();
+        assert!(caps.check_serves(&alice.id, "alice").is_ok());
+        assert!(matches!(caps.check_serves(&alice.id, "bob"), Err(SandboxError::Refused(_))));
+        assert!(matches!(caps.check_serves("forged", "bob"), Err(SandboxError::Refused(_))));
+    }
+
+    #[tokio::test]
+    async fn container_references_cannot_traverse_api_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let (caps, _) = caps(dir.path());
+        for bad in ["../images/x", "a/b", "", "x?y", "-rf"] {
+            assert!(matches!(caps.inspect(bad).await, Err(SandboxError::InvalidId(_))), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! The `sandbox` CLI: run commands in per-user sandboxes, inspect and
+//! destroy them, check policy components, build the local image.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use sandbox_host::provider::docker::DockerProvider;
+use sandbox_host::{image, policies, Config, PolicySource, Sandbox};
+use tracing_subscriber::EnvFilter;
+
+/// Exit code for failures of the sandbox itself (as `docker exec` does).
+const EXIT_SANDBOX_ERROR: u8 = 125;
+
+#[derive(Parser)]
+#[command(name = "sandbox", version, about = "Per-user Docker sandboxes for AI agents, placed by a WebAssembly policy")]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct GlobalArgs {
+    /// TOML configuration file (flags and SANDBOX_* variables override it).
+    #[arg(long, global = true, env = "SANDBOX_CONFIG")]
+    config: Option<PathBuf>,
+    /// Policy component (.wasm) to load instead of the embedded per-user policy.
+    #[arg(long, global = true)]
+    policy: Option<PathBuf>,
+    /// Image for new sandbox containers.
+    #[arg(long, global = true)]
+    image: Option<String>,
+    /// Directory holding the workspaces.
+    #[arg(long, global = true)]
+    workspace_root: Option<PathBuf>,
+    /// Label namespace of this deployment.
+    #[arg(long, global = true)]
+    namespace: Option<String>,
+    /// More logs (-v debug, -vv trace); RUST_LOG takes precedence.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a command in the thread's sandbox; exits with the command's code.
+    Exec {
+        thread_id: String,
+        /// The command: one argument is a shell string, several are quoted and joined.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Destroy a user's backend, or the backend serving a thread.
+    Destroy {
+        #[arg(long, conflicts_with = "thread", required_unless_present = "thread")]
+        user: Option<String>,
+        #[arg(long)]
+        thread: Option<String>,
+    },
+    /// List the containers this namespace manages.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show two threads of one user sharing one container (and another user apart).
+    Demo,
+    /// Policy components.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// The local sandbox image.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Load a component, check it targets the `sandbox` world and passes the self-check.
+    Check { path: PathBuf },
+    /// Write a built-in policy component (per-user, per-thread) to a file.
+    Export { name: String, output: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Build the busybox image from host/image/ with no registry.
+    Build {
+        #[arg(long, default_value = sandbox_host::config::DEFAULT_IMAGE)]
+        tag: String,
+        /// A statically linked busybox binary.
+        #[arg(long)]
+        busybox: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.global.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::from(EXIT_SANDBOX_ERROR);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_SANDBOX_ERROR)
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn,sandbox_host=info",
+        1 => "info,sandbox_host=debug",
+        _ => "debug,sandbox_host=trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn load_config(global: &GlobalArgs) -> anyhow::Result<Config> {
+    let mut config = Config::load(global.config.as_deref())?;
+    if let Some(p) = &global.policy {
+        config.policy = Some(p.clone());
+    }
+    if let Some(i) = &global.image {
+        config.image = i.clone();
+    }
+    if let Some(w) = &global.workspace_root {
+        config.workspace_root = w.clone();
+    }
+    if let Some(n) = &global.namespace {
+        config.namespace = n.clone();
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+async fn open(config: Config, need_image: bool) -> anyhow::Result<Sandbox> {
+    let provider = Arc::new(DockerProvider::new(config.docker_timeout()));
+    if need_image {
+        image::ensure(&provider, &config.image).await?;
+    }
+    let source = PolicySource::from_config(&config);
+    Ok(Sandbox::with_provider(config, provider, source).await?)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = load_config(&cli.global)?;
+    match cli.command {
+        Command::Exec { thread_id, command } => {
+            let command = match command.as_slice() {
+                [single] => single.clone(),
+                many => shlex::try_join(many.iter().map(String::as_str)).context("quoting the command")?,
+            };
+            let sandbox = open(config, true).await?;
+            let backend = sandbox.get_thread_backend(&thread_id).await?;
+            let response = backend.execute(&command).await?;
+            print!("{}", response.output);
+            if response.truncated {
+                eprintln!("[output truncated at {} bytes]", sandbox.config().output_limit_bytes);
+            }
+            Ok(ExitCode::from(u8::try_from(response.exit_code).unwrap_or(EXIT_SANDBOX_ERROR)))
+        }
+        Command::Destroy { user, thread } => {
+            let sandbox = open(config, false).await?;
+            let destroyed = match (user, thread) {
+                (Some(user), _) => sandbox.destroy_user_backend(&user).await?,
+                (None, Some(thread)) => sandbox.destroy_thread_backend(&thread).await?,
+                (None, None) => bail!("give --user or --thread"),
+            };
+            println!("{}", if destroyed { "destroyed" } else { "nothing to destroy" });
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ls { json } => {
+            let sandbox = open(config, false).await?;
+            let containers = sandbox.list().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&containers)?);
+            } else {
+                println!("{:<24} {:<14} {:<10} {:<12} NAME", "BACKEND", "CONTAINER", "STATE", "POLICY");
+                for c in containers {
+                    let short = &c.id[..c.id.len().min(12)];
+                    let state = format!("{:?}", c.status).to_lowercase();
+                    println!("{:<24} {:<14} {:<10} {:<12} {}", c.backend_id, short, state, c.policy, c.name);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => demo(config).await,
+        Command::Policy(PolicyCommand::Check { path }) => {
+            let sandbox = open(Config { policy: Some(path.clone()), ..config }, false).await?;
+            let backend = sandbox.backend_id("alice-1").await?;
+            println!(
+                "{}: ok, policy {:?} targets the sandbox world (alice-1 -> backend {backend})",
+                path.display(),
+                sandbox.policy_name()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy(PolicyCommand::Export { name, output }) => {
+            let bytes = policies::builtin(&name)
+                .with_context(|| format!("no built-in policy {name:?} (per-user, per-thread)"))?;
+            std::fs::write(&output, bytes).with_context(|| format!("writing {}", output.display()))?;
+            println!("wrote {} ({} bytes)", output.display(), bytes.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Image(ImageCommand::Build { tag, busybox }) => {
+            let provider = DockerProvider::new(config.docker_timeout());
+            image::build(&provider, &tag, &image::busybox_path(busybox)).await?;
+            println!("built {tag}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The README's first command: two threads of alice share one container and
+/// one workspace; bob gets his own.
+async fn demo(config: Config) -> anyhow::Result<ExitCode> {
+    let root = config.workspace_root.clone();
+    let sandbox = open(config, true).await?;
+    println!("policy: {}, workspaces under {}", sandbox.policy_name(), root.display());
+    let mut seen = Vec::new();
+    for (thread, command) in [
+        ("alice-1", "echo 'written by thread alice-1' > note.txt; echo \"container $(hostname)\""),
+        ("alice-2", "echo \"container $(hostname)\"; cat note.txt"),
+        ("bob-1", "echo \"container $(hostname)\"; ls note.txt 2>&1 || true"),
+    ] {
+        let backend = sandbox.get_thread_backend(thread).await?;
+        let out = backend.execute(command).await?;
+        let container = backend.ensure_container().await?;
+        println!("\n$ sandbox exec {thread} -- '{command}'");
+        println!("  backend {} -> container {}", backend.id(), container.name);
+        for line in out.output.lines() {
+            println!("  | {line}");
+        }
+        seen.push((thread, container.id));
+    }
+    let shared = seen[0].1 == seen[1].1;
+    let apart = seen[0].1 != seen[2].1;
+    println!(
+        "\nalice-1 and alice-2 share one container: {}; bob-1 has another: {}",
+        yes(shared),
+        yes(apart)
+    );
+    println!("clean up with: sandbox destroy --user alice && sandbox destroy --user bob");
+    Ok(if shared && apart { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "NO"
+    }
+}

@@ -1,0 +1,51 @@
+//! The typed plan of a sandbox container: everything the host decides, in
+//! one value that tests can inspect without an engine.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use crate::config::{Config, Limits, UserIds};
+use crate::naming;
+
+/// Where the workspace is mounted in every container.
+pub const WORKSPACE_MOUNT: &str = "/workspace";
+
+/// The idle command that keeps a sandbox alive between executes. `init`
+/// (tini) is PID 1, so a stop is clean and zombies are reaped.
+pub const IDLE_COMMAND: [&str; 2] = ["sleep", "infinity"];
+
+/// A container the host is about to create for a backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerPlan {
+    pub name: String,
+    pub image: String,
+    pub labels: HashMap<String, String>,
+    /// Host directory bind-mounted read-write at [`WORKSPACE_MOUNT`].
+    pub workspace_path: PathBuf,
+    pub user: UserIds,
+    pub limits: Limits,
+    pub command: Vec<String>,
+}
+
+impl ContainerPlan {
+    /// The plan for `backend_id`, whose workspace `workspace` was prepared at
+    /// `workspace_path`. The ids are validated by the caller.
+    pub fn new(
+        config: &Config,
+        backend_id: &str,
+        workspace: &str,
+        workspace_path: PathBuf,
+        user: UserIds,
+        policy: &str,
+    ) -> Self {
+        ContainerPlan {
+            name: naming::container_name(&config.namespace, backend_id),
+            image: config.image.clone(),
+            labels: naming::ownership_labels(&config.namespace, backend_id, workspace, policy),
+            workspace_path,
+            user,
+            limits: config.limits.clone(),
+            command: IDLE_COMMAND.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}

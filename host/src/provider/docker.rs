@@ -1,0 +1,294 @@
+//! The production provider: the Docker Engine API through bollard.
+//!
+//! One client per provider, connected lazily (so a host starts while the
+//! engine is down and recovers once it answers), API version negotiated on
+//! first use, and every request bounded by a timeout.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::errors::Error as BollardError;
+use bollard::exec::{StartExecOptions, StartExecResults};
+use bollard::models::{ContainerCreateBody, ContainerStateStatusEnum, ContainerSummaryStateEnum, ExecConfig, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+};
+use bollard::Docker;
+use futures_util::StreamExt;
+use tokio::sync::OnceCell;
+
+use super::{ContainerProvider, ContainerRecord, ProviderError, ProviderResult, Status};
+use crate::exec::{CappedOutput, ExecRequest, ExecResponse};
+use crate::plan::{ContainerPlan, WORKSPACE_MOUNT};
+
+/// Docker through bollard, honouring `DOCKER_HOST` like the docker CLI.
+pub struct DockerProvider {
+    client: OnceCell<Docker>,
+    timeout: Duration,
+}
+
+impl DockerProvider {
+    /// A provider that connects on first use; each API call is bounded by
+    /// `timeout`.
+    pub fn new(timeout: Duration) -> Self {
+        DockerProvider {
+            client: OnceCell::new(),
+            timeout,
+        }
+    }
+
+    /// The connected client (connecting and negotiating now if needed).
+    pub async fn client(&self) -> ProviderResult<&Docker> {
+        self.client
+            .get_or_try_init(|| async {
+                let docker = Docker::connect_with_defaults().map_err(|e| unavailable(&e))?;
+                // The engine may be older than bollard's default API version
+                // (Debian's 20.10 speaks 1.41).
+                bounded(self.timeout, docker.negotiate_version()).await
+            })
+            .await
+    }
+
+    async fn call<T>(&self, fut: impl Future<Output = Result<T, BollardError>>) -> ProviderResult<T> {
+        bounded(self.timeout, fut).await
+    }
+}
+
+/// Runs one engine request under the timeout, converting its errors.
+async fn bounded<T>(timeout: Duration, fut: impl Future<Output = Result<T, BollardError>>) -> ProviderResult<T> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(result) => result.map_err(|e| convert(&e)),
+        Err(_) => Err(ProviderError::Unavailable(format!(
+            "the Docker engine did not answer within {:.1}s ({})",
+            timeout.as_secs_f64(),
+            docker_host()
+        ))),
+    }
+}
+
+fn docker_host() -> String {
+    std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".to_owned())
+}
+
+fn unavailable(e: &BollardError) -> ProviderError {
+    ProviderError::Unavailable(format!("cannot reach the Docker engine at {}: {e}", docker_host()))
+}
+
+fn convert(e: &BollardError) -> ProviderError {
+    match e {
+        BollardError::DockerResponseServerError { status_code, message } => match status_code {
+            404 if message.contains("image") => ProviderError::ImageMissing(message.clone()),
+            404 => ProviderError::NotFound(message.clone()),
+            409 => ProviderError::Conflict(message.clone()),
+            _ => ProviderError::Failed(format!("{status_code}: {message}")),
+        },
+        BollardError::IOError { .. }
+        | BollardError::HyperResponseError { .. }
+        | BollardError::RequestTimeoutError
+        | BollardError::SocketNotFoundError(_) => unavailable(e),
+        other => ProviderError::Failed(other.to_string()),
+    }
+}
+
+/// The engine's create body for a plan: hardened by default.
+pub fn create_body(plan: &ContainerPlan) -> ContainerCreateBody {
+    let user = format!("{}:{}", plan.user.uid, plan.user.gid);
+    ContainerCreateBody {
+        image: Some(plan.image.clone()),
+        cmd: Some(plan.command.clone()),
+        labels: Some(plan.labels.clone()),
+        user: Some(user),
+        working_dir: Some(WORKSPACE_MOUNT.to_owned()),
+        env: Some(vec![format!("HOME={WORKSPACE_MOUNT}")]),
+        network_disabled: Some(true),
+        host_config: Some(HostConfig {
+            binds: Some(vec![format!("{}:{WORKSPACE_MOUNT}:rw", plan.workspace_path.display())]),
+            cap_drop: Some(vec!["ALL".to_owned()]),
+            security_opt: Some(vec!["no-new-privileges".to_owned()]),
+            memory: Some(plan.limits.memory_bytes),
+            memory_swap: Some(plan.limits.memory_bytes),
+            nano_cpus: Some((plan.limits.cpus * 1e9) as i64),
+            pids_limit: Some(plan.limits.pids),
+            network_mode: Some("none".to_owned()),
+            init: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn status_of_summary(s: Option<ContainerSummaryStateEnum>) -> Status {
+    match s {
+        Some(ContainerSummaryStateEnum::RUNNING) => Status::Running,
+        Some(ContainerSummaryStateEnum::PAUSED) => Status::Paused,
+        Some(ContainerSummaryStateEnum::RESTARTING) => Status::Restarting,
+        Some(ContainerSummaryStateEnum::REMOVING) => Status::Removing,
+        Some(ContainerSummaryStateEnum::EXITED | ContainerSummaryStateEnum::STOPPING) => Status::Exited,
+        Some(ContainerSummaryStateEnum::DEAD) => Status::Dead,
+        Some(ContainerSummaryStateEnum::CREATED | ContainerSummaryStateEnum::EMPTY) | None => Status::Created,
+    }
+}
+
+fn status_of_state(s: Option<ContainerStateStatusEnum>) -> Status {
+    match s {
+        Some(ContainerStateStatusEnum::RUNNING) => Status::Running,
+        Some(ContainerStateStatusEnum::PAUSED) => Status::Paused,
+        Some(ContainerStateStatusEnum::RESTARTING) => Status::Restarting,
+        Some(ContainerStateStatusEnum::REMOVING) => Status::Removing,
+        Some(ContainerStateStatusEnum::EXITED | ContainerStateStatusEnum::STOPPING) => Status::Exited,
+        Some(ContainerStateStatusEnum::DEAD) => Status::Dead,
+        Some(ContainerStateStatusEnum::CREATED | ContainerStateStatusEnum::EMPTY) | None => Status::Created,
+    }
+}
+
+#[async_trait]
+impl ContainerProvider for DockerProvider {
+    async fn list(&self, labels: &[(&str, &str)]) -> ProviderResult<Vec<ContainerRecord>> {
+        let docker = self.client().await?;
+        let filters: HashMap<&str, Vec<String>> =
+            HashMap::from([("label", labels.iter().map(|(k, v)| format!("{k}={v}")).collect())]);
+        let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
+        let found = self.call(docker.list_containers(Some(options))).await?;
+        Ok(found
+            .into_iter()
+            .map(|c| ContainerRecord {
+                id: c.id.unwrap_or_default(),
+                name: c
+                    .names
+                    .and_then(|n| n.into_iter().next())
+                    .map(|n| n.trim_start_matches('/').to_owned())
+                    .unwrap_or_default(),
+                image: c.image.unwrap_or_default(),
+                labels: c.labels.unwrap_or_default(),
+                status: status_of_summary(c.state),
+                created: c.created,
+            })
+            .collect())
+    }
+
+    async fn create(&self, plan: &ContainerPlan) -> ProviderResult<ContainerRecord> {
+        let docker = self.client().await?;
+        let options = CreateContainerOptionsBuilder::default().name(&plan.name).build();
+        let created = self
+            .call(docker.create_container(Some(options), create_body(plan)))
+            .await
+            .map_err(|e| match e {
+                ProviderError::ImageMissing(m) | ProviderError::NotFound(m) => ProviderError::ImageMissing(format!(
+                    "image {:?} is not available locally ({m}); build the local image with \
+                     `sandbox image build` (needs busybox-static: apt-get install busybox-static), \
+                     or `docker pull {}` where a registry is reachable",
+                    plan.image, plan.image
+                )),
+                other => other,
+            })?;
+        Ok(ContainerRecord {
+            id: created.id,
+            name: plan.name.clone(),
+            image: plan.image.clone(),
+            labels: plan.labels.clone(),
+            status: Status::Created,
+            created: None,
+        })
+    }
+
+    async fn start(&self, id: &str) -> ProviderResult<()> {
+        let docker = self.client().await?;
+        match self.call(docker.start_container(id, None)).await {
+            // 304: already started.
+            Err(ProviderError::Failed(m)) if m.starts_with("304") => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn inspect(&self, id: &str) -> ProviderResult<Option<ContainerRecord>> {
+        let docker = self.client().await?;
+        match self.call(docker.inspect_container(id, None)).await {
+            Ok(c) => {
+                let config = c.config.unwrap_or_default();
+                Ok(Some(ContainerRecord {
+                    id: c.id.unwrap_or_default(),
+                    name: c.name.unwrap_or_default().trim_start_matches('/').to_owned(),
+                    image: config.image.unwrap_or_default(),
+                    labels: config.labels.unwrap_or_default(),
+                    status: status_of_state(c.state.and_then(|s| s.status)),
+                    created: None,
+                }))
+            }
+            Err(ProviderError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn remove(&self, id: &str) -> ProviderResult<bool> {
+        let docker = self.client().await?;
+        let options = RemoveContainerOptionsBuilder::default().force(true).build();
+        match self.call(docker.remove_container(id, Some(options))).await {
+            Ok(()) => Ok(true),
+            Err(ProviderError::NotFound(_)) => Ok(false),
+            // "removal already in progress": it is going away.
+            Err(ProviderError::Conflict(_)) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn exec(&self, id: &str, request: &ExecRequest) -> ProviderResult<ExecResponse> {
+        let docker = self.client().await?;
+        let config = ExecConfig {
+            cmd: Some(vec!["sh".into(), "-c".into(), request.command.clone()]),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            working_dir: Some(WORKSPACE_MOUNT.to_owned()),
+            ..Default::default()
+        };
+        let exec = self.call(docker.create_exec(id, config)).await?;
+        let started = self
+            .call(docker.start_exec(&exec.id, None::<StartExecOptions>))
+            .await?;
+        let mut output = CappedOutput::new(request.output_limit);
+        if let StartExecResults::Attached { output: mut stream, .. } = started {
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| convert(&e))?;
+                output.push(&chunk.into_bytes());
+            }
+        }
+        let inspected = self.call(docker.inspect_exec(&exec.id)).await?;
+        Ok(output.finish(inspected.exit_code.unwrap_or(-1)))
+    }
+
+    async fn ping(&self) -> ProviderResult<()> {
+        let docker = self.client().await?;
+        self.call(docker.ping()).await.map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, UserIds};
+
+    #[test]
+    fn the_create_body_is_hardened() {
+        let config = Config::default();
+        let plan = ContainerPlan::new(
+            &config,
+            "alice",
+            "alice",
+            "/ws/alice".into(),
+            UserIds { uid: 1000, gid: 1000 },
+            "per-user",
+        );
+        let body = create_body(&plan);
+        let host = body.host_config.unwrap();
+        assert_eq!(host.cap_drop.unwrap(), ["ALL"]);
+        assert_eq!(host.security_opt.unwrap(), ["no-new-privileges"]);
+        assert_eq!(host.network_mode.as_deref(), Some("none"));
+        assert_eq!(host.binds.unwrap(), ["/ws/alice:/workspace:rw"]);
+        assert_eq!(host.init, Some(true));
+        assert!(host.pids_limit.unwrap() > 0 && host.memory.unwrap() > 0 && host.nano_cpus.unwrap() > 0);
+        assert_eq!(body.user.as_deref(), Some("1000:1000"));
+        assert_eq!(body.network_disabled, Some(true));
+        assert_eq!(body.labels.unwrap()["sandbox.backend"], "alice");
+    }
+}

@@ -1,0 +1,80 @@
+//! Container providers: the engine operations the host needs, as a small
+//! trait with a real backend ([`docker::DockerProvider`], bollard) and an
+//! in-memory one ([`memory::MemoryProvider`]) for tests and footprint runs.
+//!
+//! Providers do no ownership checks; [`crate::capabilities`] does, on top.
+
+pub mod docker;
+pub mod memory;
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+
+use crate::error::SandboxError;
+use crate::exec::{ExecRequest, ExecResponse};
+use crate::plan::ContainerPlan;
+
+pub use policy_core::Status;
+
+/// A container as the engine reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerRecord {
+    pub id: String,
+    /// Without Docker's leading `/`.
+    pub name: String,
+    pub image: String,
+    pub labels: HashMap<String, String>,
+    pub status: Status,
+    /// Unix seconds, when the engine reported it (listing does, inspect does not).
+    pub created: Option<i64>,
+}
+
+/// Engine failures, before they are converted at the boundary.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderError {
+    #[error("docker unavailable: {0}")]
+    Unavailable(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// A container with that name exists already.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("{0}")]
+    ImageMissing(String),
+    #[error("docker error: {0}")]
+    Failed(String),
+}
+
+impl From<ProviderError> for SandboxError {
+    fn from(e: ProviderError) -> Self {
+        match e {
+            ProviderError::Unavailable(m) => SandboxError::DockerUnavailable(m),
+            ProviderError::NotFound(m) => SandboxError::NotFound(m),
+            ProviderError::Conflict(m) => SandboxError::Refused(format!("name conflict: {m}")),
+            ProviderError::ImageMissing(m) => SandboxError::NotFound(m),
+            ProviderError::Failed(m) => SandboxError::Other(m),
+        }
+    }
+}
+
+pub type ProviderResult<T> = Result<T, ProviderError>;
+
+/// What the host asks of a container engine.
+#[async_trait]
+pub trait ContainerProvider: Send + Sync + 'static {
+    /// All containers (running or not) carrying every `key=value` label.
+    async fn list(&self, labels: &[(&str, &str)]) -> ProviderResult<Vec<ContainerRecord>>;
+    /// Create (not start); [`ProviderError::Conflict`] when the name is taken.
+    async fn create(&self, plan: &ContainerPlan) -> ProviderResult<ContainerRecord>;
+    /// Start; starting a running container succeeds.
+    async fn start(&self, id: &str) -> ProviderResult<()>;
+    /// `None` when the container does not exist.
+    async fn inspect(&self, id: &str) -> ProviderResult<Option<ContainerRecord>>;
+    /// Force-remove; false when it did not exist.
+    async fn remove(&self, id: &str) -> ProviderResult<bool>;
+    /// Run a command in a running container.
+    async fn exec(&self, id: &str, request: &ExecRequest) -> ProviderResult<ExecResponse>;
+    /// Whether the engine answers.
+    async fn ping(&self) -> ProviderResult<()>;
+}

@@ -1,0 +1,272 @@
+//! The library API, mirroring the seed's `DockerSandboxBackend` manager:
+//! `get_thread_backend`, `Backend::execute`, `destroy_user_backend`,
+//! `destroy_thread_backend`.
+
+use std::sync::Arc;
+
+use crate::capabilities::{Capabilities, ManagedContainer};
+use crate::config::Config;
+use crate::error::{Result, SandboxError};
+use crate::exec::{ExecRequest, ExecResponse};
+use crate::policies;
+use crate::provider::docker::DockerProvider;
+use crate::provider::ContainerProvider;
+use crate::runtime::lanes::Lanes;
+use crate::runtime::{CompiledPolicy, PolicyEngine};
+
+/// Where a policy component comes from.
+#[derive(Debug, Clone)]
+pub enum PolicySource {
+    /// A component shipped in the binary: `per-user` or `per-thread`.
+    Builtin(String),
+    /// A `.wasm` component on disk.
+    File(std::path::PathBuf),
+    /// Component bytes, with a label for messages.
+    Bytes { label: String, bytes: Vec<u8> },
+}
+
+impl PolicySource {
+    /// The configured policy file, or the embedded per-user policy.
+    pub fn from_config(config: &Config) -> Self {
+        match &config.policy {
+            Some(path) => PolicySource::File(path.clone()),
+            None => PolicySource::Builtin("per-user".into()),
+        }
+    }
+
+    fn read(&self) -> Result<(String, Vec<u8>)> {
+        match self {
+            PolicySource::Builtin(name) => policies::builtin(name)
+                .map(|b| (format!("embedded {name}"), b.to_vec()))
+                .ok_or_else(|| SandboxError::PolicyLoad(format!("no built-in policy named {name:?}"))),
+            PolicySource::File(path) => std::fs::read(path)
+                .map(|b| (path.display().to_string(), b))
+                .map_err(|e| SandboxError::PolicyLoad(format!("{}: {e}", path.display()))),
+            PolicySource::Bytes { label, bytes } => Ok((label.clone(), bytes.clone())),
+        }
+    }
+}
+
+/// A per-conversation sandbox manager: cheap to clone, safe to share.
+///
+/// ```no_run
+/// # async fn demo() -> anyhow::Result<()> {
+/// use sandbox_host::{Config, Sandbox};
+/// let sandbox = Sandbox::new(Config::load(None)?).await?;
+/// let backend = sandbox.get_thread_backend("alice-7f3a").await?;
+/// assert_eq!(backend.id(), "alice");
+/// let out = backend.execute("echo hello > note.txt && cat note.txt").await?;
+/// assert_eq!(out.output, "hello\n");
+/// sandbox.destroy_user_backend("alice").await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Sandbox {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    caps: Arc<Capabilities>,
+    lanes: Lanes,
+    engine: PolicyEngine,
+}
+
+impl Sandbox {
+    /// A sandbox on the Docker engine (`DOCKER_HOST` honoured) with the
+    /// configured policy.
+    pub async fn new(config: Config) -> Result<Self> {
+        let provider = Arc::new(DockerProvider::new(config.docker_timeout()));
+        let source = PolicySource::from_config(&config);
+        Self::with_provider(config, provider, source).await
+    }
+
+    /// A sandbox on any provider with any policy (tests, other engines).
+    pub async fn with_provider(
+        config: Config,
+        provider: Arc<dyn ContainerProvider>,
+        policy: PolicySource,
+    ) -> Result<Self> {
+        config.validate().map_err(|e| SandboxError::Other(format!("{e:#}")))?;
+        let engine = PolicyEngine::new().map_err(|e| SandboxError::Other(format!("wasmtime: {e:#}")))?;
+        let caps = Arc::new(Capabilities::new(config, provider));
+        let (label, bytes) = policy.read()?;
+        let compiled = CompiledPolicy::load(&engine, &bytes, &label, &caps).await?;
+        tracing::debug!(policy = compiled.name(), source = compiled.source(), "policy loaded");
+        let lanes = Lanes::new(caps.clone(), Arc::new(compiled));
+        Ok(Sandbox {
+            inner: Arc::new(Inner { caps, lanes, engine }),
+        })
+    }
+
+    /// The configuration this sandbox runs with.
+    pub fn config(&self) -> &Config {
+        self.inner.caps.config()
+    }
+
+    /// The running policy's name (`per-user`, `per-thread`, ...).
+    pub fn policy_name(&self) -> String {
+        self.inner.lanes.policy().name().to_owned()
+    }
+
+    /// Loads, self-checks and switches to another policy. On any error the
+    /// running policy stays.
+    pub async fn swap_policy(&self, policy: PolicySource) -> Result<()> {
+        let (label, bytes) = policy.read()?;
+        let compiled = CompiledPolicy::load(&self.inner.engine, &bytes, &label, &self.inner.caps).await?;
+        self.inner.lanes.swap_policy(Arc::new(compiled));
+        Ok(())
+    }
+
+    /// The backend id the policy maps a thread to (no Docker call).
+    pub async fn backend_id(&self, thread_id: &str) -> Result<String> {
+        policy_core::ids::parse_thread(thread_id)?;
+        let id = self
+            .inner
+            .lanes
+            .route(thread_id, async |p| p.backend_id(thread_id).await)
+            .await?;
+        policy_core::ids::validate_backend(&id).map_err(|e| {
+            SandboxError::Refused(format!("the policy mapped a thread to an invalid backend id: {e}"))
+        })?;
+        Ok(id)
+    }
+
+    /// The seed's `get_thread_backend`: the (lazily created) backend of a
+    /// thread. Prepares the workspace; creates no container.
+    pub async fn get_thread_backend(&self, thread_id: &str) -> Result<Backend> {
+        let key = self.backend_id(thread_id).await?;
+        let backend = self
+            .inner
+            .lanes
+            .call(&key, async |p| p.get_thread_backend(thread_id).await)
+            .await?;
+        if backend.id != key {
+            return Err(SandboxError::Refused(format!(
+                "the policy's get-thread-backend answered backend {:?} but backend-id said {key:?}",
+                backend.id
+            )));
+        }
+        policy_core::ids::validate_user(&backend.user_id)?;
+        policy_core::ids::validate_workspace(&backend.workspace)?;
+        Ok(Backend {
+            id: backend.id,
+            user_id: backend.user_id,
+            workspace: backend.workspace,
+            thread_id: thread_id.to_owned(),
+            sandbox: self.clone(),
+        })
+    }
+
+    /// The seed's `destroy_user_backend`: removes the user's container(s).
+    /// False when the user had none.
+    pub async fn destroy_user_backend(&self, user_id: &str) -> Result<bool> {
+        policy_core::ids::validate_user(user_id)?;
+        self.inner
+            .lanes
+            .call(user_id, async |p| p.destroy_user_backend(user_id).await)
+            .await
+    }
+
+    /// The seed's `destroy_thread_backend`: destroys the backend serving the
+    /// thread (the whole user's under the per-user policy).
+    pub async fn destroy_thread_backend(&self, thread_id: &str) -> Result<bool> {
+        let key = self.backend_id(thread_id).await?;
+        self.inner
+            .lanes
+            .call(&key, async |p| p.destroy_thread_backend(thread_id).await)
+            .await
+    }
+
+    /// Every container this host's namespace manages.
+    pub async fn list(&self) -> Result<Vec<ManagedContainer>> {
+        self.inner.caps.list_managed().await
+    }
+
+    /// Whether the engine answers.
+    pub async fn ping(&self) -> Result<()> {
+        Ok(self.inner.caps.provider().ping().await?)
+    }
+
+    /// Policy instances currently kept (one per recently used key).
+    pub fn policy_instances(&self) -> usize {
+        self.inner.lanes.lane_count()
+    }
+
+    async fn ensure_container(&self, backend_id: &str) -> Result<ManagedContainer> {
+        let c = self
+            .inner
+            .lanes
+            .call(backend_id, async |p| p.ensure_container(backend_id).await)
+            .await?;
+        // The policy may only hand back the container the host gave it for
+        // this backend: never a forged id or another backend's container.
+        self.inner.caps.check_serves(&c.id, backend_id)?;
+        Ok(ManagedContainer {
+            id: c.id,
+            name: c.name,
+            backend_id: c.backend_id,
+            workspace: c.workspace,
+            policy: self.policy_name(),
+            status: crate::provider::Status::Running,
+            created: None,
+        })
+    }
+}
+
+/// The backend of a thread: a lazily created container and a workspace.
+#[derive(Clone)]
+pub struct Backend {
+    id: String,
+    user_id: String,
+    workspace: String,
+    thread_id: String,
+    sandbox: Sandbox,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("id", &self.id)
+            .field("user_id", &self.user_id)
+            .field("workspace", &self.workspace)
+            .field("thread_id", &self.thread_id)
+            .finish()
+    }
+}
+
+impl Backend {
+    /// The backend id: the user id under the per-user policy.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn user_id(&self) -> &str {
+        &self.user_id
+    }
+
+    /// The workspace name; the host directory is `{root}/{workspace}`.
+    pub fn workspace(&self) -> &str {
+        &self.workspace
+    }
+
+    pub fn thread_id(&self) -> &str {
+        &self.thread_id
+    }
+
+    /// The seed's `_ensure_container`: a running container for this backend.
+    pub async fn ensure_container(&self) -> Result<ManagedContainer> {
+        self.sandbox.ensure_container(&self.id).await
+    }
+
+    /// Runs `sh -c command` in the backend's container (created or
+    /// recreated first if needed), outside the policy's store.
+    pub async fn execute(&self, command: &str) -> Result<ExecResponse> {
+        let container = self.ensure_container().await?;
+        let request = ExecRequest {
+            command: command.to_owned(),
+            output_limit: self.sandbox.config().output_limit_bytes,
+        };
+        let provider = self.sandbox.inner.caps.provider();
+        Ok(provider.exec(&container.id, &request).await?)
+    }
+}
