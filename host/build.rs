@@ -12,15 +12,28 @@ const GUESTS: [&str; 2] = ["per-user", "per-thread"];
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap());
-    let workspace = manifest_dir.parent().expect("host/ sits in the workspace").to_path_buf();
+    let workspace = manifest_dir
+        .parent()
+        .expect("host/ sits in the workspace")
+        .to_path_buf();
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").unwrap());
     // OUT_DIR is <target>/<profile>/build/<pkg>-<hash>/out.
-    let target_root = out_dir.ancestors().nth(4).unwrap_or(&out_dir).join("wasm-guests");
+    let target_root = out_dir
+        .ancestors()
+        .nth(4)
+        .unwrap_or(&out_dir)
+        .join("wasm-guests");
 
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&workspace)
-        .args(["build", "--release", "--target", "wasm32-wasip2", "--locked"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--locked",
+        ])
         .env("CARGO_TARGET_DIR", &target_root);
     for guest in GUESTS {
         cmd.args(["-p", guest]);
@@ -36,7 +49,9 @@ fn main() {
     ] {
         cmd.env_remove(var);
     }
-    let status = cmd.status().expect("failed to run cargo for the guest policies");
+    let status = cmd
+        .status()
+        .expect("failed to run cargo for the guest policies");
     if !status.success() {
         panic!(
             "building the policy components failed; is the wasm target installed? \
@@ -53,7 +68,10 @@ fn main() {
         rerun_if_sources_change(&built.join(format!("{stem}.d")));
     }
     println!("cargo:rerun-if-changed={}", workspace.join("wit").display());
-    println!("cargo:rerun-if-changed={}", workspace.join("guest").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        workspace.join("guest").display()
+    );
     println!("cargo:rerun-if-changed=build.rs");
 }
 

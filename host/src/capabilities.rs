@@ -33,7 +33,10 @@ pub struct ManagedContainer {
     pub created: Option<i64>,
 }
 
-fn status_name<S: serde::Serializer>(status: &Status, s: S) -> std::result::Result<S::Ok, S::Error> {
+fn status_name<S: serde::Serializer>(
+    status: &Status,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{status:?}").to_lowercase())
 }
 
@@ -98,23 +101,36 @@ impl Capabilities {
     pub async fn list_managed(&self) -> Result<Vec<ManagedContainer>> {
         let found = self
             .provider
-            .list(&[(label::MANAGED, "true"), (label::NAMESPACE, self.namespace())])
+            .list(&[
+                (label::MANAGED, "true"),
+                (label::NAMESPACE, self.namespace()),
+            ])
             .await?;
         found.into_iter().map(|c| self.managed(c)).collect()
     }
 
     /// Creates the container of a backend; adopts it when another host won
     /// the race for the name.
-    pub async fn create(&self, backend_id: &str, workspace: &str, policy: &str) -> Result<ManagedContainer> {
+    pub async fn create(
+        &self,
+        backend_id: &str,
+        workspace: &str,
+        policy: &str,
+    ) -> Result<ManagedContainer> {
         policy_core::ids::validate_backend(backend_id)?;
         let path = self.workspaces.prepare(workspace)?;
-        let plan = ContainerPlan::new(&self.config, backend_id, workspace, path, self.workspaces.owner(), policy);
+        let plan = ContainerPlan::new(
+            &self.config,
+            backend_id,
+            workspace,
+            path,
+            self.workspaces.owner(),
+            policy,
+        );
         match self.provider.create(&plan).await {
             Ok(record) => self.managed(record),
             Err(ProviderError::Conflict(_)) => {
-                let existing = self.provider.inspect(&plan.name).await?.ok_or_else(|| {
-                    SandboxError::Other(format!("container {} vanished during a create race", plan.name))
-                })?;
+                let existing = self.inspect_racing(&plan.name).await?;
                 let existing = self.managed(existing)?;
                 if existing.backend_id != backend_id {
                     return Err(SandboxError::Refused(format!(
@@ -122,11 +138,30 @@ impl Capabilities {
                         plan.name, existing.backend_id
                     )));
                 }
-                tracing::debug!(backend = backend_id, "create raced another host; adopting its container");
+                tracing::debug!(
+                    backend = backend_id,
+                    "create raced another host; adopting its container"
+                );
                 Ok(existing)
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The container that won a create race for `name`. Docker reserves a
+    /// name before the winner's container can be inspected, so a 404 right
+    /// after a 409 means "not registered yet", not "gone".
+    async fn inspect_racing(&self, name: &str) -> Result<ContainerRecord> {
+        const ATTEMPTS: u32 = 40;
+        for _ in 0..ATTEMPTS {
+            if let Some(record) = self.provider.inspect(name).await? {
+                return Ok(record);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        Err(SandboxError::Other(format!(
+            "container name {name} is taken but no container answers to it; retry"
+        )))
     }
 
     /// Starts a container this host labelled.
@@ -208,8 +243,13 @@ impl Capabilities {
 fn validate_container_ref(reference: &str) -> Result<()> {
     let ok = !reference.is_empty()
         && reference.len() <= 128
-        && reference.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-        && reference.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+        && reference
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        && reference
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
     if ok {
         Ok(())
     } else {
@@ -245,7 +285,10 @@ mod tests {
             id: id.into(),
             name: id.into(),
             image: "x".into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             status: Status::Running,
             created: None,
         }
@@ -256,11 +299,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (caps, provider) = caps(dir.path());
         provider.insert(foreign("victim", &[]));
-        provider.insert(foreign("other", &[(label::MANAGED, "true"), (label::NAMESPACE, "prod")]));
+        provider.insert(foreign(
+            "other",
+            &[(label::MANAGED, "true"), (label::NAMESPACE, "prod")],
+        ));
         for id in ["victim", "other"] {
-            assert!(matches!(caps.remove(id).await, Err(SandboxError::Refused(_))));
-            assert!(matches!(caps.start(id).await, Err(SandboxError::Refused(_))));
-            assert!(matches!(caps.inspect(id).await, Err(SandboxError::Refused(_))));
+            assert!(matches!(
+                caps.remove(id).await,
+                Err(SandboxError::Refused(_))
+            ));
+            assert!(matches!(
+                caps.start(id).await,
+                Err(SandboxError::Refused(_))
+            ));
+            assert!(matches!(
+                caps.inspect(id).await,
+                Err(SandboxError::Refused(_))
+            ));
         }
         assert_eq!(provider.len(), 2);
     }
@@ -281,8 +336,14 @@ mod tests {
         let (caps, _) = caps(dir.path());
         let alice = caps.create("alice", "alice", "per-user").await.unwrap();
         assert!(caps.check_serves(&alice.id, "alice").is_ok());
-        assert!(matches!(caps.check_serves(&alice.id, "bob"), Err(SandboxError::Refused(_))));
-        assert!(matches!(caps.check_serves("forged", "bob"), Err(SandboxError::Refused(_))));
+        assert!(matches!(
+            caps.check_serves(&alice.id, "bob"),
+            Err(SandboxError::Refused(_))
+        ));
+        assert!(matches!(
+            caps.check_serves("forged", "bob"),
+            Err(SandboxError::Refused(_))
+        ));
     }
 
     #[tokio::test]
@@ -290,7 +351,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (caps, _) = caps(dir.path());
         for bad in ["../images/x", "a/b", "", "x?y", "-rf"] {
-            assert!(matches!(caps.inspect(bad).await, Err(SandboxError::InvalidId(_))), "{bad}");
+            assert!(
+                matches!(caps.inspect(bad).await, Err(SandboxError::InvalidId(_))),
+                "{bad}"
+            );
         }
     }
 }

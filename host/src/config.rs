@@ -113,7 +113,8 @@ impl Config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("reading config file {}", path.display()))?;
-                toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?
+                toml::from_str(&text)
+                    .with_context(|| format!("parsing config file {}", path.display()))?
             }
             None => Config::default(),
         };
@@ -184,7 +185,10 @@ impl Config {
         self.sandbox_user.unwrap_or_else(|| {
             let uid = nix::unistd::geteuid().as_raw();
             if uid == 0 {
-                UserIds { uid: 1000, gid: 1000 }
+                UserIds {
+                    uid: 1000,
+                    gid: 1000,
+                }
             } else {
                 UserIds {
                     uid,
@@ -223,7 +227,10 @@ mod tests {
         assert_eq!(config.image, "x");
         assert_eq!(config.limits.pids, 10);
         assert_eq!(config.limits.cpus, 1.0);
-        assert!(toml::from_str::<Config>("imag = \"x\"").is_err(), "typos are errors");
+        assert!(
+            toml::from_str::<Config>("imag = \"x\"").is_err(),
+            "typos are errors"
+        );
     }
 
     #[test]

@@ -24,7 +24,9 @@ pub async fn exists(provider: &DockerProvider, image: &str) -> anyhow::Result<bo
     let docker = provider.client().await?;
     match docker.inspect_image(image).await {
         Ok(_) => Ok(true),
-        Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(false),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(false),
         Err(e) => Err(e).context("inspecting the image"),
     }
 }
@@ -41,10 +43,15 @@ pub async fn ensure(provider: &DockerProvider, image: &str) -> anyhow::Result<()
         Err(e) => e,
     };
     if image == crate::config::DEFAULT_IMAGE {
-        tracing::info!(image, "pull failed ({pull_error:#}); building it from the local recipe");
+        tracing::info!(
+            image,
+            "pull failed ({pull_error:#}); building it from the local recipe"
+        );
         return build(provider, image, Path::new(DEFAULT_BUSYBOX))
             .await
-            .with_context(|| format!("building the default image {image} (pulling failed: {pull_error:#})"));
+            .with_context(|| {
+                format!("building the default image {image} (pulling failed: {pull_error:#})")
+            });
     }
     bail!(
         "image {image:?} is not available: pulling failed ({pull_error:#}). Build a local image with \
@@ -56,7 +63,9 @@ pub async fn ensure(provider: &DockerProvider, image: &str) -> anyhow::Result<()
 /// Pulls an image, showing progress.
 pub async fn pull(provider: &DockerProvider, image: &str) -> anyhow::Result<()> {
     let docker = provider.client().await?;
-    let options = CreateImageOptionsBuilder::default().from_image(image).build();
+    let options = CreateImageOptionsBuilder::default()
+        .from_image(image)
+        .build();
     let bar = spinner(format!("pulling {image}"));
     let mut stream = docker.create_image(Some(options), None, None);
     while let Some(item) = stream.next().await {
@@ -87,7 +96,12 @@ pub async fn build(provider: &DockerProvider, tag: &str, busybox: &Path) -> anyh
             bar.finish_and_clear();
             bail!("building {tag}: {error}");
         }
-        if let Some(line) = info.stream.as_deref().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Some(line) = info
+            .stream
+            .as_deref()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+        {
             bar.set_message(format!("building {tag}: {line}"));
         }
     }
@@ -116,7 +130,8 @@ pub fn build_context(busybox: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 fn read_static_busybox(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let hint = "install Debian's busybox-static (apt-get install busybox-static) or pass --busybox PATH";
+    let hint =
+        "install Debian's busybox-static (apt-get install busybox-static) or pass --busybox PATH";
     let mut bytes = Vec::new();
     std::fs::File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))

@@ -15,7 +15,11 @@ use tracing_subscriber::EnvFilter;
 const EXIT_SANDBOX_ERROR: u8 = 125;
 
 #[derive(Parser)]
-#[command(name = "sandbox", version, about = "Per-user Docker sandboxes for AI agents, placed by a WebAssembly policy")]
+#[command(
+    name = "sandbox",
+    version,
+    about = "Per-user Docker sandboxes for AI agents, placed by a WebAssembly policy"
+)]
 struct Cli {
     #[command(flatten)]
     global: GlobalArgs,
@@ -99,7 +103,10 @@ enum ImageCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.global.verbose);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
@@ -162,16 +169,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Exec { thread_id, command } => {
             let command = match command.as_slice() {
                 [single] => single.clone(),
-                many => shlex::try_join(many.iter().map(String::as_str)).context("quoting the command")?,
+                many => shlex::try_join(many.iter().map(String::as_str))
+                    .context("quoting the command")?,
             };
             let sandbox = open(config, true).await?;
             let backend = sandbox.get_thread_backend(&thread_id).await?;
             let response = backend.execute(&command).await?;
             print!("{}", response.output);
             if response.truncated {
-                eprintln!("[output truncated at {} bytes]", sandbox.config().output_limit_bytes);
+                eprintln!(
+                    "[output truncated at {} bytes]",
+                    sandbox.config().output_limit_bytes
+                );
             }
-            Ok(ExitCode::from(u8::try_from(response.exit_code).unwrap_or(EXIT_SANDBOX_ERROR)))
+            Ok(ExitCode::from(
+                u8::try_from(response.exit_code).unwrap_or(EXIT_SANDBOX_ERROR),
+            ))
         }
         Command::Destroy { user, thread } => {
             let sandbox = open(config, false).await?;
@@ -180,7 +193,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 (None, Some(thread)) => sandbox.destroy_thread_backend(&thread).await?,
                 (None, None) => bail!("give --user or --thread"),
             };
-            println!("{}", if destroyed { "destroyed" } else { "nothing to destroy" });
+            println!(
+                "{}",
+                if destroyed {
+                    "destroyed"
+                } else {
+                    "nothing to destroy"
+                }
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Ls { json } => {
@@ -189,18 +209,31 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&containers)?);
             } else {
-                println!("{:<24} {:<14} {:<10} {:<12} NAME", "BACKEND", "CONTAINER", "STATE", "POLICY");
+                println!(
+                    "{:<24} {:<14} {:<10} {:<12} NAME",
+                    "BACKEND", "CONTAINER", "STATE", "POLICY"
+                );
                 for c in containers {
                     let short = &c.id[..c.id.len().min(12)];
                     let state = format!("{:?}", c.status).to_lowercase();
-                    println!("{:<24} {:<14} {:<10} {:<12} {}", c.backend_id, short, state, c.policy, c.name);
+                    println!(
+                        "{:<24} {:<14} {:<10} {:<12} {}",
+                        c.backend_id, short, state, c.policy, c.name
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => demo(config).await,
         Command::Policy(PolicyCommand::Check { path }) => {
-            let sandbox = open(Config { policy: Some(path.clone()), ..config }, false).await?;
+            let sandbox = open(
+                Config {
+                    policy: Some(path.clone()),
+                    ..config
+                },
+                false,
+            )
+            .await?;
             let backend = sandbox.backend_id("alice-1").await?;
             println!(
                 "{}: ok, policy {:?} targets the sandbox world (alice-1 -> backend {backend})",
@@ -212,7 +245,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policy(PolicyCommand::Export { name, output }) => {
             let bytes = policies::builtin(&name)
                 .with_context(|| format!("no built-in policy {name:?} (per-user, per-thread)"))?;
-            std::fs::write(&output, bytes).with_context(|| format!("writing {}", output.display()))?;
+            std::fs::write(&output, bytes)
+                .with_context(|| format!("writing {}", output.display()))?;
             println!("wrote {} ({} bytes)", output.display(), bytes.len());
             Ok(ExitCode::SUCCESS)
         }
@@ -230,12 +264,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn demo(config: Config) -> anyhow::Result<ExitCode> {
     let root = config.workspace_root.clone();
     let sandbox = open(config, true).await?;
-    println!("policy: {}, workspaces under {}", sandbox.policy_name(), root.display());
+    println!(
+        "policy: {}, workspaces under {}",
+        sandbox.policy_name(),
+        root.display()
+    );
     let mut seen = Vec::new();
     for (thread, command) in [
-        ("alice-1", "echo 'written by thread alice-1' > note.txt; echo \"container $(hostname)\""),
+        (
+            "alice-1",
+            "echo 'written by thread alice-1' > note.txt; echo \"container $(hostname)\"",
+        ),
         ("alice-2", "echo \"container $(hostname)\"; cat note.txt"),
-        ("bob-1", "echo \"container $(hostname)\"; ls note.txt 2>&1 || true"),
+        (
+            "bob-1",
+            "echo \"container $(hostname)\"; ls note.txt 2>&1 || true",
+        ),
     ] {
         let backend = sandbox.get_thread_backend(thread).await?;
         let out = backend.execute(command).await?;
@@ -255,7 +299,11 @@ async fn demo(config: Config) -> anyhow::Result<ExitCode> {
         yes(apart)
     );
     println!("clean up with: sandbox destroy --user alice && sandbox destroy --user bob");
-    Ok(if shared && apart { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if shared && apart {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn yes(b: bool) -> &'static str {

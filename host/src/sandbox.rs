@@ -38,7 +38,9 @@ impl PolicySource {
         match self {
             PolicySource::Builtin(name) => policies::builtin(name)
                 .map(|b| (format!("embedded {name}"), b.to_vec()))
-                .ok_or_else(|| SandboxError::PolicyLoad(format!("no built-in policy named {name:?}"))),
+                .ok_or_else(|| {
+                    SandboxError::PolicyLoad(format!("no built-in policy named {name:?}"))
+                }),
             PolicySource::File(path) => std::fs::read(path)
                 .map(|b| (path.display().to_string(), b))
                 .map_err(|e| SandboxError::PolicyLoad(format!("{}: {e}", path.display()))),
@@ -86,15 +88,26 @@ impl Sandbox {
         provider: Arc<dyn ContainerProvider>,
         policy: PolicySource,
     ) -> Result<Self> {
-        config.validate().map_err(|e| SandboxError::Other(format!("{e:#}")))?;
-        let engine = PolicyEngine::new().map_err(|e| SandboxError::Other(format!("wasmtime: {e:#}")))?;
+        config
+            .validate()
+            .map_err(|e| SandboxError::Other(format!("{e:#}")))?;
+        let engine =
+            PolicyEngine::new().map_err(|e| SandboxError::Other(format!("wasmtime: {e:#}")))?;
         let caps = Arc::new(Capabilities::new(config, provider));
         let (label, bytes) = policy.read()?;
         let compiled = CompiledPolicy::load(&engine, &bytes, &label, &caps).await?;
-        tracing::debug!(policy = compiled.name(), source = compiled.source(), "policy loaded");
+        tracing::debug!(
+            policy = compiled.name(),
+            source = compiled.source(),
+            "policy loaded"
+        );
         let lanes = Lanes::new(caps.clone(), Arc::new(compiled));
         Ok(Sandbox {
-            inner: Arc::new(Inner { caps, lanes, engine }),
+            inner: Arc::new(Inner {
+                caps,
+                lanes,
+                engine,
+            }),
         })
     }
 
@@ -112,7 +125,8 @@ impl Sandbox {
     /// running policy stays.
     pub async fn swap_policy(&self, policy: PolicySource) -> Result<()> {
         let (label, bytes) = policy.read()?;
-        let compiled = CompiledPolicy::load(&self.inner.engine, &bytes, &label, &self.inner.caps).await?;
+        let compiled =
+            CompiledPolicy::load(&self.inner.engine, &bytes, &label, &self.inner.caps).await?;
         self.inner.lanes.swap_policy(Arc::new(compiled));
         Ok(())
     }
@@ -126,7 +140,9 @@ impl Sandbox {
             .route(thread_id, async |p| p.backend_id(thread_id).await)
             .await?;
         policy_core::ids::validate_backend(&id).map_err(|e| {
-            SandboxError::Refused(format!("the policy mapped a thread to an invalid backend id: {e}"))
+            SandboxError::Refused(format!(
+                "the policy mapped a thread to an invalid backend id: {e}"
+            ))
         })?;
         Ok(id)
     }

@@ -38,7 +38,10 @@ impl Workspaces {
     pub fn prepare(&self, name: &str) -> Result<PathBuf, SandboxError> {
         policy_core::ids::validate_workspace(name).map_err(SandboxError::from)?;
         std::fs::create_dir_all(&self.root).map_err(|e| io_error(&self.root, e))?;
-        let root = self.root.canonicalize().map_err(|e| io_error(&self.root, e))?;
+        let root = self
+            .root
+            .canonicalize()
+            .map_err(|e| io_error(&self.root, e))?;
         let path = root.join(name);
         match std::fs::symlink_metadata(&path) {
             Ok(meta) if meta.file_type().is_symlink() => {
@@ -48,7 +51,9 @@ impl Workspaces {
                 )));
             }
             Ok(meta) if !meta.is_dir() => {
-                return Err(SandboxError::Refused(format!("workspace {name:?} exists and is not a directory")));
+                return Err(SandboxError::Refused(format!(
+                    "workspace {name:?} exists and is not a directory"
+                )));
             }
             Ok(meta) => self.fix_owner(&path, &meta)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -60,7 +65,9 @@ impl Workspaces {
                 }
                 let meta = std::fs::symlink_metadata(&path).map_err(|e| io_error(&path, e))?;
                 if !meta.is_dir() {
-                    return Err(SandboxError::Refused(format!("workspace {name:?} is not a directory")));
+                    return Err(SandboxError::Refused(format!(
+                        "workspace {name:?} is not a directory"
+                    )));
                 }
                 self.fix_owner(&path, &meta)?;
             }
@@ -126,7 +133,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ws = Workspaces::new(dir.path().join("root"), me());
         for bad in ["..", "../../etc", "/etc", "a/b", "a\0b", "", "A"] {
-            assert!(matches!(ws.prepare(bad), Err(SandboxError::InvalidId(_))), "{bad:?}");
+            assert!(
+                matches!(ws.prepare(bad), Err(SandboxError::InvalidId(_))),
+                "{bad:?}"
+            );
         }
         assert!(!dir.path().join("etc").exists());
     }
@@ -138,6 +148,9 @@ mod tests {
         std::fs::create_dir(&root).unwrap();
         std::os::unix::fs::symlink(dir.path(), root.join("mallory")).unwrap();
         let ws = Workspaces::new(&root, me());
-        assert!(matches!(ws.prepare("mallory"), Err(SandboxError::Refused(_))));
+        assert!(matches!(
+            ws.prepare("mallory"),
+            Err(SandboxError::Refused(_))
+        ));
     }
 }

@@ -38,7 +38,11 @@ impl FakeHost {
 impl Host for FakeHost {
     fn find(&mut self, backend_id: &str) -> Result<Option<Container>> {
         self.call()?;
-        Ok(self.containers.values().find(|c| c.backend_id == backend_id).cloned())
+        Ok(self
+            .containers
+            .values()
+            .find(|c| c.backend_id == backend_id)
+            .cloned())
     }
 
     fn list(&mut self) -> Result<Vec<Container>> {
@@ -48,7 +52,11 @@ impl Host for FakeHost {
 
     fn create(&mut self, backend_id: &str, workspace: &str) -> Result<Container> {
         self.call()?;
-        if let Some(existing) = self.containers.values().find(|c| c.backend_id == backend_id) {
+        if let Some(existing) = self
+            .containers
+            .values()
+            .find(|c| c.backend_id == backend_id)
+        {
             return Ok(existing.clone());
         }
         self.next_id += 1;

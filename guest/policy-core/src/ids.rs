@@ -29,8 +29,12 @@ pub fn parse_thread(thread_id: &str) -> Result<ThreadId<'_>> {
     };
     check_user(user).map_err(|e| invalid(format!("thread id {}: {e}", shown(thread_id))))?;
     if let Some(rest) = rest {
-        check_charset(rest, MAX_THREAD_REST_LEN, is_token_char)
-            .map_err(|e| invalid(format!("thread id {}: part after the user {e}", shown(thread_id))))?;
+        check_charset(rest, MAX_THREAD_REST_LEN, is_token_char).map_err(|e| {
+            invalid(format!(
+                "thread id {}: part after the user {e}",
+                shown(thread_id)
+            ))
+        })?;
     }
     Ok(ThreadId { user, rest })
 }
@@ -71,7 +75,9 @@ fn check_charset(
         return Err(format!("is {} bytes long, the limit is {max_len}", s.len()));
     }
     match s.chars().find(|&c| !allowed(c)) {
-        Some(c) => Err(format!("contains the character {c:?}, which is not allowed")),
+        Some(c) => Err(format!(
+            "contains the character {c:?}, which is not allowed"
+        )),
         None => Ok(()),
     }
 }
@@ -118,10 +124,30 @@ mod tests {
     fn hostile_thread_ids_are_rejected() {
         let long = "a".repeat(10_000);
         for id in [
-            "", "-", "-x", "x-", "..-1", ".", "a/b-1", "a\\b-1", "a\0-1", "a\n-1", "a b-1",
-            "Alice-1", "аlice-1", // Cyrillic a
-            "%2e%2e-1", "a;rm -rf /", "a$(id)-1", "a`id`-1", "a|b", "alice-x/y", "alice-..",
-            "alice-a b", "alice-\u{202e}", "_a-1", long.as_str(),
+            "",
+            "-",
+            "-x",
+            "x-",
+            "..-1",
+            ".",
+            "a/b-1",
+            "a\\b-1",
+            "a\0-1",
+            "a\n-1",
+            "a b-1",
+            "Alice-1",
+            "аlice-1", // Cyrillic a
+            "%2e%2e-1",
+            "a;rm -rf /",
+            "a$(id)-1",
+            "a`id`-1",
+            "a|b",
+            "alice-x/y",
+            "alice-..",
+            "alice-a b",
+            "alice-\u{202e}",
+            "_a-1",
+            long.as_str(),
         ] {
             let err = parse_thread(id).unwrap_err();
             assert!(matches!(err, Error::InvalidId(_)), "{id:?} gave {err:?}");

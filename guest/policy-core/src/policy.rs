@@ -66,7 +66,11 @@ impl<M: Mapping> Policy<M> {
     }
 
     /// The seed's `_ensure_container`: a running container for the backend.
-    pub fn ensure_container(&mut self, host: &mut impl Host, backend_id: &str) -> Result<Container> {
+    pub fn ensure_container(
+        &mut self,
+        host: &mut impl Host,
+        backend_id: &str,
+    ) -> Result<Container> {
         let backend = match self.backends.get(backend_id) {
             Some(entry) => entry.backend.clone(),
             None => {
@@ -77,12 +81,19 @@ impl<M: Mapping> Policy<M> {
         };
         let who = self.mapping.describe(&backend);
 
-        let known = match self.backends.get(backend_id).and_then(|e| e.container_id.clone()) {
+        let known = match self
+            .backends
+            .get(backend_id)
+            .and_then(|e| e.container_id.clone())
+        {
             Some(id) => host.inspect(&id)?,
             None => {
                 let adopted = host.find(backend_id)?;
                 if let Some(c) = &adopted {
-                    host.log(Level::Debug, &format!("Adopted container {} for {who}", c.name));
+                    host.log(
+                        Level::Debug,
+                        &format!("Adopted container {} for {who}", c.name),
+                    );
                 }
                 adopted
             }
@@ -91,7 +102,9 @@ impl<M: Mapping> Policy<M> {
         let container = match known {
             Some(c) if c.status == Status::Running => c,
             // Never started (a concurrent host may be about to start it): start, don't recreate.
-            Some(c) if c.status == Status::Created => self.start_or_recreate(host, &backend, c, &who)?,
+            Some(c) if c.status == Status::Created => {
+                self.start_or_recreate(host, &backend, c, &who)?
+            }
             Some(c) => {
                 host.log(
                     Level::Info,
@@ -147,7 +160,11 @@ impl<M: Mapping> Policy<M> {
 
     /// The compatibility wrapper: destroys the backend serving the thread
     /// (under the per-user mapping, the whole user's backend).
-    pub fn destroy_thread_backend(&mut self, host: &mut impl Host, thread_id: &str) -> Result<bool> {
+    pub fn destroy_thread_backend(
+        &mut self,
+        host: &mut impl Host,
+        thread_id: &str,
+    ) -> Result<bool> {
         let backend = self.mapping.backend(thread_id)?;
         self.destroy_backend(host, &backend.id)
     }
@@ -193,7 +210,12 @@ impl<M: Mapping> Policy<M> {
         }
     }
 
-    fn create_and_start(&mut self, host: &mut impl Host, backend: &Backend, who: &str) -> Result<Container> {
+    fn create_and_start(
+        &mut self,
+        host: &mut impl Host,
+        backend: &Backend,
+        who: &str,
+    ) -> Result<Container> {
         let container = host.create(&backend.id, &backend.workspace)?;
         if container.status != Status::Running {
             host.start(&container.id)?;
@@ -218,7 +240,11 @@ mod tests {
         let mut policy = Policy::new(PerUser);
         let b = policy.get_thread_backend(&mut host, "alice-1").unwrap();
         assert_eq!(b.id, "alice");
-        assert_eq!(host.containers.len(), 0, "no container before the first command");
+        assert_eq!(
+            host.containers.len(),
+            0,
+            "no container before the first command"
+        );
         assert_eq!(host.workspaces, ["alice"]);
         policy.get_thread_backend(&mut host, "alice-2").unwrap();
         assert_eq!(policy.cached(), 1);
@@ -228,11 +254,17 @@ mod tests {
     fn threads_of_one_user_share_one_container() {
         let mut host = FakeHost::default();
         let mut policy = Policy::new(PerUser);
-        let a = policy.ensure_container(&mut host, &policy.backend_id("alice-1").unwrap()).unwrap();
-        let b = policy.ensure_container(&mut host, &policy.backend_id("alice-2").unwrap()).unwrap();
+        let a = policy
+            .ensure_container(&mut host, &policy.backend_id("alice-1").unwrap())
+            .unwrap();
+        let b = policy
+            .ensure_container(&mut host, &policy.backend_id("alice-2").unwrap())
+            .unwrap();
         assert_eq!(a.id, b.id);
         assert_eq!(host.created, 1);
-        assert!(host.logs.contains(&"Created container for user alice".to_string()));
+        assert!(host
+            .logs
+            .contains(&"Created container for user alice".to_string()));
     }
 
     #[test]
@@ -243,7 +275,10 @@ mod tests {
         host.set_status(&a.id, Status::Exited);
         let b = policy.ensure_container(&mut host, "alice").unwrap();
         assert_ne!(a.id, b.id);
-        assert!(!host.containers.contains_key(&a.id), "the stopped one is removed");
+        assert!(
+            !host.containers.contains_key(&a.id),
+            "the stopped one is removed"
+        );
         assert_eq!(b.status, Status::Running);
     }
 
@@ -261,8 +296,12 @@ mod tests {
     #[test]
     fn an_empty_cache_adopts_the_labelled_container() {
         let mut host = FakeHost::default();
-        let a = Policy::new(PerUser).ensure_container(&mut host, "alice").unwrap();
-        let b = Policy::new(PerUser).ensure_container(&mut host, "alice").unwrap();
+        let a = Policy::new(PerUser)
+            .ensure_container(&mut host, "alice")
+            .unwrap();
+        let b = Policy::new(PerUser)
+            .ensure_container(&mut host, "alice")
+            .unwrap();
         assert_eq!(a.id, b.id);
         assert_eq!(host.created, 1);
     }
@@ -271,7 +310,9 @@ mod tests {
     fn a_created_but_unstarted_container_is_started_not_recreated() {
         let mut host = FakeHost::default();
         let c = host.create("alice", "alice").unwrap();
-        let got = Policy::new(PerUser).ensure_container(&mut host, "alice").unwrap();
+        let got = Policy::new(PerUser)
+            .ensure_container(&mut host, "alice")
+            .unwrap();
         assert_eq!(got.id, c.id);
         assert_eq!(host.status_of(&c.id), Some(Status::Running));
     }
@@ -283,7 +324,9 @@ mod tests {
         policy.ensure_container(&mut host, "alice").unwrap();
         assert!(policy.destroy_user_backend(&mut host, "alice").unwrap());
         assert!(host.containers.is_empty());
-        assert!(host.logs.contains(&"Destroyed container for user alice".to_string()));
+        assert!(host
+            .logs
+            .contains(&"Destroyed container for user alice".to_string()));
         assert!(!policy.destroy_user_backend(&mut host, "alice").unwrap());
         assert!(!policy.destroy_thread_backend(&mut host, "alice-1").unwrap());
     }
@@ -300,11 +343,23 @@ mod tests {
     #[test]
     fn destroy_user_finds_containers_another_instance_created() {
         let mut host = FakeHost::default();
-        Policy::new(PerThread).ensure_container(&mut host, "alice-1").unwrap();
-        Policy::new(PerThread).ensure_container(&mut host, "alice-2").unwrap();
-        Policy::new(PerThread).ensure_container(&mut host, "bob-1").unwrap();
-        assert!(Policy::new(PerThread).destroy_user_backend(&mut host, "alice").unwrap());
-        let left: Vec<_> = host.containers.values().map(|c| c.backend_id.clone()).collect();
+        Policy::new(PerThread)
+            .ensure_container(&mut host, "alice-1")
+            .unwrap();
+        Policy::new(PerThread)
+            .ensure_container(&mut host, "alice-2")
+            .unwrap();
+        Policy::new(PerThread)
+            .ensure_container(&mut host, "bob-1")
+            .unwrap();
+        assert!(Policy::new(PerThread)
+            .destroy_user_backend(&mut host, "alice")
+            .unwrap());
+        let left: Vec<_> = host
+            .containers
+            .values()
+            .map(|c| c.backend_id.clone())
+            .collect();
         assert_eq!(left, ["bob-1"]);
     }
 
@@ -325,9 +380,18 @@ mod tests {
         let mut host = FakeHost::default();
         let mut policy = Policy::new(PerUser);
         for bad in ["../etc", "a/b-1", "", "-x"] {
-            assert!(matches!(policy.get_thread_backend(&mut host, bad), Err(Error::InvalidId(_))));
-            assert!(matches!(policy.ensure_container(&mut host, bad), Err(Error::InvalidId(_))));
-            assert!(matches!(policy.destroy_user_backend(&mut host, bad), Err(Error::InvalidId(_))));
+            assert!(matches!(
+                policy.get_thread_backend(&mut host, bad),
+                Err(Error::InvalidId(_))
+            ));
+            assert!(matches!(
+                policy.ensure_container(&mut host, bad),
+                Err(Error::InvalidId(_))
+            ));
+            assert!(matches!(
+                policy.destroy_user_backend(&mut host, bad),
+                Err(Error::InvalidId(_))
+            ));
         }
         assert!(host.workspaces.is_empty());
         assert_eq!(host.calls, 0);
@@ -339,7 +403,9 @@ mod tests {
             unavailable: true,
             ..FakeHost::default()
         };
-        let err = Policy::new(PerUser).ensure_container(&mut host, "alice").unwrap_err();
+        let err = Policy::new(PerUser)
+            .ensure_container(&mut host, "alice")
+            .unwrap_err();
         assert!(matches!(err, Error::DockerUnavailable(_)), "{err:?}");
     }
 }

@@ -11,7 +11,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bollard::errors::Error as BollardError;
 use bollard::exec::{StartExecOptions, StartExecResults};
-use bollard::models::{ContainerCreateBody, ContainerStateStatusEnum, ContainerSummaryStateEnum, ExecConfig, HostConfig};
+use bollard::models::{
+    ContainerCreateBody, ContainerStateStatusEnum, ContainerSummaryStateEnum, ExecConfig,
+    HostConfig,
+};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
 };
@@ -51,13 +54,19 @@ impl DockerProvider {
             .await
     }
 
-    async fn call<T>(&self, fut: impl Future<Output = Result<T, BollardError>>) -> ProviderResult<T> {
+    async fn call<T>(
+        &self,
+        fut: impl Future<Output = Result<T, BollardError>>,
+    ) -> ProviderResult<T> {
         bounded(self.timeout, fut).await
     }
 }
 
 /// Runs one engine request under the timeout, converting its errors.
-async fn bounded<T>(timeout: Duration, fut: impl Future<Output = Result<T, BollardError>>) -> ProviderResult<T> {
+async fn bounded<T>(
+    timeout: Duration,
+    fut: impl Future<Output = Result<T, BollardError>>,
+) -> ProviderResult<T> {
     match tokio::time::timeout(timeout, fut).await {
         Ok(result) => result.map_err(|e| convert(&e)),
         Err(_) => Err(ProviderError::Unavailable(format!(
@@ -73,12 +82,18 @@ fn docker_host() -> String {
 }
 
 fn unavailable(e: &BollardError) -> ProviderError {
-    ProviderError::Unavailable(format!("cannot reach the Docker engine at {}: {e}", docker_host()))
+    ProviderError::Unavailable(format!(
+        "cannot reach the Docker engine at {}: {e}",
+        docker_host()
+    ))
 }
 
 fn convert(e: &BollardError) -> ProviderError {
     match e {
-        BollardError::DockerResponseServerError { status_code, message } => match status_code {
+        BollardError::DockerResponseServerError {
+            status_code,
+            message,
+        } => match status_code {
             404 if message.contains("image") => ProviderError::ImageMissing(message.clone()),
             404 => ProviderError::NotFound(message.clone()),
             409 => ProviderError::Conflict(message.clone()),
@@ -104,7 +119,10 @@ pub fn create_body(plan: &ContainerPlan) -> ContainerCreateBody {
         env: Some(vec![format!("HOME={WORKSPACE_MOUNT}")]),
         network_disabled: Some(true),
         host_config: Some(HostConfig {
-            binds: Some(vec![format!("{}:{WORKSPACE_MOUNT}:rw", plan.workspace_path.display())]),
+            binds: Some(vec![format!(
+                "{}:{WORKSPACE_MOUNT}:rw",
+                plan.workspace_path.display()
+            )]),
             cap_drop: Some(vec!["ALL".to_owned()]),
             security_opt: Some(vec!["no-new-privileges".to_owned()]),
             memory: Some(plan.limits.memory_bytes),
@@ -125,9 +143,13 @@ fn status_of_summary(s: Option<ContainerSummaryStateEnum>) -> Status {
         Some(ContainerSummaryStateEnum::PAUSED) => Status::Paused,
         Some(ContainerSummaryStateEnum::RESTARTING) => Status::Restarting,
         Some(ContainerSummaryStateEnum::REMOVING) => Status::Removing,
-        Some(ContainerSummaryStateEnum::EXITED | ContainerSummaryStateEnum::STOPPING) => Status::Exited,
+        Some(ContainerSummaryStateEnum::EXITED | ContainerSummaryStateEnum::STOPPING) => {
+            Status::Exited
+        }
         Some(ContainerSummaryStateEnum::DEAD) => Status::Dead,
-        Some(ContainerSummaryStateEnum::CREATED | ContainerSummaryStateEnum::EMPTY) | None => Status::Created,
+        Some(ContainerSummaryStateEnum::CREATED | ContainerSummaryStateEnum::EMPTY) | None => {
+            Status::Created
+        }
     }
 }
 
@@ -137,9 +159,13 @@ fn status_of_state(s: Option<ContainerStateStatusEnum>) -> Status {
         Some(ContainerStateStatusEnum::PAUSED) => Status::Paused,
         Some(ContainerStateStatusEnum::RESTARTING) => Status::Restarting,
         Some(ContainerStateStatusEnum::REMOVING) => Status::Removing,
-        Some(ContainerStateStatusEnum::EXITED | ContainerStateStatusEnum::STOPPING) => Status::Exited,
+        Some(ContainerStateStatusEnum::EXITED | ContainerStateStatusEnum::STOPPING) => {
+            Status::Exited
+        }
         Some(ContainerStateStatusEnum::DEAD) => Status::Dead,
-        Some(ContainerStateStatusEnum::CREATED | ContainerStateStatusEnum::EMPTY) | None => Status::Created,
+        Some(ContainerStateStatusEnum::CREATED | ContainerStateStatusEnum::EMPTY) | None => {
+            Status::Created
+        }
     }
 }
 
@@ -147,9 +173,14 @@ fn status_of_state(s: Option<ContainerStateStatusEnum>) -> Status {
 impl ContainerProvider for DockerProvider {
     async fn list(&self, labels: &[(&str, &str)]) -> ProviderResult<Vec<ContainerRecord>> {
         let docker = self.client().await?;
-        let filters: HashMap<&str, Vec<String>> =
-            HashMap::from([("label", labels.iter().map(|(k, v)| format!("{k}={v}")).collect())]);
-        let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
+        let filters: HashMap<&str, Vec<String>> = HashMap::from([(
+            "label",
+            labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        )]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
         let found = self.call(docker.list_containers(Some(options))).await?;
         Ok(found
             .into_iter()
@@ -170,17 +201,21 @@ impl ContainerProvider for DockerProvider {
 
     async fn create(&self, plan: &ContainerPlan) -> ProviderResult<ContainerRecord> {
         let docker = self.client().await?;
-        let options = CreateContainerOptionsBuilder::default().name(&plan.name).build();
+        let options = CreateContainerOptionsBuilder::default()
+            .name(&plan.name)
+            .build();
         let created = self
             .call(docker.create_container(Some(options), create_body(plan)))
             .await
             .map_err(|e| match e {
-                ProviderError::ImageMissing(m) | ProviderError::NotFound(m) => ProviderError::ImageMissing(format!(
-                    "image {:?} is not available locally ({m}); build the local image with \
+                ProviderError::ImageMissing(m) | ProviderError::NotFound(m) => {
+                    ProviderError::ImageMissing(format!(
+                        "image {:?} is not available locally ({m}); build the local image with \
                      `sandbox image build` (needs busybox-static: apt-get install busybox-static), \
                      or `docker pull {}` where a registry is reachable",
-                    plan.image, plan.image
-                )),
+                        plan.image, plan.image
+                    ))
+                }
                 other => other,
             })?;
         Ok(ContainerRecord {
@@ -209,7 +244,11 @@ impl ContainerProvider for DockerProvider {
                 let config = c.config.unwrap_or_default();
                 Ok(Some(ContainerRecord {
                     id: c.id.unwrap_or_default(),
-                    name: c.name.unwrap_or_default().trim_start_matches('/').to_owned(),
+                    name: c
+                        .name
+                        .unwrap_or_default()
+                        .trim_start_matches('/')
+                        .to_owned(),
                     image: config.image.unwrap_or_default(),
                     labels: config.labels.unwrap_or_default(),
                     status: status_of_state(c.state.and_then(|s| s.status)),
@@ -247,7 +286,10 @@ impl ContainerProvider for DockerProvider {
             .call(docker.start_exec(&exec.id, None::<StartExecOptions>))
             .await?;
         let mut output = CappedOutput::new(request.output_limit);
-        if let StartExecResults::Attached { output: mut stream, .. } = started {
+        if let StartExecResults::Attached {
+            output: mut stream, ..
+        } = started
+        {
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.map_err(|e| convert(&e))?;
                 output.push(&chunk.into_bytes());
@@ -276,7 +318,10 @@ mod tests {
             "alice",
             "alice",
             "/ws/alice".into(),
-            UserIds { uid: 1000, gid: 1000 },
+            UserIds {
+                uid: 1000,
+                gid: 1000,
+            },
             "per-user",
         );
         let body = create_body(&plan);
@@ -286,7 +331,9 @@ mod tests {
         assert_eq!(host.network_mode.as_deref(), Some("none"));
         assert_eq!(host.binds.unwrap(), ["/ws/alice:/workspace:rw"]);
         assert_eq!(host.init, Some(true));
-        assert!(host.pids_limit.unwrap() > 0 && host.memory.unwrap() > 0 && host.nano_cpus.unwrap() > 0);
+        assert!(
+            host.pids_limit.unwrap() > 0 && host.memory.unwrap() > 0 && host.nano_cpus.unwrap() > 0
+        );
         assert_eq!(body.user.as_deref(), Some("1000:1000"));
         assert_eq!(body.network_disabled, Some(true));
         assert_eq!(body.labels.unwrap()["sandbox.backend"], "alice");

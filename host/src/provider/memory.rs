@@ -34,7 +34,10 @@ impl MemoryProvider {
 
     /// Inserts a container created by someone else (for refusal tests).
     pub fn insert(&self, record: ContainerRecord) {
-        self.containers.lock().unwrap().insert(record.id.clone(), record);
+        self.containers
+            .lock()
+            .unwrap()
+            .insert(record.id.clone(), record);
     }
 
     pub fn len(&self) -> usize {
@@ -52,7 +55,11 @@ impl ContainerProvider for MemoryProvider {
         let containers = self.containers.lock().unwrap();
         Ok(containers
             .values()
-            .filter(|c| labels.iter().all(|(k, v)| c.labels.get(*k).map(String::as_str) == Some(*v)))
+            .filter(|c| {
+                labels
+                    .iter()
+                    .all(|(k, v)| c.labels.get(*k).map(String::as_str) == Some(*v))
+            })
             .cloned()
             .collect())
     }
@@ -60,7 +67,10 @@ impl ContainerProvider for MemoryProvider {
     async fn create(&self, plan: &ContainerPlan) -> ProviderResult<ContainerRecord> {
         let mut containers = self.containers.lock().unwrap();
         if containers.values().any(|c| c.name == plan.name) {
-            return Err(ProviderError::Conflict(format!("name {} is in use", plan.name)));
+            return Err(ProviderError::Conflict(format!(
+                "name {} is in use",
+                plan.name
+            )));
         }
         let id = format!("mem{:060}", self.next_id.fetch_add(1, Ordering::Relaxed));
         self.created.fetch_add(1, Ordering::Relaxed);
@@ -87,7 +97,12 @@ impl ContainerProvider for MemoryProvider {
     }
 
     async fn inspect(&self, id: &str) -> ProviderResult<Option<ContainerRecord>> {
-        Ok(self.containers.lock().unwrap().get(id).cloned())
+        // Like Docker: an id or a name.
+        let containers = self.containers.lock().unwrap();
+        Ok(containers
+            .get(id)
+            .or_else(|| containers.values().find(|c| c.name == id))
+            .cloned())
     }
 
     async fn remove(&self, id: &str) -> ProviderResult<bool> {
@@ -101,7 +116,9 @@ impl ContainerProvider for MemoryProvider {
                 exit_code: 0,
                 truncated: false,
             }),
-            Some(_) => Err(ProviderError::Failed(format!("container {id} is not running"))),
+            Some(_) => Err(ProviderError::Failed(format!(
+                "container {id} is not running"
+            ))),
             None => Err(ProviderError::NotFound(format!("no such container: {id}"))),
         }
     }

@@ -43,7 +43,12 @@ pub struct InstanceState {
 }
 
 impl InstanceState {
-    pub fn new(caps: Arc<Capabilities>, policy_name: String, limits: StoreLimits, budget: Duration) -> Self {
+    pub fn new(
+        caps: Arc<Capabilities>,
+        policy_name: String,
+        limits: StoreLimits,
+        budget: Duration,
+    ) -> Self {
         InstanceState {
             caps,
             policy_name,
@@ -116,13 +121,20 @@ impl containers::Host for InstanceState {
     async fn list_managed(&mut self) -> Result<Vec<types::Container>, types::Error> {
         let caps = self.caps.clone();
         let r = self.host(caps.list_managed()).await;
-        log_refusal(r, "list-managed", &self.policy_name).map(|v| v.into_iter().map(to_wit).collect())
+        log_refusal(r, "list-managed", &self.policy_name)
+            .map(|v| v.into_iter().map(to_wit).collect())
     }
 
-    async fn create(&mut self, backend_id: String, workspace: String) -> Result<types::Container, types::Error> {
+    async fn create(
+        &mut self,
+        backend_id: String,
+        workspace: String,
+    ) -> Result<types::Container, types::Error> {
         let caps = self.caps.clone();
         let policy = self.policy_name.clone();
-        let r = self.host(caps.create(&backend_id, &workspace, &policy)).await;
+        let r = self
+            .host(caps.create(&backend_id, &workspace, &policy))
+            .await;
         log_refusal(r, "create", &self.policy_name).map(to_wit)
     }
 
@@ -132,7 +144,10 @@ impl containers::Host for InstanceState {
         log_refusal(r, "start", &self.policy_name)
     }
 
-    async fn inspect(&mut self, container_id: String) -> Result<Option<types::Container>, types::Error> {
+    async fn inspect(
+        &mut self,
+        container_id: String,
+    ) -> Result<Option<types::Container>, types::Error> {
         let caps = self.caps.clone();
         let r = self.host(caps.inspect(&container_id)).await;
         log_refusal(r, "inspect", &self.policy_name).map(|c| c.map(to_wit))
@@ -156,7 +171,11 @@ impl workspaces::Host for InstanceState {
 impl logging::Host for InstanceState {
     async fn log(&mut self, level: logging::Level, message: String) {
         // Bounded and escaped: the policy must not flood or forge log lines.
-        let message: String = message.chars().take(1024).flat_map(char::escape_default).collect();
+        let message: String = message
+            .chars()
+            .take(1024)
+            .flat_map(char::escape_default)
+            .collect();
         let policy = self.policy_name.as_str();
         match level {
             logging::Level::Trace => tracing::trace!(policy, "{message}"),

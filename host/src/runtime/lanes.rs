@@ -77,19 +77,34 @@ impl Lanes {
 
     /// Runs `f` on the instance of `key`'s lane, after every earlier call
     /// for that key.
-    pub async fn call<T>(&self, key: &str, f: impl AsyncFnOnce(&mut PolicyInstance) -> Result<T>) -> Result<T> {
+    pub async fn call<T>(
+        &self,
+        key: &str,
+        f: impl AsyncFnOnce(&mut PolicyInstance) -> Result<T>,
+    ) -> Result<T> {
         let lane = self.lane(key);
         let mut slot = lane.slot.lock().await;
-        lane.last_used.store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        lane.last_used.store(
+            self.clock.fetch_add(1, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
         self.run(&mut slot, key, f).await
     }
 
     /// Runs a key-less call (the pure mapping) on a router instance.
-    pub async fn route<T>(&self, hint: &str, f: impl AsyncFnOnce(&mut PolicyInstance) -> Result<T>) -> Result<T> {
+    pub async fn route<T>(
+        &self,
+        hint: &str,
+        f: impl AsyncFnOnce(&mut PolicyInstance) -> Result<T>,
+    ) -> Result<T> {
         let free = self.routers.iter().find_map(|r| r.try_lock().ok());
         let mut slot = match free {
             Some(slot) => slot,
-            None => self.routers[self.hasher.hash_one(hint) as usize % ROUTERS].lock().await,
+            None => {
+                self.routers[self.hasher.hash_one(hint) as usize % ROUTERS]
+                    .lock()
+                    .await
+            }
         };
         self.run(&mut slot, "(router)", f).await
     }

@@ -59,7 +59,11 @@ impl PolicyEngine {
     /// Compiles and links a policy component, refusing with a message that
     /// names the problem: not wasm, a core module, another world, missing
     /// exports.
-    pub fn compile(&self, bytes: &[u8], source: &str) -> Result<SandboxPre<InstanceState>, SandboxError> {
+    pub fn compile(
+        &self,
+        bytes: &[u8],
+        source: &str,
+    ) -> Result<SandboxPre<InstanceState>, SandboxError> {
         let refuse = |why: String| SandboxError::PolicyLoad(format!("{source}: {why}"));
         if bytes.len() < 8 || &bytes[..4] != WASM_MAGIC {
             return Err(refuse("not a WebAssembly file (no \\0asm header)".into()));
@@ -113,11 +117,18 @@ impl CompiledPolicy {
             deadline: config.policy_deadline(),
             memory_limit: config.policy_memory_bytes,
         };
-        let refuse = |why: String| SandboxError::PolicyLoad(format!("{source}: self-check failed: {why}"));
-        let mut instance = policy.instantiate(caps.clone()).await.map_err(|e| refuse(e.to_string()))?;
+        let refuse =
+            |why: String| SandboxError::PolicyLoad(format!("{source}: self-check failed: {why}"));
+        let mut instance = policy
+            .instantiate(caps.clone())
+            .await
+            .map_err(|e| refuse(e.to_string()))?;
         let name = instance.name().await.map_err(|e| refuse(e.to_string()))?;
         let probe = "selfcheck-1";
-        let backend = instance.backend_id(probe).await.map_err(|e| refuse(e.to_string()))?;
+        let backend = instance
+            .backend_id(probe)
+            .await
+            .map_err(|e| refuse(e.to_string()))?;
         policy_core::ids::validate_backend(&backend)
             .map_err(|e| refuse(format!("backend-id({probe:?}) answered an invalid id: {e}")))?;
         policy.name = naming::sanitize_policy_name(&name);
@@ -135,7 +146,10 @@ impl CompiledPolicy {
     }
 
     /// A fresh instance with its own store, limits and deadline.
-    pub async fn instantiate(&self, caps: Arc<Capabilities>) -> Result<PolicyInstance, SandboxError> {
+    pub async fn instantiate(
+        &self,
+        caps: Arc<Capabilities>,
+    ) -> Result<PolicyInstance, SandboxError> {
         let limits = StoreLimitsBuilder::new()
             .memory_size(self.memory_limit)
             .instances(8)
@@ -156,11 +170,10 @@ impl CompiledPolicy {
             }
         });
         store.set_epoch_deadline(1);
-        let bindings = self
-            .pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| SandboxError::PolicyTrap(format!("instantiating the policy: {e:#}")))?;
+        let bindings =
+            self.pre.instantiate_async(&mut store).await.map_err(|e| {
+                SandboxError::PolicyTrap(format!("instantiating the policy: {e:#}"))
+            })?;
         Ok(PolicyInstance { store, bindings })
     }
 }
@@ -191,7 +204,11 @@ impl PolicyInstance {
 
     pub async fn name(&mut self) -> Result<String, SandboxError> {
         self.arm();
-        let r = self.bindings.sandbox_policy_policy().call_name(&mut self.store).await;
+        let r = self
+            .bindings
+            .sandbox_policy_policy()
+            .call_name(&mut self.store)
+            .await;
         outcome(r.map(Ok), "name")
     }
 
@@ -205,7 +222,10 @@ impl PolicyInstance {
         outcome(r, "backend-id")
     }
 
-    pub async fn get_thread_backend(&mut self, thread_id: &str) -> Result<types::Backend, SandboxError> {
+    pub async fn get_thread_backend(
+        &mut self,
+        thread_id: &str,
+    ) -> Result<types::Backend, SandboxError> {
         self.arm();
         let r = self
             .bindings
@@ -215,7 +235,10 @@ impl PolicyInstance {
         outcome(r, "get-thread-backend")
     }
 
-    pub async fn ensure_container(&mut self, backend_id: &str) -> Result<types::Container, SandboxError> {
+    pub async fn ensure_container(
+        &mut self,
+        backend_id: &str,
+    ) -> Result<types::Container, SandboxError> {
         self.arm();
         let r = self
             .bindings

@@ -1,0 +1,147 @@
+//! Test harness for integration tests against the real Docker engine.
+//!
+//! Each test gets its own label namespace and workspace root, and removes
+//! every container of its namespace when it ends, pass or fail. A test that
+//! cannot reach the engine panics with the reason: it never passes silently.
+
+#![allow(dead_code)]
+
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Once};
+
+use sandbox_host::config::{Config, DEFAULT_IMAGE};
+use sandbox_host::provider::docker::DockerProvider;
+use sandbox_host::{image, PolicySource, Sandbox};
+
+static ENGINE: Once = Once::new();
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Panics unless the engine answers and the test image exists (building it
+/// from the recipe when missing).
+pub fn require_engine() {
+    // On its own thread: tests call this from inside their tokio runtime.
+    ENGINE.call_once(|| {
+        let setup = std::thread::spawn(|| {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(prepare_engine())
+        });
+        if let Err(panic) = setup.join() {
+            std::panic::resume_unwind(panic);
+        }
+    });
+}
+
+async fn prepare_engine() {
+    {
+        {
+            let provider = DockerProvider::new(std::time::Duration::from_secs(10));
+            if let Err(e) = sandbox_host::provider::ContainerProvider::ping(&provider).await {
+                panic!(
+                    "these tests need a reachable Docker engine (DOCKER_HOST or /var/run/docker.sock): {e}. \
+                     `.ci/run` starts one."
+                );
+            }
+            image::ensure(&provider, &test_image())
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("the test image is missing and could not be built: {e:#}")
+                });
+        }
+    }
+}
+
+pub fn test_image() -> String {
+    std::env::var("SANDBOX_TEST_IMAGE").unwrap_or_else(|_| DEFAULT_IMAGE.to_owned())
+}
+
+/// One test's namespace, workspace root and cleanup.
+pub struct Harness {
+    pub namespace: String,
+    pub root: tempfile::TempDir,
+}
+
+impl Harness {
+    pub fn new(tag: &str) -> Self {
+        require_engine();
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let namespace = format!("it-{tag}-{}-{n}", std::process::id() % 100_000);
+        assert!(namespace.len() <= 32, "namespace {namespace} too long");
+        Harness {
+            namespace,
+            root: tempfile::tempdir().expect("temp workspace root"),
+        }
+    }
+
+    pub fn config(&self) -> Config {
+        Config {
+            workspace_root: self.root.path().to_owned(),
+            namespace: self.namespace.clone(),
+            image: test_image(),
+            ..Config::default()
+        }
+    }
+
+    pub async fn sandbox(&self) -> Sandbox {
+        self.sandbox_with(self.config(), PolicySource::Builtin("per-user".into()))
+            .await
+    }
+
+    pub async fn sandbox_with(&self, config: Config, policy: PolicySource) -> Sandbox {
+        let provider = Arc::new(DockerProvider::new(config.docker_timeout()));
+        Sandbox::with_provider(config, provider, policy)
+            .await
+            .expect("sandbox starts")
+    }
+
+    /// `(name, id, state)` of every container of this namespace, by name.
+    pub fn containers(&self) -> Vec<(String, String, String)> {
+        let out = docker(&[
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=sandbox.namespace={}", self.namespace),
+            "--format",
+            "{{.Names}} {{.ID}} {{.State}}",
+        ]);
+        let mut found: Vec<_> = out
+            .lines()
+            .filter_map(|l| {
+                let mut parts = l.split_whitespace();
+                Some((
+                    parts.next()?.to_owned(),
+                    parts.next()?.to_owned(),
+                    parts.next()?.to_owned(),
+                ))
+            })
+            .collect();
+        found.sort();
+        found
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let ids: Vec<String> = self.containers().into_iter().map(|(_, id, _)| id).collect();
+        if !ids.is_empty() {
+            let mut args = vec!["rm", "-f"];
+            args.extend(ids.iter().map(String::as_str));
+            docker(&args);
+        }
+    }
+}
+
+/// Runs the docker CLI (to act behind the sandbox's back) and returns stdout.
+pub fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("running the docker CLI");
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
