@@ -28,12 +28,23 @@ pub struct Config {
     pub limits: Limits,
     /// Byte cap on the combined output of one `execute`.
     pub output_limit_bytes: usize,
+    /// Docker endpoint (`unix:///path`, `tcp://host:port`); default: the
+    /// docker CLI's (`DOCKER_HOST`, else the local socket).
+    pub docker_host: Option<String>,
     /// Bound on every single Docker API call, in seconds.
     pub docker_timeout_secs: f64,
     /// Guest CPU time one policy call may use (host calls excluded), in ms.
     pub policy_deadline_ms: u64,
     /// Linear memory one policy instance may grow to, in bytes.
     pub policy_memory_bytes: usize,
+    /// Mount the container's root filesystem read-only (with a writable
+    /// tmpfs `/tmp`); `/workspace` stays writable.
+    pub read_only_rootfs: bool,
+    /// OCI runtime for sandbox containers (for example `runsc`); the
+    /// engine's default when unset.
+    pub runtime: Option<String>,
+    /// When not empty, the only images this deployment may run.
+    pub allowed_images: Vec<String>,
     /// Idle policy instances kept (one per routing key) before the least
     /// recently used are dropped; they rebuild their cache by adoption.
     pub max_policy_instances: usize,
@@ -87,10 +98,14 @@ impl Default for Config {
             sandbox_user: None,
             limits: Limits::default(),
             output_limit_bytes: 1024 * 1024,
+            docker_host: None,
             docker_timeout_secs: 30.0,
             policy_deadline_ms: 500,
             policy_memory_bytes: 64 * 1024 * 1024,
             max_policy_instances: 4096,
+            read_only_rootfs: false,
+            runtime: None,
+            allowed_images: Vec::new(),
         }
     }
 }
@@ -166,6 +181,13 @@ impl Config {
         if self.limits.cpus <= 0.0 || self.limits.memory_bytes <= 0 || self.limits.pids <= 0 {
             bail!("limits must be positive");
         }
+        if !self.allowed_images.is_empty() && !self.allowed_images.contains(&self.image) {
+            bail!(
+                "image {:?} is not in this deployment's allowed_images {:?}",
+                self.image,
+                self.allowed_images
+            );
+        }
         if self.max_policy_instances == 0 {
             bail!("max_policy_instances must be positive");
         }
@@ -231,6 +253,23 @@ mod tests {
             toml::from_str::<Config>("imag = \"x\"").is_err(),
             "typos are errors"
         );
+    }
+
+    #[test]
+    fn an_image_outside_the_allow_list_is_refused() {
+        let config = Config {
+            image: "evil:latest".into(),
+            allowed_images: vec![DEFAULT_IMAGE.into()],
+            ..Config::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("evil:latest"), "{err}");
+        assert!(Config {
+            image: DEFAULT_IMAGE.into(),
+            ..config
+        }
+        .validate()
+        .is_ok());
     }
 
     #[test]

@@ -70,6 +70,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove managed containers no backend owns any more (never unlabelled ones).
+    Gc {
+        /// Only list what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also remove containers created longer ago than this many seconds.
+        #[arg(long)]
+        max_age_secs: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show two threads of one user sharing one container (and another user apart).
     Demo,
     /// Policy components.
@@ -155,7 +166,7 @@ fn load_config(global: &GlobalArgs) -> anyhow::Result<Config> {
 }
 
 async fn open(config: Config, need_image: bool) -> anyhow::Result<Sandbox> {
-    let provider = Arc::new(DockerProvider::new(config.docker_timeout()));
+    let provider = Arc::new(DockerProvider::from_config(&config));
     if need_image {
         image::ensure(&provider, &config.image).await?;
     }
@@ -224,6 +235,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Gc {
+            dry_run,
+            max_age_secs,
+            json,
+        } => {
+            let sandbox = open(config, false).await?;
+            let max_age = max_age_secs.map(std::time::Duration::from_secs);
+            let entries = sandbox.gc(max_age, dry_run).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                let verb = if dry_run { "would remove" } else { "removed" };
+                for e in &entries {
+                    println!(
+                        "{verb} {} (backend {}): {}",
+                        e.container.name, e.container.backend_id, e.reason
+                    );
+                }
+                println!("{} container(s) {verb}", entries.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo => demo(config).await,
         Command::Policy(PolicyCommand::Check { path }) => {
             let sandbox = open(
@@ -251,7 +284,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Image(ImageCommand::Build { tag, busybox }) => {
-            let provider = DockerProvider::new(config.docker_timeout());
+            let provider = DockerProvider::from_config(&config);
             image::build(&provider, &tag, &image::busybox_path(busybox)).await?;
             println!("built {tag}");
             Ok(ExitCode::SUCCESS)

@@ -25,6 +25,8 @@ pub struct ContainerPlan {
     pub user: UserIds,
     pub limits: Limits,
     pub command: Vec<String>,
+    pub read_only_rootfs: bool,
+    pub runtime: Option<String>,
 }
 
 impl ContainerPlan {
@@ -46,6 +48,8 @@ impl ContainerPlan {
             user,
             limits: config.limits.clone(),
             command: IDLE_COMMAND.iter().map(|s| s.to_string()).collect(),
+            read_only_rootfs: config.read_only_rootfs,
+            runtime: config.runtime.clone(),
         }
     }
 }

@@ -77,7 +77,7 @@ impl Sandbox {
     /// A sandbox on the Docker engine (`DOCKER_HOST` honoured) with the
     /// configured policy.
     pub async fn new(config: Config) -> Result<Self> {
-        let provider = Arc::new(DockerProvider::new(config.docker_timeout()));
+        let provider = Arc::new(DockerProvider::from_config(&config));
         let source = PolicySource::from_config(&config);
         Self::with_provider(config, provider, source).await
     }
@@ -198,6 +198,64 @@ impl Sandbox {
         self.inner.caps.list_managed().await
     }
 
+    /// Finds (and unless `dry_run`, removes) managed containers that no
+    /// backend owns any more: stopped or dead ones, ones whose backend id the
+    /// running policy would never produce (left by another policy), and,
+    /// with `max_age`, ones created longer ago. Only containers labelled for
+    /// this namespace are ever considered.
+    pub async fn gc(
+        &self,
+        max_age: Option<std::time::Duration>,
+        dry_run: bool,
+    ) -> Result<Vec<GcEntry>> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let mut entries = Vec::new();
+        for container in self.list().await? {
+            let owner = self.backend_id(&container.backend_id).await;
+            let reason = if !matches!(&owner, Ok(id) if *id == container.backend_id) {
+                Some(format!(
+                    "policy {} maps no thread to backend {}",
+                    self.policy_name(),
+                    container.backend_id
+                ))
+            } else if matches!(
+                container.status,
+                crate::provider::Status::Exited | crate::provider::Status::Dead
+            ) {
+                Some(format!("{:?}", container.status).to_lowercase())
+            } else {
+                match (max_age, container.created) {
+                    (Some(max), Some(created)) if now - created >= max.as_secs() as i64 => {
+                        Some(format!("older than {}s", max.as_secs()))
+                    }
+                    _ => None,
+                }
+            };
+            let Some(reason) = reason else { continue };
+            let removed = if dry_run {
+                false
+            } else {
+                // Through the backend's lane: never under a running ensure.
+                let caps = self.inner.caps.clone();
+                let id = container.id.clone();
+                self.inner
+                    .lanes
+                    .call(&container.backend_id, async move |_| caps.remove(&id).await)
+                    .await?
+            };
+            tracing::info!(container = container.name, reason, removed, "gc");
+            entries.push(GcEntry {
+                container,
+                reason,
+                removed,
+            });
+        }
+        Ok(entries)
+    }
+
     /// Whether the engine answers.
     pub async fn ping(&self) -> Result<()> {
         Ok(self.inner.caps.provider().ping().await?)
@@ -227,6 +285,15 @@ impl Sandbox {
             created: None,
         })
     }
+}
+
+/// One container `gc` found.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GcEntry {
+    pub container: ManagedContainer,
+    pub reason: String,
+    /// False on a dry run.
+    pub removed: bool,
 }
 
 /// The backend of a thread: a lazily created container and a workspace.

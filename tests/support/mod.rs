@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Once};
@@ -60,6 +62,8 @@ pub fn test_image() -> String {
 pub struct Harness {
     pub namespace: String,
     pub root: tempfile::TempDir,
+    /// Containers made outside the sandbox (victims), removed at the end too.
+    extra: std::sync::Mutex<Vec<String>>,
 }
 
 impl Harness {
@@ -71,6 +75,41 @@ impl Harness {
         Harness {
             namespace,
             root: tempfile::tempdir().expect("temp workspace root"),
+            extra: Default::default(),
+        }
+    }
+
+    /// A running container without sandbox labels, as another tenant of the
+    /// engine would have. Returns its id.
+    pub fn victim(&self) -> String {
+        let name = format!("victim-{}", self.namespace);
+        let id = docker(&[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--network",
+            "none",
+            &test_image(),
+            "sleep",
+            "infinity",
+        ])
+        .trim()
+        .to_owned();
+        self.extra.lock().unwrap().push(id.clone());
+        id
+    }
+
+    /// Docker's `State.Status` of a container, or "gone".
+    pub fn state(&self, id: &str) -> String {
+        let out = Command::new("docker")
+            .args(["inspect", "--format", "{{.State.Status}}", id])
+            .output()
+            .expect("docker inspect");
+        if out.status.success() {
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        } else {
+            "gone".to_owned()
         }
     }
 
@@ -89,7 +128,7 @@ impl Harness {
     }
 
     pub async fn sandbox_with(&self, config: Config, policy: PolicySource) -> Sandbox {
-        let provider = Arc::new(DockerProvider::new(config.docker_timeout()));
+        let provider = Arc::new(DockerProvider::from_config(&config));
         Sandbox::with_provider(config, provider, policy)
             .await
             .expect("sandbox starts")
@@ -123,7 +162,8 @@ impl Harness {
 
 impl Drop for Harness {
     fn drop(&mut self) {
-        let ids: Vec<String> = self.containers().into_iter().map(|(_, id, _)| id).collect();
+        let mut ids: Vec<String> = self.containers().into_iter().map(|(_, id, _)| id).collect();
+        ids.extend(self.extra.lock().unwrap().drain(..));
         if !ids.is_empty() {
             let mut args = vec!["rm", "-f"];
             args.extend(ids.iter().map(String::as_str));
@@ -144,4 +184,44 @@ pub fn docker(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Builds the test-only fixture components once per test binary and returns
+/// the path of `crate_name`'s component (e.g. `hostile-policy`).
+pub fn fixture(crate_name: &str) -> std::path::PathBuf {
+    static BUILT: Once = Once::new();
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    let target = workspace.join("target/wasm-fixtures");
+    BUILT.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(&workspace)
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--locked",
+            ])
+            .args([
+                "-p",
+                "hostile-policy",
+                "-p",
+                "broken-policy",
+                "-p",
+                "other-world",
+            ])
+            .env("CARGO_TARGET_DIR", &target)
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .status()
+            .expect("running cargo for the fixture components");
+        assert!(status.success(), "building the fixture components failed");
+    });
+    target
+        .join("wasm32-wasip2/release")
+        .join(format!("{}.wasm", crate_name.replace('-', "_")))
 }

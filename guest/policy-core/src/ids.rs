@@ -1,7 +1,8 @@
 //! The id allow-list, shared by every policy and re-checked by the host.
 //!
 //! - user id: 1..=64 of `[a-z0-9_]`, first character a letter or digit;
-//! - thread id: `{user}` or `{user}-{rest}`, `rest` 1..=128 of `[A-Za-z0-9_-]`;
+//! - thread id: `{user}` or `{user}-{rest}`, `rest` 1..=128 of `[A-Za-z0-9_-]`
+//!   starting with a letter or digit;
 //! - backend id: 1..=200 of `[A-Za-z0-9_-]`, first character a letter or digit.
 //!
 //! User ids become directory names on the host, so they are the strictest:
@@ -29,12 +30,14 @@ pub fn parse_thread(thread_id: &str) -> Result<ThreadId<'_>> {
     };
     check_user(user).map_err(|e| invalid(format!("thread id {}: {e}", shown(thread_id))))?;
     if let Some(rest) = rest {
-        check_charset(rest, MAX_THREAD_REST_LEN, is_token_char).map_err(|e| {
-            invalid(format!(
-                "thread id {}: part after the user {e}",
-                shown(thread_id)
-            ))
-        })?;
+        check_charset(rest, MAX_THREAD_REST_LEN, is_token_char)
+            .and_then(|()| first_alnum(rest))
+            .map_err(|e| {
+                invalid(format!(
+                    "thread id {}: part after the user {e}",
+                    shown(thread_id)
+                ))
+            })?;
     }
     Ok(ThreadId { user, rest })
 }
@@ -147,6 +150,9 @@ mod tests {
             "alice-a b",
             "alice-\u{202e}",
             "_a-1",
+            "x--",
+            "alice--1",
+            "alice-_",
             long.as_str(),
         ] {
             let err = parse_thread(id).unwrap_err();

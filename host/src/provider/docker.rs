@@ -29,6 +29,8 @@ use crate::plan::{ContainerPlan, WORKSPACE_MOUNT};
 /// Docker through bollard, honouring `DOCKER_HOST` like the docker CLI.
 pub struct DockerProvider {
     client: OnceCell<Docker>,
+    /// `None`: the docker CLI's defaults (`DOCKER_HOST`, else the local socket).
+    endpoint: Option<String>,
     timeout: Duration,
 }
 
@@ -38,7 +40,41 @@ impl DockerProvider {
     pub fn new(timeout: Duration) -> Self {
         DockerProvider {
             client: OnceCell::new(),
+            endpoint: None,
             timeout,
+        }
+    }
+
+    /// A provider for an explicit endpoint: `unix:///path`, a socket path,
+    /// or `tcp://host:port` / `http://host:port`.
+    pub fn with_endpoint(endpoint: impl Into<String>, timeout: Duration) -> Self {
+        DockerProvider {
+            endpoint: Some(endpoint.into()),
+            ..Self::new(timeout)
+        }
+    }
+
+    /// The provider a configuration asks for.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        match &config.docker_host {
+            Some(endpoint) => Self::with_endpoint(endpoint.clone(), config.docker_timeout()),
+            None => Self::new(config.docker_timeout()),
+        }
+    }
+
+    /// The endpoint in use, for messages.
+    pub fn endpoint(&self) -> String {
+        self.endpoint.clone().unwrap_or_else(docker_host)
+    }
+
+    fn connect(&self) -> Result<Docker, BollardError> {
+        let secs = self.timeout.as_secs().max(1);
+        match self.endpoint.as_deref() {
+            None => Docker::connect_with_defaults(),
+            Some(e) if e.starts_with("tcp://") || e.starts_with("http://") => {
+                Docker::connect_with_http(e, secs, bollard::API_DEFAULT_VERSION)
+            }
+            Some(e) => Docker::connect_with_unix(e, secs, bollard::API_DEFAULT_VERSION),
         }
     }
 
@@ -46,10 +82,10 @@ impl DockerProvider {
     pub async fn client(&self) -> ProviderResult<&Docker> {
         self.client
             .get_or_try_init(|| async {
-                let docker = Docker::connect_with_defaults().map_err(|e| unavailable(&e))?;
+                let docker = self.connect().map_err(|e| self.unavailable(&e))?;
                 // The engine may be older than bollard's default API version
                 // (Debian's 20.10 speaks 1.41).
-                bounded(self.timeout, docker.negotiate_version()).await
+                self.bounded(docker.negotiate_version()).await
             })
             .await
     }
@@ -58,34 +94,37 @@ impl DockerProvider {
         &self,
         fut: impl Future<Output = Result<T, BollardError>>,
     ) -> ProviderResult<T> {
-        bounded(self.timeout, fut).await
+        self.bounded(fut).await
     }
-}
 
-/// Runs one engine request under the timeout, converting its errors.
-async fn bounded<T>(
-    timeout: Duration,
-    fut: impl Future<Output = Result<T, BollardError>>,
-) -> ProviderResult<T> {
-    match tokio::time::timeout(timeout, fut).await {
-        Ok(result) => result.map_err(|e| convert(&e)),
-        Err(_) => Err(ProviderError::Unavailable(format!(
-            "the Docker engine did not answer within {:.1}s ({})",
-            timeout.as_secs_f64(),
-            docker_host()
-        ))),
+    /// Runs one engine request under the timeout, converting its errors.
+    async fn bounded<T>(
+        &self,
+        fut: impl Future<Output = Result<T, BollardError>>,
+    ) -> ProviderResult<T> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(result) => result.map_err(|e| match convert(&e) {
+                ProviderError::Unavailable(_) => self.unavailable(&e),
+                other => other,
+            }),
+            Err(_) => Err(ProviderError::Unavailable(format!(
+                "the Docker engine at {} did not answer within {:.1}s",
+                self.endpoint(),
+                self.timeout.as_secs_f64()
+            ))),
+        }
+    }
+
+    fn unavailable(&self, e: &BollardError) -> ProviderError {
+        ProviderError::Unavailable(format!(
+            "cannot reach the Docker engine at {}: {e}",
+            self.endpoint()
+        ))
     }
 }
 
 fn docker_host() -> String {
     std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".to_owned())
-}
-
-fn unavailable(e: &BollardError) -> ProviderError {
-    ProviderError::Unavailable(format!(
-        "cannot reach the Docker engine at {}: {e}",
-        docker_host()
-    ))
 }
 
 fn convert(e: &BollardError) -> ProviderError {
@@ -102,7 +141,7 @@ fn convert(e: &BollardError) -> ProviderError {
         BollardError::IOError { .. }
         | BollardError::HyperResponseError { .. }
         | BollardError::RequestTimeoutError
-        | BollardError::SocketNotFoundError(_) => unavailable(e),
+        | BollardError::SocketNotFoundError(_) => ProviderError::Unavailable(e.to_string()),
         other => ProviderError::Failed(other.to_string()),
     }
 }
@@ -131,6 +170,14 @@ pub fn create_body(plan: &ContainerPlan) -> ContainerCreateBody {
             pids_limit: Some(plan.limits.pids),
             network_mode: Some("none".to_owned()),
             init: Some(true),
+            readonly_rootfs: Some(plan.read_only_rootfs),
+            tmpfs: plan.read_only_rootfs.then(|| {
+                HashMap::from([(
+                    "/tmp".to_owned(),
+                    "rw,nosuid,nodev,size=64m,mode=1777".to_owned(),
+                )])
+            }),
+            runtime: plan.runtime.clone(),
             ..Default::default()
         }),
         ..Default::default()
@@ -337,5 +384,28 @@ mod tests {
         assert_eq!(body.user.as_deref(), Some("1000:1000"));
         assert_eq!(body.network_disabled, Some(true));
         assert_eq!(body.labels.unwrap()["sandbox.backend"], "alice");
+        assert_eq!(host.readonly_rootfs, Some(false));
+        assert!(host.runtime.is_none());
+    }
+
+    #[test]
+    fn read_only_root_gets_a_writable_tmp_and_the_runtime_is_passed() {
+        let config = Config {
+            read_only_rootfs: true,
+            runtime: Some("runsc".into()),
+            ..Config::default()
+        };
+        let plan = ContainerPlan::new(
+            &config,
+            "a",
+            "a",
+            "/ws/a".into(),
+            UserIds { uid: 1, gid: 1 },
+            "p",
+        );
+        let host = create_body(&plan).host_config.unwrap();
+        assert_eq!(host.readonly_rootfs, Some(true));
+        assert!(host.tmpfs.unwrap().contains_key("/tmp"));
+        assert_eq!(host.runtime.as_deref(), Some("runsc"));
     }
 }

@@ -131,6 +131,15 @@ impl CompiledPolicy {
             .map_err(|e| refuse(e.to_string()))?;
         policy_core::ids::validate_backend(&backend)
             .map_err(|e| refuse(format!("backend-id({probe:?}) answered an invalid id: {e}")))?;
+        let again = instance
+            .backend_id(probe)
+            .await
+            .map_err(|e| refuse(e.to_string()))?;
+        if again != backend {
+            return Err(refuse(format!(
+                "backend-id({probe:?}) is not deterministic ({backend:?}, then {again:?})"
+            )));
+        }
         policy.name = naming::sanitize_policy_name(&name);
         Ok(policy)
     }

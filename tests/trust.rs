@@ -1,0 +1,484 @@
+//! The trust boundary against the real engine: hostile policies, hostile
+//! ids, a misbehaving engine. Every attack must end in a typed error or a
+//! contained trap, leave victims untouched, and never stop other users.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sandbox_host::provider::docker::DockerProvider;
+use sandbox_host::{policies, Config, PolicySource, Sandbox, SandboxError};
+use support::{docker, fixture, Harness};
+
+fn hostile() -> PolicySource {
+    PolicySource::File(fixture("hostile-policy"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_policy_cannot_remove_inspect_or_start_a_container_it_does_not_own() {
+    let h = Harness::new("attack");
+    let victim = h.victim();
+    let sandbox = h.sandbox_with(h.config(), hostile()).await;
+
+    let err = sandbox
+        .get_thread_backend(&format!("attack-{victim}"))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    // remove, inspect and start each got the host's typed refusal.
+    assert_eq!(text.matches("Refused").count(), 3, "{text}");
+    assert_eq!(h.state(&victim), "running", "the victim is untouched");
+
+    // A container labelled by another namespace is just as foreign.
+    let other = Harness::new("attack2");
+    let neighbour = other.sandbox().await;
+    let b = neighbour.get_thread_backend("carol-1").await.unwrap();
+    b.execute("true").await.unwrap();
+    let theirs = b.ensure_container().await.unwrap().id;
+    let err = sandbox
+        .get_thread_backend(&format!("attack-{theirs}"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_string().matches("Refused").count(), 3, "{err}");
+    assert_eq!(h.state(&theirs), "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_policy_cannot_escape_the_workspace_root() {
+    let h = Harness::new("escape");
+    let outside = tempfile::tempdir().unwrap();
+    let config = Config {
+        workspace_root: outside.path().join("a/root"),
+        ..h.config()
+    };
+    let sandbox = h.sandbox_with(config, hostile()).await;
+    let err = sandbox.get_thread_backend("escape-1").await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("prepare: Err(Error::InvalidId"), "{text}");
+    assert!(text.contains("create: Err(Error::InvalidId"), "{text}");
+    // "{root}/../../etc" would be outside/etc.
+    let beside: Vec<_> = std::fs::read_dir(outside.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(beside.iter().all(|e| e == "a"), "nothing created outside the root: {beside:?}");
+    assert!(h.containers().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_endless_loop_is_stopped_at_the_deadline_while_other_users_are_served() {
+    let h = Harness::new("loop");
+    let config = Config {
+        policy_deadline_ms: 300,
+        ..h.config()
+    };
+    let sandbox = h.sandbox_with(config, hostile()).await;
+    let bob = sandbox.get_thread_backend("bob-1").await.unwrap();
+    bob.execute("true").await.unwrap();
+
+    let attacker = {
+        let sandbox = sandbox.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let r = sandbox.get_thread_backend("loop-1").await;
+            (r, start.elapsed())
+        })
+    };
+    // Bob keeps working while the loop spins.
+    for _ in 0..3 {
+        assert_eq!(bob.execute("echo alive").await.unwrap().output, "alive\n");
+    }
+    let (r, took) = attacker.await.unwrap();
+    assert!(matches!(r, Err(SandboxError::PolicyTrap(_))), "{r:?}");
+    // Deadline + one tick, with slack for a loaded 2-core CI machine.
+    assert!(took < Duration::from_millis(300 + 5 + 700), "took {took:?}");
+    assert!(
+        took >= Duration::from_millis(300),
+        "stopped before its deadline: {took:?}"
+    );
+    assert_eq!(bob.execute("echo still").await.unwrap().output, "still\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unbounded_allocation_and_panics_trap_only_their_instance() {
+    let h = Harness::new("alloc");
+    let config = Config {
+        policy_memory_bytes: 32 * 1024 * 1024,
+        ..h.config()
+    };
+    let sandbox = h.sandbox_with(config, hostile()).await;
+    let alice = sandbox.get_thread_backend("alice-1").await.unwrap();
+    alice.execute("true").await.unwrap();
+
+    let r = sandbox.get_thread_backend("alloc-1").await;
+    assert!(matches!(r, Err(SandboxError::PolicyTrap(_))), "{r:?}");
+    let r = sandbox.get_thread_backend("panic-1").await;
+    match r {
+        Err(SandboxError::PolicyTrap(why)) => assert!(why.contains("get-thread-backend"), "{why}"),
+        other => panic!("expected a trap, got {other:?}"),
+    }
+    assert_eq!(alice.execute("echo ok").await.unwrap().output, "ok\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trapped_instance_is_replaced_and_readopts_its_container() {
+    let h = Harness::new("boom");
+    let sandbox = h.sandbox_with(h.config(), hostile()).await;
+    let boom = sandbox.get_thread_backend("boom-1").await.unwrap();
+    boom.execute("echo x > f").await.unwrap();
+    let before = boom.ensure_container().await.unwrap().id;
+
+    let r = sandbox.destroy_thread_backend("boom-1").await;
+    assert!(matches!(r, Err(SandboxError::PolicyTrap(_))), "{r:?}");
+    // The next call runs on a fresh instance, which adopts the container.
+    assert_eq!(boom.execute("cat f").await.unwrap().output, "x\n");
+    assert_eq!(boom.ensure_container().await.unwrap().id, before);
+    assert_eq!(h.containers().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn garbage_backend_ids_and_forged_or_stolen_containers_are_refused() {
+    let h = Harness::new("forge");
+    let victim = h.victim();
+    let sandbox = h.sandbox_with(h.config(), hostile()).await;
+
+    let r = sandbox.get_thread_backend("garbage-1").await;
+    assert!(matches!(r, Err(SandboxError::Refused(_))), "{r:?}");
+
+    let forger = sandbox
+        .get_thread_backend(&format!("forge-{victim}"))
+        .await
+        .unwrap();
+    let r = forger.execute("touch /tmp/pwned").await;
+    assert!(matches!(r, Err(SandboxError::Refused(_))), "{r:?}");
+    assert_eq!(h.state(&victim), "running");
+    let probe = docker(&["exec", &victim, "sh", "-c", "ls /tmp/pwned 2>&1 || true"]);
+    assert!(
+        probe.contains("No such file"),
+        "nothing ran in the victim: {probe}"
+    );
+
+    let alice = sandbox.get_thread_backend("alice-1").await.unwrap();
+    alice.execute("echo secret > s").await.unwrap();
+    let thief = sandbox.get_thread_backend("steal-alice-1").await.unwrap();
+    let r = thief.execute("cat s").await;
+    assert!(matches!(r, Err(SandboxError::Refused(_))), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_components_are_refused_at_load_and_the_running_policy_stays() {
+    let h = Harness::new("load");
+    let sandbox = h.sandbox().await;
+    let cases: Vec<(&str, PolicySource, &str)> = vec![
+        ("text", bytes(b"not wasm at all"), "not a WebAssembly file"),
+        (
+            "core module",
+            bytes(b"\0asm\x01\0\0\0"),
+            "core WebAssembly module",
+        ),
+        (
+            "truncated",
+            bytes(b"\0asm\x0d\0\x01\0\x07\xff"),
+            "not a valid component",
+        ),
+        (
+            "missing export",
+            bytes(b"\0asm\x0d\0\x01\0"),
+            "does not export",
+        ),
+        (
+            "other world",
+            PolicySource::File(fixture("other-world")),
+            "does not fit the `sandbox` world",
+        ),
+        (
+            "self-check",
+            PolicySource::File(fixture("broken-policy")),
+            "self-check failed",
+        ),
+    ];
+    for (what, source, expected) in cases {
+        let err = sandbox.swap_policy(source).await.unwrap_err();
+        assert!(
+            matches!(err, SandboxError::PolicyLoad(_)),
+            "{what}: {err:?}"
+        );
+        assert!(err.to_string().contains(expected), "{what}: {err}");
+        assert_eq!(
+            sandbox.policy_name(),
+            "per-user",
+            "{what}: the running policy stays"
+        );
+    }
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    assert_eq!(b.execute("echo served").await.unwrap().output, "served\n");
+
+    // The CLI exits non-zero and names the problem.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sandbox"))
+        .args(["policy", "check"])
+        .arg(fixture("other-world"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("does not fit the `sandbox` world"),
+        "{stderr}"
+    );
+}
+
+fn bytes(b: &[u8]) -> PolicySource {
+    PolicySource::Bytes {
+        label: "test bytes".into(),
+        bytes: b.to_vec(),
+    }
+}
+
+/// At least 40 hostile thread ids: never a panic, never a directory outside
+/// the root, never a container.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_ids_create_nothing_anywhere() {
+    let h = Harness::new("ids");
+    let outside = tempfile::tempdir().unwrap();
+    let config = Config {
+        workspace_root: outside.path().join("root"),
+        ..h.config()
+    };
+    let sandbox = h
+        .sandbox_with(config.clone(), PolicySource::Builtin("per-user".into()))
+        .await;
+    let per_thread = h
+        .sandbox_with(config, PolicySource::Builtin("per-thread".into()))
+        .await;
+    let long = "a".repeat(10_000);
+    let long_rest = format!("alice-{}", "b".repeat(200));
+    let ids: Vec<&str> = vec![
+        "",
+        "-",
+        "--",
+        "-x",
+        "x-",
+        "x--",
+        "..-1",
+        ".",
+        "..",
+        "./a-1",
+        "a/b-1",
+        "a\\b-1",
+        "/etc-1",
+        "a\0-1",
+        "a\n-1",
+        "a\r-1",
+        "a\t-1",
+        "a b-1",
+        " alice-1",
+        "alice -1",
+        "Alice-1",
+        "ALICE-1",
+        "аlice-1",
+        "alicе-1",
+        "ａlice-1",
+        "%2e%2e-1",
+        "%2F-1",
+        "a;rm-1",
+        "a$(id)-1",
+        "a`id`-1",
+        "a|b-1",
+        "a&b-1",
+        "a>b-1",
+        "a*-1",
+        "a?-1",
+        "~-1",
+        "a'b-1",
+        "a\"b-1",
+        "a{b}-1",
+        "alice-1/..",
+        "alice-../..",
+        "alice-x;y",
+        "alice-\u{202e}",
+        "alice-é",
+        "_alice-1",
+        "alice.-1",
+        "a.b-1",
+        long.as_str(),
+        long_rest.as_str(),
+        "\u{feff}alice-1",
+        "alice-\0",
+    ];
+    assert!(ids.len() >= 40);
+    for id in &ids {
+        for s in [&sandbox, &per_thread] {
+            let r = s.get_thread_backend(id).await;
+            assert!(
+                matches!(r, Err(SandboxError::InvalidId(_))),
+                "{id:?}: {r:?}"
+            );
+            let r = s.destroy_thread_backend(id).await;
+            assert!(
+                matches!(r, Err(SandboxError::InvalidId(_))),
+                "{id:?}: {r:?}"
+            );
+            let r = s.destroy_user_backend(id).await;
+            assert!(
+                matches!(r, Err(SandboxError::InvalidId(_))),
+                "{id:?}: {r:?}"
+            );
+        }
+    }
+    let entries: Vec<_> = std::fs::read_dir(outside.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        entries.iter().all(|e| e == "root"),
+        "nothing beside the root: {entries:?}"
+    );
+    let in_root = std::fs::read_dir(outside.path().join("root"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(in_root, 0, "no workspace for an invalid id");
+    assert!(h.containers().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreachable_engine_fails_fast_and_the_host_recovers_when_it_answers() {
+    let h = Harness::new("down");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("docker.sock");
+    let proxy = support::proxy::SocketProxy::start(&socket, "/var/run/docker.sock");
+    let config = Config {
+        docker_host: Some(format!("unix://{}", socket.display())),
+        docker_timeout_secs: 1.0,
+        ..h.config()
+    };
+    let provider = Arc::new(DockerProvider::from_config(&config));
+    let sandbox =
+        Sandbox::with_provider(config, provider, PolicySource::Builtin("per-user".into()))
+            .await
+            .expect("the host starts while the engine is down");
+    let backend = sandbox.get_thread_backend("alice-1").await.unwrap();
+
+    let start = Instant::now();
+    let r = backend.execute("true").await;
+    let took = start.elapsed();
+    match &r {
+        Err(SandboxError::DockerUnavailable(why)) => {
+            assert!(why.contains(&socket.display().to_string()), "names the endpoint: {why}")
+        }
+        other => panic!("expected docker-unavailable, got {other:?}"),
+    }
+    assert!(
+        took < Duration::from_secs(4),
+        "bounded by the 1 s timeout: {took:?}"
+    );
+
+    proxy.set_forwarding(true);
+    assert_eq!(backend.execute("echo back").await.unwrap().output, "back\n");
+    assert_eq!(h.containers().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_and_paused_containers_are_recovered_with_the_workspace() {
+    let h = Harness::new("kill");
+    let sandbox = h.sandbox().await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    b.execute("echo kept > k").await.unwrap();
+    let first = b.ensure_container().await.unwrap().id;
+    docker(&["kill", &first]);
+    assert_eq!(b.execute("cat k").await.unwrap().output, "kept\n");
+    let second = b.ensure_container().await.unwrap().id;
+    docker(&["pause", &second]);
+    assert_eq!(b.execute("cat k").await.unwrap().output, "kept\n");
+    let containers = h.containers();
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    assert_eq!(containers[0].2, "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_missing_image_is_named_with_the_way_to_get_it() {
+    let h = Harness::new("noimage");
+    let config = Config {
+        image: "sandbox-no-such-image:never".into(),
+        ..h.config()
+    };
+    let sandbox = h
+        .sandbox_with(config, PolicySource::Builtin("per-user".into()))
+        .await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    let err = b.execute("true").await.unwrap_err().to_string();
+    assert!(err.contains("sandbox-no-such-image:never"), "{err}");
+    assert!(err.contains("sandbox image build"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_only_root_keeps_workspace_and_tmp_writable() {
+    let h = Harness::new("rofs");
+    let config = Config {
+        read_only_rootfs: true,
+        ..h.config()
+    };
+    let sandbox = h
+        .sandbox_with(config, PolicySource::Builtin("per-user".into()))
+        .await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    let r = b
+        .execute("touch /workspace/w && echo ws-ok; touch /tmp/t && echo tmp-ok; touch /etc/x 2>&1 || echo root-ro")
+        .await
+        .unwrap();
+    assert!(
+        r.output.contains("ws-ok") && r.output.contains("tmp-ok"),
+        "{r:?}"
+    );
+    assert!(r.output.contains("root-ro"), "{r:?}");
+    let id = b.ensure_container().await.unwrap().id;
+    let ro = docker(&["inspect", "--format", "{{.HostConfig.ReadonlyRootfs}}", &id]);
+    assert_eq!(ro.trim(), "true");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gc_removes_orphans_of_another_policy_and_never_unlabelled_containers() {
+    let h = Harness::new("gc");
+    let victim = h.victim();
+    let per_thread = h
+        .sandbox_with(h.config(), PolicySource::Builtin("per-thread".into()))
+        .await;
+    per_thread
+        .get_thread_backend("alice-1")
+        .await
+        .unwrap()
+        .execute("true")
+        .await
+        .unwrap();
+    let per_user = h.sandbox().await;
+    per_user
+        .get_thread_backend("bob-1")
+        .await
+        .unwrap()
+        .execute("true")
+        .await
+        .unwrap();
+    assert_eq!(h.containers().len(), 2);
+
+    let dry = per_user.gc(None, true).await.unwrap();
+    assert_eq!(dry.len(), 1, "{dry:?}");
+    assert_eq!(dry[0].container.backend_id, "alice-1");
+    assert!(!dry[0].removed);
+    assert_eq!(h.containers().len(), 2, "a dry run removes nothing");
+
+    let done = per_user.gc(None, false).await.unwrap();
+    assert_eq!((done.len(), done[0].removed), (1, true));
+    let left: Vec<String> = h.containers().into_iter().map(|c| c.0).collect();
+    assert_eq!(left, [format!("sandbox.{}.bob", h.namespace)]);
+
+    let aged = per_user.gc(Some(Duration::ZERO), false).await.unwrap();
+    assert_eq!(aged.len(), 1, "max age 0 takes bob too: {aged:?}");
+    assert!(h.containers().is_empty());
+    assert_eq!(h.state(&victim), "running", "never an unlabelled container");
+}
+
+#[test]
+fn the_shipped_policies_are_components_of_the_world() {
+    assert_eq!(&policies::PER_USER[..4], b"\0asm");
+    assert_eq!(&policies::PER_THREAD[4..8], &[0x0d, 0, 1, 0]);
+}
