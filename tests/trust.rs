@@ -62,7 +62,10 @@ async fn a_policy_cannot_escape_the_workspace_root() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert!(beside.iter().all(|e| e == "a"), "nothing created outside the root: {beside:?}");
+    assert!(
+        beside.iter().all(|e| e == "a"),
+        "nothing created outside the root: {beside:?}"
+    );
     assert!(h.containers().is_empty());
 }
 
@@ -364,7 +367,10 @@ async fn an_unreachable_engine_fails_fast_and_the_host_recovers_when_it_answers(
     let took = start.elapsed();
     match &r {
         Err(SandboxError::DockerUnavailable(why)) => {
-            assert!(why.contains(&socket.display().to_string()), "names the endpoint: {why}")
+            assert!(
+                why.contains(&socket.display().to_string()),
+                "names the endpoint: {why}"
+            )
         }
         other => panic!("expected docker-unavailable, got {other:?}"),
     }

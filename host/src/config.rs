@@ -45,6 +45,9 @@ pub struct Config {
     pub runtime: Option<String>,
     /// When not empty, the only images this deployment may run.
     pub allowed_images: Vec<String>,
+    /// Where compiled policy components are cached (`off` in
+    /// `SANDBOX_COMPONENT_CACHE` disables it). Default: the user's cache dir.
+    pub component_cache_dir: Option<PathBuf>,
     /// Idle policy instances kept (one per routing key) before the least
     /// recently used are dropped; they rebuild their cache by adoption.
     pub max_policy_instances: usize,
@@ -103,6 +106,7 @@ impl Default for Config {
             policy_deadline_ms: 500,
             policy_memory_bytes: 64 * 1024 * 1024,
             max_policy_instances: 4096,
+            component_cache_dir: crate::runtime::cache::ComponentCache::default_dir(),
             read_only_rootfs: false,
             runtime: None,
             allowed_images: Vec::new(),
@@ -156,6 +160,11 @@ impl Config {
         }
         if let Some(v) = var("SANDBOX_USER") {
             self.sandbox_user = Some(v.parse()?);
+        }
+        match var("SANDBOX_COMPONENT_CACHE").as_deref() {
+            Some("off") | Some("") => self.component_cache_dir = None,
+            Some(dir) => self.component_cache_dir = Some(dir.into()),
+            None => {}
         }
         if let Some(v) = var("SANDBOX_OUTPUT_LIMIT_BYTES") {
             self.output_limit_bytes = v.parse().context("SANDBOX_OUTPUT_LIMIT_BYTES")?;

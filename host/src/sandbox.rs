@@ -91,8 +91,12 @@ impl Sandbox {
         config
             .validate()
             .map_err(|e| SandboxError::Other(format!("{e:#}")))?;
-        let engine =
-            PolicyEngine::new().map_err(|e| SandboxError::Other(format!("wasmtime: {e:#}")))?;
+        let cache = config
+            .component_cache_dir
+            .clone()
+            .map(crate::runtime::cache::ComponentCache::new);
+        let engine = PolicyEngine::with_cache(cache)
+            .map_err(|e| SandboxError::Other(format!("wasmtime: {e:#}")))?;
         let caps = Arc::new(Capabilities::new(config, provider));
         let (label, bytes) = policy.read()?;
         let compiled = CompiledPolicy::load(&engine, &bytes, &label, &caps).await?;

@@ -7,6 +7,7 @@
 //! for that key gets a fresh one that rebuilds its cache by adoption.
 
 pub mod bindings;
+pub mod cache;
 mod imports;
 pub mod lanes;
 
@@ -35,12 +36,19 @@ const WASM_MAGIC: &[u8; 4] = b"\0asm";
 /// The wasmtime engine and the linker of the `sandbox` world.
 pub struct PolicyEngine {
     engine: Engine,
+    cache: Option<cache::ComponentCache>,
     linker: Linker<InstanceState>,
     _ticker: EpochTicker,
 }
 
 impl PolicyEngine {
+    /// An engine that compiles components every time.
     pub fn new() -> wasmtime::Result<Self> {
+        Self::with_cache(None)
+    }
+
+    /// An engine that keeps compiled components in `cache`.
+    pub fn with_cache(cache: Option<cache::ComponentCache>) -> wasmtime::Result<Self> {
         let mut config = wasmtime::Config::new();
         config.epoch_interruption(true);
         config.wasm_component_model(true);
@@ -51,6 +59,7 @@ impl PolicyEngine {
         let ticker = EpochTicker::start(engine.clone());
         Ok(PolicyEngine {
             engine,
+            cache,
             linker,
             _ticker: ticker,
         })
@@ -75,8 +84,11 @@ impl PolicyEngine {
                     .into(),
             ));
         }
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| refuse(format!("not a valid component: {e:#}")))?;
+        let component = match &self.cache {
+            Some(cache) => cache.load_or_compile(&self.engine, bytes),
+            None => Component::new(&self.engine, bytes),
+        }
+        .map_err(|e| refuse(format!("not a valid component: {e:#}")))?;
         let pre = self.linker.instantiate_pre(&component).map_err(|e| {
             refuse(format!(
                 "does not fit the `sandbox` world's imports (a component for another world?): {e:#}"

@@ -1,0 +1,131 @@
+//! A cache of compiled policy components, so a short-lived process (the
+//! CLI) deserializes native code in milliseconds instead of compiling the
+//! component at every start.
+//!
+//! Keyed by the component's SHA-256 and wasmtime's compatibility hash of the
+//! engine (version, compiler settings, target): any change misses.
+//! Deserializing is `unsafe` in wasmtime because the file is trusted to be
+//! wasmtime's own output: the cache therefore only reads from a directory
+//! and files owned by this user and writable by nobody else, and writes
+//! atomically (temp file, then rename).
+
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
+use wasmtime::Engine;
+
+#[derive(Debug, Clone)]
+pub struct ComponentCache {
+    dir: PathBuf,
+}
+
+impl ComponentCache {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        ComponentCache { dir: dir.into() }
+    }
+
+    /// The default location: `$XDG_CACHE_HOME/sandbox/components`, else
+    /// `~/.cache/sandbox/components`.
+    pub fn default_dir() -> Option<PathBuf> {
+        if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME") {
+            return Some(PathBuf::from(xdg).join("sandbox/components"));
+        }
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/sandbox/components"))
+    }
+
+    /// The compiled component: from the cache when a trusted entry exists,
+    /// else compiled and stored (a failure to store is only logged).
+    pub fn load_or_compile(&self, engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Component> {
+        let path = self.dir.join(format!("{}.cwasm", key(engine, bytes)));
+        if self.trusted(&path) {
+            // SAFETY: the file was written by `store` below (wasmtime's own
+            // serialization) into a directory only this user can write, and
+            // the key binds it to these bytes and this engine's settings.
+            match unsafe { Component::deserialize_file(engine, &path) } {
+                Ok(component) => return Ok(component),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "dropping an unusable cache entry");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let component = Component::new(engine, bytes)?;
+        if let Err(e) = self.store(&path, &component) {
+            tracing::debug!(dir = %self.dir.display(), error = %e, "component cache not written");
+        }
+        Ok(component)
+    }
+
+    fn store(&self, path: &Path, component: &Component) -> anyhow::Result<()> {
+        let serialized = component.serialize().map_err(|e| anyhow::anyhow!("{e}"))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)?;
+        let tmp = self
+            .dir
+            .join(format!(".{}.{}.tmp", std::process::id(), rand_suffix()));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(&serialized)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    }
+
+    fn trusted(&self, path: &Path) -> bool {
+        let me = nix::unistd::geteuid().as_raw();
+        let private = |p: &Path| {
+            std::fs::symlink_metadata(p)
+                .map(|m| m.uid() == me && m.mode() & 0o022 == 0 && !m.file_type().is_symlink())
+                .unwrap_or(false)
+        };
+        private(&self.dir) && private(path)
+    }
+}
+
+fn key(engine: &Engine, bytes: &[u8]) -> String {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    let mut digest = Sha256::new();
+    digest.update(bytes);
+    digest.update(hasher.finish().to_le_bytes());
+    hex::encode(&digest.finalize()[..20])
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_load_comes_from_the_cache_and_a_tampered_dir_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ComponentCache::new(dir.path().join("c"));
+        let engine = Engine::default();
+        let bytes = crate::policies::PER_THREAD;
+        cache.load_or_compile(&engine, bytes).unwrap();
+        let entries: Vec<_> = std::fs::read_dir(dir.path().join("c")).unwrap().collect();
+        assert_eq!(entries.len(), 1, "one entry written");
+        let path = entries[0].as_ref().unwrap().path();
+        assert!(cache.trusted(&path));
+        cache.load_or_compile(&engine, bytes).unwrap();
+
+        // A world-writable cache directory is not trusted.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path().join("c"), std::fs::Permissions::from_mode(0o777))
+            .unwrap();
+        assert!(!cache.trusted(&path));
+    }
+}
