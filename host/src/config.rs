@@ -31,6 +31,8 @@ pub struct Config {
     /// Docker endpoint (`unix:///path`, `tcp://host:port`); default: the
     /// docker CLI's (`DOCKER_HOST`, else the local socket).
     pub docker_host: Option<String>,
+    /// Default wall-clock limit of one `execute`, in seconds.
+    pub exec_timeout_secs: f64,
     /// Bound on every single Docker API call, in seconds.
     pub docker_timeout_secs: f64,
     /// Guest CPU time one policy call may use (host calls excluded), in ms.
@@ -103,6 +105,7 @@ impl Default for Config {
             output_limit_bytes: 1024 * 1024,
             docker_host: None,
             docker_timeout_secs: 30.0,
+            exec_timeout_secs: 300.0,
             policy_deadline_ms: 500,
             policy_memory_bytes: 64 * 1024 * 1024,
             max_policy_instances: 4096,
@@ -184,6 +187,9 @@ impl Config {
         if !(self.docker_timeout_secs > 0.0 && self.docker_timeout_secs.is_finite()) {
             bail!("docker_timeout_secs must be a positive number");
         }
+        if !(self.exec_timeout_secs > 0.0 && self.exec_timeout_secs.is_finite()) {
+            bail!("exec_timeout_secs must be a positive number");
+        }
         if self.policy_deadline_ms == 0 {
             bail!("policy_deadline_ms must be positive");
         }
@@ -205,6 +211,10 @@ impl Config {
 
     pub fn docker_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.docker_timeout_secs)
+    }
+
+    pub fn exec_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.exec_timeout_secs)
     }
 
     pub fn policy_deadline(&self) -> Duration {

@@ -1,80 +1,349 @@
-//! The data plane: what `execute` takes and returns, and the output cap.
+//! The data plane: what `execute` takes and returns, the bounded output
+//! buffer, and the script that kills a timed-out call's processes.
+
+use std::collections::VecDeque;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// One command to run with `sh -c` in a backend's container.
+use crate::error::SandboxError;
+use crate::plan::WORKSPACE_MOUNT;
+
+/// Exit code reported for a call stopped by its timeout (as `timeout(1)`).
+pub const TIMEOUT_EXIT_CODE: i64 = 124;
+
+/// Environment variable carrying a call's id into every process it starts;
+/// the kill script finds a timed-out call's processes by it (and by
+/// parentage, for children that clear their environment).
+pub const EXEC_MARKER_VAR: &str = "SANDBOX_EXEC_ID";
+
+/// Per-call options of `execute`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExecOptions {
+    /// Wall-clock limit; the configured default when `None`.
+    pub timeout: Option<Duration>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// Working directory, absolute under `/workspace` or relative to it.
+    pub workdir: Option<String>,
+    /// Bytes written to the command's stdin (then closed).
+    pub stdin: Option<Vec<u8>>,
+}
+
+/// One command to run with `sh -c` in a backend's container, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecRequest {
     pub command: String,
-    /// Bytes of combined output kept; the rest is dropped and `truncated` set.
+    /// Bytes of combined output kept (head and tail); the middle is dropped.
     pub output_limit: usize,
+    pub timeout: Duration,
+    /// `KEY=value` pairs, the marker included.
+    pub env: Vec<String>,
+    pub workdir: String,
+    pub stdin: Option<Vec<u8>>,
+    /// This call's id, also in `env` as [`EXEC_MARKER_VAR`].
+    pub marker: String,
+}
+
+impl ExecRequest {
+    /// Checks the options and builds the request.
+    pub fn new(
+        command: &str,
+        options: ExecOptions,
+        output_limit: usize,
+        default_timeout: Duration,
+    ) -> Result<Self, SandboxError> {
+        if command.contains('\0') {
+            return Err(SandboxError::Refused(
+                "the command contains a NUL byte".into(),
+            ));
+        }
+        let marker = new_marker();
+        let mut env = vec![format!("{EXEC_MARKER_VAR}={marker}")];
+        for (key, value) in options.env {
+            let valid_key = key
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid_key || key == EXEC_MARKER_VAR || value.contains('\0') {
+                return Err(SandboxError::Refused(format!(
+                    "environment variable {} is not allowed",
+                    policy_core::ids::shown(&key)
+                )));
+            }
+            env.push(format!("{key}={value}"));
+        }
+        Ok(ExecRequest {
+            command: command.to_owned(),
+            output_limit,
+            timeout: options.timeout.unwrap_or(default_timeout),
+            env,
+            workdir: resolve_workdir(options.workdir.as_deref())?,
+            stdin: options.stdin,
+            marker,
+        })
+    }
+}
+
+/// Confines a working directory to `/workspace`, lexically (`..` refused).
+pub fn resolve_workdir(workdir: Option<&str>) -> Result<String, SandboxError> {
+    let Some(dir) = workdir else {
+        return Ok(WORKSPACE_MOUNT.to_owned());
+    };
+    let relative = match dir.strip_prefix(WORKSPACE_MOUNT) {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => rest.trim_start_matches('/'),
+        _ if dir.starts_with('/') => {
+            return Err(SandboxError::Refused(format!(
+                "working directory {} is outside {WORKSPACE_MOUNT}",
+                policy_core::ids::shown(dir)
+            )))
+        }
+        _ => dir,
+    };
+    let mut parts = Vec::new();
+    for part in relative.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                return Err(SandboxError::Refused(format!(
+                    "working directory {} leaves {WORKSPACE_MOUNT}",
+                    policy_core::ids::shown(dir)
+                )))
+            }
+            p if p.contains('\0') => {
+                return Err(SandboxError::Refused("NUL in working directory".into()))
+            }
+            p => parts.push(p),
+        }
+    }
+    Ok(if parts.is_empty() {
+        WORKSPACE_MOUNT.to_owned()
+    } else {
+        format!("{WORKSPACE_MOUNT}/{}", parts.join("/"))
+    })
+}
+
+fn new_marker() -> String {
+    use std::hash::BuildHasher;
+    let a = std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now());
+    let b = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+    format!("{a:016x}{b:016x}")
 }
 
 /// The result of `execute`, with deepagents' `ExecuteResponse` semantics:
 /// stdout and stderr combined in arrival order, the exit code, and whether
-/// the output was cut at the byte limit.
+/// the output was cut at the byte limit; plus whether the timeout fired.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecResponse {
     pub output: String,
     pub exit_code: i64,
     pub truncated: bool,
+    #[serde(default)]
+    pub timed_out: bool,
 }
 
-/// Collects output up to a byte cap; never holds more than the cap.
+/// Which stream a chunk of live output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamKind {
+    Stdout,
+    Stderr,
+}
+
+/// A callback receiving output chunks as they arrive.
+pub type OutputSink<'a> = &'a mut (dyn FnMut(StreamKind, &[u8]) + Send);
+
+/// Keeps the first and last bytes of the output, at most `limit` in all,
+/// whatever the command prints; the middle is replaced by a marker.
 #[derive(Debug)]
 pub struct CappedOutput {
-    buf: Vec<u8>,
-    limit: usize,
-    truncated: bool,
+    head: Vec<u8>,
+    tail: VecDeque<u8>,
+    head_limit: usize,
+    tail_limit: usize,
+    dropped: u64,
 }
 
 impl CappedOutput {
     pub fn new(limit: usize) -> Self {
+        let head_limit = limit - limit / 2;
         CappedOutput {
-            buf: Vec::with_capacity(limit.min(64 * 1024)),
-            limit,
-            truncated: false,
+            head: Vec::with_capacity(head_limit.min(64 * 1024)),
+            tail: VecDeque::new(),
+            head_limit,
+            tail_limit: limit / 2,
+            dropped: 0,
         }
     }
 
-    pub fn push(&mut self, chunk: &[u8]) {
-        let room = self.limit.saturating_sub(self.buf.len());
-        if chunk.len() > room {
-            self.truncated = true;
+    pub fn push(&mut self, mut chunk: &[u8]) {
+        let room = self.head_limit - self.head.len();
+        if room > 0 {
+            let take = room.min(chunk.len());
+            self.head.extend_from_slice(&chunk[..take]);
+            chunk = &chunk[take..];
         }
-        self.buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if chunk.is_empty() {
+            return;
+        }
+        if self.tail_limit == 0 {
+            self.dropped += chunk.len() as u64;
+            return;
+        }
+        if chunk.len() >= self.tail_limit {
+            self.dropped += (self.tail.len() + chunk.len() - self.tail_limit) as u64;
+            self.tail.clear();
+            self.tail.extend(&chunk[chunk.len() - self.tail_limit..]);
+            return;
+        }
+        let overflow = (self.tail.len() + chunk.len()).saturating_sub(self.tail_limit);
+        self.tail.drain(..overflow);
+        self.dropped += overflow as u64;
+        self.tail.extend(chunk);
     }
 
-    /// The output as text (invalid UTF-8 replaced, including a character
-    /// cut in half by the cap).
-    pub fn finish(self, exit_code: i64) -> ExecResponse {
+    pub fn truncated(&self) -> bool {
+        self.dropped > 0
+    }
+
+    /// The output as text (invalid UTF-8 replaced, including characters cut
+    /// by the cap).
+    pub fn finish(self, exit_code: i64, timed_out: bool) -> ExecResponse {
+        let mut bytes = self.head;
+        if self.dropped > 0 {
+            bytes.extend_from_slice(
+                format!("\n[... {} bytes truncated ...]\n", self.dropped).as_bytes(),
+            );
+        }
+        bytes.extend(self.tail);
         ExecResponse {
-            output: String::from_utf8_lossy(&self.buf).into_owned(),
+            output: String::from_utf8_lossy(&bytes).into_owned(),
             exit_code,
-            truncated: self.truncated,
+            truncated: self.dropped > 0,
+            timed_out,
         }
     }
 }
+
+/// Kills every process of a call: those carrying its marker, and their
+/// descendants (which may have cleared their environment). Processes are
+/// stopped before they are killed so a fork loop cannot outrun it; repeats
+/// until none is left. Run as `sh -c SCRIPT kill MARKER`.
+pub const KILL_SCRIPT: &str = r#"
+m="$1"; me=$$
+for round in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+  set=" "
+  for d in /proc/[0-9]*; do
+    p=${d#/proc/}
+    [ "$p" = "$me" ] && continue
+    if tr '\000' '\n' < "$d/environ" 2>/dev/null | grep -qx "SANDBOX_EXEC_ID=$m"; then set="$set$p "; fi
+  done
+  [ "$set" = " " ] && exit 0
+  grew=1
+  while [ $grew = 1 ]; do
+    grew=0
+    for d in /proc/[0-9]*; do
+      p=${d#/proc/}
+      case "$set" in *" $p "*) continue ;; esac
+      read -r _ _ _ ppid _ < "$d/stat" 2>/dev/null || continue
+      case "$set" in *" $ppid "*) set="$set$p "; grew=1 ;; esac
+    done
+  done
+  kill -STOP $set 2>/dev/null
+  kill -KILL $set 2>/dev/null
+done
+exit 1
+"#;
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn output_over_the_cap_is_cut_and_flagged() {
-        let mut out = CappedOutput::new(5);
-        out.push(b"abc");
-        out.push(b"defgh");
-        let r = out.finish(0);
-        assert_eq!(r.output, "abcde");
+    fn head_and_tail_are_kept_around_a_marker() {
+        let mut out = CappedOutput::new(10);
+        out.push(b"0123456789abcdefghij");
+        let r = out.finish(0, false);
         assert!(r.truncated);
+        assert!(r.output.starts_with("01234"), "{}", r.output);
+        assert!(r.output.ends_with("fghij"), "{}", r.output);
+        assert!(r.output.contains("[... 10 bytes truncated ...]"));
+    }
+
+    #[test]
+    fn small_chunks_keep_the_tail_rolling() {
+        let mut out = CappedOutput::new(4);
+        for b in b"abcdefgh".chunks(1) {
+            out.push(b);
+        }
+        let r = out.finish(0, false);
+        assert!(
+            r.output.starts_with("ab") && r.output.ends_with("gh"),
+            "{}",
+            r.output
+        );
+        assert!(r.output.contains("[... 4 bytes truncated ...]"));
     }
 
     #[test]
     fn output_at_the_cap_is_not_truncated() {
         let mut out = CappedOutput::new(3);
         out.push(b"abc");
-        out.push(b"");
-        assert!(!out.finish(0).truncated);
+        let r = out.finish(0, false);
+        assert_eq!((r.output.as_str(), r.truncated), ("abc", false));
+    }
+
+    #[test]
+    fn memory_stays_bounded_under_a_flood() {
+        let mut out = CappedOutput::new(1000);
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..1000 {
+            out.push(&chunk);
+        }
+        assert!(out.head.len() + out.tail.len() <= 1000);
+        assert_eq!(out.dropped, 64 * 1024 * 1000 - 1000);
+    }
+
+    #[test]
+    fn working_directories_stay_under_the_workspace() {
+        assert_eq!(resolve_workdir(None).unwrap(), "/workspace");
+        assert_eq!(
+            resolve_workdir(Some("src/app")).unwrap(),
+            "/workspace/src/app"
+        );
+        assert_eq!(
+            resolve_workdir(Some("/workspace/x/./y/")).unwrap(),
+            "/workspace/x/y"
+        );
+        for bad in [
+            "/etc",
+            "..",
+            "a/../../b",
+            "/workspace/../etc",
+            "/workspaces",
+        ] {
+            assert!(resolve_workdir(Some(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn environment_keys_are_checked_and_the_marker_is_reserved() {
+        let t = Duration::from_secs(1);
+        let ok = ExecOptions {
+            env: vec![("FOO_1".into(), "a b".into())],
+            ..Default::default()
+        };
+        let r = ExecRequest::new("true", ok, 10, t).unwrap();
+        assert!(r.env.contains(&"FOO_1=a b".to_string()));
+        assert!(r.env[0].starts_with("SANDBOX_EXEC_ID="));
+        for key in ["1X", "A-B", "", EXEC_MARKER_VAR, "A=B"] {
+            let o = ExecOptions {
+                env: vec![(key.into(), "v".into())],
+                ..Default::default()
+            };
+            assert!(ExecRequest::new("true", o, 10, t).is_err(), "{key}");
+        }
     }
 }

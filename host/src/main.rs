@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use sandbox_host::exec::{ExecOptions, StreamKind};
 use sandbox_host::provider::docker::DockerProvider;
 use sandbox_host::{image, policies, Config, PolicySource, Sandbox};
 use tracing_subscriber::EnvFilter;
@@ -54,6 +55,18 @@ enum Command {
     /// Run a command in the thread's sandbox; exits with the command's code.
     Exec {
         thread_id: String,
+        /// Wall-clock limit in seconds (default: exec_timeout_secs).
+        #[arg(long)]
+        timeout: Option<f64>,
+        /// Environment variable for the command, KEY=VALUE (repeatable).
+        #[arg(short, long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Working directory under /workspace.
+        #[arg(short, long)]
+        workdir: Option<String>,
+        /// Pass this process's stdin to the command.
+        #[arg(short, long)]
+        interactive: bool,
         /// The command: one argument is a shell string, several are quoted and joined.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -177,21 +190,63 @@ async fn open(config: Config, need_image: bool) -> anyhow::Result<Sandbox> {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = load_config(&cli.global)?;
     match cli.command {
-        Command::Exec { thread_id, command } => {
+        Command::Exec {
+            thread_id,
+            timeout,
+            env,
+            workdir,
+            interactive,
+            command,
+        } => {
             let command = match command.as_slice() {
                 [single] => single.clone(),
                 many => shlex::try_join(many.iter().map(String::as_str))
                     .context("quoting the command")?,
             };
+            let env = env
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .with_context(|| format!("--env {kv:?}: expected KEY=VALUE"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let stdin = if interactive {
+                let mut buf = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+                    .context("reading stdin")?;
+                Some(buf)
+            } else {
+                None
+            };
+            let options = ExecOptions {
+                timeout: timeout.map(std::time::Duration::from_secs_f64),
+                env,
+                workdir,
+                stdin,
+            };
             let sandbox = open(config, true).await?;
             let backend = sandbox.get_thread_backend(&thread_id).await?;
-            let response = backend.execute(&command).await?;
-            print!("{}", response.output);
+            // Live output: each chunk is printed as it arrives.
+            let response = backend
+                .execute_streaming(&command, options, |kind, bytes| {
+                    use std::io::Write;
+                    let _ = match kind {
+                        StreamKind::Stdout => std::io::stdout()
+                            .write_all(bytes)
+                            .and_then(|()| std::io::stdout().flush()),
+                        StreamKind::Stderr => std::io::stderr().write_all(bytes),
+                    };
+                })
+                .await?;
             if response.truncated {
                 eprintln!(
-                    "[output truncated at {} bytes]",
+                    "[the returned output was truncated at {} bytes]",
                     sandbox.config().output_limit_bytes
                 );
+            }
+            if response.timed_out {
+                eprintln!("[timed out: every process of the command was killed]");
             }
             Ok(ExitCode::from(
                 u8::try_from(response.exit_code).unwrap_or(EXIT_SANDBOX_ERROR),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::capabilities::{Capabilities, ManagedContainer};
 use crate::config::Config;
 use crate::error::{Result, SandboxError};
-use crate::exec::{ExecRequest, ExecResponse};
+use crate::exec::{ExecOptions, ExecRequest, ExecResponse, StreamKind};
 use crate::policies;
 use crate::provider::docker::DockerProvider;
 use crate::provider::ContainerProvider;
@@ -346,14 +346,47 @@ impl Backend {
     }
 
     /// Runs `sh -c command` in the backend's container (created or
-    /// recreated first if needed), outside the policy's store.
+    /// recreated first if needed), outside the policy's store, with the
+    /// configured timeout.
     pub async fn execute(&self, command: &str) -> Result<ExecResponse> {
+        self.execute_with(command, ExecOptions::default()).await
+    }
+
+    /// [`Backend::execute`] with a timeout, environment, working directory
+    /// or stdin. On timeout every process the call started is killed, the
+    /// output so far is returned with `timed_out` and exit code 124, and the
+    /// container stays usable.
+    pub async fn execute_with(&self, command: &str, options: ExecOptions) -> Result<ExecResponse> {
+        self.run(command, options, None).await
+    }
+
+    /// [`Backend::execute_with`], calling `on_output` with each chunk of
+    /// stdout / stderr as it arrives (the response still carries the capped
+    /// combined output).
+    pub async fn execute_streaming(
+        &self,
+        command: &str,
+        options: ExecOptions,
+        mut on_output: impl FnMut(StreamKind, &[u8]) + Send,
+    ) -> Result<ExecResponse> {
+        self.run(command, options, Some(&mut on_output)).await
+    }
+
+    async fn run(
+        &self,
+        command: &str,
+        options: ExecOptions,
+        sink: Option<crate::exec::OutputSink<'_>>,
+    ) -> Result<ExecResponse> {
+        let config = self.sandbox.config();
+        let request = ExecRequest::new(
+            command,
+            options,
+            config.output_limit_bytes,
+            config.exec_timeout(),
+        )?;
         let container = self.ensure_container().await?;
-        let request = ExecRequest {
-            command: command.to_owned(),
-            output_limit: self.sandbox.config().output_limit_bytes,
-        };
         let provider = self.sandbox.inner.caps.provider();
-        Ok(provider.exec(&container.id, &request).await?)
+        Ok(provider.exec(&container.id, &request, sink).await?)
     }
 }

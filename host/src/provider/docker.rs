@@ -9,6 +9,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
 use bollard::exec::{StartExecOptions, StartExecResults};
 use bollard::models::{
@@ -20,10 +21,13 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::OnceCell;
 
 use super::{ContainerProvider, ContainerRecord, ProviderError, ProviderResult, Status};
-use crate::exec::{CappedOutput, ExecRequest, ExecResponse};
+use crate::exec::{
+    CappedOutput, ExecRequest, ExecResponse, OutputSink, StreamKind, KILL_SCRIPT, TIMEOUT_EXIT_CODE,
+};
 use crate::plan::{ContainerPlan, WORKSPACE_MOUNT};
 
 /// Docker through bollard, honouring `DOCKER_HOST` like the docker CLI.
@@ -112,6 +116,41 @@ impl DockerProvider {
                 self.endpoint(),
                 self.timeout.as_secs_f64()
             ))),
+        }
+    }
+
+    /// Kills every process of a timed-out call (see [`KILL_SCRIPT`]).
+    async fn kill_call(&self, container: &str, marker: &str) {
+        let Ok(docker) = self.client().await else {
+            return;
+        };
+        let config = ExecConfig {
+            cmd: Some(vec![
+                "sh".into(),
+                "-c".into(),
+                KILL_SCRIPT.into(),
+                "kill".into(),
+                marker.into(),
+            ]),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            ..Default::default()
+        };
+        let killed = async {
+            let exec = docker.create_exec(container, config).await?;
+            if let StartExecResults::Attached { mut output, .. } =
+                docker.start_exec(&exec.id, None).await?
+            {
+                while output.next().await.is_some() {}
+            }
+            docker.inspect_exec(&exec.id).await
+        };
+        match self.bounded(killed).await {
+            Ok(r) if r.exit_code == Some(0) => tracing::debug!(container, "timed-out call killed"),
+            Ok(r) => {
+                tracing::warn!(container, exit = ?r.exit_code, "processes of a timed-out call survived")
+            }
+            Err(e) => tracing::warn!(container, error = %e, "could not kill a timed-out call"),
         }
     }
 
@@ -319,31 +358,71 @@ impl ContainerProvider for DockerProvider {
         }
     }
 
-    async fn exec(&self, id: &str, request: &ExecRequest) -> ProviderResult<ExecResponse> {
+    async fn exec(
+        &self,
+        id: &str,
+        request: &ExecRequest,
+        mut sink: Option<OutputSink<'_>>,
+    ) -> ProviderResult<ExecResponse> {
         let docker = self.client().await?;
         let config = ExecConfig {
             cmd: Some(vec!["sh".into(), "-c".into(), request.command.clone()]),
             attach_stdout: Some(true),
             attach_stderr: Some(true),
-            working_dir: Some(WORKSPACE_MOUNT.to_owned()),
+            attach_stdin: Some(request.stdin.is_some()),
+            env: Some(request.env.clone()),
+            working_dir: Some(request.workdir.clone()),
             ..Default::default()
         };
+        let deadline = tokio::time::Instant::now() + request.timeout;
         let exec = self.call(docker.create_exec(id, config)).await?;
         let started = self
             .call(docker.start_exec(&exec.id, None::<StartExecOptions>))
             .await?;
         let mut output = CappedOutput::new(request.output_limit);
+        let mut timed_out = false;
         if let StartExecResults::Attached {
-            output: mut stream, ..
+            output: mut stream,
+            mut input,
         } = started
         {
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| convert(&e))?;
-                output.push(&chunk.into_bytes());
+            if let Some(bytes) = request.stdin.clone() {
+                // Concurrently, so a command that prints before reading
+                // cannot deadlock against us.
+                tokio::spawn(async move {
+                    let _ = input.write_all(&bytes).await;
+                    let _ = input.shutdown().await;
+                });
+            }
+            loop {
+                match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Ok(Some(Ok(chunk))) => {
+                        let kind = match &chunk {
+                            LogOutput::StdErr { .. } => StreamKind::Stderr,
+                            LogOutput::StdIn { .. } => continue,
+                            _ => StreamKind::Stdout,
+                        };
+                        let bytes = chunk.into_bytes();
+                        if let Some(sink) = sink.as_mut() {
+                            sink(kind, &bytes);
+                        }
+                        output.push(&bytes);
+                    }
+                    Ok(Some(Err(e))) => return Err(convert(&e)),
+                    Ok(None) => break,
+                    Err(_) => {
+                        timed_out = true;
+                        break;
+                    }
+                }
             }
         }
+        if timed_out {
+            self.kill_call(id, &request.marker).await;
+            return Ok(output.finish(TIMEOUT_EXIT_CODE, true));
+        }
         let inspected = self.call(docker.inspect_exec(&exec.id)).await?;
-        Ok(output.finish(inspected.exit_code.unwrap_or(-1)))
+        Ok(output.finish(inspected.exit_code.unwrap_or(-1), false))
     }
 
     async fn ping(&self) -> ProviderResult<()> {

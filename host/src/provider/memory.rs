@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use super::{ContainerProvider, ContainerRecord, ProviderError, ProviderResult, Status};
-use crate::exec::{ExecRequest, ExecResponse};
+use crate::exec::{ExecRequest, ExecResponse, OutputSink};
 use crate::plan::ContainerPlan;
 
 #[derive(Debug, Default)]
@@ -109,12 +109,18 @@ impl ContainerProvider for MemoryProvider {
         Ok(self.containers.lock().unwrap().remove(id).is_some())
     }
 
-    async fn exec(&self, id: &str, _request: &ExecRequest) -> ProviderResult<ExecResponse> {
+    async fn exec(
+        &self,
+        id: &str,
+        _request: &ExecRequest,
+        _sink: Option<OutputSink<'_>>,
+    ) -> ProviderResult<ExecResponse> {
         match self.containers.lock().unwrap().get(id) {
             Some(c) if c.status == Status::Running => Ok(ExecResponse {
                 output: String::new(),
                 exit_code: 0,
                 truncated: false,
+                timed_out: false,
             }),
             Some(_) => Err(ProviderError::Failed(format!(
                 "container {id} is not running"

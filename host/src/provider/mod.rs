@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 
 use crate::error::SandboxError;
-use crate::exec::{ExecRequest, ExecResponse};
+use crate::exec::{ExecRequest, ExecResponse, OutputSink};
 use crate::plan::ContainerPlan;
 
 pub use policy_core::Status;
@@ -73,8 +73,15 @@ pub trait ContainerProvider: Send + Sync + 'static {
     async fn inspect(&self, id: &str) -> ProviderResult<Option<ContainerRecord>>;
     /// Force-remove; false when it did not exist.
     async fn remove(&self, id: &str) -> ProviderResult<bool>;
-    /// Run a command in a running container.
-    async fn exec(&self, id: &str, request: &ExecRequest) -> ProviderResult<ExecResponse>;
+    /// Run a command in a running container; on timeout, kill every
+    /// process of the call and return what it printed so far. `sink`, when
+    /// given, sees each output chunk as it arrives.
+    async fn exec(
+        &self,
+        id: &str,
+        request: &ExecRequest,
+        sink: Option<OutputSink<'_>>,
+    ) -> ProviderResult<ExecResponse>;
     /// Whether the engine answers.
     async fn ping(&self) -> ProviderResult<()>;
 }
