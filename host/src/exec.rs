@@ -228,19 +228,24 @@ impl CappedOutput {
 }
 
 /// Kills every process of a call: those carrying its marker, and their
-/// descendants (which may have cleared their environment). Processes are
-/// stopped before they are killed so a fork loop cannot outrun it; repeats
-/// until none is left. Run as `sh -c SCRIPT kill MARKER`.
+/// descendants (which may have cleared their environment). Fork-free (only
+/// shell builtins and /proc reads), so it works when the call exhausted the
+/// container's pids limit; processes are stopped before they are killed so a
+/// fork loop cannot outrun it; repeats until none is left. Run as
+/// `sh -c SCRIPT kill MARKER`.
 pub const KILL_SCRIPT: &str = r#"
-m="$1"; me=$$
+m="SANDBOX_EXEC_ID=$1"; me=$$
+marked() {
+  while IFS= read -r -d "" kv; do [ "$kv" = "$m" ] && return 0; done < "/proc/$1/environ"
+  return 1
+}
 for round in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
   set=" "
   for d in /proc/[0-9]*; do
     p=${d#/proc/}
     [ "$p" = "$me" ] && continue
-    if tr '\000' '\n' < "$d/environ" 2>/dev/null | grep -qx "SANDBOX_EXEC_ID=$m"; then set="$set$p "; fi
+    marked "$p" 2>/dev/null && set="$set$p "
   done
-  [ "$set" = " " ] && exit 0
   grew=1
   while [ $grew = 1 ]; do
     grew=0
@@ -251,6 +256,7 @@ for round in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
       case "$set" in *" $ppid "*) set="$set$p "; grew=1 ;; esac
     done
   done
+  [ "$set" = " " ] && exit 0
   kill -STOP $set 2>/dev/null
   kill -KILL $set 2>/dev/null
 done

@@ -124,33 +124,21 @@ impl DockerProvider {
         let Ok(docker) = self.client().await else {
             return;
         };
-        let config = ExecConfig {
-            cmd: Some(vec![
-                "sh".into(),
-                "-c".into(),
-                KILL_SCRIPT.into(),
-                "kill".into(),
-                marker.into(),
-            ]),
-            attach_stdout: Some(true),
-            attach_stderr: Some(true),
-            ..Default::default()
-        };
-        let killed = async {
-            let exec = docker.create_exec(container, config).await?;
-            if let StartExecResults::Attached { mut output, .. } =
-                docker.start_exec(&exec.id, None).await?
-            {
-                while output.next().await.is_some() {}
+        // The call may hold every pid of the container for a moment: retry.
+        for attempt in 1..=3u64 {
+            match self.bounded(run_kill(docker, container, marker)).await {
+                Ok(r) if r.exit_code == Some(0) => {
+                    tracing::debug!(container, "timed-out call killed");
+                    return;
+                }
+                Ok(r) => {
+                    tracing::warn!(container, attempt, exit = ?r.exit_code, "processes of a timed-out call survived")
+                }
+                Err(e) => {
+                    tracing::warn!(container, attempt, error = %e, "could not kill a timed-out call")
+                }
             }
-            docker.inspect_exec(&exec.id).await
-        };
-        match self.bounded(killed).await {
-            Ok(r) if r.exit_code == Some(0) => tracing::debug!(container, "timed-out call killed"),
-            Ok(r) => {
-                tracing::warn!(container, exit = ?r.exit_code, "processes of a timed-out call survived")
-            }
-            Err(e) => tracing::warn!(container, error = %e, "could not kill a timed-out call"),
+            tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
         }
     }
 
@@ -183,6 +171,32 @@ fn convert(e: &BollardError) -> ProviderError {
         | BollardError::SocketNotFoundError(_) => ProviderError::Unavailable(e.to_string()),
         other => ProviderError::Failed(other.to_string()),
     }
+}
+
+/// One run of [`KILL_SCRIPT`] for a call's marker.
+async fn run_kill(
+    docker: &Docker,
+    container: &str,
+    marker: &str,
+) -> Result<bollard::models::ExecInspectResponse, BollardError> {
+    let config = ExecConfig {
+        cmd: Some(vec![
+            "sh".into(),
+            "-c".into(),
+            KILL_SCRIPT.into(),
+            "kill".into(),
+            marker.into(),
+        ]),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        ..Default::default()
+    };
+    let exec = docker.create_exec(container, config).await?;
+    if let StartExecResults::Attached { mut output, .. } = docker.start_exec(&exec.id, None).await?
+    {
+        while output.next().await.is_some() {}
+    }
+    docker.inspect_exec(&exec.id).await
 }
 
 /// The engine's create body for a plan: hardened by default.
