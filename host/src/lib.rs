@@ -33,6 +33,7 @@ pub mod capabilities;
 pub mod config;
 pub mod error;
 pub mod exec;
+pub mod files;
 pub mod image;
 pub mod naming;
 pub mod plan;

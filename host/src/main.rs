@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use sandbox_host::exec::{ExecOptions, StreamKind};
+use sandbox_host::files::{FileError, Upload};
 use sandbox_host::provider::docker::DockerProvider;
 use sandbox_host::{image, policies, Config, PolicySource, Sandbox};
 use tracing_subscriber::EnvFilter;
@@ -71,6 +72,9 @@ enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Copy a file into or out of a thread's workspace: `cp LOCAL THREAD:PATH`
+    /// or `cp THREAD:PATH LOCAL` (PATH relative to /workspace or under it).
+    Cp { source: String, destination: String },
     /// Destroy a user's backend, or the backend serving a thread.
     Destroy {
         #[arg(long, conflicts_with = "thread", required_unless_present = "thread")]
@@ -252,6 +256,53 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 u8::try_from(response.exit_code).unwrap_or(EXIT_SANDBOX_ERROR),
             ))
         }
+        Command::Cp {
+            source,
+            destination,
+        } => {
+            let sandbox = open(config, true).await?;
+            match (remote(&source), remote(&destination)) {
+                (None, Some((thread, path))) => {
+                    let content =
+                        std::fs::read(&source).with_context(|| format!("reading {source}"))?;
+                    let mode = std::os::unix::fs::PermissionsExt::mode(
+                        &std::fs::metadata(&source)?.permissions(),
+                    );
+                    let backend = sandbox.get_thread_backend(thread).await?;
+                    let upload = Upload {
+                        path: path.to_owned(),
+                        content,
+                        mode: Some(mode & 0o7777),
+                    };
+                    let result = backend.upload_files(vec![upload]).await?.remove(0);
+                    if let Some(error) = result.error {
+                        bail!("{destination}: {error:?}");
+                    }
+                }
+                (Some((thread, path)), None) => {
+                    let backend = sandbox.get_thread_backend(thread).await?;
+                    let result = backend.download_files(&[path.to_owned()]).await?.remove(0);
+                    match (result.content, result.error) {
+                        (Some(content), None) => {
+                            std::fs::write(&destination, content)
+                                .with_context(|| format!("writing {destination}"))?;
+                            if let Some(mode) = result.mode {
+                                use std::os::unix::fs::PermissionsExt;
+                                std::fs::set_permissions(
+                                    &destination,
+                                    std::fs::Permissions::from_mode(mode),
+                                )?;
+                            }
+                        }
+                        (_, error) => {
+                            bail!("{source}: {:?}", error.unwrap_or(FileError::FileNotFound))
+                        }
+                    }
+                }
+                _ => bail!("exactly one of SOURCE and DESTINATION must be THREAD:PATH"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Destroy { user, thread } => {
             let sandbox = open(config, false).await?;
             let destroyed = match (user, thread) {
@@ -392,6 +443,13 @@ async fn demo(config: Config) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `THREAD:PATH` when the part before the first `:` is a valid thread id.
+fn remote(arg: &str) -> Option<(&str, &str)> {
+    let (thread, path) = arg.split_once(':')?;
+    policy_core::ids::parse_thread(thread).ok()?;
+    Some((thread, path))
 }
 
 fn yes(b: bool) -> &'static str {

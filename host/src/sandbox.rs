@@ -8,6 +8,7 @@ use crate::capabilities::{Capabilities, ManagedContainer};
 use crate::config::Config;
 use crate::error::{Result, SandboxError};
 use crate::exec::{ExecOptions, ExecRequest, ExecResponse, StreamKind};
+use crate::files::{self, DownloadResult, FileError, Upload, UploadResult};
 use crate::policies;
 use crate::provider::docker::DockerProvider;
 use crate::provider::ContainerProvider;
@@ -389,4 +390,130 @@ impl Backend {
         let provider = self.sandbox.inner.caps.provider();
         Ok(provider.exec(&container.id, &request, sink).await?)
     }
+
+    /// deepagents' `upload_files`: writes each file (parents created) and
+    /// answers one result per file, in order. Binary-safe; modes kept.
+    pub async fn upload_files(&self, uploads: Vec<Upload>) -> Result<Vec<UploadResult>> {
+        let lexical: Vec<_> = uploads
+            .iter()
+            .map(|u| files::resolve_file_path(&u.path))
+            .collect();
+        let checked = self.check_paths(files::UPLOAD_CHECK, &lexical).await?;
+        let owner = self.sandbox.config().sandbox_user();
+        let container = self.ensure_container().await?;
+        let provider = self.sandbox.inner.caps.provider();
+        let mut results = Vec::with_capacity(uploads.len());
+        for (upload, check) in uploads.iter().zip(checked) {
+            let error = match check {
+                Err(e) => Some(e),
+                Ok(dir) => {
+                    let name = upload.path.rsplit('/').next().unwrap_or_default();
+                    let mode = upload.mode.unwrap_or(0o644) & 0o7777;
+                    let tar = files::tar_of(&[(name, &upload.content, mode)], owner.uid, owner.gid)
+                        .map_err(|e| SandboxError::Other(format!("building the upload: {e}")))?;
+                    match provider.upload(&container.id, &dir, tar).await {
+                        Ok(()) => None,
+                        Err(crate::provider::ProviderError::NotFound(_)) => {
+                            Some(FileError::FileNotFound)
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            };
+            results.push(UploadResult {
+                path: upload.path.clone(),
+                error,
+            });
+        }
+        Ok(results)
+    }
+
+    /// deepagents' `download_files`: one result per path, in order, with
+    /// the content or a typed error.
+    pub async fn download_files(&self, paths: &[String]) -> Result<Vec<DownloadResult>> {
+        let lexical: Vec<_> = paths.iter().map(|p| files::resolve_file_path(p)).collect();
+        let checked = self.check_paths(files::DOWNLOAD_CHECK, &lexical).await?;
+        let container = self.ensure_container().await?;
+        let provider = self.sandbox.inner.caps.provider();
+        let mut results = Vec::with_capacity(paths.len());
+        for (path, check) in paths.iter().zip(checked) {
+            let (content, mode, error) = match check {
+                Err(e) => (None, None, Some(e)),
+                Ok(resolved) => match provider.download(&container.id, &resolved).await {
+                    Ok(tar) => match files::first_file(&tar) {
+                        Ok(Some((content, mode))) => (Some(content), Some(mode), None),
+                        Ok(None) => (None, None, Some(FileError::IsDirectory)),
+                        Err(e) => {
+                            return Err(SandboxError::Other(format!("reading the download: {e}")))
+                        }
+                    },
+                    Err(crate::provider::ProviderError::NotFound(_)) => {
+                        (None, None, Some(FileError::FileNotFound))
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+            };
+            results.push(DownloadResult {
+                path: path.clone(),
+                content,
+                mode,
+                error,
+            });
+        }
+        Ok(results)
+    }
+
+    /// Runs a path-check script in the container over the lexically valid
+    /// paths; invalid ones keep their lexical error.
+    async fn check_paths(
+        &self,
+        script: &str,
+        lexical: &[std::result::Result<String, FileError>],
+    ) -> Result<Vec<std::result::Result<String, FileError>>> {
+        let valid: Vec<&String> = lexical.iter().filter_map(|p| p.as_ref().ok()).collect();
+        if valid.is_empty() {
+            return Ok(lexical.to_vec());
+        }
+        let mut command = format!("set -- {}; ", shell_words(&valid));
+        command.push_str(script);
+        let config = self.sandbox.config();
+        let request = ExecRequest::new(
+            &command,
+            ExecOptions::default(),
+            1 << 20,
+            config.exec_timeout(),
+        )?;
+        let container = self.ensure_container().await?;
+        let out = self
+            .sandbox
+            .inner
+            .caps
+            .provider()
+            .exec(&container.id, &request, None)
+            .await?;
+        let mut answers = files::parse_check(&out.output, valid.len())
+            .ok_or_else(|| {
+                SandboxError::Other(format!(
+                    "unexpected answer from the path check: {:?}",
+                    out.output
+                ))
+            })?
+            .into_iter();
+        Ok(lexical
+            .iter()
+            .map(|p| match p {
+                Ok(_) => answers.next().expect("one answer per valid path"),
+                Err(e) => Err(*e),
+            })
+            .collect())
+    }
+}
+
+/// Single-quotes each path for `set --` (paths have no control characters).
+fn shell_words(paths: &[&String]) -> String {
+    paths
+        .iter()
+        .map(|p| format!("'{}'", p.replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

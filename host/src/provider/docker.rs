@@ -439,6 +439,32 @@ impl ContainerProvider for DockerProvider {
         Ok(output.finish(inspected.exit_code.unwrap_or(-1), false))
     }
 
+    async fn upload(&self, id: &str, dir: &str, tar: Vec<u8>) -> ProviderResult<()> {
+        let docker = self.client().await?;
+        let options = bollard::query_parameters::UploadToContainerOptionsBuilder::default()
+            .path(dir)
+            .build();
+        // The transfer itself is not bounded by the per-call timeout (a
+        // large file takes what it takes); connection failures still fail.
+        docker
+            .upload_to_container(id, Some(options), bollard::body_full(tar.into()))
+            .await
+            .map_err(|e| convert(&e))
+    }
+
+    async fn download(&self, id: &str, path: &str) -> ProviderResult<Vec<u8>> {
+        let docker = self.client().await?;
+        let options = bollard::query_parameters::DownloadFromContainerOptionsBuilder::default()
+            .path(path)
+            .build();
+        let mut stream = docker.download_from_container(id, Some(options));
+        let mut tar = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            tar.extend_from_slice(&chunk.map_err(|e| convert(&e))?);
+        }
+        Ok(tar)
+    }
+
     async fn ping(&self) -> ProviderResult<()> {
         let docker = self.client().await?;
         self.call(docker.ping()).await.map(drop)

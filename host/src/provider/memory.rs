@@ -129,6 +129,18 @@ impl ContainerProvider for MemoryProvider {
         }
     }
 
+    async fn upload(&self, _id: &str, _dir: &str, _tar: Vec<u8>) -> ProviderResult<()> {
+        Err(ProviderError::Failed(
+            "the in-memory provider holds no files".into(),
+        ))
+    }
+
+    async fn download(&self, _id: &str, _path: &str) -> ProviderResult<Vec<u8>> {
+        Err(ProviderError::Failed(
+            "the in-memory provider holds no files".into(),
+        ))
+    }
+
     async fn ping(&self) -> ProviderResult<()> {
         Ok(())
     }

@@ -82,6 +82,10 @@ pub trait ContainerProvider: Send + Sync + 'static {
         request: &ExecRequest,
         sink: Option<OutputSink<'_>>,
     ) -> ProviderResult<ExecResponse>;
+    /// Extracts a tar archive into directory `dir` of the container.
+    async fn upload(&self, id: &str, dir: &str, tar: Vec<u8>) -> ProviderResult<()>;
+    /// A tar archive of `path` in the container.
+    async fn download(&self, id: &str, path: &str) -> ProviderResult<Vec<u8>>;
     /// Whether the engine answers.
     async fn ping(&self) -> ProviderResult<()>;
 }
