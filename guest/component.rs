@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use exports::sandbox::policy::policy::Guest;
 use policy_core::{Host, Policy};
 use sandbox::policy::types as wit;
-use sandbox::policy::{containers, logging, workspaces};
+use sandbox::policy::{containers, context, logging, workspaces};
 
 wit_bindgen::generate!({
     world: "sandbox",
@@ -49,6 +49,14 @@ impl Host for WitHost {
 
     fn prepare_workspace(&mut self, name: &str) -> Result<(), policy_core::Error> {
         workspaces::prepare(name).map_err(from_wit)
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        context::now_ms()
+    }
+
+    fn policy_config(&mut self) -> Vec<(String, String)> {
+        context::policy_config()
     }
 
     fn log(&mut self, level: policy_core::Level, message: &str) {
@@ -103,6 +111,10 @@ impl Guest for Component {
             .with_borrow_mut(|p| p.destroy_thread_backend(&mut WitHost, &thread_id))
             .map_err(to_wit)
     }
+
+    fn maintain() -> Result<u32, wit::Error> {
+        POLICY.with_borrow_mut(|p| p.maintain(&mut WitHost)).map_err(to_wit)
+    }
 }
 
 export!(Component);
@@ -144,6 +156,7 @@ fn container_from_wit(c: wit::Container) -> policy_core::Container {
         backend_id: c.backend_id,
         workspace: c.workspace,
         status,
+        last_used_ms: c.last_used_ms,
     }
 }
 
@@ -164,5 +177,6 @@ fn container_to_wit(c: policy_core::Container) -> wit::Container {
         backend_id: c.backend_id,
         workspace: c.workspace,
         status,
+        last_used_ms: c.last_used_ms,
     }
 }

@@ -279,3 +279,80 @@ async fn a_50_mb_file_round_trips_intact() {
         "bytes differ"
     );
 }
+
+fn lifecycle_config(h: &Harness, pairs: &[(&str, &str)], interval: f64) -> sandbox_host::Config {
+    sandbox_host::Config {
+        policy_config: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        maintenance_interval_secs: interval,
+        ..h.config()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_backend_is_removed_and_comes_back_with_its_files() {
+    let h = Harness::new("idle");
+    let config = lifecycle_config(&h, &[("idle_ttl_secs", "2")], 0.5);
+    let sandbox = h
+        .sandbox_with(
+            config,
+            sandbox_host::PolicySource::Builtin("per-user".into()),
+        )
+        .await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    b.execute("echo kept > k").await.unwrap();
+    assert_eq!(h.containers().len(), 1);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert!(
+        h.containers().is_empty(),
+        "removed after 3 s idle: {:?}",
+        h.containers()
+    );
+    assert_eq!(b.execute("cat k").await.unwrap().output, "kept\n");
+    assert_eq!(h.containers().len(), 1, "transparently back");
+    assert!(
+        h.root.path().join("alice/k").exists(),
+        "the workspace was never deleted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fourth_user_evicts_the_least_recently_used_at_capacity_three() {
+    let h = Harness::new("lru");
+    let config = lifecycle_config(&h, &[("max_containers", "3")], 0.0);
+    let sandbox = h
+        .sandbox_with(
+            config,
+            sandbox_host::PolicySource::Builtin("per-user".into()),
+        )
+        .await;
+    for user in ["u1", "u2", "u3"] {
+        let b = sandbox
+            .get_thread_backend(&format!("{user}-1"))
+            .await
+            .unwrap();
+        b.execute("true").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // u1 used again: u2 becomes the least recently used.
+    let u1 = sandbox.get_thread_backend("u1-1").await.unwrap();
+    u1.execute("true").await.unwrap();
+    let u4 = sandbox.get_thread_backend("u4-1").await.unwrap();
+    u4.execute("true").await.unwrap();
+    let names: Vec<String> = h.containers().into_iter().map(|c| c.0).collect();
+    let ns = &h.namespace;
+    assert_eq!(
+        names,
+        [
+            format!("sandbox.{ns}.u1"),
+            format!("sandbox.{ns}.u3"),
+            format!("sandbox.{ns}.u4")
+        ]
+    );
+    // The evicted user comes back on demand (evicting the next LRU).
+    let u2 = sandbox.get_thread_backend("u2-1").await.unwrap();
+    assert_eq!(u2.execute("echo back").await.unwrap().output, "back\n");
+    assert_eq!(h.containers().len(), 3);
+}

@@ -31,6 +31,9 @@ pub struct ManagedContainer {
     #[serde(serialize_with = "status_name")]
     pub status: Status,
     pub created: Option<i64>,
+    /// Unix ms of the last execute/ensure through this host, else the
+    /// creation time (else now, when the engine did not say).
+    pub last_used_ms: u64,
 }
 
 fn status_name<S: serde::Serializer>(
@@ -47,6 +50,8 @@ pub struct Capabilities {
     workspaces: Workspaces,
     /// container id -> backend id, for every container handed to a policy.
     vetted: Mutex<HashMap<String, String>>,
+    /// container id -> Unix ms of its last use through this host.
+    last_used: Mutex<HashMap<String, u64>>,
 }
 
 impl Capabilities {
@@ -57,7 +62,16 @@ impl Capabilities {
             provider,
             workspaces,
             vetted: Mutex::new(HashMap::new()),
+            last_used: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Records a use of a container (for idle and LRU decisions).
+    pub fn touch(&self, container_id: &str) {
+        self.last_used
+            .lock()
+            .unwrap()
+            .insert(container_id.to_owned(), now_ms());
     }
 
     pub fn config(&self) -> &Config {
@@ -189,6 +203,7 @@ impl Capabilities {
         };
         let removed = self.provider.remove(&owned.id).await?;
         self.vetted.lock().unwrap().remove(&owned.id);
+        self.last_used.lock().unwrap().remove(&owned.id);
         Ok(removed)
     }
 
@@ -222,7 +237,15 @@ impl Capabilities {
             )));
         }
         let get = |key: &str| record.labels.get(key).cloned().unwrap_or_default();
+        let last_used_ms = match self.last_used.lock().unwrap().get(&record.id) {
+            Some(ms) => *ms,
+            None => record
+                .created
+                .map(|s| s.max(0) as u64 * 1000)
+                .unwrap_or_else(now_ms),
+        };
         let container = ManagedContainer {
+            last_used_ms,
             backend_id: get(label::BACKEND),
             workspace: get(label::WORKSPACE),
             policy: get(label::POLICY),
@@ -237,6 +260,14 @@ impl Capabilities {
             .insert(container.id.clone(), container.backend_id.clone());
         Ok(container)
     }
+}
+
+/// The wall clock in Unix ms.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Container ids and names only: they are spliced into API paths.

@@ -50,6 +50,11 @@ pub struct Config {
     /// Where compiled policy components are cached (`off` in
     /// `SANDBOX_COMPONENT_CACHE` disables it). Default: the user's cache dir.
     pub component_cache_dir: Option<PathBuf>,
+    /// Settings handed to the policy (WIT `context.policy-config`); the
+    /// shipped policies read `idle_ttl_secs` and `max_containers`.
+    pub policy_config: std::collections::BTreeMap<String, String>,
+    /// How often the host calls the policy's `maintain`, in seconds (0: never).
+    pub maintenance_interval_secs: f64,
     /// Idle policy instances kept (one per routing key) before the least
     /// recently used are dropped; they rebuild their cache by adoption.
     pub max_policy_instances: usize,
@@ -110,6 +115,8 @@ impl Default for Config {
             policy_memory_bytes: 64 * 1024 * 1024,
             max_policy_instances: 4096,
             component_cache_dir: crate::runtime::cache::ComponentCache::default_dir(),
+            policy_config: Default::default(),
+            maintenance_interval_secs: 30.0,
             read_only_rootfs: false,
             runtime: None,
             allowed_images: Vec::new(),

@@ -86,6 +86,9 @@ enum Command {
     Ls {
         #[arg(long)]
         json: bool,
+        /// Also memory and CPU time from the engine.
+        #[arg(long)]
+        stats: bool,
     },
     /// Remove managed containers no backend owns any more (never unlabelled ones).
     Gc {
@@ -320,23 +323,60 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Ls { json } => {
+        Command::Ls { json, stats } => {
             let sandbox = open(config, false).await?;
             let containers = sandbox.list().await?;
+            let now = sandbox_host::capabilities::now_ms();
+            let mut rows = Vec::new();
+            for c in containers {
+                let usage = if stats && c.status == sandbox_host::provider::Status::Running {
+                    sandbox.stats(&c.id).await.ok()
+                } else {
+                    None
+                };
+                let idle_secs = now.saturating_sub(c.last_used_ms) / 1000;
+                rows.push((c, idle_secs, usage));
+            }
             if json {
-                println!("{}", serde_json::to_string_pretty(&containers)?);
+                let value: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|(c, idle, usage)| {
+                        let mut v = serde_json::to_value(c).unwrap_or_default();
+                        v["idle_secs"] = (*idle).into();
+                        if let Some(u) = usage {
+                            v["stats"] = serde_json::to_value(u).unwrap_or_default();
+                        }
+                        v
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
-                println!(
-                    "{:<24} {:<14} {:<10} {:<12} NAME",
-                    "BACKEND", "CONTAINER", "STATE", "POLICY"
+                print!(
+                    "{:<24} {:<14} {:<10} {:<12} {:>8}",
+                    "BACKEND", "CONTAINER", "STATE", "POLICY", "IDLE"
                 );
-                for c in containers {
+                if stats {
+                    print!(" {:>10} {:>9}", "MEMORY", "CPU");
+                }
+                println!("  NAME");
+                for (c, idle, usage) in rows {
                     let short = &c.id[..c.id.len().min(12)];
                     let state = format!("{:?}", c.status).to_lowercase();
-                    println!(
-                        "{:<24} {:<14} {:<10} {:<12} {}",
-                        c.backend_id, short, state, c.policy, c.name
+                    print!(
+                        "{:<24} {short:<14} {state:<10} {:<12} {:>7}s",
+                        c.backend_id, c.policy, idle
                     );
+                    if stats {
+                        match usage {
+                            Some(u) => print!(
+                                " {:>8.1}Mi {:>8.2}s",
+                                u.memory_bytes as f64 / 1048576.0,
+                                u.cpu_seconds
+                            ),
+                            None => print!(" {:>10} {:>9}", "-", "-"),
+                        }
+                    }
+                    println!("  {}", c.name);
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -15,6 +15,9 @@ use crate::provider::ContainerProvider;
 use crate::runtime::lanes::Lanes;
 use crate::runtime::{CompiledPolicy, PolicyEngine};
 
+/// The lane of `maintain`: not a valid id, so no backend can share it.
+const MAINTENANCE_KEY: &str = "#maintenance";
+
 /// Where a policy component comes from.
 #[derive(Debug, Clone)]
 pub enum PolicySource {
@@ -107,13 +110,15 @@ impl Sandbox {
             "policy loaded"
         );
         let lanes = Lanes::new(caps.clone(), Arc::new(compiled));
-        Ok(Sandbox {
+        let sandbox = Sandbox {
             inner: Arc::new(Inner {
                 caps,
                 lanes,
                 engine,
             }),
-        })
+        };
+        sandbox.start_maintenance();
+        Ok(sandbox)
     }
 
     /// The configuration this sandbox runs with.
@@ -217,6 +222,11 @@ impl Sandbox {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
+        // First the policy's own housekeeping (idle TTL, capacity).
+        if !dry_run {
+            let removed = self.maintain().await?;
+            tracing::info!(removed, "policy maintenance");
+        }
         let mut entries = Vec::new();
         for container in self.list().await? {
             let owner = self.backend_id(&container.backend_id).await;
@@ -261,6 +271,52 @@ impl Sandbox {
         Ok(entries)
     }
 
+    /// Runs the policy's `maintain` (idle TTL, capacity) now, on an
+    /// instance of its own. Returns how many containers it removed.
+    pub async fn maintain(&self) -> Result<u32> {
+        self.inner
+            .lanes
+            .call(MAINTENANCE_KEY, async |p| p.maintain().await)
+            .await
+    }
+
+    /// Calls `maintain` every `maintenance_interval_secs` while this sandbox
+    /// (any clone) is alive, when running inside a tokio runtime.
+    fn start_maintenance(&self) {
+        let interval = self.config().maintenance_interval_secs;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !(interval > 0.0 && interval.is_finite()) {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        runtime.spawn(async move {
+            let period = std::time::Duration::from_secs_f64(interval);
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(inner) = weak.upgrade() else { break };
+                let sandbox = Sandbox { inner };
+                match sandbox.maintain().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(removed = n, "maintenance removed containers"),
+                    Err(e) => tracing::warn!(error = %e, "maintenance failed"),
+                }
+            }
+        });
+    }
+
+    /// Resource usage of a managed container.
+    pub async fn stats(&self, container_id: &str) -> Result<crate::provider::ContainerStats> {
+        let owned = self
+            .inner
+            .caps
+            .inspect(container_id)
+            .await?
+            .ok_or_else(|| SandboxError::NotFound(format!("container {container_id}")))?;
+        Ok(self.inner.caps.provider().stats(&owned.id).await?)
+    }
+
     /// Whether the engine answers.
     pub async fn ping(&self) -> Result<()> {
         Ok(self.inner.caps.provider().ping().await?)
@@ -280,6 +336,7 @@ impl Sandbox {
         // The policy may only hand back the container the host gave it for
         // this backend: never a forged id or another backend's container.
         self.inner.caps.check_serves(&c.id, backend_id)?;
+        self.inner.caps.touch(&c.id);
         Ok(ManagedContainer {
             id: c.id,
             name: c.name,
@@ -288,6 +345,7 @@ impl Sandbox {
             policy: self.policy_name(),
             status: crate::provider::Status::Running,
             created: None,
+            last_used_ms: crate::capabilities::now_ms(),
         })
     }
 }
@@ -388,7 +446,10 @@ impl Backend {
         )?;
         let container = self.ensure_container().await?;
         let provider = self.sandbox.inner.caps.provider();
-        Ok(provider.exec(&container.id, &request, sink).await?)
+        let response = provider.exec(&container.id, &request, sink).await;
+        // A long command is a use until it ends, not only when it starts.
+        self.sandbox.inner.caps.touch(&container.id);
+        Ok(response?)
     }
 
     /// deepagents' `upload_files`: writes each file (parents created) and

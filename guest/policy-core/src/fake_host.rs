@@ -14,12 +14,23 @@ pub struct FakeHost {
     pub calls: usize,
     /// Every container call fails as if the engine were down.
     pub unavailable: bool,
+    /// The fake clock, Unix ms.
+    pub now: u64,
+    pub config: Vec<(String, String)>,
     pub next_id: usize,
 }
 
 impl FakeHost {
     pub fn set_status(&mut self, id: &str, status: Status) {
         self.containers.get_mut(id).expect("known container").status = status;
+    }
+
+    /// Marks a container used now (the host does this on every execute).
+    pub fn touch(&mut self, id: &str) {
+        let now = self.now;
+        if let Some(c) = self.containers.get_mut(id) {
+            c.last_used_ms = now;
+        }
     }
 
     pub fn status_of(&self, id: &str) -> Option<Status> {
@@ -67,6 +78,7 @@ impl Host for FakeHost {
             backend_id: backend_id.into(),
             workspace: workspace.into(),
             status: Status::Created,
+            last_used_ms: self.now,
         };
         self.containers.insert(c.id.clone(), c.clone());
         Ok(c)
@@ -98,6 +110,14 @@ impl Host for FakeHost {
             self.workspaces.push(name.into());
         }
         Ok(())
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        self.now
+    }
+
+    fn policy_config(&mut self) -> Vec<(String, String)> {
+        self.config.clone()
     }
 
     fn log(&mut self, _level: Level, message: &str) {

@@ -51,6 +51,8 @@ pub struct Container {
     pub backend_id: String,
     pub workspace: String,
     pub status: Status,
+    /// Unix ms of the last known use (see WIT `container.last-used-ms`).
+    pub last_used_ms: u64,
 }
 
 /// Mirrors WIT `types.backend`.
@@ -81,5 +83,9 @@ pub trait Host {
     fn inspect(&mut self, container_id: &str) -> Result<Option<Container>>;
     fn remove(&mut self, container_id: &str) -> Result<bool>;
     fn prepare_workspace(&mut self, name: &str) -> Result<()>;
+    /// Unix time in ms (WIT `context.now-ms`).
+    fn now_ms(&mut self) -> u64;
+    /// The deployment's policy settings (WIT `context.policy-config`).
+    fn policy_config(&mut self) -> Vec<(String, String)>;
     fn log(&mut self, level: Level, message: &str);
 }

@@ -18,11 +18,45 @@ struct Entry {
     container_id: Option<String>,
 }
 
+/// Lifecycle settings from the deployment's `policy-config`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// Remove a backend's container after this long without use.
+    pub idle_ttl_ms: Option<u64>,
+    /// At most this many live containers; the least recently used go first.
+    pub max_containers: Option<usize>,
+}
+
+impl Lifecycle {
+    /// Reads `idle_ttl_secs` (fractional allowed) and `max_containers`;
+    /// unknown keys and unparsable values are ignored (and logged).
+    pub fn from_config(config: &[(String, String)], host: &mut impl Host) -> Self {
+        let mut lifecycle = Lifecycle::default();
+        for (key, value) in config {
+            match key.as_str() {
+                "idle_ttl_secs" => match value.parse::<f64>() {
+                    Ok(secs) if secs > 0.0 && secs.is_finite() => {
+                        lifecycle.idle_ttl_ms = Some((secs * 1000.0) as u64)
+                    }
+                    _ => host.log(Level::Warn, &format!("ignoring idle_ttl_secs = {value:?}")),
+                },
+                "max_containers" => match value.parse::<usize>() {
+                    Ok(max) if max > 0 => lifecycle.max_containers = Some(max),
+                    _ => host.log(Level::Warn, &format!("ignoring max_containers = {value:?}")),
+                },
+                _ => {}
+            }
+        }
+        lifecycle
+    }
+}
+
 /// A policy: a mapping plus a cache of backends.
 #[derive(Debug, Default)]
 pub struct Policy<M> {
     mapping: M,
     backends: BTreeMap<String, Entry>,
+    lifecycle: Option<Lifecycle>,
 }
 
 impl<M: Mapping> Policy<M> {
@@ -30,6 +64,7 @@ impl<M: Mapping> Policy<M> {
         Policy {
             mapping,
             backends: BTreeMap::new(),
+            lifecycle: None,
         }
     }
 
@@ -192,6 +227,90 @@ impl<M: Mapping> Policy<M> {
         Ok(removed || was_cached)
     }
 
+    /// The WIT `maintain` export: removes containers idle longer than the
+    /// TTL, then the least recently used beyond the capacity. Workspaces are
+    /// never touched; a removed backend comes back on its next use.
+    pub fn maintain(&mut self, host: &mut impl Host) -> Result<u32> {
+        let lifecycle = self.lifecycle(host);
+        if lifecycle == Lifecycle::default() {
+            return Ok(0);
+        }
+        let now = host.now_ms();
+        let mut live: Vec<Container> = host.list()?;
+        let mut removed = 0;
+        if let Some(ttl) = lifecycle.idle_ttl_ms {
+            for c in live
+                .iter()
+                .filter(|c| now.saturating_sub(c.last_used_ms) > ttl)
+            {
+                if host.remove(&c.id)? {
+                    removed += 1;
+                    self.forget_container(&c.id);
+                    let idle = now.saturating_sub(c.last_used_ms) / 1000;
+                    host.log(
+                        Level::Info,
+                        &format!(
+                            "Removed idle container of backend {} (idle {idle}s)",
+                            c.backend_id
+                        ),
+                    );
+                }
+            }
+            live.retain(|c| now.saturating_sub(c.last_used_ms) <= ttl);
+        }
+        if let Some(max) = lifecycle.max_containers {
+            removed += self.evict_beyond(host, live, max, None)?;
+        }
+        Ok(removed)
+    }
+
+    fn lifecycle(&mut self, host: &mut impl Host) -> Lifecycle {
+        if let Some(l) = self.lifecycle {
+            return l;
+        }
+        let config = host.policy_config();
+        let l = Lifecycle::from_config(&config, host);
+        self.lifecycle = Some(l);
+        l
+    }
+
+    /// Removes the least recently used of `live` until at most `max` remain
+    /// (`keep` is never chosen).
+    fn evict_beyond(
+        &mut self,
+        host: &mut impl Host,
+        mut live: Vec<Container>,
+        max: usize,
+        keep: Option<&str>,
+    ) -> Result<u32> {
+        live.retain(|c| Some(c.backend_id.as_str()) != keep);
+        live.sort_by_key(|c| c.last_used_ms);
+        let mut removed = 0;
+        let excess = live.len().saturating_sub(max);
+        for c in live.into_iter().take(excess) {
+            if host.remove(&c.id)? {
+                removed += 1;
+                self.forget_container(&c.id);
+                host.log(
+                    Level::Info,
+                    &format!(
+                        "Evicted container of backend {} (capacity {max})",
+                        c.backend_id
+                    ),
+                );
+            }
+        }
+        Ok(removed)
+    }
+
+    fn forget_container(&mut self, container_id: &str) {
+        for entry in self.backends.values_mut() {
+            if entry.container_id.as_deref() == Some(container_id) {
+                entry.container_id = None;
+            }
+        }
+    }
+
     fn start_or_recreate(
         &mut self,
         host: &mut impl Host,
@@ -216,6 +335,11 @@ impl<M: Mapping> Policy<M> {
         backend: &Backend,
         who: &str,
     ) -> Result<Container> {
+        if let Some(max) = self.lifecycle(host).max_containers {
+            // Room for the new one: at most max - 1 others may stay.
+            let live = host.list()?;
+            self.evict_beyond(host, live, max - 1, Some(&backend.id))?;
+        }
         let container = host.create(&backend.id, &backend.workspace)?;
         if container.status != Status::Running {
             host.start(&container.id)?;
@@ -395,6 +519,82 @@ mod tests {
         }
         assert!(host.workspaces.is_empty());
         assert_eq!(host.calls, 0);
+    }
+
+    #[test]
+    fn idle_containers_are_removed_after_the_ttl_and_come_back() {
+        let mut host = FakeHost {
+            config: vec![("idle_ttl_secs".into(), "2".into())],
+            ..FakeHost::default()
+        };
+        let mut policy = Policy::new(PerUser);
+        let a = policy.ensure_container(&mut host, "alice").unwrap();
+        policy.ensure_container(&mut host, "bob").unwrap();
+        host.now += 1_500;
+        assert_eq!(
+            policy.maintain(&mut host).unwrap(),
+            0,
+            "not idle long enough"
+        );
+        host.touch(&a.id);
+        host.now += 1_000;
+        assert_eq!(
+            policy.maintain(&mut host).unwrap(),
+            1,
+            "bob idle 2.5s, alice 1s"
+        );
+        assert_eq!(host.containers.len(), 1);
+        let b = policy.ensure_container(&mut host, "bob").unwrap();
+        assert_eq!(b.status, Status::Running, "bob comes back on use");
+    }
+
+    #[test]
+    fn a_new_backend_beyond_capacity_evicts_the_least_recently_used() {
+        let mut host = FakeHost {
+            config: vec![("max_containers".into(), "3".into())],
+            ..FakeHost::default()
+        };
+        let mut policy = Policy::new(PerUser);
+        for (i, user) in ["u1", "u2", "u3"].iter().enumerate() {
+            host.now = 1000 * (i as u64 + 1);
+            policy.ensure_container(&mut host, user).unwrap();
+        }
+        let u1 = host
+            .containers
+            .values()
+            .find(|c| c.backend_id == "u1")
+            .unwrap()
+            .id
+            .clone();
+        host.now = 5000;
+        host.touch(&u1); // u2 is now the least recently used
+        policy.ensure_container(&mut host, "u4").unwrap();
+        let mut left: Vec<_> = host
+            .containers
+            .values()
+            .map(|c| c.backend_id.clone())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["u1", "u3", "u4"]);
+    }
+
+    #[test]
+    fn bad_lifecycle_settings_are_ignored() {
+        let mut host = FakeHost {
+            config: vec![
+                ("idle_ttl_secs".into(), "-1".into()),
+                ("max_containers".into(), "x".into()),
+            ],
+            ..FakeHost::default()
+        };
+        let mut policy = Policy::new(PerUser);
+        policy.ensure_container(&mut host, "alice").unwrap();
+        host.now += 1 << 40;
+        assert_eq!(policy.maintain(&mut host).unwrap(), 0);
+        assert!(host
+            .logs
+            .iter()
+            .any(|l| l.contains("ignoring idle_ttl_secs")));
     }
 
     #[test]

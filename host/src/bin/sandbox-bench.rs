@@ -682,6 +682,7 @@ fn to_core(c: sandbox_host::ManagedContainer) -> policy_core::Container {
         backend_id: c.backend_id,
         workspace: c.workspace,
         status: c.status,
+        last_used_ms: c.last_used_ms,
     }
 }
 
@@ -718,6 +719,12 @@ impl policy_core::Host for NativeHost<'_> {
         self.caps
             .prepare_workspace(name)
             .map_err(|e| policy_core::Error::Other(e.to_string()))
+    }
+    fn now_ms(&mut self) -> u64 {
+        sandbox_host::capabilities::now_ms()
+    }
+    fn policy_config(&mut self) -> Vec<(String, String)> {
+        Vec::new()
     }
     fn log(&mut self, _level: policy_core::Level, _message: &str) {}
 }

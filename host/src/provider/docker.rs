@@ -465,6 +465,34 @@ impl ContainerProvider for DockerProvider {
         Ok(tar)
     }
 
+    async fn stats(&self, id: &str) -> ProviderResult<super::ContainerStats> {
+        let docker = self.client().await?;
+        let options = bollard::query_parameters::StatsOptionsBuilder::default()
+            .stream(false)
+            .one_shot(true)
+            .build();
+        let mut stream = docker.stats(id, Some(options));
+        let stats = match self
+            .bounded(async { stream.next().await.transpose() })
+            .await?
+        {
+            Some(s) => s,
+            None => return Err(ProviderError::NotFound(format!("no stats for {id}"))),
+        };
+        let memory = stats.memory_stats.unwrap_or_default();
+        Ok(super::ContainerStats {
+            memory_bytes: memory.usage.unwrap_or(0),
+            memory_limit_bytes: memory.limit.unwrap_or(0),
+            cpu_seconds: stats
+                .cpu_stats
+                .and_then(|c| c.cpu_usage)
+                .and_then(|u| u.total_usage)
+                .unwrap_or(0) as f64
+                / 1e9,
+            pids: stats.pids_stats.and_then(|p| p.current).unwrap_or(0),
+        })
+    }
+
     async fn ping(&self) -> ProviderResult<()> {
         let docker = self.client().await?;
         self.call(docker.ping()).await.map(drop)

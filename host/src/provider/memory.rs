@@ -141,6 +141,10 @@ impl ContainerProvider for MemoryProvider {
         ))
     }
 
+    async fn stats(&self, _id: &str) -> ProviderResult<super::ContainerStats> {
+        Ok(super::ContainerStats::default())
+    }
+
     async fn ping(&self) -> ProviderResult<()> {
         Ok(())
     }

@@ -30,6 +30,16 @@ pub struct ContainerRecord {
     pub created: Option<i64>,
 }
 
+/// A container's resource usage, as the engine reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct ContainerStats {
+    pub memory_bytes: u64,
+    pub memory_limit_bytes: u64,
+    /// CPU time consumed since start.
+    pub cpu_seconds: f64,
+    pub pids: u64,
+}
+
 /// Engine failures, before they are converted at the boundary.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProviderError {
@@ -86,6 +96,8 @@ pub trait ContainerProvider: Send + Sync + 'static {
     async fn upload(&self, id: &str, dir: &str, tar: Vec<u8>) -> ProviderResult<()>;
     /// A tar archive of `path` in the container.
     async fn download(&self, id: &str, path: &str) -> ProviderResult<Vec<u8>>;
+    /// Resource usage right now.
+    async fn stats(&self, id: &str) -> ProviderResult<ContainerStats>;
     /// Whether the engine answers.
     async fn ping(&self) -> ProviderResult<()>;
 }

@@ -12,7 +12,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime::StoreLimits;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::sandbox::policy::{containers, logging, types, workspaces};
+use super::bindings::sandbox::policy::{containers, context, logging, types, workspaces};
 use crate::capabilities::{Capabilities, ManagedContainer};
 use crate::error::SandboxError;
 use crate::provider::Status;
@@ -97,6 +97,7 @@ fn to_wit(c: ManagedContainer) -> types::Container {
             Status::Exited => types::ContainerStatus::Exited,
             Status::Dead => types::ContainerStatus::Dead,
         },
+        last_used_ms: c.last_used_ms,
     }
 }
 
@@ -165,6 +166,17 @@ impl workspaces::Host for InstanceState {
         let caps = self.caps.clone();
         let r = self.host(async { caps.prepare_workspace(&name) }).await;
         log_refusal(r, "prepare", &self.policy_name)
+    }
+}
+
+impl context::Host for InstanceState {
+    async fn now_ms(&mut self) -> u64 {
+        crate::capabilities::now_ms()
+    }
+
+    async fn policy_config(&mut self) -> Vec<(String, String)> {
+        let config = &self.caps.config().policy_config;
+        config.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 }
 

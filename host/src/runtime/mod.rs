@@ -279,6 +279,16 @@ impl PolicyInstance {
         outcome(r, "destroy-user-backend")
     }
 
+    pub async fn maintain(&mut self) -> Result<u32, SandboxError> {
+        self.arm();
+        let r = self
+            .bindings
+            .sandbox_policy_policy()
+            .call_maintain(&mut self.store)
+            .await;
+        outcome(r, "maintain")
+    }
+
     pub async fn destroy_thread_backend(&mut self, thread_id: &str) -> Result<bool, SandboxError> {
         self.arm();
         let r = self
