@@ -52,18 +52,33 @@ pub struct Capabilities {
     vetted: Mutex<HashMap<String, String>>,
     /// container id -> Unix ms of its last use through this host.
     last_used: Mutex<HashMap<String, u64>>,
+    /// Bounds concurrent create / start / remove: a storm of cold starts
+    /// must not starve every other user's executes in the engine.
+    lifecycle_slots: tokio::sync::Semaphore,
+    /// Containers this host created (adoptions excluded).
+    pub created: std::sync::atomic::AtomicU64,
 }
 
 impl Capabilities {
     pub fn new(config: Config, provider: Arc<dyn ContainerProvider>) -> Self {
         let workspaces = Workspaces::new(config.workspace_root.clone(), config.sandbox_user());
+        let config_slots = config.max_concurrent_lifecycle_ops.max(1);
         Capabilities {
             config,
             provider,
             workspaces,
             vetted: Mutex::new(HashMap::new()),
             last_used: Mutex::new(HashMap::new()),
+            lifecycle_slots: tokio::sync::Semaphore::new(config_slots),
+            created: Default::default(),
         }
+    }
+
+    async fn lifecycle_slot(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.lifecycle_slots
+            .acquire()
+            .await
+            .expect("the semaphore is never closed")
     }
 
     /// Records a use of a container (for idle and LRU decisions).
@@ -141,8 +156,16 @@ impl Capabilities {
             self.workspaces.owner(),
             policy,
         );
-        match self.provider.create(&plan).await {
-            Ok(record) => self.managed(record),
+        let created = {
+            let _slot = self.lifecycle_slot().await;
+            self.provider.create(&plan).await
+        };
+        match created {
+            Ok(record) => {
+                self.created
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.managed(record)
+            }
             Err(ProviderError::Conflict(_)) => {
                 let existing = self.inspect_racing(&plan.name).await?;
                 let existing = self.managed(existing)?;
@@ -184,6 +207,7 @@ impl Capabilities {
             .inspect(container_id)
             .await?
             .ok_or_else(|| SandboxError::NotFound(format!("container {container_id}")))?;
+        let _slot = self.lifecycle_slot().await;
         Ok(self.provider.start(&owned.id).await?)
     }
 
@@ -201,7 +225,10 @@ impl Capabilities {
         let Some(owned) = self.inspect(container_id).await? else {
             return Ok(false);
         };
-        let removed = self.provider.remove(&owned.id).await?;
+        let removed = {
+            let _slot = self.lifecycle_slot().await;
+            self.provider.remove(&owned.id).await?
+        };
         self.vetted.lock().unwrap().remove(&owned.id);
         self.last_used.lock().unwrap().remove(&owned.id);
         Ok(removed)

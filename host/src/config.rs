@@ -55,6 +55,9 @@ pub struct Config {
     pub policy_config: std::collections::BTreeMap<String, String>,
     /// How often the host calls the policy's `maintain`, in seconds (0: never).
     pub maintenance_interval_secs: f64,
+    /// Container creations, starts and removals in flight at once; the
+    /// rest queue (executes never do).
+    pub max_concurrent_lifecycle_ops: usize,
     /// Idle policy instances kept (one per routing key) before the least
     /// recently used are dropped; they rebuild their cache by adoption.
     pub max_policy_instances: usize,
@@ -117,6 +120,7 @@ impl Default for Config {
             component_cache_dir: crate::runtime::cache::ComponentCache::default_dir(),
             policy_config: Default::default(),
             maintenance_interval_secs: 30.0,
+            max_concurrent_lifecycle_ops: 4,
             read_only_rootfs: false,
             runtime: None,
             allowed_images: Vec::new(),

@@ -41,6 +41,7 @@ pub mod policies;
 pub mod provider;
 pub mod runtime;
 pub mod sandbox;
+pub mod serve;
 pub mod workspace;
 
 pub use capabilities::ManagedContainer;

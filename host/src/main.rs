@@ -101,6 +101,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the JSON HTTP API (see host/openapi.json) until SIGTERM.
+    Serve {
+        /// Address to listen on; anything but loopback requires --token.
+        #[arg(long, default_value = "127.0.0.1:8765")]
+        listen: std::net::SocketAddr,
+        /// Bearer token required on every request (but /healthz).
+        #[arg(long, env = "SANDBOX_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Largest request body in bytes.
+        #[arg(long, default_value_t = sandbox_host::serve::DEFAULT_BODY_LIMIT)]
+        body_limit_bytes: usize,
+    },
     /// Show two threads of one user sharing one container (and another user apart).
     Demo,
     /// Policy components.
@@ -401,6 +413,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 println!("{} container(s) {verb}", entries.len());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve {
+            listen,
+            token,
+            body_limit_bytes,
+        } => {
+            let options = sandbox_host::serve::ServeOptions {
+                listen,
+                token: token.filter(|t| !t.is_empty()),
+                body_limit_bytes,
+                policy_path: config.policy.clone(),
+            };
+            options.check()?;
+            let sandbox = open(config, true).await?;
+            sandbox_host::serve::serve(sandbox, options).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => demo(config).await,

@@ -322,6 +322,15 @@ impl Sandbox {
         Ok(self.inner.caps.provider().ping().await?)
     }
 
+    /// Counters for monitoring.
+    pub fn counters(&self) -> Counters {
+        use std::sync::atomic::Ordering::Relaxed;
+        Counters {
+            containers_created: self.inner.caps.created.load(Relaxed),
+            policy_traps: self.inner.lanes.traps.load(Relaxed),
+        }
+    }
+
     /// Policy instances currently kept (one per recently used key).
     pub fn policy_instances(&self) -> usize {
         self.inner.lanes.lane_count()
@@ -348,6 +357,13 @@ impl Sandbox {
             last_used_ms: crate::capabilities::now_ms(),
         })
     }
+}
+
+/// Monotonic counters of one sandbox.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counters {
+    pub containers_created: u64,
+    pub policy_traps: u64,
 }
 
 /// One container `gc` found.

@@ -565,6 +565,178 @@ impl Bench {
         Ok(())
     }
 
+    /// (8) the HTTP API under load: 200 requests in flight over 50 users,
+    /// vs the library called directly at the same concurrency.
+    async fn http_load(&mut self) -> anyhow::Result<()> {
+        use http_body_util::{BodyExt, Full};
+        use hyper_util::client::legacy::Client;
+        use hyper_util::rt::TokioExecutor;
+
+        let (users, in_flight, total) = if self.smoke {
+            (5, 20, 40)
+        } else {
+            (50, 200, 1000)
+        };
+        let token = "bench-token".to_owned();
+        let state = Arc::new(sandbox_host::serve::AppState {
+            sandbox: self.sandbox.clone(),
+            metrics: sandbox_host::serve::Metrics::new(),
+            token: Some(token.clone()),
+        });
+        let app = sandbox_host::serve::router(state, 1 << 20);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let batch: Vec<String> = (0..users).map(|_| self.fresh_user("http")).collect();
+        let mut backends = Vec::new();
+        for u in &batch {
+            let b = self.sandbox.get_thread_backend(&format!("{u}-1")).await?;
+            b.execute("true").await?;
+            backends.push(b);
+        }
+        let client: Client<_, Full<hyper::body::Bytes>> = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(in_flight)
+            .build_http();
+        let (mut http, mut direct) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            let start = Instant::now();
+            let latencies: Vec<Duration> = stream::iter(0..total)
+                .map(|i| {
+                    let client = client.clone();
+                    let url = format!("http://{addr}/v1/threads/{}-1/exec", batch[i % batch.len()]);
+                    let token = token.clone();
+                    async move {
+                        let t = Instant::now();
+                        let req = hyper::Request::post(url)
+                            .header("authorization", format!("Bearer {token}"))
+                            .header("content-type", "application/json")
+                            .body(Full::new(hyper::body::Bytes::from_static(
+                                b"{\"command\":\"echo ok\"}",
+                            )))
+                            .expect("request");
+                        let resp = client.request(req).await.expect("http");
+                        assert!(resp.status().is_success(), "status {}", resp.status());
+                        resp.into_body().collect().await.expect("body");
+                        t.elapsed()
+                    }
+                })
+                .buffer_unordered(in_flight)
+                .collect()
+                .await;
+            http.push((total as f64 / start.elapsed().as_secs_f64(), latencies));
+
+            let start = Instant::now();
+            let latencies: Vec<Duration> = stream::iter(0..total)
+                .map(|i| {
+                    let b = backends[i % backends.len()].clone();
+                    async move {
+                        let t = Instant::now();
+                        b.execute("echo ok").await.expect("execute");
+                        t.elapsed()
+                    }
+                })
+                .buffer_unordered(in_flight)
+                .collect()
+                .await;
+            direct.push((total as f64 / start.elapsed().as_secs_f64(), latencies));
+        }
+        server.abort();
+        let best = |runs: &[(f64, Vec<Duration>)]| {
+            runs.iter()
+                .max_by(|a, b| a.0.total_cmp(&b.0))
+                .cloned()
+                .expect("two runs")
+        };
+        let (h, d) = (best(&http), best(&direct));
+        let show = |(rate, lat): &(f64, Vec<Duration>)| {
+            format!(
+                "{rate:.0}/s, p50 {} p99 {}",
+                ms(percentile(lat, 0.5)),
+                ms(percentile(lat, 0.99))
+            )
+        };
+        self.table.add(
+            &format!("8. HTTP API, {in_flight} requests in flight over {users} users ({total} execs) vs library direct"),
+            show(&h),
+            show(&d),
+            format!("{:.3}", h.0 / d.0),
+            "(report)",
+        );
+        for u in &batch {
+            self.sandbox.destroy_user_backend(u).await?;
+        }
+        Ok(())
+    }
+
+    /// (9) a 50 MB file in and out: upload_files + download_files vs
+    /// `docker cp` both ways.
+    async fn file_transfer(&mut self) -> anyhow::Result<()> {
+        let size = if self.smoke { 5 << 20 } else { 50 << 20 };
+        let b = self.sandbox.get_thread_backend("files-1").await?;
+        b.execute("true").await?;
+        let container = b.ensure_container().await?.id;
+        let content: Vec<u8> = (0..size)
+            .map(|i: usize| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let local = tempfile::tempdir()?;
+        let src = local.path().join("in.bin");
+        std::fs::write(&src, &content)?;
+        let (mut ours, mut cli) = (vec![], vec![]);
+        for _ in 0..3 {
+            let upload = sandbox_host::files::Upload {
+                path: "big.bin".into(),
+                content: content.clone(),
+                mode: None,
+            };
+            let t = Instant::now();
+            let r = b.upload_files(vec![upload]).await?;
+            anyhow::ensure!(r[0].error.is_none(), "upload failed");
+            let got = b.download_files(&["big.bin".into()]).await?;
+            anyhow::ensure!(
+                got[0].content.as_ref().map(Vec::len) == Some(size),
+                "download failed"
+            );
+            ours.push(t.elapsed());
+
+            let dst = local.path().join("out.bin");
+            let t = Instant::now();
+            docker_cli(&[
+                "cp",
+                &src.display().to_string(),
+                &format!("{container}:/workspace/cp.bin"),
+            ])
+            .await?;
+            docker_cli(&[
+                "cp",
+                &format!("{container}:/workspace/cp.bin"),
+                &dst.display().to_string(),
+            ])
+            .await?;
+            cli.push(t.elapsed());
+        }
+        let rate = |d: Duration| format!("{:.0} MB/s", 2.0 * size as f64 / 1e6 / d.as_secs_f64());
+        self.table.add(
+            &format!(
+                "9. {} MB file up + down: upload_files/download_files vs `docker cp` both ways",
+                size >> 20
+            ),
+            format!(
+                "{} ({})",
+                ms(percentile(&ours, 0.5)),
+                rate(percentile(&ours, 0.5))
+            ),
+            format!(
+                "{} ({})",
+                ms(percentile(&cli, 0.5)),
+                rate(percentile(&cli, 0.5))
+            ),
+            format!("{:.3}", ratio(&ours, &cli)),
+            "(report)",
+        );
+        Ok(())
+    }
+
     /// (7) footprint.
     async fn footprint(&mut self) -> anyhow::Result<()> {
         let n = if self.smoke { 500 } else { 10_000 };
@@ -572,7 +744,6 @@ impl Bench {
         let config = Config {
             workspace_root: root.path().to_owned(),
             sandbox_user: Some(my_ids()),
-            max_policy_instances: n + 16,
             ..self.config.clone()
         };
         let rss_before = rss_kib();
@@ -588,8 +759,11 @@ impl Bench {
         }
         let rss_after = rss_kib();
         let delta = rss_after.saturating_sub(rss_before);
+        let instances = sandbox.policy_instances();
         self.table.add(
-            &format!("7. host RSS with {n} cached backends (in-memory provider, one policy instance each)"),
+            &format!(
+                "7. host RSS with {n} backends in use (in-memory provider; {instances} policy instances kept, the rest evicted and re-adopted on use)"
+            ),
             format!("{:.1} MiB (+{:.1} KiB/backend)", delta as f64 / 1024.0, delta as f64 / n as f64),
             format!("{:.1} MiB before", rss_before as f64 / 1024.0),
             "-".into(),
@@ -843,6 +1017,8 @@ async fn run(bench: &mut Bench) -> anyhow::Result<()> {
     bench.head_of_line().await.context("case 5")?;
     bench.cli_process().await.context("case 6")?;
     bench.footprint().await.context("case 7")?;
+    bench.http_load().await.context("case 8")?;
+    bench.file_transfer().await.context("case 9")?;
     Ok(())
 }
 

@@ -43,6 +43,8 @@ pub struct Lanes {
     hasher: RandomState,
     max_lanes: usize,
     clock: AtomicU64,
+    /// Policy calls that trapped (each instance then replaced).
+    pub traps: AtomicU64,
 }
 
 impl Lanes {
@@ -56,6 +58,7 @@ impl Lanes {
             hasher: RandomState::new(),
             max_lanes,
             clock: AtomicU64::new(0),
+            traps: AtomicU64::new(0),
         }
     }
 
@@ -128,6 +131,7 @@ impl Lanes {
         let result = f(instance).await;
         if let Err(SandboxError::PolicyTrap(why)) = &result {
             tracing::warn!(key, error = %why, "policy instance trapped; it is replaced on the next call");
+            self.traps.fetch_add(1, Ordering::Relaxed);
             *slot = None;
         }
         result

@@ -1,0 +1,200 @@
+"""The Python client against a real `sandbox serve` and Docker engine."""
+
+import concurrent.futures
+import json
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from conftest import Server, binary
+from sandbox_client import DockerSandbox, SandboxError
+
+
+def test_threads_of_one_user_share_a_container(client, server):
+    a = client.exec("alice-1", "echo one > f; hostname")
+    b = client.exec("alice-2", "cat f; hostname")
+    assert a["exit_code"] == 0
+    assert b["output"].splitlines()[0] == "one"
+    assert a["output"].splitlines()[-1] == b["output"].splitlines()[-1]
+    c = client.exec("bob-1", "hostname")
+    assert c["output"] != a["output"].splitlines()[-1] + "\n"
+    assert len(server.containers()) == 2
+
+
+def test_exec_options_and_timeout(client):
+    r = client.exec("alice-1", 'echo "$X"; pwd; cat', env={"X": "y"}, workdir="/workspace", stdin="in")
+    assert r["output"] == "y\n/workspace\nin"
+    r = client.exec("alice-1", "echo start; sleep 100", timeout=1)
+    assert r["timed_out"] and r["exit_code"] == 124 and r["output"] == "start\n"
+    assert client.exec("alice-1", "exit 7")["exit_code"] == 7
+
+
+def test_streaming_exec_yields_chunks_then_exit(client):
+    lines = list(client.exec_stream("alice-1", "for i in 1 2 3; do echo $i; sleep 0.2; done"))
+    outputs = [l["data"] for l in lines if l["type"] == "output"]
+    assert "".join(outputs) == "1\n2\n3\n"
+    assert lines[-1]["type"] == "exit" and lines[-1]["exit_code"] == 0
+
+
+def test_files_round_trip_with_per_file_errors(client):
+    results = client.upload_files("alice-1", [("a.txt", b"\x00\x01bin"), ("../x", b"no")])
+    assert [r["error"] for r in results] == [None, "invalid_path"]
+    got = client.download_files("alice-1", ["a.txt", "missing", "/etc/passwd"])
+    assert got[0]["content"] == b"\x00\x01bin"
+    assert [r["error"] for r in got] == [None, "file_not_found", "invalid_path"]
+
+
+def test_destroy_user_and_thread_answer_true_then_false(client, server):
+    client.exec("alice-1", "true")
+    assert client.destroy_user("alice") is True
+    assert client.destroy_user("alice") is False
+    client.exec("bob-1", "true")
+    assert client.destroy_thread("bob-9") is True
+    assert client.destroy_thread("bob-9") is False
+    assert server.containers() == []
+
+
+def test_deepagents_style_adapter(client):
+    sandbox = DockerSandbox(client, "carol-7f3a")
+    assert sandbox.id == "carol"
+    r = sandbox.execute("echo hi; echo err >&2; exit 3")
+    assert (r.output, r.exit_code, r.truncated) == ("hi\nerr\n", 3, False)
+    up = sandbox.upload_files([("notes/n.txt", b"text")])
+    assert up[0].error is None
+    down = sandbox.download_files(["notes/n.txt", "notes"])
+    assert down[0].content == b"text" and down[1].error == "is_directory"
+
+
+@pytest.mark.parametrize(
+    "method,path,body,status,kind",
+    [
+        ("POST", "/v1/threads/Alice-1/exec", b'{"command":"true"}', 400, "invalid-id"),
+        ("POST", "/v1/threads/..%2Fetc-1/exec", b'{"command":"true"}', 400, "invalid-id"),
+        ("POST", "/v1/threads/alice-1/exec", b'{"command":', 400, "bad-request"),
+        ("POST", "/v1/threads/alice-1/exec", b'{"cmd":"true"}', 400, "bad-request"),
+        ("GET", "/v1/nope", None, 404, "not-found"),
+        ("DELETE", "/v1/users/a%2Fb", None, 400, "invalid-id"),
+    ],
+)
+def test_bad_requests_get_json_4xx(server, method, path, body, status, kind):
+    req = urllib.request.Request(server.url + path, data=body, method=method)
+    req.add_header("Authorization", f"Bearer {server.token}")
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == status
+    assert json.loads(e.value.read())["error"]["kind"] == kind
+
+
+def test_token_is_required_and_checked(server):
+    for token in (None, "wrong"):
+        with pytest.raises(SandboxError) as e:
+            server.client(token=token).backends()
+        assert e.value.status == 401 and e.value.kind == "unauthorized"
+    assert server.client(token=None).health()["status"] == "ok"
+
+
+def test_oversized_body_is_413_and_others_keep_working():
+    s = Server(extra_args=["--body-limit-bytes", "100000"])
+    try:
+        c = s.client()
+        with pytest.raises(SandboxError) as e:
+            c.upload_files("alice-1", [("big", b"x" * 200_000)])
+        assert e.value.status == 413
+        assert c.exec("alice-1", "echo ok")["output"] == "ok\n"
+    finally:
+        s.stop()
+
+
+def test_non_loopback_without_token_is_refused():
+    out = subprocess.run([str(binary()), "serve", "--listen", "0.0.0.0:0"], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "SANDBOX_TOKEN": ""}, timeout=60)
+    assert out.returncode != 0
+    assert "token" in out.stderr
+
+
+def test_metrics_and_openapi(client):
+    client.exec("alice-1", "true")
+    text = client.metrics()
+    assert "sandbox_calls_total" in text and "sandbox_container_creations_total" in text
+    spec = client.openapi()
+    assert "/v1/threads/{thread_id}/exec" in spec["paths"]
+
+
+def test_graceful_shutdown_finishes_in_flight_calls():
+    s = Server()
+    try:
+        c = s.client()
+        c.exec("alice-1", "true")
+        result = {}
+        t = threading.Thread(target=lambda: result.update(c.exec("alice-1", "sleep 2; echo done")))
+        t.start()
+        time.sleep(0.7)
+        s.proc.send_signal(signal.SIGTERM)
+        t.join(timeout=30)
+        assert result.get("output") == "done\n"
+        assert s.proc.wait(timeout=30) == 0
+    finally:
+        s.stop()
+
+
+def test_live_policy_swap_under_load(server, client, tmp_path):
+    per_thread = tmp_path / "per-thread.wasm"
+    per_user = tmp_path / "per-user.wasm"
+    for name, path in (("per-thread", per_thread), ("per-user", per_user)):
+        subprocess.run([str(binary()), "policy", "export", name, str(path)], check=True, capture_output=True)
+    users = [f"u{i}" for i in range(20)]
+    for u in users:
+        client.exec(f"{u}-0", "true")
+    stop = threading.Event()
+    failures, done = [], [0]
+    lock = threading.Lock()
+
+    def worker(u):
+        n = 0
+        while not stop.is_set():
+            try:
+                r = client.exec(f"{u}-{n % 3}", "echo ok")
+                assert r["output"] == "ok\n", r
+                with lock:
+                    done[0] += 1
+            except Exception as e:  # noqa: BLE001
+                failures.append(repr(e))
+            n += 1
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=20) as pool:
+        futures = [pool.submit(worker, u) for u in users]
+        time.sleep(1)
+        assert client.swap_policy(per_thread.read_bytes(), name="per-thread") == "per-thread"
+        time.sleep(2)
+        # A new thread now gets a container of its own.
+        client.exec("u0-fresh", "true")
+        assert f"sandbox.{server.namespace}.u0-fresh" in server.containers()
+        # A broken component is refused; the running policy stays.
+        with pytest.raises(SandboxError) as e:
+            client.swap_policy(b"\0asm\x01\0\0\0")
+        assert e.value.status == 422 and client.policy() == "per-thread"
+        assert client.swap_policy(per_user.read_bytes(), name="per-user") == "per-user"
+        time.sleep(2)
+        stop.set()
+        for f in futures:
+            f.result()
+    assert failures == [], failures[:5]
+    assert done[0] > 40
+    names = server.containers()
+    assert len(names) == len(set(names))
+    # Per-user again: u0's threads share the adopted per-user container.
+    a = client.exec("u0-5", "hostname")["output"]
+    b = client.exec("u0-6", "hostname")["output"]
+    assert a == b
+    # The per-thread leftovers are orphans now; gc removes them, and only them.
+    removed = client.gc()["containers"]
+    assert removed and all("-" in c["container"]["backend_id"] for c in removed)
+    left = server.containers()
+    assert all(n.count("-") == 0 for n in (x.split(".", 2)[2] for x in left)), left
+    assert f"sandbox.{server.namespace}.u0" in left

@@ -1,0 +1,100 @@
+//! Prometheus metrics of `sandbox serve` (text exposition by
+//! prometheus-client).
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::Sandbox;
+
+type Labels = Vec<(String, String)>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~33 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    /// API operations by `op`.
+    pub calls: Family<Labels, Counter>,
+    /// Failed operations by error `kind`.
+    pub errors: Family<Labels, Counter>,
+    /// Seconds per operation by `op`.
+    pub latency: Family<Labels, Histogram, fn() -> Histogram>,
+    pub policy_swaps: Counter,
+    /// Mirrors of the library's own counters, synced at each scrape.
+    containers_created: Counter,
+    policy_traps: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let calls = Family::<Labels, Counter>::default();
+        let errors = Family::<Labels, Counter>::default();
+        let latency =
+            Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        let policy_swaps = Counter::default();
+        let containers_created = Counter::default();
+        let policy_traps = Counter::default();
+        let mut registry = Registry::with_prefix("sandbox");
+        registry.register("calls", "API operations, by op", calls.clone());
+        registry.register("errors", "Failed operations, by error kind", errors.clone());
+        registry.register(
+            "call_duration_seconds",
+            "Operation latency, by op",
+            latency.clone(),
+        );
+        registry.register(
+            "policy_swaps",
+            "Policies swapped in live",
+            policy_swaps.clone(),
+        );
+        registry.register(
+            "container_creations",
+            "Containers created",
+            containers_created.clone(),
+        );
+        registry.register(
+            "policy_traps",
+            "Policy instances that trapped and were replaced",
+            policy_traps.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(registry),
+            calls,
+            errors,
+            latency,
+            policy_swaps,
+            containers_created,
+            policy_traps,
+        }
+    }
+
+    /// The text exposition, with the library counters brought up to date.
+    pub fn render(&self, sandbox: &Sandbox) -> Result<String, std::fmt::Error> {
+        let counters = sandbox.counters();
+        sync(&self.containers_created, counters.containers_created);
+        sync(&self.policy_traps, counters.policy_traps);
+        let mut out = String::new();
+        encode(&mut out, &self.registry.lock().unwrap())?;
+        Ok(out)
+    }
+}
+
+fn sync(counter: &Counter, value: u64) {
+    let current = counter.get();
+    if value > current {
+        counter.inc_by(value - current);
+    }
+}
