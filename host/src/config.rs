@@ -56,7 +56,7 @@ pub struct Config {
     /// How often the host calls the policy's `maintain`, in seconds (0: never).
     pub maintenance_interval_secs: f64,
     /// Container creations, starts and removals in flight at once; the
-    /// rest queue (executes never do).
+    /// rest queue (executes never do). Default: the number of CPUs (min 2).
     pub max_concurrent_lifecycle_ops: usize,
     /// Idle policy instances kept (one per routing key) before the least
     /// recently used are dropped; they rebuild their cache by adoption.
@@ -120,7 +120,9 @@ impl Default for Config {
             component_cache_dir: crate::runtime::cache::ComponentCache::default_dir(),
             policy_config: Default::default(),
             maintenance_interval_secs: 30.0,
-            max_concurrent_lifecycle_ops: 4,
+            max_concurrent_lifecycle_ops: std::thread::available_parallelism()
+                .map(|n| n.get().max(2))
+                .unwrap_or(2),
             read_only_rootfs: false,
             runtime: None,
             allowed_images: Vec::new(),

@@ -7,6 +7,21 @@ pub const PER_USER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/per_user.w
 /// The per-thread policy, the original behaviour: one container per thread.
 pub const PER_THREAD: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/per_thread.wasm"));
 
+const PER_USER_SHA256: &str = include_str!(concat!(env!("OUT_DIR"), "/per_user.sha256"));
+const PER_THREAD_SHA256: &str = include_str!(concat!(env!("OUT_DIR"), "/per_thread.sha256"));
+
+/// The SHA-256 (hex) of `bytes` when they are a shipped policy, computed
+/// at build time.
+pub fn known_digest(bytes: &[u8]) -> Option<&'static str> {
+    if bytes == PER_USER {
+        Some(PER_USER_SHA256)
+    } else if bytes == PER_THREAD {
+        Some(PER_THREAD_SHA256)
+    } else {
+        None
+    }
+}
+
 /// A shipped policy by name (`per-user`, `per-thread`).
 pub fn builtin(name: &str) -> Option<&'static [u8]> {
     match name {

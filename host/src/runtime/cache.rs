@@ -94,10 +94,11 @@ impl ComponentCache {
 fn key(engine: &Engine, bytes: &[u8]) -> String {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut hasher);
-    let mut digest = Sha256::new();
-    digest.update(bytes);
-    digest.update(hasher.finish().to_le_bytes());
-    hex::encode(&digest.finalize()[..20])
+    let component = match crate::policies::known_digest(bytes) {
+        Some(digest) => digest.to_owned(),
+        None => hex::encode(Sha256::digest(bytes)),
+    };
+    format!("{}-{:016x}", &component[..40], hasher.finish())
 }
 
 fn rand_suffix() -> u64 {
@@ -108,6 +109,15 @@ fn rand_suffix() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn build_time_digests_match_the_shipped_bytes() {
+        for bytes in [crate::policies::PER_USER, crate::policies::PER_THREAD] {
+            let at_build = crate::policies::known_digest(bytes).unwrap();
+            assert_eq!(at_build, hex::encode(Sha256::digest(bytes)));
+        }
+        assert!(crate::policies::known_digest(b"\0asm").is_none());
+    }
 
     #[test]
     fn a_second_load_comes_from_the_cache_and_a_tampered_dir_is_ignored() {
