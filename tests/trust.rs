@@ -148,6 +148,24 @@ async fn garbage_backend_ids_and_forged_or_stolen_containers_are_refused() {
 
     let r = sandbox.get_thread_backend("garbage-1").await;
     assert!(matches!(r, Err(SandboxError::Refused(_))), "{r:?}");
+    // Never another user's sandbox or workspace.
+    for thread in ["hijack-1", "lie-1"] {
+        let r = sandbox.get_thread_backend(thread).await;
+        assert!(
+            matches!(r, Err(SandboxError::Refused(_))),
+            "{thread}: {r:?}"
+        );
+    }
+    let err = sandbox
+        .get_thread_backend("mount-1")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("create: Err(Error::Refused"), "{err}");
+    assert!(
+        !h.containers().iter().any(|c| c.0.ends_with(".mount-1")),
+        "no container mounting alice's files"
+    );
 
     let forger = sandbox
         .get_thread_backend(&format!("forge-{victim}"))

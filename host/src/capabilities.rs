@@ -147,6 +147,14 @@ impl Capabilities {
         policy: &str,
     ) -> Result<ManagedContainer> {
         policy_core::ids::validate_backend(backend_id)?;
+        policy_core::ids::validate_workspace(workspace)?;
+        // A user's workspace is only ever mounted into that user's backends.
+        let owner = policy_core::ids::user_of_backend(backend_id);
+        if workspace != owner {
+            return Err(SandboxError::Refused(format!(
+                "backend {backend_id} belongs to user {owner} and cannot mount workspace {workspace}"
+            )));
+        }
         let path = self.workspaces.prepare(workspace)?;
         let plan = ContainerPlan::new(
             &self.config,

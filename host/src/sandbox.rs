@@ -143,7 +143,7 @@ impl Sandbox {
 
     /// The backend id the policy maps a thread to (no Docker call).
     pub async fn backend_id(&self, thread_id: &str) -> Result<String> {
-        policy_core::ids::parse_thread(thread_id)?;
+        let user = policy_core::ids::parse_thread(thread_id)?.user;
         let id = self
             .inner
             .lanes
@@ -154,6 +154,12 @@ impl Sandbox {
                 "the policy mapped a thread to an invalid backend id: {e}"
             ))
         })?;
+        // Never one user's commands in another user's sandbox.
+        if policy_core::ids::user_of_backend(&id) != user {
+            return Err(SandboxError::Refused(format!(
+                "the policy mapped a thread of user {user} to backend {id}, which belongs to another user"
+            )));
+        }
         Ok(id)
     }
 
@@ -172,8 +178,13 @@ impl Sandbox {
                 backend.id
             )));
         }
-        policy_core::ids::validate_user(&backend.user_id)?;
-        policy_core::ids::validate_workspace(&backend.workspace)?;
+        let user = policy_core::ids::user_of_backend(&key);
+        if backend.user_id != user || backend.workspace != user {
+            return Err(SandboxError::Refused(format!(
+                "the policy's backend for a thread of user {user} names user {:?} and workspace {:?}",
+                backend.user_id, backend.workspace
+            )));
+        }
         Ok(Backend {
             id: backend.id,
             user_id: backend.user_id,

@@ -42,6 +42,15 @@ pub fn parse_thread(thread_id: &str) -> Result<ThreadId<'_>> {
     Ok(ThreadId { user, rest })
 }
 
+/// The user a backend belongs to: its id up to the first `-`. The host
+/// requires every backend of a thread to belong to the thread's user, and a
+/// backend's workspace to be that user's.
+pub fn user_of_backend(backend_id: &str) -> &str {
+    backend_id
+        .split_once('-')
+        .map_or(backend_id, |(user, _)| user)
+}
+
 /// Validates a user id.
 pub fn validate_user(user_id: &str) -> Result<()> {
     check_user(user_id).map_err(|e| invalid(format!("user id {}: {e}", shown(user_id))))

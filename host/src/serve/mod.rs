@@ -12,7 +12,6 @@ mod metrics;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 
@@ -115,8 +114,5 @@ fn spawn_reload_on_sighup(state: Arc<AppState>, path: PathBuf) -> anyhow::Result
     Ok(())
 }
 
-/// The default body limit: 64 MiB (a 50 MB upload, base64-encoded, fits).
+/// The default body limit: 96 MiB (a 50 MB upload, base64-encoded, fits).
 pub const DEFAULT_BODY_LIMIT: usize = 96 * 1024 * 1024;
-
-/// A small pause used by tests to let a server come up.
-pub const STARTUP_GRACE: Duration = Duration::from_millis(50);
