@@ -480,7 +480,7 @@ async fn demo(config: Config) -> anyhow::Result<ExitCode> {
     for (thread, command) in [
         (
             "alice-1",
-            "echo 'written by thread alice-1' > note.txt; echo \"container $(hostname)\"",
+            "echo written by thread alice-1 > note.txt; echo \"container $(hostname)\"",
         ),
         ("alice-2", "echo \"container $(hostname)\"; cat note.txt"),
         (
@@ -491,7 +491,8 @@ async fn demo(config: Config) -> anyhow::Result<ExitCode> {
         let backend = sandbox.get_thread_backend(thread).await?;
         let out = backend.execute(command).await?;
         let container = backend.ensure_container().await?;
-        println!("\n$ sandbox exec {thread} -- '{command}'");
+        let shown = shlex::try_quote(command).unwrap_or(command.into());
+        println!("\n$ sandbox exec {thread} -- {shown}");
         println!("  backend {} -> container {}", backend.id(), container.name);
         for line in out.output.lines() {
             println!("  | {line}");

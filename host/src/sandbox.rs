@@ -229,10 +229,7 @@ impl Sandbox {
         max_age: Option<std::time::Duration>,
         dry_run: bool,
     ) -> Result<Vec<GcEntry>> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+        let now = (crate::capabilities::now_ms() / 1000) as i64;
         // First the policy's own housekeeping (idle TTL, capacity).
         if !dry_run {
             let removed = self.maintain().await?;
@@ -486,9 +483,12 @@ impl Backend {
             .iter()
             .map(|u| files::resolve_file_path(&u.path))
             .collect();
-        let checked = self.check_paths(files::UPLOAD_CHECK, &lexical).await?;
-        let owner = self.sandbox.config().sandbox_user();
+        // One ensure for the whole batch: the check and the transfers use it.
         let container = self.ensure_container().await?;
+        let checked = self
+            .check_paths(&container.id, files::UPLOAD_CHECK, &lexical)
+            .await?;
+        let owner = self.sandbox.config().sandbox_user();
         let provider = self.sandbox.inner.caps.provider();
         let mut results = Vec::with_capacity(uploads.len());
         for (upload, check) in uploads.iter().zip(checked) {
@@ -520,8 +520,10 @@ impl Backend {
     /// the content or a typed error.
     pub async fn download_files(&self, paths: &[String]) -> Result<Vec<DownloadResult>> {
         let lexical: Vec<_> = paths.iter().map(|p| files::resolve_file_path(p)).collect();
-        let checked = self.check_paths(files::DOWNLOAD_CHECK, &lexical).await?;
         let container = self.ensure_container().await?;
+        let checked = self
+            .check_paths(&container.id, files::DOWNLOAD_CHECK, &lexical)
+            .await?;
         let provider = self.sandbox.inner.caps.provider();
         let mut results = Vec::with_capacity(paths.len());
         for (path, check) in paths.iter().zip(checked) {
@@ -555,6 +557,7 @@ impl Backend {
     /// paths; invalid ones keep their lexical error.
     async fn check_paths(
         &self,
+        container_id: &str,
         script: &str,
         lexical: &[std::result::Result<String, FileError>],
     ) -> Result<Vec<std::result::Result<String, FileError>>> {
@@ -571,13 +574,12 @@ impl Backend {
             1 << 20,
             config.exec_timeout(),
         )?;
-        let container = self.ensure_container().await?;
         let out = self
             .sandbox
             .inner
             .caps
             .provider()
-            .exec(&container.id, &request, None)
+            .exec(container_id, &request, None)
             .await?;
         let mut answers = files::parse_check(&out.output, valid.len())
             .ok_or_else(|| {
