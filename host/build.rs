@@ -26,6 +26,8 @@ fn main() {
         .unwrap_or(&out_dir)
         .join("wasm-guests");
 
+    ensure_wasm_target();
+
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&workspace)
@@ -83,6 +85,36 @@ fn main() {
         workspace.join("guest").display()
     );
     println!("cargo:rerun-if-changed=build.rs");
+}
+
+/// rustup installs the targets of `rust-toolchain.toml` only together with a
+/// toolchain it installs; a toolchain that was already there lacks them. Add
+/// the wasm target then, so `cargo run` works on a machine that never heard of
+/// it.
+fn ensure_wasm_target() {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let sysroot = Command::new(&rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    let Some(sysroot) = sysroot else { return };
+    if sysroot.join("lib/rustlib/wasm32-wasip2").is_dir() {
+        return;
+    }
+    let mut rustup = Command::new("rustup");
+    rustup.args(["target", "add", "wasm32-wasip2"]);
+    if let Some(toolchain) = std::env::var_os("RUSTUP_TOOLCHAIN") {
+        rustup.arg("--toolchain").arg(toolchain);
+    }
+    match rustup.status() {
+        Ok(status) if status.success() => {}
+        _ => println!(
+            "cargo:warning=the wasm32-wasip2 target is missing and `rustup target add \
+             wasm32-wasip2` failed; install it by hand"
+        ),
+    }
 }
 
 /// Cargo's dep-info file lists every source of the guest: rebuild on any change.
