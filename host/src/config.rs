@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 /// The image `sandbox image build` produces; used when none is configured.
 pub const DEFAULT_IMAGE: &str = "sandbox-busybox:latest";
 
+/// The `network` value that gives sandboxes no network at all.
+pub const NETWORK_NONE: &str = "none";
+
 /// Everything the host decides on behalf of policies.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -42,6 +45,10 @@ pub struct Config {
     /// Mount the container's root filesystem read-only (with a writable
     /// tmpfs `/tmp`); `/workspace` stays writable.
     pub read_only_rootfs: bool,
+    /// Network of every sandbox container: `none` (no network at all), or
+    /// the name of a Docker network the operator created. The host decides
+    /// it; a policy cannot.
+    pub network: String,
     /// OCI runtime for sandbox containers (for example `runsc`); the
     /// engine's default when unset.
     pub runtime: Option<String>,
@@ -124,6 +131,7 @@ impl Default for Config {
                 .map(|n| n.get().max(2))
                 .unwrap_or(2),
             read_only_rootfs: false,
+            network: NETWORK_NONE.to_owned(),
             runtime: None,
             allowed_images: Vec::new(),
         }

@@ -26,6 +26,8 @@ pub struct ContainerPlan {
     pub limits: Limits,
     pub command: Vec<String>,
     pub read_only_rootfs: bool,
+    /// `none`, or the Docker network the operator configured.
+    pub network: String,
     pub runtime: Option<String>,
 }
 
@@ -49,6 +51,7 @@ impl ContainerPlan {
             limits: config.limits.clone(),
             command: IDLE_COMMAND.iter().map(|s| s.to_string()).collect(),
             read_only_rootfs: config.read_only_rootfs,
+            network: config.network.clone(),
             runtime: config.runtime.clone(),
         }
     }
