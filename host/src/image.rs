@@ -1,12 +1,16 @@
-//! The sandbox image: present locally, pulled when a registry answers, or
-//! built from the recipe in `host/image/` with a static busybox (no
-//! registry needed).
+//! The sandbox image: present locally, else (the default image) an upstream
+//! busybox pulled from a registry when one answers, else built from the
+//! recipe in `host/image/` around a static busybox: the machine's own, or
+//! Debian's busybox-static fetched with `apt-get download` into a temporary
+//! directory (nothing is installed system-wide).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use bollard::query_parameters::{BuildImageOptionsBuilder, CreateImageOptionsBuilder};
+use bollard::query_parameters::{
+    BuildImageOptionsBuilder, CreateImageOptionsBuilder, TagImageOptionsBuilder,
+};
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -19,6 +23,13 @@ const GROUP: &str = include_str!("../image/group");
 /// Where Debian's busybox-static installs its binary.
 pub const DEFAULT_BUSYBOX: &str = "/bin/busybox";
 
+/// The upstream image tagged as the default one where a registry answers
+/// (statically linked, like the recipe's).
+pub const UPSTREAM_BUSYBOX: &str = "busybox:musl";
+
+/// The Debian package whose `/bin/busybox` the recipe is built around.
+const BUSYBOX_PACKAGE: &str = "busybox-static";
+
 /// Whether the image exists locally.
 pub async fn exists(provider: &DockerProvider, image: &str) -> anyhow::Result<bool> {
     let docker = provider.client().await?;
@@ -27,37 +38,58 @@ pub async fn exists(provider: &DockerProvider, image: &str) -> anyhow::Result<bo
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 404, ..
         }) => Ok(false),
-        Err(e) => Err(e).context("inspecting the image"),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "inspecting the image {image} (Docker at {})",
+                provider.endpoint()
+            )
+        }),
     }
 }
 
-/// Makes sure `image` is available: present, else pulled (with a progress
-/// bar), else, for the default image only, built from the recipe.
+/// Makes sure `image` is available. The default image, our own tag, can
+/// never be pulled as such: an upstream busybox is pulled and tagged when a
+/// registry answers, else the recipe is built. Any other image is pulled.
 pub async fn ensure(provider: &DockerProvider, image: &str) -> anyhow::Result<()> {
     if exists(provider, image).await? {
         return Ok(());
     }
-    tracing::info!(image, "image not present locally; trying to pull it");
-    let pull_error = match pull(provider, image).await {
-        Ok(()) => return Ok(()),
-        Err(e) => e,
-    };
     if image == crate::config::DEFAULT_IMAGE {
-        tracing::info!(
-            image,
-            "pull failed ({pull_error:#}); building it from the local recipe"
-        );
-        return build(provider, image, Path::new(DEFAULT_BUSYBOX))
+        match pull_and_tag(provider, UPSTREAM_BUSYBOX, image).await {
+            Ok(()) => return Ok(()),
+            Err(e) => tracing::info!(
+                image,
+                "no registry for {UPSTREAM_BUSYBOX} ({e:#}); building the image locally"
+            ),
+        }
+        return build(provider, image, None)
             .await
-            .with_context(|| {
-                format!("building the default image {image} (pulling failed: {pull_error:#})")
-            });
+            .with_context(|| format!("building the default image {image}"));
     }
-    bail!(
-        "image {image:?} is not available: pulling failed ({pull_error:#}). Build a local image with \
-         `sandbox image build --tag {image}` (needs busybox-static: apt-get install busybox-static), \
-         or point SANDBOX_IMAGE at an image you have (`docker images`)"
-    )
+    tracing::info!(image, "image not present locally; trying to pull it");
+    pull(provider, image).await.with_context(|| {
+        format!(
+            "image {image:?} is not available and pulling it failed. Build a local image with \
+             `sandbox image build --tag {image}`, or point SANDBOX_IMAGE at an image you have \
+             (`docker images`)"
+        )
+    })
+}
+
+async fn pull_and_tag(provider: &DockerProvider, upstream: &str, tag: &str) -> anyhow::Result<()> {
+    pull(provider, upstream).await?;
+    let (repo, version) = tag.rsplit_once(':').unwrap_or((tag, "latest"));
+    let options = TagImageOptionsBuilder::default()
+        .repo(repo)
+        .tag(version)
+        .build();
+    let docker = provider.client().await?;
+    docker
+        .tag_image(upstream, Some(options))
+        .await
+        .with_context(|| format!("tagging {upstream} as {tag}"))?;
+    tracing::info!(image = tag, upstream, "pulled and tagged the sandbox image");
+    Ok(())
 }
 
 /// Pulls an image, showing progress.
@@ -78,9 +110,25 @@ pub async fn pull(provider: &DockerProvider, image: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Builds the recipe image with the busybox binary at `busybox`.
-pub async fn build(provider: &DockerProvider, tag: &str, busybox: &Path) -> anyhow::Result<()> {
-    let context = build_context(busybox)?;
+/// Builds the recipe image around the static busybox at `busybox`, or, when
+/// `None`, the machine's `/bin/busybox` if static, else Debian's
+/// busybox-static fetched into a temporary directory.
+pub async fn build(
+    provider: &DockerProvider,
+    tag: &str,
+    busybox: Option<&Path>,
+) -> anyhow::Result<()> {
+    let binary = match busybox {
+        Some(path) => read_static_busybox(path)?,
+        None => match read_static_busybox(Path::new(DEFAULT_BUSYBOX)) {
+            Ok(bytes) => bytes,
+            Err(local) => {
+                tracing::debug!("no usable local busybox ({local:#})");
+                fetch_debian_busybox().await?
+            }
+        },
+    };
+    let context = build_context(&binary)?;
     let docker = provider.client().await?;
     let options = BuildImageOptionsBuilder::default()
         .t(tag)
@@ -111,14 +159,13 @@ pub async fn build(provider: &DockerProvider, tag: &str, busybox: &Path) -> anyh
 }
 
 /// The in-memory tar context: Dockerfile, passwd, group, busybox.
-pub fn build_context(busybox: &Path) -> anyhow::Result<Vec<u8>> {
-    let binary = read_static_busybox(busybox)?;
+pub fn build_context(binary: &[u8]) -> anyhow::Result<Vec<u8>> {
     let mut tar = tar::Builder::new(Vec::new());
     for (name, data, mode) in [
         ("Dockerfile", DOCKERFILE.as_bytes(), 0o644),
         ("passwd", PASSWD.as_bytes(), 0o644),
         ("group", GROUP.as_bytes(), 0o644),
-        ("busybox", binary.as_slice(), 0o755),
+        ("busybox", binary, 0o755),
     ] {
         let mut header = tar::Header::new_gnu();
         header.set_size(data.len() as u64);
@@ -129,9 +176,72 @@ pub fn build_context(busybox: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(tar.into_inner()?)
 }
 
+/// Fetches Debian's busybox-static with `apt-get download` (no root needed,
+/// nothing installed) and extracts its binary with `dpkg-deb -x`.
+async fn fetch_debian_busybox() -> anyhow::Result<Vec<u8>> {
+    let dir = tempfile::tempdir().context("creating a temporary directory")?;
+    let bar = spinner(format!(
+        "fetching Debian's {BUSYBOX_PACKAGE} for the sandbox image (apt-get download)"
+    ));
+    let result = download_and_extract(dir.path()).await;
+    bar.finish_and_clear();
+    let binary = result?;
+    read_static_busybox(&binary)
+}
+
+async fn download_and_extract(dir: &Path) -> anyhow::Result<PathBuf> {
+    let no_apt = || {
+        format!(
+            "a static busybox is needed to build the sandbox image, and this machine has neither \
+             {DEFAULT_BUSYBOX} (static) nor apt-get to fetch Debian's {BUSYBOX_PACKAGE}: pass \
+             --busybox PATH to a statically linked busybox, or set SANDBOX_IMAGE to an image you \
+             have"
+        )
+    };
+    let output = tokio::process::Command::new("apt-get")
+        .args(["download", BUSYBOX_PACKAGE])
+        .current_dir(dir)
+        .output()
+        .await
+        .with_context(no_apt)?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let empty_lists = stderr.contains("Unable to locate package")
+            || stderr.contains("no installation candidate")
+            || stderr.contains("Can't select");
+        if empty_lists {
+            bail!(
+                "apt-get knows no package {BUSYBOX_PACKAGE}: the package lists are empty, as on \
+                 many fresh images. Run `apt-get update` (as root) and try again, or pass \
+                 --busybox PATH to a statically linked busybox"
+            );
+        }
+        bail!(
+            "`apt-get download {BUSYBOX_PACKAGE}` failed: {}",
+            stderr.trim()
+        );
+    }
+    let deb = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download reported success but left no .deb")?;
+    let root = dir.join("root");
+    let status = tokio::process::Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&root)
+        .status()
+        .await
+        .context("running dpkg-deb (Debian's dpkg) to extract busybox-static")?;
+    if !status.success() {
+        bail!("dpkg-deb -x {} failed ({status})", deb.display());
+    }
+    Ok(root.join("bin/busybox"))
+}
+
 fn read_static_busybox(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let hint =
-        "install Debian's busybox-static (apt-get install busybox-static) or pass --busybox PATH";
+    let hint = "pass --busybox PATH to a statically linked busybox (Debian: busybox-static)";
     let mut bytes = Vec::new();
     std::fs::File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
@@ -165,11 +275,6 @@ fn elf_has_interpreter(elf: &[u8]) -> Option<bool> {
         }
     }
     Some(false)
-}
-
-/// The busybox to use: the flag, else Debian's path.
-pub fn busybox_path(flag: Option<PathBuf>) -> PathBuf {
-    flag.unwrap_or_else(|| PathBuf::from(DEFAULT_BUSYBOX))
 }
 
 fn spinner(message: String) -> ProgressBar {

@@ -137,7 +137,8 @@ enum ImageCommand {
     Build {
         #[arg(long, default_value = sandbox_host::config::DEFAULT_IMAGE)]
         tag: String,
-        /// A statically linked busybox binary.
+        /// A statically linked busybox binary (default: /bin/busybox when it is
+        /// static, else Debian's busybox-static fetched with `apt-get download`).
         #[arg(long)]
         busybox: Option<PathBuf>,
     },
@@ -459,7 +460,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Image(ImageCommand::Build { tag, busybox }) => {
             let provider = DockerProvider::from_config(&config);
-            image::build(&provider, &tag, &image::busybox_path(busybox)).await?;
+            image::build(&provider, &tag, busybox.as_deref()).await?;
             println!("built {tag}");
             Ok(ExitCode::SUCCESS)
         }

@@ -312,7 +312,7 @@ impl ContainerProvider for DockerProvider {
                 ProviderError::ImageMissing(m) | ProviderError::NotFound(m) => {
                     ProviderError::ImageMissing(format!(
                         "image {:?} is not available locally ({m}); build the local image with \
-                     `sandbox image build` (needs busybox-static: apt-get install busybox-static), \
+                     `sandbox image build` (it fetches Debian's busybox-static when needed), \
                      or `docker pull {}` where a registry is reachable",
                         plan.image, plan.image
                     ))

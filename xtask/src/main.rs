@@ -1,0 +1,245 @@
+//! `cargo xtask test`: the README's test command. On a machine with only a
+//! Rust toolchain and a Docker engine it prepares what the suites need and
+//! runs them all, stopping at the first failure:
+//!
+//! 1. the wasm target (the policy components are built for it);
+//! 2. format and lints (native and wasm);
+//! 3. the local sandbox image (`sandbox image build` when it is missing);
+//! 4. a virtualenv under `target/xtask/venv` with the Python client's test
+//!    dependencies (installs Debian's `python3-venv` when `venv` is missing);
+//! 5. unit, integration and doc tests; the binaries; the Python suite;
+//!    the benchmark's smoke run; the server image's deploy smoke test.
+//!
+//! Only std: this must build in seconds before anything else exists.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+const USAGE: &str = "usage: cargo xtask test [--no-lint] [--skip STEP]...\n\
+steps: lint, rust, python, bench, deploy";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("test") => match Options::parse(&args[1..]) {
+            Ok(options) => report(test(&options)),
+            Err(e) => {
+                eprintln!("{e}\n{USAGE}");
+                ExitCode::from(2)
+            }
+        },
+        _ => {
+            eprintln!("{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+struct Options {
+    skip: Vec<String>,
+}
+
+impl Options {
+    fn parse(args: &[String]) -> Result<Options, String> {
+        let mut skip = Vec::new();
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            match arg.as_str() {
+                "--no-lint" => skip.push("lint".to_owned()),
+                "--skip" => skip.push(it.next().ok_or("--skip needs a step")?.clone()),
+                other => return Err(format!("unknown argument {other:?}")),
+            }
+        }
+        Ok(Options { skip })
+    }
+
+    fn runs(&self, step: &str) -> bool {
+        !self.skip.iter().any(|s| s == step)
+    }
+}
+
+fn report(result: Result<Vec<(String, f64)>, String>) -> ExitCode {
+    match result {
+        Ok(timings) => {
+            println!("\n==> all suites passed");
+            for (step, secs) in timings {
+                println!("    {secs:>7.1}s  {step}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("\n==> FAILED: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn test(options: &Options) -> Result<Vec<(String, f64)>, String> {
+    let root = workspace_root();
+    std::env::set_current_dir(&root).map_err(|e| format!("cd {}: {e}", root.display()))?;
+    let mut steps = Steps::default();
+
+    steps.run("docker engine", || {
+        // Tests against the engine must fail loudly, never skip.
+        sh(Command::new("docker").args([
+            "version",
+            "--format",
+            "engine {{.Server.Version}} (API {{.Server.APIVersion}})",
+        ]))
+        .map_err(|e| format!("{e}: the tests need a running Docker engine"))
+    })?;
+    steps.run("wasm target", || {
+        sh(Command::new("rustup").args(["target", "add", "wasm32-wasip2"]))
+    })?;
+    if options.runs("lint") {
+        steps.run("format and lints", || {
+            cargo(&["fmt", "--all", "--", "--check"])?;
+            cargo(&[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--locked",
+                "--",
+                "-D",
+                "warnings",
+            ])?;
+            let mut wasm = vec!["clippy", "--target", "wasm32-wasip2", "--locked"];
+            for crate_name in WASM_CRATES {
+                wasm.extend(["-p", crate_name]);
+            }
+            wasm.extend(["--", "-D", "warnings"]);
+            cargo(&wasm)
+        })?;
+    }
+    steps.run("binaries and the sandbox image", || {
+        cargo(&["build", "--locked", "--bins"])?;
+        let image = std::env::var("SANDBOX_TEST_IMAGE")
+            .unwrap_or_else(|_| "sandbox-busybox:latest".to_owned());
+        let present = Command::new("docker")
+            .args(["image", "inspect", "--format", "{{.Id}}", &image])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if present {
+            println!("{image} is present");
+            Ok(())
+        } else {
+            sh(Command::new(root.join("target/debug/sandbox")).args([
+                "image", "build", "--tag", &image,
+            ]))
+        }
+    })?;
+    if options.runs("rust") {
+        steps.run("rust tests (unit, integration against Docker, doc)", || {
+            cargo(&["test", "--workspace", "--locked"])
+        })?;
+    }
+    if options.runs("python") {
+        let python = steps.run("python virtualenv", || python_venv(&root))?;
+        steps.run("python client tests against sandbox serve", || {
+            sh(Command::new(&python).args(["-m", "pytest", "-q", "clients/python/tests"]))
+        })?;
+    }
+    if options.runs("bench") {
+        steps.run("benchmark smoke run", || {
+            sh(&mut Command::new(root.join("target/debug/sandbox-bench")).arg("--smoke"))
+        })?;
+    }
+    if options.runs("deploy") && root.join("deploy/smoke.sh").exists() {
+        steps.run("server image deploy smoke test", || {
+            sh(Command::new("bash").arg("deploy/smoke.sh"))
+        })?;
+    }
+    Ok(steps.timings)
+}
+
+/// The guest crates, linted for the target they are built for.
+const WASM_CRATES: [&str; 6] = [
+    "per-user",
+    "per-thread",
+    "policy-core",
+    "hostile-policy",
+    "broken-policy",
+    "other-world",
+];
+
+#[derive(Default)]
+struct Steps {
+    timings: Vec<(String, f64)>,
+}
+
+impl Steps {
+    fn run<T>(
+        &mut self,
+        name: &str,
+        step: impl FnOnce() -> Result<T, String>,
+    ) -> Result<T, String> {
+        println!("\n==> {name}");
+        let started = Instant::now();
+        let out = step().map_err(|e| format!("{name}: {e}"))?;
+        let secs = started.elapsed().as_secs_f64();
+        println!("    ({secs:.1}s)");
+        self.timings.push((name.to_owned(), secs));
+        Ok(out)
+    }
+}
+
+/// A virtualenv with the Python client and its test extra, created once.
+fn python_venv(root: &Path) -> Result<PathBuf, String> {
+    let venv = root.join("target/xtask/venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        if sh(Command::new("python3").args(["-m", "venv"]).arg(&venv)).is_err() {
+            // Debian splits venv (and ensurepip) into python3-venv.
+            println!("python3 -m venv failed; installing Debian's python3-venv (test-only)");
+            let _ = std::fs::remove_dir_all(&venv);
+            apt_install(&["python3-venv"])?;
+            sh(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        }
+    }
+    sh(Command::new(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "-e",
+        "clients/python[test]",
+    ]))?;
+    Ok(python)
+}
+
+fn apt_install(packages: &[&str]) -> Result<(), String> {
+    let install = || {
+        sh(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(packages))
+    };
+    install().or_else(|_| {
+        sh(Command::new("apt-get").arg("update"))?;
+        install()
+    })
+}
+
+fn cargo(args: &[&str]) -> Result<(), String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    sh(Command::new(cargo).args(args))
+}
+
+fn sh(cmd: &mut Command) -> Result<(), String> {
+    let shown = format!("{cmd:?}");
+    match cmd.status() {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(format!("{shown} failed ({status})")),
+        Err(e) => Err(format!("{shown} could not start: {e}")),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    // xtask/ sits in the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask/ has a parent")
+        .to_path_buf()
+}
