@@ -55,8 +55,10 @@ async fn a_policy_cannot_escape_the_workspace_root() {
     let sandbox = h.sandbox_with(config, hostile()).await;
     let err = sandbox.get_thread_backend("escape-1").await.unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("prepare: Err(Error::InvalidId"), "{text}");
-    assert!(text.contains("create: Err(Error::InvalidId"), "{text}");
+    // Refused twice over: another user's workspace, and a create outside
+    // ensure-container (the ids would be invalid too).
+    assert!(text.contains("prepare: Err(Error::Refused"), "{text}");
+    assert!(text.contains("create: Err(Error::Refused"), "{text}");
     // "{root}/../../etc" would be outside/etc.
     let beside: Vec<_> = std::fs::read_dir(outside.path())
         .unwrap()
@@ -505,4 +507,105 @@ async fn gc_removes_orphans_of_another_policy_and_never_unlabelled_containers() 
 fn the_shipped_policies_are_components_of_the_world() {
     assert_eq!(&policies::PER_USER[..4], b"\0asm");
     assert_eq!(&policies::PER_THREAD[4..8], &[0x0d, 0, 1, 0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_policy_sleeping_through_wasi_is_cut_off_at_its_wall_clock_budget() {
+    // The bug: a 3600 s sleep (wasi clocks + poll, outside the CPU deadline)
+    // hung `sandbox exec`, and the user's later requests queued behind it.
+    let h = Harness::new("sleep");
+    let config = Config {
+        policy_call_timeout_ms: 800,
+        ..h.config()
+    };
+    let sandbox = h.sandbox_with(config, hostile()).await;
+    for _ in 0..2 {
+        let start = Instant::now();
+        let r = sandbox.get_thread_backend("sleep-1").await;
+        let took = start.elapsed();
+        let err = r.unwrap_err();
+        assert!(matches!(err, SandboxError::PolicyTrap(_)), "{err}");
+        assert!(err.to_string().contains("wall-clock budget"), "{err}");
+        assert!(took < Duration::from_millis(800 + 1200), "took {took:?}");
+    }
+    let bob = sandbox.get_thread_backend("bob-1").await.unwrap();
+    assert_eq!(bob.execute("echo ok").await.unwrap().output, "ok\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_loop_over_cheap_imports_is_stopped_by_the_host_call_budget() {
+    // The bug: time in host calls was not counted, so one call made 4,000 to
+    // 9,000 Docker API calls or logged 9,900 lines over 8 to 12 s.
+    let h = Harness::new("chatty");
+    let config = Config {
+        policy_host_calls: 50,
+        ..h.config()
+    };
+    let sandbox = h.sandbox_with(config, hostile()).await;
+    let start = Instant::now();
+    let err = sandbox.get_thread_backend("chatty-1").await.unwrap_err();
+    assert!(matches!(err, SandboxError::PolicyTrap(_)), "{err}");
+    assert!(err.to_string().contains("more than 50 host calls"), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_policy_call_creates_at_most_its_own_backends_container() {
+    // The bugs: one call created 60 containers in 1.3 s; a lane created and
+    // started containers for other users.
+    let h = Harness::new("spree");
+    let sandbox = h.sandbox_with(h.config(), hostile()).await;
+    let spree = sandbox.get_thread_backend("spree-1").await.unwrap();
+    let err = spree.ensure_container().await.unwrap_err().to_string();
+    assert!(
+        err.contains("not allowed in ensure-container of backend spree-1"),
+        "{err}"
+    );
+    assert!(h.containers().is_empty(), "{:?}", h.containers());
+
+    let poach = sandbox.get_thread_backend("poach-alice").await.unwrap();
+    let err = poach.ensure_container().await.unwrap_err().to_string();
+    assert!(err.contains("create: Err(Error::Refused"), "{err}");
+    assert!(h.containers().is_empty(), "{:?}", h.containers());
+    assert!(
+        !h.root.path().join("alice").exists(),
+        "no workspace for alice either"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn maintain_may_only_look_up_and_remove_and_its_error_is_bounded_and_escaped() {
+    // The bug: maintain's 5 MB error was logged verbatim, with a forged line.
+    let h = Harness::new("gremlin");
+    let sandbox = h.sandbox_with(h.config(), hostile()).await;
+    let err = sandbox.maintain().await.unwrap_err().to_string();
+    assert!(err.contains("create: Err(Error::Refused"), "{err:.300}");
+    assert!(err.contains("prepare: Err(Error::Refused"), "{err:.300}");
+    assert!(!err.contains('\n') && !err.contains('\x1b'), "{err:.300}");
+    assert!(err.len() < 4096, "{} bytes", err.len());
+    assert!(h.containers().is_empty());
+    assert!(!h.root.path().join("gremlin").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_dropped_mid_call_leaves_the_lane_usable() {
+    // The bug: a client that disconnected during a cold start left the
+    // instance mid-call; the user's next request failed with
+    // "cannot enter component instance".
+    let h = Harness::new("nap");
+    let sandbox = h.sandbox_with(h.config(), hostile()).await;
+    for _ in 0..3 {
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(100),
+            sandbox.get_thread_backend("nap-1"),
+        )
+        .await;
+        assert!(dropped.is_err(), "the call was still running");
+        let b = sandbox.get_thread_backend("nap-1").await.unwrap();
+        assert_eq!(b.id(), "nap-1");
+    }
 }

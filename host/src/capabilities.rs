@@ -18,6 +18,7 @@ use crate::error::{Result, SandboxError};
 use crate::naming::{self, label};
 use crate::plan::ContainerPlan;
 use crate::provider::{ContainerProvider, ContainerRecord, ProviderError, Status};
+use crate::runtime::containment::{excused_wait, MemoryPool};
 use crate::workspace::Workspaces;
 
 /// A container this host labelled, as policies and `sandbox ls` see it.
@@ -57,6 +58,10 @@ pub struct Capabilities {
     lifecycle_slots: tokio::sync::Semaphore,
     /// Containers this host created (adoptions excluded).
     pub created: std::sync::atomic::AtomicU64,
+    /// backend id -> creation times within the last minute (rate cap).
+    recent_creates: Mutex<HashMap<String, Vec<std::time::Instant>>>,
+    /// The budget every policy instance's memories and tables draw from.
+    policy_memory: Arc<MemoryPool>,
 }
 
 impl Capabilities {
@@ -64,21 +69,52 @@ impl Capabilities {
         let workspaces = Workspaces::new(config.workspace_root.clone(), config.sandbox_user());
         let config_slots = config.max_concurrent_lifecycle_ops.max(1);
         Capabilities {
-            config,
             provider,
             workspaces,
             vetted: Mutex::new(HashMap::new()),
             last_used: Mutex::new(HashMap::new()),
             lifecycle_slots: tokio::sync::Semaphore::new(config_slots),
             created: Default::default(),
+            recent_creates: Mutex::new(HashMap::new()),
+            policy_memory: MemoryPool::new(config.policy_memory_total_bytes),
+            config,
         }
     }
 
+    /// A slot for a create / start / remove. The wait is the host's queue,
+    /// not the policy's doing: it is not charged to a policy call's budget.
     async fn lifecycle_slot(&self) -> tokio::sync::SemaphorePermit<'_> {
-        self.lifecycle_slots
-            .acquire()
+        excused_wait(self.lifecycle_slots.acquire())
             .await
             .expect("the semaphore is never closed")
+    }
+
+    /// The host-wide budget of policy instance memory.
+    pub fn policy_memory(&self) -> &Arc<MemoryPool> {
+        &self.policy_memory
+    }
+
+    /// Counts a creation for `backend_id`, refusing beyond
+    /// `max_creates_per_backend_per_minute` (a create/remove loop).
+    fn admit_create(&self, backend_id: &str) -> Result<()> {
+        let window = std::time::Duration::from_secs(60);
+        let now = std::time::Instant::now();
+        let mut recent = self.recent_creates.lock().unwrap();
+        // Forget backends with no creation in the window: the map stays small.
+        if recent.len() > 1024 {
+            recent.retain(|_, times| times.iter().any(|t| now - *t < window));
+        }
+        let times = recent.entry(backend_id.to_owned()).or_default();
+        times.retain(|t| now - *t < window);
+        let max = self.config.max_creates_per_backend_per_minute as usize;
+        if times.len() >= max {
+            return Err(SandboxError::Refused(format!(
+                "backend {backend_id} had {max} containers created in the last minute; \
+                 refusing more (max_creates_per_backend_per_minute)"
+            )));
+        }
+        times.push(now);
+        Ok(())
     }
 
     /// Records a use of a container (for idle and LRU decisions).
@@ -155,6 +191,7 @@ impl Capabilities {
                 "backend {backend_id} belongs to user {owner} and cannot mount workspace {workspace}"
             )));
         }
+        self.admit_create(backend_id)?;
         let path = self.workspaces.prepare(workspace)?;
         let plan = ContainerPlan::new(
             &self.config,
@@ -211,10 +248,26 @@ impl Capabilities {
 
     /// Starts a container this host labelled.
     pub async fn start(&self, container_id: &str) -> Result<()> {
+        self.start_if(container_id, |_| true).await
+    }
+
+    /// Starts a container this host labelled for `backend_id` (a lane
+    /// never starts another backend's container).
+    pub async fn start_for(&self, container_id: &str, backend_id: &str) -> Result<()> {
+        self.start_if(container_id, |b| b == backend_id).await
+    }
+
+    async fn start_if(&self, container_id: &str, backend_ok: impl Fn(&str) -> bool) -> Result<()> {
         let owned = self
             .inspect(container_id)
             .await?
             .ok_or_else(|| SandboxError::NotFound(format!("container {container_id}")))?;
+        if !backend_ok(&owned.backend_id) {
+            return Err(SandboxError::Refused(format!(
+                "container {} belongs to backend {}, not to the calling lane's",
+                owned.name, owned.backend_id
+            )));
+        }
         let _slot = self.lifecycle_slot().await;
         Ok(self.provider.start(&owned.id).await?)
     }

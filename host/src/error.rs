@@ -29,7 +29,38 @@ pub enum SandboxError {
     Other(String),
 }
 
+/// Characters of policy-supplied text kept in an error or a log line.
+pub const POLICY_TEXT_MAX_CHARS: usize = 512;
+
+/// Text that came from a policy, made safe for a log, a terminal or an HTTP
+/// body: at most [`POLICY_TEXT_MAX_CHARS`] characters, control characters
+/// (newlines, escapes) shown escaped, so it can neither flood nor forge.
+pub fn policy_text(text: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == POLICY_TEXT_MAX_CHARS {
+            out.push_str("[...]");
+            break;
+        }
+        // Also the invisible bidi and zero-width marks that reorder a line.
+        let invisible = matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+            | '\u{2066}'..='\u{2069}' | '\u{FEFF}');
+        if c.is_control() || invisible || c == '\\' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl SandboxError {
+    /// A trap of a policy instance, its message (which may quote the
+    /// component: names, traps) bounded and escaped.
+    pub fn policy_trap(message: &str) -> Self {
+        SandboxError::PolicyTrap(policy_text(message))
+    }
+
     /// A short stable name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -56,14 +87,15 @@ impl From<policy_core::Error> for SandboxError {
     }
 }
 
+/// A policy's error: its text is the policy's, so it is bounded and escaped.
 impl From<WitError> for SandboxError {
     fn from(e: WitError) -> Self {
         match e {
-            WitError::InvalidId(m) => SandboxError::InvalidId(m),
-            WitError::DockerUnavailable(m) => SandboxError::DockerUnavailable(m),
-            WitError::Refused(m) => SandboxError::Refused(m),
-            WitError::NotFound(m) => SandboxError::NotFound(m),
-            WitError::Other(m) => SandboxError::Other(m),
+            WitError::InvalidId(m) => SandboxError::InvalidId(policy_text(&m)),
+            WitError::DockerUnavailable(m) => SandboxError::DockerUnavailable(policy_text(&m)),
+            WitError::Refused(m) => SandboxError::Refused(policy_text(&m)),
+            WitError::NotFound(m) => SandboxError::NotFound(policy_text(&m)),
+            WitError::Other(m) => SandboxError::Other(policy_text(&m)),
         }
     }
 }
@@ -81,3 +113,22 @@ impl From<SandboxError> for WitError {
 }
 
 pub type Result<T, E = SandboxError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_text_cannot_forge_lines_clear_screens_or_flood() {
+        // The bug: maintain's error was logged verbatim, 5 MB per tick, with a
+        // newline and a forged INFO line and a screen-clearing escape.
+        let hostile = format!("oops\n2026-01-01 INFO forged\x1b[2J{}", "x".repeat(5 << 20));
+        let shown = SandboxError::from(WitError::Other(hostile)).to_string();
+        assert!(
+            !shown.contains('\n') && !shown.contains('\x1b'),
+            "{shown:.80}"
+        );
+        assert!(shown.contains("\\n2026") && shown.contains("\\u{1b}[2J"));
+        assert!(shown.len() < 2 * POLICY_TEXT_MAX_CHARS, "{}", shown.len());
+    }
+}

@@ -1,16 +1,18 @@
 //! The world's imports, implemented for a policy instance's store state.
 //!
-//! Each import is a thin conversion to [`Capabilities`]; the time spent in
-//! them is added to the call clock so the policy's deadline counts only its
-//! own CPU time (Docker operations have their own timeout).
+//! Each import is a thin conversion to [`Capabilities`], admitted first by
+//! the call's [`Scope`] and host-call budget; the time spent in them is
+//! added to the call clock so the guest-CPU deadline counts only the
+//! policy's own work (the wall-clock budget counts everything).
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
-use wasmtime::StoreLimits;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::containment::PolicyLimiter;
 
 use super::bindings::sandbox::policy::{containers, context, logging, types, workspaces};
 use crate::capabilities::{Capabilities, ManagedContainer};
@@ -31,13 +33,55 @@ impl CallClock {
     }
 }
 
+/// What the running export may ask of the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// `name`, `backend-id`: pure, no container or workspace operation.
+    Pure,
+    /// `get-thread-backend`, `destroy-*` in the lane of this key: look up,
+    /// remove, and prepare the key's own user's workspace; never create or start.
+    Lane(String),
+    /// `ensure-container` of this backend: additionally create and start
+    /// containers of this backend only.
+    Ensure(String),
+    /// `maintain`: look up and remove only.
+    Maintain,
+}
+
+/// Containers one call may try to create (a create that loses a name race
+/// adopts the winner; a failed create may be retried once).
+pub const CREATES_PER_CALL: u32 = 2;
+
+/// The accounting of the running export call.
+#[derive(Debug, Clone)]
+pub struct CallState {
+    pub scope: Scope,
+    pub host_calls: u32,
+    pub creates: u32,
+    /// Why the call must trap at the next epoch tick (a budget ran out).
+    pub exhausted: Option<String>,
+}
+
+impl CallState {
+    pub fn new(scope: Scope) -> Self {
+        CallState {
+            scope,
+            host_calls: 0,
+            creates: 0,
+            exhausted: None,
+        }
+    }
+}
+
 /// The data of one policy instance's store.
 pub struct InstanceState {
     pub caps: Arc<Capabilities>,
     /// Label value stamped on containers this policy creates.
     pub policy_name: String,
     pub clock: CallClock,
-    pub limits: StoreLimits,
+    pub call: CallState,
+    max_host_calls: u32,
+    pub limiter: PolicyLimiter,
     wasi: WasiCtx,
     table: ResourceTable,
 }
@@ -46,9 +90,14 @@ impl InstanceState {
     pub fn new(
         caps: Arc<Capabilities>,
         policy_name: String,
-        limits: StoreLimits,
+        limiter: PolicyLimiter,
         budget: Duration,
+        max_host_calls: u32,
+        max_resources: usize,
     ) -> Self {
+        let mut table = ResourceTable::new();
+        // Leaked pollables and streams are host memory: bounded per instance.
+        table.set_max_capacity(max_resources);
         InstanceState {
             caps,
             policy_name,
@@ -57,10 +106,45 @@ impl InstanceState {
                 in_host: Duration::ZERO,
                 budget,
             },
-            limits,
+            call: CallState::new(Scope::Pure),
+            max_host_calls,
+            limiter,
             // No preopens, no env, no args, no network: std's needs only.
             wasi: WasiCtx::builder().build(),
-            table: ResourceTable::new(),
+            table,
+        }
+    }
+
+    /// Counts one host call against the call's budget, and checks that the
+    /// running export may make it. A spent budget also makes the call trap at
+    /// the next epoch tick, so a loop over cheap imports cannot run on.
+    fn admit(
+        &mut self,
+        op: &str,
+        allowed: impl FnOnce(&Scope) -> bool,
+    ) -> Result<(), types::Error> {
+        self.call.host_calls += 1;
+        if self.call.host_calls > self.max_host_calls {
+            let why = format!(
+                "the policy made more than {} host calls in one call",
+                self.max_host_calls
+            );
+            self.call.exhausted.get_or_insert(why.clone());
+            return Err(types::Error::Refused(why));
+        }
+        if !allowed(&self.call.scope) {
+            let why = format!("{op} is not allowed in {}", describe(&self.call.scope));
+            tracing::warn!(policy = %self.policy_name, op, "policy request refused: {why}");
+            return Err(types::Error::Refused(why));
+        }
+        Ok(())
+    }
+
+    /// The user whose containers the running lane may act on, if any.
+    fn lane_user(&self) -> Option<&str> {
+        match &self.call.scope {
+            Scope::Lane(key) | Scope::Ensure(key) => Some(policy_core::ids::user_of_backend(key)),
+            Scope::Pure | Scope::Maintain => None,
         }
     }
 
@@ -71,6 +155,19 @@ impl InstanceState {
         self.clock.in_host += start.elapsed();
         out
     }
+}
+
+fn describe(scope: &Scope) -> String {
+    match scope {
+        Scope::Pure => "a pure export (name, backend-id)".into(),
+        Scope::Lane(key) => format!("the lane of {key} outside ensure-container"),
+        Scope::Ensure(backend) => format!("ensure-container of backend {backend}"),
+        Scope::Maintain => "maintain (which may only look up and remove)".into(),
+    }
+}
+
+fn any_container_op(scope: &Scope) -> bool {
+    !matches!(scope, Scope::Pure)
 }
 
 impl WasiView for InstanceState {
@@ -114,12 +211,14 @@ impl types::Host for InstanceState {}
 
 impl containers::Host for InstanceState {
     async fn find(&mut self, backend_id: String) -> Result<Option<types::Container>, types::Error> {
+        self.admit("find", any_container_op)?;
         let caps = self.caps.clone();
         let r = self.host(caps.find(&backend_id)).await;
         log_refusal(r, "find", &self.policy_name).map(|c| c.map(to_wit))
     }
 
     async fn list_managed(&mut self) -> Result<Vec<types::Container>, types::Error> {
+        self.admit("list-managed", any_container_op)?;
         let caps = self.caps.clone();
         let r = self.host(caps.list_managed()).await;
         log_refusal(r, "list-managed", &self.policy_name)
@@ -131,6 +230,18 @@ impl containers::Host for InstanceState {
         backend_id: String,
         workspace: String,
     ) -> Result<types::Container, types::Error> {
+        // Only ensure-container creates, only for its own backend, and only
+        // a bounded number of times per call.
+        self.admit(
+            "create",
+            |scope| matches!(scope, Scope::Ensure(b) if *b == backend_id),
+        )?;
+        self.call.creates += 1;
+        if self.call.creates > CREATES_PER_CALL {
+            return Err(types::Error::Refused(format!(
+                "a policy call may create at most {CREATES_PER_CALL} containers"
+            )));
+        }
         let caps = self.caps.clone();
         let policy = self.policy_name.clone();
         let r = self
@@ -140,8 +251,14 @@ impl containers::Host for InstanceState {
     }
 
     async fn start(&mut self, container_id: String) -> Result<(), types::Error> {
+        let backend = match &self.call.scope {
+            Scope::Ensure(b) => Some(b.clone()),
+            _ => None,
+        };
+        self.admit("start", |_| backend.is_some())?;
+        let backend = backend.unwrap_or_default();
         let caps = self.caps.clone();
-        let r = self.host(caps.start(&container_id)).await;
+        let r = self.host(caps.start_for(&container_id, &backend)).await;
         log_refusal(r, "start", &self.policy_name)
     }
 
@@ -149,12 +266,14 @@ impl containers::Host for InstanceState {
         &mut self,
         container_id: String,
     ) -> Result<Option<types::Container>, types::Error> {
+        self.admit("inspect", any_container_op)?;
         let caps = self.caps.clone();
         let r = self.host(caps.inspect(&container_id)).await;
         log_refusal(r, "inspect", &self.policy_name).map(|c| c.map(to_wit))
     }
 
     async fn remove(&mut self, container_id: String) -> Result<bool, types::Error> {
+        self.admit("remove", any_container_op)?;
         let caps = self.caps.clone();
         let r = self.host(caps.remove(&container_id)).await;
         log_refusal(r, "remove", &self.policy_name)
@@ -163,6 +282,12 @@ impl containers::Host for InstanceState {
 
 impl workspaces::Host for InstanceState {
     async fn prepare(&mut self, name: String) -> Result<(), types::Error> {
+        // Only the lane's own user's workspace: a lane must not litter the
+        // workspace root with directories of other (or made-up) users.
+        let user = self.lane_user().map(str::to_owned);
+        self.admit("workspaces.prepare", |_| {
+            user.as_deref() == Some(name.as_str())
+        })?;
         let caps = self.caps.clone();
         let r = self.host(async { caps.prepare_workspace(&name) }).await;
         log_refusal(r, "prepare", &self.policy_name)
@@ -171,10 +296,12 @@ impl workspaces::Host for InstanceState {
 
 impl context::Host for InstanceState {
     async fn now_ms(&mut self) -> u64 {
+        let _ = self.admit("now-ms", |_| true);
         crate::capabilities::now_ms()
     }
 
     async fn policy_config(&mut self) -> Vec<(String, String)> {
+        let _ = self.admit("policy-config", |_| true);
         let config = &self.caps.config().policy_config;
         config.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
@@ -182,12 +309,11 @@ impl context::Host for InstanceState {
 
 impl logging::Host for InstanceState {
     async fn log(&mut self, level: logging::Level, message: String) {
+        if self.admit("log", |_| true).is_err() {
+            return;
+        }
         // Bounded and escaped: the policy must not flood or forge log lines.
-        let message: String = message
-            .chars()
-            .take(1024)
-            .flat_map(char::escape_default)
-            .collect();
+        let message = crate::error::policy_text(&message);
         let policy = self.policy_name.as_str();
         match level {
             logging::Level::Trace => tracing::trace!(policy, "{message}"),

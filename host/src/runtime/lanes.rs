@@ -119,7 +119,9 @@ impl Lanes {
         f: impl AsyncFnOnce(&mut PolicyInstance) -> Result<T>,
     ) -> Result<T> {
         let current = self.policy();
-        let stale = !matches!(slot, Some(s) if Arc::ptr_eq(&s.policy, &current));
+        // A call abandoned mid-way (its request dropped) leaves the store
+        // mid-call: never enter it again, start afresh.
+        let stale = !matches!(slot, Some(s) if Arc::ptr_eq(&s.policy, &current) && !s.instance.is_poisoned());
         if stale {
             let instance = current.instantiate(self.caps.clone()).await?;
             *slot = Some(Slot {
@@ -132,6 +134,8 @@ impl Lanes {
         if let Err(SandboxError::PolicyTrap(why)) = &result {
             tracing::warn!(key, error = %why, "policy instance trapped; it is replaced on the next call");
             self.traps.fetch_add(1, Ordering::Relaxed);
+            *slot = None;
+        } else if matches!(slot, Some(s) if s.instance.is_poisoned()) {
             *slot = None;
         }
         result

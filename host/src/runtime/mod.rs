@@ -1,13 +1,17 @@
 //! The wasmtime runtime: one engine, a policy compiled once, and policy
 //! instances that each run one call at a time.
 //!
-//! Containment: every call gets a guest-CPU deadline (epoch interruption;
-//! time in host imports excluded) and every instance a memory limit. A trap
-//! poisons only that instance: [`lanes::Lanes`] drops it and the next call
-//! for that key gets a fresh one that rebuilds its cache by adoption.
+//! Containment ([`containment`]): every call gets a guest-CPU deadline
+//! (epoch interruption; time in host imports excluded), one wall-clock
+//! budget (host imports included) and a bound on host calls; every instance
+//! gets memory, table, instance and resource ceilings, all charged to one
+//! host-wide pool. A trap, an overrun or a call abandoned mid-way poisons
+//! only that instance: [`lanes::Lanes`] drops it and the next call for that
+//! key gets a fresh one that rebuilds its cache by adoption.
 
 pub mod bindings;
 pub mod cache;
+pub mod containment;
 mod imports;
 pub mod lanes;
 
@@ -16,11 +20,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Engine, Store, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime::{Engine, Store, UpdateDeadline};
 
 use bindings::sandbox::policy::types;
 use bindings::{Sandbox, SandboxPre};
-pub use imports::InstanceState;
+use containment::{InstanceLimits, MemoryPool, PolicyLimiter};
+pub use imports::{InstanceState, Scope};
 
 use crate::capabilities::Capabilities;
 use crate::error::SandboxError;
@@ -115,7 +120,10 @@ pub struct CompiledPolicy {
     name: String,
     source: String,
     deadline: Duration,
-    memory_limit: usize,
+    call_timeout: Duration,
+    host_calls: u32,
+    limits: InstanceLimits,
+    pool: Arc<MemoryPool>,
 }
 
 impl CompiledPolicy {
@@ -134,7 +142,10 @@ impl CompiledPolicy {
             name: String::from("unnamed"),
             source: source.to_owned(),
             deadline: config.policy_deadline(),
-            memory_limit: config.policy_memory_bytes,
+            call_timeout: Duration::from_millis(config.policy_call_timeout_ms),
+            host_calls: config.policy_host_calls,
+            limits: InstanceLimits::from_config(config),
+            pool: caps.policy_memory().clone(),
         };
         let refuse =
             |why: String| SandboxError::PolicyLoad(format!("{source}: self-check failed: {why}"));
@@ -178,19 +189,20 @@ impl CompiledPolicy {
         &self,
         caps: Arc<Capabilities>,
     ) -> Result<PolicyInstance, SandboxError> {
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(self.memory_limit)
-            .instances(8)
-            .tables(8)
-            .memories(8)
-            .trap_on_grow_failure(true)
-            .build();
-        let state = InstanceState::new(caps, self.name.clone(), limits, self.deadline);
+        let limiter = PolicyLimiter::new(self.limits, self.pool.clone());
+        let state = InstanceState::new(
+            caps,
+            self.name.clone(),
+            limiter,
+            self.deadline,
+            self.host_calls,
+            self.limits.resources,
+        );
         let mut store = Store::new(self.pre.engine(), state);
-        store.limiter(|s| &mut s.limits);
+        store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_callback(|ctx| {
-            let clock = ctx.data().clock;
-            if clock.guest_time() > clock.budget {
+            let state = ctx.data();
+            if state.clock.guest_time() > state.clock.budget || state.call.exhausted.is_some() {
                 Ok(UpdateDeadline::Interrupt)
             } else {
                 // Let other tasks run while a long policy call computes.
@@ -198,11 +210,29 @@ impl CompiledPolicy {
             }
         });
         store.set_epoch_deadline(1);
-        let bindings =
-            self.pre.instantiate_async(&mut store).await.map_err(|e| {
-                SandboxError::PolicyTrap(format!("instantiating the policy: {e:#}"))
-            })?;
-        Ok(PolicyInstance { store, bindings })
+        let instantiate = self.pre.instantiate_async(&mut store);
+        let bindings = match containment::within_budget(self.call_timeout, instantiate).await {
+            Ok(Ok(bindings)) => bindings,
+            Ok(Err(e)) => {
+                let why = store.data().limiter.refused.clone();
+                return Err(SandboxError::policy_trap(&format!(
+                    "instantiating the policy: {}",
+                    why.unwrap_or_else(|| format!("{e:#}"))
+                )));
+            }
+            Err(over) => {
+                return Err(SandboxError::policy_trap(&format!(
+                    "instantiating the policy took longer than its budget of {} ms",
+                    over.0.as_millis()
+                )))
+            }
+        };
+        Ok(PolicyInstance {
+            store,
+            bindings,
+            call_timeout: self.call_timeout,
+            poisoned: false,
+        })
     }
 }
 
@@ -210,100 +240,141 @@ impl CompiledPolicy {
 pub struct PolicyInstance {
     store: Store<InstanceState>,
     bindings: Sandbox,
+    call_timeout: Duration,
+    /// A call started and did not finish (trapped, overran, or its future
+    /// was dropped): the store may be mid-call and must not be entered again.
+    poisoned: bool,
 }
 
-/// Converts the outcome of one export call; a trap is distinguished from the
-/// policy's own typed error so the caller can drop the instance.
-fn outcome<T>(r: wasmtime::Result<Result<T, types::Error>>, what: &str) -> Result<T, SandboxError> {
-    match r {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(e.into()),
-        Err(trap) => Err(SandboxError::PolicyTrap(format!("{what}: {trap:#}"))),
-    }
+/// Runs one export under the call's scope and budgets, converting the
+/// outcome: a trap, an exhausted budget or an overrun poisons the instance
+/// (the caller drops it); the policy's own typed error does not.
+macro_rules! policy_call {
+    ($self:ident, $scope:expr, $what:literal, |$b:ident, $s:ident| $call:expr) => {{
+        $self.arm($scope);
+        let $b = &$self.bindings;
+        let $s = &mut $self.store;
+        let timeout = $self.call_timeout;
+        let r = containment::within_budget(timeout, async { $call.await }).await;
+        $self.finish($what, r)
+    }};
 }
 
 impl PolicyInstance {
-    fn arm(&mut self) {
+    /// Whether an earlier call was abandoned or failed mid-call.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    fn arm(&mut self, scope: Scope) {
+        self.poisoned = true;
         let data = self.store.data_mut();
         data.clock.started = Instant::now();
         data.clock.in_host = Duration::ZERO;
+        data.call = imports::CallState::new(scope);
         self.store.set_epoch_deadline(1);
     }
 
+    fn finish<T>(
+        &mut self,
+        what: &str,
+        r: Result<wasmtime::Result<Result<T, types::Error>>, containment::OverBudget>,
+    ) -> Result<T, SandboxError> {
+        let state = self.store.data();
+        let trap = |detail: String| SandboxError::policy_trap(&format!("{what}: {detail}"));
+        let out = match r {
+            Err(over) => Err(trap(format!(
+                "exceeded its wall-clock budget of {} ms (host calls included)",
+                over.0.as_millis()
+            ))),
+            Ok(Err(e)) => Err(trap(
+                state
+                    .call
+                    .exhausted
+                    .clone()
+                    .or_else(|| state.limiter.refused.clone())
+                    .unwrap_or_else(|| format!("{e:#}")),
+            )),
+            Ok(Ok(Ok(v))) => Ok(v),
+            Ok(Ok(Err(e))) => Err(e.into()),
+        };
+        self.poisoned = matches!(out, Err(SandboxError::PolicyTrap(_)));
+        out
+    }
+
     pub async fn name(&mut self) -> Result<String, SandboxError> {
-        self.arm();
-        let r = self
-            .bindings
-            .sandbox_policy_policy()
-            .call_name(&mut self.store)
-            .await;
-        outcome(r.map(Ok), "name")
+        policy_call!(self, Scope::Pure, "name", |b, s| async {
+            b.sandbox_policy_policy().call_name(s).await.map(Ok)
+        })
     }
 
     pub async fn backend_id(&mut self, thread_id: &str) -> Result<String, SandboxError> {
-        self.arm();
-        let r = self
-            .bindings
+        policy_call!(self, Scope::Pure, "backend-id", |b, s| b
             .sandbox_policy_policy()
-            .call_backend_id(&mut self.store, thread_id)
-            .await;
-        outcome(r, "backend-id")
+            .call_backend_id(s, thread_id))
     }
 
+    /// Runs in the lane of `key` (the thread's backend id).
     pub async fn get_thread_backend(
         &mut self,
+        key: &str,
         thread_id: &str,
     ) -> Result<types::Backend, SandboxError> {
-        self.arm();
-        let r = self
-            .bindings
-            .sandbox_policy_policy()
-            .call_get_thread_backend(&mut self.store, thread_id)
-            .await;
-        outcome(r, "get-thread-backend")
+        policy_call!(
+            self,
+            Scope::Lane(key.to_owned()),
+            "get-thread-backend",
+            |b, s| b
+                .sandbox_policy_policy()
+                .call_get_thread_backend(s, thread_id)
+        )
     }
 
     pub async fn ensure_container(
         &mut self,
         backend_id: &str,
     ) -> Result<types::Container, SandboxError> {
-        self.arm();
-        let r = self
-            .bindings
-            .sandbox_policy_policy()
-            .call_ensure_container(&mut self.store, backend_id)
-            .await;
-        outcome(r, "ensure-container")
+        policy_call!(
+            self,
+            Scope::Ensure(backend_id.to_owned()),
+            "ensure-container",
+            |b, s| b
+                .sandbox_policy_policy()
+                .call_ensure_container(s, backend_id)
+        )
     }
 
     pub async fn destroy_user_backend(&mut self, user_id: &str) -> Result<bool, SandboxError> {
-        self.arm();
-        let r = self
-            .bindings
-            .sandbox_policy_policy()
-            .call_destroy_user_backend(&mut self.store, user_id)
-            .await;
-        outcome(r, "destroy-user-backend")
+        policy_call!(
+            self,
+            Scope::Lane(user_id.to_owned()),
+            "destroy-user-backend",
+            |b, s| b
+                .sandbox_policy_policy()
+                .call_destroy_user_backend(s, user_id)
+        )
     }
 
     pub async fn maintain(&mut self) -> Result<u32, SandboxError> {
-        self.arm();
-        let r = self
-            .bindings
+        policy_call!(self, Scope::Maintain, "maintain", |b, s| b
             .sandbox_policy_policy()
-            .call_maintain(&mut self.store)
-            .await;
-        outcome(r, "maintain")
+            .call_maintain(s))
     }
 
-    pub async fn destroy_thread_backend(&mut self, thread_id: &str) -> Result<bool, SandboxError> {
-        self.arm();
-        let r = self
-            .bindings
-            .sandbox_policy_policy()
-            .call_destroy_thread_backend(&mut self.store, thread_id)
-            .await;
-        outcome(r, "destroy-thread-backend")
+    /// Runs in the lane of `key` (the thread's backend id).
+    pub async fn destroy_thread_backend(
+        &mut self,
+        key: &str,
+        thread_id: &str,
+    ) -> Result<bool, SandboxError> {
+        policy_call!(
+            self,
+            Scope::Lane(key.to_owned()),
+            "destroy-thread-backend",
+            |b, s| b
+                .sandbox_policy_policy()
+                .call_destroy_thread_backend(s, thread_id)
+        )
     }
 }
 
