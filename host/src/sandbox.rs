@@ -170,7 +170,7 @@ impl Sandbox {
         let backend = self
             .inner
             .lanes
-            .call(&key, async |p| p.get_thread_backend(thread_id).await)
+            .call(&key, async |p| p.get_thread_backend(&key, thread_id).await)
             .await?;
         if backend.id != key {
             return Err(SandboxError::Refused(format!(
@@ -210,7 +210,9 @@ impl Sandbox {
         let key = self.backend_id(thread_id).await?;
         self.inner
             .lanes
-            .call(&key, async |p| p.destroy_thread_backend(thread_id).await)
+            .call(&key, async |p| {
+                p.destroy_thread_backend(&key, thread_id).await
+            })
             .await
     }
 
@@ -220,8 +222,8 @@ impl Sandbox {
     }
 
     /// Finds (and unless `dry_run`, removes) managed containers that no
-    /// backend owns any more: stopped or dead ones, ones whose backend id the
-    /// running policy would never produce (left by another policy), and,
+    /// backend owns any more: stopped or dead ones, ones labelled by another
+    /// policy than the running one (left by a swap), and,
     /// with `max_age`, ones created longer ago. Only containers labelled for
     /// this namespace are ever considered.
     pub async fn gc(
@@ -236,14 +238,18 @@ impl Sandbox {
             tracing::info!(removed, "policy maintenance");
         }
         let mut entries = Vec::new();
+        let policy = self.policy_name();
         for container in self.list().await? {
-            let owner = self.backend_id(&container.backend_id).await;
-            let reason = if !matches!(&owner, Ok(id) if *id == container.backend_id) {
+            // Ownership comes from the host's own labels, never from asking
+            // the policy again: a policy whose backend ids do not map to
+            // themselves must not get live containers collected.
+            let reason = if container.policy != policy {
                 Some(format!(
-                    "policy {} maps no thread to backend {}",
-                    self.policy_name(),
-                    container.backend_id
+                    "created by policy {:?}, not the running policy {policy}",
+                    container.policy
                 ))
+            } else if policy_core::ids::validate_backend(&container.backend_id).is_err() {
+                Some("its backend label is not a valid backend id".to_owned())
             } else if matches!(
                 container.status,
                 crate::provider::Status::Exited | crate::provider::Status::Dead
