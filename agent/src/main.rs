@@ -1,0 +1,224 @@
+//! `sandbox-agent`: the host's helper inside every sandbox container,
+//! bind-mounted read-only at `/.sandbox/agent` (statically linked: any image
+//! works).
+//!
+//! ```text
+//! sandbox-agent reap --timeout-ms N -- PROGRAM [ARGS...]
+//! ```
+//!
+//! Runs PROGRAM as its child with `PR_SET_CHILD_SUBREAPER` set, so every
+//! process the call starts stays in its tree even when it double-forks,
+//! calls `setsid`, or clears its environment (`env -i`): orphans are
+//! re-parented to the agent, not to the container's init. At the deadline
+//! the agent stops and kills that whole tree, and exits 124 (as
+//! `timeout(1)`). Otherwise it exits with PROGRAM's status (128+signal when
+//! killed); background jobs then outlive the call, as with a plain exec.
+//!
+//! Untrusted surroundings: the workload runs as the same user and may kill
+//! the agent; the host keeps its own deadline and kill as a fallback, and
+//! never takes anything but this exit status from the agent.
+
+use std::collections::{HashMap, HashSet};
+use std::process::{exit, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// Exit status of a call stopped at its deadline.
+const TIMED_OUT: i32 = 124;
+/// Exit status when the agent itself cannot run the call.
+const AGENT_FAILED: i32 = 125;
+
+static EXPIRED: AtomicBool = AtomicBool::new(false);
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (timeout, program) = match parse(&args) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            eprintln!(
+                "sandbox-agent: {e}\nusage: sandbox-agent reap --timeout-ms N -- PROGRAM [ARGS...]"
+            );
+            exit(AGENT_FAILED);
+        }
+    };
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        eprintln!(
+            "sandbox-agent: PR_SET_CHILD_SUBREAPER: {}",
+            std::io::Error::last_os_error()
+        );
+        exit(AGENT_FAILED);
+    }
+    let child = match Command::new(&program[0]).args(&program[1..]).spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!("sandbox-agent: {}: {e}", program[0]);
+            exit(if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            });
+        }
+    };
+    let child = child.id() as libc::pid_t;
+    let me = std::process::id() as libc::pid_t;
+    if let Some(timeout) = timeout {
+        std::thread::spawn(move || {
+            std::thread::sleep(timeout);
+            EXPIRED.store(true, Ordering::SeqCst);
+            kill_tree(me);
+            exit(TIMED_OUT);
+        });
+    }
+    let status = wait_for(child);
+    if EXPIRED.load(Ordering::SeqCst) {
+        // The watchdog is ending the tree; it exits for us.
+        loop {
+            std::thread::park();
+        }
+    }
+    exit(status);
+}
+
+fn parse(args: &[String]) -> Result<(Option<Duration>, Vec<String>), String> {
+    let mut it = args.iter();
+    if it.next().map(String::as_str) != Some("reap") {
+        return Err("the only command is `reap`".into());
+    }
+    let mut timeout = None;
+    loop {
+        match it.next().map(String::as_str) {
+            Some("--timeout-ms") => {
+                let ms: u64 = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--timeout-ms needs a number of milliseconds")?;
+                timeout = Some(Duration::from_millis(ms));
+            }
+            Some("--") => break,
+            other => return Err(format!("unexpected argument {other:?}")),
+        }
+    }
+    let program: Vec<String> = it.cloned().collect();
+    if program.is_empty() {
+        return Err("no program to run".into());
+    }
+    Ok((timeout, program))
+}
+
+/// Reaps children (the call's and adopted orphans) until `child` exits;
+/// its shell-style status.
+fn wait_for(child: libc::pid_t) -> i32 {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into a local.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid == child {
+            if libc::WIFEXITED(status) {
+                return libc::WEXITSTATUS(status);
+            }
+            if libc::WIFSIGNALED(status) {
+                return 128 + libc::WTERMSIG(status);
+            }
+        } else if pid < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return AGENT_FAILED;
+        }
+    }
+}
+
+/// Stops, then kills, every live descendant of `root`, until none is left.
+/// Stopping first means a fork loop cannot outrun the sweep.
+fn kill_tree(root: libc::pid_t) {
+    for _ in 0..200 {
+        let tree = descendants(root);
+        if tree.is_empty() {
+            return;
+        }
+        for &pid in &tree {
+            // SAFETY: signalling a pid; a stale one fails harmlessly.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+        for &pid in &tree {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        reap_zombies();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn reap_zombies() {
+    loop {
+        let mut status = 0;
+        // SAFETY: non-blocking waitpid into a local.
+        if unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } <= 0 {
+            return;
+        }
+    }
+}
+
+/// Live (not zombie) processes whose parent chain reaches `root`.
+fn descendants(root: libc::pid_t) -> Vec<libc::pid_t> {
+    let mut children: HashMap<libc::pid_t, Vec<libc::pid_t>> = HashMap::new();
+    let mut zombies = HashSet::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if let Some((state, ppid)) = parse_stat(&stat) {
+            if state == 'Z' {
+                zombies.insert(pid);
+            }
+            children.entry(ppid).or_default().push(pid);
+        }
+    }
+    let mut out = Vec::new();
+    let mut queue = vec![root];
+    while let Some(p) = queue.pop() {
+        for &c in children.get(&p).into_iter().flatten() {
+            queue.push(c);
+            if !zombies.contains(&c) {
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// State and parent pid from `/proc/PID/stat`; the command name may hold
+/// spaces and parentheses, so fields are read after its last `)`.
+fn parse_stat(stat: &str) -> Option<(char, libc::pid_t)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_are_read_after_a_hostile_command_name() {
+        // A process may name itself ") Z 1" to pose as a zombie of init.
+        assert_eq!(parse_stat("42 (a) Z 1 (b) S 7 1 1"), Some(('S', 7)));
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn arguments_are_strict() {
+        let args = |s: &[&str]| s.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        let (t, p) = parse(&args(&["reap", "--timeout-ms", "5", "--", "sh", "-c", "x"])).unwrap();
+        assert_eq!((t, p.len()), (Some(Duration::from_millis(5)), 3));
+        assert!(parse(&args(&["reap", "--",])).is_err());
+        assert!(parse(&args(&["reap", "--timeout-ms", "x", "--", "sh"])).is_err());
+        assert!(parse(&args(&["run", "--", "sh"])).is_err());
+    }
+}
