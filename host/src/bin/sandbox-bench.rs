@@ -35,6 +35,81 @@ struct Args {
     /// A quick run for CI: few iterations, small concurrency and footprint.
     #[arg(long)]
     smoke: bool,
+    /// Instead of the table: this many users' instances of POLICY (a
+    /// component whose `get-thread-backend` for `alloc-*` threads allocates
+    /// without bound, e.g. tests/fixtures/hostile-policy) all grow past
+    /// their limit at once; prints the host's peak RSS against the
+    /// host-wide policy memory cap.
+    #[arg(long, value_name = "POLICY")]
+    containment: Option<PathBuf>,
+    #[arg(long, default_value_t = 200)]
+    users: usize,
+}
+
+/// `VmHWM` (peak RSS) and `VmRSS` of this process, in bytes.
+fn rss() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Many users' policy instances trying to grow past their limit together:
+/// the host-wide pool must hold the process's RSS.
+async fn containment(policy: PathBuf, users: usize) -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let config = Config {
+        namespace: format!("bench-{}", std::process::id()),
+        workspace_root: root.path().to_owned(),
+        maintenance_interval_secs: 0.0,
+        ..Config::load(None)?
+    };
+    let sandbox = Sandbox::with_provider(
+        config.clone(),
+        Arc::new(MemoryProvider::new()),
+        PolicySource::File(policy),
+    )
+    .await?;
+    let (_, before) = rss();
+    let started = Instant::now();
+    let results = stream::iter(0..users)
+        .map(|i| {
+            let sandbox = sandbox.clone();
+            async move { sandbox.get_thread_backend(&format!("alloc-{i}")).await }
+        })
+        .buffer_unordered(users)
+        .collect::<Vec<_>>()
+        .await;
+    let trapped = results
+        .iter()
+        .filter(|r| matches!(r, Err(sandbox_host::SandboxError::PolicyTrap(_))))
+        .count();
+    let (peak, after) = rss();
+    let mib = |b: u64| b as f64 / 1048576.0;
+    println!(
+        "containment: {users} users' instances grew past {} MiB each in {:.1}s; {trapped} trapped",
+        config.policy_memory_bytes >> 20,
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "host RSS: {:.0} MiB before, peak {:.0} MiB, {:.0} MiB after; host-wide policy memory cap {} MiB (uncapped it would be {} MiB)",
+        mib(before),
+        mib(peak),
+        mib(after),
+        config.policy_memory_total_bytes >> 20,
+        (config.policy_memory_bytes >> 20) * users
+    );
+    anyhow::ensure!(trapped == users, "every instance must trap: {results:?}");
+    anyhow::ensure!(
+        peak.saturating_sub(before) <= config.policy_memory_total_bytes as u64 + (64 << 20),
+        "peak RSS grew by more than the cap"
+    );
+    Ok(())
 }
 
 struct Row {
@@ -965,6 +1040,9 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(policy) = args.containment {
+        return containment(policy, args.users).await;
+    }
     let root = tempfile::tempdir()?;
     let config = Config {
         namespace: format!("bench-{}", std::process::id()),
