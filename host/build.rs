@@ -79,12 +79,56 @@ fn main() {
         std::fs::write(out_dir.join(format!("{stem}.sha256")), digest).expect("writing to OUT_DIR");
         rerun_if_sources_change(&built.join(format!("{stem}.d")));
     }
+    build_agent(&workspace, &out_dir, &target_root);
+
     println!("cargo:rerun-if-changed={}", workspace.join("wit").display());
     println!(
         "cargo:rerun-if-changed={}",
         workspace.join("guest").display()
     );
     println!("cargo:rerun-if-changed=build.rs");
+}
+
+/// Builds `sandbox-agent` statically for the host's own target (it runs in
+/// the sandbox containers of this machine's engine) and hands it to the host
+/// crate (`src/agent.rs`). Its own target dir: its flags differ.
+fn build_agent(workspace: &Path, out_dir: &Path, guests_dir: &Path) {
+    let target = std::env::var("TARGET").expect("cargo sets TARGET");
+    let target_dir = guests_dir.with_file_name("agent-build");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace)
+        .args(["build", "--release", "--locked", "-p", "sandbox-agent"])
+        .args(["--target", &target])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        // musl targets are static already; glibc ones need crt-static.
+        .env("RUSTFLAGS", "-C target-feature=+crt-static");
+    for var in [
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_BUILD_TARGET",
+    ] {
+        cmd.env_remove(var);
+    }
+    let status = cmd.status().expect("failed to run cargo for sandbox-agent");
+    assert!(status.success(), "building sandbox-agent failed");
+    let built = target_dir
+        .join(&target)
+        .join("release")
+        .join("sandbox-agent");
+    let bytes =
+        std::fs::read(&built).unwrap_or_else(|e| panic!("reading {}: {e}", built.display()));
+    std::fs::write(out_dir.join("sandbox-agent"), &bytes).expect("writing to OUT_DIR");
+    let digest: String = sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::write(out_dir.join("sandbox-agent.sha256"), digest).expect("writing to OUT_DIR");
+    for input in ["agent", "Cargo.toml", "Cargo.lock"] {
+        println!("cargo:rerun-if-changed={}", workspace.join(input).display());
+    }
 }
 
 /// rustup installs the targets of `rust-toolchain.toml` only together with a

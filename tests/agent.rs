@@ -43,10 +43,49 @@ async fn a_timeout_kills_the_whole_process_tree_and_keeps_the_output() {
         .execute_with("while true; do sleep 100 & done", timeout(1.0))
         .await
         .unwrap();
-    assert!(r.timed_out);
+    assert!(r.timed_out, "{r:?}");
     let ps = b.execute("ps -o args").await.unwrap().output;
     assert!(!ps.contains("sleep 100"), "leftovers: {ps}");
     assert_eq!(b.execute("echo usable").await.unwrap().output, "usable\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_timeout_kills_processes_that_cleared_the_marker_double_forked_or_setsid() {
+    // The bug: `(env -i sh -c "sleep 777" &)` survived the timeout kill,
+    // which found a call's processes by an environment marker.
+    let h = Harness::new("escape");
+    let sandbox = h.sandbox().await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    let bystander = sandbox.get_thread_backend("alice-2").await.unwrap();
+    let other = tokio::spawn(async move {
+        bystander
+            .execute_with("sleep 4; echo survived", timeout(30.0))
+            .await
+    });
+    let start = Instant::now();
+    let r = b
+        .execute_with(
+            "echo up; (env -i sh -c 'sleep 777' &); (setsid sleep 778 &); \
+             sh -c '(sleep 779 &) ; true'; exec env -i sleep 780",
+            timeout(1.0),
+        )
+        .await
+        .unwrap();
+    assert!(r.timed_out, "{r:?}");
+    assert_eq!((r.exit_code, r.output.as_str()), (124, "up\n"));
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        start.elapsed()
+    );
+    let ps = b.execute("ps -o args").await.unwrap().output;
+    for n in 777..=780 {
+        assert!(
+            !ps.contains(&format!("sleep {n}")),
+            "sleep {n} escaped: {ps}"
+        );
+    }
+    assert_eq!(other.await.unwrap().unwrap().output, "survived\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

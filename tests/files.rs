@@ -1,13 +1,24 @@
 //! File transfer against the real engine: batches, typed per-file errors,
-//! confinement to /workspace, binary safety, modes, a 50 MB file.
+//! confinement to /workspace, binary safety, modes, a 50 MB file; size caps
+//! (sparse files by apparent size), transfers as the sandbox user (never
+//! root), safe host-side files, streaming with bounded memory (`cp`,
+//! `exec -i`).
 
 mod support;
 
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sandbox_host::files::{FileError, FileLimits, Upload};
 use support::Harness;
+
+/// Extra peak RSS a transfer of any size may cost the CLI.
+const RSS_BUDGET_KB: u64 = 64 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn files_move_in_batches_with_typed_per_file_errors() {
-    use sandbox_host::files::{FileError, Upload};
     let h = Harness::new("files");
     let sandbox = h.sandbox().await;
     let b = sandbox.get_thread_backend("alice-1").await.unwrap();
@@ -89,7 +100,6 @@ async fn files_move_in_batches_with_typed_per_file_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_50_mb_file_round_trips_intact() {
-    use sandbox_host::files::Upload;
     let h = Harness::new("bigfile");
     let sandbox = h.sandbox().await;
     let b = sandbox.get_thread_backend("alice-1").await.unwrap();
@@ -119,5 +129,436 @@ async fn a_50_mb_file_round_trips_intact() {
     assert!(
         down[0].content.as_deref() == Some(&content[..]),
         "bytes differ"
+    );
+}
+
+fn up(path: &str, content: &[u8]) -> Upload {
+    Upload {
+        path: path.into(),
+        content: content.to_vec(),
+        mode: None,
+    }
+}
+
+fn strings(paths: &[&str]) -> Vec<String> {
+    paths.iter().map(|s| s.to_string()).collect()
+}
+
+/// Bug: a 1 GiB sparse file (0 bytes on disk) was read whole into memory
+/// (2.1 GB RSS for `cp`, 2.8 GB for the server); a 100 GB one would take
+/// the host down. Now its apparent size is checked before any content moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sparse_file_over_the_cap_fails_alone_before_any_byte_is_read() {
+    let h = Harness::new("sparse");
+    let sandbox = h.sandbox().await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    b.execute("truncate -s 4G big && echo a > a").await.unwrap();
+    let t = Instant::now();
+    let got = b
+        .download_files(&strings(&["a", "big", "a"]))
+        .await
+        .unwrap();
+    let errors: Vec<_> = got.iter().map(|r| r.error).collect();
+    assert_eq!(errors, [None, Some(FileError::FileTooLarge), None]);
+    assert_eq!(got[2].content.as_deref(), Some(&b"a\n"[..]));
+    // Streaming 4 GiB takes about a minute here: the cap is checked first.
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+
+    // The streaming download refuses it too, and leaves nothing on the host.
+    let local = tempfile::tempdir().unwrap();
+    let limits = FileLimits::default();
+    let r = b
+        .download_to_file("big", local.path(), &limits)
+        .await
+        .unwrap();
+    assert_eq!(r, Err(FileError::FileTooLarge));
+    assert_eq!(std::fs::read_dir(local.path()).unwrap().count(), 0);
+
+    // Exactly at the cap passes; one byte over (sparse) fails; the
+    // in-memory batch holds at most max_batch_bytes in all.
+    let small = FileLimits {
+        max_file_bytes: 1 << 20,
+        max_batch_bytes: (1 << 20) + (1 << 19),
+    };
+    b.execute("head -c 1048576 /dev/zero > at && truncate -s 1048577 over && cp at at2")
+        .await
+        .unwrap();
+    let got = b
+        .download_files_with(&strings(&["at", "over", "at2"]), &small)
+        .await
+        .unwrap();
+    let errors: Vec<_> = got.iter().map(|r| r.error).collect();
+    assert_eq!(
+        errors,
+        [
+            None,
+            Some(FileError::FileTooLarge),
+            Some(FileError::FileTooLarge)
+        ],
+        "the second 1 MiB file passes the batch's 1.5 MiB"
+    );
+    assert_eq!(got[0].content.as_ref().map(Vec::len), Some(1 << 20));
+    let results = b
+        .upload_files_with(
+            vec![up("u-at", &[1; 1 << 20]), up("u-over", &[1; (1 << 20) + 1])],
+            &small,
+        )
+        .await
+        .unwrap();
+    let errors: Vec<_> = results.iter().map(|r| r.error).collect();
+    assert_eq!(errors, [None, Some(FileError::FileTooLarge)]);
+    let r = b.execute("ls u-*").await.unwrap();
+    assert_eq!(
+        r.output, "u-at\n",
+        "nothing of the refused upload is written"
+    );
+}
+
+/// Every entry under `dir` (not following symlinks) with its owner.
+fn owners(dir: &Path, found: &mut Vec<(String, u32)>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        found.push((path.display().to_string(), meta.uid()));
+        if meta.is_dir() {
+            owners(&path, found);
+        }
+    }
+}
+
+/// Bug: uploads went through Docker's archive API, which runs as root: a
+/// workload swapping a directory for a symlink to /etc while uploads ran got
+/// a file written into the container's root-owned /etc, and root-owned
+/// entries were left in the host workspace. Now the upload runs as the
+/// sandbox user, so the swap reaches nothing the workload could not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_symlink_swap_during_uploads_cannot_write_into_etc() {
+    let h = Harness::new("swap");
+    let sandbox = h.sandbox().await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    let r = b
+        .execute(
+            "mkdir d; (while [ ! -e stop ]; do rm -rf d; ln -s /etc d; rm -f d; mkdir d; \
+             done) >/dev/null 2>&1 & echo started",
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.output, "started\n");
+    let mut outcomes = std::collections::BTreeMap::new();
+    for batch in 0..6 {
+        let uploads = (0..20)
+            .map(|i| up(&format!("d/evil-{batch}-{i}"), b"pwned"))
+            .collect();
+        // Every file gets its own answer: the batch never fails.
+        for r in b.upload_files(uploads).await.unwrap() {
+            *outcomes.entry(format!("{:?}", r.error)).or_insert(0) += 1;
+        }
+    }
+    b.execute("touch stop; sleep 0.2").await.unwrap();
+    let etc = b.execute("ls /etc").await.unwrap().output;
+    assert!(!etc.contains("evil"), "written into /etc: {etc}");
+    let root_owned: Vec<_> = {
+        let mut found = Vec::new();
+        owners(&h.root.path().join("alice"), &mut found);
+        found.into_iter().filter(|(_, uid)| *uid == 0).collect()
+    };
+    assert!(root_owned.is_empty(), "root-owned: {root_owned:?}");
+    eprintln!("outcomes under the swap: {outcomes:?}");
+
+    // Without a race: a parent that is a symlink to /etc, and a directory
+    // the user may not write, are refused as the user would be.
+    b.execute("ln -s /etc etclink; mkdir ro; chmod 555 ro")
+        .await
+        .unwrap();
+    let results = b
+        .upload_files(vec![up("etclink/evil", b"x"), up("ro/x", b"x")])
+        .await
+        .unwrap();
+    let errors: Vec<_> = results.iter().map(|r| r.error).collect();
+    assert_eq!(
+        errors,
+        [
+            Some(FileError::InvalidPath),
+            Some(FileError::PermissionDenied)
+        ]
+    );
+    // Created parents belong to the sandbox user, on the host too.
+    b.upload_files(vec![up("new/deep/f", b"x")]).await.unwrap();
+    let uid = sandbox.config().sandbox_user().uid;
+    for p in ["new", "new/deep", "new/deep/f"] {
+        let meta = std::fs::symlink_metadata(h.root.path().join("alice").join(p)).unwrap();
+        assert_eq!(meta.uid(), uid, "{p}");
+    }
+}
+
+/// Bug: copying out a file the workload made `chmod 6777` created a
+/// setuid, setgid, world-writable file on the host, owned by the CLI's user
+/// (root); and the host file was written through whatever was at the
+/// destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn downloads_land_without_special_bits_and_never_through_a_symlink() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Harness::new("bits");
+    let sandbox = h.sandbox().await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    let r = b
+        .execute("echo payload > s && chmod 6777 s && stat -c %a s")
+        .await
+        .unwrap();
+    assert_eq!(
+        r.output, "6777\n",
+        "the workload can set them in its sandbox"
+    );
+    let limits = FileLimits::default();
+    let local = tempfile::tempdir().unwrap();
+    let (landed, info) = b
+        .download_to_file("s", local.path(), &limits)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(landed, local.path().join("s"));
+    assert_eq!(info.mode, 0o775);
+    let meta = std::fs::symlink_metadata(&landed).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o775);
+    assert_eq!(std::fs::read(&landed).unwrap(), b"payload\n");
+    let got = b.download_files(&strings(&["s"])).await.unwrap();
+    assert_eq!(got[0].mode, Some(0o775), "nor in the API's answer");
+
+    // A symlink planted at the destination is replaced, not followed.
+    let victim = local.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let planted = local.path().join("planted");
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    b.download_to_file("s", &planted, &limits)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert!(std::fs::symlink_metadata(&planted).unwrap().is_file());
+    let leftovers: Vec<_> = std::fs::read_dir(local.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// Bug: a 300-byte file name failed the whole batch with an engine error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn too_long_names_and_special_files_fail_only_their_own_file() {
+    let h = Harness::new("names");
+    let sandbox = h.sandbox().await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    let long = "n".repeat(300);
+    let longest = "m".repeat(255);
+    let deep = vec!["d".repeat(250); 20].join("/");
+    let results = b
+        .upload_files(vec![
+            up("a.txt", b"a"),
+            up(&long, b"x"),
+            up(&deep, b"x"),
+            up(&longest, b"255"),
+            up("b.txt", b"b"),
+        ])
+        .await
+        .unwrap();
+    let errors: Vec<_> = results.iter().map(|r| r.error).collect();
+    let invalid = Some(FileError::InvalidPath);
+    assert_eq!(errors, [None, invalid, invalid, None, None]);
+    b.execute("mkfifo fifo").await.unwrap();
+    let t = Instant::now();
+    let got = b
+        .download_files(&strings(&["a.txt", &long, &deep, &longest, "fifo"]))
+        .await
+        .unwrap();
+    let errors: Vec<_> = got.iter().map(|r| r.error).collect();
+    assert_eq!(errors, [None, invalid, invalid, None, invalid]);
+    assert_eq!(got[3].content.as_deref(), Some(&b"255"[..]));
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "a FIFO must not block the download"
+    );
+}
+
+/// The `sandbox` CLI against this harness's namespace and root.
+fn cli(h: &Harness) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sandbox"));
+    c.arg("--workspace-root")
+        .arg(h.root.path())
+        .args([
+            "--namespace",
+            &h.namespace,
+            "--image",
+            &support::test_image(),
+        ])
+        .env_remove("SANDBOX_MAX_FILE_BYTES")
+        .env_remove("SANDBOX_CONFIG");
+    c
+}
+
+struct Measured {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    peak_rss_kb: u64,
+}
+
+/// Runs a command, feeding `stdin_bytes` zero bytes to its stdin when
+/// given, and samples its peak RSS (`VmHWM`) until it exits.
+fn measured(mut command: Command, stdin_bytes: Option<u64>) -> Measured {
+    use std::io::{Read, Write};
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    command.stdin(if stdin_bytes.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = command.spawn().expect("running the sandbox CLI");
+    let status_file = format!("/proc/{}/status", child.id());
+    let feeder = child.stdin.take().map(|mut stdin| {
+        let total = stdin_bytes.unwrap();
+        std::thread::spawn(move || {
+            let chunk = vec![0u8; 1 << 16];
+            let mut left = total;
+            while left > 0 {
+                let n = left.min(chunk.len() as u64) as usize;
+                if stdin.write_all(&chunk[..n]).is_err() {
+                    break;
+                }
+                left -= n as u64;
+            }
+        })
+    });
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let mut peak = 0;
+    let status = loop {
+        if let Ok(text) = std::fs::read_to_string(&status_file) {
+            if let Some(kb) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            {
+                peak = kb;
+            }
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if let Some(f) = feeder {
+        f.join().unwrap();
+    }
+    assert!(peak > 0, "no RSS sample of the CLI");
+    Measured {
+        code: status.code(),
+        stdout: reader.join().unwrap(),
+        stderr: err_reader.join().unwrap(),
+        peak_rss_kb: peak,
+    }
+}
+
+/// Bug: `sandbox cp` of a 1 GiB sparse file peaked at 2.1 GB RSS. Now it
+/// fails fast over the cap, and streams with bounded memory under a raised
+/// one (SANDBOX_MAX_FILE_BYTES).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cp_streams_large_files_in_bounded_memory_and_only_under_the_cap() {
+    let h = Harness::new("cp");
+    let sandbox = h.sandbox().await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    b.execute("truncate -s 512M big && echo hi > small")
+        .await
+        .unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let dest = |name: &str| local.path().join(name).display().to_string();
+
+    let mut c = cli(&h);
+    c.args(["cp", "alice-1:small", &dest("small")]);
+    let baseline = measured(c, None);
+    assert_eq!(baseline.code, Some(0), "{}", baseline.stderr);
+
+    let mut c = cli(&h);
+    c.env("SANDBOX_MAX_FILE_BYTES", "1000000")
+        .args(["cp", "alice-1:big", &dest("big")]);
+    let t = Instant::now();
+    let refused = measured(c, None);
+    assert_eq!(refused.code, Some(125));
+    assert!(
+        refused.stderr.contains("file_too_large"),
+        "{}",
+        refused.stderr
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert!(!Path::new(&dest("big")).exists());
+
+    let mut c = cli(&h);
+    c.env("SANDBOX_MAX_FILE_BYTES", (1u64 << 30).to_string())
+        .args(["cp", "alice-1:big", &dest("big")]);
+    let streamed = measured(c, None);
+    assert_eq!(streamed.code, Some(0), "{}", streamed.stderr);
+    assert_eq!(std::fs::metadata(dest("big")).unwrap().len(), 512 << 20);
+    assert!(
+        streamed.peak_rss_kb < baseline.peak_rss_kb + RSS_BUDGET_KB,
+        "cp of 512 MiB peaked at {} kB (a small file: {} kB)",
+        streamed.peak_rss_kb,
+        baseline.peak_rss_kb
+    );
+
+    // And back in: an upload streams too.
+    let mut c = cli(&h);
+    c.env("SANDBOX_MAX_FILE_BYTES", (1u64 << 30).to_string())
+        .args(["cp", &dest("big"), "alice-1:back"]);
+    let uploaded = measured(c, None);
+    assert_eq!(uploaded.code, Some(0), "{}", uploaded.stderr);
+    assert_eq!(
+        b.execute("stat -c %s back").await.unwrap().output,
+        "536870912\n"
+    );
+    assert!(
+        uploaded.peak_rss_kb < baseline.peak_rss_kb + RSS_BUDGET_KB,
+        "cp of 512 MiB in peaked at {} kB",
+        uploaded.peak_rss_kb
+    );
+}
+
+/// Bug: `exec -i` read all of stdin into memory first (1 GiB of input took
+/// 2.1 GB RSS). Now it streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exec_stdin_streams_in_bounded_memory() {
+    let h = Harness::new("stdin");
+    let sandbox = h.sandbox().await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    // The library: a reader of any size, delivered whole.
+    let mut reader = tokio::io::AsyncReadExt::take(tokio::io::repeat(7), 64 << 20);
+    let r = b
+        .execute_streaming_stdin("wc -c", Default::default(), &mut reader, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(r.output.trim(), "67108864");
+
+    let mut c = cli(&h);
+    c.args(["exec", "-i", "alice-1", "--", "wc -c"]);
+    let baseline = measured(c, Some(1));
+    assert_eq!(baseline.stdout.trim(), "1", "{}", baseline.stderr);
+    let mut c = cli(&h);
+    c.args(["exec", "-i", "alice-1", "--", "wc -c"]);
+    let big = measured(c, Some(512 << 20));
+    assert_eq!(big.code, Some(0), "{}", big.stderr);
+    assert_eq!(big.stdout.trim(), "536870912");
+    assert!(
+        big.peak_rss_kb < baseline.peak_rss_kb + RSS_BUDGET_KB,
+        "exec -i of 512 MiB peaked at {} kB (1 byte: {} kB)",
+        big.peak_rss_kb,
+        baseline.peak_rss_kb
     );
 }

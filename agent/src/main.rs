@@ -12,14 +12,18 @@
 //! re-parented to the agent, not to the container's init. At the deadline
 //! the agent stops and kills that whole tree, and exits 124 (as
 //! `timeout(1)`). Otherwise it exits with PROGRAM's status (128+signal when
-//! killed); background jobs then outlive the call, as with a plain exec.
+//! killed) once the call's output ends, that is when every process holding
+//! its stdout or stderr has closed them: the semantics of a plain exec. A
+//! background job that detached its output (`cmd >log 2>&1 &`) outlives the
+//! call; one still writing to the call's output keeps the call open.
 //!
 //! Untrusted surroundings: the workload runs as the same user and may kill
 //! the agent; the host keeps its own deadline and kill as a fallback, and
 //! never takes anything but this exit status from the agent.
 
 use std::collections::{HashMap, HashSet};
-use std::process::{exit, Command};
+use std::io::{Read, Write};
+use std::process::{exit, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -49,7 +53,12 @@ fn main() {
         );
         exit(AGENT_FAILED);
     }
-    let child = match Command::new(&program[0]).args(&program[1..]).spawn() {
+    let mut child = match Command::new(&program[0])
+        .args(&program[1..])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
         Ok(child) => child,
         Err(e) => {
             eprintln!("sandbox-agent: {}: {e}", program[0]);
@@ -60,6 +69,11 @@ fn main() {
             });
         }
     };
+    // Relayed until every holder of the pipes closes them.
+    let relays = [
+        relay(child.stdout.take(), std::io::stdout()),
+        relay(child.stderr.take(), std::io::stderr()),
+    ];
     let child = child.id() as libc::pid_t;
     let me = std::process::id() as libc::pid_t;
     if let Some(timeout) = timeout {
@@ -71,6 +85,9 @@ fn main() {
         });
     }
     let status = wait_for(child);
+    for relay in relays.into_iter().flatten() {
+        let _ = relay.join();
+    }
     if EXPIRED.load(Ordering::SeqCst) {
         // The watchdog is ending the tree; it exits for us.
         loop {
@@ -78,6 +95,28 @@ fn main() {
         }
     }
     exit(status);
+}
+
+fn relay(
+    from: Option<impl Read + Send + 'static>,
+    mut to: impl Write + Send + 'static,
+) -> Option<std::thread::JoinHandle<()>> {
+    let mut from = from?;
+    Some(std::thread::spawn(move || {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).and_then(|()| to.flush()).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }))
 }
 
 fn parse(args: &[String]) -> Result<(Option<Duration>, Vec<String>), String> {

@@ -62,6 +62,11 @@ pub struct Capabilities {
     recent_creates: Mutex<HashMap<String, Vec<std::time::Instant>>>,
     /// The budget every policy instance's memories and tables draw from.
     policy_memory: Arc<MemoryPool>,
+    /// `sandbox-agent` on the host, installed on the first create (`None`
+    /// when that failed: containers then run without it).
+    agent: std::sync::OnceLock<Option<std::path::PathBuf>>,
+    /// Containers handed out that have the agent mounted.
+    with_agent: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Capabilities {
@@ -77,6 +82,8 @@ impl Capabilities {
             created: Default::default(),
             recent_creates: Mutex::new(HashMap::new()),
             policy_memory: MemoryPool::new(config.policy_memory_total_bytes),
+            agent: std::sync::OnceLock::new(),
+            with_agent: Mutex::new(std::collections::HashSet::new()),
             config,
         }
     }
@@ -87,6 +94,26 @@ impl Capabilities {
         excused_wait(self.lifecycle_slots.acquire())
             .await
             .expect("the semaphore is never closed")
+    }
+
+    /// The installed agent, installing it on first use.
+    fn agent(&self) -> Option<std::path::PathBuf> {
+        self.agent
+            .get_or_init(
+                || match crate::agent::install(&self.config.workspace_root) {
+                    Ok(path) => Some(path),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "containers run without sandbox-agent: a timeout then kills only the processes that kept its marker");
+                        None
+                    }
+                },
+            )
+            .clone()
+    }
+
+    /// Whether a container handed out has `sandbox-agent` mounted.
+    pub fn has_agent(&self, container_id: &str) -> bool {
+        self.with_agent.lock().unwrap().contains(container_id)
     }
 
     /// The host-wide budget of policy instance memory.
@@ -201,6 +228,10 @@ impl Capabilities {
             self.workspaces.owner(),
             policy,
         );
+        let plan = match self.agent() {
+            Some(agent) => plan.with_agent(agent),
+            None => plan,
+        };
         let created = {
             let _slot = self.lifecycle_slot().await;
             self.provider.create(&plan).await
@@ -346,6 +377,9 @@ impl Capabilities {
             .lock()
             .unwrap()
             .insert(container.id.clone(), container.backend_id.clone());
+        if record.labels.contains_key(crate::agent::AGENT_LABEL) {
+            self.with_agent.lock().unwrap().insert(container.id.clone());
+        }
         Ok(container)
     }
 }

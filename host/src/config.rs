@@ -1,17 +1,71 @@
-//! Host configuration: defaults, then an optional TOML file, then
-//! environment variables, then CLI flags (applied by the binary).
+//! Host configuration, layered with figment: the defaults, then a TOML file
+//! (`--config FILE` or `SANDBOX_CONFIG`), then environment variables, then
+//! CLI flags (given by the binary as [`Flag`]s).
+//!
+//! Every key is also the environment variable `SANDBOX_<KEY>` (upper case),
+//! nested keys joined by `__`: `SANDBOX_EXEC_TIMEOUT_SECS=60`,
+//! `SANDBOX_LIMITS__PIDS=10`, `SANDBOX_POLICY_CONFIG__IDLE_TTL_SECS=900`,
+//! `SANDBOX_ALLOWED_IMAGES=a:1,b:2`. Older spellings stay ([`ENV_ALIASES`]);
+//! an unknown `SANDBOX_*` variable is reported, with the likely intended
+//! one. [`Loaded::sources`] tells where each value came from (`sandbox
+//! config`).
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-use serde::{Deserialize, Serialize};
+use anyhow::{anyhow, bail, Context};
+use figment::providers::{Format, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider, Source};
+use serde::de::{self, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// The image `sandbox image build` produces; used when none is configured.
 pub const DEFAULT_IMAGE: &str = "sandbox-busybox:latest";
 
 /// The `network` value that gives sandboxes no network at all.
 pub const NETWORK_NONE: &str = "none";
+
+/// Prefix of the environment variables that set configuration keys.
+pub const ENV_PREFIX: &str = "SANDBOX_";
+
+/// Joins nested keys in environment variable names (`SANDBOX_LIMITS__PIDS`).
+pub const ENV_NESTING: &str = "__";
+
+/// The longest timeout or interval accepted (a day): anything longer is a
+/// typo, and keeps `Duration` arithmetic far from overflowing.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Older spellings of keys, kept working. Applied before the `SANDBOX_<KEY>`
+/// variables, so the canonical spelling wins when both are set.
+pub const ENV_ALIASES: &[(&str, &str)] = &[
+    ("DOCKER_HOST", "docker_host"),
+    ("SANDBOX_USER", "sandbox_user"),
+    ("SANDBOX_COMPONENT_CACHE", "component_cache_dir"),
+];
+
+/// `SANDBOX_*` variables that are not configuration keys but are read
+/// elsewhere: never reported as unknown.
+pub const ENV_NOT_CONFIG: &[&str] = &[
+    // The configuration file itself (the CLI's `--config`).
+    "SANDBOX_CONFIG",
+    // `sandbox serve --token`.
+    "SANDBOX_TOKEN",
+    // Set inside containers for every exec (a host started from a sandbox).
+    crate::exec::EXEC_MARKER_VAR,
+    // The file-transfer size cap (`files::FileLimits::from_env`).
+    "SANDBOX_MAX_FILE_BYTES",
+    // The Python client's tests: the binary to start.
+    "SANDBOX_BIN",
+    // The integration tests: the image to run.
+    "SANDBOX_TEST_IMAGE",
+];
+
+/// Keys holding free-form maps: any sub-key is valid (and lower-cased when
+/// it comes from the environment).
+const FREE_MAPS: &[&str] = &["policy_config"];
 
 /// Everything the host decides on behalf of policies.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,6 +96,22 @@ pub struct Config {
     pub policy_deadline_ms: u64,
     /// Linear memory one policy instance may grow to, in bytes.
     pub policy_memory_bytes: usize,
+    /// Wall-clock budget of one policy call, host imports (Docker calls,
+    /// WASI sleeps) included, waits for a lifecycle slot excluded, in ms.
+    pub policy_call_timeout_ms: u64,
+    /// Host imports one policy call may make.
+    pub policy_host_calls: u32,
+    /// Ceilings for one policy instance: table elements, core instances,
+    /// tables, memories, and host resources (WASI pollables and streams).
+    pub policy_table_elements: usize,
+    pub policy_core_instances: usize,
+    pub policy_tables: usize,
+    pub policy_memories: usize,
+    pub policy_resources: usize,
+    /// The sum of every policy instance's memories and tables, in bytes.
+    pub policy_memory_total_bytes: usize,
+    /// Containers one backend may have created within a minute.
+    pub max_creates_per_backend_per_minute: u32,
     /// Mount the container's root filesystem read-only (with a writable
     /// tmpfs `/tmp`); `/workspace` stays writable.
     pub read_only_rootfs: bool,
@@ -52,14 +122,19 @@ pub struct Config {
     /// OCI runtime for sandbox containers (for example `runsc`); the
     /// engine's default when unset.
     pub runtime: Option<String>,
-    /// When not empty, the only images this deployment may run.
+    /// When not empty, the only images this deployment may run (a list, or
+    /// one string of comma-separated images).
+    #[serde(deserialize_with = "list")]
     pub allowed_images: Vec<String>,
-    /// Where compiled policy components are cached (`off` in
-    /// `SANDBOX_COMPONENT_CACHE` disables it). Default: the user's cache dir.
+    /// Where compiled policy components are cached (`off` disables it).
+    /// Default: the user's cache dir.
+    #[serde(deserialize_with = "cache_dir")]
     pub component_cache_dir: Option<PathBuf>,
     /// Settings handed to the policy (WIT `context.policy-config`); the
-    /// shipped policies read `idle_ttl_secs` and `max_containers`.
-    pub policy_config: std::collections::BTreeMap<String, String>,
+    /// shipped policies read `idle_ttl_secs` and `max_containers`. Numbers
+    /// and booleans are taken as their text.
+    #[serde(deserialize_with = "string_map")]
+    pub policy_config: BTreeMap<String, String>,
     /// How often the host calls the policy's `maintain`, in seconds (0: never).
     pub maintenance_interval_secs: f64,
     /// Container creations, starts and removals in flight at once; the
@@ -80,8 +155,9 @@ pub struct Limits {
     pub pids: i64,
 }
 
-/// A numeric `uid:gid` pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A numeric `uid:gid` pair: `"uid:gid"`, a bare uid (gid the same), or a
+/// table `{ uid, gid }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct UserIds {
     pub uid: u32,
     pub gid: u32,
@@ -96,6 +172,119 @@ impl std::str::FromStr for UserIds {
             gid: gid.parse().with_context(|| format!("bad gid in {s:?}"))?,
         })
     }
+}
+
+impl<'de> Deserialize<'de> for UserIds {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Ids;
+        impl<'de> Visitor<'de> for Ids {
+            type Value = UserIds;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"uid:gid\", a uid, or a table { uid, gid }")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<UserIds, E> {
+                s.parse()
+                    .map_err(|e: anyhow::Error| E::custom(format!("{e:#}")))
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<UserIds, E> {
+                let id =
+                    u32::try_from(n).map_err(|_| E::custom(format!("uid {n} is too large")))?;
+                Ok(UserIds { uid: id, gid: id })
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<UserIds, E> {
+                let n = u64::try_from(n).map_err(|_| E::custom(format!("uid {n} is negative")))?;
+                self.visit_u64(n)
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<UserIds, A::Error> {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Pair {
+                    uid: u32,
+                    gid: u32,
+                }
+                let p = Pair::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(UserIds {
+                    uid: p.uid,
+                    gid: p.gid,
+                })
+            }
+        }
+        deserializer.deserialize_any(Ids)
+    }
+}
+
+/// `component_cache_dir`: `off` (or empty) is `None`.
+fn cache_dir<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    Ok(Option::<PathBuf>::deserialize(d)?
+        .filter(|p| !p.as_os_str().is_empty() && p.as_os_str() != "off"))
+}
+
+/// A list of strings, or one string of comma-separated items (optionally in
+/// brackets, items optionally quoted): what an environment variable holds.
+fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct List;
+    impl<'de> Visitor<'de> for List {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a list of strings, or one string of comma-separated items")
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<Vec<String>, E> {
+            let s = s.trim();
+            let s = s
+                .strip_prefix('[')
+                .and_then(|s| s.strip_suffix(']'))
+                .unwrap_or(s);
+            Ok(s.split(',')
+                .map(|item| item.trim().trim_matches(['"', '\'']).to_owned())
+                .filter(|item| !item.is_empty())
+                .collect())
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element()? {
+                items.push(item);
+            }
+            Ok(items)
+        }
+    }
+    d.deserialize_any(List)
+}
+
+/// A map of strings whose values may also be numbers or booleans (TOML's
+/// `idle_ttl_secs = 900`), kept as their text.
+fn string_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    struct Text(String);
+    impl<'de> Deserialize<'de> for Text {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Scalar;
+            impl Visitor<'_> for Scalar {
+                type Value = Text;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a string, number or boolean")
+                }
+                fn visit_str<E: de::Error>(self, s: &str) -> Result<Text, E> {
+                    Ok(Text(s.to_owned()))
+                }
+                fn visit_bool<E: de::Error>(self, b: bool) -> Result<Text, E> {
+                    Ok(Text(b.to_string()))
+                }
+                fn visit_i64<E: de::Error>(self, n: i64) -> Result<Text, E> {
+                    Ok(Text(n.to_string()))
+                }
+                fn visit_u64<E: de::Error>(self, n: u64) -> Result<Text, E> {
+                    Ok(Text(n.to_string()))
+                }
+                fn visit_f64<E: de::Error>(self, n: f64) -> Result<Text, E> {
+                    Ok(Text(n.to_string()))
+                }
+            }
+            d.deserialize_any(Scalar)
+        }
+    }
+    Ok(BTreeMap::<String, Text>::deserialize(d)?
+        .into_iter()
+        .map(|(k, Text(v))| (k, v))
+        .collect())
 }
 
 impl Default for Limits {
@@ -123,6 +312,15 @@ impl Default for Config {
             exec_timeout_secs: 300.0,
             policy_deadline_ms: 500,
             policy_memory_bytes: 64 * 1024 * 1024,
+            policy_call_timeout_ms: 5_000,
+            policy_host_calls: 256,
+            policy_table_elements: 200_000,
+            policy_core_instances: 16,
+            policy_tables: 8,
+            policy_memories: 1,
+            policy_resources: 256,
+            policy_memory_total_bytes: 1024 * 1024 * 1024,
+            max_creates_per_backend_per_minute: 10,
             max_policy_instances: 4096,
             component_cache_dir: crate::runtime::cache::ComponentCache::default_dir(),
             policy_config: Default::default(),
@@ -148,86 +346,558 @@ fn default_workspace_root() -> PathBuf {
     }
 }
 
-impl Config {
-    /// Defaults, overlaid by `file` (TOML) when given, then by the
-    /// `SANDBOX_*` environment variables.
-    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
-        let mut config = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading config file {}", path.display()))?;
-                toml::from_str(&text)
-                    .with_context(|| format!("parsing config file {}", path.display()))?
+/// A value given on the command line, for the key `key` (dotted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flag {
+    /// How it was spelled, for messages (`--image`).
+    pub flag: String,
+    pub key: String,
+    pub value: String,
+}
+
+impl Flag {
+    pub fn new(flag: &str, key: &str, value: impl Into<String>) -> Self {
+        Flag {
+            flag: flag.to_owned(),
+            key: key.to_owned(),
+            value: value.into(),
+        }
+    }
+}
+
+/// Everything the configuration is read from, besides the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Layers {
+    /// A TOML file (it must exist).
+    pub file: Option<PathBuf>,
+    /// Environment variables; only `SANDBOX_*` and [`ENV_ALIASES`] are read.
+    pub env: BTreeMap<String, String>,
+    /// Applied last, in order.
+    pub flags: Vec<Flag>,
+}
+
+impl Layers {
+    /// This process's environment, and `file`, else `SANDBOX_CONFIG`.
+    pub fn from_process(file: Option<&Path>) -> anyhow::Result<Layers> {
+        let mut env = BTreeMap::new();
+        for (name, value) in std::env::vars_os() {
+            let Ok(name) = name.into_string() else {
+                continue;
+            };
+            if !name.starts_with(ENV_PREFIX) && !ENV_ALIASES.iter().any(|(n, _)| *n == name) {
+                continue;
             }
-            None => Config::default(),
-        };
-        config.apply_env(|name| std::env::var(name).ok())?;
-        config.validate()?;
-        Ok(config)
+            let value = value
+                .into_string()
+                .map_err(|_| anyhow!("{name}: not valid UTF-8"))?;
+            env.insert(name, value);
+        }
+        let file = file.map(Path::to_path_buf).or_else(|| {
+            env.get("SANDBOX_CONFIG")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        });
+        Ok(Layers {
+            file,
+            env,
+            flags: Vec::new(),
+        })
+    }
+}
+
+/// Where a value came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Origin {
+    Default,
+    File { path: PathBuf },
+    Env { name: String },
+    Flag { name: String },
+}
+
+impl Origin {
+    fn metadata(&self) -> Metadata {
+        match self {
+            Origin::Default => Metadata::named("default"),
+            Origin::File { path } => Metadata::from("config file", Source::File(path.clone())),
+            Origin::Env { name } => Metadata::from(name.clone(), Source::Custom("env".into())),
+            Origin::Flag { name } => Metadata::from(name.clone(), Source::Custom("flag".into())),
+        }
     }
 
-    /// Applies `SANDBOX_WORKSPACE_ROOT`, `SANDBOX_IMAGE`, `SANDBOX_POLICY`,
-    /// `SANDBOX_NAMESPACE`, `SANDBOX_USER`, `SANDBOX_OUTPUT_LIMIT_BYTES`,
-    /// `SANDBOX_DOCKER_TIMEOUT_SECS`.
-    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
-        if let Some(v) = var("SANDBOX_WORKSPACE_ROOT") {
-            self.workspace_root = v.into();
+    fn of(metadata: &Metadata) -> Origin {
+        match &metadata.source {
+            Some(Source::File(path)) => Origin::File { path: path.clone() },
+            Some(Source::Custom(kind)) if kind == "env" => Origin::Env {
+                name: metadata.name.to_string(),
+            },
+            Some(Source::Custom(kind)) if kind == "flag" => Origin::Flag {
+                name: metadata.name.to_string(),
+            },
+            _ => Origin::Default,
         }
-        if let Some(v) = var("SANDBOX_IMAGE") {
-            self.image = v;
+    }
+
+    /// `NAME: ` to put before a message about a value from here.
+    fn prefix(&self) -> String {
+        match self {
+            Origin::Default => String::new(),
+            Origin::File { path } => format!("config file {}: ", path.display()),
+            Origin::Env { name } | Origin::Flag { name } => format!("{name}: "),
         }
-        if let Some(v) = var("SANDBOX_POLICY") {
-            self.policy = Some(v.into());
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            Origin::Default => f.write_str("default"),
+            Origin::File { path } => write!(f, "file {}", path.display()),
+            Origin::Env { name } => write!(f, "env {name}"),
+            Origin::Flag { name } => write!(f, "flag {name}"),
         }
-        if let Some(v) = var("SANDBOX_NAMESPACE") {
-            self.namespace = v;
+    }
+}
+
+/// One layer: a dictionary of keys from one origin.
+struct Layer {
+    metadata: Metadata,
+    data: Dict,
+}
+
+impl Layer {
+    /// One value at a (non-empty) key path.
+    fn value(origin: &Origin, path: &[String], value: Value) -> Layer {
+        let (last, parents) = path.split_last().expect("a key path is never empty");
+        let mut data = Dict::from([(last.clone(), value)]);
+        for parent in parents.iter().rev() {
+            data = Dict::from([(parent.clone(), Value::from(data))]);
         }
-        if let Some(v) = var("SANDBOX_USER") {
-            self.sandbox_user = Some(v.parse()?);
+        Layer {
+            metadata: origin.metadata(),
+            data,
         }
-        match var("SANDBOX_COMPONENT_CACHE").as_deref() {
-            Some("off") | Some("") => self.component_cache_dir = None,
-            Some(dir) => self.component_cache_dir = Some(dir.into()),
-            None => {}
+    }
+}
+
+impl Provider for Layer {
+    fn metadata(&self) -> Metadata {
+        self.metadata.clone()
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.data.clone()))
+    }
+}
+
+/// The keys of [`Config`], from its serialization: top-level keys and the
+/// fields of nested tables.
+struct Keys(BTreeMap<String, Vec<String>>);
+
+/// What an environment variable is to the configuration.
+#[derive(Debug, PartialEq)]
+enum EnvVar {
+    Key(Vec<String>),
+    NotConfig,
+    /// With the likely intended variable.
+    Unknown(Option<String>),
+}
+
+impl Keys {
+    fn new() -> Keys {
+        let reference = Config {
+            sandbox_user: Some(UserIds { uid: 0, gid: 0 }),
+            ..Config::default()
+        };
+        let Ok(serde_json::Value::Object(top)) = serde_json::to_value(reference) else {
+            unreachable!("the configuration serializes to a map")
+        };
+        Keys(
+            top.into_iter()
+                .map(|(key, value)| {
+                    let fields = match value {
+                        serde_json::Value::Object(fields) => {
+                            fields.into_iter().map(|f| f.0).collect()
+                        }
+                        _ => Vec::new(),
+                    };
+                    (key, fields)
+                })
+                .collect(),
+        )
+    }
+
+    fn is_key(&self, path: &[String]) -> bool {
+        match path {
+            [key] => self.0.contains_key(key),
+            [key, field] => {
+                FREE_MAPS.contains(&key.as_str()) && !field.is_empty()
+                    || self.0.get(key).is_some_and(|fields| fields.contains(field))
+            }
+            _ => false,
         }
-        if let Some(v) = var("SANDBOX_OUTPUT_LIMIT_BYTES") {
-            self.output_limit_bytes = v.parse().context("SANDBOX_OUTPUT_LIMIT_BYTES")?;
+    }
+
+    /// Every variable that means something here, for suggestions.
+    fn env_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = ENV_ALIASES
+            .iter()
+            .map(|(name, _)| name.to_string())
+            .chain(ENV_NOT_CONFIG.iter().map(|name| name.to_string()))
+            .collect();
+        for (key, fields) in &self.0 {
+            let var = format!("{ENV_PREFIX}{}", key.to_ascii_uppercase());
+            for field in fields {
+                names.push(format!("{var}{ENV_NESTING}{}", field.to_ascii_uppercase()));
+            }
+            names.push(var);
         }
-        if let Some(v) = var("SANDBOX_DOCKER_TIMEOUT_SECS") {
-            self.docker_timeout_secs = v.parse().context("SANDBOX_DOCKER_TIMEOUT_SECS")?;
+        names
+    }
+
+    fn classify(&self, name: &str) -> Option<EnvVar> {
+        if let Some((_, key)) = ENV_ALIASES.iter().find(|(alias, _)| *alias == name) {
+            return Some(EnvVar::Key(vec![key.to_string()]));
         }
-        Ok(())
+        if ENV_NOT_CONFIG.contains(&name) {
+            return Some(EnvVar::NotConfig);
+        }
+        let rest = name.strip_prefix(ENV_PREFIX)?;
+        let path: Vec<String> = rest
+            .to_ascii_lowercase()
+            .split(ENV_NESTING)
+            .map(str::to_owned)
+            .collect();
+        Some(if self.is_key(&path) {
+            EnvVar::Key(path)
+        } else {
+            EnvVar::Unknown(self.suggest(name))
+        })
+    }
+
+    /// The known variable `name` most likely meant, when close enough.
+    fn suggest(&self, name: &str) -> Option<String> {
+        // `SANDBOX_POLICY_CONFIG_X`: a free map's key with a single `_`.
+        for map in FREE_MAPS {
+            let var = format!("{ENV_PREFIX}{}", map.to_ascii_uppercase());
+            if let Some(rest) = name.strip_prefix(&format!("{var}_")) {
+                let rest = rest.trim_start_matches('_');
+                if !rest.is_empty() {
+                    return Some(format!("{var}{ENV_NESTING}{rest}"));
+                }
+            }
+        }
+        let short = |n: &str| n.strip_prefix(ENV_PREFIX).unwrap_or(n).to_owned();
+        let wanted = short(name);
+        self.env_names()
+            .into_iter()
+            .map(|candidate| (strsim::jaro_winkler(&wanted, &short(&candidate)), candidate))
+            .filter(|(score, _)| *score >= 0.85)
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, candidate)| candidate)
+    }
+}
+
+/// A loaded configuration, with where each value came from.
+pub struct Loaded {
+    pub config: Config,
+    /// Unknown environment variables, one sentence each (also logged by
+    /// [`Config::load`]).
+    pub warnings: Vec<String>,
+    figment: Figment,
+}
+
+impl Loaded {
+    /// Where the value of `key` (dotted: `limits.pids`) came from.
+    pub fn source(&self, key: &str) -> Origin {
+        let parts: Vec<&str> = key.split('.').collect();
+        for n in (1..=parts.len()).rev() {
+            let Ok(value) = self.figment.find_value(&parts[..n].join(".")) else {
+                continue;
+            };
+            // A table that does not hold the key: the key is a default.
+            if n < parts.len() && matches!(value, Value::Dict(..)) {
+                break;
+            }
+            return self
+                .figment
+                .get_metadata(value.tag())
+                .map(Origin::of)
+                .unwrap_or(Origin::Default);
+        }
+        Origin::Default
+    }
+
+    /// Every key of the effective configuration (dotted), its value and its
+    /// origin.
+    pub fn sources(&self) -> Vec<(String, serde_json::Value, Origin)> {
+        fn leaves(
+            prefix: &str,
+            value: serde_json::Value,
+            out: &mut Vec<(String, serde_json::Value)>,
+        ) {
+            match value {
+                serde_json::Value::Object(map) if !map.is_empty() => {
+                    for (key, value) in map {
+                        let path = if prefix.is_empty() {
+                            key
+                        } else {
+                            format!("{prefix}.{key}")
+                        };
+                        leaves(&path, value, out);
+                    }
+                }
+                value => out.push((prefix.to_owned(), value)),
+            }
+        }
+        let mut out = Vec::new();
+        leaves(
+            "",
+            serde_json::to_value(&self.config).unwrap_or_default(),
+            &mut out,
+        );
+        out.into_iter()
+            .map(|(key, value)| {
+                let origin = self.source(&key);
+                (key, value, origin)
+            })
+            .collect()
+    }
+}
+
+/// A figment error as lines naming where the bad value came from:
+/// `SANDBOX_EXEC_TIMEOUT_SECS: invalid type: ...`.
+fn describe(error: figment::Error, file: Option<&Path>) -> anyhow::Error {
+    use figment::error::Kind;
+    let lines: Vec<String> = error
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let origin = e
+                .metadata
+                .as_ref()
+                .map(Origin::of)
+                .unwrap_or(Origin::Default);
+            let kind = match &e.kind {
+                Kind::InvalidType(actual, expected) => {
+                    format!("invalid type: found {actual}, expected {}", plain(expected))
+                }
+                Kind::InvalidValue(actual, expected) => {
+                    format!("invalid value {actual}, expected {}", plain(expected))
+                }
+                kind => kind.to_string(),
+            };
+            match (&origin, &e.kind, file) {
+                (Origin::Env { .. } | Origin::Flag { .. }, _, _) => {
+                    format!("{}{kind}", origin.prefix())
+                }
+                // Only a file can hold unknown keys (environment variables
+                // and flags are matched against the keys first).
+                (_, Kind::UnknownField(field, expected), Some(path)) => {
+                    let hint = expected
+                        .iter()
+                        .map(|known| (strsim::jaro_winkler(field, known), known))
+                        .filter(|(score, _)| *score >= 0.8)
+                        .max_by(|a, b| a.0.total_cmp(&b.0))
+                        .map(|(_, known)| format!(" (did you mean `{known}`?)"))
+                        .unwrap_or_default();
+                    format!("config file {}: unknown key `{key}`{hint}", path.display())
+                }
+                _ if key.is_empty() => format!("{}{kind}", origin.prefix()),
+                _ => format!("{}{key}: {kind}", origin.prefix()),
+            }
+        })
+        .collect();
+    anyhow!(lines.join("\n"))
+}
+
+/// serde's names of primitive types, in words.
+fn plain(expected: &str) -> &str {
+    match expected {
+        "f32" | "f64" => "a number",
+        "i8" | "i16" | "i32" | "i64" | "u8" | "u16" | "u32" | "u64" | "usize" | "isize" => {
+            "an integer"
+        }
+        "a boolean" | "bool" => "true or false",
+        other => other,
+    }
+}
+
+impl Config {
+    /// Defaults, then `file` (TOML; else `SANDBOX_CONFIG`'s), then this
+    /// process's environment. Unknown `SANDBOX_*` variables are logged.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        let loaded = Config::load_layers(&Layers::from_process(file)?)?;
+        for warning in &loaded.warnings {
+            tracing::warn!("{warning}");
+        }
+        Ok(loaded.config)
+    }
+
+    /// Defaults, then each layer in turn; validated, and every error names
+    /// the file, variable or flag the bad value came from.
+    pub fn load_layers(layers: &Layers) -> anyhow::Result<Loaded> {
+        let mut figment = Figment::new();
+        if let Some(path) = &layers.file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config file {}", path.display()))?;
+            let data = Toml::string(&text)
+                .data()
+                .map_err(|e| anyhow!("parsing config file {}: {}", path.display(), e.kind))?;
+            figment = figment.merge(Layer {
+                metadata: Origin::File { path: path.clone() }.metadata(),
+                data: data.into_values().next().unwrap_or_default(),
+            });
+        }
+        let keys = Keys::new();
+        let mut warnings = Vec::new();
+        // Aliases first: the canonical spelling wins.
+        let aliases = ENV_ALIASES
+            .iter()
+            .filter_map(|(name, _)| layers.env.get_key_value(*name));
+        let rest = layers
+            .env
+            .iter()
+            .filter(|(name, _)| !ENV_ALIASES.iter().any(|(alias, _)| alias == name));
+        for (name, value) in aliases.chain(rest) {
+            match keys.classify(name) {
+                Some(EnvVar::Key(path)) => {
+                    let origin = Origin::Env { name: name.clone() };
+                    figment = figment.merge(Layer::value(&origin, &path, value.clone().into()));
+                }
+                Some(EnvVar::Unknown(hint)) => warnings.push(match hint {
+                    Some(hint) => format!(
+                        "ignoring {name}: not a configuration variable (did you mean {hint}?)"
+                    ),
+                    None => format!("ignoring {name}: not a configuration variable"),
+                }),
+                Some(EnvVar::NotConfig) | None => {}
+            }
+        }
+        for flag in &layers.flags {
+            let path: Vec<String> = flag.key.split('.').map(str::to_owned).collect();
+            let origin = Origin::Flag {
+                name: flag.flag.clone(),
+            };
+            figment = figment.merge(Layer::value(&origin, &path, flag.value.clone().into()));
+        }
+        let config: Config = figment
+            .extract_lossy()
+            .map_err(|e| describe(e, layers.file.as_deref()))?;
+        let loaded = Loaded {
+            config,
+            warnings,
+            figment,
+        };
+        if let Err((key, message)) = loaded.config.check() {
+            bail!("{}{message}", loaded.source(key).prefix());
+        }
+        Ok(loaded)
     }
 
     /// Rejects values the host cannot run with.
     pub fn validate(&self) -> anyhow::Result<()> {
-        crate::naming::validate_namespace(&self.namespace)?;
+        self.check().map_err(|(_, message)| anyhow!(message))
+    }
+
+    /// The first value the host cannot run with: its key and why.
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        fn seconds(
+            key: &'static str,
+            value: f64,
+            zero_ok: bool,
+        ) -> Result<(), (&'static str, String)> {
+            let max = MAX_DURATION.as_secs_f64();
+            if value.is_finite() && (value > 0.0 || zero_ok && value == 0.0) && value <= max {
+                Ok(())
+            } else {
+                let low = if zero_ok { "at least 0" } else { "more than 0" };
+                Err((
+                    key,
+                    format!("{key} must be {low} and at most {max} seconds, not {value}"),
+                ))
+            }
+        }
+        let fail = |key: &'static str, message: String| Err((key, message));
+        if let Err(e) = crate::naming::validate_namespace(&self.namespace) {
+            return fail("namespace", e.to_string());
+        }
         if self.image.trim().is_empty() {
-            bail!("image must not be empty");
+            return fail("image", "image must not be empty".into());
         }
-        if !(self.docker_timeout_secs > 0.0 && self.docker_timeout_secs.is_finite()) {
-            bail!("docker_timeout_secs must be a positive number");
-        }
-        if !(self.exec_timeout_secs > 0.0 && self.exec_timeout_secs.is_finite()) {
-            bail!("exec_timeout_secs must be a positive number");
-        }
+        seconds("docker_timeout_secs", self.docker_timeout_secs, false)?;
+        seconds("exec_timeout_secs", self.exec_timeout_secs, false)?;
+        seconds(
+            "maintenance_interval_secs",
+            self.maintenance_interval_secs,
+            true,
+        )?;
         if self.policy_deadline_ms == 0 {
-            bail!("policy_deadline_ms must be positive");
+            return fail(
+                "policy_deadline_ms",
+                "policy_deadline_ms must be positive".into(),
+            );
         }
-        if self.limits.cpus <= 0.0 || self.limits.memory_bytes <= 0 || self.limits.pids <= 0 {
-            bail!("limits must be positive");
+        if !(self.limits.cpus > 0.0 && self.limits.cpus.is_finite()) {
+            return fail(
+                "limits.cpus",
+                "limits.cpus must be a positive number".into(),
+            );
+        }
+        if self.limits.memory_bytes <= 0 {
+            return fail(
+                "limits.memory_bytes",
+                "limits.memory_bytes must be positive".into(),
+            );
+        }
+        if self.limits.pids <= 0 {
+            return fail("limits.pids", "limits.pids must be positive".into());
         }
         if !self.allowed_images.is_empty() && !self.allowed_images.contains(&self.image) {
-            bail!(
-                "image {:?} is not in this deployment's allowed_images {:?}",
-                self.image,
-                self.allowed_images
+            return fail(
+                "image",
+                format!(
+                    "image {:?} is not in this deployment's allowed_images {:?}",
+                    self.image, self.allowed_images
+                ),
             );
         }
         if self.max_policy_instances == 0 {
-            bail!("max_policy_instances must be positive");
+            return fail(
+                "max_policy_instances",
+                "max_policy_instances must be positive".into(),
+            );
         }
-        Ok(())
+        for (key, value) in [
+            ("policy_call_timeout_ms", self.policy_call_timeout_ms),
+            ("policy_host_calls", u64::from(self.policy_host_calls)),
+            ("policy_memory_bytes", self.policy_memory_bytes as u64),
+            ("policy_table_elements", self.policy_table_elements as u64),
+            ("policy_core_instances", self.policy_core_instances as u64),
+            ("policy_memories", self.policy_memories as u64),
+            ("policy_resources", self.policy_resources as u64),
+            (
+                "max_creates_per_backend_per_minute",
+                u64::from(self.max_creates_per_backend_per_minute),
+            ),
+        ] {
+            if value == 0 {
+                return fail(key, format!("{key} must be positive"));
+            }
+        }
+        if self.policy_memory_total_bytes < self.policy_memory_bytes {
+            return fail(
+                "policy_memory_total_bytes",
+                "policy_memory_total_bytes must be at least policy_memory_bytes".into(),
+            );
+        }
+        if self.max_concurrent_lifecycle_ops == 0 {
+            return fail(
+                "max_concurrent_lifecycle_ops",
+                "max_concurrent_lifecycle_ops must be positive".into(),
+            );
+        }
+        check_network(&self.network).or_else(|message| fail("network", message))
     }
 
     pub fn docker_timeout(&self) -> Duration {
@@ -261,38 +931,413 @@ impl Config {
     }
 }
 
+/// `none`, or a plausible Docker network name; never `host` (it would give
+/// every sandbox the host's own network stack).
+fn check_network(network: &str) -> Result<(), String> {
+    let plausible = network.len() <= 128
+        && network.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && network
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if !plausible {
+        return Err(format!(
+            "network {network:?} must be \"none\" or a Docker network name: 1-128 of \
+             [A-Za-z0-9_.-], starting with a letter or digit"
+        ));
+    }
+    if network == "host" {
+        return Err(
+            "network \"host\" would share the host's network stack with every sandbox: \
+             create a Docker network for them instead"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn env(vars: &[(&str, &str)]) -> Layers {
+        Layers {
+            env: vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Layers::default()
+        }
+    }
+
+    fn load(vars: &[(&str, &str)]) -> anyhow::Result<Loaded> {
+        Config::load_layers(&env(vars))
+    }
+
+    fn error(vars: &[(&str, &str)]) -> String {
+        match load(vars) {
+            Ok(_) => panic!("{vars:?} was accepted"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        file
+    }
+
+    fn env_origin(name: &str) -> Origin {
+        Origin::Env { name: name.into() }
+    }
+
     #[test]
-    fn env_overrides_the_seed_variables() {
-        let mut config = Config::default();
-        config
-            .apply_env(|name| match name {
-                "SANDBOX_WORKSPACE_ROOT" => Some("/srv/ws".into()),
-                "SANDBOX_IMAGE" => Some("img:1".into()),
-                "SANDBOX_POLICY" => Some("/p.wasm".into()),
-                "SANDBOX_USER" => Some("1234:55".into()),
-                _ => None,
+    fn exec_timeout_from_the_environment_is_honoured() {
+        // Bug: SANDBOX_EXEC_TIMEOUT_SECS=1 used to be silently ignored.
+        let loaded = load(&[("SANDBOX_EXEC_TIMEOUT_SECS", "1")]).unwrap();
+        assert_eq!(loaded.config.exec_timeout(), Duration::from_secs(1));
+        assert_eq!(
+            loaded.source("exec_timeout_secs"),
+            env_origin("SANDBOX_EXEC_TIMEOUT_SECS")
+        );
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    }
+
+    #[test]
+    fn nested_keys_lists_and_maps_come_from_the_environment() {
+        let loaded = load(&[
+            ("SANDBOX_LIMITS__PIDS", "10"),
+            ("SANDBOX_LIMITS__CPUS", "0.5"),
+            ("SANDBOX_POLICY_CONFIG__IDLE_TTL_SECS", "900"),
+            ("SANDBOX_POLICY_CONFIG__MAX_CONTAINERS", "50"),
+            ("SANDBOX_ALLOWED_IMAGES", "other:1, sandbox-busybox:latest"),
+            ("SANDBOX_READ_ONLY_ROOTFS", "true"),
+            ("SANDBOX_NETWORK", "sandnet"),
+        ])
+        .unwrap();
+        let c = &loaded.config;
+        assert_eq!((c.limits.pids, c.limits.cpus), (10, 0.5));
+        assert_eq!(c.limits.memory_bytes, Limits::default().memory_bytes);
+        assert_eq!(c.policy_config["idle_ttl_secs"], "900");
+        assert_eq!(c.policy_config["max_containers"], "50");
+        assert_eq!(c.allowed_images, ["other:1", DEFAULT_IMAGE]);
+        assert!(c.read_only_rootfs);
+        assert_eq!(c.network, "sandnet");
+        assert_eq!(
+            loaded.source("limits.pids"),
+            env_origin("SANDBOX_LIMITS__PIDS")
+        );
+        assert_eq!(loaded.source("limits.memory_bytes"), Origin::Default);
+        assert_eq!(
+            loaded.source("policy_config.idle_ttl_secs"),
+            env_origin("SANDBOX_POLICY_CONFIG__IDLE_TTL_SECS")
+        );
+        let bracketed = load(&[("SANDBOX_ALLOWED_IMAGES", r#"["a:1","b:2"]"#)]);
+        let err = format!("{:#}", bracketed.err().unwrap());
+        assert!(err.contains(r#"allowed_images ["a:1", "b:2"]"#), "{err}");
+    }
+
+    /// Sets every key of the configuration (found by serializing it) to a
+    /// value other than its default through its `SANDBOX_*` variable, and
+    /// checks each one took: a key added without a way in from the
+    /// environment fails here.
+    #[test]
+    fn every_key_is_settable_from_the_environment() {
+        fn other(value: &serde_json::Value) -> String {
+            match value {
+                serde_json::Value::Bool(b) => (!b).to_string(),
+                serde_json::Value::Number(n) if n.is_f64() => {
+                    (n.as_f64().unwrap() / 2.0).to_string()
+                }
+                serde_json::Value::Number(n) => (n.as_u64().unwrap() + 1).to_string(),
+                // Strings, lists and unset options: one every one takes (a
+                // number, so numeric-looking text must stay text).
+                _ => "7".to_owned(),
+            }
+        }
+        let defaults = serde_json::to_value(Config::default()).unwrap();
+        let mut vars = Vec::new();
+        for (key, value) in defaults.as_object().unwrap() {
+            let var = format!("SANDBOX_{}", key.to_uppercase());
+            match value {
+                serde_json::Value::Object(fields) if fields.is_empty() => {
+                    vars.push((format!("{var}__SOME_KEY"), "v".to_owned()))
+                }
+                serde_json::Value::Object(fields) => {
+                    for (field, value) in fields {
+                        vars.push((format!("{var}__{}", field.to_uppercase()), other(value)));
+                    }
+                }
+                value => vars.push((var, other(value))),
+            }
+        }
+        let layers = Layers {
+            env: vars.iter().cloned().collect(),
+            ..Layers::default()
+        };
+        let loaded = Config::load_layers(&layers).unwrap();
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        let got = serde_json::to_value(&loaded.config).unwrap();
+        for (key, default) in defaults.as_object().unwrap() {
+            assert_ne!(&got[key], default, "{key} was not set from the environment");
+        }
+        for (key, value, origin) in loaded.sources() {
+            assert!(
+                matches!(origin, Origin::Env { .. }),
+                "{key} = {value} comes from {origin}"
+            );
+        }
+    }
+
+    #[test]
+    fn compatible_spellings_still_work() {
+        let loaded = load(&[
+            ("SANDBOX_WORKSPACE_ROOT", "/srv/ws"),
+            ("SANDBOX_IMAGE", "img:1"),
+            ("SANDBOX_POLICY", "/p.wasm"),
+            ("SANDBOX_NAMESPACE", "ns1"),
+            ("SANDBOX_USER", "1234:55"),
+            ("SANDBOX_COMPONENT_CACHE", "off"),
+            ("DOCKER_HOST", "tcp://127.0.0.1:2375"),
+        ])
+        .unwrap();
+        let c = &loaded.config;
+        assert_eq!(c.workspace_root, PathBuf::from("/srv/ws"));
+        assert_eq!(c.image, "img:1");
+        assert_eq!(c.policy, Some(PathBuf::from("/p.wasm")));
+        assert_eq!(c.namespace, "ns1");
+        assert_eq!(c.sandbox_user, Some(UserIds { uid: 1234, gid: 55 }));
+        assert_eq!(c.component_cache_dir, None);
+        assert_eq!(c.docker_host.as_deref(), Some("tcp://127.0.0.1:2375"));
+        assert_eq!(
+            loaded.source("sandbox_user.uid"),
+            env_origin("SANDBOX_USER")
+        );
+        assert_eq!(loaded.source("docker_host"), env_origin("DOCKER_HOST"));
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+
+        let cache = load(&[("SANDBOX_COMPONENT_CACHE", "/tmp/cc")]).unwrap();
+        assert_eq!(cache.config.component_cache_dir, Some("/tmp/cc".into()));
+        // The canonical spelling wins over the docker CLI's variable.
+        let both = load(&[
+            ("DOCKER_HOST", "tcp://a:1"),
+            ("SANDBOX_DOCKER_HOST", "unix:///b.sock"),
+        ])
+        .unwrap();
+        assert_eq!(both.config.docker_host.as_deref(), Some("unix:///b.sock"));
+        assert_eq!(
+            both.source("docker_host"),
+            env_origin("SANDBOX_DOCKER_HOST")
+        );
+    }
+
+    #[test]
+    fn the_sandbox_user_has_three_spellings() {
+        let bare = load(&[("SANDBOX_USER", "1000")]).unwrap();
+        assert_eq!(
+            bare.config.sandbox_user,
+            Some(UserIds {
+                uid: 1000,
+                gid: 1000
             })
-            .unwrap();
-        assert_eq!(config.workspace_root, PathBuf::from("/srv/ws"));
-        assert_eq!(config.image, "img:1");
-        assert_eq!(config.policy, Some(PathBuf::from("/p.wasm")));
-        assert_eq!(config.sandbox_user, Some(UserIds { uid: 1234, gid: 55 }));
+        );
+        let nested = load(&[
+            ("SANDBOX_SANDBOX_USER__UID", "7"),
+            ("SANDBOX_SANDBOX_USER__GID", "8"),
+        ])
+        .unwrap();
+        assert_eq!(nested.config.sandbox_user, Some(UserIds { uid: 7, gid: 8 }));
+        let toml = file("sandbox_user = { uid = 5, gid = 6 }\n");
+        let table = Config::load(Some(toml.path())).unwrap();
+        assert_eq!(table.sandbox_user, Some(UserIds { uid: 5, gid: 6 }));
+    }
+
+    #[test]
+    fn a_bad_value_names_the_variable() {
+        let err = error(&[("SANDBOX_EXEC_TIMEOUT_SECS", "soon")]);
+        assert!(
+            err.starts_with("SANDBOX_EXEC_TIMEOUT_SECS: invalid"),
+            "{err}"
+        );
+        let err = error(&[("SANDBOX_EXEC_TIMEOUT_SECS", "-1")]);
+        assert!(
+            err.starts_with("SANDBOX_EXEC_TIMEOUT_SECS: exec_timeout_secs must be"),
+            "{err}"
+        );
+        let err = error(&[("SANDBOX_LIMITS__PIDS", "many")]);
+        assert!(err.starts_with("SANDBOX_LIMITS__PIDS: invalid"), "{err}");
+        let err = error(&[("SANDBOX_USER", "bob")]);
+        assert!(err.starts_with("SANDBOX_USER: bad uid"), "{err}");
+        let err = error(&[("SANDBOX_NAMESPACE", "a.b")]);
+        assert!(err.starts_with("SANDBOX_NAMESPACE: namespace"), "{err}");
+    }
+
+    #[test]
+    fn unknown_variables_are_reported_with_the_likely_key() {
+        let loaded = load(&[
+            ("SANDBOX_EXEC_TIMEOUT", "5"),
+            ("SANDBOX_LIMITS_PIDS", "5"),
+            ("SANDBOX_POLICY_CONFIG_IDLE_TTL_SECS", "5"),
+            ("SANDBOX_WIBBLE", "5"),
+            ("SANDBOX_TOKEN", "t"),
+            ("SANDBOX_CONFIG", "/nonexistent.toml"),
+            ("HOME", "/home/x"),
+        ])
+        .unwrap();
+        assert_eq!(loaded.config.exec_timeout_secs, 300.0, "unknown is ignored");
+        let warnings = loaded.warnings.join("\n");
+        for (var, hint) in [
+            ("SANDBOX_EXEC_TIMEOUT:", Some("SANDBOX_EXEC_TIMEOUT_SECS?")),
+            ("SANDBOX_LIMITS_PIDS:", Some("SANDBOX_LIMITS__PIDS?")),
+            (
+                "SANDBOX_POLICY_CONFIG_IDLE_TTL_SECS:",
+                Some("SANDBOX_POLICY_CONFIG__IDLE_TTL_SECS?"),
+            ),
+            ("SANDBOX_WIBBLE: not a configuration variable", None),
+        ] {
+            let line = loaded
+                .warnings
+                .iter()
+                .find(|w| w.contains(var))
+                .unwrap_or_else(|| panic!("no warning for {var}: {warnings}"));
+            match hint {
+                Some(hint) => assert!(line.contains(&format!("did you mean {hint}")), "{line}"),
+                None => assert!(!line.contains("did you mean"), "{line}"),
+            }
+        }
+        assert_eq!(loaded.warnings.len(), 4, "{warnings}");
+    }
+
+    /// Every `SANDBOX_*` variable the code base reads (the CLI, the tests,
+    /// the Python client, CI, xtask) is known here, so none is warned about.
+    #[test]
+    fn no_variable_the_project_reads_is_reported_as_unknown() {
+        fn scan(path: &Path, found: &mut BTreeMap<String, PathBuf>) {
+            if path.is_dir() {
+                for entry in std::fs::read_dir(path).unwrap() {
+                    let entry = entry.unwrap().path();
+                    let name = entry.file_name().unwrap().to_string_lossy().into_owned();
+                    let skipped = name.starts_with('.') && name != ".ci"
+                        || matches!(name.as_str(), "target" | "__pycache__" | "fixtures");
+                    if !skipped {
+                        scan(&entry, found);
+                    }
+                }
+                return;
+            }
+            // This file names unknown variables on purpose.
+            if path.ends_with("host/src/config.rs") {
+                return;
+            }
+            let Ok(text) = std::fs::read_to_string(path) else {
+                return;
+            };
+            for (at, _) in text.match_indices(ENV_PREFIX) {
+                let before = text[..at].chars().next_back();
+                if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    continue;
+                }
+                let name: String = text[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                if name.len() > ENV_PREFIX.len() {
+                    found.insert(name, path.to_owned());
+                }
+            }
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let mut found = BTreeMap::new();
+        for dir in ["host", "tests", "clients", ".ci", "xtask"] {
+            scan(&root.join(dir), &mut found);
+        }
+        assert!(found.contains_key("SANDBOX_TOKEN"), "{found:?}");
+        let keys = Keys::new();
+        for (name, path) in found {
+            assert!(
+                !matches!(keys.classify(&name), Some(EnvVar::Unknown(_))),
+                "{name} (read in {}) would be reported as unknown",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn precedence_is_defaults_file_environment_flags() {
+        let toml = file(
+            "image = \"from-file\"\nnamespace = \"file\"\nexec_timeout_secs = 10\n\
+             [limits]\npids = 10\n[policy_config]\nidle_ttl_secs = 900\n",
+        );
+        let layers = Layers {
+            file: Some(toml.path().to_owned()),
+            flags: vec![Flag::new("--image", "image", "from-flag")],
+            ..env(&[("SANDBOX_IMAGE", "from-env"), ("SANDBOX_NAMESPACE", "env")])
+        };
+        let loaded = Config::load_layers(&layers).unwrap();
+        let c = &loaded.config;
+        assert_eq!(c.image, "from-flag");
+        assert_eq!(c.namespace, "env");
+        assert_eq!((c.exec_timeout_secs, c.limits.pids), (10.0, 10));
+        assert_eq!(c.policy_config["idle_ttl_secs"], "900");
+        let in_file = Origin::File {
+            path: toml.path().to_owned(),
+        };
+        let sources: BTreeMap<String, Origin> = loaded
+            .sources()
+            .into_iter()
+            .map(|(key, _, origin)| (key, origin))
+            .collect();
+        assert_eq!(
+            sources["image"],
+            Origin::Flag {
+                name: "--image".into()
+            }
+        );
+        assert_eq!(sources["namespace"], env_origin("SANDBOX_NAMESPACE"));
+        assert_eq!(sources["exec_timeout_secs"], in_file);
+        assert_eq!(sources["limits.pids"], in_file);
+        assert_eq!(sources["policy_config.idle_ttl_secs"], in_file);
+        assert_eq!(sources["limits.cpus"], Origin::Default);
+        assert_eq!(sources["docker_timeout_secs"], Origin::Default);
     }
 
     #[test]
     fn toml_file_is_partial_and_strict() {
-        let config: Config = toml::from_str("image = \"x\"\n[limits]\npids = 10\n").unwrap();
+        let toml = file("image = \"x\"\n[limits]\npids = 10\n");
+        let config = Config::load_layers(&Layers {
+            file: Some(toml.path().to_owned()),
+            ..Layers::default()
+        })
+        .unwrap()
+        .config;
         assert_eq!(config.image, "x");
         assert_eq!(config.limits.pids, 10);
         assert_eq!(config.limits.cpus, 1.0);
-        assert!(
-            toml::from_str::<Config>("imag = \"x\"").is_err(),
-            "typos are errors"
-        );
+        for (typo, shown) in [
+            (
+                "imag = \"x\"\n",
+                "unknown key `imag` (did you mean `image`?)",
+            ),
+            (
+                "[limits]\npid = 3\n",
+                "unknown key `limits.pid` (did you mean `pids`?)",
+            ),
+        ] {
+            let toml = file(typo);
+            let err = Config::load_layers(&Layers {
+                file: Some(toml.path().to_owned()),
+                ..Layers::default()
+            })
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| panic!("{typo:?} was accepted"));
+            assert!(err.contains(shown), "{err}");
+            assert!(err.contains(&toml.path().display().to_string()), "{err}");
+        }
+        let missing = Config::load_layers(&Layers {
+            file: Some("/nonexistent/sandbox.toml".into()),
+            ..Layers::default()
+        });
+        assert!(missing.is_err(), "a named config file must exist");
     }
 
     #[test]
@@ -319,5 +1364,43 @@ mod tests {
             ..Config::default()
         };
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn network_is_none_or_a_docker_network_name() {
+        for good in ["none", "sandnet", "my_net.1-a"] {
+            let config = Config {
+                network: good.into(),
+                ..Config::default()
+            };
+            assert!(config.validate().is_ok(), "{good}");
+        }
+        for bad in ["", "-x", "a b", "container:abc", "host", &"n".repeat(129)] {
+            let config = Config {
+                network: bad.into(),
+                ..Config::default()
+            };
+            assert!(config.validate().is_err(), "{bad:?}");
+        }
+        let err = error(&[("SANDBOX_NETWORK", "a/b")]);
+        assert!(err.starts_with("SANDBOX_NETWORK: network"), "{err}");
+    }
+
+    /// `Duration::from_secs_f64` panics on these: they must be refused first.
+    #[test]
+    fn durations_that_are_not_finite_or_beyond_a_day_are_refused() {
+        for (var, value) in [
+            ("SANDBOX_EXEC_TIMEOUT_SECS", "1e30"),
+            ("SANDBOX_EXEC_TIMEOUT_SECS", "NaN"),
+            ("SANDBOX_DOCKER_TIMEOUT_SECS", "inf"),
+            ("SANDBOX_DOCKER_TIMEOUT_SECS", "0"),
+            ("SANDBOX_MAINTENANCE_INTERVAL_SECS", "-1"),
+            ("SANDBOX_MAINTENANCE_INTERVAL_SECS", "90000"),
+        ] {
+            let err = error(&[(var, value)]);
+            assert!(err.starts_with(&format!("{var}: ")), "{err}");
+        }
+        let off = load(&[("SANDBOX_MAINTENANCE_INTERVAL_SECS", "0")]).unwrap();
+        assert_eq!(off.config.maintenance_interval_secs, 0.0);
     }
 }

@@ -40,11 +40,27 @@ pub struct ExecRequest {
     pub timeout: Duration,
     /// `KEY=value` pairs, the marker included.
     pub env: Vec<String>,
+    /// Where the exec starts: always `/workspace`, which exists. A requested
+    /// working directory is created and entered by `command` itself (see
+    /// [`enter_workdir`]), so a missing one is not a runtime error.
     pub workdir: String,
     pub stdin: Option<Vec<u8>>,
     /// This call's id, also in `env` as [`EXEC_MARKER_VAR`].
     pub marker: String,
+    /// `uid:gid` to run as; the container's configured user when `None`.
+    pub user: Option<String>,
+    /// When true, `timeout` counts from the last byte moved in either
+    /// direction (file transfers: a large file takes what it takes, a stalled
+    /// one is stopped), not from the start.
+    pub idle_timeout: bool,
+    /// Run under `sandbox-agent` (the container has it mounted): the agent
+    /// enforces `timeout` on the whole process tree, the host keeps its own
+    /// deadline [`AGENT_GRACE`] later as a fallback.
+    pub agent: bool,
 }
+
+/// How long after the agent's deadline the host's own deadline falls.
+pub const AGENT_GRACE: Duration = Duration::from_secs(2);
 
 impl ExecRequest {
     /// Checks the options and builds the request.
@@ -75,16 +91,33 @@ impl ExecRequest {
             }
             env.push(format!("{key}={value}"));
         }
+        let workdir = resolve_workdir(options.workdir.as_deref())?;
+        let command = if workdir == WORKSPACE_MOUNT {
+            command.to_owned()
+        } else {
+            enter_workdir(&workdir, command)
+        };
         Ok(ExecRequest {
-            command: command.to_owned(),
+            command,
             output_limit,
             timeout: options.timeout.unwrap_or(default_timeout),
             env,
-            workdir: resolve_workdir(options.workdir.as_deref())?,
+            workdir: WORKSPACE_MOUNT.to_owned(),
             stdin: options.stdin,
             marker,
+            user: None,
+            idle_timeout: false,
+            agent: false,
         })
     }
+}
+
+/// `command` preceded by a line that creates `dir` (as the sandbox user, the
+/// exec's user) and enters it; exit code 126 when that fails. `dir` is
+/// already confined to `/workspace` by [`resolve_workdir`].
+pub fn enter_workdir(dir: &str, command: &str) -> String {
+    let dir = shlex::try_quote(dir).expect("resolve_workdir refuses NUL");
+    format!("mkdir -p {dir} && cd {dir} || exit 126\n{command}")
 }
 
 /// Confines a working directory to `/workspace`, lexically (`..` refused).
@@ -227,6 +260,71 @@ impl CappedOutput {
     }
 }
 
+/// Chunk size of [`blocking_reader`].
+const READER_CHUNK: usize = 64 * 1024;
+
+/// An async reader over a blocking one (the process's stdin), read on a
+/// detached thread through a channel of a few 64 KiB chunks: memory stays
+/// bounded whatever flows through, and an abandoned read (the command ended
+/// first) never holds the runtime's shutdown, unlike `tokio::io::stdin`.
+pub fn blocking_reader<R: std::io::Read + Send + 'static>(mut source: R) -> ChannelReader {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(4);
+    std::thread::spawn(move || loop {
+        let mut chunk = vec![0u8; READER_CHUNK];
+        let item = match source.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => {
+                chunk.truncate(n);
+                Ok(chunk)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => Err(e),
+        };
+        let failed = item.is_err();
+        if tx.blocking_send(item).is_err() || failed {
+            return;
+        }
+    });
+    ChannelReader {
+        rx,
+        chunk: Vec::new(),
+        at: 0,
+    }
+}
+
+/// See [`blocking_reader`].
+#[derive(Debug)]
+pub struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl tokio::io::AsyncRead for ChannelReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        while self.at == self.chunk.len() {
+            match std::task::ready!(self.rx.poll_recv(cx)) {
+                Some(Ok(chunk)) => {
+                    self.chunk = chunk;
+                    self.at = 0;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(e)),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+        let n = buf.remaining().min(self.chunk.len() - self.at);
+        let at = self.at;
+        buf.put_slice(&self.chunk[at..at + n]);
+        self.at += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
 /// Kills every process of a call: those carrying its marker, and their
 /// descendants (which may have cleared their environment). Fork-free (only
 /// shell builtins and /proc reads), so it works when the call exhausted the
@@ -312,6 +410,16 @@ mod tests {
         assert_eq!(out.dropped, 64 * 1024 * 1000 - 1000);
     }
 
+    #[tokio::test]
+    async fn a_blocking_reader_delivers_every_byte_in_order() {
+        use tokio::io::AsyncReadExt;
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let mut reader = blocking_reader(std::io::Cursor::new(data.clone()));
+        let mut got = Vec::new();
+        reader.read_to_end(&mut got).await.unwrap();
+        assert!(got == data, "bytes differ");
+    }
+
     #[test]
     fn working_directories_stay_under_the_workspace() {
         assert_eq!(resolve_workdir(None).unwrap(), "/workspace");
@@ -332,6 +440,56 @@ mod tests {
         ] {
             assert!(resolve_workdir(Some(bad)).is_err(), "{bad}");
         }
+    }
+
+    /// Bug: `exec -w sub` on a missing directory failed in the OCI runtime
+    /// (its error on stdout, exit 126) instead of creating it.
+    #[test]
+    fn a_working_directory_is_created_by_the_command_itself() {
+        let t = Duration::from_secs(1);
+        let options = ExecOptions {
+            workdir: Some("new dir/sub".into()),
+            ..Default::default()
+        };
+        let r = ExecRequest::new("pwd", options, 10, t).unwrap();
+        assert_eq!(
+            r.workdir, "/workspace",
+            "the exec starts where a directory exists"
+        );
+        assert_eq!(
+            r.command,
+            "mkdir -p '/workspace/new dir/sub' && cd '/workspace/new dir/sub' || exit 126\npwd"
+        );
+        let plain = ExecRequest::new("pwd", ExecOptions::default(), 10, t).unwrap();
+        assert_eq!(
+            plain.command, "pwd",
+            "no working directory: the command as given"
+        );
+
+        // The script itself, run by this host's sh on a scratch directory.
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path().join("a b/it's");
+        let script = enter_workdir(dir.to_str().unwrap(), "pwd; echo \"$0\"");
+        let out = std::process::Command::new("sh")
+            .args(["-c", &script, "sh"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("{}\nsh\n", dir.display())
+        );
+        assert!(dir.is_dir());
+        // Not enterable (a file in the way): 126, the command never runs.
+        let file = scratch.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        let script = enter_workdir(file.join("x").to_str().unwrap(), "echo ran");
+        let out = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(126));
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("ran"));
     }
 
     #[test]

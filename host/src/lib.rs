@@ -29,6 +29,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod agent;
 pub mod capabilities;
 pub mod config;
 pub mod error;

@@ -28,10 +28,21 @@ pub struct ContainerPlan {
     pub read_only_rootfs: bool,
     /// `none`, or the Docker network the operator configured.
     pub network: String,
+    /// Host path of `sandbox-agent`, bind-mounted read-only at
+    /// [`crate::agent::AGENT_MOUNT`] (see [`ContainerPlan::with_agent`]).
+    pub agent: Option<PathBuf>,
     pub runtime: Option<String>,
 }
 
 impl ContainerPlan {
+    /// The plan with the agent mounted, and labelled so.
+    pub fn with_agent(mut self, agent: PathBuf) -> Self {
+        self.labels
+            .insert(crate::agent::AGENT_LABEL.to_owned(), "1".to_owned());
+        self.agent = Some(agent);
+        self
+    }
+
     /// The plan for `backend_id`, whose workspace `workspace` was prepared at
     /// `workspace_path`. The ids are validated by the caller.
     pub fn new(
@@ -52,6 +63,7 @@ impl ContainerPlan {
             command: IDLE_COMMAND.iter().map(|s| s.to_string()).collect(),
             read_only_rootfs: config.read_only_rootfs,
             network: config.network.clone(),
+            agent: None,
             runtime: config.runtime.clone(),
         }
     }

@@ -4,14 +4,20 @@
 
 use std::sync::Arc;
 
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
 use crate::capabilities::{Capabilities, ManagedContainer};
 use crate::config::Config;
+use crate::error::policy_text;
 use crate::error::{Result, SandboxError};
 use crate::exec::{ExecOptions, ExecRequest, ExecResponse, StreamKind};
-use crate::files::{self, DownloadResult, FileError, Upload, UploadResult};
+use crate::files::{
+    self, DownloadResult, DownloadSink, FileError, FileInfo, FileLimits, HostFile, Upload,
+    UploadResult,
+};
 use crate::policies;
 use crate::provider::docker::DockerProvider;
-use crate::provider::ContainerProvider;
+use crate::provider::{ContainerProvider, ExecIo};
 use crate::runtime::lanes::Lanes;
 use crate::runtime::{CompiledPolicy, PolicyEngine};
 
@@ -116,7 +122,10 @@ mod component_file_tests {
         let f = std::fs::File::create(&big).unwrap();
         f.set_len(MAX_COMPONENT_BYTES + 1).unwrap(); // sparse: costs nothing
         let err = read_component(&big).unwrap_err();
-        assert!(err.to_string().contains("limit for policy components"), "{err}");
+        assert!(
+            err.to_string().contains("limit for policy components"),
+            "{err}"
+        );
     }
 }
 
@@ -535,13 +544,14 @@ impl Backend {
         sink: Option<crate::exec::OutputSink<'_>>,
     ) -> Result<ExecResponse> {
         let config = self.sandbox.config();
-        let request = ExecRequest::new(
+        let mut request = ExecRequest::new(
             command,
             options,
             config.output_limit_bytes,
             config.exec_timeout(),
         )?;
         let container = self.ensure_container().await?;
+        request.agent = self.sandbox.inner.caps.has_agent(&container.id);
         let provider = self.sandbox.inner.caps.provider();
         let response = provider.exec(&container.id, &request, sink).await;
         // A long command is a use until it ends, not only when it starts.
@@ -549,134 +559,294 @@ impl Backend {
         Ok(response?)
     }
 
-    /// deepagents' `upload_files`: writes each file (parents created) and
-    /// answers one result per file, in order. Binary-safe; modes kept.
-    pub async fn upload_files(&self, uploads: Vec<Upload>) -> Result<Vec<UploadResult>> {
-        let lexical: Vec<_> = uploads
-            .iter()
-            .map(|u| files::resolve_file_path(&u.path))
-            .collect();
-        // One ensure for the whole batch: the check and the transfers use it.
+    /// [`Backend::execute_streaming`] with stdin streamed from `stdin`
+    /// (closed at its end) instead of buffered: input of any size costs a
+    /// 64 KiB buffer. `options.stdin` must be `None`.
+    pub async fn execute_streaming_stdin(
+        &self,
+        command: &str,
+        options: ExecOptions,
+        stdin: &mut (dyn AsyncRead + Send + Unpin),
+        mut on_output: impl FnMut(StreamKind, &[u8]) + Send,
+    ) -> Result<ExecResponse> {
+        if options.stdin.is_some() {
+            return Err(SandboxError::Refused(
+                "give stdin as bytes or as a reader, not both".into(),
+            ));
+        }
+        let config = self.sandbox.config();
+        let mut request = ExecRequest::new(
+            command,
+            options,
+            config.output_limit_bytes,
+            config.exec_timeout(),
+        )?;
         let container = self.ensure_container().await?;
-        let checked = self
-            .check_paths(&container.id, files::UPLOAD_CHECK, &lexical)
-            .await?;
-        let owner = self.sandbox.config().sandbox_user();
+        request.agent = self.sandbox.inner.caps.has_agent(&container.id);
         let provider = self.sandbox.inner.caps.provider();
+        let io = ExecIo {
+            stdin: Some(stdin),
+            stdout: None,
+            sink: Some(&mut on_output),
+        };
+        let response = provider.exec_io(&container.id, &request, io).await;
+        self.sandbox.inner.caps.touch(&container.id);
+        Ok(response?)
+    }
+
+    /// The size caps of this backend's file transfers:
+    /// [`FileLimits::from_env`] (the default caps, `SANDBOX_MAX_FILE_BYTES`
+    /// honoured).
+    pub fn file_limits(&self) -> FileLimits {
+        FileLimits::from_env()
+    }
+
+    /// deepagents' `upload_files`: writes each file (parents created) as the
+    /// sandbox user and answers one result per file, in order. Binary-safe;
+    /// modes kept but for setuid, setgid and sticky bits. A file over
+    /// [`FileLimits::max_file_bytes`] fails with `file_too_large`.
+    pub async fn upload_files(&self, uploads: Vec<Upload>) -> Result<Vec<UploadResult>> {
+        self.upload_files_with(uploads, &self.file_limits()).await
+    }
+
+    /// [`Backend::upload_files`] with explicit caps.
+    pub async fn upload_files_with(
+        &self,
+        uploads: Vec<Upload>,
+        limits: &FileLimits,
+    ) -> Result<Vec<UploadResult>> {
+        // One ensure for the whole batch.
+        let container = self.ensure_container().await?;
         let mut results = Vec::with_capacity(uploads.len());
-        for (upload, check) in uploads.iter().zip(checked) {
-            let error = match check {
-                Err(e) => Some(e),
-                Ok(dir) => {
-                    let name = upload.path.rsplit('/').next().unwrap_or_default();
-                    let mode = upload.mode.unwrap_or(0o644) & 0o7777;
-                    let tar = files::tar_of(&[(name, &upload.content, mode)], owner.uid, owner.gid)
-                        .map_err(|e| SandboxError::Other(format!("building the upload: {e}")))?;
-                    match provider.upload(&container.id, &dir, tar).await {
-                        Ok(()) => None,
-                        Err(crate::provider::ProviderError::NotFound(_)) => {
-                            Some(FileError::FileNotFound)
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-            };
+        for upload in uploads {
+            let len = upload.content.len() as u64;
+            let mut content = &upload.content[..];
+            let error = self
+                .upload_one(
+                    &container.id,
+                    &upload.path,
+                    &mut content,
+                    len,
+                    upload.mode,
+                    limits,
+                )
+                .await?;
             results.push(UploadResult {
-                path: upload.path.clone(),
+                path: upload.path,
                 error,
             });
         }
         Ok(results)
+    }
+
+    /// Uploads one file of `len` bytes streamed from `reader` (which must
+    /// yield at least that many): memory stays bounded whatever its size.
+    pub async fn upload_from(
+        &self,
+        path: &str,
+        reader: &mut (dyn AsyncRead + Send + Unpin),
+        len: u64,
+        mode: Option<u32>,
+        limits: &FileLimits,
+    ) -> Result<UploadResult> {
+        let container = self.ensure_container().await?;
+        let error = self
+            .upload_one(&container.id, path, reader, len, mode, limits)
+            .await?;
+        Ok(UploadResult {
+            path: path.to_owned(),
+            error,
+        })
     }
 
     /// deepagents' `download_files`: one result per path, in order, with
-    /// the content or a typed error.
+    /// the content or a typed error. The batch holds at most
+    /// [`FileLimits::max_batch_bytes`] of content (and each file at most
+    /// [`FileLimits::max_file_bytes`]); a file past either fails with
+    /// `file_too_large` before its content is read. Use
+    /// [`Backend::download_to`] for large files.
     pub async fn download_files(&self, paths: &[String]) -> Result<Vec<DownloadResult>> {
-        let lexical: Vec<_> = paths.iter().map(|p| files::resolve_file_path(p)).collect();
+        self.download_files_with(paths, &self.file_limits()).await
+    }
+
+    /// [`Backend::download_files`] with explicit caps.
+    pub async fn download_files_with(
+        &self,
+        paths: &[String],
+        limits: &FileLimits,
+    ) -> Result<Vec<DownloadResult>> {
         let container = self.ensure_container().await?;
-        let checked = self
-            .check_paths(&container.id, files::DOWNLOAD_CHECK, &lexical)
-            .await?;
-        let provider = self.sandbox.inner.caps.provider();
+        let mut budget = limits.max_batch_bytes;
         let mut results = Vec::with_capacity(paths.len());
-        for (path, check) in paths.iter().zip(checked) {
-            let (content, mode, error) = match check {
-                Err(e) => (None, None, Some(e)),
-                Ok(resolved) => match provider.download(&container.id, &resolved).await {
-                    Ok(tar) => match files::first_file(&tar) {
-                        Ok(Some((content, mode))) => (Some(content), Some(mode), None),
-                        Ok(None) => (None, None, Some(FileError::IsDirectory)),
-                        Err(e) => {
-                            return Err(SandboxError::Other(format!("reading the download: {e}")))
-                        }
-                    },
-                    Err(crate::provider::ProviderError::NotFound(_)) => {
-                        (None, None, Some(FileError::FileNotFound))
+        for path in paths {
+            let mut content = Vec::new();
+            let cap = limits.max_file_bytes.min(budget);
+            let sink = DownloadSink::in_memory(&mut content, cap);
+            let got = self.download_one(&container.id, path, sink, cap).await?;
+            results.push(match got {
+                Ok(info) => {
+                    budget -= info.size.min(budget);
+                    DownloadResult {
+                        path: path.clone(),
+                        content: Some(content),
+                        mode: Some(info.mode),
+                        error: None,
                     }
-                    Err(e) => return Err(e.into()),
+                }
+                Err(error) => DownloadResult {
+                    path: path.clone(),
+                    content: None,
+                    mode: None,
+                    error: Some(error),
                 },
-            };
-            results.push(DownloadResult {
-                path: path.clone(),
-                content,
-                mode,
-                error,
             });
         }
         Ok(results)
     }
 
-    /// Runs a path-check script in the container over the lexically valid
-    /// paths; invalid ones keep their lexical error.
-    async fn check_paths(
+    /// Streams one file into `writer` (flushed at the end): the per-file
+    /// outcome, or `Err` when the transfer broke. Memory stays bounded
+    /// whatever its size; a file over [`FileLimits::max_file_bytes`] fails
+    /// with `file_too_large` before any byte is written.
+    pub async fn download_to(
+        &self,
+        path: &str,
+        writer: &mut (dyn AsyncWrite + Send + Unpin),
+        limits: &FileLimits,
+    ) -> Result<std::result::Result<FileInfo, FileError>> {
+        let container = self.ensure_container().await?;
+        let cap = limits.max_file_bytes;
+        let sink = DownloadSink::new(writer, cap);
+        self.download_one(&container.id, path, sink, cap).await
+    }
+
+    /// Downloads one file to `local` on the host (a file, or an existing
+    /// directory to create the file in), through a [`HostFile`]: written
+    /// under a temporary name, never through a symlink, mode masked with
+    /// [`files::HOST_MODE_MASK`], renamed into place only when complete.
+    /// Returns where it landed.
+    pub async fn download_to_file(
+        &self,
+        path: &str,
+        local: &std::path::Path,
+        limits: &FileLimits,
+    ) -> Result<std::result::Result<(std::path::PathBuf, FileInfo), FileError>> {
+        let resolved = match files::resolve_file_path(path) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut target = HostFile::create(local, files::file_name(&resolved))
+            .map_err(|e| SandboxError::Other(format!("{}: {e}", local.display())))?;
+        match self.download_to(path, target.file(), limits).await? {
+            Ok(info) => {
+                let landed = target
+                    .commit(info.mode)
+                    .await
+                    .map_err(|e| SandboxError::Other(format!("{}: {e}", local.display())))?;
+                Ok(Ok((landed, info)))
+            }
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    /// One upload: lexical check, size cap, then the upload script as the
+    /// sandbox user with the content on its stdin.
+    async fn upload_one(
         &self,
         container_id: &str,
-        script: &str,
-        lexical: &[std::result::Result<String, FileError>],
-    ) -> Result<Vec<std::result::Result<String, FileError>>> {
-        let valid: Vec<&String> = lexical.iter().filter_map(|p| p.as_ref().ok()).collect();
-        if valid.is_empty() {
-            return Ok(lexical.to_vec());
+        path: &str,
+        reader: &mut (dyn AsyncRead + Send + Unpin),
+        len: u64,
+        mode: Option<u32>,
+        limits: &FileLimits,
+    ) -> Result<Option<FileError>> {
+        let resolved = match files::resolve_file_path(path) {
+            Ok(r) => r,
+            Err(e) => return Ok(Some(e)),
+        };
+        if len > limits.max_file_bytes {
+            return Ok(Some(FileError::FileTooLarge));
         }
-        let mut command = format!("set -- {}; ", shell_words(&valid));
-        command.push_str(script);
+        let mode = mode.unwrap_or(0o644);
+        let request = self.transfer_request(&files::upload_command(&resolved, mode, len))?;
+        let mut content = reader.take(len);
+        let io = ExecIo {
+            stdin: Some(&mut content),
+            ..ExecIo::default()
+        };
+        let provider = self.sandbox.inner.caps.provider();
+        let response = provider.exec_io(container_id, &request, io).await?;
+        self.sandbox.inner.caps.touch(container_id);
+        if response.timed_out {
+            return Err(stalled(path, &request));
+        }
+        files::parse_upload_answer(&response.output)
+            .map_err(|m| SandboxError::Other(format!("uploading {}: {m}", policy_text(path))))
+    }
+
+    /// One download into `sink`: lexical check, then the download script
+    /// as the sandbox user, its stdout checked by the sink.
+    async fn download_one(
+        &self,
+        container_id: &str,
+        path: &str,
+        mut sink: DownloadSink<'_>,
+        cap: u64,
+    ) -> Result<std::result::Result<FileInfo, FileError>> {
+        let resolved = match files::resolve_file_path(path) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        let request = self.transfer_request(&files::download_command(&resolved, cap))?;
+        let io = ExecIo {
+            stdout: Some(&mut sink),
+            ..ExecIo::default()
+        };
+        let provider = self.sandbox.inner.caps.provider();
+        let response = provider.exec_io(container_id, &request, io).await;
+        self.sandbox.inner.caps.touch(container_id);
+        let shown = policy_text(path);
+        match response {
+            // The sink refused (over the cap): the transfer was aborted.
+            Err(e) => match sink.refusal() {
+                Some(refused) => Ok(Err(refused)),
+                None => Err(e.into()),
+            },
+            Ok(r) if r.timed_out => Err(stalled(path, &request)),
+            Ok(_) => {
+                sink.flush()
+                    .await
+                    .map_err(|e| SandboxError::Other(format!("writing {shown}: {e}")))?;
+                sink.finish()
+                    .map_err(|m| SandboxError::Other(format!("downloading {shown}: {m}")))
+            }
+        }
+    }
+
+    /// A transfer exec: as the sandbox user, stalled after the exec timeout
+    /// without progress, stderr dropped.
+    fn transfer_request(&self, command: &str) -> Result<ExecRequest> {
         let config = self.sandbox.config();
-        let request = ExecRequest::new(
-            &command,
+        let mut request = ExecRequest::new(
+            command,
             ExecOptions::default(),
-            1 << 20,
+            TRANSFER_ANSWER_BYTES,
             config.exec_timeout(),
         )?;
-        let out = self
-            .sandbox
-            .inner
-            .caps
-            .provider()
-            .exec(container_id, &request, None)
-            .await?;
-        let mut answers = files::parse_check(&out.output, valid.len())
-            .ok_or_else(|| {
-                SandboxError::Other(format!(
-                    "unexpected answer from the path check: {:?}",
-                    out.output
-                ))
-            })?
-            .into_iter();
-        Ok(lexical
-            .iter()
-            .map(|p| match p {
-                Ok(_) => answers.next().expect("one answer per valid path"),
-                Err(e) => Err(*e),
-            })
-            .collect())
+        let user = config.sandbox_user();
+        request.user = Some(format!("{}:{}", user.uid, user.gid));
+        request.idle_timeout = true;
+        Ok(request)
     }
 }
 
-/// Single-quotes each path for `set --` (paths have no control characters).
-fn shell_words(paths: &[&String]) -> String {
-    paths
-        .iter()
-        .map(|p| format!("'{}'", p.replace('\'', "'\\''")))
-        .collect::<Vec<_>>()
-        .join(" ")
+/// Output kept from a transfer exec (its answer line).
+const TRANSFER_ANSWER_BYTES: usize = 4096;
+
+fn stalled(path: &str, request: &ExecRequest) -> SandboxError {
+    SandboxError::Other(format!(
+        "the transfer of {} made no progress for {:.0}s and was stopped",
+        policy_text(path),
+        request.timeout.as_secs_f64()
+    ))
 }

@@ -7,15 +7,24 @@
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use crate::config::UserIds;
 use crate::error::SandboxError;
+
+/// Mode of a workspace root the host creates: owner only, so files a
+/// workload plants in its workspace (setuid binaries included) are out of
+/// reach of the host's other users.
+pub const ROOT_MODE: u32 = 0o700;
 
 /// The workspace root and the user that owns the workspaces.
 #[derive(Debug, Clone)]
 pub struct Workspaces {
     root: PathBuf,
     owner: UserIds,
+    /// Whether a loose root mode was reported already (once per process).
+    warned: Arc<AtomicBool>,
 }
 
 impl Workspaces {
@@ -23,7 +32,38 @@ impl Workspaces {
         Workspaces {
             root: root.into(),
             owner,
+            warned: Arc::default(),
         }
+    }
+
+    /// Creates the root when missing, owner only ([`ROOT_MODE`], missing
+    /// parents too); an existing root is left as it is, with a warning when
+    /// other users can enter it.
+    fn ensure_root(&self) -> Result<(), SandboxError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(ROOT_MODE)
+            .create(&self.root)
+            .map_err(|e| io_error(&self.root, e))?;
+        if let Some(warning) = self.root_warning() {
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!("{warning}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Why the root's mode is unsafe, when it is: group or others may
+    /// enter it, and so reach what workloads plant in their workspaces.
+    pub fn root_warning(&self) -> Option<String> {
+        let mode = std::fs::metadata(&self.root).ok()?.mode() & 0o7777;
+        (mode & 0o077 != 0).then(|| {
+            format!(
+                "workspace root {} has mode {mode:o}: other users of this host can reach                  the files sandboxes write there (setuid binaries included);                  run `chmod 700 {}`",
+                self.root.display(),
+                self.root.display()
+            )
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -37,7 +77,7 @@ impl Workspaces {
     /// The checked host path of a workspace; creates it when missing.
     pub fn prepare(&self, name: &str) -> Result<PathBuf, SandboxError> {
         policy_core::ids::validate_workspace(name).map_err(SandboxError::from)?;
-        std::fs::create_dir_all(&self.root).map_err(|e| io_error(&self.root, e))?;
+        self.ensure_root()?;
         let root = self
             .root
             .canonicalize()
@@ -126,6 +166,39 @@ mod tests {
         assert!(path.is_dir());
         assert_eq!(path, dir.path().join("root/alice").canonicalize().unwrap());
         assert_eq!(ws.prepare("alice").unwrap(), path, "idempotent");
+    }
+
+    #[test]
+    fn a_new_root_is_owner_only() {
+        // Bug: the root was created 0755, so a setuid file a workload
+        // planted in its workspace was reachable by every user of the host.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("parent/root");
+        let ws = Workspaces::new(&root, me());
+        ws.prepare("alice").unwrap();
+        for p in [&root, &dir.path().join("parent")] {
+            let mode = std::fs::metadata(p).unwrap().mode() & 0o7777;
+            assert_eq!(mode, ROOT_MODE, "{}", p.display());
+        }
+        assert!(ws.root_warning().is_none());
+    }
+
+    #[test]
+    fn a_loose_existing_root_is_reported_and_left_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let ws = Workspaces::new(&root, me());
+        ws.prepare("alice").unwrap();
+        let warning = ws.root_warning().expect("a 0755 root is reported");
+        assert!(
+            warning.contains("755") && warning.contains("chmod 700"),
+            "{warning}"
+        );
+        let mode = std::fs::metadata(&root).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o755, "the operator's directory is not changed");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,12 +22,12 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use futures_util::StreamExt;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
-use super::{ContainerProvider, ContainerRecord, ProviderError, ProviderResult, Status};
+use super::{ContainerProvider, ContainerRecord, ExecIo, ProviderError, ProviderResult, Status};
 use crate::exec::{
-    CappedOutput, ExecRequest, ExecResponse, OutputSink, StreamKind, KILL_SCRIPT, TIMEOUT_EXIT_CODE,
+    CappedOutput, ExecRequest, ExecResponse, StreamKind, KILL_SCRIPT, TIMEOUT_EXIT_CODE,
 };
 use crate::plan::{ContainerPlan, WORKSPACE_MOUNT};
 
@@ -78,7 +79,12 @@ impl DockerProvider {
             Some(e) if e.starts_with("tcp://") || e.starts_with("http://") => {
                 Docker::connect_with_http(e, secs, bollard::API_DEFAULT_VERSION)
             }
-            Some(e) => Docker::connect_with_unix(e, secs, bollard::API_DEFAULT_VERSION),
+            Some(e) if e.starts_with("unix://") || !e.contains("://") => {
+                Docker::connect_with_unix(e, secs, bollard::API_DEFAULT_VERSION)
+            }
+            // Other schemes as the docker CLI takes them (or bollard's
+            // "URI scheme is not supported", named with the endpoint).
+            Some(e) => Docker::connect_with_host(e),
         }
     }
 
@@ -144,10 +150,35 @@ impl DockerProvider {
 
     fn unavailable(&self, e: &BollardError) -> ProviderError {
         ProviderError::Unavailable(format!(
-            "cannot reach the Docker engine at {}: {e}",
-            self.endpoint()
+            "cannot reach the Docker engine at {}: {}",
+            self.endpoint(),
+            causes(e)
         ))
     }
+}
+
+/// An error and its sources, `a: b: c`: bollard's own message for a failed
+/// connection ("Error in the hyper legacy client") says nothing of the cause.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let shown = cause.to_string();
+        if !text.contains(&shown) {
+            text = format!("{text}: {shown}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Why an exec stopped before its output ended.
+enum Abort {
+    /// The stdin source failed.
+    Source(std::io::Error),
+    /// The stdout consumer refused a write.
+    Consumer(std::io::Error),
+    Engine(ProviderError),
 }
 
 fn docker_host() -> String {
@@ -167,8 +198,10 @@ fn convert(e: &BollardError) -> ProviderError {
         },
         BollardError::IOError { .. }
         | BollardError::HyperResponseError { .. }
+        | BollardError::HyperLegacyError { .. }
+        | BollardError::UnsupportedURISchemeError { .. }
         | BollardError::RequestTimeoutError
-        | BollardError::SocketNotFoundError(_) => ProviderError::Unavailable(e.to_string()),
+        | BollardError::SocketNotFoundError(_) => ProviderError::Unavailable(causes(e)),
         other => ProviderError::Failed(other.to_string()),
     }
 }
@@ -212,10 +245,18 @@ pub fn create_body(plan: &ContainerPlan) -> ContainerCreateBody {
         // Disabled outright when there is no network: also ~30 ms faster starts.
         network_disabled: Some(plan.network == crate::config::NETWORK_NONE),
         host_config: Some(HostConfig {
-            binds: Some(vec![format!(
-                "{}:{WORKSPACE_MOUNT}:rw",
-                plan.workspace_path.display()
-            )]),
+            binds: Some(
+                std::iter::once(format!(
+                    "{}:{WORKSPACE_MOUNT}:rw",
+                    plan.workspace_path.display()
+                ))
+                .chain(
+                    plan.agent.as_ref().map(|agent| {
+                        format!("{}:{}:ro", agent.display(), crate::agent::AGENT_MOUNT)
+                    }),
+                )
+                .collect(),
+            ),
             cap_drop: Some(vec!["ALL".to_owned()]),
             security_opt: Some(vec!["no-new-privileges".to_owned()]),
             memory: Some(plan.limits.memory_bytes),
@@ -373,97 +414,165 @@ impl ContainerProvider for DockerProvider {
         }
     }
 
-    async fn exec(
+    async fn exec_io(
         &self,
         id: &str,
         request: &ExecRequest,
-        mut sink: Option<OutputSink<'_>>,
+        io: ExecIo<'_>,
     ) -> ProviderResult<ExecResponse> {
+        let ExecIo {
+            stdin,
+            mut stdout,
+            mut sink,
+        } = io;
         let docker = self.client().await?;
+        let feeds = stdin.is_some() || request.stdin.is_some();
+        let cmd = if request.agent {
+            crate::agent::reap_argv(&request.command, request.timeout)
+        } else {
+            vec!["sh".into(), "-c".into(), request.command.clone()]
+        };
+        // With the agent, it ends the call's process tree at the deadline;
+        // the host's deadline is the fallback should the workload kill it.
+        let limit = if request.agent && !request.idle_timeout {
+            request.timeout + crate::exec::AGENT_GRACE
+        } else {
+            request.timeout
+        };
         let config = ExecConfig {
-            cmd: Some(vec!["sh".into(), "-c".into(), request.command.clone()]),
+            cmd: Some(cmd),
             attach_stdout: Some(true),
             attach_stderr: Some(true),
-            attach_stdin: Some(request.stdin.is_some()),
+            attach_stdin: Some(feeds),
             env: Some(request.env.clone()),
             working_dir: Some(request.workdir.clone()),
+            user: request.user.clone(),
             ..Default::default()
         };
-        let deadline = tokio::time::Instant::now() + request.timeout;
         let exec = self.call(docker.create_exec(id, config)).await?;
         let started = self
             .call(docker.start_exec(&exec.id, None::<StartExecOptions>))
             .await?;
-        let mut output = CappedOutput::new(request.output_limit);
-        let mut timed_out = false;
-        if let StartExecResults::Attached {
+        let StartExecResults::Attached {
             output: mut stream,
             mut input,
         } = started
-        {
-            if let Some(bytes) = request.stdin.clone() {
-                // Concurrently, so a command that prints before reading
-                // cannot deadlock against us.
-                tokio::spawn(async move {
-                    let _ = input.write_all(&bytes).await;
-                    let _ = input.shutdown().await;
-                });
+        else {
+            return Err(ProviderError::Failed(
+                "the engine did not attach to the exec".into(),
+            ));
+        };
+        let mut output = CappedOutput::new(request.output_limit);
+        // Milliseconds from `start` to the last byte moved either way.
+        let start = tokio::time::Instant::now();
+        let moved = AtomicU64::new(0);
+        let mark = || moved.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let deadline = || {
+            if request.idle_timeout {
+                start + Duration::from_millis(moved.load(Ordering::Relaxed)) + limit
+            } else {
+                start + limit
             }
-            loop {
-                match tokio::time::timeout_at(deadline, stream.next()).await {
-                    Ok(Some(Ok(chunk))) => {
-                        let kind = match &chunk {
-                            LogOutput::StdErr { .. } => StreamKind::Stderr,
-                            LogOutput::StdIn { .. } => continue,
-                            _ => StreamKind::Stdout,
-                        };
-                        let bytes = chunk.into_bytes();
-                        if let Some(sink) = sink.as_mut() {
-                            sink(kind, &bytes);
+        };
+        let outcome = {
+            // Fed concurrently with the output, so a command that prints
+            // before reading cannot deadlock against us; one buffer at a
+            // time, so stdin of any size costs 64 KiB.
+            let feed = async {
+                let mut stdin = stdin;
+                if let Some(reader) = stdin.as_mut() {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = reader.read(&mut buf).await.map_err(Abort::Source)?;
+                        if n == 0 {
+                            break;
                         }
-                        output.push(&bytes);
+                        // The command may exit without reading it all.
+                        if input.write_all(&buf[..n]).await.is_err() {
+                            return Ok(());
+                        }
+                        mark();
                     }
-                    Ok(Some(Err(e))) => return Err(convert(&e)),
-                    Ok(None) => break,
-                    Err(_) => {
-                        timed_out = true;
-                        break;
+                } else if let Some(bytes) = &request.stdin {
+                    if input.write_all(bytes).await.is_err() {
+                        return Ok(());
                     }
                 }
+                let _ = input.shutdown().await;
+                Ok(())
+            };
+            let drain = async {
+                loop {
+                    match tokio::time::timeout_at(deadline(), stream.next()).await {
+                        Ok(Some(Ok(chunk))) => {
+                            mark();
+                            let kind = match &chunk {
+                                LogOutput::StdErr { .. } => StreamKind::Stderr,
+                                LogOutput::StdIn { .. } => continue,
+                                _ => StreamKind::Stdout,
+                            };
+                            let bytes = chunk.into_bytes();
+                            match (kind, stdout.as_mut()) {
+                                (StreamKind::Stdout, Some(w)) => {
+                                    w.write_all(&bytes).await.map_err(Abort::Consumer)?
+                                }
+                                _ => {
+                                    if let Some(sink) = sink.as_mut() {
+                                        sink(kind, &bytes);
+                                    }
+                                    output.push(&bytes);
+                                }
+                            }
+                        }
+                        Ok(Some(Err(e))) => return Err(Abort::Engine(convert(&e))),
+                        Ok(None) => return Ok(false),
+                        // Idle: stdin may have moved meanwhile.
+                        Err(_) if tokio::time::Instant::now() < deadline() => {}
+                        Err(_) => return Ok(true),
+                    }
+                }
+            };
+            tokio::pin!(feed, drain);
+            let mut feeding = feeds;
+            loop {
+                tokio::select! {
+                    fed = &mut feed, if feeding => {
+                        feeding = false;
+                        if let Err(e) = fed {
+                            break Err(e);
+                        }
+                    }
+                    drained = &mut drain => break drained,
+                }
             }
-        }
+        };
+        drop(stream);
+        let timed_out = match outcome {
+            Ok(timed_out) => timed_out,
+            Err(Abort::Engine(e)) => return Err(e),
+            Err(Abort::Source(e)) => {
+                self.kill_call(id, &request.marker).await;
+                return Err(ProviderError::Failed(format!(
+                    "reading the command's input: {e}"
+                )));
+            }
+            Err(Abort::Consumer(e)) => {
+                self.kill_call(id, &request.marker).await;
+                return Err(ProviderError::Failed(format!(
+                    "the command's output was refused: {e}"
+                )));
+            }
+        };
         if timed_out {
             self.kill_call(id, &request.marker).await;
             return Ok(output.finish(TIMEOUT_EXIT_CODE, true));
         }
         let inspected = self.call(docker.inspect_exec(&exec.id)).await?;
-        Ok(output.finish(inspected.exit_code.unwrap_or(-1), false))
-    }
-
-    async fn upload(&self, id: &str, dir: &str, tar: Vec<u8>) -> ProviderResult<()> {
-        let docker = self.client().await?;
-        let options = bollard::query_parameters::UploadToContainerOptionsBuilder::default()
-            .path(dir)
-            .build();
-        // The transfer itself is not bounded by the per-call timeout (a
-        // large file takes what it takes); connection failures still fail.
-        docker
-            .upload_to_container(id, Some(options), bollard::body_full(tar.into()))
-            .await
-            .map_err(|e| convert(&e))
-    }
-
-    async fn download(&self, id: &str, path: &str) -> ProviderResult<Vec<u8>> {
-        let docker = self.client().await?;
-        let options = bollard::query_parameters::DownloadFromContainerOptionsBuilder::default()
-            .path(path)
-            .build();
-        let mut stream = docker.download_from_container(id, Some(options));
-        let mut tar = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            tar.extend_from_slice(&chunk.map_err(|e| convert(&e))?);
-        }
-        Ok(tar)
+        let code = inspected.exit_code.unwrap_or(-1);
+        // The agent's own deadline: 124 at or after the timeout.
+        let agent_timed_out =
+            request.agent && code == TIMEOUT_EXIT_CODE && start.elapsed() >= request.timeout;
+        Ok(output.finish(code, agent_timed_out))
     }
 
     async fn stats(&self, id: &str) -> ProviderResult<super::ContainerStats> {
@@ -504,6 +613,46 @@ impl ContainerProvider for DockerProvider {
 mod tests {
     use super::*;
     use crate::config::{Config, UserIds};
+
+    /// Bug: a TCP `DOCKER_HOST` that refused gave "Error in the hyper
+    /// legacy client", naming neither the endpoint nor the cause.
+    #[tokio::test]
+    async fn an_endpoint_that_refuses_is_named_with_the_cause() {
+        let endpoint = "tcp://127.0.0.1:1";
+        let provider = DockerProvider::with_endpoint(endpoint, Duration::from_secs(10));
+        let err = provider.list(&[]).await.unwrap_err();
+        let ProviderError::Unavailable(message) = &err else {
+            panic!("not unavailable: {err:?}");
+        };
+        assert!(message.contains(endpoint), "{message}");
+        assert!(message.to_lowercase().contains("refused"), "{message}");
+    }
+
+    /// An engine that accepts the connection and never answers.
+    #[tokio::test]
+    async fn an_endpoint_that_does_not_answer_is_named() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("tcp://{}", silent.local_addr().unwrap());
+        let provider = DockerProvider::with_endpoint(&endpoint, Duration::from_millis(300));
+        let err = provider.list(&[]).await.unwrap_err();
+        let ProviderError::Unavailable(message) = &err else {
+            panic!("not unavailable: {err:?}");
+        };
+        assert!(message.contains(&endpoint), "{message}");
+        assert!(message.contains("did not answer"), "{message}");
+    }
+
+    #[test]
+    fn an_unsupported_scheme_is_named_with_the_endpoint() {
+        let provider = DockerProvider::with_endpoint("gopher://x", Duration::from_secs(1));
+        let err = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(provider.list(&[]))
+            .unwrap_err();
+        assert!(err.to_string().contains("gopher://x"), "{err}");
+    }
 
     #[test]
     fn the_create_body_is_hardened() {

@@ -8,8 +8,8 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{ContainerProvider, ContainerRecord, ProviderError, ProviderResult, Status};
-use crate::exec::{ExecRequest, ExecResponse, OutputSink};
+use super::{ContainerProvider, ContainerRecord, ExecIo, ProviderError, ProviderResult, Status};
+use crate::exec::{ExecRequest, ExecResponse};
 use crate::plan::ContainerPlan;
 
 #[derive(Debug, Default)]
@@ -109,11 +109,11 @@ impl ContainerProvider for MemoryProvider {
         Ok(self.containers.lock().unwrap().remove(id).is_some())
     }
 
-    async fn exec(
+    async fn exec_io(
         &self,
         id: &str,
         _request: &ExecRequest,
-        _sink: Option<OutputSink<'_>>,
+        _io: ExecIo<'_>,
     ) -> ProviderResult<ExecResponse> {
         match self.containers.lock().unwrap().get(id) {
             Some(c) if c.status == Status::Running => Ok(ExecResponse {
@@ -127,18 +127,6 @@ impl ContainerProvider for MemoryProvider {
             ))),
             None => Err(ProviderError::NotFound(format!("no such container: {id}"))),
         }
-    }
-
-    async fn upload(&self, _id: &str, _dir: &str, _tar: Vec<u8>) -> ProviderResult<()> {
-        Err(ProviderError::Failed(
-            "the in-memory provider holds no files".into(),
-        ))
-    }
-
-    async fn download(&self, _id: &str, _path: &str) -> ProviderResult<Vec<u8>> {
-        Err(ProviderError::Failed(
-            "the in-memory provider holds no files".into(),
-        ))
     }
 
     async fn stats(&self, _id: &str) -> ProviderResult<super::ContainerStats> {

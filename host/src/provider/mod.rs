@@ -10,6 +10,7 @@ pub mod memory;
 use std::collections::HashMap;
 
 use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::error::SandboxError;
 use crate::exec::{ExecRequest, ExecResponse, OutputSink};
@@ -70,6 +71,20 @@ impl From<ProviderError> for SandboxError {
 
 pub type ProviderResult<T> = Result<T, ProviderError>;
 
+/// Streams of one exec, beyond the capped combined output.
+#[derive(Default)]
+pub struct ExecIo<'a> {
+    /// Copied to the command's stdin, closed at its end (instead of the
+    /// request's `stdin` bytes). A read error aborts the call.
+    pub stdin: Option<&'a mut (dyn AsyncRead + Send + Unpin)>,
+    /// Receives the command's stdout as it arrives (not kept: the response's
+    /// output then holds stderr only). A write error aborts the call: its
+    /// processes are killed and an error returned.
+    pub stdout: Option<&'a mut (dyn AsyncWrite + Send + Unpin)>,
+    /// Sees each chunk of the kept output as it arrives.
+    pub sink: Option<OutputSink<'a>>,
+}
+
 /// What the host asks of a container engine.
 #[async_trait]
 pub trait ContainerProvider: Send + Sync + 'static {
@@ -91,11 +106,22 @@ pub trait ContainerProvider: Send + Sync + 'static {
         id: &str,
         request: &ExecRequest,
         sink: Option<OutputSink<'_>>,
+    ) -> ProviderResult<ExecResponse> {
+        let io = ExecIo {
+            sink,
+            ..ExecIo::default()
+        };
+        self.exec_io(id, request, io).await
+    }
+    /// [`ContainerProvider::exec`] with streamed stdin and / or stdout (file
+    /// transfers, `exec -i`), as `request.user` when set. Memory stays
+    /// bounded whatever flows through.
+    async fn exec_io(
+        &self,
+        id: &str,
+        request: &ExecRequest,
+        io: ExecIo<'_>,
     ) -> ProviderResult<ExecResponse>;
-    /// Extracts a tar archive into directory `dir` of the container.
-    async fn upload(&self, id: &str, dir: &str, tar: Vec<u8>) -> ProviderResult<()>;
-    /// A tar archive of `path` in the container.
-    async fn download(&self, id: &str, path: &str) -> ProviderResult<Vec<u8>>;
     /// Resource usage right now.
     async fn stats(&self, id: &str) -> ProviderResult<ContainerStats>;
     /// Whether the engine answers.
