@@ -55,8 +55,6 @@ pub const ENV_NOT_CONFIG: &[&str] = &[
     "SANDBOX_TOKEN",
     // Set inside containers for every exec (a host started from a sandbox).
     crate::exec::EXEC_MARKER_VAR,
-    // The file-transfer size cap (`files::FileLimits::from_env`).
-    "SANDBOX_MAX_FILE_BYTES",
     // The Python client's tests: the binary to start.
     "SANDBOX_BIN",
     // The integration tests: the image to run.
@@ -112,6 +110,12 @@ pub struct Config {
     pub policy_memory_total_bytes: usize,
     /// Containers one backend may have created within a minute.
     pub max_creates_per_backend_per_minute: u32,
+    /// Largest apparent size of one transferred file, either direction
+    /// (a sparse file counts by its apparent size).
+    pub max_file_bytes: u64,
+    /// Largest file content one in-memory download batch holds (the HTTP
+    /// API's JSON batches); streamed transfers are bound by `max_file_bytes` only.
+    pub max_batch_bytes: u64,
     /// Mount the container's root filesystem read-only (with a writable
     /// tmpfs `/tmp`); `/workspace` stays writable.
     pub read_only_rootfs: bool,
@@ -321,6 +325,8 @@ impl Default for Config {
             policy_resources: 256,
             policy_memory_total_bytes: 1024 * 1024 * 1024,
             max_creates_per_backend_per_minute: 10,
+            max_file_bytes: crate::files::MAX_FILE_BYTES,
+            max_batch_bytes: crate::files::MAX_BATCH_BYTES,
             max_policy_instances: 4096,
             component_cache_dir: crate::runtime::cache::ComponentCache::default_dir(),
             policy_config: Default::default(),

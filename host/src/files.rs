@@ -38,7 +38,7 @@ pub const MAX_FILE_BYTES: u64 = 256 << 20;
 /// streaming calls are not bound by it.
 pub const MAX_BATCH_BYTES: u64 = 64 << 20;
 
-/// Environment variable overriding [`MAX_FILE_BYTES`] (bytes, decimal).
+/// Environment variable of the `max_file_bytes` setting (bytes, decimal).
 pub const MAX_FILE_BYTES_ENV: &str = "SANDBOX_MAX_FILE_BYTES";
 
 /// Permission bits a downloaded file may carry on the host: no setuid,
@@ -120,20 +120,13 @@ impl Default for FileLimits {
 }
 
 impl FileLimits {
-    /// The defaults, with `max_file_bytes` from [`MAX_FILE_BYTES_ENV`] when
-    /// set (an invalid value is logged and ignored).
-    pub fn from_env() -> Self {
-        let mut limits = FileLimits::default();
-        if let Ok(value) = std::env::var(MAX_FILE_BYTES_ENV) {
-            match value.trim().parse::<u64>() {
-                Ok(n) => limits.max_file_bytes = n,
-                Err(_) => tracing::warn!(
-                    "{MAX_FILE_BYTES_ENV}={} is not a byte count; using {MAX_FILE_BYTES}",
-                    policy_text(&value)
-                ),
-            }
+    /// The caps a configuration sets (`max_file_bytes`, `max_batch_bytes`,
+    /// also `SANDBOX_MAX_FILE_BYTES` and `SANDBOX_MAX_BATCH_BYTES`).
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        FileLimits {
+            max_file_bytes: config.max_file_bytes,
+            max_batch_bytes: config.max_batch_bytes,
         }
-        limits
     }
 }
 

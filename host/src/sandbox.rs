@@ -594,11 +594,10 @@ impl Backend {
         Ok(response?)
     }
 
-    /// The size caps of this backend's file transfers:
-    /// [`FileLimits::from_env`] (the default caps, `SANDBOX_MAX_FILE_BYTES`
-    /// honoured).
+    /// The size caps of this backend's file transfers (`max_file_bytes`,
+    /// `max_batch_bytes`).
     pub fn file_limits(&self) -> FileLimits {
-        FileLimits::from_env()
+        FileLimits::from_config(self.sandbox.config())
     }
 
     /// deepagents' `upload_files`: writes each file (parents created) as the
