@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::error::{Result, SandboxError};
+use crate::inflight::{InFlight, Work};
 use crate::naming::{self, label};
 use crate::plan::ContainerPlan;
 use crate::provider::{ContainerProvider, ContainerRecord, ProviderError, Status};
@@ -32,9 +33,13 @@ pub struct ManagedContainer {
     #[serde(serialize_with = "status_name")]
     pub status: Status,
     pub created: Option<i64>,
-    /// Unix ms of the last execute/ensure through this host, else the
-    /// creation time (else now, when the engine did not say).
+    /// Unix ms of the end of the last command on it, from any host process
+    /// on this machine (now while one runs), else the creation time (else
+    /// now, when the engine did not say).
     pub last_used_ms: u64,
+    /// Executes and file transfers running on it, from any host process on
+    /// this machine.
+    pub in_flight: usize,
 }
 
 fn status_name<S: serde::Serializer>(
@@ -67,6 +72,8 @@ pub struct Capabilities {
     agent: std::sync::OnceLock<Option<std::path::PathBuf>>,
     /// Containers handed out that have the agent mounted.
     with_agent: Mutex<std::collections::HashSet<String>>,
+    /// Work in flight and last use, shared by every host process.
+    in_flight: InFlight,
 }
 
 impl Capabilities {
@@ -84,6 +91,7 @@ impl Capabilities {
             policy_memory: MemoryPool::new(config.policy_memory_total_bytes),
             agent: std::sync::OnceLock::new(),
             with_agent: Mutex::new(std::collections::HashSet::new()),
+            in_flight: InFlight::new(&crate::agent::state_dir(&config.workspace_root)),
             config,
         }
     }
@@ -312,11 +320,43 @@ impl Capabilities {
         }
     }
 
+    /// Marks work (an execute, a transfer) on the container named
+    /// `container_name` as in flight until the guard drops. Keyed by name,
+    /// which is known before the container is ensured.
+    pub fn begin_work(&self, container_name: &str) -> Option<Work> {
+        self.in_flight.begin(container_name)
+    }
+
+    /// The shared store of work in flight.
+    pub fn in_flight(&self) -> &InFlight {
+        &self.in_flight
+    }
+
     /// Force-removes a container this host labelled; false when gone.
     pub async fn remove(&self, container_id: &str) -> Result<bool> {
+        self.remove_unless_busy(container_id, false).await
+    }
+
+    /// [`Capabilities::remove`], except that with `defer_if_busy` a running
+    /// container with work in flight (from any host process) is left alone
+    /// and `false` returned: idle and capacity decisions never kill a
+    /// command another thread is running.
+    pub async fn remove_unless_busy(
+        &self,
+        container_id: &str,
+        defer_if_busy: bool,
+    ) -> Result<bool> {
         let Some(owned) = self.inspect(container_id).await? else {
             return Ok(false);
         };
+        if defer_if_busy && owned.status == Status::Running && owned.in_flight > 0 {
+            tracing::info!(
+                container = owned.name,
+                in_flight = owned.in_flight,
+                "removal deferred: work in flight"
+            );
+            return Ok(false);
+        }
         let removed = {
             let _slot = self.lifecycle_slot().await;
             self.provider.remove(&owned.id).await?
@@ -356,15 +396,28 @@ impl Capabilities {
             )));
         }
         let get = |key: &str| record.labels.get(key).cloned().unwrap_or_default();
-        let last_used_ms = match self.last_used.lock().unwrap().get(&record.id) {
-            Some(ms) => *ms,
-            None => record
-                .created
-                .map(|s| s.max(0) as u64 * 1000)
-                .unwrap_or_else(now_ms),
+        let in_flight = if record.status == Status::Running {
+            self.in_flight.count(&record.name)
+        } else {
+            0
+        };
+        let recorded = [
+            self.last_used.lock().unwrap().get(&record.id).copied(),
+            self.in_flight.last_used_ms(&record.name),
+        ]
+        .into_iter()
+        .flatten()
+        .max();
+        let last_used_ms = if in_flight > 0 {
+            now_ms()
+        } else {
+            recorded
+                .or_else(|| record.created.map(|s| s.max(0) as u64 * 1000))
+                .unwrap_or_else(now_ms)
         };
         let container = ManagedContainer {
             last_used_ms,
+            in_flight,
             backend_id: get(label::BACKEND),
             workspace: get(label::WORKSPACE),
             policy: get(label::POLICY),

@@ -110,6 +110,10 @@ pub struct Config {
     pub policy_memory_total_bytes: usize,
     /// Containers one backend may have created within a minute.
     pub max_creates_per_backend_per_minute: u32,
+    /// How long a destroy waits for commands in flight on the backend's
+    /// container before it removes the container (and so kills them), in
+    /// seconds; `--force` does not wait.
+    pub destroy_grace_secs: f64,
     /// Largest apparent size of one transferred file, either direction
     /// (a sparse file counts by its apparent size).
     pub max_file_bytes: u64,
@@ -325,6 +329,7 @@ impl Default for Config {
             policy_resources: 256,
             policy_memory_total_bytes: 1024 * 1024 * 1024,
             max_creates_per_backend_per_minute: 10,
+            destroy_grace_secs: 10.0,
             max_file_bytes: crate::files::MAX_FILE_BYTES,
             max_batch_bytes: crate::files::MAX_BATCH_BYTES,
             max_policy_instances: 4096,
@@ -833,6 +838,7 @@ impl Config {
         }
         seconds("docker_timeout_secs", self.docker_timeout_secs, false)?;
         seconds("exec_timeout_secs", self.exec_timeout_secs, false)?;
+        seconds("destroy_grace_secs", self.destroy_grace_secs, true)?;
         seconds(
             "maintenance_interval_secs",
             self.maintenance_interval_secs,

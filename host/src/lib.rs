@@ -36,6 +36,7 @@ pub mod error;
 pub mod exec;
 pub mod files;
 pub mod image;
+pub mod inflight;
 pub mod naming;
 pub mod plan;
 pub mod policies;

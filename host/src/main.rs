@@ -85,11 +85,15 @@ enum Command {
     /// Write `./NAME` for a local file whose name has a `:`.
     Cp { source: String, destination: String },
     /// Destroy a user's backend, or the backend serving a thread.
+    /// Commands running on it get `destroy_grace_secs` (10 s) to finish first.
     Destroy {
         #[arg(long, conflicts_with = "thread", required_unless_present = "thread")]
         user: Option<String>,
         #[arg(long)]
         thread: Option<String>,
+        /// Do not wait for commands in flight: kill them now.
+        #[arg(long)]
+        force: bool,
     },
     /// List the containers this namespace manages.
     Ls {
@@ -415,11 +419,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Destroy { user, thread } => {
+        Command::Destroy {
+            user,
+            thread,
+            force,
+        } => {
+            let grace = if force {
+                std::time::Duration::ZERO
+            } else {
+                std::time::Duration::from_secs_f64(config.destroy_grace_secs)
+            };
             let sandbox = open(config, false).await?;
             let destroyed = match (user, thread) {
-                (Some(user), _) => sandbox.destroy_user_backend(&user).await?,
-                (None, Some(thread)) => sandbox.destroy_thread_backend(&thread).await?,
+                (Some(user), _) => sandbox.destroy_user_backend_within(&user, grace).await?,
+                (None, Some(thread)) => {
+                    sandbox
+                        .destroy_thread_backend_within(&thread, grace)
+                        .await?
+                }
                 (None, None) => bail!("give --user or --thread"),
             };
             println!(
@@ -461,8 +478,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
                 print!(
-                    "{:<24} {:<14} {:<10} {:<12} {:>8}",
-                    "BACKEND", "CONTAINER", "STATE", "POLICY", "IDLE"
+                    "{:<24} {:<14} {:<10} {:<12} {:>8} {:>9}",
+                    "BACKEND", "CONTAINER", "STATE", "POLICY", "IDLE", "IN-FLIGHT"
                 );
                 if stats {
                     print!(" {:>10} {:>9}", "MEMORY", "CPU");
@@ -472,8 +489,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let short = &c.id[..c.id.len().min(12)];
                     let state = format!("{:?}", c.status).to_lowercase();
                     print!(
-                        "{:<24} {short:<14} {state:<10} {:<12} {:>7}s",
-                        c.backend_id, c.policy, idle
+                        "{:<24} {short:<14} {state:<10} {:<12} {:>7}s {:>9}",
+                        c.backend_id, c.policy, idle, c.in_flight
                     );
                     if stats {
                         match usage {

@@ -15,6 +15,7 @@ use crate::files::{
     self, DownloadResult, DownloadSink, FileError, FileInfo, FileLimits, HostFile, Upload,
     UploadResult,
 };
+use crate::inflight::Work;
 use crate::policies;
 use crate::provider::docker::DockerProvider;
 use crate::provider::{ContainerProvider, ExecIo};
@@ -271,9 +272,25 @@ impl Sandbox {
     }
 
     /// The seed's `destroy_user_backend`: removes the user's container(s).
-    /// False when the user had none.
+    /// False when the user had none. Commands in flight on them (from any
+    /// host process) get `destroy_grace_secs` to finish first.
     pub async fn destroy_user_backend(&self, user_id: &str) -> Result<bool> {
+        let grace = self.destroy_grace();
+        self.destroy_user_backend_within(user_id, grace).await
+    }
+
+    /// [`Sandbox::destroy_user_backend`] with its own grace period (zero:
+    /// kill what runs now, as `--force`).
+    pub async fn destroy_user_backend_within(
+        &self,
+        user_id: &str,
+        grace: std::time::Duration,
+    ) -> Result<bool> {
         policy_core::ids::validate_user(user_id)?;
+        self.drain(grace, |backend| {
+            policy_core::ids::user_of_backend(backend) == user_id
+        })
+        .await?;
         self.inner
             .lanes
             .call(user_id, async |p| p.destroy_user_backend(user_id).await)
@@ -281,15 +298,53 @@ impl Sandbox {
     }
 
     /// The seed's `destroy_thread_backend`: destroys the backend serving the
-    /// thread (the whole user's under the per-user policy).
+    /// thread (the whole user's under the per-user policy), after the grace
+    /// period for commands in flight.
     pub async fn destroy_thread_backend(&self, thread_id: &str) -> Result<bool> {
+        let grace = self.destroy_grace();
+        self.destroy_thread_backend_within(thread_id, grace).await
+    }
+
+    /// [`Sandbox::destroy_thread_backend`] with its own grace period.
+    pub async fn destroy_thread_backend_within(
+        &self,
+        thread_id: &str,
+        grace: std::time::Duration,
+    ) -> Result<bool> {
         let key = self.backend_id(thread_id).await?;
+        self.drain(grace, |backend| backend == key).await?;
         self.inner
             .lanes
             .call(&key, async |p| {
                 p.destroy_thread_backend(&key, thread_id).await
             })
             .await
+    }
+
+    fn destroy_grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.config().destroy_grace_secs)
+    }
+
+    /// Waits up to `grace` for the work in flight on the containers of the
+    /// backends `which` selects to end.
+    async fn drain(&self, grace: std::time::Duration, which: impl Fn(&str) -> bool) -> Result<()> {
+        let busy: Vec<ManagedContainer> = self
+            .list()
+            .await?
+            .into_iter()
+            .filter(|c| which(&c.backend_id) && c.in_flight > 0)
+            .collect();
+        for c in busy {
+            let left = self.inner.caps.in_flight().drain(&c.name, grace).await;
+            if left > 0 {
+                tracing::warn!(
+                    container = c.name,
+                    left,
+                    "destroy: grace period over, killing work in flight"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Every container this host's namespace manages.
@@ -339,7 +394,13 @@ impl Sandbox {
                     _ => None,
                 }
             };
-            let Some(reason) = reason else { continue };
+            let Some(mut reason) = reason else { continue };
+            if container.in_flight > 0 {
+                reason = format!(
+                    "{reason}; deferred while {} command(s) run on it",
+                    container.in_flight
+                );
+            }
             let removed = if dry_run {
                 false
             } else {
@@ -348,7 +409,9 @@ impl Sandbox {
                 let id = container.id.clone();
                 self.inner
                     .lanes
-                    .call(&container.backend_id, async move |_| caps.remove(&id).await)
+                    .call(&container.backend_id, async move |_| {
+                        caps.remove_unless_busy(&id, true).await
+                    })
                     .await?
             };
             tracing::info!(container = container.name, reason, removed, "gc");
@@ -445,6 +508,7 @@ impl Sandbox {
             status: crate::provider::Status::Running,
             created: None,
             last_used_ms: crate::capabilities::now_ms(),
+            in_flight: 0,
         })
     }
 }
@@ -510,6 +574,16 @@ impl Backend {
         self.sandbox.ensure_container(&self.id).await
     }
 
+    /// The container, with work marked in flight on it (from before it is
+    /// ensured, so maintenance never removes it between the two) until the
+    /// guard drops.
+    async fn ensure_for_work(&self) -> Result<(ManagedContainer, Option<Work>)> {
+        let name = crate::naming::container_name(&self.sandbox.config().namespace, &self.id);
+        let work = self.sandbox.inner.caps.begin_work(&name);
+        let container = self.ensure_container().await?;
+        Ok((container, work))
+    }
+
     /// Runs `sh -c command` in the backend's container (created or
     /// recreated first if needed), outside the policy's store, with the
     /// configured timeout.
@@ -550,7 +624,7 @@ impl Backend {
             config.output_limit_bytes,
             config.exec_timeout(),
         )?;
-        let container = self.ensure_container().await?;
+        let (container, _work) = self.ensure_for_work().await?;
         request.agent = self.sandbox.inner.caps.has_agent(&container.id);
         let provider = self.sandbox.inner.caps.provider();
         let response = provider.exec(&container.id, &request, sink).await;
@@ -581,7 +655,7 @@ impl Backend {
             config.output_limit_bytes,
             config.exec_timeout(),
         )?;
-        let container = self.ensure_container().await?;
+        let (container, _work) = self.ensure_for_work().await?;
         request.agent = self.sandbox.inner.caps.has_agent(&container.id);
         let provider = self.sandbox.inner.caps.provider();
         let io = ExecIo {
@@ -615,7 +689,7 @@ impl Backend {
         limits: &FileLimits,
     ) -> Result<Vec<UploadResult>> {
         // One ensure for the whole batch.
-        let container = self.ensure_container().await?;
+        let (container, _work) = self.ensure_for_work().await?;
         let mut results = Vec::with_capacity(uploads.len());
         for upload in uploads {
             let len = upload.content.len() as u64;
@@ -648,7 +722,7 @@ impl Backend {
         mode: Option<u32>,
         limits: &FileLimits,
     ) -> Result<UploadResult> {
-        let container = self.ensure_container().await?;
+        let (container, _work) = self.ensure_for_work().await?;
         let error = self
             .upload_one(&container.id, path, reader, len, mode, limits)
             .await?;
@@ -674,7 +748,7 @@ impl Backend {
         paths: &[String],
         limits: &FileLimits,
     ) -> Result<Vec<DownloadResult>> {
-        let container = self.ensure_container().await?;
+        let (container, _work) = self.ensure_for_work().await?;
         let mut budget = limits.max_batch_bytes;
         let mut results = Vec::with_capacity(paths.len());
         for path in paths {
@@ -713,7 +787,7 @@ impl Backend {
         writer: &mut (dyn AsyncWrite + Send + Unpin),
         limits: &FileLimits,
     ) -> Result<std::result::Result<FileInfo, FileError>> {
-        let container = self.ensure_container().await?;
+        let (container, _work) = self.ensure_for_work().await?;
         let cap = limits.max_file_bytes;
         let sink = DownloadSink::new(writer, cap);
         self.download_one(&container.id, path, sink, cap).await

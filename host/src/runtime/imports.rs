@@ -274,8 +274,14 @@ impl containers::Host for InstanceState {
 
     async fn remove(&mut self, container_id: String) -> Result<bool, types::Error> {
         self.admit("remove", any_container_op)?;
+        // Idle and capacity decisions (maintain, an eviction in ensure) never
+        // kill running work: a busy container is left, and `false` answered.
+        // A destroy has already waited for the grace period.
+        let defer_if_busy = matches!(self.call.scope, Scope::Maintain | Scope::Ensure(_));
         let caps = self.caps.clone();
-        let r = self.host(caps.remove(&container_id)).await;
+        let r = self
+            .host(caps.remove_unless_busy(&container_id, defer_if_busy))
+            .await;
         log_refusal(r, "remove", &self.policy_name)
     }
 }

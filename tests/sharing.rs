@@ -1,0 +1,167 @@
+//! Safe sharing of one container by many threads, against the real engine:
+//! idle maintenance and destroys never kill work in flight, whichever host
+//! process on the machine runs it, and idle time is the host's own record.
+
+mod support;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use sandbox_host::{Config, PolicySource, Sandbox};
+use support::Harness;
+
+fn with_ttl(h: &Harness, ttl_secs: &str) -> Config {
+    Config {
+        policy_config: [("idle_ttl_secs".to_owned(), ttl_secs.to_owned())].into(),
+        maintenance_interval_secs: 0.3,
+        ..h.config()
+    }
+}
+
+async fn per_user(h: &Harness, config: Config) -> Sandbox {
+    h.sandbox_with(config, PolicySource::Builtin("per-user".into()))
+        .await
+}
+
+/// `sandbox exec` as another host process on the same machine, with the
+/// harness's namespace, workspace root and image.
+fn cli_exec(h: &Harness, thread: &str, script: &str) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_sandbox"))
+        .env("SANDBOX_NAMESPACE", &h.namespace)
+        .env("SANDBOX_WORKSPACE_ROOT", h.root.path())
+        .env("SANDBOX_IMAGE", support::test_image())
+        .env("SANDBOX_MAINTENANCE_INTERVAL_SECS", "0")
+        .args(["exec", thread, "--", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the sandbox CLI")
+}
+
+async fn wait_in_flight(sandbox: &Sandbox, n: usize) {
+    let start = Instant::now();
+    loop {
+        let busy: usize = sandbox
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.in_flight)
+            .sum();
+        if busy >= n {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "never saw {n} in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_a_1s_ttl_a_long_command_finishes_then_idles_out() {
+    // The bug: with idle_ttl_secs = 2, maintenance removed the container
+    // while a command ran; it died after tick 3 with exit 137.
+    let h = Harness::new("ttl");
+    let sandbox = per_user(&h, with_ttl(&h, "1")).await;
+    let b = sandbox.get_thread_backend("ttl-1").await.unwrap();
+    let r = b
+        .execute("for i in 1 2 3 4 5 6; do echo tick $i; sleep 1; done")
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    assert!(r.output.ends_with("tick 6\n"), "{}", r.output);
+    // Idle time counts from the end of the command: removed soon after.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(h.containers().is_empty(), "{:?}", h.containers());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_workload_that_stays_busy_in_the_background_still_idles_out() {
+    // Nothing inside the container counts as use: a detached toucher of the
+    // workspace must not keep its container forever.
+    let h = Harness::new("toucher");
+    let sandbox = per_user(&h, with_ttl(&h, "2")).await;
+    let b = sandbox.get_thread_backend("bob-1").await.unwrap();
+    b.execute("(while true; do touch /workspace/x; sleep 0.2; done) >/dev/null 2>&1 &")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(3800)).await;
+    assert!(h.containers().is_empty(), "{:?}", h.containers());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_destroy_in_one_process_waits_for_a_command_running_in_another() {
+    let h = Harness::new("drain");
+    let sandbox = per_user(&h, h.config()).await;
+    // Make the container, then run a command from another host process.
+    sandbox
+        .get_thread_backend("u-1")
+        .await
+        .unwrap()
+        .execute("true")
+        .await
+        .unwrap();
+    let child = cli_exec(&h, "u-1", "sleep 3; echo done");
+    wait_in_flight(&sandbox, 1).await;
+    let start = Instant::now();
+    assert!(sandbox.destroy_thread_backend("u-2").await.unwrap());
+    let waited = start.elapsed();
+    let out = child.wait_with_output().await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "done\n");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        waited >= Duration::from_secs(1),
+        "the destroy waited: {waited:?}"
+    );
+    assert!(h.containers().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn past_the_grace_period_a_destroy_goes_ahead() {
+    let h = Harness::new("grace");
+    let sandbox = per_user(&h, h.config()).await;
+    let b = sandbox.get_thread_backend("v-1").await.unwrap();
+    b.execute("true").await.unwrap();
+    let running = tokio::spawn(async move { b.execute("sleep 30; echo never").await });
+    wait_in_flight(&sandbox, 1).await;
+    let start = Instant::now();
+    sandbox
+        .destroy_user_backend_within("v", Duration::from_millis(800))
+        .await
+        .unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    let r = running.await.unwrap();
+    assert!(
+        !matches!(&r, Ok(r) if r.output.contains("never")),
+        "the command was ended: {r:?}"
+    );
+    assert!(h.containers().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_and_the_library_agree_on_idle_time() {
+    // The bug: `sandbox ls` and gc counted idle time from the container's
+    // creation, and called a container used seconds earlier "idle 80s".
+    let h = Harness::new("agree");
+    let sandbox = per_user(&h, h.config()).await;
+    let b = sandbox.get_thread_backend("w-1").await.unwrap();
+    b.execute("true").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // A use from another process...
+    let out = cli_exec(&h, "w-2", "true")
+        .wait_with_output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // ...is what this process sees.
+    let c = &sandbox.list().await.unwrap()[0];
+    let idle = sandbox_host::capabilities::now_ms().saturating_sub(c.last_used_ms);
+    assert!(idle < 1500, "idle {idle} ms right after a use from the CLI");
+}
