@@ -165,3 +165,31 @@ async fn the_cli_and_the_library_agree_on_idle_time() {
     let idle = sandbox_host::capabilities::now_ms().saturating_sub(c.last_used_ms);
     assert!(idle < 1500, "idle {idle} ms right after a use from the CLI");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_call_and_ctrl_c_on_the_cli_kill_the_remote_command() {
+    // The bug: a client that disconnected left its command running, and so
+    // does Ctrl-C on `docker exec`.
+    let h = Harness::new("cancel");
+    let sandbox = per_user(&h, h.config()).await;
+    let b = sandbox.get_thread_backend("x-1").await.unwrap();
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(1500),
+        b.execute("(env -i sleep 301 &); sleep 300"),
+    )
+    .await;
+    assert!(dropped.is_err(), "still running when dropped");
+    sandbox.settle().await;
+    let ps = b.execute("ps -o args").await.unwrap().output;
+    assert!(!ps.contains("sleep 30"), "left behind: {ps}");
+
+    let child = cli_exec(&h, "x-2", "sleep 302");
+    wait_in_flight(&sandbox, 1).await;
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    assert_eq!(out.status.code(), Some(130), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"));
+    let ps = b.execute("ps -o args").await.unwrap().output;
+    assert!(!ps.contains("sleep 302"), "left behind: {ps}");
+}

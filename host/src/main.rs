@@ -355,13 +355,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     StreamKind::Stderr => std::io::stderr().write_all(bytes),
                 };
             };
-            let response = match stdin.as_mut() {
-                Some(stdin) => {
-                    backend
-                        .execute_streaming_stdin(&command, options, stdin, print)
-                        .await?
+            let run = async {
+                match stdin.as_mut() {
+                    Some(stdin) => {
+                        backend
+                            .execute_streaming_stdin(&command, options, stdin, print)
+                            .await
+                    }
+                    None => backend.execute_streaming(&command, options, print).await,
                 }
-                None => backend.execute_streaming(&command, options, print).await?,
+            };
+            // Ctrl-C kills the remote command too (`docker exec` leaves it
+            // running): dropping the call kills its processes.
+            let interrupted = {
+                tokio::pin!(run);
+                tokio::select! {
+                    response = &mut run => Some(response?),
+                    _ = tokio::signal::ctrl_c() => None,
+                }
+                // `run` is dropped here: an unfinished call is killed.
+            };
+            let Some(response) = interrupted else {
+                eprintln!("[interrupted: the command was killed]");
+                sandbox.settle().await;
+                return Ok(ExitCode::from(130));
             };
             if response.truncated {
                 eprintln!(

@@ -240,6 +240,21 @@ impl Sandbox {
         Ok(id)
     }
 
+    /// What serves a thread, without side effects: its backend id, user and
+    /// workspace by the policy's pure mapping, and the backend's container
+    /// if one exists. Creates no workspace and no container (for HTTP GET).
+    pub async fn describe_thread(&self, thread_id: &str) -> Result<ThreadInfo> {
+        let backend_id = self.backend_id(thread_id).await?;
+        let user_id = policy_core::ids::user_of_backend(&backend_id).to_owned();
+        let container = self.inner.caps.find(&backend_id).await?;
+        Ok(ThreadInfo {
+            workspace: user_id.clone(),
+            user_id,
+            backend_id,
+            container,
+        })
+    }
+
     /// The seed's `get_thread_backend`: the (lazily created) backend of a
     /// thread. Prepares the workspace; creates no container.
     pub async fn get_thread_backend(&self, thread_id: &str) -> Result<Backend> {
@@ -470,6 +485,12 @@ impl Sandbox {
         Ok(self.inner.caps.provider().stats(&owned.id).await?)
     }
 
+    /// Waits (at most ~10 s) until calls abandoned mid-way (dropped
+    /// futures) have had their processes killed. Call it before exiting.
+    pub async fn settle(&self) {
+        self.inner.caps.provider().settle().await;
+    }
+
     /// Whether the engine answers.
     pub async fn ping(&self) -> Result<()> {
         Ok(self.inner.caps.provider().ping().await?)
@@ -511,6 +532,17 @@ impl Sandbox {
             in_flight: 0,
         })
     }
+}
+
+/// What [`Sandbox::describe_thread`] tells.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ThreadInfo {
+    #[serde(rename = "id")]
+    pub backend_id: String,
+    pub user_id: String,
+    pub workspace: String,
+    /// The backend's container, when it has one now.
+    pub container: Option<ManagedContainer>,
 }
 
 /// Monotonic counters of one sandbox.

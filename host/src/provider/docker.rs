@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -37,7 +38,47 @@ pub struct DockerProvider {
     /// `None`: the docker CLI's defaults (`DOCKER_HOST`, else the local socket).
     endpoint: Option<String>,
     timeout: Duration,
+    /// Kills of calls abandoned mid-way (a dropped request, Ctrl-C).
+    cancels: Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
 }
+
+/// Kills a call's processes if its future is dropped before the call ended:
+/// a client that disconnects, or Ctrl-C, never leaves its command running.
+struct CancelOnDrop {
+    docker: Docker,
+    container: String,
+    marker: String,
+    cancels: Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (docker, container, marker) = (
+            self.docker.clone(),
+            std::mem::take(&mut self.container),
+            std::mem::take(&mut self.marker),
+        );
+        tracing::info!(container, "call abandoned: killing its processes");
+        let kill = async move {
+            let killed =
+                tokio::time::timeout(CANCEL_TIMEOUT, run_kill(&docker, &container, &marker)).await;
+            if !matches!(killed, Ok(Ok(ref r)) if r.exit_code == Some(0)) {
+                tracing::warn!(container, "could not kill an abandoned call");
+            }
+        };
+        self.cancels.lock().unwrap().spawn_on(kill, &runtime);
+    }
+}
+
+/// Bound on killing an abandoned call.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl DockerProvider {
     /// A provider that connects on first use; each API call is bounded by
@@ -47,6 +88,7 @@ impl DockerProvider {
             client: OnceCell::new(),
             endpoint: None,
             timeout,
+            cancels: Default::default(),
         }
     }
 
@@ -450,6 +492,13 @@ impl ContainerProvider for DockerProvider {
             ..Default::default()
         };
         let exec = self.call(docker.create_exec(id, config)).await?;
+        let mut cancel = CancelOnDrop {
+            docker: docker.clone(),
+            container: id.to_owned(),
+            marker: request.marker.clone(),
+            cancels: self.cancels.clone(),
+            armed: true,
+        };
         let started = self
             .call(docker.start_exec(&exec.id, None::<StartExecOptions>))
             .await?;
@@ -547,6 +596,8 @@ impl ContainerProvider for DockerProvider {
             }
         };
         drop(stream);
+        // From here on the call has ended or is killed below.
+        cancel.armed = false;
         let timed_out = match outcome {
             Ok(timed_out) => timed_out,
             Err(Abort::Engine(e)) => return Err(e),
@@ -573,6 +624,14 @@ impl ContainerProvider for DockerProvider {
         let agent_timed_out =
             request.agent && code == TIMEOUT_EXIT_CODE && start.elapsed() >= request.timeout;
         Ok(output.finish(code, agent_timed_out))
+    }
+
+    async fn settle(&self) {
+        let mut pending = std::mem::take(&mut *self.cancels.lock().unwrap());
+        let _ = tokio::time::timeout(CANCEL_TIMEOUT, async {
+            while pending.join_next().await.is_some() {}
+        })
+        .await;
     }
 
     async fn stats(&self, id: &str) -> ProviderResult<super::ContainerStats> {

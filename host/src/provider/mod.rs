@@ -124,6 +124,9 @@ pub trait ContainerProvider: Send + Sync + 'static {
     ) -> ProviderResult<ExecResponse>;
     /// Resource usage right now.
     async fn stats(&self, id: &str) -> ProviderResult<ContainerStats>;
+    /// Waits (bounded) for the kills of abandoned calls to finish: a process
+    /// about to exit calls it so a cancelled command does not outlive it.
+    async fn settle(&self) {}
     /// Whether the engine answers.
     async fn ping(&self) -> ProviderResult<()>;
 }
