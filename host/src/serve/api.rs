@@ -6,12 +6,12 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, RawPathParams, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::{Json, RequestExt, Router};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -48,7 +48,59 @@ pub fn router(state: Shared, body_limit: usize) -> Router {
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(DefaultBodyLimit::max(body_limit))
+        // Outermost, so refused (401) and oversized (413) requests are logged too.
+        .layer(middleware::from_fn(access_log))
         .with_state(state)
+}
+
+/// Target of the access log (`RUST_LOG=sandbox_host::serve::access=off`
+/// silences it): one `info` event per request.
+pub const ACCESS_LOG_TARGET: &str = "sandbox_host::serve::access";
+
+/// Longest id or path written to the access log (valid thread ids are far
+/// shorter; anything longer is hostile and cut).
+const LOGGED_CHARS: usize = 256;
+
+/// Logs one line per request: method, matched route template, status,
+/// duration in ms (until the response head: a streaming exec goes on after
+/// it), and the thread or user id of the route. Values come from end users;
+/// the formatter writes them quoted and escaped.
+async fn access_log(mut request: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    // The raw path only when no route matched; otherwise the template says it.
+    let path = route.is_none().then(|| clip(request.uri().path()));
+    let (mut thread_id, mut user_id) = (None, None);
+    if let Ok(params) = request.extract_parts::<RawPathParams>().await {
+        for (key, value) in &params {
+            match key {
+                "thread_id" => thread_id = Some(clip(value)),
+                "user_id" => user_id = Some(clip(value)),
+                _ => {}
+            }
+        }
+    }
+    let response = next.run(request).await;
+    tracing::info!(
+        target: ACCESS_LOG_TARGET,
+        method = %method,
+        route = route.as_deref().unwrap_or("(none)"),
+        path,
+        status = response.status().as_u16(),
+        duration_ms = start.elapsed().as_micros() as f64 / 1000.0,
+        thread_id,
+        user_id,
+        "request"
+    );
+    response
+}
+
+fn clip(s: &str) -> String {
+    s.chars().take(LOGGED_CHARS).collect()
 }
 
 /// An API error: a status and a JSON body `{"error": {"kind", "message"}}`.
@@ -514,7 +566,7 @@ async fn healthz(State(state): State<Shared>) -> Response {
 
 async fn metrics(State(state): State<Shared>) -> Response {
     match state.metrics.render(&state.sandbox) {
-        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+        Ok(text) => ([(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)], text).into_response(),
         Err(e) => {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "other", e.to_string()).into_response()
         }
@@ -527,4 +579,237 @@ async fn openapi() -> Response {
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such route")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use axum::body::Body;
+    use axum::http::{header, Request, StatusCode};
+    use tower::ServiceExt as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    use super::{router, ACCESS_LOG_TARGET};
+    use crate::config::{Config, UserIds};
+    use crate::provider::memory::MemoryProvider;
+    use crate::serve::{AppState, Metrics, METRICS_CONTENT_TYPE};
+    use crate::{PolicySource, Sandbox};
+
+    const TOKEN: &str = "t0ken";
+
+    /// The fields of every access-log event, with the thread that emitted it.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<(std::thread::ThreadId, Fields)>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            if event.metadata().target() != ACCESS_LOG_TARGET {
+                return;
+            }
+            let mut fields = Fields::default();
+            event.record(&mut fields);
+            fields
+                .0
+                .insert("level".into(), event.metadata().level().as_str().to_owned());
+            let thread = std::thread::current().id();
+            self.0.lock().unwrap().push((thread, fields));
+        }
+    }
+
+    impl Capture {
+        /// Installed as the global subscriber: a thread-local one
+        /// (`set_default`) misses events once another test thread, without
+        /// it, has cached the callsite as uninteresting. Tests run on
+        /// current-thread runtimes and read only their own thread's events.
+        fn global() -> &'static Capture {
+            static CAPTURE: std::sync::OnceLock<Capture> = std::sync::OnceLock::new();
+            CAPTURE.get_or_init(|| {
+                let capture = Capture::default();
+                tracing::subscriber::set_global_default(
+                    tracing_subscriber::registry().with(capture.clone()),
+                )
+                .expect("no other global subscriber in the library's tests");
+                capture
+            })
+        }
+
+        fn mine(&self) -> Vec<BTreeMap<String, String>> {
+            let me = std::thread::current().id();
+            self.0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(t, _)| *t == me)
+                .map(|(_, f)| f.0.clone())
+                .collect()
+        }
+    }
+
+    #[derive(Default)]
+    struct Fields(BTreeMap<String, String>);
+
+    impl tracing::field::Visit for Fields {
+        fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+            self.0.insert(field.name().to_owned(), value.to_owned());
+        }
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            self.0.insert(field.name().to_owned(), format!("{value:?}"));
+        }
+    }
+
+    /// Every router test builds its app here, so the capturing subscriber
+    /// is in place before any request of any test.
+    async fn app(root: &std::path::Path) -> axum::Router {
+        Capture::global();
+        let config = Config {
+            workspace_root: root.to_owned(),
+            sandbox_user: Some(UserIds {
+                uid: nix::unistd::geteuid().as_raw(),
+                gid: nix::unistd::getegid().as_raw(),
+            }),
+            component_cache_dir: None,
+            ..Config::default()
+        };
+        let sandbox = Sandbox::with_provider(
+            config,
+            Arc::new(MemoryProvider::new()),
+            PolicySource::Builtin("per-user".into()),
+        )
+        .await
+        .expect("sandbox on the in-memory provider");
+        let state = Arc::new(AppState {
+            sandbox,
+            metrics: Metrics::new(),
+            token: Some(TOKEN.into()),
+        });
+        router(state, 1 << 20)
+    }
+
+    fn request(method: &str, uri: &str, body: &str, token: bool) -> Request<Body> {
+        let mut r = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/json");
+        if token {
+            r = r.header(header::AUTHORIZATION, format!("Bearer {TOKEN}"));
+        }
+        r.body(Body::from(body.to_owned())).unwrap()
+    }
+
+    /// Issue 9: `sandbox serve` logged nothing per request, so an operator
+    /// could not tell which route, thread or user failed or was slow.
+    #[tokio::test]
+    async fn every_request_is_logged_once_with_route_status_duration_and_id() {
+        let capture = Capture::global();
+        let root = tempfile::tempdir().unwrap();
+        let app = app(root.path()).await;
+        let cases = [
+            (
+                request(
+                    "POST",
+                    "/v1/threads/alice-1/exec",
+                    r#"{"command":"echo hi"}"#,
+                    true,
+                ),
+                200,
+                "/v1/threads/{thread_id}/exec",
+                Some(("thread_id", "alice-1")),
+            ),
+            (
+                request("DELETE", "/v1/users/alice", "", true),
+                200,
+                "/v1/users/{user_id}",
+                Some(("user_id", "alice")),
+            ),
+            (
+                request("POST", "/v1/threads/alice-1/exec", "{}", false),
+                401,
+                "/v1/threads/{thread_id}/exec",
+                Some(("thread_id", "alice-1")),
+            ),
+            (
+                request("GET", "/v1/threads/..%2Fetc", "", true),
+                400,
+                "/v1/threads/{thread_id}",
+                Some(("thread_id", "../etc")),
+            ),
+            (request("GET", "/healthz", "", false), 200, "/healthz", None),
+            (
+                request("GET", "/no/such/route", "", true),
+                404,
+                "(none)",
+                None,
+            ),
+        ];
+        for (req, status, route, id) in cases {
+            let method = req.method().to_string();
+            let before = capture.mine().len();
+            let response = app.clone().oneshot(req).await.unwrap();
+            assert_eq!(response.status().as_u16(), status, "{route}");
+            let logged = capture.mine()[before..].to_vec();
+            assert_eq!(
+                logged.len(),
+                1,
+                "exactly one access line for {route}: {logged:?}"
+            );
+            let line = &logged[0];
+            assert_eq!(line["level"], "INFO");
+            assert_eq!(line["method"], method);
+            assert_eq!(line["route"], route);
+            assert_eq!(line["status"], status.to_string());
+            let ms: f64 = line["duration_ms"]
+                .parse()
+                .expect("duration_ms is a number");
+            assert!((0.0..60_000.0).contains(&ms), "{ms}");
+            match id {
+                Some((key, value)) => assert_eq!(line[key], value, "{line:?}"),
+                None => assert!(
+                    !line.contains_key("thread_id") && !line.contains_key("user_id"),
+                    "{line:?}"
+                ),
+            }
+            if route == "(none)" {
+                assert_eq!(line["path"], "/no/such/route");
+            } else {
+                assert!(!line.contains_key("path"), "{line:?}");
+            }
+        }
+    }
+
+    /// Issue 9: `/metrics` was labelled `text/plain; version=0.0.4` while
+    /// prometheus-client writes OpenMetrics text, so scrapers parsed it with
+    /// the wrong grammar.
+    #[tokio::test]
+    async fn metrics_are_served_with_the_openmetrics_media_type() {
+        let root = tempfile::tempdir().unwrap();
+        let app = app(root.path()).await;
+        let response = app
+            .oneshot(request("GET", "/metrics", "", true))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        );
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            METRICS_CONTENT_TYPE
+        );
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(
+            text.ends_with("# EOF\n"),
+            "OpenMetrics text ends with # EOF: {text}"
+        );
+        assert!(text.contains("sandbox_policy_swaps_total"), "{text}");
+    }
 }

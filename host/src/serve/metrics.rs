@@ -1,4 +1,4 @@
-//! Prometheus metrics of `sandbox serve` (text exposition by
+//! Prometheus metrics of `sandbox serve` (OpenMetrics text exposition by
 //! prometheus-client).
 
 use std::sync::Mutex;
@@ -12,6 +12,11 @@ use prometheus_client::registry::Registry;
 use crate::Sandbox;
 
 type Labels = Vec<(String, String)>;
+
+/// The media type of what [`Metrics::render`] writes: prometheus-client
+/// encodes OpenMetrics text (`# EOF` terminated, `_total` counters), which a
+/// scraper told `text/plain; version=0.0.4` would parse as the older format.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~33 s.
@@ -81,7 +86,8 @@ impl Metrics {
         }
     }
 
-    /// The text exposition, with the library counters brought up to date.
+    /// The OpenMetrics text exposition ([`CONTENT_TYPE`]), with the library
+    /// counters brought up to date.
     pub fn render(&self, sandbox: &Sandbox) -> Result<String, std::fmt::Error> {
         let counters = sandbox.counters();
         sync(&self.containers_created, counters.containers_created);

@@ -5,6 +5,7 @@
 //! batch file upload/download, destroy per user and per thread, backends,
 //! health, Prometheus metrics, policy swap. Errors are JSON
 //! `{"error": {"kind", "message"}}` with a status that matches the kind.
+//! Every request gets one access-log line ([`ACCESS_LOG_TARGET`]).
 
 mod api;
 mod metrics;
@@ -15,8 +16,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 
-pub use api::router;
-pub use metrics::Metrics;
+pub use api::{router, ACCESS_LOG_TARGET};
+pub use metrics::{Metrics, CONTENT_TYPE as METRICS_CONTENT_TYPE};
 
 use crate::{PolicySource, Sandbox};
 
