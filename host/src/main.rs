@@ -123,9 +123,14 @@ enum Command {
         /// Bearer token required on every request (but /healthz).
         #[arg(long, env = "SANDBOX_TOKEN", hide_env_values = true)]
         token: Option<String>,
-        /// Largest request body in bytes.
+        /// Largest JSON request body in bytes (the raw file routes stream,
+        /// bounded by max_file_bytes).
         #[arg(long, default_value_t = sandbox_host::serve::DEFAULT_BODY_LIMIT)]
         body_limit_bytes: usize,
+        /// Host name accepted when no token is set (repeatable; loopback
+        /// names by default): guards against DNS rebinding.
+        #[arg(long = "allowed-host", value_name = "NAME")]
+        allowed_hosts: Vec<String>,
     },
     /// Show two threads of one user sharing one container (and another user apart).
     Demo,
@@ -549,12 +554,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             token,
             body_limit_bytes,
+            allowed_hosts,
         } => {
+            let allowed_hosts = if allowed_hosts.is_empty() {
+                sandbox_host::serve::LOOPBACK_HOSTS
+                    .iter()
+                    .map(|h| h.to_string())
+                    .collect()
+            } else {
+                allowed_hosts
+            };
             let options = sandbox_host::serve::ServeOptions {
                 listen,
                 token: token.filter(|t| !t.is_empty()),
                 body_limit_bytes,
                 policy_path: config.policy.clone(),
+                allowed_hosts,
+                grace: std::time::Duration::from_secs_f64(config.destroy_grace_secs),
             };
             options.check()?;
             let sandbox = open(config, true).await?;

@@ -36,13 +36,14 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, extra_args=(), token=TOKEN):
+    def __init__(self, extra_args=(), token=TOKEN, env=None):
         self.namespace = f"py-{os.getpid()}-{free_port()}"
         self.root = tempfile.mkdtemp(prefix="sandbox-py-")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token = token
-        env = dict(os.environ, SANDBOX_NAMESPACE=self.namespace, SANDBOX_WORKSPACE_ROOT=self.root, RUST_LOG="warn")
+        env = dict(os.environ, SANDBOX_NAMESPACE=self.namespace, SANDBOX_WORKSPACE_ROOT=self.root, RUST_LOG="warn",
+                   **(env or {}))
         args = [str(binary()), "serve", "--listen", f"127.0.0.1:{self.port}", *extra_args]
         if token:
             args += ["--token", token]

@@ -1,11 +1,13 @@
 """The Python client against a real `sandbox serve` and Docker engine."""
 
 import concurrent.futures
+import http.client
 import json
 import signal
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -200,3 +202,89 @@ def test_live_policy_swap_under_load(server, client, tmp_path):
     left = server.containers()
     assert all(n.count("-") == 0 for n in (x.split(".", 2)[2] for x in left)), left
     assert f"sandbox.{server.namespace}.u0" in left
+
+
+def _ps(server, user):
+    return subprocess.run(["docker", "exec", f"sandbox.{server.namespace}.{user}", "ps", "-o", "args"],
+                          capture_output=True, text=True).stdout
+
+
+def _peak_rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_past_the_shutdown_grace_a_command_ends_with_the_reason_shutdown():
+    s = Server(env={"SANDBOX_DESTROY_GRACE_SECS": "1"})
+    try:
+        c = s.client()
+        c.exec("alice-1", "true")
+        seen = {}
+
+        def run():
+            try:
+                seen["result"] = c.exec("alice-1", "sleep 60; echo never")
+            except SandboxError as e:
+                seen["error"] = e
+
+        t = threading.Thread(target=run)
+        t.start()
+        time.sleep(0.7)
+        start = time.time()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=15) == 0
+        took = time.time() - start
+        t.join(timeout=10)
+        assert "error" in seen, seen
+        assert (seen["error"].status, seen["error"].kind) == (503, "shutdown")
+        assert took < 1 + 2 + 1.5, took
+        assert "sleep 60" not in _ps(s, "alice")
+    finally:
+        s.stop()
+
+
+def test_a_streaming_client_that_disconnects_cancels_its_command(server, client):
+    client.exec("alice-1", "true")
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/threads/alice-1/exec/stream",
+                 body=json.dumps({"command": "echo started; sleep 300"}),
+                 headers={"Authorization": f"Bearer {server.token}", "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert b"started" in resp.readline()
+    conn.close()
+    deadline = time.time() + 10
+    while "sleep 300" in _ps(server, "alice") and time.time() < deadline:
+        time.sleep(0.2)
+    assert "sleep 300" not in _ps(server, "alice")
+
+
+def test_raw_file_routes_stream_big_files_in_bounded_server_memory(server, client):
+    client.exec("alice-1", "truncate -s 200M big && truncate -s 4G huge && echo -n hi > small")
+    auth = {"Authorization": f"Bearer {server.token}"}
+    before = _peak_rss_kib(server.proc.pid)
+    req = urllib.request.Request(server.url + "/v1/threads/alice-1/files/raw?path=big", headers=auth)
+    total = 0
+    with urllib.request.urlopen(req, timeout=120) as r:
+        while chunk := r.read(1 << 20):
+            total += len(chunk)
+    assert total == 200 << 20
+    growth_mib = (_peak_rss_kib(server.proc.pid) - before) / 1024
+    assert growth_mib < 64, f"server peak RSS grew by {growth_mib:.0f} MiB"
+    # Over the cap: refused by its apparent size before any byte.
+    req = urllib.request.Request(server.url + "/v1/threads/alice-1/files/raw?path=huge", headers=auth)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 413
+    # Upload, streamed, then read back.
+    req = urllib.request.Request(server.url + "/v1/threads/alice-1/files/raw?path=up/x.bin&mode=644",
+                                 data=b"\x00\xffdata", method="PUT", headers=auth)
+    assert json.load(urllib.request.urlopen(req, timeout=30))["size"] == 6
+    req = urllib.request.Request(server.url + "/v1/threads/alice-1/files/raw?path=up/x.bin", headers=auth)
+    assert urllib.request.urlopen(req, timeout=30).read() == b"\x00\xffdata"
+    req = urllib.request.Request(server.url + "/v1/threads/alice-1/files/raw?path=nope", headers=auth)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 404

@@ -657,11 +657,10 @@ impl Bench {
             (50, 200, 1000)
         };
         let token = "bench-token".to_owned();
-        let state = Arc::new(sandbox_host::serve::AppState {
-            sandbox: self.sandbox.clone(),
-            metrics: sandbox_host::serve::Metrics::new(),
-            token: Some(token.clone()),
-        });
+        let state = Arc::new(sandbox_host::serve::AppState::new(
+            self.sandbox.clone(),
+            Some(token.clone()),
+        ));
         let app = sandbox_host::serve::router(state, 1 << 20);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;

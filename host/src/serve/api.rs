@@ -34,6 +34,11 @@ pub fn router(state: Shared, body_limit: usize) -> Router {
         .route("/v1/threads/{thread_id}/exec", post(exec))
         .route("/v1/threads/{thread_id}/exec/stream", post(exec_stream))
         .route("/v1/threads/{thread_id}/files", get(download).put(upload))
+        // One file, streamed both ways with no body limit but the file cap.
+        .route(
+            "/v1/threads/{thread_id}/files/raw",
+            get(download_raw).put(upload_raw),
+        )
         .route(
             "/v1/threads/{thread_id}",
             get(thread_backend).delete(destroy_thread),
@@ -172,7 +177,23 @@ type ApiResult<T> = Result<T, ApiError>;
 /// length leaks); `/healthz` stays open for probes.
 async fn authenticate(State(state): State<Shared>, request: Request, next: Next) -> Response {
     let Some(expected) = state.token.as_deref() else {
-        return next.run(request).await;
+        // No token: only requests addressed to an allowed name (loopback by
+        // default) get in, so a DNS-rebinding page cannot reach the API.
+        if request.uri().path() == "/healthz" || host_allowed(&request, &state.allowed_hosts) {
+            return next.run(request).await;
+        }
+        state
+            .metrics
+            .errors
+            .get_or_create(&kind_label("forbidden-host"))
+            .inc();
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden-host",
+            "this server has no token and answers only requests addressed to its allowed \
+             host names (loopback by default; see --allowed-host)",
+        )
+        .into_response();
     };
     if request.uri().path() == "/healthz" {
         return next.run(request).await;
@@ -201,6 +222,42 @@ async fn authenticate(State(state): State<Shared>, request: Request, next: Next)
         };
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response()
     }
+}
+
+/// Whether the request's Host (without its port) is on the allow-list.
+fn host_allowed(request: &Request, allowed: &[String]) -> bool {
+    let Some(host) = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let name = match host.rsplit_once(':') {
+        // `[::1]:8765`, `127.0.0.1:8765`, `localhost:8765`; a bare `::1` has
+        // colons but no port.
+        Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) && !name.ends_with(':') => {
+            name
+        }
+        _ => host,
+    };
+    allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+}
+
+/// Resolves when the grace period after SIGTERM is over.
+async fn shutdown_over(mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    if shutdown.wait_for(|over| *over).await.is_err() {
+        // No server drives shutdown (an embedded router): never.
+        std::future::pending::<()>().await;
+    }
+}
+
+fn shutdown_error() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shutdown",
+        "the server shut down and its grace period ended: the command was killed",
+    )
 }
 
 fn kind_label(kind: &str) -> Vec<(String, String)> {
@@ -278,7 +335,12 @@ async fn exec(
         let Json(body) = body?;
         let options = body.options()?;
         let backend = state.sandbox.get_thread_backend(&thread_id).await?;
-        Ok(Json(backend.execute_with(&body.command, options).await?))
+        // Past the shutdown grace period the call is dropped, which kills
+        // its processes, and the client is told why.
+        tokio::select! {
+            r = backend.execute_with(&body.command, options) => Ok(Json(r?)),
+            _ = shutdown_over(state.shutdown.clone()) => Err(shutdown_error()),
+        }
     })
     .await
 }
@@ -313,20 +375,29 @@ async fn exec_stream(
     // Bounded: a client that reads slowly loses live chunks (counted in a
     // final marker), never host memory; the final line has the capped output.
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+    let shutdown = state.shutdown.clone();
     tokio::spawn(async move {
         let mut dropped = 0usize;
         let live = tx.clone();
-        let result = backend
-            .execute_streaming(&body.command, options, |stream, bytes| {
-                let l = StreamLine::Output {
-                    stream,
-                    data: String::from_utf8_lossy(bytes).into_owned(),
-                };
-                if live.try_send(line(&l)).is_err() {
-                    dropped += bytes.len();
-                }
-            })
-            .await;
+        let run = backend.execute_streaming(&body.command, options, |stream, bytes| {
+            let l = StreamLine::Output {
+                stream,
+                data: String::from_utf8_lossy(bytes).into_owned(),
+            };
+            if live.try_send(line(&l)).is_err() {
+                dropped += bytes.len();
+            }
+        });
+        // A client that goes away cancels its command (dropping the call
+        // kills its processes); so does the end of the shutdown grace.
+        let result = tokio::select! {
+            r = run => r.map_err(ApiError::from),
+            _ = tx.closed() => {
+                tracing::info!("streaming client disconnected: command cancelled");
+                return;
+            }
+            _ = shutdown_over(shutdown) => Err(shutdown_error()),
+        };
         if dropped > 0 {
             let note = StreamLine::Output {
                 stream: StreamKind::Stderr,
@@ -339,8 +410,8 @@ async fn exec_stream(
         let last = match result {
             Ok(r) => StreamLine::Exit(r),
             Err(e) => StreamLine::Error {
-                kind: e.kind(),
-                message: e.to_string(),
+                kind: e.kind,
+                message: e.message,
             },
         };
         let _ = tx.send(line(&last)).await;
@@ -415,8 +486,13 @@ async fn download(
             return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad-request", "give one or more ?path="));
         }
         let backend = state.sandbox.get_thread_backend(&thread_id).await?;
+        // The JSON copies of a batch cost ~3x its content: capped, so one
+        // request stays within the server's memory budget. Larger files:
+        // GET /files/raw.
+        let mut limits = backend.file_limits();
+        limits.max_batch_bytes = limits.max_batch_bytes.min(super::JSON_BATCH_BYTES);
         let results: Vec<serde_json::Value> = backend
-            .download_files(&paths)
+            .download_files_with(&paths, &limits)
             .await?
             .into_iter()
             .map(|r| {
@@ -433,15 +509,166 @@ async fn download(
     .await
 }
 
+fn one_path(query: Option<&str>) -> ApiResult<(String, Option<u32>)> {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(query.unwrap_or("")).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                format!("query: {e}"),
+            )
+        })?;
+    let mut path = None;
+    let mut mode = None;
+    for (k, v) in pairs {
+        match k.as_str() {
+            "path" if path.is_none() => path = Some(v),
+            "mode" => {
+                let bits = u32::from_str_radix(v.trim_start_matches("0o"), 8).map_err(|_| {
+                    ApiError::new(StatusCode::BAD_REQUEST, "bad-request", "mode: octal bits")
+                })?;
+                mode = Some(bits);
+            }
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad-request",
+                    "give exactly one ?path= (and optionally ?mode=)",
+                ))
+            }
+        }
+    }
+    let path = path
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "bad-request", "give one ?path="))?;
+    Ok((path, mode))
+}
+
+/// The status of a per-file error on the raw routes.
+fn file_status(error: crate::files::FileError) -> ApiError {
+    use crate::files::FileError;
+    let status = match error {
+        FileError::FileNotFound => StatusCode::NOT_FOUND,
+        FileError::PermissionDenied => StatusCode::FORBIDDEN,
+        FileError::IsDirectory | FileError::InvalidPath => StatusCode::BAD_REQUEST,
+        FileError::FileTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+    };
+    let kind: &'static str = match error {
+        FileError::FileNotFound => "file_not_found",
+        FileError::PermissionDenied => "permission_denied",
+        FileError::IsDirectory => "is_directory",
+        FileError::InvalidPath => "invalid_path",
+        FileError::FileTooLarge => "file_too_large",
+    };
+    ApiError::new(status, kind, error.to_string())
+}
+
+/// One file's bytes, streamed as they leave the container: the server holds
+/// at most a 64 KiB pipe of it, whatever its size. Errors found before the
+/// first byte (missing, too large...) get their status; a client that goes
+/// away stops the transfer.
+async fn download_raw(
+    State(state): State<Shared>,
+    Path(thread_id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Response> {
+    let (path, _) = one_path(query.as_deref())?;
+    let backend = observed(&state, "download-raw", async {
+        Ok(state.sandbox.get_thread_backend(&thread_id).await?)
+    })
+    .await?;
+    let limits = backend.file_limits();
+    let (mut writer, mut reader) = tokio::io::duplex(64 * 1024);
+    let mut transfer = tokio::spawn(async move {
+        let r = backend.download_to(&path, &mut writer, &limits).await;
+        drop(writer);
+        r
+    });
+    use tokio::io::AsyncReadExt;
+    let mut first = vec![0u8; 64 * 1024];
+    let n = tokio::select! {
+        n = reader.read(&mut first) => n.unwrap_or(0),
+        done = &mut transfer => {
+            // Finished before a byte was read: an error, or a tiny file
+            // already in the pipe.
+            match done {
+                Ok(Ok(Ok(_))) => reader.read(&mut first).await.unwrap_or(0),
+                Ok(Ok(Err(e))) => return Err(file_status(e)),
+                Ok(Err(e)) => return Err(e.into()),
+                Err(e) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "other", e.to_string())),
+            }
+        }
+    };
+    if n == 0 && !transfer.is_finished() {
+        // EOF with the task still settling: wait for its verdict.
+    }
+    if n == 0 {
+        match (&mut transfer).await {
+            Ok(Ok(Ok(_))) | Err(_) => {}
+            Ok(Ok(Err(e))) => return Err(file_status(e)),
+            Ok(Err(e)) => return Err(e.into()),
+        }
+    }
+    first.truncate(n);
+    let head =
+        futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(first)) });
+    let rest = tokio_util::io::ReaderStream::new(reader);
+    use futures_util::StreamExt;
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(head.chain(rest)),
+    )
+        .into_response())
+}
+
+/// One file's bytes from the request body, streamed into the container:
+/// needs Content-Length, bounded by the file cap, not by the JSON body limit.
+async fn upload_raw(
+    State(state): State<Shared>,
+    Path(thread_id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<serde_json::Value>> {
+    observed(&state, "upload-raw", async {
+        let (path, mode) = one_path(query.as_deref())?;
+        let len: u64 = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::LENGTH_REQUIRED,
+                    "bad-request",
+                    "Content-Length is required",
+                )
+            })?;
+        let backend = state.sandbox.get_thread_backend(&thread_id).await?;
+        let limits = backend.file_limits();
+        if len > limits.max_file_bytes {
+            return Err(file_status(crate::files::FileError::FileTooLarge));
+        }
+        use futures_util::TryStreamExt;
+        let stream = body.into_data_stream().map_err(std::io::Error::other);
+        let mut reader = tokio_util::io::StreamReader::new(stream);
+        let result = backend
+            .upload_from(&path, &mut reader, len, mode, &limits)
+            .await?;
+        match result.error {
+            Some(e) => Err(file_status(e)),
+            None => Ok(Json(json!({ "path": result.path, "size": len }))),
+        }
+    })
+    .await
+}
+
 async fn thread_backend(
     State(state): State<Shared>,
     Path(thread_id): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
     observed(&state, "thread-backend", async {
-        let b = state.sandbox.get_thread_backend(&thread_id).await?;
-        Ok(Json(
-            json!({ "id": b.id(), "user_id": b.user_id(), "workspace": b.workspace() }),
-        ))
+        // A GET has no side effects: no workspace, no container.
+        let info = state.sandbox.describe_thread(&thread_id).await?;
+        Ok(Json(serde_json::to_value(info).unwrap_or_default()))
     })
     .await
 }
@@ -666,6 +893,10 @@ mod tests {
     /// Every router test builds its app here, so the capturing subscriber
     /// is in place before any request of any test.
     async fn app(root: &std::path::Path) -> axum::Router {
+        app_with_token(root, Some(TOKEN.into())).await
+    }
+
+    async fn app_with_token(root: &std::path::Path, token: Option<String>) -> axum::Router {
         Capture::global();
         let config = Config {
             workspace_root: root.to_owned(),
@@ -683,11 +914,7 @@ mod tests {
         )
         .await
         .expect("sandbox on the in-memory provider");
-        let state = Arc::new(AppState {
-            sandbox,
-            metrics: Metrics::new(),
-            token: Some(TOKEN.into()),
-        });
+        let state = Arc::new(AppState::new(sandbox, token));
         router(state, 1 << 20)
     }
 
@@ -811,5 +1038,69 @@ mod tests {
             "OpenMetrics text ends with # EOF: {text}"
         );
         assert!(text.contains("sandbox_policy_swaps_total"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn without_a_token_only_loopback_host_names_get_in() {
+        // The bug: a tokenless loopback serve answered any Host header, so a
+        // DNS-rebinding page reached exec and DELETE.
+        let root = tempfile::tempdir().unwrap();
+        let app = app_with_token(root.path(), None).await;
+        let with_host = |host: &str| {
+            Request::builder()
+                .method("GET")
+                .uri("/v1/backends")
+                .header(header::HOST, host)
+                .body(Body::empty())
+                .unwrap()
+        };
+        for evil in [
+            "rebind.attacker.example",
+            "rebind.attacker.example:8765",
+            "127.0.0.1.nip.io",
+        ] {
+            let r = app.clone().oneshot(with_host(evil)).await.unwrap();
+            assert_eq!(r.status(), StatusCode::FORBIDDEN, "{evil}");
+        }
+        for ok in [
+            "localhost:8765",
+            "127.0.0.1:8765",
+            "[::1]:8765",
+            "LOCALHOST",
+        ] {
+            let r = app.clone().oneshot(with_host(ok)).await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK, "{ok}");
+        }
+    }
+
+    #[tokio::test]
+    async fn get_thread_has_no_side_effects() {
+        // The bug: 10,000 GETs left 10,000 workspace directories.
+        let root = tempfile::tempdir().unwrap();
+        let app = app(root.path()).await;
+        for i in 0..20 {
+            let r = app
+                .clone()
+                .oneshot(request("GET", &format!("/v1/threads/u{i}-1"), "", true))
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+        }
+        let r = app
+            .oneshot(request("GET", "/v1/threads/u0-1", "", true))
+            .await
+            .unwrap();
+        let body = axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (v["id"].as_str(), v["container"].is_null()),
+            (Some("u0"), true)
+        );
+        let left: Vec<_> = std::fs::read_dir(root.path())
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "nothing created: {left:?}");
     }
 }

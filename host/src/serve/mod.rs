@@ -10,6 +10,7 @@
 mod api;
 mod metrics;
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,13 +32,41 @@ pub struct ServeOptions {
     pub body_limit_bytes: usize,
     /// Reloaded on SIGHUP.
     pub policy_path: Option<PathBuf>,
+    /// Host header values (names, without port) accepted when no token is
+    /// set: a browser page on another site that resolves its own name to
+    /// 127.0.0.1 (DNS rebinding) sends its own name and is refused.
+    pub allowed_hosts: Vec<String>,
+    /// After SIGTERM, how long running commands get to finish before they
+    /// are ended with the reason `shutdown`.
+    pub grace: std::time::Duration,
 }
+
+/// The Host names accepted without a token by default: loopback only.
+pub const LOOPBACK_HOSTS: [&str; 4] = ["localhost", "127.0.0.1", "::1", "[::1]"];
 
 /// Shared by every handler.
 pub struct AppState {
     pub sandbox: Sandbox,
     pub metrics: Metrics,
     pub token: Option<String>,
+    pub allowed_hosts: Vec<String>,
+    /// Turns true when the grace period after SIGTERM is over: running
+    /// commands then end with the reason `shutdown`.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl AppState {
+    /// State for an embedded router (tests, the bench): loopback host
+    /// names, and no shutdown sequence.
+    pub fn new(sandbox: Sandbox, token: Option<String>) -> Self {
+        AppState {
+            sandbox,
+            metrics: Metrics::new(),
+            token,
+            allowed_hosts: LOOPBACK_HOSTS.iter().map(|h| h.to_string()).collect(),
+            shutdown: tokio::sync::watch::channel(false).1,
+        }
+    }
 }
 
 impl ServeOptions {
@@ -53,13 +82,18 @@ impl ServeOptions {
     }
 }
 
-/// Serves until SIGTERM / ctrl-c, then finishes in-flight requests.
+/// Serves until SIGTERM / ctrl-c. Then it accepts no new connection, lets
+/// running requests finish for the grace period, ends the rest with the
+/// reason `shutdown` (their commands are killed), and exits at most 2 s later.
 pub async fn serve(sandbox: Sandbox, options: ServeOptions) -> anyhow::Result<()> {
     options.check()?;
+    let (ended, shutdown) = tokio::sync::watch::channel(false);
     let state = Arc::new(AppState {
-        sandbox,
+        sandbox: sandbox.clone(),
         metrics: Metrics::new(),
         token: options.token.clone(),
+        allowed_hosts: options.allowed_hosts.clone(),
+        shutdown,
     });
     if let Some(path) = options.policy_path.clone() {
         spawn_reload_on_sighup(state.clone(), path)?;
@@ -69,13 +103,41 @@ pub async fn serve(sandbox: Sandbox, options: ServeOptions) -> anyhow::Result<()
         .await
         .with_context(|| format!("binding {}", options.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "sandbox serve listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving")?;
-    tracing::info!("in-flight requests finished; bye");
+    let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            let _ = signalled.send(());
+        })
+        .into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        served = &mut server => return served.context("serving"),
+        _ = on_signal => {}
+    }
+    let grace = options.grace;
+    tracing::info!(
+        grace_secs = grace.as_secs_f64(),
+        "shutting down: no new connections; running requests get the grace period"
+    );
+    if tokio::time::timeout(grace, &mut server).await.is_err() {
+        tracing::warn!("grace period over: ending the running commands (reason: shutdown)");
+        let _ = ended.send(true);
+        if tokio::time::timeout(SHUTDOWN_LINGER, &mut server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("requests still open after the grace period; exiting anyway");
+        }
+    }
+    sandbox.settle().await;
+    tracing::info!("bye");
     Ok(())
 }
+
+/// How long after the grace period the server waits for ended requests to
+/// answer before it exits regardless.
+pub const SHUTDOWN_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn shutdown_signal() {
     let term = async {
@@ -90,7 +152,6 @@ async fn shutdown_signal() {
         _ = term => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    tracing::info!("shutting down: no new connections, finishing in-flight requests");
 }
 
 fn spawn_reload_on_sighup(state: Arc<AppState>, path: PathBuf) -> anyhow::Result<()> {
@@ -115,5 +176,11 @@ fn spawn_reload_on_sighup(state: Arc<AppState>, path: PathBuf) -> anyhow::Result
     Ok(())
 }
 
-/// The default body limit: 96 MiB (a 50 MB upload, base64-encoded, fits).
-pub const DEFAULT_BODY_LIMIT: usize = 96 * 1024 * 1024;
+/// The default body limit of the JSON routes: 24 MiB (a 16 MiB upload,
+/// base64-encoded, fits), so a request costs the server a bounded amount of
+/// memory. Larger files go through the streaming `/files/raw` routes.
+pub const DEFAULT_BODY_LIMIT: usize = 24 * 1024 * 1024;
+
+/// File content one JSON download batch holds: its base64 and JSON copies
+/// stay within the server's per-request memory budget.
+pub const JSON_BATCH_BYTES: u64 = 16 * 1024 * 1024;
