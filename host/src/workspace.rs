@@ -59,7 +59,9 @@ impl Workspaces {
         let mode = std::fs::metadata(&self.root).ok()?.mode() & 0o7777;
         (mode & 0o077 != 0).then(|| {
             format!(
-                "workspace root {} has mode {mode:o}: other users of this host can reach                  the files sandboxes write there (setuid binaries included);                  run `chmod 700 {}`",
+                "workspace root {} has mode {mode:o}: other users of this host can reach \
+                 the files sandboxes write there (setuid binaries included); \
+                 run `chmod 700 {}`",
                 self.root.display(),
                 self.root.display()
             )
