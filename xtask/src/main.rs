@@ -141,7 +141,7 @@ fn test(options: &Options) -> Result<Vec<(String, f64)>, String> {
     }
     if options.runs("bench") {
         steps.run("benchmark smoke run", || {
-            sh(&mut Command::new(root.join("target/debug/sandbox-bench")).arg("--smoke"))
+            sh(Command::new(root.join("target/debug/sandbox-bench")).arg("--smoke"))
         })?;
     }
     if options.runs("deploy") && root.join("deploy/smoke.sh").exists() {
@@ -191,14 +191,12 @@ impl Steps {
 fn python_venv(root: &Path) -> Result<PathBuf, String> {
     let venv = root.join("target/xtask/venv");
     let python = venv.join("bin/python");
-    if !python.exists() {
-        if sh(Command::new("python3").args(["-m", "venv"]).arg(&venv)).is_err() {
-            // Debian splits venv (and ensurepip) into python3-venv.
-            println!("python3 -m venv failed; installing Debian's python3-venv (test-only)");
-            let _ = std::fs::remove_dir_all(&venv);
-            apt_install(&["python3-venv"])?;
-            sh(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-        }
+    if !python.exists() && sh(Command::new("python3").args(["-m", "venv"]).arg(&venv)).is_err() {
+        // Debian splits venv (and ensurepip) into python3-venv.
+        println!("python3 -m venv failed; installing Debian's python3-venv (test-only)");
+        let _ = std::fs::remove_dir_all(&venv);
+        apt_install(&["python3-venv"])?;
+        sh(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     }
     sh(Command::new(&python).args([
         "-m",

@@ -821,7 +821,7 @@ mod tests {
     use super::{router, ACCESS_LOG_TARGET};
     use crate::config::{Config, UserIds};
     use crate::provider::memory::MemoryProvider;
-    use crate::serve::{AppState, Metrics, METRICS_CONTENT_TYPE};
+    use crate::serve::{AppState, METRICS_CONTENT_TYPE};
     use crate::{PolicySource, Sandbox};
 
     const TOKEN: &str = "t0ken";
