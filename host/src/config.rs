@@ -59,6 +59,8 @@ pub const ENV_NOT_CONFIG: &[&str] = &[
     "SANDBOX_BIN",
     // The integration tests: the image to run.
     "SANDBOX_TEST_IMAGE",
+    // deploy/build-image.sh: the cargo profile of the server binary.
+    "SANDBOX_BUILD_PROFILE",
 ];
 
 /// Keys holding free-form maps: any sub-key is valid (and lower-cased when
@@ -1259,7 +1261,7 @@ mod tests {
         }
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
         let mut found = BTreeMap::new();
-        for dir in ["host", "tests", "clients", ".ci", "xtask"] {
+        for dir in ["host", "tests", "clients", ".ci", "xtask", "deploy"] {
             scan(&root.join(dir), &mut found);
         }
         assert!(found.contains_key("SANDBOX_TOKEN"), "{found:?}");
