@@ -270,8 +270,12 @@ async fn the_container_is_hardened_and_runs_as_the_workspace_owner() {
     assert!(hc["Memory"].as_i64().unwrap() > 0);
     assert!(hc["NanoCpus"].as_i64().unwrap() > 0);
     let binds = hc["Binds"].as_array().unwrap();
-    assert_eq!(binds.len(), 1, "only the workspace is mounted: {binds:?}");
+    // The workspace, read-write, and the host's agent, read-only: nothing else.
+    assert_eq!(binds.len(), 2, "only the workspace and the agent: {binds:?}");
     assert!(binds[0].as_str().unwrap().ends_with("/alice:/workspace:rw"));
+    let agent = binds[1].as_str().unwrap();
+    assert!(agent.ends_with(":/.sandbox/agent:ro"), "{agent}");
+    assert!(agent.starts_with(&format!("{}/.sandbox/", h.root.path().display())));
     assert!(!inspect.contains("docker.sock"));
     assert_eq!(
         json[0]["Config"]["User"],
