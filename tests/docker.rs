@@ -271,7 +271,11 @@ async fn the_container_is_hardened_and_runs_as_the_workspace_owner() {
     assert!(hc["NanoCpus"].as_i64().unwrap() > 0);
     let binds = hc["Binds"].as_array().unwrap();
     // The workspace, read-write, and the host's agent, read-only: nothing else.
-    assert_eq!(binds.len(), 2, "only the workspace and the agent: {binds:?}");
+    assert_eq!(
+        binds.len(),
+        2,
+        "only the workspace and the agent: {binds:?}"
+    );
     assert!(binds[0].as_str().unwrap().ends_with("/alice:/workspace:rw"));
     let agent = binds[1].as_str().unwrap();
     assert!(agent.ends_with(":/.sandbox/agent:ro"), "{agent}");
