@@ -28,30 +28,9 @@ fn main() {
 
     ensure_wasm_target();
 
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(&workspace)
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "wasm32-wasip2",
-            "--locked",
-        ])
-        .env("CARGO_TARGET_DIR", &target_root);
+    let mut cmd = nested_cargo(&workspace, &target_root, "wasm32-wasip2");
     for guest in GUESTS {
         cmd.args(["-p", guest]);
-    }
-    // The outer build's flags and wrappers are for the host, not the guests.
-    for var in [
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_BUILD_RUSTFLAGS",
-        "RUSTC_WRAPPER",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_BUILD_TARGET",
-    ] {
-        cmd.env_remove(var);
     }
     let status = cmd
         .status()
@@ -89,21 +68,17 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
 }
 
-/// Builds `sandbox-agent` statically for the host's own target (it runs in
-/// the sandbox containers of this machine's engine) and hands it to the host
-/// crate (`src/agent.rs`). Its own target dir: its flags differ.
-fn build_agent(workspace: &Path, out_dir: &Path, guests_dir: &Path) {
-    let target = std::env::var("TARGET").expect("cargo sets TARGET");
-    let target_dir = guests_dir.with_file_name("agent-build");
+/// `cargo build --release --locked --target TARGET` in the workspace with its
+/// own target dir (sharing the outer one deadlocks on cargo's lock), and
+/// without the outer build's flags and wrappers: they are for the host.
+fn nested_cargo(workspace: &Path, target_dir: &Path, target: &str) -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace)
-        .args(["build", "--release", "--locked", "-p", "sandbox-agent"])
-        .args(["--target", &target])
-        .env("CARGO_TARGET_DIR", &target_dir)
-        // musl targets are static already; glibc ones need crt-static.
-        .env("RUSTFLAGS", "-C target-feature=+crt-static");
+        .args(["build", "--release", "--locked", "--target", target])
+        .env("CARGO_TARGET_DIR", target_dir);
     for var in [
+        "RUSTFLAGS",
         "CARGO_ENCODED_RUSTFLAGS",
         "CARGO_BUILD_RUSTFLAGS",
         "RUSTC_WRAPPER",
@@ -112,6 +87,19 @@ fn build_agent(workspace: &Path, out_dir: &Path, guests_dir: &Path) {
     ] {
         cmd.env_remove(var);
     }
+    cmd
+}
+
+/// Builds `sandbox-agent` statically for the host's own target (it runs in
+/// the sandbox containers of this machine's engine) and hands it to the host
+/// crate (`src/agent.rs`). Its own target dir: its flags differ.
+fn build_agent(workspace: &Path, out_dir: &Path, guests_dir: &Path) {
+    let target = std::env::var("TARGET").expect("cargo sets TARGET");
+    let target_dir = guests_dir.with_file_name("agent-build");
+    let mut cmd = nested_cargo(workspace, &target_dir, &target);
+    cmd.args(["-p", "sandbox-agent"])
+        // musl targets are static already; glibc ones need crt-static.
+        .env("RUSTFLAGS", "-C target-feature=+crt-static");
     let status = cmd.status().expect("failed to run cargo for sandbox-agent");
     assert!(status.success(), "building sandbox-agent failed");
     let built = target_dir
