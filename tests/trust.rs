@@ -609,3 +609,24 @@ async fn a_request_dropped_mid_call_leaves_the_lane_usable() {
         assert_eq!(b.id(), "nap-1");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leaked_wasi_resources_are_capped_per_instance() {
+    // The bug: leaked pollables cost ~15 MB of host memory per instance.
+    let h = Harness::new("leak");
+    let config = Config {
+        policy_resources: 64,
+        ..h.config()
+    };
+    let sandbox = h.sandbox_with(config, hostile()).await;
+    let start = Instant::now();
+    let err = sandbox.get_thread_backend("leak-1").await.unwrap_err();
+    assert!(matches!(err, SandboxError::PolicyTrap(_)), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    let bob = sandbox.get_thread_backend("bob-1").await.unwrap();
+    assert_eq!(bob.execute("echo ok").await.unwrap().output, "ok\n");
+}
