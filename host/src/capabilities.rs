@@ -411,9 +411,10 @@ impl Capabilities {
         let last_used_ms = if in_flight > 0 {
             now_ms()
         } else {
-            recorded
-                .or_else(|| record.created.map(|s| s.max(0) as u64 * 1000))
-                .unwrap_or_else(now_ms)
+            // A re-created container is as fresh as its creation, whatever
+            // its predecessor's record says.
+            let created = record.created.map(|s| s.max(0) as u64 * 1000);
+            recorded.max(created).unwrap_or_else(now_ms)
         };
         let container = ManagedContainer {
             last_used_ms,

@@ -334,7 +334,9 @@ impl Default for Config {
             destroy_grace_secs: 10.0,
             max_file_bytes: crate::files::MAX_FILE_BYTES,
             max_batch_bytes: crate::files::MAX_BATCH_BYTES,
-            max_policy_instances: 4096,
+            // Idle instances hold ~1 MiB of the host-wide pool each: this
+            // many stay well inside the default 1 GiB.
+            max_policy_instances: 512,
             component_cache_dir: crate::runtime::cache::ComponentCache::default_dir(),
             policy_config: Default::default(),
             maintenance_interval_secs: 30.0,
@@ -903,6 +905,12 @@ impl Config {
             return fail(
                 "policy_memory_total_bytes",
                 "policy_memory_total_bytes must be at least policy_memory_bytes".into(),
+            );
+        }
+        if self.max_concurrent_lifecycle_ops > 1024 {
+            return fail(
+                "max_concurrent_lifecycle_ops",
+                "max_concurrent_lifecycle_ops must be at most 1024".into(),
             );
         }
         if self.max_concurrent_lifecycle_ops == 0 {

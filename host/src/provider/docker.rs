@@ -595,7 +595,10 @@ impl ContainerProvider for DockerProvider {
                 }
             }
         };
+        // Close the whole attach connection (both halves): a half-open one
+        // keeps the engine from starting any other exec in this container.
         drop(stream);
+        drop(input);
         // From here on the call has ended or is killed below.
         cancel.armed = false;
         let timed_out = match outcome {

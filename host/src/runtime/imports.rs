@@ -110,7 +110,8 @@ impl InstanceState {
             max_host_calls,
             limiter,
             // No preopens, no env, no args, no network: std's needs only.
-            wasi: WasiCtx::builder().build(),
+            // Random bytes are allocated host-side, outside the pool: small.
+            wasi: WasiCtx::builder().max_random_size(64 * 1024).build(),
             table,
         }
     }

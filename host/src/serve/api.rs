@@ -583,39 +583,63 @@ async fn download_raw(
         drop(writer);
         r
     });
+    use futures_util::StreamExt;
     use tokio::io::AsyncReadExt;
+    type Verdict = Result<
+        Result<Result<crate::files::FileInfo, crate::files::FileError>, SandboxError>,
+        tokio::task::JoinError,
+    >;
     let mut first = vec![0u8; 64 * 1024];
-    let n = tokio::select! {
+    // The transfer's verdict, once known (a JoinHandle is awaited once).
+    let mut verdict: Option<Verdict> = None;
+    let mut n = tokio::select! {
         n = reader.read(&mut first) => n.unwrap_or(0),
-        done = &mut transfer => {
-            // Finished before a byte was read: an error, or a tiny file
-            // already in the pipe.
-            match done {
-                Ok(Ok(Ok(_))) => reader.read(&mut first).await.unwrap_or(0),
-                Ok(Ok(Err(e))) => return Err(file_status(e)),
-                Ok(Err(e)) => return Err(e.into()),
-                Err(e) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "other", e.to_string())),
+        done = &mut transfer => { verdict = Some(done); 0 }
+    };
+    if n == 0 {
+        // EOF, or the transfer ended before a byte was read: its verdict
+        // decides the status (a tiny file may still be in the pipe).
+        let done = match verdict.take() {
+            Some(done) => done,
+            None => (&mut transfer).await,
+        };
+        match &done {
+            Ok(Ok(Ok(_))) => n = reader.read(&mut first).await.unwrap_or(0),
+            Ok(Ok(Err(e))) => return Err(file_status(*e)),
+            Ok(Err(e)) => return Err(e.clone().into()),
+            Err(e) => {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "other",
+                    e.to_string(),
+                ))
             }
         }
-    };
-    if n == 0 && !transfer.is_finished() {
-        // EOF with the task still settling: wait for its verdict.
-    }
-    if n == 0 {
-        match (&mut transfer).await {
-            Ok(Ok(Ok(_))) | Err(_) => {}
-            Ok(Ok(Err(e))) => return Err(file_status(e)),
-            Ok(Err(e)) => return Err(e.into()),
-        }
+        verdict = Some(done);
     }
     first.truncate(n);
     let head =
         futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(first)) });
     let rest = tokio_util::io::ReaderStream::new(reader);
-    use futures_util::StreamExt;
+    // The pipe's end is not success: the transfer's verdict is. A failure
+    // midway (the file shrank, the engine failed) ends the body with an
+    // error, so the client sees a broken transfer, never a short file.
+    let tail = futures_util::stream::once(async move {
+        let done = match verdict {
+            Some(done) => done,
+            None => transfer.await,
+        };
+        match done {
+            Ok(Ok(Ok(_))) => None,
+            Ok(Ok(Err(e))) => Some(Err(std::io::Error::other(format!("transfer failed: {e}")))),
+            Ok(Err(e)) => Some(Err(std::io::Error::other(format!("transfer failed: {e}")))),
+            Err(e) => Some(Err(std::io::Error::other(format!("transfer failed: {e}")))),
+        }
+    })
+    .filter_map(|item| async move { item });
     Ok((
         [(header::CONTENT_TYPE, "application/octet-stream")],
-        Body::from_stream(head.chain(rest)),
+        Body::from_stream(head.chain(rest).chain(tail)),
     )
         .into_response())
 }
