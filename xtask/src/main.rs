@@ -1,4 +1,4 @@
-//! `cargo xtask test`: the README's test command. On a machine with only a
+//! `cargo test-all` (alias of `cargo xtask test`): the README's test command. On a machine with only a
 //! Rust toolchain and a Docker engine it prepares what the suites need and
 //! runs them all, stopping at the first failure:
 //!

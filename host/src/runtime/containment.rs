@@ -107,6 +107,23 @@ impl PolicyLimiter {
         }
     }
 
+    /// Refuses (and remembers why) a growth past the instance's own limit.
+    fn within(
+        &mut self,
+        desired: usize,
+        limit: usize,
+        what: &str,
+        unit: &str,
+    ) -> wasmtime::Result<()> {
+        if desired <= limit {
+            return Ok(());
+        }
+        let why =
+            format!("{what} to {desired} {unit} exceeds the instance limit of {limit} {unit}");
+        self.refused = Some(why.clone());
+        Err(wasmtime::Error::msg(why))
+    }
+
     fn grow(&mut self, extra: usize, what: &str) -> wasmtime::Result<bool> {
         if self.pool.try_charge(extra) {
             self.charged += extra;
@@ -135,14 +152,8 @@ impl ResourceLimiter for PolicyLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.limits.memory_bytes {
-            let why = format!(
-                "memory.grow to {desired} bytes exceeds the instance limit of {} bytes",
-                self.limits.memory_bytes
-            );
-            self.refused = Some(why.clone());
-            return Err(wasmtime::Error::msg(why));
-        }
+        let limit = self.limits.memory_bytes;
+        self.within(desired, limit, "memory.grow", "bytes")?;
         self.grow(desired.saturating_sub(current), "memory.grow")
     }
 
@@ -152,14 +163,8 @@ impl ResourceLimiter for PolicyLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.limits.table_elements {
-            let why = format!(
-                "table.grow to {desired} elements exceeds the instance limit of {}",
-                self.limits.table_elements
-            );
-            self.refused = Some(why.clone());
-            return Err(wasmtime::Error::msg(why));
-        }
+        let limit = self.limits.table_elements;
+        self.within(desired, limit, "table.grow", "elements")?;
         let extra = desired.saturating_sub(current) * TABLE_ELEMENT_BYTES;
         self.grow(extra, "table.grow")
     }
