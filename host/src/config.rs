@@ -54,7 +54,7 @@ pub const ENV_NOT_CONFIG: &[&str] = &[
     // `sandbox serve --token`.
     "SANDBOX_TOKEN",
     // Set inside containers for every exec (a host started from a sandbox).
-    crate::exec::EXEC_MARKER_VAR,
+    crate::dataplane::exec::EXEC_MARKER_VAR,
     // The Python client's tests: the binary to start.
     "SANDBOX_BIN",
     // The integration tests: the image to run.
@@ -332,12 +332,12 @@ impl Default for Config {
             policy_memory_total_bytes: 1024 * 1024 * 1024,
             max_creates_per_backend_per_minute: 10,
             destroy_grace_secs: 10.0,
-            max_file_bytes: crate::files::MAX_FILE_BYTES,
-            max_batch_bytes: crate::files::MAX_BATCH_BYTES,
+            max_file_bytes: crate::dataplane::files::MAX_FILE_BYTES,
+            max_batch_bytes: crate::dataplane::files::MAX_BATCH_BYTES,
             // Idle instances hold ~1 MiB of the host-wide pool each: this
             // many stay well inside the default 1 GiB.
             max_policy_instances: 512,
-            component_cache_dir: crate::runtime::cache::ComponentCache::default_dir(),
+            component_cache_dir: default_component_cache_dir(),
             policy_config: Default::default(),
             maintenance_interval_secs: 30.0,
             max_concurrent_lifecycle_ops: std::thread::available_parallelism()
@@ -834,7 +834,7 @@ impl Config {
             }
         }
         let fail = |key: &'static str, message: String| Err((key, message));
-        if let Err(e) = crate::naming::validate_namespace(&self.namespace) {
+        if let Err(e) = crate::engine::ownership::validate_namespace(&self.namespace) {
             return fail("namespace", e.to_string());
         }
         if self.image.trim().is_empty() {
@@ -975,6 +975,15 @@ fn check_network(network: &str) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// Where compiled components are kept by default:
+/// `$XDG_CACHE_HOME/sandbox/components`, else `~/.cache/sandbox/components`.
+fn default_component_cache_dir() -> Option<PathBuf> {
+    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(xdg).join("sandbox/components"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/sandbox/components"))
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! The host's typed errors, and their conversions at the WIT boundary.
 
-use crate::runtime::bindings::sandbox::policy::types::Error as WitError;
+use sandbox_contract::Error as ContractError;
 
 /// Everything a sandbox operation can fail with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -75,39 +75,29 @@ impl SandboxError {
     }
 }
 
-impl From<policy_core::Error> for SandboxError {
-    fn from(e: policy_core::Error) -> Self {
+/// A contract error. Its text may be a policy's, so it is bounded and
+/// escaped.
+impl From<ContractError> for SandboxError {
+    fn from(e: ContractError) -> Self {
         match e {
-            policy_core::Error::InvalidId(m) => SandboxError::InvalidId(m),
-            policy_core::Error::DockerUnavailable(m) => SandboxError::DockerUnavailable(m),
-            policy_core::Error::Refused(m) => SandboxError::Refused(m),
-            policy_core::Error::NotFound(m) => SandboxError::NotFound(m),
-            policy_core::Error::Other(m) => SandboxError::Other(m),
+            ContractError::InvalidId(m) => SandboxError::InvalidId(policy_text(&m)),
+            ContractError::DockerUnavailable(m) => SandboxError::DockerUnavailable(policy_text(&m)),
+            ContractError::Refused(m) => SandboxError::Refused(policy_text(&m)),
+            ContractError::NotFound(m) => SandboxError::NotFound(policy_text(&m)),
+            ContractError::Other(m) => SandboxError::Other(policy_text(&m)),
         }
     }
 }
 
-/// A policy's error: its text is the policy's, so it is bounded and escaped.
-impl From<WitError> for SandboxError {
-    fn from(e: WitError) -> Self {
-        match e {
-            WitError::InvalidId(m) => SandboxError::InvalidId(policy_text(&m)),
-            WitError::DockerUnavailable(m) => SandboxError::DockerUnavailable(policy_text(&m)),
-            WitError::Refused(m) => SandboxError::Refused(policy_text(&m)),
-            WitError::NotFound(m) => SandboxError::NotFound(policy_text(&m)),
-            WitError::Other(m) => SandboxError::Other(policy_text(&m)),
-        }
-    }
-}
-
-impl From<SandboxError> for WitError {
+/// What a policy is told when a host operation fails.
+impl From<SandboxError> for ContractError {
     fn from(e: SandboxError) -> Self {
         match e {
-            SandboxError::InvalidId(m) => WitError::InvalidId(m),
-            SandboxError::DockerUnavailable(m) => WitError::DockerUnavailable(m),
-            SandboxError::Refused(m) => WitError::Refused(m),
-            SandboxError::NotFound(m) => WitError::NotFound(m),
-            other => WitError::Other(other.to_string()),
+            SandboxError::InvalidId(m) => ContractError::InvalidId(m),
+            SandboxError::DockerUnavailable(m) => ContractError::DockerUnavailable(m),
+            SandboxError::Refused(m) => ContractError::Refused(m),
+            SandboxError::NotFound(m) => ContractError::NotFound(m),
+            other => ContractError::Other(other.to_string()),
         }
     }
 }
@@ -123,7 +113,7 @@ mod tests {
         // The bug: maintain's error was logged verbatim, 5 MB per tick, with a
         // newline and a forged INFO line and a screen-clearing escape.
         let hostile = format!("oops\n2026-01-01 INFO forged\x1b[2J{}", "x".repeat(5 << 20));
-        let shown = SandboxError::from(WitError::Other(hostile)).to_string();
+        let shown = SandboxError::from(ContractError::Other(hostile)).to_string();
         assert!(
             !shown.contains('\n') && !shown.contains('\x1b'),
             "{shown:.80}"

@@ -9,14 +9,17 @@
 //! names. The per-user policy is embedded; any component targeting the world
 //! can replace it without recompiling the host.
 //!
-//! Layout:
-//! - [`runtime`]: wasmtime engine, policy loading and self-check, per-key
-//!   lanes of policy instances, the world's imports;
-//! - [`capabilities`]: the host's rules over every container operation;
-//! - [`provider`]: container engines (Docker via bollard; in-memory);
-//! - [`plan`], [`naming`], [`workspace`]: what a container looks like, what
-//!   it is called, where its workspace lives;
-//! - [`sandbox`]: the library API; [`image`]: the local image recipe.
+//! Layout, one folder per layer, each handing typed values to the next:
+//! - `policy/`: the wasmtime runtime; calls the policy component and
+//!   verifies every answer before the host acts on it;
+//! - `engine/`: the host's own state and rules over its containers:
+//!   ownership labels, work in flight and last use (shared by every host
+//!   process), lifecycle slots, container plans, workspaces;
+//! - `dataplane/`: executes and file transfers inside a container;
+//! - `provider/`: container engines (Docker via bollard; in-memory);
+//! - [`Sandbox`] is the facade over the three, `lifecycle` holds gc and
+//!   maintenance, `serve` the HTTP API; the contract's vocabulary (ids,
+//!   status, errors) comes from the `sandbox-contract` crate.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -29,25 +32,26 @@
 //! # Ok(()) }
 //! ```
 
-pub mod agent;
-pub mod capabilities;
-pub mod config;
-pub mod error;
-pub mod exec;
-pub mod files;
-pub mod image;
-pub mod inflight;
-pub mod naming;
-pub mod plan;
-pub mod policies;
-pub mod provider;
-pub mod runtime;
-pub mod sandbox;
-pub mod serve;
-pub mod workspace;
+mod dataplane;
+mod engine;
+mod error;
+mod lifecycle;
+mod policy;
+mod sandbox;
 
-pub use capabilities::ManagedContainer;
+pub mod config;
+pub mod image;
+pub mod provider;
+pub mod serve;
+
 pub use config::Config;
-pub use error::SandboxError;
-pub use exec::ExecResponse;
-pub use sandbox::{Backend, PolicySource, Sandbox};
+pub use dataplane::{exec, files, transfer};
+pub use engine::{now_ms, ManagedContainer};
+pub use error::{policy_text, SandboxError};
+pub use exec::{ExecOptions, ExecResponse, StreamKind};
+pub use lifecycle::GcEntry;
+pub use policy::client::VerifiedContainer;
+pub use policy::embedded as policies;
+pub use policy::source::PolicySource;
+pub use sandbox::{Backend, Counters, Sandbox, ThreadInfo};
+pub use sandbox_contract::{Removal, Status};

@@ -1,134 +1,25 @@
-//! The library API, mirroring the seed's `DockerSandboxBackend` manager:
-//! `get_thread_backend`, `Backend::execute`, `destroy_user_backend`,
-//! `destroy_thread_backend`.
+//! The library's front door: [`Sandbox`] (threads, backends, destroys) and
+//! [`Backend`] (executes and files in one backend's container). It routes
+//! through the policy layer, which returns verified answers, and hands the
+//! work to the engine and the data plane; gc and maintenance are in
+//! [`crate::lifecycle`], file transfer in [`crate::dataplane::transfer`].
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use sandbox_contract::{BackendId, ThreadId, UserId};
+use tokio::io::AsyncRead;
 
-use crate::capabilities::{Capabilities, ManagedContainer};
 use crate::config::Config;
-use crate::error::policy_text;
+use crate::dataplane::exec::{ExecOptions, ExecRequest, ExecResponse, OutputSink, StreamKind};
+use crate::engine::usage::Work;
+use crate::engine::{Engine, ManagedContainer};
 use crate::error::{Result, SandboxError};
-use crate::exec::{ExecOptions, ExecRequest, ExecResponse, StreamKind};
-use crate::files::{
-    self, DownloadResult, DownloadSink, FileError, FileInfo, FileLimits, HostFile, Upload,
-    UploadResult,
-};
-use crate::inflight::Work;
-use crate::policies;
+use crate::policy::client::{PolicyClient, VerifiedContainer};
+use crate::policy::source::PolicySource;
+use crate::policy::PolicyEngine;
 use crate::provider::docker::DockerProvider;
-use crate::provider::{ContainerProvider, ExecIo};
-use crate::runtime::lanes::Lanes;
-use crate::runtime::{CompiledPolicy, PolicyEngine};
-
-/// The lane of `maintain`: not a valid id, so no backend can share it.
-const MAINTENANCE_KEY: &str = "#maintenance";
-
-/// Where a policy component comes from.
-#[derive(Debug, Clone)]
-pub enum PolicySource {
-    /// A component shipped in the binary: `per-user` or `per-thread`.
-    Builtin(String),
-    /// A `.wasm` component on disk.
-    File(std::path::PathBuf),
-    /// Component bytes, with a label for messages.
-    Bytes { label: String, bytes: Vec<u8> },
-}
-
-impl PolicySource {
-    /// The configured policy file, or the embedded per-user policy.
-    pub fn from_config(config: &Config) -> Self {
-        match &config.policy {
-            Some(path) => PolicySource::File(path.clone()),
-            None => PolicySource::Builtin("per-user".into()),
-        }
-    }
-
-    fn read(&self) -> Result<(String, Vec<u8>)> {
-        match self {
-            PolicySource::Builtin(name) => policies::builtin(name)
-                .map(|b| (format!("embedded {name}"), b.to_vec()))
-                .ok_or_else(|| {
-                    SandboxError::PolicyLoad(format!("no built-in policy named {name:?}"))
-                }),
-            PolicySource::File(path) => read_component(path)
-                .map(|b| (path.display().to_string(), b))
-                .map_err(|e| SandboxError::PolicyLoad(format!("{}: {e}", path.display()))),
-            PolicySource::Bytes { label, bytes } => {
-                check_component_size(bytes.len() as u64)
-                    .map_err(|e| SandboxError::PolicyLoad(format!("{label}: {e}")))?;
-                Ok((label.clone(), bytes.clone()))
-            }
-        }
-    }
-}
-
-/// The largest policy component loaded (a componentize-py policy is ~20 MB).
-pub const MAX_COMPONENT_BYTES: u64 = 64 * 1024 * 1024;
-
-fn check_component_size(len: u64) -> std::io::Result<()> {
-    if len > MAX_COMPONENT_BYTES {
-        return Err(std::io::Error::other(format!(
-            "{len} bytes is over the {MAX_COMPONENT_BYTES}-byte limit for policy components"
-        )));
-    }
-    Ok(())
-}
-
-/// Reads a component file: a regular file of bounded size only. A device
-/// (`/dev/zero`) or a FIFO would otherwise be read without end, or block.
-fn read_component(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    // Non-blocking open: opening a FIFO must not wait for a writer.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
-        .open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() {
-        return Err(std::io::Error::other(
-            "not a regular file (a device, FIFO or directory cannot be a policy component)",
-        ));
-    }
-    check_component_size(meta.len())?;
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    // Bounded even if the file grows while it is read.
-    file.take(MAX_COMPONENT_BYTES + 1).read_to_end(&mut bytes)?;
-    check_component_size(bytes.len() as u64)?;
-    Ok(bytes)
-}
-
-#[cfg(test)]
-mod component_file_tests {
-    use super::*;
-
-    #[test]
-    fn devices_and_fifos_are_refused_without_reading_or_blocking() {
-        // The bug: `policy check /dev/zero` read 4.6 GB in 5 s.
-        let err = read_component(std::path::Path::new("/dev/zero")).unwrap_err();
-        assert!(err.to_string().contains("not a regular file"), "{err}");
-        let dir = tempfile::tempdir().unwrap();
-        let fifo = dir.path().join("fifo");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
-        let err = read_component(&fifo).unwrap_err();
-        assert!(err.to_string().contains("not a regular file"), "{err}");
-    }
-
-    #[test]
-    fn an_oversized_component_is_refused_by_its_size() {
-        let dir = tempfile::tempdir().unwrap();
-        let big = dir.path().join("big.wasm");
-        let f = std::fs::File::create(&big).unwrap();
-        f.set_len(MAX_COMPONENT_BYTES + 1).unwrap(); // sparse: costs nothing
-        let err = read_component(&big).unwrap_err();
-        assert!(
-            err.to_string().contains("limit for policy components"),
-            "{err}"
-        );
-    }
-}
+use crate::provider::{ContainerProvider, ContainerStats, ExecIo};
 
 /// A per-conversation sandbox manager: cheap to clone, safe to share.
 ///
@@ -145,13 +36,12 @@ mod component_file_tests {
 /// ```
 #[derive(Clone)]
 pub struct Sandbox {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    caps: Arc<Capabilities>,
-    lanes: Lanes,
-    engine: PolicyEngine,
+pub(crate) struct Inner {
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) policy: PolicyClient,
 }
 
 impl Sandbox {
@@ -175,362 +65,157 @@ impl Sandbox {
         let cache = config
             .component_cache_dir
             .clone()
-            .map(crate::runtime::cache::ComponentCache::new);
-        let engine = PolicyEngine::with_cache(cache)
+            .map(crate::policy::cache::ComponentCache::new);
+        let wasm = PolicyEngine::with_cache(cache)
             .map_err(|e| SandboxError::Other(format!("wasmtime: {e:#}")))?;
-        let caps = Arc::new(Capabilities::new(config, provider));
+        let engine = Arc::new(Engine::new(config, provider));
         let (label, bytes) = policy.read()?;
-        let compiled = CompiledPolicy::load(&engine, &bytes, &label, &caps).await?;
-        tracing::debug!(
-            policy = compiled.name(),
-            source = compiled.source(),
-            "policy loaded"
-        );
-        let lanes = Lanes::new(caps.clone(), Arc::new(compiled));
+        let policy = PolicyClient::load(wasm, engine.clone(), &bytes, &label).await?;
         let sandbox = Sandbox {
-            inner: Arc::new(Inner {
-                caps,
-                lanes,
-                engine,
-            }),
+            inner: Arc::new(Inner { engine, policy }),
         };
-        sandbox.start_maintenance();
+        crate::lifecycle::start_maintenance(&sandbox);
         Ok(sandbox)
     }
 
     /// The configuration this sandbox runs with.
     pub fn config(&self) -> &Config {
-        self.inner.caps.config()
+        self.inner.engine.config()
     }
 
     /// The running policy's name (`per-user`, `per-thread`, ...).
     pub fn policy_name(&self) -> String {
-        self.inner.lanes.policy().name().to_owned()
+        self.inner.policy.name()
     }
 
     /// Loads, self-checks and switches to another policy. On any error the
     /// running policy stays.
     pub async fn swap_policy(&self, policy: PolicySource) -> Result<()> {
         let (label, bytes) = policy.read()?;
-        let compiled =
-            CompiledPolicy::load(&self.inner.engine, &bytes, &label, &self.inner.caps).await?;
-        self.inner.lanes.swap_policy(Arc::new(compiled));
-        Ok(())
+        self.inner.policy.swap(&bytes, &label).await
     }
 
     /// The backend id the policy maps a thread to (no Docker call).
     pub async fn backend_id(&self, thread_id: &str) -> Result<String> {
-        let user = policy_core::ids::parse_thread(thread_id)?.user;
-        let id = self
-            .inner
-            .lanes
-            .route(thread_id, async |p| p.backend_id(thread_id).await)
-            .await?;
-        policy_core::ids::validate_backend(&id).map_err(|e| {
-            SandboxError::Refused(format!(
-                "the policy mapped a thread to an invalid backend id: {e}"
-            ))
-        })?;
-        // Never one user's commands in another user's sandbox.
-        if policy_core::ids::user_of_backend(&id) != user {
-            return Err(SandboxError::Refused(format!(
-                "the policy mapped a thread of user {user} to backend {id}, which belongs to another user"
-            )));
-        }
-        Ok(id)
+        let thread = ThreadId::parse(thread_id)?;
+        Ok(self.inner.policy.backend_of(&thread).await?.as_str().to_owned())
     }
 
     /// What serves a thread, without side effects: its backend id, user and
     /// workspace by the policy's pure mapping, and the backend's container
     /// if one exists. Creates no workspace and no container (for HTTP GET).
     pub async fn describe_thread(&self, thread_id: &str) -> Result<ThreadInfo> {
-        let backend_id = self.backend_id(thread_id).await?;
-        let user_id = policy_core::ids::user_of_backend(&backend_id).to_owned();
-        let container = self.inner.caps.find(&backend_id).await?;
+        let thread = ThreadId::parse(thread_id)?;
+        let backend = self.inner.policy.backend_of(&thread).await?;
+        let container = self.inner.engine.find(&backend).await?;
+        let user = thread.user();
         Ok(ThreadInfo {
-            workspace: user_id.clone(),
-            user_id,
-            backend_id,
+            workspace: user.workspace().as_str().to_owned(),
+            user_id: user.as_str().to_owned(),
+            backend_id: backend.as_str().to_owned(),
             container,
         })
     }
 
-    /// The seed's `get_thread_backend`: the (lazily created) backend of a
-    /// thread. Prepares the workspace; creates no container.
+    /// The backend of a thread: its container is created on first use.
+    /// Prepares the user's workspace; creates no container.
     pub async fn get_thread_backend(&self, thread_id: &str) -> Result<Backend> {
-        let key = self.backend_id(thread_id).await?;
-        let backend = self
-            .inner
-            .lanes
-            .call(&key, async |p| p.get_thread_backend(&key, thread_id).await)
-            .await?;
-        if backend.id != key {
-            return Err(SandboxError::Refused(format!(
-                "the policy's get-thread-backend answered backend {:?} but backend-id said {key:?}",
-                backend.id
-            )));
-        }
-        let user = policy_core::ids::user_of_backend(&key);
-        if backend.user_id != user || backend.workspace != user {
-            return Err(SandboxError::Refused(format!(
-                "the policy's backend for a thread of user {user} names user {:?} and workspace {:?}",
-                backend.user_id, backend.workspace
-            )));
-        }
+        let thread = ThreadId::parse(thread_id)?;
+        let id = self.inner.policy.backend_of(&thread).await?;
+        let user = thread.user();
+        self.inner.engine.workspaces().prepare(&user.workspace())?;
         Ok(Backend {
-            id: backend.id,
-            user_id: backend.user_id,
-            workspace: backend.workspace,
-            thread_id: thread_id.to_owned(),
+            id,
+            user,
+            thread,
             sandbox: self.clone(),
         })
     }
 
-    /// The seed's `destroy_user_backend`: removes the user's container(s).
-    /// False when the user had none. Commands in flight on them (from any
-    /// host process) get `destroy_grace_secs` to finish first.
+    /// Removes the user's container(s). False when the user had none.
+    /// Commands in flight on them (from any host process) get
+    /// `destroy_grace_secs` to finish, then are killed.
     pub async fn destroy_user_backend(&self, user_id: &str) -> Result<bool> {
-        let grace = self.destroy_grace();
-        self.destroy_user_backend_within(user_id, grace).await
+        self.destroy_user_backend_within(user_id, self.destroy_grace())
+            .await
     }
 
     /// [`Sandbox::destroy_user_backend`] with its own grace period (zero:
     /// kill what runs now, as `--force`).
-    pub async fn destroy_user_backend_within(
-        &self,
-        user_id: &str,
-        grace: std::time::Duration,
-    ) -> Result<bool> {
-        policy_core::ids::validate_user(user_id)?;
-        self.drain(grace, |backend| {
-            policy_core::ids::user_of_backend(backend) == user_id
-        })
-        .await?;
-        self.inner
-            .lanes
-            .call(user_id, async |p| p.destroy_user_backend(user_id).await)
-            .await
+    pub async fn destroy_user_backend_within(&self, user_id: &str, grace: Duration) -> Result<bool> {
+        let user = UserId::parse(user_id)?;
+        let deadline = tokio::time::Instant::now() + grace;
+        self.inner.policy.destroy_user(&user, deadline).await
     }
 
-    /// The seed's `destroy_thread_backend`: destroys the backend serving the
-    /// thread (the whole user's under the per-user policy), after the grace
-    /// period for commands in flight.
+    /// Destroys a thread: it no longer holds its backend, and the policy
+    /// decides whether the backend's container goes (by default it does:
+    /// under the per-user policy, the whole user's container), with the
+    /// grace period for commands in flight.
     pub async fn destroy_thread_backend(&self, thread_id: &str) -> Result<bool> {
-        let grace = self.destroy_grace();
-        self.destroy_thread_backend_within(thread_id, grace).await
+        self.destroy_thread_backend_within(thread_id, self.destroy_grace())
+            .await
     }
 
     /// [`Sandbox::destroy_thread_backend`] with its own grace period.
     pub async fn destroy_thread_backend_within(
         &self,
         thread_id: &str,
-        grace: std::time::Duration,
+        grace: Duration,
     ) -> Result<bool> {
-        let key = self.backend_id(thread_id).await?;
-        self.drain(grace, |backend| backend == key).await?;
+        let thread = ThreadId::parse(thread_id)?;
+        let backend = self.inner.policy.backend_of(&thread).await?;
+        let name = self.inner.engine.container_name(&backend);
+        self.inner.engine.usage().release_thread(&name, thread.as_str());
+        let deadline = tokio::time::Instant::now() + grace;
         self.inner
-            .lanes
-            .call(&key, async |p| {
-                p.destroy_thread_backend(&key, thread_id).await
-            })
+            .policy
+            .release_thread(&thread, &backend, deadline)
             .await
     }
 
-    fn destroy_grace(&self) -> std::time::Duration {
-        std::time::Duration::from_secs_f64(self.config().destroy_grace_secs)
-    }
-
-    /// Waits up to `grace` for the work in flight on the containers of the
-    /// backends `which` selects to end.
-    async fn drain(&self, grace: std::time::Duration, which: impl Fn(&str) -> bool) -> Result<()> {
-        let busy: Vec<ManagedContainer> = self
-            .list()
-            .await?
-            .into_iter()
-            .filter(|c| which(&c.backend_id) && c.in_flight > 0)
-            .collect();
-        for c in busy {
-            let left = self.inner.caps.in_flight().drain(&c.name, grace).await;
-            if left > 0 {
-                tracing::warn!(
-                    container = c.name,
-                    left,
-                    "destroy: grace period over, killing work in flight"
-                );
-            }
-        }
-        Ok(())
+    fn destroy_grace(&self) -> Duration {
+        Duration::from_secs_f64(self.config().destroy_grace_secs)
     }
 
     /// Every container this host's namespace manages.
     pub async fn list(&self) -> Result<Vec<ManagedContainer>> {
-        self.inner.caps.list_managed().await
-    }
-
-    /// Finds (and unless `dry_run`, removes) managed containers that no
-    /// backend owns any more: stopped or dead ones, ones labelled by another
-    /// policy than the running one (left by a swap), and,
-    /// with `max_age`, ones created longer ago. Only containers labelled for
-    /// this namespace are ever considered.
-    pub async fn gc(
-        &self,
-        max_age: Option<std::time::Duration>,
-        dry_run: bool,
-    ) -> Result<Vec<GcEntry>> {
-        let now = (crate::capabilities::now_ms() / 1000) as i64;
-        // First the policy's own housekeeping (idle TTL, capacity).
-        if !dry_run {
-            let removed = self.maintain().await?;
-            tracing::info!(removed, "policy maintenance");
-        }
-        let mut entries = Vec::new();
-        let policy = self.policy_name();
-        for container in self.list().await? {
-            // Ownership comes from the host's own labels, never from asking
-            // the policy again: a policy whose backend ids do not map to
-            // themselves must not get live containers collected.
-            let reason = if container.policy != policy {
-                Some(format!(
-                    "created by policy {:?}, not the running policy {policy}",
-                    container.policy
-                ))
-            } else if policy_core::ids::validate_backend(&container.backend_id).is_err() {
-                Some("its backend label is not a valid backend id".to_owned())
-            } else if matches!(
-                container.status,
-                crate::provider::Status::Exited | crate::provider::Status::Dead
-            ) {
-                Some(format!("{:?}", container.status).to_lowercase())
-            } else {
-                match (max_age, container.created) {
-                    (Some(max), Some(created)) if now - created >= max.as_secs() as i64 => {
-                        Some(format!("older than {}s", max.as_secs()))
-                    }
-                    _ => None,
-                }
-            };
-            let Some(mut reason) = reason else { continue };
-            if container.in_flight > 0 {
-                reason = format!(
-                    "{reason}; deferred while {} command(s) run on it",
-                    container.in_flight
-                );
-            }
-            let removed = if dry_run {
-                false
-            } else {
-                // Through the backend's lane: never under a running ensure.
-                let caps = self.inner.caps.clone();
-                let id = container.id.clone();
-                self.inner
-                    .lanes
-                    .call(&container.backend_id, async move |_| {
-                        caps.remove_unless_busy(&id, true).await
-                    })
-                    .await?
-            };
-            tracing::info!(container = container.name, reason, removed, "gc");
-            entries.push(GcEntry {
-                container,
-                reason,
-                removed,
-            });
-        }
-        Ok(entries)
-    }
-
-    /// Runs the policy's `maintain` (idle TTL, capacity) now, on an
-    /// instance of its own. Returns how many containers it removed.
-    pub async fn maintain(&self) -> Result<u32> {
-        self.inner
-            .lanes
-            .call(MAINTENANCE_KEY, async |p| p.maintain().await)
-            .await
-    }
-
-    /// Calls `maintain` every `maintenance_interval_secs` while this sandbox
-    /// (any clone) is alive, when running inside a tokio runtime.
-    fn start_maintenance(&self) {
-        let interval = self.config().maintenance_interval_secs;
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        if !(interval > 0.0 && interval.is_finite()) {
-            return;
-        }
-        let weak = Arc::downgrade(&self.inner);
-        runtime.spawn(async move {
-            let period = std::time::Duration::from_secs_f64(interval);
-            loop {
-                tokio::time::sleep(period).await;
-                let Some(inner) = weak.upgrade() else { break };
-                let sandbox = Sandbox { inner };
-                match sandbox.maintain().await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(removed = n, "maintenance removed containers"),
-                    Err(e) => tracing::warn!(error = %e, "maintenance failed"),
-                }
-            }
-        });
+        self.inner.engine.list().await
     }
 
     /// Resource usage of a managed container.
-    pub async fn stats(&self, container_id: &str) -> Result<crate::provider::ContainerStats> {
+    pub async fn stats(&self, container_id: &str) -> Result<ContainerStats> {
         let owned = self
             .inner
-            .caps
+            .engine
             .inspect(container_id)
             .await?
             .ok_or_else(|| SandboxError::NotFound(format!("container {container_id}")))?;
-        Ok(self.inner.caps.provider().stats(&owned.id).await?)
+        Ok(self.inner.engine.provider().stats(&owned.id).await?)
     }
 
     /// Waits (at most ~10 s) until calls abandoned mid-way (dropped
     /// futures) have had their processes killed. Call it before exiting.
     pub async fn settle(&self) {
-        self.inner.caps.provider().settle().await;
+        self.inner.engine.provider().settle().await;
     }
 
     /// Whether the engine answers.
     pub async fn ping(&self) -> Result<()> {
-        Ok(self.inner.caps.provider().ping().await?)
+        Ok(self.inner.engine.provider().ping().await?)
     }
 
     /// Counters for monitoring.
     pub fn counters(&self) -> Counters {
-        use std::sync::atomic::Ordering::Relaxed;
         Counters {
-            containers_created: self.inner.caps.created.load(Relaxed),
-            policy_traps: self.inner.lanes.traps.load(Relaxed),
+            containers_created: self.inner.engine.created(),
+            policy_traps: self.inner.policy.traps(),
         }
     }
 
     /// Policy instances currently kept (one per recently used key).
     pub fn policy_instances(&self) -> usize {
-        self.inner.lanes.lane_count()
-    }
-
-    async fn ensure_container(&self, backend_id: &str) -> Result<ManagedContainer> {
-        let c = self
-            .inner
-            .lanes
-            .call(backend_id, async |p| p.ensure_container(backend_id).await)
-            .await?;
-        // The policy may only hand back the container the host gave it for
-        // this backend: never a forged id or another backend's container.
-        self.inner.caps.check_serves(&c.id, backend_id)?;
-        self.inner.caps.touch(&c.id);
-        Ok(ManagedContainer {
-            id: c.id,
-            name: c.name,
-            backend_id: c.backend_id,
-            workspace: c.workspace,
-            policy: self.policy_name(),
-            status: crate::provider::Status::Running,
-            created: None,
-            last_used_ms: crate::capabilities::now_ms(),
-            in_flight: 0,
-        })
+        self.inner.policy.instances()
     }
 }
 
@@ -552,32 +237,21 @@ pub struct Counters {
     pub policy_traps: u64,
 }
 
-/// One container `gc` found.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct GcEntry {
-    pub container: ManagedContainer,
-    pub reason: String,
-    /// False on a dry run.
-    pub removed: bool,
-}
-
 /// The backend of a thread: a lazily created container and a workspace.
 #[derive(Clone)]
 pub struct Backend {
-    id: String,
-    user_id: String,
-    workspace: String,
-    thread_id: String,
-    sandbox: Sandbox,
+    id: BackendId,
+    user: UserId,
+    thread: ThreadId,
+    pub(crate) sandbox: Sandbox,
 }
 
 impl std::fmt::Debug for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Backend")
-            .field("id", &self.id)
-            .field("user_id", &self.user_id)
-            .field("workspace", &self.workspace)
-            .field("thread_id", &self.thread_id)
+            .field("id", &self.id.as_str())
+            .field("user_id", &self.user.as_str())
+            .field("thread_id", &self.thread.as_str())
             .finish()
     }
 }
@@ -585,35 +259,46 @@ impl std::fmt::Debug for Backend {
 impl Backend {
     /// The backend id: the user id under the per-user policy.
     pub fn id(&self) -> &str {
-        &self.id
+        self.id.as_str()
     }
 
+    /// The user owning the thread (and the backend).
     pub fn user_id(&self) -> &str {
-        &self.user_id
+        self.user.as_str()
     }
 
     /// The workspace name; the host directory is `{root}/{workspace}`.
     pub fn workspace(&self) -> &str {
-        &self.workspace
+        self.user.as_str()
     }
 
+    /// The thread this backend was got for.
     pub fn thread_id(&self) -> &str {
-        &self.thread_id
+        self.thread.as_str()
     }
 
-    /// The seed's `_ensure_container`: a running container for this backend.
-    pub async fn ensure_container(&self) -> Result<ManagedContainer> {
-        self.sandbox.ensure_container(&self.id).await
+    /// A running container for this backend: created and started on first
+    /// use, re-created when it stopped or vanished.
+    pub async fn ensure_container(&self) -> Result<VerifiedContainer> {
+        let inner = &self.sandbox.inner;
+        let container = inner.policy.ensure(&self.id).await?;
+        let usage = inner.engine.usage();
+        usage.add_thread(&container.name, self.thread.as_str());
+        usage.touch(&container.name);
+        Ok(container)
     }
 
     /// The container, with work marked in flight on it (from before it is
     /// ensured, so maintenance never removes it between the two) until the
     /// guard drops.
-    async fn ensure_for_work(&self) -> Result<(ManagedContainer, Option<Work>)> {
-        let name = crate::naming::container_name(&self.sandbox.config().namespace, &self.id);
-        let work = self.sandbox.inner.caps.begin_work(&name);
+    pub(crate) async fn ensure_for_work(&self) -> Result<(VerifiedContainer, Option<Work>)> {
+        let work = self.sandbox.inner.engine.begin_work(&self.id)?;
         let container = self.ensure_container().await?;
         Ok((container, work))
+    }
+
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.sandbox.inner.engine
     }
 
     /// Runs `sh -c command` in the backend's container (created or
@@ -647,7 +332,7 @@ impl Backend {
         &self,
         command: &str,
         options: ExecOptions,
-        sink: Option<crate::exec::OutputSink<'_>>,
+        sink: Option<OutputSink<'_>>,
     ) -> Result<ExecResponse> {
         let config = self.sandbox.config();
         let mut request = ExecRequest::new(
@@ -657,11 +342,9 @@ impl Backend {
             config.exec_timeout(),
         )?;
         let (container, _work) = self.ensure_for_work().await?;
-        request.agent = self.sandbox.inner.caps.has_agent(&container.id);
-        let provider = self.sandbox.inner.caps.provider();
+        request.agent = self.engine().handouts().has_agent(&container.id);
+        let provider = self.engine().provider();
         let response = provider.exec(&container.id, &request, sink).await;
-        // A long command is a use until it ends, not only when it starts.
-        self.sandbox.inner.caps.touch(&container.id);
         Ok(response?)
     }
 
@@ -688,270 +371,15 @@ impl Backend {
             config.exec_timeout(),
         )?;
         let (container, _work) = self.ensure_for_work().await?;
-        request.agent = self.sandbox.inner.caps.has_agent(&container.id);
-        let provider = self.sandbox.inner.caps.provider();
+        request.agent = self.engine().handouts().has_agent(&container.id);
+        let provider = self.engine().provider();
         let io = ExecIo {
             stdin: Some(stdin),
             stdout: None,
             sink: Some(&mut on_output),
         };
         let response = provider.exec_io(&container.id, &request, io).await;
-        self.sandbox.inner.caps.touch(&container.id);
         Ok(response?)
     }
 
-    /// The size caps of this backend's file transfers (`max_file_bytes`,
-    /// `max_batch_bytes`).
-    pub fn file_limits(&self) -> FileLimits {
-        FileLimits::from_config(self.sandbox.config())
-    }
-
-    /// deepagents' `upload_files`: writes each file (parents created) as the
-    /// sandbox user and answers one result per file, in order. Binary-safe;
-    /// modes kept but for setuid, setgid and sticky bits. A file over
-    /// [`FileLimits::max_file_bytes`] fails with `file_too_large`.
-    pub async fn upload_files(&self, uploads: Vec<Upload>) -> Result<Vec<UploadResult>> {
-        self.upload_files_with(uploads, &self.file_limits()).await
-    }
-
-    /// [`Backend::upload_files`] with explicit caps.
-    pub async fn upload_files_with(
-        &self,
-        uploads: Vec<Upload>,
-        limits: &FileLimits,
-    ) -> Result<Vec<UploadResult>> {
-        // One ensure for the whole batch.
-        let (container, _work) = self.ensure_for_work().await?;
-        let mut results = Vec::with_capacity(uploads.len());
-        for upload in uploads {
-            let len = upload.content.len() as u64;
-            let mut content = &upload.content[..];
-            let error = self
-                .upload_one(
-                    &container.id,
-                    &upload.path,
-                    &mut content,
-                    len,
-                    upload.mode,
-                    limits,
-                )
-                .await?;
-            results.push(UploadResult {
-                path: upload.path,
-                error,
-            });
-        }
-        Ok(results)
-    }
-
-    /// Uploads one file of `len` bytes streamed from `reader` (which must
-    /// yield at least that many): memory stays bounded whatever its size.
-    pub async fn upload_from(
-        &self,
-        path: &str,
-        reader: &mut (dyn AsyncRead + Send + Unpin),
-        len: u64,
-        mode: Option<u32>,
-        limits: &FileLimits,
-    ) -> Result<UploadResult> {
-        let (container, _work) = self.ensure_for_work().await?;
-        let error = self
-            .upload_one(&container.id, path, reader, len, mode, limits)
-            .await?;
-        Ok(UploadResult {
-            path: path.to_owned(),
-            error,
-        })
-    }
-
-    /// deepagents' `download_files`: one result per path, in order, with
-    /// the content or a typed error. The batch holds at most
-    /// [`FileLimits::max_batch_bytes`] of content (and each file at most
-    /// [`FileLimits::max_file_bytes`]); a file past either fails with
-    /// `file_too_large` before its content is read. Use
-    /// [`Backend::download_to`] for large files.
-    pub async fn download_files(&self, paths: &[String]) -> Result<Vec<DownloadResult>> {
-        self.download_files_with(paths, &self.file_limits()).await
-    }
-
-    /// [`Backend::download_files`] with explicit caps.
-    pub async fn download_files_with(
-        &self,
-        paths: &[String],
-        limits: &FileLimits,
-    ) -> Result<Vec<DownloadResult>> {
-        let (container, _work) = self.ensure_for_work().await?;
-        let mut budget = limits.max_batch_bytes;
-        let mut results = Vec::with_capacity(paths.len());
-        for path in paths {
-            let mut content = Vec::new();
-            let cap = limits.max_file_bytes.min(budget);
-            let sink = DownloadSink::in_memory(&mut content, cap);
-            let got = self.download_one(&container.id, path, sink, cap).await?;
-            results.push(match got {
-                Ok(info) => {
-                    budget -= info.size.min(budget);
-                    DownloadResult {
-                        path: path.clone(),
-                        content: Some(content),
-                        mode: Some(info.mode),
-                        error: None,
-                    }
-                }
-                Err(error) => DownloadResult {
-                    path: path.clone(),
-                    content: None,
-                    mode: None,
-                    error: Some(error),
-                },
-            });
-        }
-        Ok(results)
-    }
-
-    /// Streams one file into `writer` (flushed at the end): the per-file
-    /// outcome, or `Err` when the transfer broke. Memory stays bounded
-    /// whatever its size; a file over [`FileLimits::max_file_bytes`] fails
-    /// with `file_too_large` before any byte is written.
-    pub async fn download_to(
-        &self,
-        path: &str,
-        writer: &mut (dyn AsyncWrite + Send + Unpin),
-        limits: &FileLimits,
-    ) -> Result<std::result::Result<FileInfo, FileError>> {
-        let (container, _work) = self.ensure_for_work().await?;
-        let cap = limits.max_file_bytes;
-        let sink = DownloadSink::new(writer, cap);
-        self.download_one(&container.id, path, sink, cap).await
-    }
-
-    /// Downloads one file to `local` on the host (a file, or an existing
-    /// directory to create the file in), through a [`HostFile`]: written
-    /// under a temporary name, never through a symlink, mode masked with
-    /// [`files::HOST_MODE_MASK`], renamed into place only when complete.
-    /// Returns where it landed.
-    pub async fn download_to_file(
-        &self,
-        path: &str,
-        local: &std::path::Path,
-        limits: &FileLimits,
-    ) -> Result<std::result::Result<(std::path::PathBuf, FileInfo), FileError>> {
-        let resolved = match files::resolve_file_path(path) {
-            Ok(r) => r,
-            Err(e) => return Ok(Err(e)),
-        };
-        let mut target = HostFile::create(local, files::file_name(&resolved))
-            .map_err(|e| SandboxError::Other(format!("{}: {e}", local.display())))?;
-        match self.download_to(path, target.file(), limits).await? {
-            Ok(info) => {
-                let landed = target
-                    .commit(info.mode)
-                    .await
-                    .map_err(|e| SandboxError::Other(format!("{}: {e}", local.display())))?;
-                Ok(Ok((landed, info)))
-            }
-            Err(e) => Ok(Err(e)),
-        }
-    }
-
-    /// One upload: lexical check, size cap, then the upload script as the
-    /// sandbox user with the content on its stdin.
-    async fn upload_one(
-        &self,
-        container_id: &str,
-        path: &str,
-        reader: &mut (dyn AsyncRead + Send + Unpin),
-        len: u64,
-        mode: Option<u32>,
-        limits: &FileLimits,
-    ) -> Result<Option<FileError>> {
-        let resolved = match files::resolve_file_path(path) {
-            Ok(r) => r,
-            Err(e) => return Ok(Some(e)),
-        };
-        if len > limits.max_file_bytes {
-            return Ok(Some(FileError::FileTooLarge));
-        }
-        let mode = mode.unwrap_or(0o644);
-        let request = self.transfer_request(&files::upload_command(&resolved, mode, len))?;
-        let mut content = reader.take(len);
-        let io = ExecIo {
-            stdin: Some(&mut content),
-            ..ExecIo::default()
-        };
-        let provider = self.sandbox.inner.caps.provider();
-        let response = provider.exec_io(container_id, &request, io).await?;
-        self.sandbox.inner.caps.touch(container_id);
-        if response.timed_out {
-            return Err(stalled(path, &request));
-        }
-        files::parse_upload_answer(&response.output)
-            .map_err(|m| SandboxError::Other(format!("uploading {}: {m}", policy_text(path))))
-    }
-
-    /// One download into `sink`: lexical check, then the download script
-    /// as the sandbox user, its stdout checked by the sink.
-    async fn download_one(
-        &self,
-        container_id: &str,
-        path: &str,
-        mut sink: DownloadSink<'_>,
-        cap: u64,
-    ) -> Result<std::result::Result<FileInfo, FileError>> {
-        let resolved = match files::resolve_file_path(path) {
-            Ok(r) => r,
-            Err(e) => return Ok(Err(e)),
-        };
-        let request = self.transfer_request(&files::download_command(&resolved, cap))?;
-        let io = ExecIo {
-            stdout: Some(&mut sink),
-            ..ExecIo::default()
-        };
-        let provider = self.sandbox.inner.caps.provider();
-        let response = provider.exec_io(container_id, &request, io).await;
-        self.sandbox.inner.caps.touch(container_id);
-        let shown = policy_text(path);
-        match response {
-            // The sink refused (over the cap): the transfer was aborted.
-            Err(e) => match sink.refusal() {
-                Some(refused) => Ok(Err(refused)),
-                None => Err(e.into()),
-            },
-            Ok(r) if r.timed_out => Err(stalled(path, &request)),
-            Ok(_) => {
-                sink.flush()
-                    .await
-                    .map_err(|e| SandboxError::Other(format!("writing {shown}: {e}")))?;
-                sink.finish()
-                    .map_err(|m| SandboxError::Other(format!("downloading {shown}: {m}")))
-            }
-        }
-    }
-
-    /// A transfer exec: as the sandbox user, stalled after the exec timeout
-    /// without progress, stderr dropped.
-    fn transfer_request(&self, command: &str) -> Result<ExecRequest> {
-        let config = self.sandbox.config();
-        let mut request = ExecRequest::new(
-            command,
-            ExecOptions::default(),
-            TRANSFER_ANSWER_BYTES,
-            config.exec_timeout(),
-        )?;
-        let user = config.sandbox_user();
-        request.user = Some(format!("{}:{}", user.uid, user.gid));
-        request.idle_timeout = true;
-        Ok(request)
-    }
-}
-
-/// Output kept from a transfer exec (its answer line).
-const TRANSFER_ANSWER_BYTES: usize = 4096;
-
-fn stalled(path: &str, request: &ExecRequest) -> SandboxError {
-    SandboxError::Other(format!(
-        "the transfer of {} made no progress for {:.0}s and was stopped",
-        policy_text(path),
-        request.timeout.as_secs_f64()
-    ))
 }

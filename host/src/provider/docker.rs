@@ -15,7 +15,7 @@ use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
 use bollard::exec::{StartExecOptions, StartExecResults};
 use bollard::models::{
-    ContainerCreateBody, ContainerStateStatusEnum, ContainerSummaryStateEnum, ExecConfig,
+    ContainerCreateBody, ExecConfig,
     HostConfig,
 };
 use bollard::query_parameters::{
@@ -27,10 +27,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
 use super::{ContainerProvider, ContainerRecord, ExecIo, ProviderError, ProviderResult, Status};
-use crate::exec::{
+use crate::dataplane::exec::{
     CappedOutput, ExecRequest, ExecResponse, StreamKind, KILL_SCRIPT, TIMEOUT_EXIT_CODE,
 };
-use crate::plan::{ContainerPlan, WORKSPACE_MOUNT};
+use crate::engine::plan::{ContainerPlan, WORKSPACE_MOUNT};
 
 /// Docker through bollard, honouring `DOCKER_HOST` like the docker CLI.
 pub struct DockerProvider {
@@ -294,7 +294,7 @@ pub fn create_body(plan: &ContainerPlan) -> ContainerCreateBody {
                 ))
                 .chain(
                     plan.agent.as_ref().map(|agent| {
-                        format!("{}:{}:ro", agent.display(), crate::agent::AGENT_MOUNT)
+                        format!("{}:{}:ro", agent.display(), crate::dataplane::agent::AGENT_MOUNT)
                     }),
                 )
                 .collect(),
@@ -321,35 +321,13 @@ pub fn create_body(plan: &ContainerPlan) -> ContainerCreateBody {
     }
 }
 
-fn status_of_summary(s: Option<ContainerSummaryStateEnum>) -> Status {
-    match s {
-        Some(ContainerSummaryStateEnum::RUNNING) => Status::Running,
-        Some(ContainerSummaryStateEnum::PAUSED) => Status::Paused,
-        Some(ContainerSummaryStateEnum::RESTARTING) => Status::Restarting,
-        Some(ContainerSummaryStateEnum::REMOVING) => Status::Removing,
-        Some(ContainerSummaryStateEnum::EXITED | ContainerSummaryStateEnum::STOPPING) => {
-            Status::Exited
-        }
-        Some(ContainerSummaryStateEnum::DEAD) => Status::Dead,
-        Some(ContainerSummaryStateEnum::CREATED | ContainerSummaryStateEnum::EMPTY) | None => {
-            Status::Created
-        }
-    }
-}
-
-fn status_of_state(s: Option<ContainerStateStatusEnum>) -> Status {
-    match s {
-        Some(ContainerStateStatusEnum::RUNNING) => Status::Running,
-        Some(ContainerStateStatusEnum::PAUSED) => Status::Paused,
-        Some(ContainerStateStatusEnum::RESTARTING) => Status::Restarting,
-        Some(ContainerStateStatusEnum::REMOVING) => Status::Removing,
-        Some(ContainerStateStatusEnum::EXITED | ContainerStateStatusEnum::STOPPING) => {
-            Status::Exited
-        }
-        Some(ContainerStateStatusEnum::DEAD) => Status::Dead,
-        Some(ContainerStateStatusEnum::CREATED | ContainerStateStatusEnum::EMPTY) | None => {
-            Status::Created
-        }
+/// Docker's state name as the contract's status. `stopping` counts as
+/// exited; an empty or unknown state as created (never started).
+fn status_named(state: Option<String>) -> Status {
+    match state.as_deref() {
+        Some("stopping") => Status::Exited,
+        Some(name) => Status::parse(name).unwrap_or(Status::Created),
+        None => Status::Created,
     }
 }
 
@@ -377,7 +355,7 @@ impl ContainerProvider for DockerProvider {
                     .unwrap_or_default(),
                 image: c.image.unwrap_or_default(),
                 labels: c.labels.unwrap_or_default(),
-                status: status_of_summary(c.state),
+                status: status_named(c.state.map(|s| s.to_string())),
                 created: c.created,
             })
             .collect())
@@ -435,7 +413,7 @@ impl ContainerProvider for DockerProvider {
                         .to_owned(),
                     image: config.image.unwrap_or_default(),
                     labels: config.labels.unwrap_or_default(),
-                    status: status_of_state(c.state.and_then(|s| s.status)),
+                    status: status_named(c.state.and_then(|s| s.status.map(|s| s.to_string()))),
                     created: None,
                 }))
             }
@@ -470,14 +448,14 @@ impl ContainerProvider for DockerProvider {
         let docker = self.client().await?;
         let feeds = stdin.is_some() || request.stdin.is_some();
         let cmd = if request.agent {
-            crate::agent::reap_argv(&request.command, request.timeout)
+            crate::dataplane::agent::reap_argv(&request.command, request.timeout)
         } else {
             vec!["sh".into(), "-c".into(), request.command.clone()]
         };
         // With the agent, it ends the call's process tree at the deadline;
         // the host's deadline is the fallback should the workload kill it.
         let limit = if request.agent && !request.idle_timeout {
-            request.timeout + crate::exec::AGENT_GRACE
+            request.timeout + crate::dataplane::exec::AGENT_GRACE
         } else {
             request.timeout
         };

@@ -9,8 +9,8 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use super::{ContainerProvider, ContainerRecord, ExecIo, ProviderError, ProviderResult, Status};
-use crate::exec::{ExecRequest, ExecResponse};
-use crate::plan::ContainerPlan;
+use crate::dataplane::exec::{ExecRequest, ExecResponse};
+use crate::engine::plan::ContainerPlan;
 
 #[derive(Debug, Default)]
 pub struct MemoryProvider {

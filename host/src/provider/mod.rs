@@ -2,7 +2,7 @@
 //! trait with a real backend ([`docker::DockerProvider`], bollard) and an
 //! in-memory one ([`memory::MemoryProvider`]) for tests and footprint runs.
 //!
-//! Providers do no ownership checks; [`crate::capabilities`] does, on top.
+//! Providers do no ownership checks; [`crate::engine`] does, on top.
 
 pub mod docker;
 pub mod memory;
@@ -13,10 +13,10 @@ use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::error::SandboxError;
-use crate::exec::{ExecRequest, ExecResponse, OutputSink};
-use crate::plan::ContainerPlan;
+use crate::dataplane::exec::{ExecRequest, ExecResponse, OutputSink};
+use crate::engine::plan::ContainerPlan;
 
-pub use policy_core::Status;
+pub use sandbox_contract::Status;
 
 /// A container as the engine reports it.
 #[derive(Debug, Clone, PartialEq)]

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::Mutex as AsyncMutex;
 
 use super::{CompiledPolicy, PolicyInstance};
-use crate::capabilities::Capabilities;
+use crate::engine::Engine;
 use crate::error::{Result, SandboxError};
 
 const ROUTERS: usize = 4;
@@ -30,13 +30,18 @@ struct Slot {
 
 #[derive(Default)]
 struct Lane {
-    slot: AsyncMutex<Option<Slot>>,
+    slot: Arc<AsyncMutex<Option<Slot>>>,
     last_used: AtomicU64,
+}
+
+/// A held lane (see [`Lanes::lock`]).
+pub struct LaneGuard {
+    _guard: tokio::sync::OwnedMutexGuard<Option<Slot>>,
 }
 
 /// The lanes of one host.
 pub struct Lanes {
-    caps: Arc<Capabilities>,
+    engine: Arc<Engine>,
     policy: RwLock<Arc<CompiledPolicy>>,
     lanes: Mutex<HashMap<String, Arc<Lane>>>,
     routers: Vec<AsyncMutex<Option<Slot>>>,
@@ -48,10 +53,10 @@ pub struct Lanes {
 }
 
 impl Lanes {
-    pub fn new(caps: Arc<Capabilities>, policy: Arc<CompiledPolicy>) -> Self {
-        let max_lanes = caps.config().max_policy_instances;
+    pub fn new(engine: Arc<Engine>, policy: Arc<CompiledPolicy>) -> Self {
+        let max_lanes = engine.config().max_policy_instances;
         Lanes {
-            caps,
+            engine,
             policy: RwLock::new(policy),
             lanes: Mutex::new(HashMap::new()),
             routers: (0..ROUTERS).map(|_| AsyncMutex::new(None)).collect(),
@@ -94,6 +99,14 @@ impl Lanes {
         self.run(&mut slot, key, f).await
     }
 
+    /// Holds `key`'s lane (no instance is made) until the guard drops: for
+    /// host work that must not run beside a policy call of that key.
+    pub async fn lock(&self, key: &str) -> LaneGuard {
+        let lane = self.lane(key);
+        let guard = lane.slot.clone().lock_owned().await;
+        LaneGuard { _guard: guard }
+    }
+
     /// Runs a key-less call (the pure mapping) on a router instance.
     pub async fn route<T>(
         &self,
@@ -123,7 +136,7 @@ impl Lanes {
         // mid-call: never enter it again, start afresh.
         let stale = !matches!(slot, Some(s) if Arc::ptr_eq(&s.policy, &current) && !s.instance.is_poisoned());
         if stale {
-            let instance = current.instantiate(self.caps.clone()).await?;
+            let instance = current.instantiate(self.engine.clone()).await?;
             *slot = Some(Slot {
                 policy: current,
                 instance,
@@ -167,5 +180,44 @@ fn evict_idle(lanes: &mut HashMap<String, Arc<Lane>>, target: usize) {
     let excess = lanes.len().saturating_sub(target);
     for (_, key) in idle.into_iter().take(excess) {
         lanes.remove(&key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lanes(n: u64) -> HashMap<String, Arc<Lane>> {
+        (0..n)
+            .map(|i| {
+                let lane = Lane::default();
+                lane.last_used.store(i, Ordering::Relaxed);
+                (format!("k{i}"), Arc::new(lane))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn eviction_drops_the_least_recently_used_idle_lanes() {
+        let mut map = lanes(10);
+        evict_idle(&mut map, 7);
+        assert_eq!(map.len(), 7);
+        for gone in ["k0", "k1", "k2"] {
+            assert!(!map.contains_key(gone), "{gone}");
+        }
+    }
+
+    #[test]
+    fn eviction_never_drops_a_lane_in_use() {
+        // The bug it prevents: dropping a lane a caller holds would let a
+        // second instance of the same key run beside the first.
+        let mut map = lanes(4);
+        let held = map["k0"].clone();
+        let locked = map["k1"].slot.clone();
+        let _guard = locked.try_lock_owned().unwrap();
+        evict_idle(&mut map, 0);
+        assert!(map.contains_key("k0") && map.contains_key("k1"));
+        assert_eq!(map.len(), 2);
+        drop(held);
     }
 }

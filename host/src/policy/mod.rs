@@ -1,38 +1,46 @@
-//! The wasmtime runtime: one engine, a policy compiled once, and policy
-//! instances that each run one call at a time.
+//! The policy layer: one wasmtime engine, a policy compiled once, instances
+//! that each run one call at a time, and the checks on every answer.
 //!
-//! Containment ([`containment`]): every call gets a guest-CPU deadline
-//! (epoch interruption; time in host imports excluded), one wall-clock
-//! budget (host imports included) and a bound on host calls; every instance
-//! gets memory, table, instance and resource ceilings, all charged to one
-//! host-wide pool. A trap, an overrun or a call abandoned mid-way poisons
-//! only that instance: [`lanes::Lanes`] drops it and the next call for that
-//! key gets a fresh one that rebuilds its cache by adoption.
+//! - [`client::PolicyClient`]: call the policy, verify its answer
+//!   ([`answers`]), return verified types; the rest of the host only sees it;
+//! - [`lanes`]: one instance per routing key, calls for one key serialised;
+//! - `imports`: the world's imports over the [`Engine`](crate::engine::Engine);
+//! - [`containment`]: every call gets a guest-CPU deadline (epoch
+//!   interruption, [`ticker`]; time in host imports excluded), one
+//!   wall-clock budget (host imports included) and a bound on host calls;
+//!   every instance gets memory, table, instance and resource ceilings, all
+//!   charged to one host-wide pool. A trap, an overrun or a call abandoned
+//!   mid-way poisons only that instance, and the next call for that key
+//!   gets a fresh one that rebuilds its cache by adoption;
+//! - [`source`], [`embedded`], [`cache`]: where components come from, the
+//!   shipped ones, and compiled components kept on disk.
 
-pub mod bindings;
+pub mod answers;
+mod bindings;
 pub mod cache;
+pub mod client;
 pub mod containment;
+pub mod embedded;
 mod imports;
 pub mod lanes;
+pub mod source;
+pub mod ticker;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sandbox_contract::{Container, Removal, ThreadId, UserId};
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Engine, Store, UpdateDeadline};
+use wasmtime::{Engine as WasmEngine, Store, UpdateDeadline};
 
-use bindings::sandbox::policy::types;
 use bindings::{Sandbox, SandboxPre};
 use containment::{InstanceLimits, MemoryPool, PolicyLimiter};
 pub use imports::{InstanceState, Scope};
+use ticker::EpochTicker;
 
-use crate::capabilities::Capabilities;
+
+use crate::engine::{ownership, Engine};
 use crate::error::SandboxError;
-use crate::naming;
-
-/// How often the epoch advances: the granularity of the policy deadline.
-pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// Component binaries start with this preamble (magic, then the component
 /// layer); a core module has version 1 instead.
@@ -40,18 +48,13 @@ const WASM_MAGIC: &[u8; 4] = b"\0asm";
 
 /// The wasmtime engine and the linker of the `sandbox` world.
 pub struct PolicyEngine {
-    engine: Engine,
+    engine: WasmEngine,
     cache: Option<cache::ComponentCache>,
     linker: Linker<InstanceState>,
     _ticker: EpochTicker,
 }
 
 impl PolicyEngine {
-    /// An engine that compiles components every time.
-    pub fn new() -> wasmtime::Result<Self> {
-        Self::with_cache(None)
-    }
-
     /// An engine that keeps compiled components in `cache`.
     pub fn with_cache(cache: Option<cache::ComponentCache>) -> wasmtime::Result<Self> {
         let mut config = wasmtime::Config::new();
@@ -64,10 +67,18 @@ impl PolicyEngine {
         config.memory_reservation(0);
         config.memory_guard_size(64 * 1024);
         config.memory_reservation_for_growth(1 << 20);
-        let engine = Engine::new(&config)?;
+        let engine = WasmEngine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        Sandbox::add_to_linker::<InstanceState, HasSelf<InstanceState>>(&mut linker, |s| s)?;
+        wasmtime_wasi_config::add_to_linker(&mut linker, imports::config_view)?;
+        bindings::sandbox::policy::containers::add_to_linker::<_, HasSelf<InstanceState>>(
+            &mut linker,
+            |s| s,
+        )?;
+        bindings::wasi::logging::logging::add_to_linker::<_, HasSelf<InstanceState>>(
+            &mut linker,
+            |s| s,
+        )?;
         let ticker = EpochTicker::start(engine.clone());
         Ok(PolicyEngine {
             engine,
@@ -108,7 +119,7 @@ impl PolicyEngine {
         })?;
         SandboxPre::new(pre).map_err(|e| {
             refuse(format!(
-                "does not export the `sandbox:policy/policy` interface of the `sandbox` world: {e:#}"
+                "does not export the `sandbox:policy/placement` interface of the `sandbox` world (a policy for an older version of the world?): {e:#}"
             ))
         })
     }
@@ -133,10 +144,10 @@ impl CompiledPolicy {
         engine: &PolicyEngine,
         bytes: &[u8],
         source: &str,
-        caps: &Arc<Capabilities>,
+        host: &Arc<Engine>,
     ) -> Result<Self, SandboxError> {
         let pre = engine.compile(bytes, source)?;
-        let config = caps.config();
+        let config = host.config();
         let mut policy = CompiledPolicy {
             pre,
             name: String::from("unnamed"),
@@ -145,32 +156,32 @@ impl CompiledPolicy {
             call_timeout: Duration::from_millis(config.policy_call_timeout_ms),
             host_calls: config.policy_host_calls,
             limits: InstanceLimits::from_config(config),
-            pool: caps.policy_memory().clone(),
+            pool: host.policy_memory().clone(),
         };
         let refuse =
             |why: String| SandboxError::PolicyLoad(format!("{source}: self-check failed: {why}"));
         let mut instance = policy
-            .instantiate(caps.clone())
+            .instantiate(host.clone())
             .await
             .map_err(|e| refuse(e.to_string()))?;
         let name = instance.name().await.map_err(|e| refuse(e.to_string()))?;
-        let probe = "selfcheck-1";
-        let backend = instance
-            .backend_id(probe)
+        // The same checks every later answer gets (answers.rs).
+        let probe = ThreadId::parse("selfcheck-1").expect("a valid thread id");
+        let first = instance
+            .backend_id(probe.as_str())
+            .await
+            .map_err(|e| refuse(format!("backend-id({probe}): {e}")))?;
+        let backend = answers::backend_of_thread(&probe, &first).map_err(|e| refuse(e.to_string()))?;
+        let second = instance
+            .backend_id(probe.as_str())
             .await
             .map_err(|e| refuse(e.to_string()))?;
-        policy_core::ids::validate_backend(&backend)
-            .map_err(|e| refuse(format!("backend-id({probe:?}) answered an invalid id: {e}")))?;
-        let again = instance
-            .backend_id(probe)
-            .await
-            .map_err(|e| refuse(e.to_string()))?;
-        if again != backend {
-            return Err(refuse(format!(
-                "backend-id({probe:?}) is not deterministic ({backend:?}, then {again:?})"
-            )));
+        answers::deterministic(&probe, &backend, &second).map_err(|e| refuse(e.to_string()))?;
+        if ThreadId::parse(backend.as_str()).is_ok() {
+            let again = instance.backend_id(backend.as_str()).await;
+            answers::identity(&backend, again).map_err(|e| refuse(e.to_string()))?;
         }
-        policy.name = naming::sanitize_policy_name(&name);
+        policy.name = ownership::sanitize_policy_name(&name);
         Ok(policy)
     }
 
@@ -185,13 +196,10 @@ impl CompiledPolicy {
     }
 
     /// A fresh instance with its own store, limits and deadline.
-    pub async fn instantiate(
-        &self,
-        caps: Arc<Capabilities>,
-    ) -> Result<PolicyInstance, SandboxError> {
+    pub async fn instantiate(&self, host: Arc<Engine>) -> Result<PolicyInstance, SandboxError> {
         let limiter = PolicyLimiter::new(self.limits, self.pool.clone());
         let state = InstanceState::new(
-            caps,
+            host,
             self.name.clone(),
             limiter,
             self.deadline,
@@ -278,7 +286,10 @@ impl PolicyInstance {
     fn finish<T>(
         &mut self,
         what: &str,
-        r: Result<wasmtime::Result<Result<T, types::Error>>, containment::OverBudget>,
+        r: Result<
+            wasmtime::Result<Result<T, sandbox_contract::Error>>,
+            containment::OverBudget,
+        >,
     ) -> Result<T, SandboxError> {
         let state = self.store.data();
         let trap = |detail: String| SandboxError::policy_trap(&format!("{what}: {detail}"));
@@ -304,104 +315,63 @@ impl PolicyInstance {
 
     pub async fn name(&mut self) -> Result<String, SandboxError> {
         policy_call!(self, Scope::Pure, "name", |b, s| async {
-            b.sandbox_policy_policy().call_name(s).await.map(Ok)
+            b.sandbox_policy_placement().call_name(s).await.map(Ok)
         })
     }
 
     pub async fn backend_id(&mut self, thread_id: &str) -> Result<String, SandboxError> {
         policy_call!(self, Scope::Pure, "backend-id", |b, s| b
-            .sandbox_policy_policy()
+            .sandbox_policy_placement()
             .call_backend_id(s, thread_id))
-    }
-
-    /// Runs in the lane of `key` (the thread's backend id).
-    pub async fn get_thread_backend(
-        &mut self,
-        key: &str,
-        thread_id: &str,
-    ) -> Result<types::Backend, SandboxError> {
-        policy_call!(
-            self,
-            Scope::Lane(key.to_owned()),
-            "get-thread-backend",
-            |b, s| b
-                .sandbox_policy_policy()
-                .call_get_thread_backend(s, thread_id)
-        )
     }
 
     pub async fn ensure_container(
         &mut self,
-        backend_id: &str,
-    ) -> Result<types::Container, SandboxError> {
+        backend: &sandbox_contract::BackendId,
+    ) -> Result<Container, SandboxError> {
         policy_call!(
             self,
-            Scope::Ensure(backend_id.to_owned()),
+            Scope::Ensure(backend.clone()),
             "ensure-container",
             |b, s| b
-                .sandbox_policy_policy()
-                .call_ensure_container(s, backend_id)
+                .sandbox_policy_placement()
+                .call_ensure_container(s, backend.as_str())
         )
     }
 
-    pub async fn destroy_user_backend(&mut self, user_id: &str) -> Result<bool, SandboxError> {
-        policy_call!(
-            self,
-            Scope::Lane(user_id.to_owned()),
-            "destroy-user-backend",
-            |b, s| b
-                .sandbox_policy_policy()
-                .call_destroy_user_backend(s, user_id)
-        )
-    }
-
-    pub async fn maintain(&mut self) -> Result<u32, SandboxError> {
-        policy_call!(self, Scope::Maintain, "maintain", |b, s| b
-            .sandbox_policy_policy()
-            .call_maintain(s))
-    }
-
-    /// Runs in the lane of `key` (the thread's backend id).
-    pub async fn destroy_thread_backend(
+    /// Removals in it drain until `deadline`.
+    pub async fn release_thread(
         &mut self,
-        key: &str,
-        thread_id: &str,
+        thread: &ThreadId,
+        deadline: tokio::time::Instant,
     ) -> Result<bool, SandboxError> {
-        policy_call!(
-            self,
-            Scope::Lane(key.to_owned()),
-            "destroy-thread-backend",
-            |b, s| b
-                .sandbox_policy_policy()
-                .call_destroy_thread_backend(s, thread_id)
-        )
+        let scope = Scope::Destroy {
+            user: thread.user(),
+            deadline,
+        };
+        policy_call!(self, scope, "release-thread", |b, s| b
+            .sandbox_policy_placement()
+            .call_release_thread(s, thread.as_str()))
     }
-}
 
-/// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.
-struct EpochTicker {
-    stop: Arc<AtomicBool>,
-}
-
-impl EpochTicker {
-    fn start(engine: Engine) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        std::thread::Builder::new()
-            .name("policy-epoch".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
-                }
-            })
-            .expect("spawning the epoch thread");
-        EpochTicker { stop }
+    /// Removals in it drain until `deadline`.
+    pub async fn destroy_user(
+        &mut self,
+        user: &UserId,
+        deadline: tokio::time::Instant,
+    ) -> Result<bool, SandboxError> {
+        let scope = Scope::Destroy {
+            user: user.clone(),
+            deadline,
+        };
+        policy_call!(self, scope, "destroy-user", |b, s| b
+            .sandbox_policy_placement()
+            .call_destroy_user(s, user.as_str()))
     }
-}
 
-impl Drop for EpochTicker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+    pub async fn maintain(&mut self, dry_run: bool) -> Result<Vec<Removal>, SandboxError> {
+        policy_call!(self, Scope::Maintain { dry_run }, "maintain", |b, s| b
+            .sandbox_policy_placement()
+            .call_maintain(s, dry_run))
     }
 }

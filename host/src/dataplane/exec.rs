@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::SandboxError;
-use crate::plan::WORKSPACE_MOUNT;
+use crate::engine::plan::WORKSPACE_MOUNT;
 
 /// Exit code reported for a call stopped by its timeout (as `timeout(1)`).
 pub const TIMEOUT_EXIT_CODE: i64 = 124;
@@ -86,7 +86,7 @@ impl ExecRequest {
             if !valid_key || key == EXEC_MARKER_VAR || value.contains('\0') {
                 return Err(SandboxError::Refused(format!(
                     "environment variable {} is not allowed",
-                    policy_core::ids::shown(&key)
+                    sandbox_contract::shown(&key)
                 )));
             }
             env.push(format!("{key}={value}"));
@@ -130,7 +130,7 @@ pub fn resolve_workdir(workdir: Option<&str>) -> Result<String, SandboxError> {
         _ if dir.starts_with('/') => {
             return Err(SandboxError::Refused(format!(
                 "working directory {} is outside {WORKSPACE_MOUNT}",
-                policy_core::ids::shown(dir)
+                sandbox_contract::shown(dir)
             )))
         }
         _ => dir,
@@ -142,7 +142,7 @@ pub fn resolve_workdir(workdir: Option<&str>) -> Result<String, SandboxError> {
             ".." => {
                 return Err(SandboxError::Refused(format!(
                     "working directory {} leaves {WORKSPACE_MOUNT}",
-                    policy_core::ids::shown(dir)
+                    sandbox_contract::shown(dir)
                 )))
             }
             p if p.contains('\0') => {

@@ -66,8 +66,9 @@ impl MemoryPool {
     }
 
     /// Bytes currently charged to live instances.
+    #[cfg(test)]
     pub fn used(&self) -> usize {
-        self.used.load(Ordering::Relaxed)
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn capacity(&self) -> usize {

@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWrite;
 
 use crate::error::policy_text;
-use crate::exec::resolve_workdir;
-use crate::plan::WORKSPACE_MOUNT;
+use crate::dataplane::exec::resolve_workdir;
+use crate::engine::plan::WORKSPACE_MOUNT;
 
 /// Default cap on one file's apparent size, either direction: 256 MiB.
 pub const MAX_FILE_BYTES: u64 = 256 << 20;

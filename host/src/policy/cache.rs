@@ -28,15 +28,6 @@ impl ComponentCache {
         ComponentCache { dir: dir.into() }
     }
 
-    /// The default location: `$XDG_CACHE_HOME/sandbox/components`, else
-    /// `~/.cache/sandbox/components`.
-    pub fn default_dir() -> Option<PathBuf> {
-        if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME") {
-            return Some(PathBuf::from(xdg).join("sandbox/components"));
-        }
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/sandbox/components"))
-    }
-
     /// The compiled component: from the cache when a trusted entry exists,
     /// else compiled and stored (a failure to store is only logged).
     pub fn load_or_compile(&self, engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Component> {
@@ -94,7 +85,7 @@ impl ComponentCache {
 fn key(engine: &Engine, bytes: &[u8]) -> String {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut hasher);
-    let component = match crate::policies::known_digest(bytes) {
+    let component = match super::embedded::known_digest(bytes) {
         Some(digest) => digest.to_owned(),
         None => hex::encode(Sha256::digest(bytes)),
     };
@@ -112,11 +103,11 @@ mod tests {
 
     #[test]
     fn build_time_digests_match_the_shipped_bytes() {
-        for bytes in [crate::policies::PER_USER, crate::policies::PER_THREAD] {
-            let at_build = crate::policies::known_digest(bytes).unwrap();
+        for bytes in [super::embedded::PER_USER, super::embedded::PER_THREAD] {
+            let at_build = super::embedded::known_digest(bytes).unwrap();
             assert_eq!(at_build, hex::encode(Sha256::digest(bytes)));
         }
-        assert!(crate::policies::known_digest(b"\0asm").is_none());
+        assert!(super::embedded::known_digest(b"\0asm").is_none());
     }
 
     #[test]
@@ -124,7 +115,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = ComponentCache::new(dir.path().join("c"));
         let engine = Engine::default();
-        let bytes = crate::policies::PER_THREAD;
+        let bytes = super::embedded::PER_THREAD;
         cache.load_or_compile(&engine, bytes).unwrap();
         let entries: Vec<_> = std::fs::read_dir(dir.path().join("c")).unwrap().collect();
         assert_eq!(entries.len(), 1, "one entry written");

@@ -4,8 +4,10 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use sandbox_contract::{BackendId, WorkspaceName};
+
 use crate::config::{Config, Limits, UserIds};
-use crate::naming;
+use crate::engine::ownership;
 
 /// Where the workspace is mounted in every container.
 pub const WORKSPACE_MOUNT: &str = "/workspace";
@@ -29,7 +31,7 @@ pub struct ContainerPlan {
     /// `none`, or the Docker network the operator configured.
     pub network: String,
     /// Host path of `sandbox-agent`, bind-mounted read-only at
-    /// [`crate::agent::AGENT_MOUNT`] (see [`ContainerPlan::with_agent`]).
+    /// [`crate::dataplane::agent::AGENT_MOUNT`] (see [`ContainerPlan::with_agent`]).
     pub agent: Option<PathBuf>,
     pub runtime: Option<String>,
 }
@@ -38,25 +40,30 @@ impl ContainerPlan {
     /// The plan with the agent mounted, and labelled so.
     pub fn with_agent(mut self, agent: PathBuf) -> Self {
         self.labels
-            .insert(crate::agent::AGENT_LABEL.to_owned(), "1".to_owned());
+            .insert(crate::dataplane::agent::AGENT_LABEL.to_owned(), "1".to_owned());
         self.agent = Some(agent);
         self
     }
 
     /// The plan for `backend_id`, whose workspace `workspace` was prepared at
-    /// `workspace_path`. The ids are validated by the caller.
+    /// `workspace_path`.
     pub fn new(
         config: &Config,
-        backend_id: &str,
-        workspace: &str,
+        backend_id: &BackendId,
+        workspace: &WorkspaceName,
         workspace_path: PathBuf,
         user: UserIds,
         policy: &str,
     ) -> Self {
         ContainerPlan {
-            name: naming::container_name(&config.namespace, backend_id),
+            name: backend_id.container_name(&config.namespace),
             image: config.image.clone(),
-            labels: naming::ownership_labels(&config.namespace, backend_id, workspace, policy),
+            labels: ownership::ownership_labels(
+                &config.namespace,
+                backend_id.as_str(),
+                workspace.as_str(),
+                policy,
+            ),
             workspace_path,
             user,
             limits: config.limits.clone(),

@@ -1,0 +1,527 @@
+//! The engine layer: what the host knows and enforces about the containers
+//! it manages, whoever asks (a policy through its imports, gc, the CLI).
+//!
+//! - [`ownership`]: labels, and the containers handed to a policy;
+//! - [`usage`]: work in flight, last use and threads, shared by every host
+//!   process on the machine;
+//! - [`slots`]: bounds on concurrent lifecycle operations and create rates;
+//! - [`plan`], [`workspace`]: what a container looks like and where its
+//!   workspace lives; [`clock`]: the one wall clock.
+//!
+//! [`Engine`] turns a provider's [`ContainerRecord`] into the contract's
+//! [`Container`] (the only place one is built), refusing every container
+//! not labelled for this host's namespace.
+
+pub mod clock;
+pub mod ownership;
+pub mod plan;
+pub mod slots;
+pub mod usage;
+pub mod workspace;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use sandbox_contract::{BackendId, Container, Status};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::error::{Result, SandboxError};
+use crate::policy::containment::MemoryPool;
+use crate::provider::{ContainerProvider, ContainerRecord, ProviderError};
+use ownership::{label, Handouts};
+use plan::ContainerPlan;
+use slots::Slots;
+use usage::{Usage, Work};
+use workspace::Workspaces;
+
+pub use clock::now_ms;
+
+/// A container this host labelled: the contract's [`Container`] (what a
+/// policy sees) plus what only the host shows (workspace, policy label,
+/// creation time). Derefs to the [`Container`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ManagedContainer {
+    #[serde(flatten)]
+    pub container: Container,
+    pub workspace: String,
+    pub policy: String,
+    /// Unix seconds, when the engine reported it.
+    pub created: Option<i64>,
+    /// Whether `sandbox-agent` is mounted in it.
+    #[serde(skip)]
+    pub agent: bool,
+}
+
+impl std::ops::Deref for ManagedContainer {
+    type Target = Container;
+    fn deref(&self) -> &Container {
+        &self.container
+    }
+}
+
+/// How a removal treats work in flight on the container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// Refuse while work is in flight: idle and capacity decisions never
+    /// kill another thread's command.
+    UnlessBusy,
+    /// Stop new work, let running work finish until `deadline`, then kill
+    /// it (a destroy).
+    Drain(tokio::time::Instant),
+}
+
+/// The host's state over its containers, shared by every policy instance.
+pub struct Engine {
+    config: Config,
+    provider: Arc<dyn ContainerProvider>,
+    workspaces: Workspaces,
+    handouts: Handouts,
+    usage: Usage,
+    slots: Slots,
+    /// The budget every policy instance's memories and tables draw from.
+    policy_memory: Arc<MemoryPool>,
+    /// `sandbox-agent` on the host, installed on the first create (`None`
+    /// when that failed: containers then run without it).
+    agent: OnceLock<Option<std::path::PathBuf>>,
+    /// Containers this host created (adoptions excluded).
+    created: AtomicU64,
+}
+
+impl Engine {
+    /// The engine of `config` over `provider`.
+    pub fn new(config: Config, provider: Arc<dyn ContainerProvider>) -> Self {
+        Engine {
+            provider,
+            workspaces: Workspaces::new(config.workspace_root.clone(), config.sandbox_user()),
+            handouts: Handouts::default(),
+            usage: Usage::new(&crate::dataplane::agent::state_dir(&config.workspace_root)),
+            slots: Slots::new(
+                config.max_concurrent_lifecycle_ops,
+                config.max_creates_per_backend_per_minute as usize,
+            ),
+            policy_memory: MemoryPool::new(config.policy_memory_total_bytes),
+            agent: OnceLock::new(),
+            created: AtomicU64::new(0),
+            config,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The container engine.
+    pub fn provider(&self) -> &Arc<dyn ContainerProvider> {
+        &self.provider
+    }
+
+    /// The workspace directories.
+    pub fn workspaces(&self) -> &Workspaces {
+        &self.workspaces
+    }
+
+    /// Work in flight, last use and threads.
+    pub fn usage(&self) -> &Usage {
+        &self.usage
+    }
+
+    /// The containers handed to policies.
+    pub fn handouts(&self) -> &Handouts {
+        &self.handouts
+    }
+
+    /// The host-wide budget of policy instance memory.
+    pub fn policy_memory(&self) -> &Arc<MemoryPool> {
+        &self.policy_memory
+    }
+
+    /// Containers this host created so far.
+    pub fn created(&self) -> u64 {
+        self.created.load(Ordering::Relaxed)
+    }
+
+    /// The name of `backend`'s container in this namespace.
+    pub fn container_name(&self, backend: &BackendId) -> String {
+        backend.container_name(&self.config.namespace)
+    }
+
+    /// Marks work on `backend`'s container as in flight until the guard
+    /// drops; keyed by name, known before the container is ensured, so
+    /// maintenance never removes it between the ensure and the command.
+    pub fn begin_work(&self, backend: &BackendId) -> Result<Option<Work>> {
+        self.usage
+            .begin(&self.container_name(backend))
+            .map_err(|usage::Refusal::Closing| {
+                SandboxError::Refused(format!(
+                    "backend {backend} is being destroyed; retry when the destroy is done"
+                ))
+            })
+    }
+
+    /// The installed agent, installing it on first use.
+    fn agent(&self) -> Option<std::path::PathBuf> {
+        self.agent
+            .get_or_init(
+                || match crate::dataplane::agent::install(&self.config.workspace_root) {
+                    Ok(path) => Some(path),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "containers run without sandbox-agent: a timeout then kills only the processes that kept its marker");
+                        None
+                    }
+                },
+            )
+            .clone()
+    }
+
+    fn namespace(&self) -> &str {
+        &self.config.namespace
+    }
+
+    /// The container this host labelled for `backend`, if any.
+    pub async fn find(&self, backend: &BackendId) -> Result<Option<ManagedContainer>> {
+        let found = self
+            .provider
+            .list(&[
+                (label::MANAGED, "true"),
+                (label::NAMESPACE, self.namespace()),
+                (label::BACKEND, backend.as_str()),
+            ])
+            .await?;
+        // Names are unique per backend, so there is at most one; prefer a
+        // running one should an older engine have let two through.
+        found
+            .into_iter()
+            .max_by_key(|c| c.status == Status::Running)
+            .map(|c| self.managed(c))
+            .transpose()
+    }
+
+    /// Every container this host labelled in its namespace.
+    pub async fn list(&self) -> Result<Vec<ManagedContainer>> {
+        let found = self
+            .provider
+            .list(&[
+                (label::MANAGED, "true"),
+                (label::NAMESPACE, self.namespace()),
+            ])
+            .await?;
+        found.into_iter().map(|c| self.managed(c)).collect()
+    }
+
+    /// Creates the container of `backend`, with its user's workspace
+    /// (prepared first); adopts it when another host won the race for the
+    /// name.
+    pub async fn create(&self, backend: &BackendId, policy: &str) -> Result<ManagedContainer> {
+        let workspace = backend.user()?.workspace();
+        self.slots.admit_create(backend.as_str())?;
+        let path = self.workspaces.prepare(&workspace)?;
+        let plan = ContainerPlan::new(
+            &self.config,
+            backend,
+            &workspace,
+            path,
+            self.workspaces.owner(),
+            policy,
+        );
+        let plan = match self.agent() {
+            Some(agent) => plan.with_agent(agent),
+            None => plan,
+        };
+        let created = {
+            let _slot = self.slots.lifecycle().await;
+            self.provider.create(&plan).await
+        };
+        match created {
+            Ok(record) => {
+                self.created.fetch_add(1, Ordering::Relaxed);
+                self.managed(record)
+            }
+            Err(ProviderError::Conflict(_)) => {
+                let existing = self.inspect_racing(&plan.name).await?;
+                let existing = self.managed(existing)?;
+                if existing.backend_id != backend.as_str() {
+                    return Err(SandboxError::Refused(format!(
+                        "container name {} is taken by backend {}",
+                        plan.name, existing.backend_id
+                    )));
+                }
+                tracing::debug!(
+                    backend = backend.as_str(),
+                    "create raced another host; adopting its container"
+                );
+                Ok(existing)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The container that won a create race for `name`. Docker reserves a
+    /// name before the winner's container can be inspected, so a 404 right
+    /// after a 409 means "not registered yet", not "gone".
+    async fn inspect_racing(&self, name: &str) -> Result<ContainerRecord> {
+        const ATTEMPTS: u32 = 40;
+        for _ in 0..ATTEMPTS {
+            if let Some(record) = self.provider.inspect(name).await? {
+                return Ok(record);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        Err(SandboxError::Other(format!(
+            "container name {name} is taken but no container answers to it; retry"
+        )))
+    }
+
+    /// Starts a container this host labelled; with `backend`, only one of
+    /// that backend (a policy call never starts another backend's).
+    pub async fn start(&self, container_id: &str, backend: Option<&BackendId>) -> Result<()> {
+        let owned = self
+            .inspect(container_id)
+            .await?
+            .ok_or_else(|| SandboxError::NotFound(format!("container {container_id}")))?;
+        if let Some(backend) = backend {
+            if owned.backend_id != backend.as_str() {
+                return Err(SandboxError::Refused(format!(
+                    "container {} belongs to backend {}, not to backend {backend}",
+                    owned.name, owned.backend_id
+                )));
+            }
+        }
+        let _slot = self.slots.lifecycle().await;
+        Ok(self.provider.start(&owned.id).await?)
+    }
+
+    /// The state of a container this host labelled; `None` when gone.
+    pub async fn inspect(&self, container_id: &str) -> Result<Option<ManagedContainer>> {
+        ownership::validate_container_ref(container_id)?;
+        match self.provider.inspect(container_id).await? {
+            Some(record) => self.managed(record).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Removes a container this host labelled; false when already gone.
+    /// What happens to work in flight is `how`'s to say.
+    pub async fn remove(&self, container_id: &str, how: Removal) -> Result<bool> {
+        let Some(owned) = self.inspect(container_id).await? else {
+            return Ok(false);
+        };
+        let _closing = match how {
+            Removal::UnlessBusy => {
+                if owned.status == Status::Running && owned.in_flight > 0 {
+                    return Err(SandboxError::Refused(format!(
+                        "container {} has {} command(s) in flight; it is not removed while they run",
+                        owned.name, owned.in_flight
+                    )));
+                }
+                None
+            }
+            Removal::Drain(deadline) => {
+                let closing = self.usage.close(&owned.name);
+                let left = self.usage.drain(&owned.name, deadline).await;
+                if left > 0 {
+                    tracing::warn!(
+                        container = owned.name,
+                        left,
+                        "destroy: grace period over, killing work in flight"
+                    );
+                }
+                closing
+            }
+        };
+        let removed = {
+            let _slot = self.slots.lifecycle().await;
+            self.provider.remove(&owned.id).await?
+        };
+        self.handouts.forget(&owned.id);
+        self.usage.forget(&owned.name);
+        if matches!(how, Removal::Drain(_)) {
+            self.usage.forget_threads(&owned.name);
+        }
+        Ok(removed)
+    }
+
+    /// Converts a record, refusing containers this host did not label.
+    /// Pure: handing the container to a policy is [`Engine::hand_out`].
+    fn managed(&self, record: ContainerRecord) -> Result<ManagedContainer> {
+        if !ownership::is_owned(&record.labels, self.namespace()) {
+            return Err(SandboxError::Refused(format!(
+                "container {} is not managed by sandbox namespace {:?}; it was left untouched",
+                record.name,
+                self.namespace()
+            )));
+        }
+        let get = |key: &str| record.labels.get(key).cloned().unwrap_or_default();
+        let in_flight = if record.status == Status::Running {
+            self.usage.count(&record.name)
+        } else {
+            0
+        };
+        let last_used_ms = if in_flight > 0 {
+            now_ms()
+        } else {
+            // A re-created container is as fresh as its creation, whatever
+            // its predecessor's record says.
+            let created = record.created.map(|s| s.max(0) as u64 * 1000);
+            self.usage
+                .last_used_ms(&record.name)
+                .max(created)
+                .unwrap_or_else(now_ms)
+        };
+        let threads = self.usage.threads(&record.name);
+        Ok(ManagedContainer {
+            container: Container {
+                backend_id: get(label::BACKEND),
+                status: record.status,
+                last_used_ms,
+                in_flight: u32::try_from(in_flight).unwrap_or(u32::MAX),
+                threads: u32::try_from(threads).unwrap_or(u32::MAX),
+                id: record.id.clone(),
+                name: record.name.clone(),
+            },
+            workspace: get(label::WORKSPACE),
+            policy: get(label::POLICY),
+            created: record.created,
+            agent: record
+                .labels
+                .contains_key(crate::dataplane::agent::AGENT_LABEL),
+        })
+    }
+
+    /// Records that `container` is given to a policy, which may then return
+    /// it from `ensure-container` for its backend.
+    pub fn hand_out(&self, container: &ManagedContainer) {
+        self.handouts
+            .record(&container.id, &container.backend_id, container.agent);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UserIds;
+    use crate::provider::memory::MemoryProvider;
+
+    fn engine(root: &std::path::Path) -> (Engine, Arc<MemoryProvider>) {
+        let provider = Arc::new(MemoryProvider::new());
+        let config = Config {
+            workspace_root: root.to_owned(),
+            namespace: "unit".into(),
+            sandbox_user: Some(UserIds {
+                uid: nix::unistd::geteuid().as_raw(),
+                gid: nix::unistd::getegid().as_raw(),
+            }),
+            ..Config::default()
+        };
+        (Engine::new(config, provider.clone()), provider)
+    }
+
+    fn foreign(id: &str, labels: &[(&str, &str)]) -> ContainerRecord {
+        ContainerRecord {
+            id: id.into(),
+            name: id.into(),
+            image: "x".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            status: Status::Running,
+            created: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn unlabelled_and_foreign_namespace_containers_are_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, provider) = engine(dir.path());
+        provider.insert(foreign("victim", &[]));
+        provider.insert(foreign(
+            "other",
+            &[(label::MANAGED, "true"), (label::NAMESPACE, "prod")],
+        ));
+        for id in ["victim", "other"] {
+            assert!(matches!(
+                engine.remove(id, Removal::UnlessBusy).await,
+                Err(SandboxError::Refused(_))
+            ));
+            assert!(matches!(
+                engine.start(id, None).await,
+                Err(SandboxError::Refused(_))
+            ));
+            assert!(matches!(
+                engine.inspect(id).await,
+                Err(SandboxError::Refused(_))
+            ));
+        }
+        assert_eq!(provider.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn create_twice_adopts_instead_of_duplicating() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, provider) = engine(dir.path());
+        let alice = BackendId::parse("alice").unwrap();
+        let a = engine.create(&alice, "per-user").await.unwrap();
+        let b = engine.create(&alice, "per-user").await.unwrap();
+        assert_eq!(a.id, b.id);
+        assert_eq!(provider.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_busy_container_is_not_removed_unless_forced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, provider) = engine(dir.path());
+        let alice = BackendId::parse("alice").unwrap();
+        let c = engine.create(&alice, "per-user").await.unwrap();
+        provider.start(&c.id).await.unwrap();
+        let work = engine.begin_work(&alice).unwrap();
+        assert!(matches!(
+            engine.remove(&c.id, Removal::UnlessBusy).await,
+            Err(SandboxError::Refused(_))
+        ));
+        assert_eq!(provider.len(), 1);
+        drop(work);
+        assert!(engine.remove(&c.id, Removal::UnlessBusy).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_drained_container_admits_no_work_and_waits_for_the_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, provider) = engine(dir.path());
+        let engine = Arc::new(engine);
+        let alice = BackendId::parse("alice").unwrap();
+        let c = engine.create(&alice, "per-user").await.unwrap();
+        provider.start(&c.id).await.unwrap();
+        let work = engine.begin_work(&alice).unwrap();
+        let started = tokio::time::Instant::now();
+        let deadline = started + std::time::Duration::from_secs(5);
+        let remover = {
+            let engine = engine.clone();
+            let id = c.id.clone();
+            tokio::spawn(async move { engine.remove(&id, Removal::Drain(deadline)).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(matches!(
+            engine.begin_work(&alice),
+            Err(SandboxError::Refused(_))
+        ));
+        assert_eq!(provider.len(), 1, "not removed while the work runs");
+        drop(work);
+        assert!(remover.await.unwrap().unwrap());
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert!(engine.begin_work(&alice).unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn container_references_cannot_traverse_api_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, _) = engine(dir.path());
+        for bad in ["../images/x", "a/b", "", "x?y", "-rf"] {
+            assert!(
+                matches!(engine.inspect(bad).await, Err(SandboxError::InvalidId(_))),
+                "{bad}"
+            );
+        }
+    }
+}

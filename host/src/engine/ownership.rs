@@ -1,0 +1,184 @@
+//! Which containers are this host's, and which were handed to a policy.
+//!
+//! Ownership is the host's labels: a container is managed by a namespace
+//! when it carries `sandbox.managed=true` and that namespace. Its name is
+//! derived from the backend id (`sandbox_contract::BackendId::container_name`,
+//! injective), and Docker refuses a second container with the same name, so
+//! "one container per backend" is a property of the engine, not of locking.
+//!
+//! Hand-outs: a policy may only answer `ensure-container` with a container
+//! the host handed it for that backend; [`Handouts`] remembers them.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use sandbox_contract::shown;
+
+use crate::error::{Result, SandboxError};
+
+/// Label keys every managed container carries.
+pub mod label {
+    pub const MANAGED: &str = "sandbox.managed";
+    pub const NAMESPACE: &str = "sandbox.namespace";
+    pub const BACKEND: &str = "sandbox.backend";
+    pub const WORKSPACE: &str = "sandbox.workspace";
+    pub const POLICY: &str = "sandbox.policy";
+}
+
+pub const MAX_NAMESPACE_LEN: usize = 32;
+
+/// Namespaces are 1..=32 of `[a-z0-9_-]`, starting with a letter or digit.
+pub fn validate_namespace(ns: &str) -> std::result::Result<(), String> {
+    let ok_chars = ns
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    let ok_first = ns.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if ns.is_empty() || ns.len() > MAX_NAMESPACE_LEN || !ok_chars || !ok_first {
+        return Err(format!("namespace {ns:?} must be 1..={MAX_NAMESPACE_LEN} of [a-z0-9_-], starting with a letter or digit"));
+    }
+    Ok(())
+}
+
+/// The labels stamped on a backend's container.
+pub fn ownership_labels(
+    namespace: &str,
+    backend_id: &str,
+    workspace: &str,
+    policy: &str,
+) -> HashMap<String, String> {
+    HashMap::from([
+        (label::MANAGED.to_owned(), "true".to_owned()),
+        (label::NAMESPACE.to_owned(), namespace.to_owned()),
+        (label::BACKEND.to_owned(), backend_id.to_owned()),
+        (label::WORKSPACE.to_owned(), workspace.to_owned()),
+        (label::POLICY.to_owned(), policy.to_owned()),
+    ])
+}
+
+/// True when the labels say "managed by this namespace".
+pub fn is_owned(labels: &HashMap<String, String>, namespace: &str) -> bool {
+    labels.get(label::MANAGED).map(String::as_str) == Some("true")
+        && labels.get(label::NAMESPACE).map(String::as_str) == Some(namespace)
+}
+
+/// A policy's self-reported name, made safe for a label value.
+pub fn sanitize_policy_name(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(64)
+        .collect();
+    if clean.is_empty() {
+        "unnamed".to_owned()
+    } else {
+        clean
+    }
+}
+
+/// The containers handed to a policy (container id -> backend id), and
+/// which of them have `sandbox-agent` mounted.
+#[derive(Default)]
+pub struct Handouts {
+    backends: Mutex<HashMap<String, String>>,
+    with_agent: Mutex<HashSet<String>>,
+}
+
+impl Handouts {
+    /// Records that the container `id` of `backend` was given to a policy.
+    pub fn record(&self, id: &str, backend: &str, has_agent: bool) {
+        self.backends
+            .lock()
+            .unwrap()
+            .insert(id.to_owned(), backend.to_owned());
+        if has_agent {
+            self.with_agent.lock().unwrap().insert(id.to_owned());
+        }
+    }
+
+    /// Forgets a removed container.
+    pub fn forget(&self, id: &str) {
+        self.backends.lock().unwrap().remove(id);
+        self.with_agent.lock().unwrap().remove(id);
+    }
+
+    /// Whether a container handed out has `sandbox-agent` mounted.
+    pub fn has_agent(&self, id: &str) -> bool {
+        self.with_agent.lock().unwrap().contains(id)
+    }
+
+    /// Checks that a container a policy returned for `backend` is one this
+    /// host handed out for that backend: never a forged id or another
+    /// backend's container.
+    pub fn check_serves(&self, id: &str, backend: &str) -> Result<()> {
+        match self.backends.lock().unwrap().get(id) {
+            Some(owner) if owner == backend => Ok(()),
+            Some(owner) => Err(SandboxError::Refused(format!(
+                "the policy returned the container of backend {owner} for backend {backend}"
+            ))),
+            None => Err(SandboxError::Refused(format!(
+                "the policy returned container {} which the host never handed out",
+                shown(id)
+            ))),
+        }
+    }
+}
+
+/// Container ids and names only: they are spliced into API paths.
+pub fn validate_container_ref(reference: &str) -> Result<()> {
+    let ok = !reference.is_empty()
+        && reference.len() <= 128
+        && reference
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        && reference
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(SandboxError::InvalidId(format!(
+            "container reference {}",
+            shown(reference)
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_container_is_only_served_to_the_backend_it_was_handed_to() {
+        let handouts = Handouts::default();
+        handouts.record("c1", "alice", false);
+        assert!(handouts.check_serves("c1", "alice").is_ok());
+        assert!(handouts.check_serves("c1", "bob").is_err());
+        assert!(handouts.check_serves("forged", "alice").is_err());
+        handouts.forget("c1");
+        assert!(handouts.check_serves("c1", "alice").is_err());
+    }
+
+    #[test]
+    fn container_references_cannot_traverse_api_paths() {
+        for bad in ["", "../x", "a/b", "a?b", ".x", &"a".repeat(129)] {
+            assert!(validate_container_ref(bad).is_err(), "{bad}");
+        }
+        assert!(validate_container_ref("sandbox.default.alice").is_ok());
+    }
+
+    #[test]
+    fn labels_of_another_namespace_are_not_ours() {
+        let labels = ownership_labels("prod", "alice", "alice", "per-user");
+        assert!(is_owned(&labels, "prod"));
+        assert!(!is_owned(&labels, "test"));
+        assert!(!is_owned(&HashMap::new(), "prod"));
+    }
+
+    #[test]
+    fn policy_names_are_sanitized() {
+        assert_eq!(sanitize_policy_name("per-user"), "per-user");
+        assert_eq!(sanitize_policy_name("a\nb=c"), "abc");
+        assert_eq!(sanitize_policy_name(""), "unnamed");
+    }
+}

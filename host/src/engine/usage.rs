@@ -1,0 +1,370 @@
+//! Work in flight, last use and the threads of each container, in a store
+//! every host process on the machine shares: the CLI, `serve` and `gc`
+//! agree, and no workload can write it.
+//!
+//! The store is a directory under the host's state directory (beside the
+//! workspaces, never mounted into a container). A running execute or file
+//! transfer holds an exclusive `flock` on a file of its own named after the
+//! container; counting in-flight work is trying those locks. The kernel drops
+//! a lock when its process dies, so a crashed host leaves nothing that looks
+//! busy (its stale files are removed by the next count). Last use is the
+//! mtime of one file per container, set when a command ends: no engine call,
+//! and nothing inside the container (workspace mtimes, processes) counts.
+//! The threads that used a backend are one empty file each, under the
+//! container's name; a destroy in progress is one `closing` file.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::fcntl::{Flock, FlockArg};
+
+/// The shared store of one workspace root's containers. Keys are container
+/// names (`sandbox.{namespace}.{backend}`), known before a container exists.
+#[derive(Debug, Clone)]
+pub struct Usage {
+    running: PathBuf,
+    last_used: PathBuf,
+    threads: PathBuf,
+    closing: PathBuf,
+}
+
+/// Held while one execute or transfer runs; dropping it ends the work.
+#[derive(Debug)]
+pub struct Work {
+    path: PathBuf,
+    _lock: Flock<File>,
+    last_used: PathBuf,
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        touch(&self.last_used);
+    }
+}
+
+/// Held while a destroy drains a container: no new work starts on it.
+#[derive(Debug)]
+pub struct Closing {
+    path: PathBuf,
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Why work could not be admitted on a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// A destroy is draining the container.
+    Closing,
+}
+
+impl Usage {
+    /// The store under `state_dir` (created owner-only when missing).
+    pub fn new(state_dir: &Path) -> Self {
+        Usage {
+            running: state_dir.join("running"),
+            last_used: state_dir.join("last-used"),
+            threads: state_dir.join("threads"),
+            closing: state_dir.join("closing"),
+        }
+    }
+
+    fn ensure_dirs(&self) -> std::io::Result<()> {
+        for dir in [&self.running, &self.last_used, &self.threads, &self.closing] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+        Ok(())
+    }
+
+    /// Marks one piece of work on `container` as running until the returned
+    /// guard drops. `Ok(None)` (logged) when the store is unusable: the work
+    /// still runs. Refused while a destroy drains the container.
+    pub fn begin(&self, container: &str) -> Result<Option<Work>, Refusal> {
+        if self.is_closing(container) {
+            return Err(Refusal::Closing);
+        }
+        let result = (|| -> std::io::Result<Work> {
+            self.ensure_dirs()?;
+            // Locked under a name no count looks at, then renamed: a count
+            // never sees the file unlocked and takes it for a crashed one.
+            let nonce = unique_suffix();
+            let staging = self.running.join(format!(".staging-{nonce}"));
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&staging)?;
+            let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+                .map_err(|(_, e)| std::io::Error::from(e))?;
+            let path = self.running.join(format!("{container}.{nonce}"));
+            std::fs::rename(&staging, &path)?;
+            let last_used = self.last_used.join(container);
+            touch(&last_used);
+            Ok(Work {
+                path,
+                _lock: lock,
+                last_used,
+            })
+        })();
+        match result {
+            Ok(work) => Ok(Some(work)),
+            Err(e) => {
+                tracing::warn!(container, error = %e, "cannot record work in flight");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Work running on `container` now, from any host process. A store that
+    /// exists but cannot be read counts as busy: never evict on a guess.
+    pub fn count(&self, container: &str) -> usize {
+        let entries = match std::fs::read_dir(&self.running) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the in-flight store; counting as busy");
+                return 1;
+            }
+        };
+        let prefix = format!("{container}.");
+        let mut running = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if !name.to_string_lossy().starts_with(&prefix) {
+                continue;
+            }
+            let Ok(file) = File::open(entry.path()) else {
+                continue;
+            };
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                // Nobody holds it: its process ended without cleaning up.
+                Ok(_stale) => {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+                Err(_) => running += 1,
+            }
+        }
+        running
+    }
+
+    /// Unix ms of the end of the last command on `container` (or of the
+    /// start of one still running), if any host process recorded one.
+    pub fn last_used_ms(&self, container: &str) -> Option<u64> {
+        let modified = std::fs::metadata(self.last_used.join(container))
+            .and_then(|m| m.modified())
+            .ok()?;
+        Some(modified.duration_since(UNIX_EPOCH).ok()?.as_millis() as u64)
+    }
+
+    /// Records a use of `container` now (an ensure without a command).
+    pub fn touch(&self, container: &str) {
+        if self.ensure_dirs().is_ok() {
+            touch(&self.last_used.join(container));
+        }
+    }
+
+    /// Forgets the last use of a removed container.
+    pub fn forget(&self, container: &str) {
+        let _ = std::fs::remove_file(self.last_used.join(container));
+    }
+
+    /// Records that `thread` uses the backend of `container`.
+    pub fn add_thread(&self, container: &str, thread: &str) {
+        let dir = self.threads.join(container);
+        let done = self.ensure_dirs().and_then(|()| {
+            std::fs::DirBuilder::new().mode(0o700).recursive(true).create(&dir)?;
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(dir.join(thread))
+                .map(drop)
+        });
+        if let Err(e) = done {
+            tracing::debug!(container, error = %e, "cannot record the thread");
+        }
+    }
+
+    /// Drops `thread` from the backend of `container`.
+    pub fn release_thread(&self, container: &str, thread: &str) {
+        let _ = std::fs::remove_file(self.threads.join(container).join(thread));
+    }
+
+    /// Threads recorded on the backend of `container`.
+    pub fn threads(&self, container: &str) -> usize {
+        std::fs::read_dir(self.threads.join(container)).map_or(0, |d| d.flatten().count())
+    }
+
+    /// Forgets every thread of a destroyed backend.
+    pub fn forget_threads(&self, container: &str) {
+        let _ = std::fs::remove_dir_all(self.threads.join(container));
+    }
+
+    /// Stops new work on `container` until the guard drops.
+    pub fn close(&self, container: &str) -> Option<Closing> {
+        let path = self.closing.join(container);
+        let made = self.ensure_dirs().and_then(|()| {
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+        });
+        match made {
+            Ok(_) => Some(Closing { path }),
+            Err(e) => {
+                tracing::warn!(container, error = %e, "cannot mark the container closing");
+                None
+            }
+        }
+    }
+
+    /// Whether a destroy is draining `container`.
+    pub fn is_closing(&self, container: &str) -> bool {
+        self.closing.join(container).exists()
+    }
+
+    /// Waits until `container` has no work in flight or `deadline` passed;
+    /// the work still running then.
+    pub async fn drain(&self, container: &str, deadline: tokio::time::Instant) -> usize {
+        loop {
+            let running = self.count(container);
+            if running == 0 || tokio::time::Instant::now() >= deadline {
+                return running;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn touch(path: &Path) {
+    let now = SystemTime::now();
+    let done = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .and_then(|f| f.set_modified(now));
+    if let Err(e) = done {
+        tracing::debug!(path = %path.display(), error = %e, "cannot record last use");
+    }
+}
+
+/// Unique across processes and restarts (pid reuse): pid, a counter, and
+/// the clock's nanoseconds.
+fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "{}-{}-{nanos}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_counts_while_held_and_last_use_moves_at_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Usage::new(dir.path());
+        assert_eq!(store.count("c1"), 0);
+        let a = store.begin("c1").unwrap().unwrap();
+        let b = store.begin("c1").unwrap().unwrap();
+        assert_eq!((store.count("c1"), store.count("c2")), (2, 0));
+        let started = store.last_used_ms("c1").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        drop(a);
+        assert_eq!(store.count("c1"), 1);
+        drop(b);
+        assert_eq!(store.count("c1"), 0);
+        assert!(store.last_used_ms("c1").unwrap() > started);
+    }
+
+    #[test]
+    fn a_crashed_process_leaves_nothing_busy() {
+        // A lock file whose holder died: the kernel released the lock.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Usage::new(dir.path());
+        store.ensure_dirs().unwrap();
+        std::fs::write(store.running.join("c1.999-0"), b"").unwrap();
+        assert_eq!(store.count("c1"), 0);
+        assert!(
+            !store.running.join("c1.999-0").exists(),
+            "stale file cleaned"
+        );
+    }
+
+    #[test]
+    fn another_process_sees_the_work() {
+        // flock is per open file: a second store object, as in another
+        // process, sees the same count.
+        let dir = tempfile::tempdir().unwrap();
+        let _work = Usage::new(dir.path()).begin("c1").unwrap().unwrap();
+        assert_eq!(Usage::new(dir.path()).count("c1"), 1);
+    }
+
+    #[test]
+    fn a_count_racing_a_begin_never_loses_the_work() {
+        // The bug: begin created the file, then locked it; a count in
+        // between found it unlocked and deleted it as stale.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Usage::new(dir.path());
+        let counter = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for _ in 0..2000 {
+                    store.count("c1");
+                }
+            })
+        };
+        for _ in 0..2000 {
+            let work = store.begin("c1").unwrap().unwrap();
+            assert!(work.path.exists(), "a count removed running work");
+            drop(work);
+        }
+        counter.join().unwrap();
+    }
+
+    #[test]
+    fn a_closing_container_admits_no_new_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Usage::new(dir.path());
+        let closing = store.close("c1").unwrap();
+        assert_eq!(store.begin("c1").unwrap_err(), Refusal::Closing);
+        assert!(store.begin("c2").unwrap().is_some());
+        drop(closing);
+        assert!(store.begin("c1").unwrap().is_some());
+    }
+
+    #[test]
+    fn threads_are_recorded_released_and_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Usage::new(dir.path());
+        store.add_thread("c1", "alice-1");
+        store.add_thread("c1", "alice-1");
+        store.add_thread("c1", "alice-2");
+        assert_eq!(store.threads("c1"), 2);
+        store.release_thread("c1", "alice-1");
+        assert_eq!(store.threads("c1"), 1);
+        store.forget_threads("c1");
+        assert_eq!(store.threads("c1"), 0);
+    }
+}

@@ -1,0 +1,146 @@
+//! The one door to the policy: every call goes through the lanes, and every
+//! answer is verified ([`super::answers`]) before the host acts on it. The
+//! rest of the host gets verified types only.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use sandbox_contract::{BackendId, Removal, ThreadId, UserId};
+
+use super::lanes::Lanes;
+use super::{answers, CompiledPolicy, PolicyEngine};
+use crate::engine::Engine;
+use crate::error::Result;
+
+/// The key of `maintain`'s lane: not a valid id, so no backend shares it.
+const MAINTENANCE_KEY: &str = "#maintenance";
+
+/// The most entries of a `maintain` plan the host shows.
+pub const MAX_PLAN_ENTRIES: usize = 1000;
+
+/// A container id the policy returned from `ensure-container`, checked to
+/// be the one the host handed out for that backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedContainer {
+    /// The engine's container id.
+    pub id: String,
+    /// The container's name (derived by the host from the backend id).
+    pub name: String,
+}
+
+/// The running policy, behind its checks.
+pub struct PolicyClient {
+    engine: PolicyEngine,
+    host: Arc<Engine>,
+    lanes: Lanes,
+}
+
+impl PolicyClient {
+    /// Compiles, self-checks and runs `bytes` (from `source`, for messages).
+    pub async fn load(
+        engine: PolicyEngine,
+        host: Arc<Engine>,
+        bytes: &[u8],
+        source: &str,
+    ) -> Result<Self> {
+        let compiled = CompiledPolicy::load(&engine, bytes, source, &host).await?;
+        tracing::debug!(
+            policy = compiled.name(),
+            source = compiled.source(),
+            "policy loaded"
+        );
+        let lanes = Lanes::new(host.clone(), Arc::new(compiled));
+        Ok(PolicyClient {
+            engine,
+            host,
+            lanes,
+        })
+    }
+
+    /// Loads, self-checks and switches to another policy; on any error the
+    /// running policy stays.
+    pub async fn swap(&self, bytes: &[u8], source: &str) -> Result<()> {
+        let compiled = CompiledPolicy::load(&self.engine, bytes, source, &self.host).await?;
+        self.lanes.swap_policy(Arc::new(compiled));
+        Ok(())
+    }
+
+    /// The running policy's name (sanitised).
+    pub fn name(&self) -> String {
+        self.lanes.policy().name().to_owned()
+    }
+
+    /// Policy instances kept in lanes.
+    pub fn instances(&self) -> usize {
+        self.lanes.lane_count()
+    }
+
+    /// Policy calls that trapped so far.
+    pub fn traps(&self) -> u64 {
+        self.lanes.traps.load(Ordering::Relaxed)
+    }
+
+    /// The backend serving `thread`: the policy's pure mapping, checked to
+    /// be a valid backend of the thread's own user.
+    pub async fn backend_of(&self, thread: &ThreadId) -> Result<BackendId> {
+        let answered = self
+            .lanes
+            .route(thread.as_str(), async |p| p.backend_id(thread.as_str()).await)
+            .await?;
+        answers::backend_of_thread(thread, &answered)
+    }
+
+    /// A running container for `backend`, in its lane; the answer must be
+    /// the container the host handed out for that backend.
+    pub async fn ensure(&self, backend: &BackendId) -> Result<VerifiedContainer> {
+        let c = self
+            .lanes
+            .call(backend.as_str(), async |p| p.ensure_container(backend).await)
+            .await?;
+        self.host.handouts().check_serves(&c.id, backend.as_str())?;
+        Ok(VerifiedContainer {
+            id: c.id,
+            name: c.name,
+        })
+    }
+
+    /// Runs `release-thread` in the lane of the thread's backend; removals
+    /// drain until `deadline`.
+    pub async fn release_thread(
+        &self,
+        thread: &ThreadId,
+        backend: &BackendId,
+        deadline: tokio::time::Instant,
+    ) -> Result<bool> {
+        self.lanes
+            .call(backend.as_str(), async |p| {
+                p.release_thread(thread, deadline).await
+            })
+            .await
+    }
+
+    /// Runs `destroy-user` in the user's lane; removals drain until
+    /// `deadline`.
+    pub async fn destroy_user(&self, user: &UserId, deadline: tokio::time::Instant) -> Result<bool> {
+        self.lanes
+            .call(user.as_str(), async |p| p.destroy_user(user, deadline).await)
+            .await
+    }
+
+    /// Runs `maintain` on its own lane: the removals done, or with
+    /// `dry_run` the plan (bounded and escaped: it is the policy's text).
+    pub async fn maintain(&self, dry_run: bool) -> Result<Vec<Removal>> {
+        let plan = self
+            .lanes
+            .call(MAINTENANCE_KEY, async |p| p.maintain(dry_run).await)
+            .await?;
+        Ok(answers::removals(plan, MAX_PLAN_ENTRIES))
+    }
+
+    /// Runs `f` holding `backend`'s lane: never beside a running ensure of
+    /// the same backend.
+    pub async fn in_lane<T>(&self, backend: &str, f: impl AsyncFnOnce() -> Result<T>) -> Result<T> {
+        let _lane = self.lanes.lock(backend).await;
+        f().await
+    }
+}
