@@ -39,10 +39,10 @@ fn cli_exec(h: &Harness, thread: &str, script: &str) -> tokio::process::Child {
         .expect("start the sandbox CLI")
 }
 
-async fn wait_in_flight(sandbox: &Sandbox, n: usize) {
+async fn wait_in_flight(sandbox: &Sandbox, n: u32) {
     let start = Instant::now();
     loop {
-        let busy: usize = sandbox
+        let busy: u32 = sandbox
             .list()
             .await
             .unwrap()
@@ -162,7 +162,7 @@ async fn the_cli_and_the_library_agree_on_idle_time() {
     assert!(out.status.success(), "{out:?}");
     // ...is what this process sees.
     let c = &sandbox.list().await.unwrap()[0];
-    let idle = sandbox_host::capabilities::now_ms().saturating_sub(c.last_used_ms);
+    let idle = sandbox_host::now_ms().saturating_sub(c.last_used_ms);
     assert!(idle < 1500, "idle {idle} ms right after a use from the CLI");
 }
 

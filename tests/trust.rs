@@ -27,7 +27,10 @@ async fn a_policy_cannot_remove_inspect_or_start_a_container_it_does_not_own() {
         .unwrap_err();
     let text = err.to_string();
     // remove, inspect and start each got the host's typed refusal.
-    assert_eq!(text.matches("Refused").count(), 3, "{text}");
+    assert!(
+        text.contains("remove: refused; inspect: refused; start: refused"),
+        "{text}"
+    );
     assert_eq!(h.state(&victim), "running", "the victim is untouched");
 
     // A container labelled by another namespace is just as foreign.
@@ -40,7 +43,11 @@ async fn a_policy_cannot_remove_inspect_or_start_a_container_it_does_not_own() {
         .get_thread_backend(&format!("attack-{theirs}"))
         .await
         .unwrap_err();
-    assert_eq!(err.to_string().matches("Refused").count(), 3, "{err}");
+    assert!(
+        err.to_string()
+            .contains("remove: refused; inspect: refused; start: refused"),
+        "{err}"
+    );
     assert_eq!(h.state(&theirs), "running");
 }
 
@@ -55,10 +62,10 @@ async fn a_policy_cannot_escape_the_workspace_root() {
     let sandbox = h.sandbox_with(config, hostile()).await;
     let err = sandbox.get_thread_backend("escape-1").await.unwrap_err();
     let text = err.to_string();
-    // Refused twice over: another user's workspace, and a create outside
-    // ensure-container (the ids would be invalid too).
-    assert!(text.contains("prepare: Err(Error::Refused"), "{text}");
-    assert!(text.contains("create: Err(Error::Refused"), "{text}");
+    // A path where a backend id belongs: invalid to look up, and refused to
+    // create (not the backend of this ensure-container).
+    assert!(text.contains("find: invalid-id"), "{text}");
+    assert!(text.contains("create: refused"), "{text}");
     // "{root}/../../etc" would be outside/etc.
     let beside: Vec<_> = std::fs::read_dir(outside.path())
         .unwrap()
@@ -163,7 +170,7 @@ async fn garbage_backend_ids_and_forged_or_stolen_containers_are_refused() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(err.contains("create: Err(Error::Refused"), "{err}");
+    assert!(err.contains("create: refused"), "{err}");
     assert!(
         !h.containers().iter().any(|c| c.0.ends_with(".mount-1")),
         "no container mounting alice's files"
@@ -561,15 +568,12 @@ async fn a_policy_call_creates_at_most_its_own_backends_container() {
     let sandbox = h.sandbox_with(h.config(), hostile()).await;
     let spree = sandbox.get_thread_backend("spree-1").await.unwrap();
     let err = spree.ensure_container().await.unwrap_err().to_string();
-    assert!(
-        err.contains("not allowed in ensure-container of backend spree-1"),
-        "{err}"
-    );
+    assert!(err.contains("create x60: refused"), "{err}");
     assert!(h.containers().is_empty(), "{:?}", h.containers());
 
     let poach = sandbox.get_thread_backend("poach-alice").await.unwrap();
     let err = poach.ensure_container().await.unwrap_err().to_string();
-    assert!(err.contains("create: Err(Error::Refused"), "{err}");
+    assert!(err.contains("create: refused"), "{err}");
     assert!(h.containers().is_empty(), "{:?}", h.containers());
     assert!(
         !h.root.path().join("alice").exists(),
@@ -582,9 +586,9 @@ async fn maintain_may_only_look_up_and_remove_and_its_error_is_bounded_and_escap
     // The bug: maintain's 5 MB error was logged verbatim, with a forged line.
     let h = Harness::new("gremlin");
     let sandbox = h.sandbox_with(h.config(), hostile()).await;
-    let err = sandbox.maintain().await.unwrap_err().to_string();
-    assert!(err.contains("create: Err(Error::Refused"), "{err:.300}");
-    assert!(err.contains("prepare: Err(Error::Refused"), "{err:.300}");
+    let err = sandbox.maintain(false).await.unwrap_err().to_string();
+    assert!(err.contains("create: refused"), "{err:.300}");
+    assert!(err.contains("start: refused"), "{err:.300}");
     assert!(!err.contains('\n') && !err.contains('\x1b'), "{err:.300}");
     assert!(err.len() < 4096, "{} bytes", err.len());
     assert!(h.containers().is_empty());

@@ -18,6 +18,8 @@ use crate::{Container, Error, Removal, Status};
 wit_bindgen::generate!({
     world: "sandbox",
     path: "../wit",
+    // The vendored WASI interfaces (wit/deps) too: no WASI bindings crate.
+    generate_all,
     // The policies and fixtures export from their own crates: the macro
     // must be public and find these bindings by path.
     pub_export_macro: true,

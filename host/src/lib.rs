@@ -54,4 +54,4 @@ pub use policy::client::VerifiedContainer;
 pub use policy::embedded as policies;
 pub use policy::source::PolicySource;
 pub use sandbox::{Backend, Counters, Sandbox, ThreadInfo};
-pub use sandbox_contract::{Removal, Status};
+pub use sandbox_contract::{BackendId, Removal, Status, ThreadId, UserId};

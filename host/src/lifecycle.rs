@@ -72,7 +72,11 @@ impl Sandbox {
 
     /// Removes one orphan through its backend's lane (never beside a
     /// running ensure), unless work is in flight on it.
-    async fn collect(&self, container: &ManagedContainer, reason: String) -> Result<(String, bool)> {
+    async fn collect(
+        &self,
+        container: &ManagedContainer,
+        reason: String,
+    ) -> Result<(String, bool)> {
         let engine = self.inner.engine.clone();
         let id = container.id.clone();
         let removed = self
@@ -185,10 +189,16 @@ mod tests {
             .unwrap()
             .contains("not the running policy"));
         let stopped = container("per-user", "alice", Status::Exited, 100);
-        assert_eq!(orphaned(&stopped, "per-user", None, 200).as_deref(), Some("exited"));
+        assert_eq!(
+            orphaned(&stopped, "per-user", None, 200).as_deref(),
+            Some("exited")
+        );
         let bad = container("per-user", "../x", Status::Running, 100);
         assert!(orphaned(&bad, "per-user", None, 200).is_some());
         assert!(orphaned(&live, "per-user", Some(Duration::from_secs(50)), 200).is_some());
-        assert_eq!(orphaned(&live, "per-user", Some(Duration::from_secs(500)), 200), None);
+        assert_eq!(
+            orphaned(&live, "per-user", Some(Duration::from_secs(500)), 200),
+            None
+        );
     }
 }

@@ -98,7 +98,13 @@ impl Sandbox {
     /// The backend id the policy maps a thread to (no Docker call).
     pub async fn backend_id(&self, thread_id: &str) -> Result<String> {
         let thread = ThreadId::parse(thread_id)?;
-        Ok(self.inner.policy.backend_of(&thread).await?.as_str().to_owned())
+        Ok(self
+            .inner
+            .policy
+            .backend_of(&thread)
+            .await?
+            .as_str()
+            .to_owned())
     }
 
     /// What serves a thread, without side effects: its backend id, user and
@@ -142,7 +148,11 @@ impl Sandbox {
 
     /// [`Sandbox::destroy_user_backend`] with its own grace period (zero:
     /// kill what runs now, as `--force`).
-    pub async fn destroy_user_backend_within(&self, user_id: &str, grace: Duration) -> Result<bool> {
+    pub async fn destroy_user_backend_within(
+        &self,
+        user_id: &str,
+        grace: Duration,
+    ) -> Result<bool> {
         let user = UserId::parse(user_id)?;
         let deadline = tokio::time::Instant::now() + grace;
         self.inner.policy.destroy_user(&user, deadline).await
@@ -166,7 +176,10 @@ impl Sandbox {
         let thread = ThreadId::parse(thread_id)?;
         let backend = self.inner.policy.backend_of(&thread).await?;
         let name = self.inner.engine.container_name(&backend);
-        self.inner.engine.usage().release_thread(&name, thread.as_str());
+        self.inner
+            .engine
+            .usage()
+            .release_thread(&name, thread.as_str());
         let deadline = tokio::time::Instant::now() + grace;
         self.inner
             .policy
@@ -381,5 +394,4 @@ impl Backend {
         let response = provider.exec_io(&container.id, &request, io).await;
         Ok(response?)
     }
-
 }

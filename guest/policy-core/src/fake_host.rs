@@ -1,19 +1,25 @@
 //! An in-memory [`Host`] for the decision-logic tests.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use crate::host::{Container, Error, Host, Level, Result, Status};
+use sandbox_contract::{BackendId, Container, Error, Result, Status};
+
+use crate::host::{Host, Level};
 
 #[derive(Debug, Default)]
 pub struct FakeHost {
     pub containers: BTreeMap<String, Container>,
-    pub workspaces: Vec<String>,
     pub logs: Vec<String>,
     pub created: usize,
-    /// Container calls made (workspace and log calls excluded).
+    /// Container calls made (clock, config and log calls excluded).
     pub calls: usize,
+    /// The ids `remove` was called with, in order.
+    pub remove_calls: Vec<String>,
     /// Every container call fails as if the engine were down.
     pub unavailable: bool,
+    /// Containers whose removal is refused, as the host refuses to remove
+    /// a container with work in flight from `maintain`.
+    pub refuse: BTreeSet<String>,
     /// The fake clock, Unix ms.
     pub now: u64,
     pub config: Vec<(String, String)>,
@@ -21,20 +27,67 @@ pub struct FakeHost {
 }
 
 impl FakeHost {
-    pub fn set_status(&mut self, id: &str, status: Status) {
-        self.containers.get_mut(id).expect("known container").status = status;
+    pub fn with_config(pairs: &[(&str, &str)]) -> Self {
+        FakeHost {
+            config: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..FakeHost::default()
+        }
     }
 
-    /// Marks a container used now (the host does this on every execute).
+    fn get_mut(&mut self, id: &str) -> &mut Container {
+        self.containers.get_mut(id).expect("known container")
+    }
+
+    pub fn set_status(&mut self, id: &str, status: Status) {
+        self.get_mut(id).status = status;
+    }
+
+    /// What the host records as threads are routed to and released from
+    /// the container's backend.
+    pub fn set_threads(&mut self, id: &str, threads: u32) {
+        self.get_mut(id).threads = threads;
+    }
+
+    /// Commands running on the container; the host marks it used now.
+    pub fn set_in_flight(&mut self, id: &str, in_flight: u32) {
+        let now = self.now;
+        let c = self.get_mut(id);
+        c.in_flight = in_flight;
+        c.last_used_ms = now;
+    }
+
+    /// Marks a container used now (the host does this on every command).
     pub fn touch(&mut self, id: &str) {
         let now = self.now;
-        if let Some(c) = self.containers.get_mut(id) {
-            c.last_used_ms = now;
-        }
+        self.get_mut(id).last_used_ms = now;
     }
 
     pub fn status_of(&self, id: &str) -> Option<Status> {
         self.containers.get(id).map(|c| c.status)
+    }
+
+    /// The id of the backend's container.
+    pub fn id_of(&self, backend: &str) -> String {
+        self.containers
+            .values()
+            .find(|c| c.backend_id == backend)
+            .expect("a container for the backend")
+            .id
+            .clone()
+    }
+
+    /// The backends that have a container, sorted.
+    pub fn backends(&self) -> Vec<String> {
+        let mut all: Vec<_> = self
+            .containers
+            .values()
+            .map(|c| c.backend_id.clone())
+            .collect();
+        all.sort();
+        all
     }
 
     fn call(&mut self) -> Result<()> {
@@ -47,12 +100,12 @@ impl FakeHost {
 }
 
 impl Host for FakeHost {
-    fn find(&mut self, backend_id: &str) -> Result<Option<Container>> {
+    fn find(&mut self, backend: &BackendId) -> Result<Option<Container>> {
         self.call()?;
         Ok(self
             .containers
             .values()
-            .find(|c| c.backend_id == backend_id)
+            .find(|c| c.backend_id == backend.as_str())
             .cloned())
     }
 
@@ -61,12 +114,12 @@ impl Host for FakeHost {
         Ok(self.containers.values().cloned().collect())
     }
 
-    fn create(&mut self, backend_id: &str, workspace: &str) -> Result<Container> {
+    fn create(&mut self, backend: &BackendId) -> Result<Container> {
         self.call()?;
         if let Some(existing) = self
             .containers
             .values()
-            .find(|c| c.backend_id == backend_id)
+            .find(|c| c.backend_id == backend.as_str())
         {
             return Ok(existing.clone());
         }
@@ -74,11 +127,12 @@ impl Host for FakeHost {
         self.created += 1;
         let c = Container {
             id: format!("c{}", self.next_id),
-            name: format!("sbx.test.{backend_id}"),
-            backend_id: backend_id.into(),
-            workspace: workspace.into(),
+            name: backend.container_name("test"),
+            backend_id: backend.to_string(),
             status: Status::Created,
             last_used_ms: self.now,
+            in_flight: 0,
+            threads: 0,
         };
         self.containers.insert(c.id.clone(), c.clone());
         Ok(c)
@@ -102,21 +156,18 @@ impl Host for FakeHost {
 
     fn remove(&mut self, container_id: &str) -> Result<bool> {
         self.call()?;
-        Ok(self.containers.remove(container_id).is_some())
-    }
-
-    fn prepare_workspace(&mut self, name: &str) -> Result<()> {
-        if !self.workspaces.iter().any(|w| w == name) {
-            self.workspaces.push(name.into());
+        self.remove_calls.push(container_id.into());
+        if self.refuse.contains(container_id) {
+            return Err(Error::Refused(format!("{container_id} has work in flight")));
         }
-        Ok(())
+        Ok(self.containers.remove(container_id).is_some())
     }
 
     fn now_ms(&mut self) -> u64 {
         self.now
     }
 
-    fn policy_config(&mut self) -> Vec<(String, String)> {
+    fn config(&mut self) -> Vec<(String, String)> {
         self.config.clone()
     }
 

@@ -1,25 +1,30 @@
 //! Pure policy logic shared by the sandbox policy components.
 //!
 //! Everything a policy *decides* lives here, in plain Rust that native unit
-//! tests cover: the id rules ([`ids`]), how threads map to backends
-//! ([`mapping`]), and the cache and container lifecycle ([`policy`]). The
-//! components in `guest/per-user` and `guest/per-thread` only adapt the WIT
-//! imports to the [`Host`] trait and export a [`Policy`].
+//! tests cover: how threads map to backends ([`mapping`]) and the cache and
+//! container lifecycle ([`policy`]), over what the policy asks of its host
+//! ([`Host`]). The ids, records and error are the contract's
+//! (`sandbox-contract`). With the `component` feature, [`export_policy!`]
+//! turns a [`Mapping`] into a component of the `sandbox` world, so a
+//! shipped policy is one line.
 //!
 //! ```
 //! use policy_core::{mapping::PerUser, Policy};
+//! use sandbox_contract::ThreadId;
 //! let policy = Policy::new(PerUser);
-//! assert_eq!(policy.backend_id("alice-7f3a").unwrap(), "alice");
+//! let thread = ThreadId::parse("alice-7f3a").unwrap();
+//! assert_eq!(policy.backend_id(&thread).unwrap().as_str(), "alice");
 //! ```
 
+#[cfg(feature = "component")]
+pub mod component;
 pub mod host;
-pub mod ids;
 pub mod mapping;
 pub mod policy;
 
 #[cfg(test)]
 mod fake_host;
 
-pub use host::{Backend, Container, Error, Host, Level, Status};
+pub use host::{Host, Level};
 pub use mapping::Mapping;
-pub use policy::Policy;
+pub use policy::{Lifecycle, Policy, ThreadDestroy};

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::SandboxError;
 use crate::engine::plan::WORKSPACE_MOUNT;
+use crate::error::SandboxError;
 
 /// Exit code reported for a call stopped by its timeout (as `timeout(1)`).
 pub const TIMEOUT_EXIT_CODE: i64 = 124;

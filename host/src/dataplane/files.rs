@@ -26,9 +26,9 @@ use std::task::{ready, Context, Poll};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWrite;
 
-use crate::error::policy_text;
 use crate::dataplane::exec::resolve_workdir;
 use crate::engine::plan::WORKSPACE_MOUNT;
+use crate::error::policy_text;
 
 /// Default cap on one file's apparent size, either direction: 256 MiB.
 pub const MAX_FILE_BYTES: u64 = 256 << 20;

@@ -39,8 +39,10 @@ pub struct ContainerPlan {
 impl ContainerPlan {
     /// The plan with the agent mounted, and labelled so.
     pub fn with_agent(mut self, agent: PathBuf) -> Self {
-        self.labels
-            .insert(crate::dataplane::agent::AGENT_LABEL.to_owned(), "1".to_owned());
+        self.labels.insert(
+            crate::dataplane::agent::AGENT_LABEL.to_owned(),
+            "1".to_owned(),
+        );
         self.agent = Some(agent);
         self
     }

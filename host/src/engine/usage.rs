@@ -181,7 +181,10 @@ impl Usage {
     pub fn add_thread(&self, container: &str, thread: &str) {
         let dir = self.threads.join(container);
         let done = self.ensure_dirs().and_then(|()| {
-            std::fs::DirBuilder::new().mode(0o700).recursive(true).create(&dir)?;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .recursive(true)
+                .create(&dir)?;
             OpenOptions::new()
                 .write(true)
                 .create(true)

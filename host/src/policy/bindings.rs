@@ -26,10 +26,7 @@ pub mod contract_types {
     /// Turns a host error into the policy's `error`, or into a trap.
     pub trait Host {
         /// The one conversion at the boundary.
-        fn convert_error(
-            &mut self,
-            err: crate::error::SandboxError,
-        ) -> wasmtime::Result<Error>;
+        fn convert_error(&mut self, err: crate::error::SandboxError) -> wasmtime::Result<Error>;
     }
 
     /// What the world's `add_to_linker` asks of every interface's store
@@ -53,10 +50,7 @@ pub mod contract_types {
     }
 
     impl<T: Host + ?Sized> Host for &mut T {
-        fn convert_error(
-            &mut self,
-            err: crate::error::SandboxError,
-        ) -> wasmtime::Result<Error> {
+        fn convert_error(&mut self, err: crate::error::SandboxError) -> wasmtime::Result<Error> {
             T::convert_error(*self, err)
         }
     }

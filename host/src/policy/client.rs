@@ -85,7 +85,9 @@ impl PolicyClient {
     pub async fn backend_of(&self, thread: &ThreadId) -> Result<BackendId> {
         let answered = self
             .lanes
-            .route(thread.as_str(), async |p| p.backend_id(thread.as_str()).await)
+            .route(thread.as_str(), async |p| {
+                p.backend_id(thread.as_str()).await
+            })
             .await?;
         answers::backend_of_thread(thread, &answered)
     }
@@ -95,7 +97,9 @@ impl PolicyClient {
     pub async fn ensure(&self, backend: &BackendId) -> Result<VerifiedContainer> {
         let c = self
             .lanes
-            .call(backend.as_str(), async |p| p.ensure_container(backend).await)
+            .call(backend.as_str(), async |p| {
+                p.ensure_container(backend).await
+            })
             .await?;
         self.host.handouts().check_serves(&c.id, backend.as_str())?;
         Ok(VerifiedContainer {
@@ -121,9 +125,15 @@ impl PolicyClient {
 
     /// Runs `destroy-user` in the user's lane; removals drain until
     /// `deadline`.
-    pub async fn destroy_user(&self, user: &UserId, deadline: tokio::time::Instant) -> Result<bool> {
+    pub async fn destroy_user(
+        &self,
+        user: &UserId,
+        deadline: tokio::time::Instant,
+    ) -> Result<bool> {
         self.lanes
-            .call(user.as_str(), async |p| p.destroy_user(user, deadline).await)
+            .call(user.as_str(), async |p| {
+                p.destroy_user(user, deadline).await
+            })
             .await
     }
 

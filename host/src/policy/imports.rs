@@ -264,7 +264,8 @@ impl containers::Host for InstanceState {
         };
         self.admit("start", |_| backend.is_some())?;
         let engine = self.engine.clone();
-        self.host(engine.start(&container_id, backend.as_ref())).await
+        self.host(engine.start(&container_id, backend.as_ref()))
+            .await
     }
 
     async fn inspect(&mut self, container_id: String) -> Result<Option<Container>, SandboxError> {

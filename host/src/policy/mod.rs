@@ -38,7 +38,6 @@ use containment::{InstanceLimits, MemoryPool, PolicyLimiter};
 pub use imports::{InstanceState, Scope};
 use ticker::EpochTicker;
 
-
 use crate::engine::{ownership, Engine};
 use crate::error::SandboxError;
 
@@ -171,7 +170,8 @@ impl CompiledPolicy {
             .backend_id(probe.as_str())
             .await
             .map_err(|e| refuse(format!("backend-id({probe}): {e}")))?;
-        let backend = answers::backend_of_thread(&probe, &first).map_err(|e| refuse(e.to_string()))?;
+        let backend =
+            answers::backend_of_thread(&probe, &first).map_err(|e| refuse(e.to_string()))?;
         let second = instance
             .backend_id(probe.as_str())
             .await
@@ -286,10 +286,7 @@ impl PolicyInstance {
     fn finish<T>(
         &mut self,
         what: &str,
-        r: Result<
-            wasmtime::Result<Result<T, sandbox_contract::Error>>,
-            containment::OverBudget,
-        >,
+        r: Result<wasmtime::Result<Result<T, sandbox_contract::Error>>, containment::OverBudget>,
     ) -> Result<T, SandboxError> {
         let state = self.store.data();
         let trap = |detail: String| SandboxError::policy_trap(&format!("{what}: {detail}"));

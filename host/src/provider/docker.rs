@@ -14,10 +14,7 @@ use async_trait::async_trait;
 use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
 use bollard::exec::{StartExecOptions, StartExecResults};
-use bollard::models::{
-    ContainerCreateBody, ExecConfig,
-    HostConfig,
-};
+use bollard::models::{ContainerCreateBody, ExecConfig, HostConfig};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
 };
@@ -292,11 +289,13 @@ pub fn create_body(plan: &ContainerPlan) -> ContainerCreateBody {
                     "{}:{WORKSPACE_MOUNT}:rw",
                     plan.workspace_path.display()
                 ))
-                .chain(
-                    plan.agent.as_ref().map(|agent| {
-                        format!("{}:{}:ro", agent.display(), crate::dataplane::agent::AGENT_MOUNT)
-                    }),
-                )
+                .chain(plan.agent.as_ref().map(|agent| {
+                    format!(
+                        "{}:{}:ro",
+                        agent.display(),
+                        crate::dataplane::agent::AGENT_MOUNT
+                    )
+                }))
                 .collect(),
             ),
             cap_drop: Some(vec!["ALL".to_owned()]),
@@ -699,8 +698,8 @@ mod tests {
         let config = Config::default();
         let plan = ContainerPlan::new(
             &config,
-            "alice",
-            "alice",
+            &sandbox_contract::BackendId::parse("alice").unwrap(),
+            &sandbox_contract::WorkspaceName::parse("alice").unwrap(),
             "/ws/alice".into(),
             UserIds {
                 uid: 1000,
@@ -734,8 +733,8 @@ mod tests {
         };
         let plan = ContainerPlan::new(
             &config,
-            "a",
-            "a",
+            &sandbox_contract::BackendId::parse("a").unwrap(),
+            &sandbox_contract::WorkspaceName::parse("a").unwrap(),
             "/ws/a".into(),
             UserIds { uid: 1, gid: 1 },
             "p",

@@ -12,9 +12,9 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::error::SandboxError;
 use crate::dataplane::exec::{ExecRequest, ExecResponse, OutputSink};
 use crate::engine::plan::ContainerPlan;
+use crate::error::SandboxError;
 
 pub use sandbox_contract::Status;
 
