@@ -15,7 +15,6 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
 use figment::providers::{Format, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider, Source};
@@ -66,6 +65,54 @@ pub const ENV_NOT_CONFIG: &[&str] = &[
 /// Keys holding free-form maps: any sub-key is valid (and lower-cased when
 /// it comes from the environment).
 const FREE_MAPS: &[&str] = &["policy_config"];
+
+/// Why the configuration could not be loaded or is not usable. Every
+/// message names the file, variable or flag the bad value came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A `SANDBOX_*` variable (or an alias) whose value is not UTF-8.
+    #[error("{name}: not valid UTF-8")]
+    NotUtf8 { name: String },
+    /// The configuration file could not be read (it must exist when named).
+    #[error("reading config file {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration file is not TOML.
+    #[error("parsing config file {}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<figment::Error>,
+    },
+    /// Values of the wrong type or shape, or unknown keys in the file: one
+    /// line each, prefixed with where the value came from
+    /// (`SANDBOX_EXEC_TIMEOUT_SECS: invalid type: ...`).
+    #[error("{}", problems.join("\n"))]
+    Values { problems: Vec<String> },
+    /// A well-formed value the host cannot run with (see
+    /// [`Config::validate`]): its key (dotted), where it came from, and why.
+    #[error("{}{message}", origin.prefix())]
+    Invalid {
+        key: &'static str,
+        origin: Origin,
+        message: String,
+    },
+}
+
+/// A `uid:gid` (or bare uid) that is not numeric.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad {which} in {text:?}")]
+pub struct ParseUserIdsError {
+    /// `uid` or `gid`.
+    pub which: &'static str,
+    /// The whole text given.
+    pub text: String,
+    #[source]
+    pub source: std::num::ParseIntError,
+}
 
 /// Everything the host decides on behalf of policies.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -174,12 +221,19 @@ pub struct UserIds {
 }
 
 impl std::str::FromStr for UserIds {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> anyhow::Result<Self> {
+    type Err = ParseUserIdsError;
+    fn from_str(s: &str) -> Result<Self, ParseUserIdsError> {
         let (uid, gid) = s.split_once(':').unwrap_or((s, s));
+        let id = |which, text: &str| {
+            text.parse().map_err(|source| ParseUserIdsError {
+                which,
+                text: s.to_owned(),
+                source,
+            })
+        };
         Ok(UserIds {
-            uid: uid.parse().with_context(|| format!("bad uid in {s:?}"))?,
-            gid: gid.parse().with_context(|| format!("bad gid in {s:?}"))?,
+            uid: id("uid", uid)?,
+            gid: id("gid", gid)?,
         })
     }
 }
@@ -194,7 +248,7 @@ impl<'de> Deserialize<'de> for UserIds {
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<UserIds, E> {
                 s.parse()
-                    .map_err(|e: anyhow::Error| E::custom(format!("{e:#}")))
+                    .map_err(|e: ParseUserIdsError| E::custom(format!("{e}: {}", e.source)))
             }
             fn visit_u64<E: de::Error>(self, n: u64) -> Result<UserIds, E> {
                 let id =
@@ -393,7 +447,7 @@ pub struct Layers {
 
 impl Layers {
     /// This process's environment, and `file`, else `SANDBOX_CONFIG`.
-    pub fn from_process(file: Option<&Path>) -> anyhow::Result<Layers> {
+    pub fn from_process(file: Option<&Path>) -> Result<Layers, ConfigError> {
         let mut env = BTreeMap::new();
         for (name, value) in std::env::vars_os() {
             let Ok(name) = name.into_string() else {
@@ -402,9 +456,9 @@ impl Layers {
             if !name.starts_with(ENV_PREFIX) && !ENV_ALIASES.iter().any(|(n, _)| *n == name) {
                 continue;
             }
-            let value = value
-                .into_string()
-                .map_err(|_| anyhow!("{name}: not valid UTF-8"))?;
+            let Ok(value) = value.into_string() else {
+                return Err(ConfigError::NotUtf8 { name });
+            };
             env.insert(name, value);
         }
         let file = file.map(Path::to_path_buf).or_else(|| {
@@ -682,9 +736,9 @@ impl Loaded {
 
 /// A figment error as lines naming where the bad value came from:
 /// `SANDBOX_EXEC_TIMEOUT_SECS: invalid type: ...`.
-fn describe(error: figment::Error, file: Option<&Path>) -> anyhow::Error {
+fn describe(error: figment::Error, file: Option<&Path>) -> ConfigError {
     use figment::error::Kind;
-    let lines: Vec<String> = error
+    let problems: Vec<String> = error
         .into_iter()
         .map(|e| {
             let key = e.path.join(".");
@@ -723,7 +777,7 @@ fn describe(error: figment::Error, file: Option<&Path>) -> anyhow::Error {
             }
         })
         .collect();
-    anyhow!(lines.join("\n"))
+    ConfigError::Values { problems }
 }
 
 /// serde's names of primitive types, in words.
@@ -741,7 +795,7 @@ fn plain(expected: &str) -> &str {
 impl Config {
     /// Defaults, then `file` (TOML; else `SANDBOX_CONFIG`'s), then this
     /// process's environment. Unknown `SANDBOX_*` variables are logged.
-    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         let loaded = Config::load_layers(&Layers::from_process(file)?)?;
         for warning in &loaded.warnings {
             tracing::warn!("{warning}");
@@ -751,14 +805,19 @@ impl Config {
 
     /// Defaults, then each layer in turn; validated, and every error names
     /// the file, variable or flag the bad value came from.
-    pub fn load_layers(layers: &Layers) -> anyhow::Result<Loaded> {
+    pub fn load_layers(layers: &Layers) -> Result<Loaded, ConfigError> {
         let mut figment = Figment::new();
         if let Some(path) = &layers.file {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading config file {}", path.display()))?;
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
             let data = Toml::string(&text)
                 .data()
-                .map_err(|e| anyhow!("parsing config file {}: {}", path.display(), e.kind))?;
+                .map_err(|source| ConfigError::Parse {
+                    path: path.clone(),
+                    source: Box::new(source),
+                })?;
             figment = figment.merge(Layer {
                 metadata: Origin::File { path: path.clone() }.metadata(),
                 data: data.into_values().next().unwrap_or_default(),
@@ -805,14 +864,24 @@ impl Config {
             figment,
         };
         if let Err((key, message)) = loaded.config.check() {
-            bail!("{}{message}", loaded.source(key).prefix());
+            return Err(ConfigError::Invalid {
+                key,
+                origin: loaded.source(key),
+                message,
+            });
         }
         Ok(loaded)
     }
 
-    /// Rejects values the host cannot run with.
-    pub fn validate(&self) -> anyhow::Result<()> {
-        self.check().map_err(|(_, message)| anyhow!(message))
+    /// Rejects values the host cannot run with
+    /// ([`ConfigError::Invalid`], its origin [`Origin::Default`]: this
+    /// configuration does not know where its values came from).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check().map_err(|(key, message)| ConfigError::Invalid {
+            key,
+            origin: Origin::Default,
+            message,
+        })
     }
 
     /// The first value the host cannot run with: its key and why.
@@ -1000,7 +1069,7 @@ mod tests {
         }
     }
 
-    fn load(vars: &[(&str, &str)]) -> anyhow::Result<Loaded> {
+    fn load(vars: &[(&str, &str)]) -> Result<Loaded, ConfigError> {
         Config::load_layers(&env(vars))
     }
 
@@ -1386,6 +1455,90 @@ mod tests {
         }
         .validate()
         .is_ok());
+    }
+
+    /// The file's errors keep their cause as `source()`; shown as a chain
+    /// (as the CLI does) they read as before the typed errors.
+    #[test]
+    fn file_errors_keep_their_cause() {
+        fn chain(e: &dyn std::error::Error) -> String {
+            let mut text = e.to_string();
+            let mut cause = e.source();
+            while let Some(e) = cause {
+                text = format!("{text}: {e}");
+                cause = e.source();
+            }
+            text
+        }
+        let missing = Config::load_layers(&Layers {
+            file: Some("/nonexistent/sandbox.toml".into()),
+            ..Layers::default()
+        })
+        .err()
+        .unwrap();
+        assert!(
+            matches!(&missing, ConfigError::Read { source, .. }
+                if source.kind() == std::io::ErrorKind::NotFound),
+            "{missing:?}"
+        );
+        assert!(
+            chain(&missing).starts_with("reading config file /nonexistent/sandbox.toml: "),
+            "{}",
+            chain(&missing)
+        );
+        let toml = file("image = \n");
+        let broken = Config::load_layers(&Layers {
+            file: Some(toml.path().to_owned()),
+            ..Layers::default()
+        })
+        .err()
+        .unwrap();
+        assert!(matches!(broken, ConfigError::Parse { .. }), "{broken:?}");
+        let shown = chain(&broken);
+        let expected = format!(
+            "parsing config file {}: TOML parse error",
+            toml.path().display()
+        );
+        assert!(shown.starts_with(&expected), "{shown}");
+
+        let err = load(&[("SANDBOX_USER", "1:x")]).err().unwrap().to_string();
+        assert_eq!(
+            err,
+            "SANDBOX_USER: bad gid in \"1:x\": invalid digit found in string"
+        );
+    }
+
+    #[test]
+    fn an_invalid_value_names_its_key_and_origin() {
+        let err = load(&[("SANDBOX_LIMITS__PIDS", "0")]).err().unwrap();
+        let ConfigError::Invalid { key, origin, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(
+            (*key, origin),
+            ("limits.pids", &env_origin("SANDBOX_LIMITS__PIDS"))
+        );
+        assert_eq!(
+            err.to_string(),
+            "SANDBOX_LIMITS__PIDS: limits.pids must be positive"
+        );
+        let config = Config {
+            max_policy_instances: 0,
+            ..Config::default()
+        };
+        let err = config.validate().unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ConfigError::Invalid {
+                    key: "max_policy_instances",
+                    origin: Origin::Default,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.to_string(), "max_policy_instances must be positive");
     }
 
     #[test]

@@ -7,7 +7,6 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
 use bollard::query_parameters::{
     BuildImageOptionsBuilder, CreateImageOptionsBuilder, TagImageOptionsBuilder,
 };
@@ -15,6 +14,7 @@ use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::provider::docker::DockerProvider;
+use crate::provider::ProviderError;
 
 const DOCKERFILE: &str = include_str!("../image/Dockerfile");
 const PASSWD: &str = include_str!("../image/passwd");
@@ -30,27 +30,131 @@ pub const UPSTREAM_BUSYBOX: &str = "busybox:musl";
 /// The Debian package whose `/bin/busybox` the recipe is built around.
 const BUSYBOX_PACKAGE: &str = "busybox-static";
 
+/// What to do when no usable static busybox is at hand.
+const BUSYBOX_HINT: &str =
+    "pass --busybox PATH to a statically linked busybox (Debian: busybox-static)";
+
+/// Why the sandbox image could not be found, pulled or built.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The Docker engine could not be reached.
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    /// A Docker API call failed; `action` says which (`pulling busybox:musl`).
+    #[error("{action}")]
+    Docker {
+        action: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    /// The engine reported an error in a build step.
+    #[error("building {tag}: {message}")]
+    BuildStep { tag: String, message: String },
+    /// The default image was neither present nor pullable, and building it
+    /// failed.
+    #[error("building the default image {image}")]
+    DefaultImage {
+        image: String,
+        #[source]
+        source: Box<ImageError>,
+    },
+    /// Another image, not present, could not be pulled.
+    #[error(
+        "image {image:?} is not available and pulling it failed. Build a local image with \
+         `sandbox image build --tag {image}`, or point SANDBOX_IMAGE at an image you have \
+         (`docker images`)"
+    )]
+    Unavailable {
+        image: String,
+        #[source]
+        source: Box<ImageError>,
+    },
+    /// Neither a static local busybox nor apt-get to fetch Debian's.
+    #[error(
+        "a static busybox is needed to build the sandbox image, and this machine has neither \
+         {DEFAULT_BUSYBOX} (static) nor apt-get to fetch Debian's {BUSYBOX_PACKAGE}: pass \
+         --busybox PATH to a statically linked busybox, or set SANDBOX_IMAGE to an image you \
+         have"
+    )]
+    NoApt(#[source] std::io::Error),
+    /// apt's package lists are empty (a fresh image): `apt-get update` first.
+    #[error(
+        "apt-get knows no package {BUSYBOX_PACKAGE}: the package lists are empty, as on \
+         many fresh images. Run `apt-get update` (as root) and try again, or pass \
+         --busybox PATH to a statically linked busybox"
+    )]
+    NoPackage,
+    /// `apt-get download` failed otherwise; with its stderr.
+    #[error("`apt-get download {BUSYBOX_PACKAGE}` failed: {stderr}")]
+    AptFailed { stderr: String },
+    /// `apt-get download` succeeded without leaving a package.
+    #[error("apt-get download reported success but left no .deb")]
+    NoDeb,
+    /// `dpkg-deb` could not be started.
+    #[error("running dpkg-deb (Debian's dpkg) to extract busybox-static")]
+    Dpkg(#[source] std::io::Error),
+    /// `dpkg-deb -x` failed.
+    #[error("dpkg-deb -x {} failed ({status})", deb.display())]
+    DpkgFailed {
+        deb: PathBuf,
+        status: std::process::ExitStatus,
+    },
+    /// The busybox binary could not be read.
+    #[error("reading {}: {BUSYBOX_HINT}", path.display())]
+    ReadBusybox {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The busybox binary needs a dynamic loader the image does not have.
+    #[error(
+        "{} is dynamically linked and cannot run in an image built FROM scratch: {BUSYBOX_HINT}",
+        path.display()
+    )]
+    DynamicBusybox { path: PathBuf },
+    /// The busybox "binary" is not a 64-bit ELF executable.
+    #[error("{} is not a 64-bit ELF executable: {BUSYBOX_HINT}", path.display())]
+    NotElf { path: PathBuf },
+    /// Local file work failed: `action` says which.
+    #[error("{action}")]
+    Io {
+        action: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ImageError {
+    fn docker(action: impl Into<String>) -> impl FnOnce(bollard::errors::Error) -> ImageError {
+        let action = action.into();
+        move |source| ImageError::Docker { action, source }
+    }
+
+    fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageError {
+        let action = action.into();
+        move |source| ImageError::Io { action, source }
+    }
+}
+
 /// Whether the image exists locally.
-pub async fn exists(provider: &DockerProvider, image: &str) -> anyhow::Result<bool> {
+pub async fn exists(provider: &DockerProvider, image: &str) -> Result<bool, ImageError> {
     let docker = provider.client().await?;
     match docker.inspect_image(image).await {
         Ok(_) => Ok(true),
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 404, ..
         }) => Ok(false),
-        Err(e) => Err(e).with_context(|| {
-            format!(
-                "inspecting the image {image} (Docker at {})",
-                provider.endpoint()
-            )
-        }),
+        Err(e) => Err(ImageError::docker(format!(
+            "inspecting the image {image} (Docker at {})",
+            provider.endpoint()
+        ))(e)),
     }
 }
 
 /// Makes sure `image` is available. The default image, our own tag, can
 /// never be pulled as such: an upstream busybox is pulled and tagged when a
 /// registry answers, else the recipe is built. Any other image is pulled.
-pub async fn ensure(provider: &DockerProvider, image: &str) -> anyhow::Result<()> {
+pub async fn ensure(provider: &DockerProvider, image: &str) -> Result<(), ImageError> {
     if exists(provider, image).await? {
         return Ok(());
     }
@@ -59,24 +163,31 @@ pub async fn ensure(provider: &DockerProvider, image: &str) -> anyhow::Result<()
             Ok(()) => return Ok(()),
             Err(e) => tracing::info!(
                 image,
-                "no registry for {UPSTREAM_BUSYBOX} ({e:#}); building the image locally"
+                error = &e as &dyn std::error::Error,
+                "no registry for {UPSTREAM_BUSYBOX}; building the image locally"
             ),
         }
         return build(provider, image, None)
             .await
-            .with_context(|| format!("building the default image {image}"));
+            .map_err(|e| ImageError::DefaultImage {
+                image: image.to_owned(),
+                source: Box::new(e),
+            });
     }
     tracing::info!(image, "image not present locally; trying to pull it");
-    pull(provider, image).await.with_context(|| {
-        format!(
-            "image {image:?} is not available and pulling it failed. Build a local image with \
-             `sandbox image build --tag {image}`, or point SANDBOX_IMAGE at an image you have \
-             (`docker images`)"
-        )
-    })
+    pull(provider, image)
+        .await
+        .map_err(|e| ImageError::Unavailable {
+            image: image.to_owned(),
+            source: Box::new(e),
+        })
 }
 
-async fn pull_and_tag(provider: &DockerProvider, upstream: &str, tag: &str) -> anyhow::Result<()> {
+async fn pull_and_tag(
+    provider: &DockerProvider,
+    upstream: &str,
+    tag: &str,
+) -> Result<(), ImageError> {
     pull(provider, upstream).await?;
     let (repo, version) = tag.rsplit_once(':').unwrap_or((tag, "latest"));
     let options = TagImageOptionsBuilder::default()
@@ -87,13 +198,13 @@ async fn pull_and_tag(provider: &DockerProvider, upstream: &str, tag: &str) -> a
     docker
         .tag_image(upstream, Some(options))
         .await
-        .with_context(|| format!("tagging {upstream} as {tag}"))?;
+        .map_err(ImageError::docker(format!("tagging {upstream} as {tag}")))?;
     tracing::info!(image = tag, upstream, "pulled and tagged the sandbox image");
     Ok(())
 }
 
 /// Pulls an image, showing progress.
-pub async fn pull(provider: &DockerProvider, image: &str) -> anyhow::Result<()> {
+pub async fn pull(provider: &DockerProvider, image: &str) -> Result<(), ImageError> {
     let docker = provider.client().await?;
     let options = CreateImageOptionsBuilder::default()
         .from_image(image)
@@ -101,7 +212,7 @@ pub async fn pull(provider: &DockerProvider, image: &str) -> anyhow::Result<()> 
     let bar = spinner(format!("pulling {image}"));
     let mut stream = docker.create_image(Some(options), None, None);
     while let Some(item) = stream.next().await {
-        let info = item.with_context(|| format!("pulling {image}"))?;
+        let info = item.map_err(ImageError::docker(format!("pulling {image}")))?;
         if let Some(status) = info.status {
             bar.set_message(format!("pulling {image}: {status}"));
         }
@@ -117,13 +228,16 @@ pub async fn build(
     provider: &DockerProvider,
     tag: &str,
     busybox: Option<&Path>,
-) -> anyhow::Result<()> {
+) -> Result<(), ImageError> {
     let binary = match busybox {
         Some(path) => read_static_busybox(path)?,
         None => match read_static_busybox(Path::new(DEFAULT_BUSYBOX)) {
             Ok(bytes) => bytes,
             Err(local) => {
-                tracing::debug!("no usable local busybox ({local:#})");
+                tracing::debug!(
+                    error = &local as &dyn std::error::Error,
+                    "no usable local busybox"
+                );
                 fetch_debian_busybox().await?
             }
         },
@@ -139,10 +253,13 @@ pub async fn build(
     let bar = spinner(format!("building {tag}"));
     let mut stream = docker.build_image(options, None, Some(bollard::body_full(context.into())));
     while let Some(item) = stream.next().await {
-        let info = item.with_context(|| format!("building {tag}"))?;
-        if let Some(error) = info.error_detail.and_then(|d| d.message) {
+        let info = item.map_err(ImageError::docker(format!("building {tag}")))?;
+        if let Some(message) = info.error_detail.and_then(|d| d.message) {
             bar.finish_and_clear();
-            bail!("building {tag}: {error}");
+            return Err(ImageError::BuildStep {
+                tag: tag.to_owned(),
+                message,
+            });
         }
         if let Some(line) = info
             .stream
@@ -159,7 +276,7 @@ pub async fn build(
 }
 
 /// The in-memory tar context: Dockerfile, passwd, group, busybox.
-pub fn build_context(binary: &[u8]) -> anyhow::Result<Vec<u8>> {
+pub fn build_context(binary: &[u8]) -> Result<Vec<u8>, ImageError> {
     let mut tar = tar::Builder::new(Vec::new());
     for (name, data, mode) in [
         ("Dockerfile", DOCKERFILE.as_bytes(), 0o644),
@@ -171,15 +288,19 @@ pub fn build_context(binary: &[u8]) -> anyhow::Result<Vec<u8>> {
         header.set_size(data.len() as u64);
         header.set_mode(mode);
         header.set_cksum();
-        tar.append_data(&mut header, name, data)?;
+        tar.append_data(&mut header, name, data)
+            .map_err(ImageError::io(format!(
+                "adding {name} to the build context"
+            )))?;
     }
-    Ok(tar.into_inner()?)
+    tar.into_inner()
+        .map_err(ImageError::io("finishing the build context"))
 }
 
 /// Fetches Debian's busybox-static with `apt-get download` (no root needed,
 /// nothing installed) and extracts its binary with `dpkg-deb -x`.
-async fn fetch_debian_busybox() -> anyhow::Result<Vec<u8>> {
-    let dir = tempfile::tempdir().context("creating a temporary directory")?;
+async fn fetch_debian_busybox() -> Result<Vec<u8>, ImageError> {
+    let dir = tempfile::tempdir().map_err(ImageError::io("creating a temporary directory"))?;
     let bar = spinner(format!(
         "fetching Debian's {BUSYBOX_PACKAGE} for the sandbox image (apt-get download)"
     ));
@@ -189,43 +310,31 @@ async fn fetch_debian_busybox() -> anyhow::Result<Vec<u8>> {
     read_static_busybox(&binary)
 }
 
-async fn download_and_extract(dir: &Path) -> anyhow::Result<PathBuf> {
-    let no_apt = || {
-        format!(
-            "a static busybox is needed to build the sandbox image, and this machine has neither \
-             {DEFAULT_BUSYBOX} (static) nor apt-get to fetch Debian's {BUSYBOX_PACKAGE}: pass \
-             --busybox PATH to a statically linked busybox, or set SANDBOX_IMAGE to an image you \
-             have"
-        )
-    };
+async fn download_and_extract(dir: &Path) -> Result<PathBuf, ImageError> {
     let output = tokio::process::Command::new("apt-get")
         .args(["download", BUSYBOX_PACKAGE])
         .current_dir(dir)
         .output()
         .await
-        .with_context(no_apt)?;
+        .map_err(ImageError::NoApt)?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let empty_lists = stderr.contains("Unable to locate package")
             || stderr.contains("no installation candidate")
             || stderr.contains("Can't select");
         if empty_lists {
-            bail!(
-                "apt-get knows no package {BUSYBOX_PACKAGE}: the package lists are empty, as on \
-                 many fresh images. Run `apt-get update` (as root) and try again, or pass \
-                 --busybox PATH to a statically linked busybox"
-            );
+            return Err(ImageError::NoPackage);
         }
-        bail!(
-            "`apt-get download {BUSYBOX_PACKAGE}` failed: {}",
-            stderr.trim()
-        );
+        return Err(ImageError::AptFailed {
+            stderr: stderr.trim().to_owned(),
+        });
     }
-    let deb = std::fs::read_dir(dir)?
+    let deb = std::fs::read_dir(dir)
+        .map_err(ImageError::io(format!("listing {}", dir.display())))?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .context("apt-get download reported success but left no .deb")?;
+        .ok_or(ImageError::NoDeb)?;
     let root = dir.join("root");
     let status = tokio::process::Command::new("dpkg-deb")
         .arg("-x")
@@ -233,26 +342,29 @@ async fn download_and_extract(dir: &Path) -> anyhow::Result<PathBuf> {
         .arg(&root)
         .status()
         .await
-        .context("running dpkg-deb (Debian's dpkg) to extract busybox-static")?;
+        .map_err(ImageError::Dpkg)?;
     if !status.success() {
-        bail!("dpkg-deb -x {} failed ({status})", deb.display());
+        return Err(ImageError::DpkgFailed { deb, status });
     }
     Ok(root.join("bin/busybox"))
 }
 
-fn read_static_busybox(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let hint = "pass --busybox PATH to a statically linked busybox (Debian: busybox-static)";
+fn read_static_busybox(path: &Path) -> Result<Vec<u8>, ImageError> {
     let mut bytes = Vec::new();
     std::fs::File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
-        .with_context(|| format!("reading {}: {hint}", path.display()))?;
+        .map_err(|source| ImageError::ReadBusybox {
+            path: path.to_owned(),
+            source,
+        })?;
     match elf_has_interpreter(&bytes) {
         Some(false) => Ok(bytes),
-        Some(true) => bail!(
-            "{} is dynamically linked and cannot run in an image built FROM scratch: {hint}",
-            path.display()
-        ),
-        None => bail!("{} is not a 64-bit ELF executable: {hint}", path.display()),
+        Some(true) => Err(ImageError::DynamicBusybox {
+            path: path.to_owned(),
+        }),
+        None => Err(ImageError::NotElf {
+            path: path.to_owned(),
+        }),
     }
 }
 
@@ -295,5 +407,35 @@ mod tests {
         let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
         assert_eq!(elf_has_interpreter(&me), Some(true));
         assert_eq!(elf_has_interpreter(b"#!/bin/sh\n"), None);
+    }
+
+    #[test]
+    fn an_unusable_busybox_says_why_and_what_to_do() {
+        let missing = read_static_busybox(Path::new("/nonexistent/busybox")).unwrap_err();
+        assert!(
+            matches!(&missing, ImageError::ReadBusybox { source, .. }
+                if source.kind() == std::io::ErrorKind::NotFound),
+            "{missing:?}"
+        );
+        assert_eq!(
+            missing.to_string(),
+            format!("reading /nonexistent/busybox: {BUSYBOX_HINT}")
+        );
+        let me = std::env::current_exe().unwrap();
+        let dynamic = read_static_busybox(&me).unwrap_err();
+        assert!(
+            matches!(dynamic, ImageError::DynamicBusybox { .. }),
+            "{dynamic:?}"
+        );
+        let script = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(script.path(), "#!/bin/sh\n").unwrap();
+        let not_elf = read_static_busybox(script.path()).unwrap_err();
+        assert_eq!(
+            not_elf.to_string(),
+            format!(
+                "{} is not a 64-bit ELF executable: {BUSYBOX_HINT}",
+                script.path().display()
+            )
+        );
     }
 }

@@ -474,7 +474,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ls { json, stats } => {
             let sandbox = open(config, false).await?;
             let containers = sandbox.list().await?;
-            let now = sandbox_host::capabilities::now_ms();
+            let now = sandbox_host::now_ms();
             let mut rows = Vec::new();
             for c in containers {
                 let usage = if stats && c.status == sandbox_host::provider::Status::Running {
@@ -707,7 +707,7 @@ enum Operand<'a> {
 /// `:`) is refused rather than guessed.
 fn operand(arg: &str) -> anyhow::Result<Operand<'_>> {
     match arg.split_once(':') {
-        Some((thread, path)) if policy_core::ids::parse_thread(thread).is_ok() => {
+        Some((thread, path)) if sandbox_host::ThreadId::parse(thread).is_ok() => {
             Ok(Operand::Remote { thread, path })
         }
         Some((before, _)) if !before.contains('/') && !Path::new(arg).exists() => bail!(

@@ -18,6 +18,32 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::Engine;
 
+/// Why a compiled component was not written to the cache (only logged).
+#[derive(Debug, thiserror::Error)]
+enum StoreError {
+    #[error("serializing the compiled component")]
+    Serialize(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// `action` and the path it failed on.
+    #[error("{action} {}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+        let path = path.to_owned();
+        move |source| StoreError::Io {
+            action,
+            path,
+            source,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ComponentCache {
     dir: PathBuf,
@@ -46,17 +72,24 @@ impl ComponentCache {
         }
         let component = Component::new(engine, bytes)?;
         if let Err(e) = self.store(&path, &component) {
-            tracing::debug!(dir = %self.dir.display(), error = %e, "component cache not written");
+            tracing::debug!(
+                dir = %self.dir.display(),
+                error = &e as &dyn std::error::Error,
+                "component cache not written"
+            );
         }
         Ok(component)
     }
 
-    fn store(&self, path: &Path, component: &Component) -> anyhow::Result<()> {
-        let serialized = component.serialize().map_err(|e| anyhow::anyhow!("{e}"))?;
+    fn store(&self, path: &Path, component: &Component) -> Result<(), StoreError> {
+        let serialized = component
+            .serialize()
+            .map_err(|e| StoreError::Serialize(e.into()))?;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&self.dir)?;
+            .create(&self.dir)
+            .map_err(StoreError::io("creating", &self.dir))?;
         let tmp = self
             .dir
             .join(format!(".{}.{}.tmp", std::process::id(), rand_suffix()));
@@ -64,10 +97,12 @@ impl ComponentCache {
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(&serialized)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
+            .open(&tmp)
+            .map_err(StoreError::io("creating", &tmp))?;
+        file.write_all(&serialized)
+            .and_then(|()| file.sync_all())
+            .map_err(StoreError::io("writing", &tmp))?;
+        std::fs::rename(&tmp, path).map_err(StoreError::io("renaming into place", &tmp))?;
         Ok(())
     }
 
@@ -85,7 +120,7 @@ impl ComponentCache {
 fn key(engine: &Engine, bytes: &[u8]) -> String {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut hasher);
-    let component = match super::embedded::known_digest(bytes) {
+    let component = match crate::policy::embedded::known_digest(bytes) {
         Some(digest) => digest.to_owned(),
         None => hex::encode(Sha256::digest(bytes)),
     };
@@ -103,11 +138,14 @@ mod tests {
 
     #[test]
     fn build_time_digests_match_the_shipped_bytes() {
-        for bytes in [super::embedded::PER_USER, super::embedded::PER_THREAD] {
-            let at_build = super::embedded::known_digest(bytes).unwrap();
+        for bytes in [
+            crate::policy::embedded::PER_USER,
+            crate::policy::embedded::PER_THREAD,
+        ] {
+            let at_build = crate::policy::embedded::known_digest(bytes).unwrap();
             assert_eq!(at_build, hex::encode(Sha256::digest(bytes)));
         }
-        assert!(super::embedded::known_digest(b"\0asm").is_none());
+        assert!(crate::policy::embedded::known_digest(b"\0asm").is_none());
     }
 
     #[test]
@@ -115,7 +153,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = ComponentCache::new(dir.path().join("c"));
         let engine = Engine::default();
-        let bytes = super::embedded::PER_THREAD;
+        let bytes = crate::policy::embedded::PER_THREAD;
         cache.load_or_compile(&engine, bytes).unwrap();
         let entries: Vec<_> = std::fs::read_dir(dir.path().join("c")).unwrap().collect();
         assert_eq!(entries.len(), 1, "one entry written");

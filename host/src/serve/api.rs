@@ -19,8 +19,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::AppState;
-use crate::exec::{ExecOptions, ExecResponse, StreamKind};
-use crate::files::Upload;
+use crate::dataplane::exec::{ExecOptions, ExecResponse, StreamKind};
+use crate::dataplane::files::Upload;
 use crate::{PolicySource, SandboxError};
 
 type Shared = Arc<AppState>;
@@ -544,8 +544,8 @@ fn one_path(query: Option<&str>) -> ApiResult<(String, Option<u32>)> {
 }
 
 /// The status of a per-file error on the raw routes.
-fn file_status(error: crate::files::FileError) -> ApiError {
-    use crate::files::FileError;
+fn file_status(error: crate::dataplane::files::FileError) -> ApiError {
+    use crate::dataplane::files::FileError;
     let status = match error {
         FileError::FileNotFound => StatusCode::NOT_FOUND,
         FileError::PermissionDenied => StatusCode::FORBIDDEN,
@@ -586,7 +586,10 @@ async fn download_raw(
     use futures_util::StreamExt;
     use tokio::io::AsyncReadExt;
     type Verdict = Result<
-        Result<Result<crate::files::FileInfo, crate::files::FileError>, SandboxError>,
+        Result<
+            Result<crate::dataplane::files::FileInfo, crate::dataplane::files::FileError>,
+            SandboxError,
+        >,
         tokio::task::JoinError,
     >;
     let mut first = vec![0u8; 64 * 1024];
@@ -669,7 +672,9 @@ async fn upload_raw(
         let backend = state.sandbox.get_thread_backend(&thread_id).await?;
         let limits = backend.file_limits();
         if len > limits.max_file_bytes {
-            return Err(file_status(crate::files::FileError::FileTooLarge));
+            return Err(file_status(
+                crate::dataplane::files::FileError::FileTooLarge,
+            ));
         }
         use futures_util::TryStreamExt;
         let stream = body.into_data_stream().map_err(std::io::Error::other);
@@ -741,7 +746,7 @@ async fn destroy_user(
 
 async fn backends(State(state): State<Shared>) -> ApiResult<Json<serde_json::Value>> {
     observed(&state, "backends", async {
-        let now = crate::capabilities::now_ms();
+        let now = crate::engine::now_ms();
         let list: Vec<serde_json::Value> = state
             .sandbox
             .list()

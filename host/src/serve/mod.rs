@@ -15,12 +15,34 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
-
 pub use api::{router, ACCESS_LOG_TARGET};
 pub use metrics::{Metrics, CONTENT_TYPE as METRICS_CONTENT_TYPE};
 
 use crate::{PolicySource, Sandbox};
+
+/// Why `sandbox serve` could not start, or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A non-loopback address without a bearer token.
+    #[error(
+        "refusing to listen on {listen} without a bearer token: set --token or SANDBOX_TOKEN \
+         (only loopback addresses may run without one)"
+    )]
+    TokenRequired { listen: SocketAddr },
+    /// The listening socket could not be bound.
+    #[error("binding {listen}")]
+    Bind {
+        listen: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The SIGHUP handler (policy reload) could not be installed.
+    #[error("installing the SIGHUP handler (policy reload)")]
+    Signal(#[source] std::io::Error),
+    /// Accepting or serving connections failed.
+    #[error("serving")]
+    Serve(#[source] std::io::Error),
+}
 
 /// How `sandbox serve` runs.
 #[derive(Debug, Clone)]
@@ -70,13 +92,11 @@ impl AppState {
 }
 
 impl ServeOptions {
-    pub fn check(&self) -> anyhow::Result<()> {
+    pub fn check(&self) -> Result<(), ServeError> {
         if !self.listen.ip().is_loopback() && self.token.as_deref().is_none_or(str::is_empty) {
-            bail!(
-                "refusing to listen on {} without a bearer token: set --token or SANDBOX_TOKEN \
-                 (only loopback addresses may run without one)",
-                self.listen
-            );
+            return Err(ServeError::TokenRequired {
+                listen: self.listen,
+            });
         }
         Ok(())
     }
@@ -85,7 +105,7 @@ impl ServeOptions {
 /// Serves until SIGTERM / ctrl-c. Then it accepts no new connection, lets
 /// running requests finish for the grace period, ends the rest with the
 /// reason `shutdown` (their commands are killed), and exits at most 2 s later.
-pub async fn serve(sandbox: Sandbox, options: ServeOptions) -> anyhow::Result<()> {
+pub async fn serve(sandbox: Sandbox, options: ServeOptions) -> Result<(), ServeError> {
     options.check()?;
     let (ended, shutdown) = tokio::sync::watch::channel(false);
     let state = Arc::new(AppState {
@@ -101,8 +121,12 @@ pub async fn serve(sandbox: Sandbox, options: ServeOptions) -> anyhow::Result<()
     let app = router(state, options.body_limit_bytes);
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
-        .with_context(|| format!("binding {}", options.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, "sandbox serve listening");
+        .map_err(|source| ServeError::Bind {
+            listen: options.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(ServeError::Serve)?;
+    tracing::info!(%addr, "sandbox serve listening");
     let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -112,7 +136,7 @@ pub async fn serve(sandbox: Sandbox, options: ServeOptions) -> anyhow::Result<()
         .into_future();
     tokio::pin!(server);
     tokio::select! {
-        served = &mut server => return served.context("serving"),
+        served = &mut server => return served.map_err(ServeError::Serve),
         _ = on_signal => {}
     }
     let grace = options.grace;
@@ -154,8 +178,9 @@ async fn shutdown_signal() {
     }
 }
 
-fn spawn_reload_on_sighup(state: Arc<AppState>, path: PathBuf) -> anyhow::Result<()> {
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+fn spawn_reload_on_sighup(state: Arc<AppState>, path: PathBuf) -> Result<(), ServeError> {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(ServeError::Signal)?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             match state
@@ -184,3 +209,30 @@ pub const DEFAULT_BODY_LIMIT: usize = 24 * 1024 * 1024;
 /// File content one JSON download batch holds: its base64 and JSON copies
 /// stay within the server's per-request memory budget.
 pub const JSON_BATCH_BYTES: u64 = 16 * 1024 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_public_address_needs_a_token() {
+        let options = |listen: &str, token: Option<&str>| ServeOptions {
+            listen: listen.parse().unwrap(),
+            token: token.map(str::to_owned),
+            body_limit_bytes: DEFAULT_BODY_LIMIT,
+            policy_path: None,
+            allowed_hosts: Vec::new(),
+            grace: std::time::Duration::from_secs(1),
+        };
+        let err = options("0.0.0.0:8765", Some("")).check().unwrap_err();
+        assert!(matches!(err, ServeError::TokenRequired { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "refusing to listen on 0.0.0.0:8765 without a bearer token: set --token or \
+             SANDBOX_TOKEN (only loopback addresses may run without one)"
+        );
+        assert!(options("0.0.0.0:8765", Some("t")).check().is_ok());
+        assert!(options("127.0.0.1:8765", None).check().is_ok());
+        assert!(options("[::1]:8765", None).check().is_ok());
+    }
+}
