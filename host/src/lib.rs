@@ -44,6 +44,7 @@ pub mod provider;
 pub mod runtime;
 pub mod sandbox;
 pub mod serve;
+pub mod view;
 pub mod workspace;
 
 pub use capabilities::ManagedContainer;
@@ -51,3 +52,4 @@ pub use config::Config;
 pub use error::SandboxError;
 pub use exec::ExecResponse;
 pub use sandbox::{Backend, PolicySource, Sandbox};
+pub use view::BackendView;
