@@ -38,6 +38,7 @@ mod error;
 mod lifecycle;
 mod policy;
 mod sandbox;
+mod view;
 
 pub mod config;
 pub mod image;
@@ -55,3 +56,4 @@ pub use policy::embedded as policies;
 pub use policy::source::PolicySource;
 pub use sandbox::{Backend, Counters, Sandbox, ThreadInfo};
 pub use sandbox_contract::{BackendId, Removal, Status, ThreadId, UserId};
+pub use view::BackendView;

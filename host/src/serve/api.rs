@@ -21,7 +21,7 @@ use subtle::ConstantTimeEq;
 use super::AppState;
 use crate::dataplane::exec::{ExecOptions, ExecResponse, StreamKind};
 use crate::dataplane::files::Upload;
-use crate::{PolicySource, SandboxError};
+use crate::{BackendView, PolicySource, SandboxError};
 
 type Shared = Arc<AppState>;
 
@@ -747,17 +747,12 @@ async fn destroy_user(
 async fn backends(State(state): State<Shared>) -> ApiResult<Json<serde_json::Value>> {
     observed(&state, "backends", async {
         let now = crate::engine::now_ms();
-        let list: Vec<serde_json::Value> = state
+        let list: Vec<BackendView> = state
             .sandbox
             .list()
             .await?
             .into_iter()
-            .map(|c| {
-                let idle = now.saturating_sub(c.last_used_ms) / 1000;
-                let mut v = serde_json::to_value(c).unwrap_or_default();
-                v["idle_secs"] = idle.into();
-                v
-            })
+            .map(|c| BackendView::new(c, now))
             .collect();
         Ok(Json(
             json!({ "policy": state.sandbox.policy_name(), "backends": list }),

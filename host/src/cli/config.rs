@@ -1,0 +1,43 @@
+//! `sandbox config`: print the effective configuration and where each value came from.
+
+use std::process::ExitCode;
+
+use sandbox_host::config::Loaded;
+
+#[derive(clap::Args)]
+pub struct ConfigArgs {
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Every key, its value and where it came from.
+pub fn run(loaded: &Loaded, args: ConfigArgs) -> anyhow::Result<ExitCode> {
+    let ConfigArgs { json } = args;
+    let entries = loaded.sources();
+    if json {
+        let sources: serde_json::Map<String, serde_json::Value> = entries
+            .iter()
+            .map(|(key, _, origin)| Ok((key.clone(), serde_json::to_value(origin)?)))
+            .collect::<serde_json::Result<_>>()?;
+        let out = serde_json::json!({ "config": loaded.config, "sources": sources });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<(String, String, String)> = entries
+        .into_iter()
+        .map(|(key, value, origin)| {
+            let value = match value {
+                serde_json::Value::Null => "(unset)".to_owned(),
+                value => value.to_string(),
+            };
+            (key, value, origin.to_string())
+        })
+        .collect();
+    let key_width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+    let value_width = rows.iter().map(|r| r.1.len()).max().unwrap_or(0);
+    println!("{:<key_width$}  {:<value_width$}  SOURCE", "KEY", "VALUE");
+    for (key, value, origin) in rows {
+        println!("{key:<key_width$}  {value:<value_width$}  {origin}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,54 @@
+//! `sandbox serve`: serve the JSON HTTP API until SIGTERM.
+
+use std::process::ExitCode;
+
+use sandbox_host::Config;
+
+use super::open;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on; anything but loopback requires --token.
+    #[arg(long, default_value = "127.0.0.1:8765")]
+    pub listen: std::net::SocketAddr,
+    /// Bearer token required on every request (but /healthz).
+    #[arg(long, env = "SANDBOX_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Largest JSON request body in bytes (the raw file routes stream,
+    /// bounded by max_file_bytes).
+    #[arg(long, default_value_t = sandbox_host::serve::DEFAULT_BODY_LIMIT)]
+    pub body_limit_bytes: usize,
+    /// Host name accepted when no token is set (repeatable; loopback
+    /// names by default): guards against DNS rebinding.
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    pub allowed_hosts: Vec<String>,
+}
+
+pub async fn run(config: Config, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let ServeArgs {
+        listen,
+        token,
+        body_limit_bytes,
+        allowed_hosts,
+    } = args;
+    let allowed_hosts = if allowed_hosts.is_empty() {
+        sandbox_host::serve::LOOPBACK_HOSTS
+            .iter()
+            .map(|h| h.to_string())
+            .collect()
+    } else {
+        allowed_hosts
+    };
+    let options = sandbox_host::serve::ServeOptions {
+        listen,
+        token: token.filter(|t| !t.is_empty()),
+        body_limit_bytes,
+        policy_path: config.policy.clone(),
+        allowed_hosts,
+        grace: std::time::Duration::from_secs_f64(config.destroy_grace_secs),
+    };
+    options.check()?;
+    let sandbox = open(config, true).await?;
+    sandbox_host::serve::serve(sandbox, options).await?;
+    Ok(ExitCode::SUCCESS)
+}
