@@ -15,16 +15,20 @@ fn hostile() -> PolicySource {
     PolicySource::File(fixture("hostile-policy"))
 }
 
+/// The error of ensuring `thread`'s container: the hostile fixture's
+/// container attacks run in `ensure-container`.
+async fn ensure_err(sandbox: &sandbox_host::Sandbox, thread: impl AsRef<str>) -> SandboxError {
+    let backend = sandbox.get_thread_backend(thread.as_ref()).await.unwrap();
+    backend.ensure_container().await.unwrap_err()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_policy_cannot_remove_inspect_or_start_a_container_it_does_not_own() {
     let h = Harness::new("attack");
     let victim = h.victim();
     let sandbox = h.sandbox_with(h.config(), hostile()).await;
 
-    let err = sandbox
-        .get_thread_backend(&format!("attack-{victim}"))
-        .await
-        .unwrap_err();
+    let err = ensure_err(&sandbox, &format!("attack-{victim}")).await;
     let text = err.to_string();
     // remove, inspect and start each got the host's typed refusal.
     assert!(
@@ -39,10 +43,7 @@ async fn a_policy_cannot_remove_inspect_or_start_a_container_it_does_not_own() {
     let b = neighbour.get_thread_backend("carol-1").await.unwrap();
     b.execute("true").await.unwrap();
     let theirs = b.ensure_container().await.unwrap().id;
-    let err = sandbox
-        .get_thread_backend(&format!("attack-{theirs}"))
-        .await
-        .unwrap_err();
+    let err = ensure_err(&sandbox, &format!("attack-{theirs}")).await;
     assert!(
         err.to_string()
             .contains("remove: refused; inspect: refused; start: refused"),
@@ -60,7 +61,7 @@ async fn a_policy_cannot_escape_the_workspace_root() {
         ..h.config()
     };
     let sandbox = h.sandbox_with(config, hostile()).await;
-    let err = sandbox.get_thread_backend("escape-1").await.unwrap_err();
+    let err = ensure_err(&sandbox, "escape-1").await;
     let text = err.to_string();
     // A path where a backend id belongs: invalid to look up, and refused to
     // create (not the backend of this ensure-container).
@@ -127,7 +128,7 @@ async fn unbounded_allocation_and_panics_trap_only_their_instance() {
     assert!(matches!(r, Err(SandboxError::PolicyTrap(_))), "{r:?}");
     let r = sandbox.get_thread_backend("panic-1").await;
     match r {
-        Err(SandboxError::PolicyTrap(why)) => assert!(why.contains("get-thread-backend"), "{why}"),
+        Err(SandboxError::PolicyTrap(why)) => assert!(why.contains("backend-id"), "{why}"),
         other => panic!("expected a trap, got {other:?}"),
     }
     assert_eq!(alice.execute("echo ok").await.unwrap().output, "ok\n");
@@ -165,10 +166,7 @@ async fn garbage_backend_ids_and_forged_or_stolen_containers_are_refused() {
             "{thread}: {r:?}"
         );
     }
-    let err = sandbox
-        .get_thread_backend("mount-1")
-        .await
-        .unwrap_err()
+    let err = ensure_err(&sandbox, "mount-1").await
         .to_string();
     assert!(err.contains("create: refused"), "{err}");
     assert!(
@@ -550,7 +548,7 @@ async fn a_loop_over_cheap_imports_is_stopped_by_the_host_call_budget() {
     };
     let sandbox = h.sandbox_with(config, hostile()).await;
     let start = Instant::now();
-    let err = sandbox.get_thread_backend("chatty-1").await.unwrap_err();
+    let err = ensure_err(&sandbox, "chatty-1").await;
     assert!(matches!(err, SandboxError::PolicyTrap(_)), "{err}");
     assert!(err.to_string().contains("more than 50 host calls"), "{err}");
     assert!(
