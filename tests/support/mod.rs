@@ -186,42 +186,15 @@ pub fn docker(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Builds the test-only fixture components once per test binary and returns
-/// the path of `crate_name`'s component (e.g. `hostile-policy`).
+/// The path of the test-only fixture component `crate_name` (e.g.
+/// `hostile-policy`), built with the host by `artifacts/build.rs`.
 pub fn fixture(crate_name: &str) -> std::path::PathBuf {
-    static BUILT: Once = Once::new();
-    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned();
-    let target = workspace.join("target/wasm-fixtures");
-    BUILT.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(&workspace)
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip2",
-                "--locked",
-            ])
-            .args([
-                "-p",
-                "hostile-policy",
-                "-p",
-                "broken-policy",
-                "-p",
-                "other-world",
-            ])
-            .env("CARGO_TARGET_DIR", &target)
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .status()
-            .expect("running cargo for the fixture components");
-        assert!(status.success(), "building the fixture components failed");
-    });
-    target
-        .join("wasm32-wasip2/release")
-        .join(format!("{}.wasm", crate_name.replace('-', "_")))
+    use sandbox_artifacts::fixtures;
+    let path = match crate_name {
+        "hostile-policy" => fixtures::HOSTILE_POLICY_PATH,
+        "broken-policy" => fixtures::BROKEN_POLICY_PATH,
+        "other-world" => fixtures::OTHER_WORLD_PATH,
+        other => panic!("no fixture component {other:?} in tests/fixtures"),
+    };
+    path.into()
 }

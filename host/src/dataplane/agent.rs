@@ -18,8 +18,8 @@ pub const AGENT_MOUNT: &str = "/.sandbox/agent";
 /// The label that says a container has the agent mounted.
 pub const AGENT_LABEL: &str = "sandbox.agent";
 
-const BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sandbox-agent"));
-const DIGEST: &str = include_str!(concat!(env!("OUT_DIR"), "/sandbox-agent.sha256"));
+const BINARY: &[u8] = sandbox_artifacts::AGENT;
+const DIGEST: &str = sandbox_artifacts::AGENT_SHA256;
 
 /// The directory under the workspace root that holds host state. Workspace
 /// names cannot start with `.`, so no workspace can be (or mount) it.

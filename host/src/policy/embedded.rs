@@ -1,14 +1,14 @@
-//! The policy components this host ships, built by `build.rs`.
+//! The policy components this host ships, built by the `sandbox-artifacts`
+//! crate (`artifacts/build.rs`).
+
+use sandbox_artifacts::shipped::{PER_THREAD_SHA256, PER_USER_SHA256};
 
 /// The per-user policy, the default: all threads of a user share one
 /// container and one workspace.
-pub const PER_USER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/per_user.wasm"));
+pub const PER_USER: &[u8] = sandbox_artifacts::shipped::PER_USER;
 
 /// The per-thread policy, the original behaviour: one container per thread.
-pub const PER_THREAD: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/per_thread.wasm"));
-
-const PER_USER_SHA256: &str = include_str!(concat!(env!("OUT_DIR"), "/per_user.sha256"));
-const PER_THREAD_SHA256: &str = include_str!(concat!(env!("OUT_DIR"), "/per_thread.sha256"));
+pub const PER_THREAD: &[u8] = sandbox_artifacts::shipped::PER_THREAD;
 
 /// The SHA-256 (hex) of `bytes` when they are a shipped policy, computed
 /// at build time.
