@@ -47,7 +47,8 @@ pub mod serve;
 
 pub use config::Config;
 pub use dataplane::{exec, files, transfer};
-pub use engine::{now_ms, ManagedContainer};
+pub use engine::plan::ContainerPlan;
+pub use engine::{now_ms, Engine, ManagedContainer, RemoveMode};
 pub use error::{policy_text, SandboxError};
 pub use exec::{ExecOptions, ExecResponse, StreamKind};
 pub use lifecycle::GcEntry;

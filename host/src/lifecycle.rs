@@ -1,13 +1,13 @@
 //! Housekeeping over a sandbox's containers: the policy's `maintain` (idle
 //! time, capacity), run periodically and by `gc`, and `gc`'s own rules for
 //! containers no backend owns any more. Nothing here removes a container
-//! with work in flight: the engine refuses it ([`Removal::UnlessBusy`]).
+//! with work in flight: the engine refuses it ([`RemoveMode::UnlessBusy`]).
 
 use std::time::Duration;
 
 use sandbox_contract::{BackendId, Status};
 
-use crate::engine::{now_ms, ManagedContainer, Removal};
+use crate::engine::{now_ms, ManagedContainer, RemoveMode};
 use crate::error::{Result, SandboxError};
 use crate::sandbox::Sandbox;
 
@@ -83,7 +83,7 @@ impl Sandbox {
             .inner
             .policy
             .in_lane(&container.backend_id, async || {
-                engine.remove(&id, Removal::UnlessBusy).await
+                engine.remove(&id, RemoveMode::UnlessBusy).await
             })
             .await;
         match removed {

@@ -62,7 +62,7 @@ impl std::ops::Deref for ManagedContainer {
 
 /// How a removal treats work in flight on the container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Removal {
+pub enum RemoveMode {
     /// Refuse while work is in flight: idle and capacity decisions never
     /// kill another thread's command.
     UnlessBusy,
@@ -303,12 +303,12 @@ impl Engine {
 
     /// Removes a container this host labelled; false when already gone.
     /// What happens to work in flight is `how`'s to say.
-    pub async fn remove(&self, container_id: &str, how: Removal) -> Result<bool> {
+    pub async fn remove(&self, container_id: &str, how: RemoveMode) -> Result<bool> {
         let Some(owned) = self.inspect(container_id).await? else {
             return Ok(false);
         };
         let _closing = match how {
-            Removal::UnlessBusy => {
+            RemoveMode::UnlessBusy => {
                 if owned.status == Status::Running && owned.in_flight > 0 {
                     return Err(SandboxError::Refused(format!(
                         "container {} has {} command(s) in flight; it is not removed while they run",
@@ -317,7 +317,7 @@ impl Engine {
                 }
                 None
             }
-            Removal::Drain(deadline) => {
+            RemoveMode::Drain(deadline) => {
                 let closing = self.usage.close(&owned.name);
                 let left = self.usage.drain(&owned.name, deadline).await;
                 if left > 0 {
@@ -336,7 +336,7 @@ impl Engine {
         };
         self.handouts.forget(&owned.id);
         self.usage.forget(&owned.name);
-        if matches!(how, Removal::Drain(_)) {
+        if matches!(how, RemoveMode::Drain(_)) {
             self.usage.forget_threads(&owned.name);
         }
         Ok(removed)
@@ -442,7 +442,7 @@ mod tests {
         ));
         for id in ["victim", "other"] {
             assert!(matches!(
-                engine.remove(id, Removal::UnlessBusy).await,
+                engine.remove(id, RemoveMode::UnlessBusy).await,
                 Err(SandboxError::Refused(_))
             ));
             assert!(matches!(
@@ -477,12 +477,12 @@ mod tests {
         provider.start(&c.id).await.unwrap();
         let work = engine.begin_work(&alice).unwrap();
         assert!(matches!(
-            engine.remove(&c.id, Removal::UnlessBusy).await,
+            engine.remove(&c.id, RemoveMode::UnlessBusy).await,
             Err(SandboxError::Refused(_))
         ));
         assert_eq!(provider.len(), 1);
         drop(work);
-        assert!(engine.remove(&c.id, Removal::UnlessBusy).await.unwrap());
+        assert!(engine.remove(&c.id, RemoveMode::UnlessBusy).await.unwrap());
     }
 
     #[tokio::test]
@@ -499,7 +499,7 @@ mod tests {
         let remover = {
             let engine = engine.clone();
             let id = c.id.clone();
-            tokio::spawn(async move { engine.remove(&id, Removal::Drain(deadline)).await })
+            tokio::spawn(async move { engine.remove(&id, RemoveMode::Drain(deadline)).await })
         };
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         assert!(matches!(

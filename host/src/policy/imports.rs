@@ -20,7 +20,7 @@ use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
 use super::bindings::contract_types as types;
 use super::bindings::sandbox::policy::containers;
 use super::bindings::wasi::logging::logging;
-use crate::engine::{Engine, ManagedContainer, Removal};
+use crate::engine::{Engine, ManagedContainer, RemoveMode};
 use crate::error::SandboxError;
 
 /// Per-call accounting for the guest CPU deadline.
@@ -282,8 +282,8 @@ impl containers::Host for InstanceState {
         })?;
         let how = match &self.call.scope {
             // Idle and capacity decisions never kill running work.
-            Scope::Ensure(_) | Scope::Maintain { .. } => Removal::UnlessBusy,
-            Scope::Destroy { deadline, .. } => Removal::Drain(*deadline),
+            Scope::Ensure(_) | Scope::Maintain { .. } => RemoveMode::UnlessBusy,
+            Scope::Destroy { deadline, .. } => RemoveMode::Drain(*deadline),
             Scope::Pure => unreachable!("refused by admit"),
         };
         if let Scope::Destroy { user, .. } = &self.call.scope {

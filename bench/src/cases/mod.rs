@@ -1,0 +1,61 @@
+//! The benchmark cases, one module each, run in order on one [`Bench`]:
+//! one library instance, one engine connection and one table shared by all,
+//! so every ratio compares contenders measured in the same run.
+
+use anyhow::Context;
+use bollard::Docker;
+use sandbox_host::config::{Config, UserIds};
+use sandbox_host::Sandbox;
+
+use crate::report::Table;
+
+mod cli_process;
+mod cold_start;
+mod concurrency;
+pub(crate) mod containment;
+mod file_transfer;
+mod footprint;
+mod head_of_line;
+mod http_load;
+mod policy_cost;
+mod warm_exec;
+
+/// What every case shares: the library under test (per-user policy, Docker
+/// provider), a raw engine connection for the baselines, the report.
+pub(crate) struct Bench {
+    pub(crate) config: Config,
+    pub(crate) sandbox: Sandbox,
+    pub(crate) docker: Docker,
+    pub(crate) iterations: usize,
+    pub(crate) smoke: bool,
+    pub(crate) table: Table,
+    pub(crate) user_seq: usize,
+}
+
+impl Bench {
+    /// A user id no earlier case has used.
+    fn fresh_user(&mut self, tag: &str) -> String {
+        self.user_seq += 1;
+        format!("{tag}{}", self.user_seq)
+    }
+}
+
+pub(crate) async fn run(bench: &mut Bench) -> anyhow::Result<()> {
+    let exec_median = bench.warm_exec().await.context("case 1")?;
+    bench.cold_start().await.context("case 2")?;
+    bench.policy_cost(exec_median).await.context("case 3")?;
+    bench.concurrency().await.context("case 4")?;
+    bench.head_of_line().await.context("case 5")?;
+    bench.cli_process().await.context("case 6")?;
+    bench.footprint().await.context("case 7")?;
+    bench.http_load().await.context("case 8")?;
+    bench.file_transfer().await.context("case 9")?;
+    Ok(())
+}
+
+pub(crate) fn my_ids() -> UserIds {
+    UserIds {
+        uid: nix::unistd::geteuid().as_raw(),
+        gid: nix::unistd::getegid().as_raw(),
+    }
+}
