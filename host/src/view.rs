@@ -45,15 +45,19 @@ mod tests {
 
     fn container(last_used_ms: u64) -> ManagedContainer {
         ManagedContainer {
-            id: "0123456789abcdef".into(),
-            name: "sandbox.alice".into(),
-            backend_id: "alice".into(),
+            container: sandbox_contract::Container {
+                id: "0123456789abcdef".into(),
+                name: "sandbox.alice".into(),
+                backend_id: "alice".into(),
+                status: Status::Running,
+                last_used_ms,
+                in_flight: 2,
+                threads: 1,
+            },
             workspace: "/srv/ws/alice".into(),
             policy: "per-user".into(),
-            status: Status::Running,
             created: Some(1_700_000_000),
-            last_used_ms,
-            in_flight: 2,
+            agent: false,
         }
     }
 
@@ -93,6 +97,7 @@ mod tests {
                 "name",
                 "policy",
                 "status",
+                "threads",
                 "workspace"
             ]
         );
