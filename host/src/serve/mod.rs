@@ -6,9 +6,18 @@
 //! health, Prometheus metrics, policy swap. Errors are JSON
 //! `{"error": {"kind", "message"}}` with a status that matches the kind.
 //! Every request gets one access-log line ([`ACCESS_LOG_TARGET`]).
+//!
+//! Layout: `api` (routes, handlers, access log), `auth` (bearer token and
+//! Host allow-list), `error` (the JSON error shape), `metrics`; `tests`
+//! drives the router in process, over the in-memory provider and, for
+//! what only a container can show, the real Docker engine.
 
 mod api;
+mod auth;
+mod error;
 mod metrics;
+#[cfg(test)]
+mod tests;
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
@@ -43,6 +52,9 @@ pub struct ServeOptions {
 
 /// The Host names accepted without a token by default: loopback only.
 pub const LOOPBACK_HOSTS: [&str; 4] = ["localhost", "127.0.0.1", "::1", "[::1]"];
+
+/// What the router's handlers and middleware hold.
+type Shared = Arc<AppState>;
 
 /// Shared by every handler.
 pub struct AppState {
