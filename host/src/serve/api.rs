@@ -1,12 +1,11 @@
 //! Routes and handlers of `sandbox serve`.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, RawPathParams, RawQuery, Request, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, RawPathParams, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -15,20 +14,20 @@ use axum::{Json, RequestExt, Router};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
-use super::AppState;
-use crate::dataplane::exec::{ExecOptions, ExecResponse, StreamKind};
-use crate::dataplane::files::Upload;
+use super::auth::authenticate;
+use super::error::{ApiError, ApiResult};
+use super::metrics::Call;
+use super::{AppState, Shared};
+use crate::exec::{ExecOptions, ExecResponse, StreamKind};
+use crate::files::{FileError, Upload};
 use crate::{BackendView, PolicySource, SandboxError};
-
-type Shared = Arc<AppState>;
 
 /// The OpenAPI document, checked into the repository.
 pub const OPENAPI: &str = include_str!("../../openapi.json");
 
-/// The API router (exposed for in-process tests).
+/// The API router: `serve` runs it, and the bench and the tests drive it
+/// in process.
 pub fn router(state: Shared, body_limit: usize) -> Router {
     Router::new()
         .route("/v1/threads/{thread_id}/exec", post(exec))
@@ -108,142 +107,6 @@ fn clip(s: &str) -> String {
     s.chars().take(LOGGED_CHARS).collect()
 }
 
-/// An API error: a status and a JSON body `{"error": {"kind", "message"}}`.
-pub struct ApiError {
-    status: StatusCode,
-    kind: &'static str,
-    message: String,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            kind,
-            message: message.into(),
-        }
-    }
-}
-
-impl From<SandboxError> for ApiError {
-    fn from(e: SandboxError) -> Self {
-        let status = match &e {
-            SandboxError::InvalidId(_) => StatusCode::BAD_REQUEST,
-            SandboxError::Refused(_) => StatusCode::FORBIDDEN,
-            SandboxError::NotFound(_) => StatusCode::NOT_FOUND,
-            SandboxError::DockerUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            SandboxError::PolicyLoad(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            SandboxError::PolicyTrap(_) | SandboxError::Other(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
-        };
-        ApiError::new(status, e.kind(), e.to_string())
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(e: JsonRejection) -> Self {
-        let status = match e.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            _ => StatusCode::BAD_REQUEST,
-        };
-        let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "body-too-large"
-        } else {
-            "bad-request"
-        };
-        ApiError::new(status, kind, e.body_text())
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = Json(json!({"error": {"kind": self.kind, "message": self.message}}));
-        let mut response = (self.status, body).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                "Bearer".parse().expect("static header"),
-            );
-        }
-        response
-    }
-}
-
-type ApiResult<T> = Result<T, ApiError>;
-
-/// Bearer-token check (constant time over digests, so neither content nor
-/// length leaks); `/healthz` stays open for probes.
-async fn authenticate(State(state): State<Shared>, request: Request, next: Next) -> Response {
-    let Some(expected) = state.token.as_deref() else {
-        // No token: only requests addressed to an allowed name (loopback by
-        // default) get in, so a DNS-rebinding page cannot reach the API.
-        if request.uri().path() == "/healthz" || host_allowed(&request, &state.allowed_hosts) {
-            return next.run(request).await;
-        }
-        state
-            .metrics
-            .errors
-            .get_or_create(&kind_label("forbidden-host"))
-            .inc();
-        return ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden-host",
-            "this server has no token and answers only requests addressed to its allowed \
-             host names (loopback by default; see --allowed-host)",
-        )
-        .into_response();
-    };
-    if request.uri().path() == "/healthz" {
-        return next.run(request).await;
-    }
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let ok: bool = Sha256::digest(given.as_bytes())
-        .ct_eq(&Sha256::digest(expected.as_bytes()))
-        .into();
-    if ok {
-        next.run(request).await
-    } else {
-        state
-            .metrics
-            .errors
-            .get_or_create(&kind_label("unauthorized"))
-            .inc();
-        let message = if given.is_empty() {
-            "missing bearer token"
-        } else {
-            "wrong bearer token"
-        };
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response()
-    }
-}
-
-/// Whether the request's Host (without its port) is on the allow-list.
-fn host_allowed(request: &Request, allowed: &[String]) -> bool {
-    let Some(host) = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let name = match host.rsplit_once(':') {
-        // `[::1]:8765`, `127.0.0.1:8765`, `localhost:8765`; a bare `::1` has
-        // colons but no port.
-        Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) && !name.ends_with(':') => {
-            name
-        }
-        _ => host,
-    };
-    allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
-}
-
 /// Resolves when the grace period after SIGTERM is over.
 async fn shutdown_over(mut shutdown: tokio::sync::watch::Receiver<bool>) {
     if shutdown.wait_for(|over| *over).await.is_err() {
@@ -252,40 +115,15 @@ async fn shutdown_over(mut shutdown: tokio::sync::watch::Receiver<bool>) {
     }
 }
 
-fn shutdown_error() -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "shutdown",
-        "the server shut down and its grace period ended: the command was killed",
-    )
-}
-
-fn kind_label(kind: &str) -> Vec<(String, String)> {
-    vec![("kind".to_owned(), kind.to_owned())]
-}
-
 /// Counts and times one operation; errors are counted by kind.
 async fn observed<T>(
     state: &AppState,
     op: &'static str,
     fut: impl std::future::Future<Output = ApiResult<T>>,
 ) -> ApiResult<T> {
-    let start = Instant::now();
+    let call = Call::start(op);
     let result = fut.await;
-    let labels = vec![("op".to_owned(), op.to_owned())];
-    state.metrics.calls.get_or_create(&labels).inc();
-    state
-        .metrics
-        .latency
-        .get_or_create(&labels)
-        .observe(start.elapsed().as_secs_f64());
-    if let Err(e) = &result {
-        state
-            .metrics
-            .errors
-            .get_or_create(&kind_label(e.kind))
-            .inc();
-    }
+    call.end(&state.metrics, result.as_ref().err().map(ApiError::kind));
     result
 }
 
@@ -304,13 +142,7 @@ impl ExecBody {
     fn options(&self) -> ApiResult<ExecOptions> {
         let timeout = match self.timeout_secs {
             Some(t) if t > 0.0 && t.is_finite() && t < 86_400.0 => Some(Duration::from_secs_f64(t)),
-            Some(_) => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad-request",
-                    "timeout_secs must be in (0, 86400)",
-                ))
-            }
+            Some(_) => return Err(ApiError::bad_request("timeout_secs must be in (0, 86400)")),
             None => None,
         };
         Ok(ExecOptions {
@@ -339,7 +171,7 @@ async fn exec(
         // its processes, and the client is told why.
         tokio::select! {
             r = backend.execute_with(&body.command, options) => Ok(Json(r?)),
-            _ = shutdown_over(state.shutdown.clone()) => Err(shutdown_error()),
+            _ = shutdown_over(state.shutdown.clone()) => Err(ApiError::shutdown()),
         }
     })
     .await
@@ -365,13 +197,23 @@ async fn exec_stream(
     Path(thread_id): Path<String>,
     body: Result<Json<ExecBody>, JsonRejection>,
 ) -> ApiResult<Response> {
-    let Json(body) = body?;
-    let options = body.options()?;
+    // Timed until the command ends (in the task below), not until the
+    // response head: the latency of a streamed exec is its command's.
+    let call = Call::start("exec-stream");
     // Resolve the backend first so id errors get a proper status.
-    let backend = observed(&state, "exec-stream", async {
-        Ok(state.sandbox.get_thread_backend(&thread_id).await?)
-    })
-    .await?;
+    let ready = async {
+        let Json(body) = body?;
+        let options = body.options()?;
+        let backend = state.sandbox.get_thread_backend(&thread_id).await?;
+        Ok::<_, ApiError>((body, options, backend))
+    };
+    let (body, options, backend) = match ready.await {
+        Ok(ready) => ready,
+        Err(e) => {
+            call.end(&state.metrics, Some(e.kind()));
+            return Err(e);
+        }
+    };
     // Bounded: a client that reads slowly loses live chunks (counted in a
     // final marker), never host memory; the final line has the capped output.
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
@@ -394,10 +236,15 @@ async fn exec_stream(
             r = run => r.map_err(ApiError::from),
             _ = tx.closed() => {
                 tracing::info!("streaming client disconnected: command cancelled");
+                // Counted and timed, but no error: nobody was told one.
+                call.end(&state.metrics, None);
                 return;
             }
-            _ = shutdown_over(shutdown) => Err(shutdown_error()),
+            _ = shutdown_over(shutdown) => Err(ApiError::shutdown()),
         };
+        // Before the last line is sent, so a client that has read the whole
+        // stream finds the call in /metrics.
+        call.end(&state.metrics, result.as_ref().err().map(ApiError::kind));
         if dropped > 0 {
             let note = StreamLine::Output {
                 stream: StreamKind::Stderr,
@@ -409,10 +256,10 @@ async fn exec_stream(
         }
         let last = match result {
             Ok(r) => StreamLine::Exit(r),
-            Err(e) => StreamLine::Error {
-                kind: e.kind,
-                message: e.message,
-            },
+            Err(e) => {
+                let (kind, message) = e.into_parts();
+                StreamLine::Error { kind, message }
+            }
         };
         let _ = tx.send(line(&last)).await;
     });
@@ -453,13 +300,7 @@ async fn upload(
         for f in body.files {
             let content = base64::engine::general_purpose::STANDARD
                 .decode(f.content_b64.as_bytes())
-                .map_err(|e| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "bad-request",
-                        format!("{}: base64: {e}", f.path),
-                    )
-                })?;
+                .map_err(|e| ApiError::bad_request(format!("{}: base64: {e}", f.path)))?;
             uploads.push(Upload {
                 path: f.path,
                 content,
@@ -476,14 +317,18 @@ async fn upload(
 async fn download(
     State(state): State<Shared>,
     Path(thread_id): Path<String>,
-    RawQuery(query): RawQuery,
+    // `?path=a&path=b`: a repeated key, so pairs rather than a struct.
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
     observed(&state, "download", async {
-        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-request", format!("query: {e}")))?;
-        let paths: Vec<String> = pairs.into_iter().filter(|(k, _)| k == "path").map(|(_, v)| v).collect();
+        let Query(pairs) = query?;
+        let paths: Vec<String> = pairs
+            .into_iter()
+            .filter(|(k, _)| k == "path")
+            .map(|(_, v)| v)
+            .collect();
         if paths.is_empty() {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad-request", "give one or more ?path="));
+            return Err(ApiError::bad_request("give one or more ?path="));
         }
         let backend = state.sandbox.get_thread_backend(&thread_id).await?;
         // The JSON copies of a batch cost ~3x its content: capped, so one
@@ -509,57 +354,26 @@ async fn download(
     .await
 }
 
-fn one_path(query: Option<&str>) -> ApiResult<(String, Option<u32>)> {
-    let pairs: Vec<(String, String)> =
-        serde_urlencoded::from_str(query.unwrap_or("")).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad-request",
-                format!("query: {e}"),
-            )
-        })?;
-    let mut path = None;
-    let mut mode = None;
-    for (k, v) in pairs {
-        match k.as_str() {
-            "path" if path.is_none() => path = Some(v),
-            "mode" => {
-                let bits = u32::from_str_radix(v.trim_start_matches("0o"), 8).map_err(|_| {
-                    ApiError::new(StatusCode::BAD_REQUEST, "bad-request", "mode: octal bits")
-                })?;
-                mode = Some(bits);
-            }
-            _ => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad-request",
-                    "give exactly one ?path= (and optionally ?mode=)",
-                ))
-            }
-        }
-    }
-    let path = path
-        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "bad-request", "give one ?path="))?;
-    Ok((path, mode))
+/// The query of the raw file routes: exactly one `path`, and for an upload
+/// optionally the file's `mode` in octal (`644`, `0o755`). Anything else,
+/// a repeated key included, is refused rather than ignored.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OneFile {
+    path: Option<String>,
+    mode: Option<String>,
 }
 
-/// The status of a per-file error on the raw routes.
-fn file_status(error: crate::dataplane::files::FileError) -> ApiError {
-    use crate::dataplane::files::FileError;
-    let status = match error {
-        FileError::FileNotFound => StatusCode::NOT_FOUND,
-        FileError::PermissionDenied => StatusCode::FORBIDDEN,
-        FileError::IsDirectory | FileError::InvalidPath => StatusCode::BAD_REQUEST,
-        FileError::FileTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-    };
-    let kind: &'static str = match error {
-        FileError::FileNotFound => "file_not_found",
-        FileError::PermissionDenied => "permission_denied",
-        FileError::IsDirectory => "is_directory",
-        FileError::InvalidPath => "invalid_path",
-        FileError::FileTooLarge => "file_too_large",
-    };
-    ApiError::new(status, kind, error.to_string())
+impl OneFile {
+    fn parse(query: Result<Query<OneFile>, QueryRejection>) -> ApiResult<(String, Option<u32>)> {
+        let Query(OneFile { path, mode }) = query?;
+        let path = path.ok_or_else(|| ApiError::bad_request("give one ?path="))?;
+        let mode = mode
+            .map(|m| u32::from_str_radix(m.trim_start_matches("0o"), 8))
+            .transpose()
+            .map_err(|_| ApiError::bad_request("mode: octal bits"))?;
+        Ok((path, mode))
+    }
 }
 
 /// One file's bytes, streamed as they leave the container: the server holds
@@ -569,11 +383,11 @@ fn file_status(error: crate::dataplane::files::FileError) -> ApiError {
 async fn download_raw(
     State(state): State<Shared>,
     Path(thread_id): Path<String>,
-    RawQuery(query): RawQuery,
+    query: Result<Query<OneFile>, QueryRejection>,
 ) -> ApiResult<Response> {
-    let (path, _) = one_path(query.as_deref())?;
-    let backend = observed(&state, "download-raw", async {
-        Ok(state.sandbox.get_thread_backend(&thread_id).await?)
+    let (path, backend) = observed(&state, "download-raw", async {
+        let (path, _) = OneFile::parse(query)?;
+        Ok((path, state.sandbox.get_thread_backend(&thread_id).await?))
     })
     .await?;
     let limits = backend.file_limits();
@@ -608,7 +422,7 @@ async fn download_raw(
         };
         match &done {
             Ok(Ok(Ok(_))) => n = reader.read(&mut first).await.unwrap_or(0),
-            Ok(Ok(Err(e))) => return Err(file_status(*e)),
+            Ok(Ok(Err(e))) => return Err((*e).into()),
             Ok(Err(e)) => return Err(e.clone().into()),
             Err(e) => {
                 return Err(ApiError::new(
@@ -652,12 +466,12 @@ async fn download_raw(
 async fn upload_raw(
     State(state): State<Shared>,
     Path(thread_id): Path<String>,
-    RawQuery(query): RawQuery,
+    query: Result<Query<OneFile>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<serde_json::Value>> {
     observed(&state, "upload-raw", async {
-        let (path, mode) = one_path(query.as_deref())?;
+        let (path, mode) = OneFile::parse(query)?;
         let len: u64 = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -672,9 +486,7 @@ async fn upload_raw(
         let backend = state.sandbox.get_thread_backend(&thread_id).await?;
         let limits = backend.file_limits();
         if len > limits.max_file_bytes {
-            return Err(file_status(
-                crate::dataplane::files::FileError::FileTooLarge,
-            ));
+            return Err(FileError::FileTooLarge.into());
         }
         use futures_util::TryStreamExt;
         let stream = body.into_data_stream().map_err(std::io::Error::other);
@@ -683,7 +495,7 @@ async fn upload_raw(
             .upload_from(&path, &mut reader, len, mode, &limits)
             .await?;
         match result.error {
-            Some(e) => Err(file_status(e)),
+            Some(e) => Err(e.into()),
             None => Ok(Json(json!({ "path": result.path, "size": len }))),
         }
     })
@@ -704,17 +516,13 @@ async fn thread_backend(
 
 async fn gc(
     State(state): State<Shared>,
-    RawQuery(query): RawQuery,
+    // Pairs, not a struct: a repeated key is not an error here, and any
+    // `dry_run=true` among them makes the run dry (the safe reading for a
+    // route that removes containers). Only the exact text `true` counts.
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
     observed(&state, "gc", async {
-        let pairs: Vec<(String, String)> =
-            serde_urlencoded::from_str(query.as_deref().unwrap_or("")).map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad-request",
-                    format!("query: {e}"),
-                )
-            })?;
+        let Query(pairs) = query?;
         let dry_run = pairs.iter().any(|(k, v)| k == "dry_run" && v == "true");
         let entries = state.sandbox.gc(None, dry_run).await?;
         Ok(Json(json!({ "dry_run": dry_run, "containers": entries })))
@@ -830,301 +638,4 @@ async fn openapi() -> Response {
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such route")
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-    use std::sync::{Arc, Mutex};
-
-    use axum::body::Body;
-    use axum::http::{header, Request, StatusCode};
-    use tower::ServiceExt as _;
-    use tracing_subscriber::layer::SubscriberExt as _;
-
-    use super::{router, ACCESS_LOG_TARGET};
-    use crate::config::{Config, UserIds};
-    use crate::provider::memory::MemoryProvider;
-    use crate::serve::{AppState, METRICS_CONTENT_TYPE};
-    use crate::{PolicySource, Sandbox};
-
-    const TOKEN: &str = "t0ken";
-
-    /// The fields of every access-log event, with the thread that emitted it.
-    #[derive(Clone, Default)]
-    struct Capture(Arc<Mutex<Vec<(std::thread::ThreadId, Fields)>>>);
-
-    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
-        fn on_event(
-            &self,
-            event: &tracing::Event<'_>,
-            _: tracing_subscriber::layer::Context<'_, S>,
-        ) {
-            if event.metadata().target() != ACCESS_LOG_TARGET {
-                return;
-            }
-            let mut fields = Fields::default();
-            event.record(&mut fields);
-            fields
-                .0
-                .insert("level".into(), event.metadata().level().as_str().to_owned());
-            let thread = std::thread::current().id();
-            self.0.lock().unwrap().push((thread, fields));
-        }
-    }
-
-    impl Capture {
-        /// Installed as the global subscriber: a thread-local one
-        /// (`set_default`) misses events once another test thread, without
-        /// it, has cached the callsite as uninteresting. Tests run on
-        /// current-thread runtimes and read only their own thread's events.
-        fn global() -> &'static Capture {
-            static CAPTURE: std::sync::OnceLock<Capture> = std::sync::OnceLock::new();
-            CAPTURE.get_or_init(|| {
-                let capture = Capture::default();
-                tracing::subscriber::set_global_default(
-                    tracing_subscriber::registry().with(capture.clone()),
-                )
-                .expect("no other global subscriber in the library's tests");
-                capture
-            })
-        }
-
-        fn mine(&self) -> Vec<BTreeMap<String, String>> {
-            let me = std::thread::current().id();
-            self.0
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|(t, _)| *t == me)
-                .map(|(_, f)| f.0.clone())
-                .collect()
-        }
-    }
-
-    #[derive(Default)]
-    struct Fields(BTreeMap<String, String>);
-
-    impl tracing::field::Visit for Fields {
-        fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-            self.0.insert(field.name().to_owned(), value.to_owned());
-        }
-        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-            self.0.insert(field.name().to_owned(), format!("{value:?}"));
-        }
-    }
-
-    /// Every router test builds its app here, so the capturing subscriber
-    /// is in place before any request of any test.
-    async fn app(root: &std::path::Path) -> axum::Router {
-        app_with_token(root, Some(TOKEN.into())).await
-    }
-
-    async fn app_with_token(root: &std::path::Path, token: Option<String>) -> axum::Router {
-        Capture::global();
-        let config = Config {
-            workspace_root: root.to_owned(),
-            sandbox_user: Some(UserIds {
-                uid: nix::unistd::geteuid().as_raw(),
-                gid: nix::unistd::getegid().as_raw(),
-            }),
-            component_cache_dir: None,
-            ..Config::default()
-        };
-        let sandbox = Sandbox::with_provider(
-            config,
-            Arc::new(MemoryProvider::new()),
-            PolicySource::Builtin("per-user".into()),
-        )
-        .await
-        .expect("sandbox on the in-memory provider");
-        let state = Arc::new(AppState::new(sandbox, token));
-        router(state, 1 << 20)
-    }
-
-    fn request(method: &str, uri: &str, body: &str, token: bool) -> Request<Body> {
-        let mut r = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header(header::CONTENT_TYPE, "application/json");
-        if token {
-            r = r.header(header::AUTHORIZATION, format!("Bearer {TOKEN}"));
-        }
-        r.body(Body::from(body.to_owned())).unwrap()
-    }
-
-    /// Issue 9: `sandbox serve` logged nothing per request, so an operator
-    /// could not tell which route, thread or user failed or was slow.
-    #[tokio::test]
-    async fn every_request_is_logged_once_with_route_status_duration_and_id() {
-        let capture = Capture::global();
-        let root = tempfile::tempdir().unwrap();
-        let app = app(root.path()).await;
-        let cases = [
-            (
-                request(
-                    "POST",
-                    "/v1/threads/alice-1/exec",
-                    r#"{"command":"echo hi"}"#,
-                    true,
-                ),
-                200,
-                "/v1/threads/{thread_id}/exec",
-                Some(("thread_id", "alice-1")),
-            ),
-            (
-                request("DELETE", "/v1/users/alice", "", true),
-                200,
-                "/v1/users/{user_id}",
-                Some(("user_id", "alice")),
-            ),
-            (
-                request("POST", "/v1/threads/alice-1/exec", "{}", false),
-                401,
-                "/v1/threads/{thread_id}/exec",
-                Some(("thread_id", "alice-1")),
-            ),
-            (
-                request("GET", "/v1/threads/..%2Fetc", "", true),
-                400,
-                "/v1/threads/{thread_id}",
-                Some(("thread_id", "../etc")),
-            ),
-            (request("GET", "/healthz", "", false), 200, "/healthz", None),
-            (
-                request("GET", "/no/such/route", "", true),
-                404,
-                "(none)",
-                None,
-            ),
-        ];
-        for (req, status, route, id) in cases {
-            let method = req.method().to_string();
-            let before = capture.mine().len();
-            let response = app.clone().oneshot(req).await.unwrap();
-            assert_eq!(response.status().as_u16(), status, "{route}");
-            let logged = capture.mine()[before..].to_vec();
-            assert_eq!(
-                logged.len(),
-                1,
-                "exactly one access line for {route}: {logged:?}"
-            );
-            let line = &logged[0];
-            assert_eq!(line["level"], "INFO");
-            assert_eq!(line["method"], method);
-            assert_eq!(line["route"], route);
-            assert_eq!(line["status"], status.to_string());
-            let ms: f64 = line["duration_ms"]
-                .parse()
-                .expect("duration_ms is a number");
-            assert!((0.0..60_000.0).contains(&ms), "{ms}");
-            match id {
-                Some((key, value)) => assert_eq!(line[key], value, "{line:?}"),
-                None => assert!(
-                    !line.contains_key("thread_id") && !line.contains_key("user_id"),
-                    "{line:?}"
-                ),
-            }
-            if route == "(none)" {
-                assert_eq!(line["path"], "/no/such/route");
-            } else {
-                assert!(!line.contains_key("path"), "{line:?}");
-            }
-        }
-    }
-
-    /// Issue 9: `/metrics` was labelled `text/plain; version=0.0.4` while
-    /// prometheus-client writes OpenMetrics text, so scrapers parsed it with
-    /// the wrong grammar.
-    #[tokio::test]
-    async fn metrics_are_served_with_the_openmetrics_media_type() {
-        let root = tempfile::tempdir().unwrap();
-        let app = app(root.path()).await;
-        let response = app
-            .oneshot(request("GET", "/metrics", "", true))
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(
-            response.headers()[header::CONTENT_TYPE],
-            "application/openmetrics-text; version=1.0.0; charset=utf-8"
-        );
-        assert_eq!(
-            response.headers()[header::CONTENT_TYPE],
-            METRICS_CONTENT_TYPE
-        );
-        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        let text = String::from_utf8(body.to_vec()).unwrap();
-        assert!(
-            text.ends_with("# EOF\n"),
-            "OpenMetrics text ends with # EOF: {text}"
-        );
-        assert!(text.contains("sandbox_policy_swaps_total"), "{text}");
-    }
-
-    #[tokio::test]
-    async fn without_a_token_only_loopback_host_names_get_in() {
-        // The bug: a tokenless loopback serve answered any Host header, so a
-        // DNS-rebinding page reached exec and DELETE.
-        let root = tempfile::tempdir().unwrap();
-        let app = app_with_token(root.path(), None).await;
-        let with_host = |host: &str| {
-            Request::builder()
-                .method("GET")
-                .uri("/v1/backends")
-                .header(header::HOST, host)
-                .body(Body::empty())
-                .unwrap()
-        };
-        for evil in [
-            "rebind.attacker.example",
-            "rebind.attacker.example:8765",
-            "127.0.0.1.nip.io",
-        ] {
-            let r = app.clone().oneshot(with_host(evil)).await.unwrap();
-            assert_eq!(r.status(), StatusCode::FORBIDDEN, "{evil}");
-        }
-        for ok in [
-            "localhost:8765",
-            "127.0.0.1:8765",
-            "[::1]:8765",
-            "LOCALHOST",
-        ] {
-            let r = app.clone().oneshot(with_host(ok)).await.unwrap();
-            assert_eq!(r.status(), StatusCode::OK, "{ok}");
-        }
-    }
-
-    #[tokio::test]
-    async fn get_thread_has_no_side_effects() {
-        // The bug: 10,000 GETs left 10,000 workspace directories.
-        let root = tempfile::tempdir().unwrap();
-        let app = app(root.path()).await;
-        for i in 0..20 {
-            let r = app
-                .clone()
-                .oneshot(request("GET", &format!("/v1/threads/u{i}-1"), "", true))
-                .await
-                .unwrap();
-            assert_eq!(r.status(), StatusCode::OK);
-        }
-        let r = app
-            .oneshot(request("GET", "/v1/threads/u0-1", "", true))
-            .await
-            .unwrap();
-        let body = axum::body::to_bytes(r.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(
-            (v["id"].as_str(), v["container"].is_null()),
-            (Some("u0"), true)
-        );
-        let left: Vec<_> = std::fs::read_dir(root.path())
-            .map(|d| d.flatten().map(|e| e.file_name()).collect())
-            .unwrap_or_default();
-        assert!(left.is_empty(), "nothing created: {left:?}");
-    }
 }

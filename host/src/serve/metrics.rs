@@ -2,6 +2,7 @@
 //! prometheus-client).
 
 use std::sync::Mutex;
+use std::time::Instant;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -86,6 +87,13 @@ impl Metrics {
         }
     }
 
+    /// Counts one refused or failed request by its error kind.
+    pub fn count_error(&self, kind: &str) {
+        self.errors
+            .get_or_create(&vec![("kind".to_owned(), kind.to_owned())])
+            .inc();
+    }
+
     /// The OpenMetrics text exposition ([`CONTENT_TYPE`]), with the library
     /// counters brought up to date.
     pub fn render(&self, sandbox: &Sandbox) -> Result<String, std::fmt::Error> {
@@ -95,6 +103,34 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry.lock().unwrap())?;
         Ok(out)
+    }
+}
+
+/// One API operation in progress: counted and timed when it ends, with its
+/// error, if any, counted by kind.
+pub(super) struct Call {
+    op: &'static str,
+    start: Instant,
+}
+
+impl Call {
+    pub(super) fn start(op: &'static str) -> Self {
+        Call {
+            op,
+            start: Instant::now(),
+        }
+    }
+
+    pub(super) fn end(self, metrics: &Metrics, error_kind: Option<&str>) {
+        let labels = vec![("op".to_owned(), self.op.to_owned())];
+        metrics.calls.get_or_create(&labels).inc();
+        metrics
+            .latency
+            .get_or_create(&labels)
+            .observe(self.start.elapsed().as_secs_f64());
+        if let Some(kind) = error_kind {
+            metrics.count_error(kind);
+        }
     }
 }
 

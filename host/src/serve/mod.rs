@@ -6,9 +6,18 @@
 //! health, Prometheus metrics, policy swap. Errors are JSON
 //! `{"error": {"kind", "message"}}` with a status that matches the kind.
 //! Every request gets one access-log line ([`ACCESS_LOG_TARGET`]).
+//!
+//! Layout: `api` (routes, handlers, access log), `auth` (bearer token and
+//! Host allow-list), `error` (the JSON error shape), `metrics`; `tests`
+//! drives the router in process, over the in-memory provider and, for
+//! what only a container can show, the real Docker engine.
 
 mod api;
+mod auth;
+mod error;
 mod metrics;
+#[cfg(test)]
+mod tests;
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
@@ -65,6 +74,9 @@ pub struct ServeOptions {
 
 /// The Host names accepted without a token by default: loopback only.
 pub const LOOPBACK_HOSTS: [&str; 4] = ["localhost", "127.0.0.1", "::1", "[::1]"];
+
+/// What the router's handlers and middleware hold.
+type Shared = Arc<AppState>;
 
 /// Shared by every handler.
 pub struct AppState {
@@ -209,30 +221,3 @@ pub const DEFAULT_BODY_LIMIT: usize = 24 * 1024 * 1024;
 /// File content one JSON download batch holds: its base64 and JSON copies
 /// stay within the server's per-request memory budget.
 pub const JSON_BATCH_BYTES: u64 = 16 * 1024 * 1024;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_public_address_needs_a_token() {
-        let options = |listen: &str, token: Option<&str>| ServeOptions {
-            listen: listen.parse().unwrap(),
-            token: token.map(str::to_owned),
-            body_limit_bytes: DEFAULT_BODY_LIMIT,
-            policy_path: None,
-            allowed_hosts: Vec::new(),
-            grace: std::time::Duration::from_secs(1),
-        };
-        let err = options("0.0.0.0:8765", Some("")).check().unwrap_err();
-        assert!(matches!(err, ServeError::TokenRequired { .. }), "{err:?}");
-        assert_eq!(
-            err.to_string(),
-            "refusing to listen on 0.0.0.0:8765 without a bearer token: set --token or \
-             SANDBOX_TOKEN (only loopback addresses may run without one)"
-        );
-        assert!(options("0.0.0.0:8765", Some("t")).check().is_ok());
-        assert!(options("127.0.0.1:8765", None).check().is_ok());
-        assert!(options("[::1]:8765", None).check().is_ok());
-    }
-}

@@ -1,0 +1,513 @@
+//! The routes whose answer only a real container can give (command output,
+//! exit codes, timeouts, streaming, file contents and modes, shutdown of a
+//! running command), still driven in process through the router, against
+//! the Docker engine. Each test has its own namespace and workspace root
+//! and removes its containers when it ends, pass or fail. Without a
+//! reachable engine these tests fail with the reason; they never skip.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use super::{exec, get, json_request, post_json, put_raw, series, App, Capture, Options};
+use crate::config::{Config, DEFAULT_IMAGE};
+use crate::provider::docker::DockerProvider;
+use crate::provider::ContainerProvider as _;
+use crate::Sandbox;
+
+/// The image the containers run: the integration tests' choice, so one
+/// image serves both suites.
+fn image() -> String {
+    std::env::var("SANDBOX_TEST_IMAGE").unwrap_or_else(|_| DEFAULT_IMAGE.to_owned())
+}
+
+/// Panics unless the engine answers and the image exists (pulled or built
+/// from the recipe when missing), once per test binary.
+fn require_engine() {
+    static READY: Once = Once::new();
+    READY.call_once(|| {
+        // On a thread of its own: tests call this inside their runtime.
+        let setup = std::thread::spawn(|| {
+            let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+            runtime.block_on(async {
+                let provider = DockerProvider::new(Duration::from_secs(10));
+                if let Err(e) = provider.ping().await {
+                    panic!(
+                        "the serve engine tests need a reachable Docker engine \
+                         (DOCKER_HOST or /var/run/docker.sock): {e}"
+                    );
+                }
+                crate::image::ensure(&provider, &image())
+                    .await
+                    .unwrap_or_else(|e| panic!("the test image is not available: {e:#}"));
+            })
+        });
+        if let Err(panic) = setup.join() {
+            std::panic::resume_unwind(panic);
+        }
+    });
+}
+
+/// An app on the Docker engine, in a namespace of its own whose containers
+/// are removed on drop.
+struct EngineApp {
+    app: App,
+    namespace: String,
+}
+
+impl std::ops::Deref for EngineApp {
+    type Target = App;
+    fn deref(&self) -> &App {
+        &self.app
+    }
+}
+
+impl EngineApp {
+    async fn start(options: Options, tweak: impl FnOnce(&mut Config)) -> EngineApp {
+        Capture::global();
+        require_engine();
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let namespace = format!("ut-http-{}-{n}", std::process::id() % 100_000);
+        let root = tempfile::tempdir().expect("temp workspace root");
+        let mut config = Config {
+            workspace_root: root.path().to_owned(),
+            namespace: namespace.clone(),
+            image: image(),
+            component_cache_dir: Some(super::component_cache()),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let sandbox = Sandbox::new(config).await.expect("a sandbox on Docker");
+        EngineApp {
+            app: App::around(sandbox, root, options),
+            namespace,
+        }
+    }
+
+    async fn default() -> EngineApp {
+        EngineApp::start(Options::default(), |_| {}).await
+    }
+
+    /// The command lines running in `user`'s container.
+    fn processes(&self, user: &str) -> String {
+        let name = format!("sandbox.{}.{user}", self.namespace);
+        let out = std::process::Command::new("docker")
+            .args(["exec", &name, "ps", "-o", "args"])
+            .output()
+            .expect("the docker CLI");
+        assert!(out.status.success(), "docker exec {name} ps failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits up to 10 s for `command` to stop running in `user`'s container.
+    async fn wait_gone(&self, user: &str, command: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.processes(user).contains(command) {
+            assert!(
+                Instant::now() < deadline,
+                "{command:?} still runs: {}",
+                self.processes(user)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for EngineApp {
+    fn drop(&mut self) {
+        let filter = format!("label=sandbox.namespace={}", self.namespace);
+        let listed = std::process::Command::new("docker")
+            .args(["ps", "-aq", "--filter", &filter])
+            .output();
+        let ids = match listed {
+            Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
+            Err(e) => {
+                eprintln!("cannot list the containers of {}: {e}", self.namespace);
+                return;
+            }
+        };
+        let ids: Vec<&str> = ids.split_whitespace().collect();
+        if !ids.is_empty() {
+            let _ = std::process::Command::new("docker")
+                .args(["rm", "-f"])
+                .args(&ids)
+                .output();
+        }
+    }
+}
+
+fn exec_with(thread: &str, body: Value) -> Request<Body> {
+    post_json(&format!("/v1/threads/{thread}/exec"), body.to_string())
+}
+
+fn stream(thread: &str, body: Value) -> Request<Body> {
+    post_json(
+        &format!("/v1/threads/{thread}/exec/stream"),
+        body.to_string(),
+    )
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A shutdown sequence whose grace period ends `after` from now.
+fn grace_ending_after(after: Duration) -> tokio::sync::watch::Receiver<bool> {
+    let (ended, shutdown) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        let _ = ended.send(true);
+    });
+    shutdown
+}
+
+// ---------------------------------------------------------------------------
+// Exec
+
+#[tokio::test]
+async fn an_exec_answers_the_commands_output_and_exit_code_with_its_options() {
+    let app = EngineApp::default().await;
+    let reply = app
+        .send(exec_with(
+            "alice-1",
+            json!({
+                "command": "echo \"$X\"; pwd; cat; exit 3",
+                "env": {"X": "y"},
+                "workdir": "sub",
+                "stdin": "in",
+            }),
+        ))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        reply.json(),
+        json!({"output": "y\n/workspace/sub\nin", "exit_code": 3, "truncated": false, "timed_out": false})
+    );
+}
+
+#[tokio::test]
+async fn an_exec_past_its_timeout_answers_timed_out_with_exit_code_124() {
+    let app = EngineApp::default().await;
+    let started = Instant::now();
+    let reply = app
+        .send(exec_with(
+            "alice-1",
+            json!({"command": "echo start; sleep 30", "timeout_secs": 1}),
+        ))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        reply.json(),
+        json!({"output": "start\n", "exit_code": 124, "truncated": false, "timed_out": true})
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    app.wait_gone("alice", "sleep 30").await;
+}
+
+#[tokio::test]
+async fn a_streamed_exec_sends_each_streams_output_then_the_exit_line() {
+    let app = EngineApp::default().await;
+    let reply = app
+        .send(stream(
+            "alice-1",
+            json!({"command": "echo out; sleep 0.3; echo err >&2; exit 4"}),
+        ))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.content_type(), "application/x-ndjson");
+    let lines = reply.lines();
+    let (last, chunks) = lines.split_last().expect("at least the exit line");
+    let of = |stream: &str| -> String {
+        chunks
+            .iter()
+            .filter(|l| l["type"] == "output" && l["stream"] == stream)
+            .map(|l| l["data"].as_str().unwrap())
+            .collect()
+    };
+    assert_eq!(of("stdout"), "out\n", "{lines:?}");
+    assert_eq!(of("stderr"), "err\n", "{lines:?}");
+    assert!(chunks.iter().all(|l| l["type"] == "output"), "{lines:?}");
+    assert_eq!(last["type"], "exit", "{lines:?}");
+    assert_eq!(last["exit_code"], 4);
+    assert_eq!(last["output"], "out\nerr\n");
+}
+
+#[tokio::test]
+async fn a_streamed_exec_is_timed_until_its_command_ends() {
+    // The bug: the exec-stream latency measured only the backend lookup.
+    let app = EngineApp::default().await;
+    // The container first, so the timed call is the command alone.
+    assert_eq!(
+        app.send(exec("alice-1", "true")).await.status,
+        StatusCode::OK
+    );
+    let reply = app
+        .send(stream(
+            "alice-1",
+            json!({"command": "sleep 1.5; echo done"}),
+        ))
+        .await;
+    assert_eq!(reply.lines().last().unwrap()["type"], "exit");
+    let metrics = app.metrics().await;
+    assert_eq!(
+        series(&metrics, r#"sandbox_calls_total{op="exec-stream"}"#),
+        Some(1.0),
+        "{metrics}"
+    );
+    let seconds = series(
+        &metrics,
+        r#"sandbox_call_duration_seconds_sum{op="exec-stream"}"#,
+    )
+    .expect("the exec-stream latency");
+    assert!(seconds >= 1.4, "exec-stream timed at {seconds} s");
+}
+
+#[tokio::test]
+async fn past_the_shutdown_grace_an_exec_answers_503_shutdown_and_its_command_dies() {
+    let shutdown = grace_ending_after(Duration::from_secs(2));
+    let app = EngineApp::start(
+        Options {
+            shutdown: Some(shutdown),
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await;
+    let started = Instant::now();
+    let reply = app.send(exec("alice-1", "sleep 60; echo never")).await;
+    assert_eq!(reply.error(), (503, "shutdown".into()));
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    app.wait_gone("alice", "sleep 60").await;
+}
+
+#[tokio::test]
+async fn past_the_shutdown_grace_a_streamed_exec_ends_with_a_shutdown_error_line() {
+    let shutdown = grace_ending_after(Duration::from_secs(2));
+    let app = EngineApp::start(
+        Options {
+            shutdown: Some(shutdown),
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await;
+    let reply = app
+        .send(stream(
+            "alice-1",
+            json!({"command": "echo started; sleep 60"}),
+        ))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let lines = reply.lines();
+    let last = lines.last().expect("a last line");
+    assert_eq!(
+        (&last["type"], &last["kind"]),
+        (&json!("error"), &json!("shutdown")),
+        "{lines:?}"
+    );
+    assert_eq!(lines[0]["data"], "started\n", "{lines:?}");
+    app.wait_gone("alice", "sleep 60").await;
+    let metrics = app.metrics().await;
+    assert_eq!(
+        series(&metrics, r#"sandbox_errors_total{kind="shutdown"}"#),
+        Some(1.0),
+        "{metrics}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// JSON file batches
+
+#[tokio::test]
+async fn json_files_round_trip_with_their_modes_and_per_file_errors() {
+    let app = EngineApp::default().await;
+    let upload = json!({"files": [
+        {"path": "a.bin", "content_b64": b64(&[0, 1, 255]), "mode": 0o640},
+        {"path": "../x", "content_b64": b64(b"no")},
+        {"path": "notes/n.txt", "content_b64": b64(b"text")},
+    ]});
+    let reply = app
+        .send(json_request(
+            "PUT",
+            "/v1/threads/alice-1/files",
+            upload.to_string(),
+        ))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        reply.json(),
+        json!({"results": [
+            {"path": "a.bin", "error": null},
+            {"path": "../x", "error": "invalid_path"},
+            {"path": "notes/n.txt", "error": null},
+        ]})
+    );
+    let reply = app
+        .send(get(
+            "/v1/threads/alice-2/files?path=a.bin&path=missing&path=/etc/passwd&path=notes&path=notes/n.txt",
+        ))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        reply.json(),
+        json!({"results": [
+            {"path": "a.bin", "content_b64": b64(&[0, 1, 255]), "mode": 0o640, "error": null},
+            {"path": "missing", "content_b64": null, "mode": null, "error": "file_not_found"},
+            {"path": "/etc/passwd", "content_b64": null, "mode": null, "error": "invalid_path"},
+            {"path": "notes", "content_b64": null, "mode": null, "error": "is_directory"},
+            {"path": "notes/n.txt", "content_b64": b64(b"text"), "mode": 0o644, "error": null},
+        ]})
+    );
+}
+
+#[tokio::test]
+async fn a_json_download_batch_over_its_cap_fails_the_file_that_passes_it() {
+    let app = EngineApp::start(Options::default(), |c| c.max_batch_bytes = 1000).await;
+    let upload = json!({"files": [
+        {"path": "a", "content_b64": b64(&[b'a'; 600])},
+        {"path": "b", "content_b64": b64(&[b'b'; 600])},
+    ]});
+    let reply = app
+        .send(json_request(
+            "PUT",
+            "/v1/threads/alice-1/files",
+            upload.to_string(),
+        ))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let v = app
+        .send(get("/v1/threads/alice-1/files?path=a&path=b"))
+        .await
+        .json();
+    assert_eq!(v["results"][0]["content_b64"], b64(&[b'a'; 600]), "{v}");
+    assert_eq!(v["results"][1]["error"], "file_too_large", "{v}");
+    assert_eq!(v["results"][1]["content_b64"], Value::Null, "{v}");
+}
+
+// ---------------------------------------------------------------------------
+// Raw file routes
+
+#[tokio::test]
+async fn raw_files_stream_both_ways_and_keep_their_mode() {
+    let app = EngineApp::default().await;
+    let content = b"\x00\xffdata".to_vec();
+    let reply = app
+        .send(put_raw(
+            "/v1/threads/alice-1/files/raw?path=up/x.bin&mode=750",
+            content.clone(),
+        ))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json(), json!({"path": "up/x.bin", "size": 6}));
+    let reply = app
+        .send(get("/v1/threads/alice-1/files/raw?path=up/x.bin"))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.content_type(), "application/octet-stream");
+    assert_eq!(reply.body.to_vec(), content);
+    let v = app
+        .send(get("/v1/threads/alice-1/files?path=up/x.bin"))
+        .await
+        .json();
+    assert_eq!(v["results"][0]["mode"], 0o750, "{v}");
+    // `0o` spells the same bits.
+    let reply = app
+        .send(put_raw(
+            "/v1/threads/alice-1/files/raw?path=up/y&mode=0o600",
+            vec![],
+        ))
+        .await;
+    assert_eq!(reply.json(), json!({"path": "up/y", "size": 0}));
+    let reply = app
+        .send(get("/v1/threads/alice-1/files/raw?path=up/y"))
+        .await;
+    assert_eq!((reply.status, reply.body.len()), (StatusCode::OK, 0));
+    let v = app
+        .send(get("/v1/threads/alice-1/files?path=up/y"))
+        .await
+        .json();
+    assert_eq!(v["results"][0]["mode"], 0o600, "{v}");
+}
+
+#[tokio::test]
+async fn a_raw_upload_is_bound_by_the_file_cap_not_by_the_json_body_limit() {
+    let app = EngineApp::start(
+        Options {
+            body_limit: 1024,
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await;
+    let content: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+    let reply = app
+        .send(put_raw(
+            "/v1/threads/alice-1/files/raw?path=big",
+            content.clone(),
+        ))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["size"], content.len());
+    let reply = app
+        .send(get("/v1/threads/alice-1/files/raw?path=big"))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.body.to_vec() == content, "the same bytes back");
+    // The JSON upload of the same server is held to the body limit.
+    let upload = json!({"files": [{"path": "small", "content_b64": b64(&content[..2048])}]});
+    let reply = app
+        .send(json_request(
+            "PUT",
+            "/v1/threads/alice-1/files",
+            upload.to_string(),
+        ))
+        .await;
+    assert_eq!(reply.error(), (413, "body-too-large".into()));
+}
+
+#[tokio::test]
+async fn the_raw_routes_answer_each_file_error_with_its_status() {
+    let app = EngineApp::start(Options::default(), |c| c.max_file_bytes = 1 << 20).await;
+    let setup = app
+        .send(exec(
+            "alice-1",
+            "truncate -s 2M big && mkdir d && : > empty",
+        ))
+        .await;
+    assert_eq!(setup.json()["exit_code"], 0, "{}", setup.text());
+    for (path, status, kind) in [
+        ("missing", 404, "file_not_found"),
+        ("d", 400, "is_directory"),
+        ("big", 413, "file_too_large"),
+        ("../etc/passwd", 400, "invalid_path"),
+        ("/etc/passwd", 400, "invalid_path"),
+    ] {
+        let reply = app
+            .send(get(&format!("/v1/threads/alice-1/files/raw?path={path}")))
+            .await;
+        assert_eq!(reply.error(), (status, kind.to_owned()), "GET {path}");
+    }
+    let reply = app
+        .send(get("/v1/threads/alice-1/files/raw?path=empty"))
+        .await;
+    assert_eq!((reply.status, reply.body.len()), (StatusCode::OK, 0));
+    for (path, status, kind) in [("d", 400, "is_directory"), ("../x", 400, "invalid_path")] {
+        let reply = app
+            .send(put_raw(
+                &format!("/v1/threads/alice-1/files/raw?path={path}"),
+                b"x".to_vec(),
+            ))
+            .await;
+        assert_eq!(reply.error(), (status, kind.to_owned()), "PUT {path}");
+    }
+}
