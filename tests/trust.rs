@@ -166,8 +166,7 @@ async fn garbage_backend_ids_and_forged_or_stolen_containers_are_refused() {
             "{thread}: {r:?}"
         );
     }
-    let err = ensure_err(&sandbox, "mount-1").await
-        .to_string();
+    let err = ensure_err(&sandbox, "mount-1").await.to_string();
     assert!(err.contains("create: refused"), "{err}");
     assert!(
         !h.containers().iter().any(|c| c.0.ends_with(".mount-1")),

@@ -2,8 +2,8 @@
 //! over the library's own [`Engine`], so case 3 can price the component
 //! boundary against the same policy logic compiled into the host.
 
-use sandbox_host::{BackendId, Engine, RemoveMode, SandboxError};
 use sandbox_contract::{Container, Error};
+use sandbox_host::{BackendId, Engine, RemoveMode, SandboxError};
 
 /// The native policy's host: the same engine, driven synchronously (the
 /// in-memory provider never actually waits).

@@ -3,8 +3,8 @@
 //! cost a user pays once.
 
 use bollard::query_parameters::{CreateContainerOptionsBuilder, RemoveContainerOptionsBuilder};
-use sandbox_host::ContainerPlan;
 use sandbox_host::provider::docker::create_body;
+use sandbox_host::ContainerPlan;
 
 use super::Bench;
 use crate::baseline::{docker_cli, raw_exec};
