@@ -26,6 +26,9 @@ pub mod lanes;
 pub mod source;
 pub mod ticker;
 
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
