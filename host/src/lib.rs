@@ -32,6 +32,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 mod dataplane;
 mod engine;
 mod error;
@@ -43,6 +45,7 @@ mod view;
 pub mod config;
 pub mod image;
 pub mod provider;
+#[cfg(feature = "serve")]
 pub mod serve;
 
 pub use config::Config;

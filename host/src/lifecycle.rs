@@ -14,7 +14,9 @@ use crate::sandbox::Sandbox;
 /// One container `gc` found (or, in a dry run, would remove).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct GcEntry {
+    /// The container, as it was found.
     pub container: ManagedContainer,
+    /// Why it goes (the policy's reasons start with `policy:`).
     pub reason: String,
     /// False on a dry run, and when the removal was deferred.
     pub removed: bool,

@@ -72,6 +72,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Destroy(args) => cli::destroy::run(loaded.config, args).await,
         Command::Ls(args) => cli::ls::run(loaded.config, args).await,
         Command::Gc(args) => cli::gc::run(loaded.config, args).await,
+        #[cfg(feature = "serve")]
         Command::Serve(args) => cli::serve::run(loaded.config, args).await,
         Command::Demo => cli::demo::run(loaded.config).await,
         Command::Policy(command) => cli::policy::run(loaded.config, command).await,

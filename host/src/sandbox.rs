@@ -235,9 +235,12 @@ impl Sandbox {
 /// What [`Sandbox::describe_thread`] tells.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ThreadInfo {
+    /// The backend serving the thread.
     #[serde(rename = "id")]
     pub backend_id: String,
+    /// The thread's user.
     pub user_id: String,
+    /// The user's workspace name.
     pub workspace: String,
     /// The backend's container, when it has one now.
     pub container: Option<ManagedContainer>,
@@ -246,7 +249,9 @@ pub struct ThreadInfo {
 /// Monotonic counters of one sandbox.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Counters {
+    /// Containers this host created (adoptions excluded).
     pub containers_created: u64,
+    /// Policy calls that trapped (each instance then replaced).
     pub policy_traps: u64,
 }
 

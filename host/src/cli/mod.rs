@@ -20,6 +20,7 @@ pub mod image;
 pub mod ls;
 pub mod man;
 pub mod policy;
+#[cfg(feature = "serve")]
 pub mod serve;
 
 /// Exit code for failures of the sandbox itself (as `docker exec` does).
@@ -82,6 +83,7 @@ pub enum Command {
     /// Remove managed containers no backend owns any more (never unlabelled ones).
     Gc(gc::GcArgs),
     /// Serve the JSON HTTP API (see host/openapi.json) until SIGTERM.
+    #[cfg(feature = "serve")]
     Serve(serve::ServeArgs),
     /// Show two threads of one user sharing one container (and another user apart).
     Demo,

@@ -34,9 +34,11 @@ pub struct ExecOptions {
 /// One command to run with `sh -c` in a backend's container, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecRequest {
+    /// The shell command (`sh -c`), the working directory's `cd` included.
     pub command: String,
     /// Bytes of combined output kept (head and tail); the middle is dropped.
     pub output_limit: usize,
+    /// Wall-clock limit; the whole process tree is killed past it.
     pub timeout: Duration,
     /// `KEY=value` pairs, the marker included.
     pub env: Vec<String>,
@@ -44,6 +46,7 @@ pub struct ExecRequest {
     /// working directory is created and entered by `command` itself (see
     /// [`enter_workdir`]), so a missing one is not a runtime error.
     pub workdir: String,
+    /// Bytes written to the command's stdin (then closed).
     pub stdin: Option<Vec<u8>>,
     /// This call's id, also in `env` as [`EXEC_MARKER_VAR`].
     pub marker: String,
@@ -170,9 +173,13 @@ fn new_marker() -> String {
 /// the output was cut at the byte limit; plus whether the timeout fired.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecResponse {
+    /// stdout and stderr, in arrival order, capped (head and tail kept).
     pub output: String,
+    /// The command's exit code; 124 when the timeout killed it.
     pub exit_code: i64,
+    /// Whether output was dropped at the cap.
     pub truncated: bool,
+    /// Whether the timeout fired.
     #[serde(default)]
     pub timed_out: bool,
 }
@@ -181,7 +188,9 @@ pub struct ExecResponse {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StreamKind {
+    /// The command's standard output.
     Stdout,
+    /// The command's standard error.
     Stderr,
 }
 
@@ -200,6 +209,7 @@ pub struct CappedOutput {
 }
 
 impl CappedOutput {
+    /// Keeps at most `limit` bytes: the first half and the last half.
     pub fn new(limit: usize) -> Self {
         let head_limit = limit - limit / 2;
         CappedOutput {
@@ -211,6 +221,7 @@ impl CappedOutput {
         }
     }
 
+    /// Adds a chunk, dropping from the middle past the cap.
     pub fn push(&mut self, mut chunk: &[u8]) {
         let room = self.head_limit - self.head.len();
         if room > 0 {
@@ -237,6 +248,7 @@ impl CappedOutput {
         self.tail.extend(chunk);
     }
 
+    /// Whether anything was dropped.
     pub fn truncated(&self) -> bool {
         self.dropped > 0
     }

@@ -42,9 +42,12 @@ pub use clock::now_ms;
 /// creation time). Derefs to the [`Container`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ManagedContainer {
+    /// What a policy sees of it.
     #[serde(flatten)]
     pub container: Container,
+    /// The workspace name mounted at `/workspace` (from the host's label).
     pub workspace: String,
+    /// The policy that created it (from the host's label).
     pub policy: String,
     /// Unix seconds, when the engine reported it.
     pub created: Option<i64>,
