@@ -7,7 +7,8 @@ mod support;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use sandbox_host::{Config, PolicySource, Sandbox};
+use sandbox_host::exec::EndReason;
+use sandbox_host::{Config, ExecOptions, PolicySource, Sandbox};
 use support::Harness;
 
 fn with_ttl(h: &Harness, ttl_secs: &str) -> Config {
@@ -68,11 +69,11 @@ async fn under_a_1s_ttl_a_long_command_finishes_then_idles_out() {
     let sandbox = per_user(&h, with_ttl(&h, "1")).await;
     let b = sandbox.get_thread_backend("ttl-1").await.unwrap();
     let r = b
-        .execute("for i in 1 2 3 4 5 6; do echo tick $i; sleep 1; done")
+        .execute("for i in 1 2 3 4 5 6 7 8 9 10; do echo tick $i; sleep 1; done")
         .await
         .unwrap();
     assert_eq!(r.exit_code, 0, "{r:?}");
-    assert!(r.output.ends_with("tick 6\n"), "{}", r.output);
+    assert!(r.output.ends_with("tick 10\n"), "{}", r.output);
     // Idle time counts from the end of the command: removed soon after.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(h.containers().is_empty(), "{:?}", h.containers());
@@ -137,11 +138,93 @@ async fn past_the_grace_period_a_destroy_goes_ahead() {
         "{:?}",
         start.elapsed()
     );
-    let r = running.await.unwrap();
-    assert!(
-        !matches!(&r, Ok(r) if r.output.contains("never")),
-        "the command was ended: {r:?}"
-    );
+    // Never a silent break: the command says it was destroyed.
+    let r = running.await.unwrap().unwrap();
+    assert_eq!(r.exit_code, 137, "{r:?}");
+    assert_eq!(r.reason, Some(EndReason::Destroyed), "{r:?}");
+    assert!(!r.output.contains("never"), "{r:?}");
+    assert!(h.containers().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancel_by_id_kills_the_whole_tree_and_reports_cancelled() {
+    let h = Harness::new("cancelid");
+    let sandbox = per_user(&h, h.config()).await;
+    let b = sandbox.get_thread_backend("y-1").await.unwrap();
+    b.execute("true").await.unwrap();
+    let options = ExecOptions {
+        execution_id: Some("cancel-me-0001".into()),
+        ..ExecOptions::default()
+    };
+    let running = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            b.execute_with("(env -i sleep 303 &); sleep 304", options)
+                .await
+        })
+    };
+    wait_in_flight(&sandbox, 1).await;
+    assert!(!sandbox.cancel("no-such-execution"));
+    assert!(sandbox.cancel("cancel-me-0001"));
+    let r = running.await.unwrap().unwrap();
+    assert_eq!(r.exit_code, 130, "{r:?}");
+    assert_eq!(r.reason, Some(EndReason::Cancelled));
+    assert_eq!(r.execution_id, "cancel-me-0001");
+    sandbox.settle().await;
+    let ps = b.execute("ps -o args").await.unwrap().output;
+    assert!(!ps.contains("sleep 30"), "left behind: {ps}");
+    assert!(!sandbox.cancel("cancel-me-0001"), "gone once it ended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_release_mode_a_thread_destroy_keeps_the_container_for_the_others() {
+    let h = Harness::new("release");
+    let config = Config {
+        policy_config: [("thread_destroy".to_owned(), "release".to_owned())].into(),
+        ..h.config()
+    };
+    let sandbox = per_user(&h, config).await;
+    for thread in ["r-1", "r-2"] {
+        let b = sandbox.get_thread_backend(thread).await.unwrap();
+        b.execute("true").await.unwrap();
+    }
+    assert_eq!(sandbox.list().await.unwrap()[0].threads, 2);
+    assert!(!sandbox.destroy_thread_backend("r-1").await.unwrap());
+    let left = sandbox.list().await.unwrap();
+    assert_eq!(left.len(), 1, "kept for r-2");
+    assert_eq!(left[0].threads, 1);
+    assert!(sandbox.destroy_thread_backend("r-2").await.unwrap());
+    assert!(h.containers().is_empty(), "the last thread took it");
+
+    // The default mode: a thread destroy takes the user's container.
+    let h = Harness::new("backendmode");
+    let sandbox = per_user(&h, h.config()).await;
+    for thread in ["s-1", "s-2"] {
+        let b = sandbox.get_thread_backend(thread).await.unwrap();
+        b.execute("true").await.unwrap();
+    }
+    assert!(sandbox.destroy_thread_backend("s-1").await.unwrap());
+    assert!(h.containers().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gc_dry_run_previews_the_policys_idle_removals_and_removes_nothing() {
+    let h = Harness::new("preview");
+    let config = Config {
+        maintenance_interval_secs: 0.0,
+        ..with_ttl(&h, "1")
+    };
+    let sandbox = per_user(&h, config).await;
+    let b = sandbox.get_thread_backend("z-1").await.unwrap();
+    b.execute("true").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let plan = sandbox.gc(None, true).await.unwrap();
+    assert_eq!(plan.len(), 1, "{plan:?}");
+    assert!(plan[0].reason.starts_with("policy: idle"), "{plan:?}");
+    assert!(!plan[0].removed);
+    assert_eq!(h.containers().len(), 1, "a dry run removes nothing");
+    let done = sandbox.gc(None, false).await.unwrap();
+    assert!(done[0].removed, "{done:?}");
     assert!(h.containers().is_empty());
 }
 

@@ -9,9 +9,12 @@ use std::time::Duration;
 
 use sandbox_contract::{BackendId, ThreadId, UserId};
 use tokio::io::AsyncRead;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::dataplane::exec::{ExecOptions, ExecRequest, ExecResponse, OutputSink, StreamKind};
+use crate::dataplane::exec::{
+    EndReason, ExecOptions, ExecRequest, ExecResponse, OutputSink, StreamKind,
+};
 use crate::engine::usage::Work;
 use crate::engine::{Engine, ManagedContainer};
 use crate::error::{Result, SandboxError};
@@ -19,7 +22,7 @@ use crate::policy::client::{PolicyClient, VerifiedContainer};
 use crate::policy::source::PolicySource;
 use crate::policy::PolicyEngine;
 use crate::provider::docker::DockerProvider;
-use crate::provider::{ContainerProvider, ContainerStats, ExecIo};
+use crate::provider::{ContainerProvider, ContainerStats, ExecIo, ProviderError};
 
 /// A per-conversation sandbox manager: cheap to clone, safe to share.
 ///
@@ -42,6 +45,21 @@ pub struct Sandbox {
 pub(crate) struct Inner {
     pub(crate) engine: Arc<Engine>,
     pub(crate) policy: PolicyClient,
+    /// Executions running through this sandbox, by id, to cancel them.
+    executions: std::sync::Mutex<std::collections::HashMap<String, CancellationToken>>,
+}
+
+/// An execution registered for cancellation until it drops.
+struct Running<'a> {
+    inner: &'a Inner,
+    id: String,
+    token: CancellationToken,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.inner.executions.lock().unwrap().remove(&self.id);
+    }
 }
 
 impl Sandbox {
@@ -72,7 +90,11 @@ impl Sandbox {
         let (label, bytes) = policy.read()?;
         let policy = PolicyClient::load(wasm, engine.clone(), &bytes, &label).await?;
         let sandbox = Sandbox {
-            inner: Arc::new(Inner { engine, policy }),
+            inner: Arc::new(Inner {
+                engine,
+                policy,
+                executions: Default::default(),
+            }),
         };
         crate::lifecycle::start_maintenance(&sandbox);
         Ok(sandbox)
@@ -218,6 +240,36 @@ impl Sandbox {
         Ok(self.inner.engine.provider().ping().await?)
     }
 
+    /// Cancels a running execution (of this process) by its id: its whole
+    /// process tree is killed and it answers exit 130, reason `cancelled`.
+    /// False when no such execution runs here.
+    pub fn cancel(&self, execution_id: &str) -> bool {
+        match self.inner.executions.lock().unwrap().get(execution_id) {
+            Some(token) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Registers a starting execution; an id already running is refused.
+    fn register(&self, id: &str) -> Result<Running<'_>> {
+        let mut executions = self.inner.executions.lock().unwrap();
+        if executions.contains_key(id) {
+            return Err(SandboxError::Refused(format!(
+                "execution id {id} is already running"
+            )));
+        }
+        let token = CancellationToken::new();
+        executions.insert(id.to_owned(), token.clone());
+        Ok(Running {
+            inner: &self.inner,
+            id: id.to_owned(),
+            token,
+        })
+    }
+
     /// Counters for monitoring.
     pub fn counters(&self) -> Counters {
         Counters {
@@ -359,11 +411,52 @@ impl Backend {
             config.output_limit_bytes,
             config.exec_timeout(),
         )?;
-        let (container, _work) = self.ensure_for_work().await?;
+        self.supervise(&mut request, async |request, container| {
+            let provider = self.engine().provider();
+            provider.exec(&container.id, request, sink).await
+        })
+        .await
+    }
+
+    /// Runs one command under the rules every execute shares: registered
+    /// by its id for cancellation (a cancel drops the call, which kills its
+    /// process tree), counted in flight on the container, and, when a
+    /// destroy killed it, reported as such: never a silent break.
+    async fn supervise(
+        &self,
+        request: &mut ExecRequest,
+        exec: impl AsyncFnOnce(
+            &ExecRequest,
+            &VerifiedContainer,
+        ) -> std::result::Result<ExecResponse, ProviderError>,
+    ) -> Result<ExecResponse> {
+        let running = self.sandbox.register(&request.marker)?;
+        let id = request.marker.clone();
+        let started = crate::engine::now_ms();
+        let (container, _work) = tokio::select! {
+            ready = self.ensure_for_work() => ready?,
+            () = running.token.cancelled() => {
+                return Ok(ExecResponse::ended(&id, EndReason::Cancelled));
+            }
+        };
         request.agent = self.engine().handouts().has_agent(&container.id);
-        let provider = self.engine().provider();
-        let response = provider.exec(&container.id, &request, sink).await;
-        Ok(response?)
+        let request = &*request;
+        let outcome = tokio::select! {
+            r = exec(request, &container) => r,
+            () = running.token.cancelled() => {
+                return Ok(ExecResponse::ended(&id, EndReason::Cancelled));
+            }
+        };
+        let killed = match &outcome {
+            Err(_) => true,
+            Ok(r) => r.exit_code == EndReason::Destroyed.exit_code() || r.exit_code < 0,
+        };
+        if killed && self.engine().usage().destroyed_since(&container.name, started) {
+            return Ok(ExecResponse::ended(&id, EndReason::Destroyed));
+        }
+        let mut response = outcome?;
+        response.execution_id = id;
+        Ok(response)
     }
 
     /// [`Backend::execute_streaming`] with stdin streamed from `stdin`
@@ -388,15 +481,15 @@ impl Backend {
             config.output_limit_bytes,
             config.exec_timeout(),
         )?;
-        let (container, _work) = self.ensure_for_work().await?;
-        request.agent = self.engine().handouts().has_agent(&container.id);
-        let provider = self.engine().provider();
-        let io = ExecIo {
-            stdin: Some(stdin),
-            stdout: None,
-            sink: Some(&mut on_output),
-        };
-        let response = provider.exec_io(&container.id, &request, io).await;
-        Ok(response?)
+        self.supervise(&mut request, async |request, container| {
+            let provider = self.engine().provider();
+            let io = ExecIo {
+                stdin: Some(stdin),
+                stdout: None,
+                sink: Some(&mut on_output),
+            };
+            provider.exec_io(&container.id, request, io).await
+        })
+        .await
     }
 }

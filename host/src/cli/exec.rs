@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use sandbox_host::exec::{self, ExecOptions, StreamKind};
+use sandbox_host::exec::{self, EndReason, ExecOptions, StreamKind};
 use sandbox_host::Config;
 
 use super::{open, timeout_arg, EXIT_SANDBOX_ERROR};
@@ -57,7 +57,7 @@ pub async fn run(config: Config, args: ExecArgs) -> anyhow::Result<ExitCode> {
         timeout,
         env,
         workdir,
-        stdin: None,
+        ..ExecOptions::default()
     };
     let sandbox = open(config, true).await?;
     let backend = sandbox.get_thread_backend(&thread_id).await?;
@@ -102,8 +102,15 @@ pub async fn run(config: Config, args: ExecArgs) -> anyhow::Result<ExitCode> {
             sandbox.config().output_limit_bytes
         );
     }
-    if response.timed_out {
-        eprintln!("[timed out: every process of the command was killed]");
+    match response.reason {
+        Some(EndReason::Timeout) => {
+            eprintln!("[timed out: every process of the command was killed]")
+        }
+        Some(EndReason::Destroyed) => eprintln!(
+            "[killed: the backend was destroyed while the command ran (reason: destroyed)]"
+        ),
+        Some(EndReason::Cancelled) => eprintln!("[cancelled: the command was killed]"),
+        None => {}
     }
     Ok(ExitCode::from(
         u8::try_from(response.exit_code).unwrap_or(EXIT_SANDBOX_ERROR),

@@ -29,6 +29,29 @@ pub struct ExecOptions {
     pub workdir: Option<String>,
     /// Bytes written to the command's stdin (then closed).
     pub stdin: Option<Vec<u8>>,
+    /// The execution's id, to cancel it by; a fresh random one when `None`.
+    /// 8..=64 characters of `[A-Za-z0-9_-]`.
+    pub execution_id: Option<String>,
+}
+
+/// The longest caller-chosen execution id.
+pub const MAX_EXECUTION_ID_LEN: usize = 64;
+
+/// Checks a caller-chosen execution id: it becomes an environment value the
+/// kill script matches on, so only a plain token is allowed.
+pub fn check_execution_id(id: &str) -> Result<(), SandboxError> {
+    let ok = (8..=MAX_EXECUTION_ID_LEN).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(SandboxError::InvalidId(format!(
+            "execution id {}: 8..={MAX_EXECUTION_ID_LEN} characters of [A-Za-z0-9_-]",
+            sandbox_contract::shown(id)
+        )))
+    }
 }
 
 /// One command to run with `sh -c` in a backend's container, validated.
@@ -78,7 +101,13 @@ impl ExecRequest {
                 "the command contains a NUL byte".into(),
             ));
         }
-        let marker = new_marker();
+        let marker = match options.execution_id {
+            Some(id) => {
+                check_execution_id(&id)?;
+                id
+            }
+            None => new_marker(),
+        };
         let mut env = vec![format!("{EXEC_MARKER_VAR}={marker}")];
         for (key, value) in options.env {
             let valid_key = key
@@ -161,6 +190,11 @@ pub fn resolve_workdir(workdir: Option<&str>) -> Result<String, SandboxError> {
     })
 }
 
+/// A fresh random execution id.
+pub fn new_execution_id() -> String {
+    new_marker()
+}
+
 fn new_marker() -> String {
     use std::hash::BuildHasher;
     let a = std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now());
@@ -182,6 +216,58 @@ pub struct ExecResponse {
     /// Whether the timeout fired.
     #[serde(default)]
     pub timed_out: bool,
+    /// The execution's id (`Sandbox::cancel`, `DELETE /v1/executions/{id}`).
+    #[serde(default)]
+    pub execution_id: String,
+    /// Why the host ended the command, when it did: `timeout` (exit 124),
+    /// `cancelled` (130) or `destroyed` (137, its backend was destroyed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<EndReason>,
+}
+
+/// Why the host ended a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndReason {
+    /// It ran past its timeout; its process tree was killed.
+    Timeout,
+    /// It was cancelled (by id, a client that went away, or Ctrl-C).
+    Cancelled,
+    /// Its backend was destroyed while it ran, past the grace period.
+    Destroyed,
+}
+
+impl EndReason {
+    /// The exit code reported for a command the host ended this way.
+    pub fn exit_code(self) -> i64 {
+        match self {
+            EndReason::Timeout => 124,
+            EndReason::Cancelled => 130,
+            EndReason::Destroyed => 137,
+        }
+    }
+}
+
+impl ExecResponse {
+    /// The response of a command the host ended for `reason`, with no
+    /// output of its own (what streamed live was already delivered).
+    pub fn ended(execution_id: &str, reason: EndReason) -> Self {
+        let why = match reason {
+            EndReason::Timeout => "[sandbox: the command timed out]\n",
+            EndReason::Cancelled => "[sandbox: the command was cancelled]\n",
+            EndReason::Destroyed => {
+                "[sandbox: the command was killed: its backend was destroyed]\n"
+            }
+        };
+        ExecResponse {
+            output: why.to_owned(),
+            exit_code: reason.exit_code(),
+            truncated: false,
+            timed_out: reason == EndReason::Timeout,
+            execution_id: execution_id.to_owned(),
+            reason: Some(reason),
+        }
+    }
 }
 
 /// Which stream a chunk of live output came from.
@@ -268,6 +354,8 @@ impl CappedOutput {
             exit_code,
             truncated: self.dropped > 0,
             timed_out,
+            execution_id: String::new(),
+            reason: timed_out.then_some(EndReason::Timeout),
         }
     }
 }

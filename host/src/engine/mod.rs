@@ -330,6 +330,7 @@ impl Engine {
                         "destroy: grace period over, killing work in flight"
                     );
                 }
+                self.usage.mark_destroyed(&owned.name);
                 closing
             }
         };

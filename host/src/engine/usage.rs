@@ -28,6 +28,7 @@ pub struct Usage {
     last_used: PathBuf,
     threads: PathBuf,
     closing: PathBuf,
+    destroyed: PathBuf,
 }
 
 /// Held while one execute or transfer runs; dropping it ends the work.
@@ -72,11 +73,18 @@ impl Usage {
             last_used: state_dir.join("last-used"),
             threads: state_dir.join("threads"),
             closing: state_dir.join("closing"),
+            destroyed: state_dir.join("destroyed"),
         }
     }
 
     fn ensure_dirs(&self) -> std::io::Result<()> {
-        for dir in [&self.running, &self.last_used, &self.threads, &self.closing] {
+        for dir in [
+            &self.running,
+            &self.last_used,
+            &self.threads,
+            &self.closing,
+            &self.destroyed,
+        ] {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -231,6 +239,23 @@ impl Usage {
                 None
             }
         }
+    }
+
+    /// Records that a destroy is removing `container` now, so the commands
+    /// it kills can say why (in any host process).
+    pub fn mark_destroyed(&self, container: &str) {
+        if self.ensure_dirs().is_ok() {
+            touch(&self.destroyed.join(container));
+        }
+    }
+
+    /// Whether a destroy removed `container` at or after `since_ms`.
+    pub fn destroyed_since(&self, container: &str, since_ms: u64) -> bool {
+        std::fs::metadata(self.destroyed.join(container))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .is_some_and(|t| t.as_millis() as u64 + 1 >= since_ms)
     }
 
     /// Whether a destroy is draining `container`.

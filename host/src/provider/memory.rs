@@ -1,4 +1,4 @@
-//! An in-memory provider: containers are map entries and `exec` echoes.
+//! An in-memory provider: containers are map entries and `exec` does nothing.
 //! For unit tests of the runtime and for footprint measurements, never for
 //! claims about Docker behaviour.
 
@@ -12,6 +12,9 @@ use super::{ContainerProvider, ContainerRecord, ExecIo, ProviderError, ProviderR
 use crate::dataplane::exec::{ExecRequest, ExecResponse};
 use crate::engine::plan::ContainerPlan;
 
+/// A [`ContainerProvider`] keeping containers in a map: creates, starts and
+/// removes are instant, an exec in a running container succeeds with no
+/// output, stats are zero. Test and measurement use only.
 #[derive(Debug, Default)]
 pub struct MemoryProvider {
     containers: Mutex<HashMap<String, ContainerRecord>>,
@@ -21,6 +24,7 @@ pub struct MemoryProvider {
 }
 
 impl MemoryProvider {
+    /// A provider with no containers.
     pub fn new() -> Self {
         Self::default()
     }
@@ -40,10 +44,12 @@ impl MemoryProvider {
             .insert(record.id.clone(), record);
     }
 
+    /// Containers that exist now (created and not removed).
     pub fn len(&self) -> usize {
         self.containers.lock().unwrap().len()
     }
 
+    /// Whether no container exists.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -112,7 +118,7 @@ impl ContainerProvider for MemoryProvider {
     async fn exec_io(
         &self,
         id: &str,
-        _request: &ExecRequest,
+        request: &ExecRequest,
         _io: ExecIo<'_>,
     ) -> ProviderResult<ExecResponse> {
         match self.containers.lock().unwrap().get(id) {
@@ -121,6 +127,8 @@ impl ContainerProvider for MemoryProvider {
                 exit_code: 0,
                 truncated: false,
                 timed_out: false,
+                execution_id: request.marker.clone(),
+                reason: None,
             }),
             Some(_) => Err(ProviderError::Failed(format!(
                 "container {id} is not running"

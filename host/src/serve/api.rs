@@ -43,6 +43,7 @@ pub fn router(state: Shared, body_limit: usize) -> Router {
             get(thread_backend).delete(destroy_thread),
         )
         .route("/v1/users/{user_id}", delete(destroy_user))
+        .route("/v1/executions/{execution_id}", delete(cancel_execution))
         .route("/v1/backends", get(backends))
         .route("/v1/gc", post(gc))
         .route("/v1/policy", get(policy).post(swap_policy))
@@ -136,6 +137,8 @@ struct ExecBody {
     env: BTreeMap<String, String>,
     workdir: Option<String>,
     stdin: Option<String>,
+    /// The caller's id for this execution, to cancel it by.
+    execution_id: Option<String>,
 }
 
 impl ExecBody {
@@ -154,6 +157,7 @@ impl ExecBody {
                 .collect(),
             workdir: self.workdir.clone(),
             stdin: self.stdin.as_ref().map(|s| s.clone().into_bytes()),
+            execution_id: self.execution_id.clone(),
         })
     }
 }
@@ -181,6 +185,8 @@ async fn exec(
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum StreamLine {
+    /// First: the execution's id, to cancel it by (`DELETE /v1/executions/{id}`).
+    Started { execution_id: String },
     Output { stream: StreamKind, data: String },
     Exit(ExecResponse),
     Error { kind: &'static str, message: String },
@@ -203,11 +209,16 @@ async fn exec_stream(
     // Resolve the backend first so id errors get a proper status.
     let ready = async {
         let Json(body) = body?;
-        let options = body.options()?;
+        let mut options = body.options()?;
+        let id = options
+            .execution_id
+            .get_or_insert_with(crate::exec::new_execution_id)
+            .clone();
+        crate::exec::check_execution_id(&id)?;
         let backend = state.sandbox.get_thread_backend(&thread_id).await?;
-        Ok::<_, ApiError>((body, options, backend))
+        Ok::<_, ApiError>((body, options, backend, id))
     };
-    let (body, options, backend) = match ready.await {
+    let (body, options, backend, execution_id) = match ready.await {
         Ok(ready) => ready,
         Err(e) => {
             call.end(&state.metrics, Some(e.kind()));
@@ -218,6 +229,7 @@ async fn exec_stream(
     // final marker), never host memory; the final line has the capped output.
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
     let shutdown = state.shutdown.clone();
+    let _ = tx.try_send(line(&StreamLine::Started { execution_id }));
     tokio::spawn(async move {
         let mut dropped = 0usize;
         let live = tx.clone();
@@ -548,6 +560,25 @@ async fn destroy_user(
     observed(&state, "destroy-user", async {
         let destroyed = state.sandbox.destroy_user_backend(&user_id).await?;
         Ok(Json(json!({ "destroyed": destroyed })))
+    })
+    .await
+}
+
+/// Kills a running execution's process tree; it then answers (or its
+/// stream ends) with exit 130 and reason `cancelled`.
+async fn cancel_execution(
+    State(state): State<Shared>,
+    Path(execution_id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    observed(&state, "cancel", async {
+        crate::exec::check_execution_id(&execution_id)?;
+        if state.sandbox.cancel(&execution_id) {
+            Ok(Json(json!({ "cancelled": true })))
+        } else {
+            Err(ApiError::from(SandboxError::NotFound(format!(
+                "no running execution {execution_id} on this server"
+            ))))
+        }
     })
     .await
 }
