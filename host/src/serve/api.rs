@@ -186,10 +186,18 @@ async fn exec(
 #[serde(tag = "type", rename_all = "lowercase")]
 enum StreamLine {
     /// First: the execution's id, to cancel it by (`DELETE /v1/executions/{id}`).
-    Started { execution_id: String },
-    Output { stream: StreamKind, data: String },
+    Started {
+        execution_id: String,
+    },
+    Output {
+        stream: StreamKind,
+        data: String,
+    },
     Exit(ExecResponse),
-    Error { kind: &'static str, message: String },
+    Error {
+        kind: &'static str,
+        message: String,
+    },
 }
 
 fn line(l: &StreamLine) -> Bytes {

@@ -24,6 +24,9 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
+/// The server's Prometheus registry (names prefixed `sandbox_`): calls,
+/// errors and latency by operation, policy swaps, and the library's own
+/// counters.
 pub struct Metrics {
     registry: Mutex<Registry>,
     /// API operations by `op`.
@@ -32,6 +35,7 @@ pub struct Metrics {
     pub errors: Family<Labels, Counter>,
     /// Seconds per operation by `op`.
     pub latency: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Policies swapped in live (`POST /v1/policy`, or SIGHUP).
     pub policy_swaps: Counter,
     /// Mirrors of the library's own counters, synced at each scrape.
     containers_created: Counter,
@@ -45,6 +49,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every metric at zero, registered.
     pub fn new() -> Self {
         let calls = Family::<Labels, Counter>::default();
         let errors = Family::<Labels, Counter>::default();

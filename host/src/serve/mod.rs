@@ -37,11 +37,16 @@ pub enum ServeError {
         "refusing to listen on {listen} without a bearer token: set --token or SANDBOX_TOKEN \
          (only loopback addresses may run without one)"
     )]
-    TokenRequired { listen: SocketAddr },
+    TokenRequired {
+        /// The address asked for.
+        listen: SocketAddr,
+    },
     /// The listening socket could not be bound.
     #[error("binding {listen}")]
     Bind {
+        /// The address asked for.
         listen: SocketAddr,
+        /// Why binding failed (in use, not permitted...).
         #[source]
         source: std::io::Error,
     },
@@ -56,6 +61,7 @@ pub enum ServeError {
 /// How `sandbox serve` runs.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
+    /// Address and port to listen on; anything but loopback needs a token.
     pub listen: SocketAddr,
     /// Required on every request when set; mandatory off loopback.
     pub token: Option<String>,
@@ -80,9 +86,14 @@ type Shared = Arc<AppState>;
 
 /// Shared by every handler.
 pub struct AppState {
+    /// The library every route calls into.
     pub sandbox: Sandbox,
+    /// What `GET /metrics` reports; the handlers count into it.
     pub metrics: Metrics,
+    /// Bearer token every request must carry, when set.
     pub token: Option<String>,
+    /// Host header names accepted when no token is set
+    /// ([`ServeOptions::allowed_hosts`]).
     pub allowed_hosts: Vec<String>,
     /// Turns true when the grace period after SIGTERM is over: running
     /// commands then end with the reason `shutdown`.
@@ -104,6 +115,8 @@ impl AppState {
 }
 
 impl ServeOptions {
+    /// Refuses to listen off loopback without a (non-empty) token
+    /// ([`ServeError::TokenRequired`]).
     pub fn check(&self) -> Result<(), ServeError> {
         if !self.listen.ip().is_loopback() && self.token.as_deref().is_none_or(str::is_empty) {
             return Err(ServeError::TokenRequired {

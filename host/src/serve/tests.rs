@@ -30,7 +30,7 @@ const TOKEN: &str = "t0ken";
 const BODY_LIMIT: usize = 1 << 20;
 
 /// Every route the router serves, as `openapi.json` names it.
-const ROUTES: [(&str, &str); 16] = [
+const ROUTES: [(&str, &str); 17] = [
     ("POST", "/v1/threads/{thread_id}/exec"),
     ("POST", "/v1/threads/{thread_id}/exec/stream"),
     ("PUT", "/v1/threads/{thread_id}/files"),
@@ -40,6 +40,7 @@ const ROUTES: [(&str, &str); 16] = [
     ("GET", "/v1/threads/{thread_id}"),
     ("DELETE", "/v1/threads/{thread_id}"),
     ("DELETE", "/v1/users/{user_id}"),
+    ("DELETE", "/v1/executions/{execution_id}"),
     ("GET", "/v1/backends"),
     ("POST", "/v1/gc"),
     ("GET", "/v1/policy"),
@@ -278,12 +279,37 @@ impl Reply {
         )
     }
 
-    /// The NDJSON lines of a streamed exec.
+    /// The NDJSON lines of a streamed exec after its `started` line, with
+    /// the execution id checked (the same on every line that carries it)
+    /// and taken out, so tests compare the rest exactly.
     fn lines(&self) -> Vec<Value> {
-        self.text()
+        let mut lines: Vec<Value> = self
+            .text()
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-            .collect()
+            .collect();
+        let started = lines.remove(0);
+        assert_eq!(started["type"], "started", "{}", self.text());
+        let id = started["execution_id"].as_str().expect("an id").to_owned();
+        for line in &mut lines {
+            if let Some(own) = line.as_object_mut().unwrap().remove("execution_id") {
+                assert_eq!(own, id.as_str(), "{}", self.text());
+            }
+        }
+        lines
+    }
+
+    /// The JSON body of an exec, its (random) execution id checked and
+    /// taken out.
+    fn exec_json(&self) -> Value {
+        let mut v = self.json();
+        let id = v
+            .as_object_mut()
+            .unwrap()
+            .remove("execution_id")
+            .expect("an execution id");
+        assert!(id.as_str().is_some_and(|id| id.len() >= 8), "{id}");
+        v
     }
 }
 
@@ -334,7 +360,8 @@ fn exec(thread: &str, command: &str) -> Request<Body> {
 fn sample(method: &str, route: &str, thread: &str, user: &str) -> Request<Body> {
     let uri = route
         .replace("{thread_id}", thread)
-        .replace("{user_id}", user);
+        .replace("{user_id}", user)
+        .replace("{execution_id}", "no-such-execution");
     match (method, route) {
         ("POST", r) if r.ends_with("/exec") || r.ends_with("/exec/stream") => {
             json_request(method, &uri, r#"{"command":"true"}"#)
@@ -415,6 +442,43 @@ async fn an_unknown_route_is_404_not_found_in_the_json_error_shape() {
         let reply = app.send(get(uri)).await;
         assert_eq!(reply.error(), (404, "not-found".into()), "{uri}");
     }
+}
+
+#[tokio::test]
+async fn cancelling_an_unknown_execution_is_404_and_a_malformed_id_is_400() {
+    let app = App::memory().await;
+    let reply = app.send(delete("/v1/executions/no-such-execution")).await;
+    assert_eq!(reply.error(), (404, "not-found".into()));
+    for bad in ["short", "has%20space", &"x".repeat(65)] {
+        let reply = app.send(delete(&format!("/v1/executions/{bad}"))).await;
+        assert_eq!(reply.error(), (400, "invalid-id".into()), "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn an_exec_answers_its_execution_id_and_a_stream_opens_with_it() {
+    let app = App::memory().await;
+    let reply = app
+        .send(post_json(
+            "/v1/threads/alice-1/exec",
+            json!({ "command": "true", "execution_id": "mine-000001" }).to_string(),
+        ))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["execution_id"], "mine-000001");
+    let reply = app
+        .send(post_json(
+            "/v1/threads/alice-1/exec/stream",
+            json!({ "command": "true" }).to_string(),
+        ))
+        .await;
+    let text = String::from_utf8(reply.body.to_vec()).unwrap();
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(first["type"], "started", "{text}");
+    let id = first["execution_id"].as_str().unwrap().to_owned();
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(last["type"], "exit", "{text}");
+    assert_eq!(last["execution_id"], id.as_str());
 }
 
 #[tokio::test]
@@ -838,7 +902,7 @@ async fn an_exec_answers_output_exit_code_truncated_and_timed_out() {
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.content_type(), "application/json");
     assert_eq!(
-        reply.json(),
+        reply.exec_json(),
         json!({"output": "", "exit_code": 0, "truncated": false, "timed_out": false})
     );
     // The options are accepted in range.

@@ -14,11 +14,12 @@ use axum::http::{Request, StatusCode};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use super::{exec, get, json_request, post_json, put_raw, series, App, Capture, Options};
+use super::{delete, exec, get, json_request, post_json, put_raw, series, App, Capture, Options};
 use crate::config::{Config, DEFAULT_IMAGE};
 use crate::provider::docker::DockerProvider;
 use crate::provider::ContainerProvider as _;
 use crate::Sandbox;
+use tower::ServiceExt as _;
 
 /// The image the containers run: the integration tests' choice, so one
 /// image serves both suites.
@@ -186,7 +187,7 @@ async fn an_exec_answers_the_commands_output_and_exit_code_with_its_options() {
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(
-        reply.json(),
+        reply.exec_json(),
         json!({"output": "y\n/workspace/sub\nin", "exit_code": 3, "truncated": false, "timed_out": false})
     );
 }
@@ -203,8 +204,8 @@ async fn an_exec_past_its_timeout_answers_timed_out_with_exit_code_124() {
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(
-        reply.json(),
-        json!({"output": "start\n", "exit_code": 124, "truncated": false, "timed_out": true})
+        reply.exec_json(),
+        json!({"output": "start\n", "exit_code": 124, "truncated": false, "timed_out": true, "reason": "timeout"})
     );
     assert!(started.elapsed() < Duration::from_secs(20));
     app.wait_gone("alice", "sleep 30").await;
@@ -510,4 +511,46 @@ async fn the_raw_routes_answer_each_file_error_with_its_status() {
             .await;
         assert_eq!(reply.error(), (status, kind.to_owned()), "PUT {path}");
     }
+}
+
+#[tokio::test]
+async fn a_cancelled_execution_answers_130_cancelled_and_its_processes_die() {
+    let app = EngineApp::default().await;
+    assert_eq!(
+        app.send(exec("alice-1", "true")).await.status,
+        StatusCode::OK
+    );
+    let running = {
+        let router = app.router.clone();
+        tokio::spawn(async move {
+            router
+                .oneshot(exec_with(
+                    "alice-1",
+                    json!({"command": "(env -i sleep 61 &); sleep 62", "execution_id": "http-cancel-1"}),
+                ))
+                .await
+                .unwrap()
+        })
+    };
+    // Cancel once it runs (404 until it is registered).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let reply = app.send(delete("/v1/executions/http-cancel-1")).await;
+        if reply.status == StatusCode::OK {
+            assert_eq!(reply.json(), json!({"cancelled": true}));
+            break;
+        }
+        assert!(Instant::now() < deadline, "never running: {}", reply.text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let response = running.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["exit_code"], 130, "{v}");
+    assert_eq!(v["reason"], "cancelled", "{v}");
+    assert_eq!(v["execution_id"], "http-cancel-1");
+    app.wait_gone("alice", "sleep 6").await;
 }
