@@ -72,18 +72,25 @@ const FREE_MAPS: &[&str] = &["policy_config"];
 pub enum ConfigError {
     /// A `SANDBOX_*` variable (or an alias) whose value is not UTF-8.
     #[error("{name}: not valid UTF-8")]
-    NotUtf8 { name: String },
+    NotUtf8 {
+        /// The variable's name.
+        name: String,
+    },
     /// The configuration file could not be read (it must exist when named).
     #[error("reading config file {}", path.display())]
     Read {
+        /// The file named by `--config` or `SANDBOX_CONFIG`.
         path: PathBuf,
+        /// Why reading it failed.
         #[source]
         source: std::io::Error,
     },
     /// The configuration file is not TOML.
     #[error("parsing config file {}", path.display())]
     Parse {
+        /// The file named by `--config` or `SANDBOX_CONFIG`.
         path: PathBuf,
+        /// The TOML syntax error.
         #[source]
         source: Box<figment::Error>,
     },
@@ -91,13 +98,19 @@ pub enum ConfigError {
     /// line each, prefixed with where the value came from
     /// (`SANDBOX_EXEC_TIMEOUT_SECS: invalid type: ...`).
     #[error("{}", problems.join("\n"))]
-    Values { problems: Vec<String> },
+    Values {
+        /// One message per bad value, each naming its origin.
+        problems: Vec<String>,
+    },
     /// A well-formed value the host cannot run with (see
     /// [`Config::validate`]): its key (dotted), where it came from, and why.
     #[error("{}{message}", origin.prefix())]
     Invalid {
+        /// The rejected key, dotted (`limits.pids`).
         key: &'static str,
+        /// Where the rejected value came from.
         origin: Origin,
+        /// Why it was rejected, in a sentence.
         message: String,
     },
 }
@@ -110,6 +123,7 @@ pub struct ParseUserIdsError {
     pub which: &'static str,
     /// The whole text given.
     pub text: String,
+    /// The integer parse failure of that part.
     #[source]
     pub source: std::num::ParseIntError,
 }
@@ -129,6 +143,7 @@ pub struct Config {
     /// uid:gid the containers run as and the workspaces belong to. Default:
     /// the host's own ids, or 1000:1000 when the host runs as root.
     pub sandbox_user: Option<UserIds>,
+    /// Memory, CPU and process limits of every sandbox container.
     pub limits: Limits,
     /// Byte cap on the combined output of one `execute`.
     pub output_limit_bytes: usize,
@@ -150,10 +165,16 @@ pub struct Config {
     pub policy_host_calls: u32,
     /// Ceilings for one policy instance: table elements, core instances,
     /// tables, memories, and host resources (WASI pollables and streams).
+    /// This one: elements any one table may grow to (default 200000).
     pub policy_table_elements: usize,
+    /// Core wasm instances one policy instance may create (default 16).
     pub policy_core_instances: usize,
+    /// Tables one policy instance may create (default 8).
     pub policy_tables: usize,
+    /// Linear memories one policy instance may create (default 1).
     pub policy_memories: usize,
+    /// Entries in one policy instance's host resource table (WASI
+    /// pollables, streams; default 256).
     pub policy_resources: usize,
     /// The sum of every policy instance's memories and tables, in bytes.
     pub policy_memory_total_bytes: usize,
@@ -206,9 +227,11 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
+    /// Memory cap in bytes, swap included (so no swap); default 512 MiB.
     pub memory_bytes: i64,
     /// CPUs, possibly fractional (`1.5`).
     pub cpus: f64,
+    /// Most processes and threads alive in the container at once; default 256.
     pub pids: i64,
 }
 
@@ -216,7 +239,9 @@ pub struct Limits {
 /// table `{ uid, gid }`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct UserIds {
+    /// Numeric user id.
     pub uid: u32,
+    /// Numeric group id.
     pub gid: u32,
 }
 
@@ -420,11 +445,14 @@ fn default_workspace_root() -> PathBuf {
 pub struct Flag {
     /// How it was spelled, for messages (`--image`).
     pub flag: String,
+    /// The configuration key it sets, dotted (`limits.pids`).
     pub key: String,
+    /// The value as given, parsed like an environment variable's.
     pub value: String,
 }
 
 impl Flag {
+    /// The flag spelled `flag`, setting `key` (dotted) to `value`.
     pub fn new(flag: &str, key: &str, value: impl Into<String>) -> Self {
         Flag {
             flag: flag.to_owned(),
@@ -478,10 +506,23 @@ impl Layers {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Origin {
+    /// The built-in default (or a configuration not loaded from layers).
     Default,
-    File { path: PathBuf },
-    Env { name: String },
-    Flag { name: String },
+    /// The TOML configuration file.
+    File {
+        /// The file's path.
+        path: PathBuf,
+    },
+    /// An environment variable.
+    Env {
+        /// The variable's name (`SANDBOX_LIMITS__PIDS`, or an alias).
+        name: String,
+    },
+    /// A command-line flag.
+    Flag {
+        /// The flag as spelled (`--image`).
+        name: String,
+    },
 }
 
 impl Origin {
@@ -669,6 +710,7 @@ impl Keys {
 
 /// A loaded configuration, with where each value came from.
 pub struct Loaded {
+    /// The effective, validated configuration.
     pub config: Config,
     /// Unknown environment variables, one sentence each (also logged by
     /// [`Config::load`]).
@@ -991,14 +1033,17 @@ impl Config {
         check_network(&self.network).or_else(|message| fail("network", message))
     }
 
+    /// [`Config::docker_timeout_secs`] as a `Duration`.
     pub fn docker_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.docker_timeout_secs)
     }
 
+    /// [`Config::exec_timeout_secs`] as a `Duration`.
     pub fn exec_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.exec_timeout_secs)
     }
 
+    /// [`Config::policy_deadline_ms`] as a `Duration`.
     pub fn policy_deadline(&self) -> Duration {
         Duration::from_millis(self.policy_deadline_ms)
     }

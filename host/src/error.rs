@@ -25,6 +25,8 @@ pub enum SandboxError {
     /// The policy component could not be loaded or failed its self-check.
     #[error("policy refused at load: {0}")]
     PolicyLoad(String),
+    /// Anything else (an engine error, a workspace or transfer failure on
+    /// the host); the message says what.
     #[error("{0}")]
     Other(String),
 }

@@ -43,18 +43,27 @@ pub enum ImageError {
     /// A Docker API call failed; `action` says which (`pulling busybox:musl`).
     #[error("{action}")]
     Docker {
+        /// What was being done, for the message.
         action: String,
+        /// The engine's error.
         #[source]
         source: bollard::errors::Error,
     },
     /// The engine reported an error in a build step.
     #[error("building {tag}: {message}")]
-    BuildStep { tag: String, message: String },
+    BuildStep {
+        /// The tag being built.
+        tag: String,
+        /// The engine's error message for the step.
+        message: String,
+    },
     /// The default image was neither present nor pullable, and building it
     /// failed.
     #[error("building the default image {image}")]
     DefaultImage {
+        /// The default image's tag ([`crate::config::DEFAULT_IMAGE`]).
         image: String,
+        /// Why building it failed.
         #[source]
         source: Box<ImageError>,
     },
@@ -65,7 +74,9 @@ pub enum ImageError {
          (`docker images`)"
     )]
     Unavailable {
+        /// The configured image.
         image: String,
+        /// Why pulling it failed.
         #[source]
         source: Box<ImageError>,
     },
@@ -86,7 +97,10 @@ pub enum ImageError {
     NoPackage,
     /// `apt-get download` failed otherwise; with its stderr.
     #[error("`apt-get download {BUSYBOX_PACKAGE}` failed: {stderr}")]
-    AptFailed { stderr: String },
+    AptFailed {
+        /// What apt-get wrote to stderr.
+        stderr: String,
+    },
     /// `apt-get download` succeeded without leaving a package.
     #[error("apt-get download reported success but left no .deb")]
     NoDeb,
@@ -96,13 +110,17 @@ pub enum ImageError {
     /// `dpkg-deb -x` failed.
     #[error("dpkg-deb -x {} failed ({status})", deb.display())]
     DpkgFailed {
+        /// The downloaded package.
         deb: PathBuf,
+        /// How dpkg-deb exited.
         status: std::process::ExitStatus,
     },
     /// The busybox binary could not be read.
     #[error("reading {}: {BUSYBOX_HINT}", path.display())]
     ReadBusybox {
+        /// The binary's path (`--busybox`, or the default).
         path: PathBuf,
+        /// Why reading it failed.
         #[source]
         source: std::io::Error,
     },
@@ -111,14 +129,22 @@ pub enum ImageError {
         "{} is dynamically linked and cannot run in an image built FROM scratch: {BUSYBOX_HINT}",
         path.display()
     )]
-    DynamicBusybox { path: PathBuf },
+    DynamicBusybox {
+        /// The binary's path.
+        path: PathBuf,
+    },
     /// The busybox "binary" is not a 64-bit ELF executable.
     #[error("{} is not a 64-bit ELF executable: {BUSYBOX_HINT}", path.display())]
-    NotElf { path: PathBuf },
+    NotElf {
+        /// The file's path.
+        path: PathBuf,
+    },
     /// Local file work failed: `action` says which.
     #[error("{action}")]
     Io {
+        /// What was being done, for the message.
         action: String,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },

@@ -451,7 +451,12 @@ impl Backend {
             Err(_) => true,
             Ok(r) => r.exit_code == EndReason::Destroyed.exit_code() || r.exit_code < 0,
         };
-        if killed && self.engine().usage().destroyed_since(&container.name, started) {
+        if killed
+            && self
+                .engine()
+                .usage()
+                .destroyed_since(&container.name, started)
+        {
             return Ok(ExecResponse::ended(&id, EndReason::Destroyed));
         }
         let mut response = outcome?;

@@ -10,6 +10,7 @@ use crate::provider::ContainerStats;
 /// `idle_secs`), and its resource usage when asked for.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BackendView {
+    /// The container, its fields serialized at the top level.
     #[serde(flatten)]
     pub container: ManagedContainer,
     /// Whole seconds since the container's last use (0 when a clock put
@@ -32,6 +33,7 @@ impl BackendView {
         }
     }
 
+    /// The view with `stats` (from [`crate::provider::ContainerProvider::stats`]).
     pub fn with_stats(mut self, stats: Option<ContainerStats>) -> Self {
         self.stats = stats;
         self

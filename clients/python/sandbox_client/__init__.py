@@ -111,9 +111,10 @@ class SandboxClient:
         """The (lazily created) backend of a thread: id, user_id, workspace."""
         return self._json("GET", f"/v1/threads/{self._thread(thread_id)}")
 
-    def exec(self, thread_id: str, command: str, timeout: Optional[float] = None,
-             env: Optional[Dict[str, str]] = None, workdir: Optional[str] = None,
-             stdin: Optional[str] = None) -> Dict[str, Any]:
+    @staticmethod
+    def _exec_body(command: str, timeout: Optional[float] = None, env: Optional[Dict[str, str]] = None,
+                   workdir: Optional[str] = None, stdin: Optional[str] = None,
+                   execution_id: Optional[str] = None) -> Dict[str, Any]:
         body: Dict[str, Any] = {"command": command}
         if timeout is not None:
             body["timeout_secs"] = timeout
@@ -123,18 +124,42 @@ class SandboxClient:
             body["workdir"] = workdir
         if stdin is not None:
             body["stdin"] = stdin
+        if execution_id is not None:
+            body["execution_id"] = execution_id
+        return body
+
+    def exec(self, thread_id: str, command: str, timeout: Optional[float] = None,
+             env: Optional[Dict[str, str]] = None, workdir: Optional[str] = None,
+             stdin: Optional[str] = None, execution_id: Optional[str] = None) -> Dict[str, Any]:
+        """Runs a command; the answer has ``execution_id`` and, when the host
+        ended the command, ``reason`` (``timeout``, ``cancelled``, ``destroyed``).
+        Give ``execution_id`` (8 to 64 of ``[A-Za-z0-9_-]``) to be able to
+        :meth:`cancel` it from another thread."""
+        body = self._exec_body(command, timeout, env, workdir, stdin, execution_id)
         return self._json("POST", f"/v1/threads/{self._thread(thread_id)}/exec", body)
 
-    def exec_stream(self, thread_id: str, command: str, **options) -> Iterator[Dict[str, Any]]:
-        """Yields NDJSON lines: ``output`` chunks, then ``exit`` (or ``error``)."""
-        body: Dict[str, Any] = {"command": command}
-        if options.get("timeout") is not None:
-            body["timeout_secs"] = options["timeout"]
+    def exec_stream(self, thread_id: str, command: str, timeout: Optional[float] = None,
+                    env: Optional[Dict[str, str]] = None, workdir: Optional[str] = None,
+                    stdin: Optional[str] = None, execution_id: Optional[str] = None) -> Iterator[Dict[str, Any]]:
+        """Yields NDJSON lines: ``started`` (with the ``execution_id``), ``output``
+        chunks, then ``exit`` (or ``error``)."""
+        body = self._exec_body(command, timeout, env, workdir, stdin, execution_id)
         resp = self._request("POST", f"/v1/threads/{self._thread(thread_id)}/exec/stream", body)
         with resp:
             for line in resp:
                 if line.strip():
                     yield json.loads(line)
+
+    def cancel(self, execution_id: str) -> bool:
+        """Kills a running execution's whole process tree; it then answers
+        exit code 130 with ``reason`` ``cancelled``. False when no execution
+        with that id runs on the server."""
+        try:
+            return self._json("DELETE", f"/v1/executions/{urllib.parse.quote(execution_id, safe='')}")["cancelled"]
+        except SandboxError as e:
+            if e.status == 404:
+                return False
+            raise
 
     def upload_files(self, thread_id: str, files: Sequence[Tuple[str, bytes]]) -> List[Dict[str, Any]]:
         body = {"files": [{"path": p, "content_b64": base64.b64encode(c).decode()} for p, c in files]}

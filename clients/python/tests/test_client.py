@@ -288,3 +288,25 @@ def test_raw_file_routes_stream_big_files_in_bounded_server_memory(server, clien
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
     assert e.value.code == 404
+
+
+def test_cancel_kills_a_running_execution_by_its_id(server, client):
+    client.exec("alice-1", "true")
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(
+        client.exec("alice-1", "(env -i sleep 401 &); sleep 402", execution_id="py-cancel-0001")))
+    worker.start()
+    deadline = time.time() + 20
+    while not client.cancel("py-cancel-0001"):
+        assert time.time() < deadline, "the execution never ran"
+        time.sleep(0.1)
+    worker.join(30)
+    assert result["exit_code"] == 130 and result["reason"] == "cancelled", result
+    assert result["execution_id"] == "py-cancel-0001"
+    assert client.cancel("py-cancel-0001") is False
+    deadline = time.time() + 10
+    while "sleep 40" in _ps(server, "alice") and time.time() < deadline:
+        time.sleep(0.2)
+    assert "sleep 40" not in _ps(server, "alice")
+    lines = list(client.exec_stream("alice-1", "echo hi", env={"X": "1"}))
+    assert lines[0]["type"] == "started" and lines[-1]["execution_id"] == lines[0]["execution_id"]

@@ -59,9 +59,14 @@ pub const PATH_MAX: usize = 4095;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FileError {
+    /// Nothing at the path (or a symlink to nothing).
     FileNotFound,
+    /// The sandbox user may not read (or write) the file or its directory.
     PermissionDenied,
+    /// The path is a directory.
     IsDirectory,
+    /// The path fails the lexical checks, resolves outside `/workspace`
+    /// (through a symlink too), or is not a regular file.
     InvalidPath,
     /// The file's apparent size is over the transfer cap (not a deepagents
     /// literal: `file_too_large`).
@@ -133,26 +138,35 @@ impl FileLimits {
 /// One file to upload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upload {
+    /// In-container path: absolute under `/workspace`, or relative to it.
     pub path: String,
+    /// The whole file content.
     pub content: Vec<u8>,
     /// Unix permission bits (masked with [`UPLOAD_MODE_MASK`]); 0o644 when
     /// `None`.
     pub mode: Option<u32>,
 }
 
+/// The outcome of one upload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadResult {
+    /// The path as it was requested.
     pub path: String,
+    /// Why the file was not written; `None` when it was.
     pub error: Option<FileError>,
 }
 
+/// The outcome of one download in a batch: the content, or an error.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DownloadResult {
+    /// The path as it was requested.
     pub path: String,
+    /// The whole file, when downloaded.
     pub content: Option<Vec<u8>>,
     /// Permission bits of the file, when downloaded, masked with
     /// [`HOST_MODE_MASK`].
     pub mode: Option<u32>,
+    /// Why the file was not downloaded; `None` when it was.
     pub error: Option<FileError>,
 }
 
@@ -323,6 +337,8 @@ enum Target<'a> {
 }
 
 impl<'a> DownloadSink<'a> {
+    /// A sink passing the content on to `inner`, refusing files over
+    /// `limit` bytes.
     pub fn new(inner: &'a mut (dyn AsyncWrite + Send + Unpin), limit: u64) -> Self {
         Self::with(Target::Writer(inner), limit)
     }

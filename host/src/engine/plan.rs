@@ -19,20 +19,30 @@ pub const IDLE_COMMAND: [&str; 2] = ["sleep", "infinity"];
 /// A container the host is about to create for a backend.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ContainerPlan {
+    /// Container name, derived from the namespace and backend id: unique
+    /// per backend, so a second create conflicts.
     pub name: String,
+    /// The configured image.
     pub image: String,
+    /// Ownership labels (namespace, backend, workspace, policy), plus the
+    /// agent's when mounted.
     pub labels: HashMap<String, String>,
     /// Host directory bind-mounted read-write at [`WORKSPACE_MOUNT`].
     pub workspace_path: PathBuf,
+    /// uid:gid the container's processes run as.
     pub user: UserIds,
+    /// Memory, CPU and process limits.
     pub limits: Limits,
+    /// The container's main command (`sleep infinity`).
     pub command: Vec<String>,
+    /// Root filesystem read-only, with a writable tmpfs `/tmp`.
     pub read_only_rootfs: bool,
     /// `none`, or the Docker network the operator configured.
     pub network: String,
     /// Host path of `sandbox-agent`, bind-mounted read-only at
     /// [`crate::dataplane::agent::AGENT_MOUNT`] (see [`ContainerPlan::with_agent`]).
     pub agent: Option<PathBuf>,
+    /// OCI runtime (`runsc`, ...); the engine's default when `None`.
     pub runtime: Option<String>,
 }
 

@@ -12,7 +12,12 @@ pub enum PolicySource {
     /// A `.wasm` component on disk.
     File(std::path::PathBuf),
     /// Component bytes, with a label for messages.
-    Bytes { label: String, bytes: Vec<u8> },
+    Bytes {
+        /// Names the component in messages and errors.
+        label: String,
+        /// The component itself (at most 64 MiB).
+        bytes: Vec<u8>,
+    },
 }
 
 impl PolicySource {

@@ -21,11 +21,15 @@ pub use sandbox_contract::Status;
 /// A container as the engine reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ContainerRecord {
+    /// The engine's container id.
     pub id: String,
     /// Without Docker's leading `/`.
     pub name: String,
+    /// The image it was created from, as named at creation.
     pub image: String,
+    /// Every label on the container (ownership labels among them).
     pub labels: HashMap<String, String>,
+    /// Lifecycle state (created, running, exited, ...).
     pub status: Status,
     /// Unix seconds, when the engine reported it (listing does, inspect does not).
     pub created: Option<i64>,
@@ -34,25 +38,33 @@ pub struct ContainerRecord {
 /// A container's resource usage, as the engine reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct ContainerStats {
+    /// Memory in use, in bytes (0 when the engine does not say).
     pub memory_bytes: u64,
+    /// The container's memory limit, in bytes (0 when unknown).
     pub memory_limit_bytes: u64,
     /// CPU time consumed since start.
     pub cpu_seconds: f64,
+    /// Processes and threads alive now.
     pub pids: u64,
 }
 
 /// Engine failures, before they are converted at the boundary.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProviderError {
+    /// The engine could not be reached (or did not answer in time); with
+    /// the endpoint and cause.
     #[error("docker unavailable: {0}")]
     Unavailable(String),
+    /// No such container (or other object).
     #[error("not found: {0}")]
     NotFound(String),
     /// A container with that name exists already.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The image to create a container from is not present.
     #[error("{0}")]
     ImageMissing(String),
+    /// Any other engine error, with its status and message.
     #[error("docker error: {0}")]
     Failed(String),
 }
@@ -69,6 +81,7 @@ impl From<ProviderError> for SandboxError {
     }
 }
 
+/// The result of a [`ContainerProvider`] operation.
 pub type ProviderResult<T> = Result<T, ProviderError>;
 
 /// Streams of one exec, beyond the capped combined output.
