@@ -2,7 +2,6 @@
 
 mod support;
 
-
 use sandbox_host::{policies, PolicySource, SandboxError};
 use support::{docker, Harness};
 

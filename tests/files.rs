@@ -562,3 +562,54 @@ async fn exec_stdin_streams_in_bounded_memory() {
         baseline.peak_rss_kb
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upload_that_breaks_midway_leaves_the_existing_file_whole_and_its_mode() {
+    // The bug: the upload script wrote into the target itself, so a
+    // transfer that broke midway left a truncated file; and an upload
+    // without a mode reset an existing file to 0644.
+    let h = Harness::new("upkeep");
+    let sandbox = h.sandbox().await;
+    let b = sandbox.get_thread_backend("keep-1").await.unwrap();
+    let put = |content: &[u8], mode| Upload {
+        path: "notes.txt".into(),
+        content: content.to_vec(),
+        mode,
+    };
+    let done = b
+        .upload_files(vec![put(b"the original", Some(0o600))])
+        .await
+        .unwrap();
+    assert_eq!(done[0].error, None);
+    // Announce 1 MiB, deliver 10 bytes: the transfer breaks.
+    let mut short: &[u8] = b"0123456789";
+    let broken = b
+        .upload_from(
+            "notes.txt",
+            &mut short,
+            1 << 20,
+            None,
+            &FileLimits::default(),
+        )
+        .await;
+    assert!(broken.is_err(), "{broken:?}");
+    let got = b.download_files(&["notes.txt".into()]).await.unwrap();
+    assert_eq!(got[0].content.as_deref(), Some(&b"the original"[..]));
+    let ls = b.execute("ls -a /workspace").await.unwrap().output;
+    assert!(!ls.contains(".sandbox-upload"), "no temporary left: {ls}");
+    // Without a mode, the existing file keeps its own.
+    b.upload_files(vec![put(b"second", None)]).await.unwrap();
+    let got = b.download_files(&["notes.txt".into()]).await.unwrap();
+    assert_eq!(got[0].content.as_deref(), Some(&b"second"[..]));
+    assert_eq!(got[0].mode, Some(0o600));
+    // A new file without a mode gets 0644.
+    b.upload_files(vec![Upload {
+        path: "fresh.txt".into(),
+        content: b"x".to_vec(),
+        mode: None,
+    }])
+    .await
+    .unwrap();
+    let got = b.download_files(&["fresh.txt".into()]).await.unwrap();
+    assert_eq!(got[0].mode, Some(0o644));
+}

@@ -208,11 +208,13 @@ pub fn file_name(resolved: &str) -> &str {
 }
 
 /// Writes one upload, run as the sandbox user with `$1` the resolved path,
-/// `$2` the octal mode, `$3` the byte count, the content on stdin. Creates
-/// missing parent directories (only under `/workspace`), writes (created
-/// owner-only), checks the size of what it wrote through the open file, sets
-/// the mode, and prints one word: `ok`, `short` (fewer bytes arrived than
-/// announced) or an error literal.
+/// `$2` the octal mode (`-`: keep the existing file's, else 644), `$3` the
+/// byte count, the content on stdin. Creates missing parent directories
+/// (only under `/workspace`), writes a temporary file beside the target
+/// (created owner-only), checks the size of what it wrote through the open
+/// file, sets the mode, then renames it over the target: an upload that
+/// breaks midway leaves the existing file whole. Prints one word: `ok`,
+/// `short` (fewer bytes arrived than announced) or an error literal.
 pub const UPLOAD_SCRIPT: &str = r#"
 exec 2>/dev/null
 p=$1; m=$2; n=$3
@@ -224,19 +226,28 @@ umask 022
 mkdir -p "$d" || { echo permission_denied; exit 0; }
 rd=$(readlink -f "$d")
 case "$rd/" in /workspace/*) ;; *) echo invalid_path; exit 0 ;; esac
+t=$p
 if [ -L "$p" ]; then
   rp=$(readlink -f "$p")
   case "$rp" in /workspace/*) ;; *) echo invalid_path; exit 0 ;; esac
+  t=$rp
 fi
-[ -d "$p" ] && { echo is_directory; exit 0; }
-[ -e "$p" ] && [ ! -w "$p" ] && { echo permission_denied; exit 0; }
-[ -w "$rd" ] || { echo permission_denied; exit 0; }
+[ -d "$t" ] && { echo is_directory; exit 0; }
+[ -e "$t" ] && [ ! -w "$t" ] && { echo permission_denied; exit 0; }
+td=${t%/*}
+[ -w "$td" ] || { echo permission_denied; exit 0; }
+if [ "$m" = - ]; then
+  m=644
+  [ -e "$t" ] && m=$(printf %o $(( 0$(stat -L -c %a "$t") & 0777 )))
+fi
+w="$td/.sandbox-upload.$$"
 umask 077
 {
-  cat >&3 || { echo permission_denied; exit 0; }
-  [ "$(stat -L -c %s /proc/self/fd/3)" = "$n" ] || { echo short; exit 0; }
-} 3> "$p" || { echo permission_denied; exit 0; }
-chmod "$m" "$p" || { echo permission_denied; exit 0; }
+  cat >&3 || { rm -f "$w"; echo permission_denied; exit 0; }
+  [ "$(stat -L -c %s /proc/self/fd/3)" = "$n" ] || { rm -f "$w"; echo short; exit 0; }
+} 3> "$w" || { rm -f "$w"; echo permission_denied; exit 0; }
+chmod "$m" "$w" || { rm -f "$w"; echo permission_denied; exit 0; }
+mv -f "$w" "$t" || { rm -f "$w"; echo permission_denied; exit 0; }
 echo ok
 "#;
 
@@ -269,12 +280,13 @@ case "$r" in /workspace/*) ;; *) echo invalid_path; exit 0 ;; esac
 } < "$r" || echo permission_denied
 "#;
 
-/// The command uploading `len` bytes to `resolved` with `mode`.
-pub fn upload_command(resolved: &str, mode: u32, len: u64) -> String {
+/// The command uploading `len` bytes to `resolved` with `mode` (none:
+/// an existing file keeps its mode, a new one gets 0644).
+pub fn upload_command(resolved: &str, mode: Option<u32>, len: u64) -> String {
+    let mode = mode.map_or("-".to_owned(), |m| format!("{:o}", m & UPLOAD_MODE_MASK));
     format!(
-        "set -- {} {:o} {len}\n{UPLOAD_SCRIPT}",
+        "set -- {} {mode} {len}\n{UPLOAD_SCRIPT}",
         shell_quote(resolved),
-        mode & UPLOAD_MODE_MASK
     )
 }
 
@@ -648,7 +660,7 @@ mod tests {
 
     #[test]
     fn upload_commands_quote_the_path_and_drop_special_bits() {
-        let c = upload_command("/workspace/it's", 0o6777, 5);
+        let c = upload_command("/workspace/it's", Some(0o6777), 5);
         assert!(c.starts_with("set -- '/workspace/it'\\''s' 777 5\n"), "{c}");
     }
 

@@ -187,7 +187,7 @@ impl Backend {
         if len > limits.max_file_bytes {
             return Ok(Some(FileError::FileTooLarge));
         }
-        let mode = mode.unwrap_or(0o644);
+
         let request = self.transfer_request(&files::upload_command(&resolved, mode, len))?;
         let mut content = reader.take(len);
         let io = ExecIo {
