@@ -276,3 +276,26 @@ async fn a_dropped_call_and_ctrl_c_on_the_cli_kill_the_remote_command() {
     let ps = b.execute("ps -o args").await.unwrap().output;
     assert!(!ps.contains("sleep 302"), "left behind: {ps}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_execute_starting_while_maintenance_evicts_never_fails() {
+    // The bug: maintenance counted no work, then an execute began and found
+    // the container, then maintenance removed it: 16 of 80 executes failed
+    // at a 0.3 s TTL. Now the two hand off through the shared store.
+    let h = Harness::new("evictrace");
+    let config = Config {
+        maintenance_interval_secs: 0.05,
+        ..with_ttl(&h, "0.3")
+    };
+    let sandbox = per_user(&h, config).await;
+    let b = sandbox.get_thread_backend("e-1").await.unwrap();
+    for i in 0..25 {
+        let r = b.execute("echo ok").await;
+        assert!(
+            matches!(&r, Ok(r) if r.exit_code == 0 && r.output == "ok\n"),
+            "execute {i}: {r:?}"
+        );
+        // Around the TTL, so evictions and starts meet.
+        tokio::time::sleep(Duration::from_millis(280 + (i % 5) * 10)).await;
+    }
+}

@@ -362,7 +362,7 @@ impl Backend {
     /// ensured, so maintenance never removes it between the two) until the
     /// guard drops.
     pub(crate) async fn ensure_for_work(&self) -> Result<(VerifiedContainer, Option<Work>)> {
-        let work = self.sandbox.inner.engine.begin_work(&self.id)?;
+        let work = self.sandbox.inner.engine.begin_work(&self.id).await?;
         let container = self.ensure_container().await?;
         Ok((container, work))
     }

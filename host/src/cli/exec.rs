@@ -61,8 +61,7 @@ pub async fn run(config: Config, args: ExecArgs) -> anyhow::Result<ExitCode> {
     };
     // Registered now, before any work starts: a Ctrl-C that comes while the
     // command is being set up must still kill it, not this process alone.
-    let mut interrupt =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let sandbox = open(config, true).await?;
     let backend = sandbox.get_thread_backend(&thread_id).await?;
     // Live output: each chunk is printed as it arrives.

@@ -32,7 +32,10 @@ use crate::provider::{ContainerProvider, ContainerRecord, ProviderError};
 use ownership::{label, Handouts};
 use plan::ContainerPlan;
 use slots::Slots;
-use usage::{Usage, Work};
+use usage::{Closure, Usage, Work};
+
+/// How long new work waits for an idle removal of its container to decide.
+const EVICTION_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 use workspace::Workspaces;
 
 pub use clock::now_ms;
@@ -153,14 +156,28 @@ impl Engine {
     /// Marks work on `backend`'s container as in flight until the guard
     /// drops; keyed by name, known before the container is ensured, so
     /// maintenance never removes it between the ensure and the command.
-    pub fn begin_work(&self, backend: &BackendId) -> Result<Option<Work>> {
-        self.usage
-            .begin(&self.container_name(backend))
-            .map_err(|usage::Refusal::Closing| {
-                SandboxError::Refused(format!(
-                    "backend {backend} is being destroyed; retry when the destroy is done"
-                ))
-            })
+    ///
+    /// While an idle removal decides, the work waits for its outcome (the
+    /// removal is refused because of this work, or the container goes and
+    /// the ensure makes a new one); during a destroy it is refused.
+    pub async fn begin_work(&self, backend: &BackendId) -> Result<Option<Work>> {
+        let name = self.container_name(backend);
+        let patience = tokio::time::Instant::now() + EVICTION_WAIT;
+        loop {
+            match self.usage.begin(&name) {
+                Ok(work) => return Ok(work),
+                Err(usage::Refusal::Closing(Closure::Evict))
+                    if tokio::time::Instant::now() < patience =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(usage::Refusal::Closing(_)) => {
+                    return Err(SandboxError::Refused(format!(
+                        "backend {backend} is being removed; retry when that is done"
+                    )))
+                }
+            }
+        }
     }
 
     /// The installed agent, installing it on first use.
@@ -312,16 +329,19 @@ impl Engine {
         };
         let _closing = match how {
             RemoveMode::UnlessBusy => {
-                if owned.status == Status::Running && owned.in_flight > 0 {
+                // Marked before counting (see `Usage::begin`).
+                let closing = self.usage.close(&owned.name, Closure::Evict);
+                let in_flight = self.usage.count(&owned.name);
+                if owned.status == Status::Running && in_flight > 0 {
                     return Err(SandboxError::Refused(format!(
                         "container {} has {} command(s) in flight; it is not removed while they run",
-                        owned.name, owned.in_flight
+                        owned.name, in_flight
                     )));
                 }
-                None
+                closing
             }
             RemoveMode::Drain(deadline) => {
-                let closing = self.usage.close(&owned.name);
+                let closing = self.usage.close(&owned.name, Closure::Destroy);
                 let left = self.usage.drain(&owned.name, deadline).await;
                 if left > 0 {
                     tracing::warn!(
@@ -479,7 +499,7 @@ mod tests {
         let alice = BackendId::parse("alice").unwrap();
         let c = engine.create(&alice, "per-user").await.unwrap();
         provider.start(&c.id).await.unwrap();
-        let work = engine.begin_work(&alice).unwrap();
+        let work = engine.begin_work(&alice).await.unwrap();
         assert!(matches!(
             engine.remove(&c.id, RemoveMode::UnlessBusy).await,
             Err(SandboxError::Refused(_))
@@ -497,7 +517,7 @@ mod tests {
         let alice = BackendId::parse("alice").unwrap();
         let c = engine.create(&alice, "per-user").await.unwrap();
         provider.start(&c.id).await.unwrap();
-        let work = engine.begin_work(&alice).unwrap();
+        let work = engine.begin_work(&alice).await.unwrap();
         let started = tokio::time::Instant::now();
         let deadline = started + std::time::Duration::from_secs(5);
         let remover = {
@@ -507,14 +527,14 @@ mod tests {
         };
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         assert!(matches!(
-            engine.begin_work(&alice),
+            engine.begin_work(&alice).await,
             Err(SandboxError::Refused(_))
         ));
         assert_eq!(provider.len(), 1, "not removed while the work runs");
         drop(work);
         assert!(remover.await.unwrap().unwrap());
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
-        assert!(engine.begin_work(&alice).unwrap().is_some());
+        assert!(engine.begin_work(&alice).await.unwrap().is_some());
     }
 
     #[tokio::test]

@@ -46,10 +46,30 @@ impl Drop for Work {
     }
 }
 
-/// Held while a destroy drains a container: no new work starts on it.
+/// Held while a container is being removed: no new work starts on it. A
+/// locked file, so a crashed remover blocks nothing.
 #[derive(Debug)]
 pub struct Closing {
     path: PathBuf,
+    _lock: Flock<File>,
+}
+
+/// Why a container is closing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closure {
+    /// A destroy: new work is refused.
+    Destroy,
+    /// An idle or capacity removal: new work waits for its outcome.
+    Evict,
+}
+
+impl Closure {
+    fn tag(self) -> &'static str {
+        match self {
+            Closure::Destroy => "destroy",
+            Closure::Evict => "evict",
+        }
+    }
 }
 
 impl Drop for Closing {
@@ -61,8 +81,8 @@ impl Drop for Closing {
 /// Why work could not be admitted on a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
-    /// A destroy is draining the container.
-    Closing,
+    /// The container is being removed, for this reason.
+    Closing(Closure),
 }
 
 impl Usage {
@@ -95,11 +115,22 @@ impl Usage {
 
     /// Marks one piece of work on `container` as running until the returned
     /// guard drops. `Ok(None)` (logged) when the store is unusable: the work
-    /// still runs. Refused while a destroy drains the container.
+    /// still runs. Refused while the container is being removed.
+    ///
+    /// The work is recorded first and the closing marks read after, while a
+    /// remover marks first and counts after: of a begin and a removal that
+    /// race, at least one sees the other, so a removal never kills work
+    /// that was admitted.
     pub fn begin(&self, container: &str) -> Result<Option<Work>, Refusal> {
-        if self.is_closing(container) {
-            return Err(Refusal::Closing);
+        let work = self.record(container);
+        if let Some(why) = self.closing(container) {
+            drop(work);
+            return Err(Refusal::Closing(why));
         }
+        Ok(work)
+    }
+
+    fn record(&self, container: &str) -> Option<Work> {
         let result = (|| -> std::io::Result<Work> {
             self.ensure_dirs()?;
             // Locked under a name no count looks at, then renamed: a count
@@ -124,10 +155,10 @@ impl Usage {
             })
         })();
         match result {
-            Ok(work) => Ok(Some(work)),
+            Ok(work) => Some(work),
             Err(e) => {
                 tracing::warn!(container, error = %e, "cannot record work in flight");
-                Ok(None)
+                None
             }
         }
     }
@@ -221,24 +252,60 @@ impl Usage {
         let _ = std::fs::remove_dir_all(self.threads.join(container));
     }
 
-    /// Stops new work on `container` until the guard drops.
-    pub fn close(&self, container: &str) -> Option<Closing> {
-        let path = self.closing.join(container);
+    /// Marks `container` as being removed (`why`) until the guard drops.
+    pub fn close(&self, container: &str, why: Closure) -> Option<Closing> {
+        let path = self
+            .closing
+            .join(format!("{container}.{}.{}", why.tag(), unique_suffix()));
         let made = self.ensure_dirs().and_then(|()| {
-            OpenOptions::new()
+            let file = OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(false)
+                .create_new(true)
                 .mode(0o600)
-                .open(&path)
+                .open(&path)?;
+            Flock::lock(file, FlockArg::LockExclusiveNonblock)
+                .map_err(|(_, e)| std::io::Error::from(e))
         });
         match made {
-            Ok(_) => Some(Closing { path }),
+            Ok(lock) => Some(Closing { path, _lock: lock }),
             Err(e) => {
                 tracing::warn!(container, error = %e, "cannot mark the container closing");
                 None
             }
         }
+    }
+
+    /// Why `container` is being removed now, by any host process (a destroy
+    /// wins over an eviction); stale marks of crashed processes are cleaned.
+    pub fn closing(&self, container: &str) -> Option<Closure> {
+        let entries = std::fs::read_dir(&self.closing).ok()?;
+        let prefix = format!("{container}.");
+        let mut found = None;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+                continue;
+            };
+            let why = if rest.starts_with("destroy.") {
+                Closure::Destroy
+            } else if rest.starts_with("evict.") {
+                Closure::Evict
+            } else {
+                continue;
+            };
+            let Ok(file) = File::open(entry.path()) else {
+                continue;
+            };
+            if Flock::lock(file, FlockArg::LockExclusiveNonblock).is_ok() {
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            }
+            if why == Closure::Destroy {
+                return Some(why);
+            }
+            found = Some(why);
+        }
+        found
     }
 
     /// Records that a destroy is removing `container` now, so the commands
@@ -256,11 +323,6 @@ impl Usage {
             .ok()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .is_some_and(|t| t.as_millis() as u64 + 1 >= since_ms)
-    }
-
-    /// Whether a destroy is draining `container`.
-    pub fn is_closing(&self, container: &str) -> bool {
-        self.closing.join(container).exists()
     }
 
     /// Waits until `container` has no work in flight or `deadline` passed;
@@ -375,11 +437,31 @@ mod tests {
     fn a_closing_container_admits_no_new_work() {
         let dir = tempfile::tempdir().unwrap();
         let store = Usage::new(dir.path());
-        let closing = store.close("c1").unwrap();
-        assert_eq!(store.begin("c1").unwrap_err(), Refusal::Closing);
+        let closing = store.close("c1", Closure::Destroy).unwrap();
+        assert_eq!(
+            store.begin("c1").unwrap_err(),
+            Refusal::Closing(Closure::Destroy)
+        );
+        assert_eq!(store.count("c1"), 0, "the refused work is not counted");
         assert!(store.begin("c2").unwrap().is_some());
         drop(closing);
         assert!(store.begin("c1").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_closing_mark_of_a_crashed_process_blocks_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Usage::new(dir.path());
+        store.ensure_dirs().unwrap();
+        std::fs::write(store.closing.join("c1.destroy.999-0-0"), b"").unwrap();
+        assert_eq!(store.closing("c1"), None);
+        assert!(store.begin("c1").unwrap().is_some());
+        let evict = store.close("c1", Closure::Evict).unwrap();
+        assert_eq!(store.closing("c1"), Some(Closure::Evict));
+        let destroy = store.close("c1", Closure::Destroy).unwrap();
+        assert_eq!(store.closing("c1"), Some(Closure::Destroy));
+        drop((evict, destroy));
+        assert_eq!(store.closing("c1"), None);
     }
 
     #[test]
