@@ -132,9 +132,9 @@ pub struct ParseUserIdsError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Workspaces live at `{workspace_root}/{name}` (the seed's WORKSPACE_ROOT).
+    /// Workspaces live at `{workspace_root}/{name}` (`WORKSPACE_ROOT` of the manager this replaces).
     pub workspace_root: PathBuf,
-    /// The image every sandbox container runs (the seed's DOCKER_IMAGE).
+    /// The image every sandbox container runs (`DOCKER_IMAGE` there).
     pub image: String,
     /// A policy component to load instead of the embedded per-user policy.
     pub policy: Option<PathBuf>,

@@ -663,7 +663,18 @@ async fn healthz(State(state): State<Shared>) -> Response {
 }
 
 async fn metrics(State(state): State<Shared>) -> Response {
-    match state.metrics.render(&state.sandbox) {
+    // One engine list per scrape; when the engine does not answer, the
+    // gauges keep their last value and the counters are still served.
+    let usage = state
+        .sandbox
+        .list()
+        .await
+        .ok()
+        .map(|list| super::metrics::Usage {
+            containers: list.len() as i64,
+            in_flight: list.iter().map(|c| i64::from(c.in_flight)).sum(),
+        });
+    match state.metrics.render(&state.sandbox, usage) {
         Ok(text) => ([(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)], text).into_response(),
         Err(e) => {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "other", e.to_string()).into_response()

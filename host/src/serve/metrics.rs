@@ -7,6 +7,7 @@ use std::time::Instant;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -40,6 +41,18 @@ pub struct Metrics {
     /// Mirrors of the library's own counters, synced at each scrape.
     containers_created: Counter,
     policy_traps: Counter,
+    /// Managed containers, and the work in flight on them, at the scrape.
+    containers: Gauge,
+    in_flight: Gauge,
+}
+
+/// What the engine holds at a scrape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    /// Containers this namespace manages.
+    pub containers: i64,
+    /// Commands and file transfers running on them, from any host process.
+    pub in_flight: i64,
 }
 
 impl Default for Metrics {
@@ -58,6 +71,8 @@ impl Metrics {
         let policy_swaps = Counter::default();
         let containers_created = Counter::default();
         let policy_traps = Counter::default();
+        let containers = Gauge::default();
+        let in_flight = Gauge::default();
         let mut registry = Registry::with_prefix("sandbox");
         registry.register("calls", "API operations, by op", calls.clone());
         registry.register("errors", "Failed operations, by error kind", errors.clone());
@@ -81,7 +96,19 @@ impl Metrics {
             "Policy instances that trapped and were replaced",
             policy_traps.clone(),
         );
+        registry.register(
+            "containers",
+            "Containers this namespace manages, at the scrape",
+            containers.clone(),
+        );
+        registry.register(
+            "in_flight",
+            "Commands and file transfers running on them, from any host process on this machine",
+            in_flight.clone(),
+        );
         Metrics {
+            containers,
+            in_flight,
             registry: Mutex::new(registry),
             calls,
             errors,
@@ -100,8 +127,16 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition ([`CONTENT_TYPE`]), with the library
-    /// counters brought up to date.
-    pub fn render(&self, sandbox: &Sandbox) -> Result<String, std::fmt::Error> {
+    /// counters brought up to date, and the gauges when `usage` is known.
+    pub fn render(
+        &self,
+        sandbox: &Sandbox,
+        usage: Option<Usage>,
+    ) -> Result<String, std::fmt::Error> {
+        if let Some(usage) = usage {
+            self.containers.set(usage.containers);
+            self.in_flight.set(usage.in_flight);
+        }
         let counters = sandbox.counters();
         sync(&self.containers_created, counters.containers_created);
         sync(&self.policy_traps, counters.policy_traps);

@@ -763,6 +763,8 @@ async fn metrics_count_calls_by_op_and_errors_by_kind() {
         (r#"sandbox_errors_total{kind="invalid-id"}"#, 1.0),
         (r#"sandbox_errors_total{kind="unauthorized"}"#, 1.0),
         ("sandbox_container_creations_total", 1.0),
+        ("sandbox_containers", 1.0),
+        ("sandbox_in_flight", 0.0),
     ] {
         assert_eq!(series(&text, name), Some(value), "{name} in {text}");
     }
