@@ -147,7 +147,14 @@ fn test(options: &Options) -> Result<Vec<(String, f64)>, String> {
     if options.runs("python") {
         let python = steps.run("python virtualenv", || python_venv(&root))?;
         steps.run("python client tests against sandbox serve", || {
-            sh(Command::new(&python).args(["-m", "pytest", "-q", "clients/python/tests"]))
+            // The binary built above, wherever cargo's target dir is.
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map_or_else(|| root.join("target"), std::path::PathBuf::from);
+            let bin = std::env::var_os("SANDBOX_BIN")
+                .unwrap_or_else(|| target.join("debug").join("sandbox").into());
+            sh(Command::new(&python)
+                .args(["-m", "pytest", "-q", "clients/python/tests"])
+                .env("SANDBOX_BIN", bin))
         })?;
     }
     if options.runs("bench") {
