@@ -31,14 +31,23 @@ pub async fn run(config: Config, args: GcArgs) -> anyhow::Result<ExitCode> {
     if json {
         println!("{}", serde_json::to_string_pretty(&entries)?);
     } else {
-        let verb = if dry_run { "would remove" } else { "removed" };
         for e in &entries {
+            let verb = match (dry_run, e.removed) {
+                (true, _) => "would remove",
+                (false, true) => "removed",
+                (false, false) => "kept",
+            };
             println!(
                 "{verb} {} (backend {}): {}",
                 e.container.name, e.container.backend_id, e.reason
             );
         }
-        println!("{} container(s) {verb}", entries.len());
+        if dry_run {
+            println!("{} container(s) would be removed", entries.len());
+        } else {
+            let removed = entries.iter().filter(|e| e.removed).count();
+            println!("{removed} container(s) removed");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
