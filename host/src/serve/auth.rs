@@ -59,13 +59,15 @@ fn unauthorized(message: &str) -> ApiError {
 }
 
 /// The credentials of `Authorization: Bearer <token>`, if the header has
-/// that form.
+/// that form. The scheme name is case-insensitive (RFC 9110 11.1): clients
+/// that send `bearer` are not refused.
 fn bearer(request: &Request) -> Option<&str> {
-    request
+    let value = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.to_str().ok())?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
 /// Compares digests in constant time, so neither the token's content nor

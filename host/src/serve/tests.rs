@@ -538,6 +538,19 @@ async fn with_a_token_every_route_but_healthz_answers_401_without_it() {
 }
 
 #[tokio::test]
+async fn the_bearer_scheme_name_is_case_insensitive() {
+    let app = App::memory().await;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let request = Request::builder()
+            .uri("/v1/backends")
+            .header(header::AUTHORIZATION, format!("{scheme} {TOKEN}"))
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(app.send(request).await.status, StatusCode::OK, "{scheme}");
+    }
+}
+
+#[tokio::test]
 async fn a_refused_delete_removes_nothing() {
     let app = App::memory().await;
     assert_eq!(
