@@ -51,6 +51,7 @@ pub fn router(state: Shared, body_limit: usize) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(DefaultBodyLimit::max(body_limit))
         // Outermost, so refused (401) and oversized (413) requests are logged too.
@@ -617,9 +618,11 @@ async fn policy(State(state): State<Shared>) -> Json<serde_json::Value> {
 async fn swap_policy(
     State(state): State<Shared>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
     observed(&state, "swap-policy", async {
+        // An oversized component is a JSON error like every other one.
+        let body = body?;
         if state.token.is_none() {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -684,6 +687,14 @@ async fn metrics(State(state): State<Shared>) -> Response {
 
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "this route does not take that method (see /openapi.json)",
+    )
 }
 
 async fn not_found() -> ApiError {

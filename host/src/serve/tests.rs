@@ -494,8 +494,8 @@ async fn a_known_route_with_another_method_is_405() {
             .send(authed(method, uri).body(Body::empty()).unwrap())
             .await;
         assert_eq!(
-            reply.status,
-            StatusCode::METHOD_NOT_ALLOWED,
+            reply.error(),
+            (405, "method-not-allowed".into()),
             "{method} {uri}"
         );
     }
@@ -1377,9 +1377,8 @@ async fn a_policy_upload_over_the_body_limit_is_413() {
         .body(Body::from(crate::policies::PER_THREAD))
         .unwrap();
     let reply = app.send(request).await;
-    // Status only: this rejection is axum's own plain-text body, not the
-    // JSON error shape (see the report on the route).
-    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    // The JSON error shape, as every other error (it was axum's plain text).
+    assert_eq!(reply.error(), (413, "body-too-large".into()));
     assert_eq!(app.state.sandbox.policy_name(), "per-user");
 }
 
