@@ -299,3 +299,25 @@ async fn an_execute_starting_while_maintenance_evicts_never_fails() {
         tokio::time::sleep(Duration::from_millis(280 + (i % 5) * 10)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grace_period_longer_than_a_policy_call_budget_is_waited_out() {
+    // The bug: the destroy's wait for running work happened inside the
+    // policy call, whose wall-clock budget (5 s by default, the grace 10 s)
+    // cut it off: the destroy failed as a policy trap and removed nothing.
+    let h = Harness::new("longgrace");
+    let config = Config {
+        policy_call_timeout_ms: 1000,
+        destroy_grace_secs: 10.0,
+        ..h.config()
+    };
+    let sandbox = per_user(&h, config).await;
+    let b = sandbox.get_thread_backend("g-1").await.unwrap();
+    b.execute("true").await.unwrap();
+    let running = tokio::spawn(async move { b.execute("sleep 3; echo done").await });
+    wait_in_flight(&sandbox, 1).await;
+    assert!(sandbox.destroy_user_backend("g").await.unwrap());
+    let r = running.await.unwrap().unwrap();
+    assert_eq!((r.exit_code, r.output.as_str()), (0, "done\n"), "{r:?}");
+    assert!(h.containers().is_empty());
+}

@@ -27,7 +27,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::error::{Result, SandboxError};
-use crate::policy::containment::MemoryPool;
+use crate::policy::containment::{excused_wait, MemoryPool};
 use crate::provider::{ContainerProvider, ContainerRecord, ProviderError};
 use ownership::{label, Handouts};
 use plan::ContainerPlan;
@@ -342,7 +342,10 @@ impl Engine {
             }
             RemoveMode::Drain(deadline) => {
                 let closing = self.usage.close(&owned.name, Closure::Destroy);
-                let left = self.usage.drain(&owned.name, deadline).await;
+                // The grace period is the host's, not the policy's doing: not
+                // charged to the call's wall-clock budget (bounded by the
+                // destroy's one deadline).
+                let left = excused_wait(self.usage.drain(&owned.name, deadline)).await;
                 if left > 0 {
                     tracing::warn!(
                         container = owned.name,
