@@ -35,7 +35,7 @@ pub enum SandboxError {
 pub const POLICY_TEXT_MAX_CHARS: usize = 512;
 
 /// Text that came from a policy, made safe for a log, a terminal or an HTTP
-/// body: at most [`POLICY_TEXT_MAX_CHARS`] characters, control characters
+/// body: at most 512 characters, control characters
 /// (newlines, escapes) shown escaped, so it can neither flood nor forge.
 pub fn policy_text(text: &str) -> String {
     let mut out = String::new();

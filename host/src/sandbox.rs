@@ -2,19 +2,16 @@
 //! [`Backend`] (executes and files in one backend's container). It routes
 //! through the policy layer, which returns verified answers, and hands the
 //! work to the engine and the data plane; gc and maintenance are in
-//! [`crate::lifecycle`], file transfer in [`crate::dataplane::transfer`].
+//! [`crate::lifecycle`], executes in [`crate::dataplane::run`] and file
+//! transfer in [`crate::dataplane::transfer`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use sandbox_contract::{BackendId, ThreadId, UserId};
-use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::dataplane::exec::{
-    EndReason, ExecOptions, ExecRequest, ExecResponse, OutputSink, StreamKind,
-};
 use crate::engine::usage::Work;
 use crate::engine::{Engine, ManagedContainer};
 use crate::error::{Result, SandboxError};
@@ -22,7 +19,7 @@ use crate::policy::client::{PolicyClient, VerifiedContainer};
 use crate::policy::source::PolicySource;
 use crate::policy::PolicyEngine;
 use crate::provider::docker::DockerProvider;
-use crate::provider::{ContainerProvider, ContainerStats, ExecIo, ProviderError};
+use crate::provider::{ContainerProvider, ContainerStats};
 
 /// A per-conversation sandbox manager: cheap to clone, safe to share.
 ///
@@ -50,10 +47,10 @@ pub(crate) struct Inner {
 }
 
 /// An execution registered for cancellation until it drops.
-struct Running<'a> {
+pub(crate) struct Running<'a> {
     inner: &'a Inner,
     id: String,
-    token: CancellationToken,
+    pub(crate) token: CancellationToken,
 }
 
 impl Drop for Running<'_> {
@@ -254,7 +251,7 @@ impl Sandbox {
     }
 
     /// Registers a starting execution; an id already running is refused.
-    fn register(&self, id: &str) -> Result<Running<'_>> {
+    pub(crate) fn register(&self, id: &str) -> Result<Running<'_>> {
         let mut executions = self.inner.executions.lock().unwrap();
         if executions.contains_key(id) {
             return Err(SandboxError::Refused(format!(
@@ -369,132 +366,5 @@ impl Backend {
 
     pub(crate) fn engine(&self) -> &Engine {
         &self.sandbox.inner.engine
-    }
-
-    /// Runs `sh -c command` in the backend's container (created or
-    /// recreated first if needed), outside the policy's store, with the
-    /// configured timeout.
-    pub async fn execute(&self, command: &str) -> Result<ExecResponse> {
-        self.execute_with(command, ExecOptions::default()).await
-    }
-
-    /// [`Backend::execute`] with a timeout, environment, working directory
-    /// or stdin. On timeout every process the call started is killed, the
-    /// output so far is returned with `timed_out` and exit code 124, and the
-    /// container stays usable.
-    pub async fn execute_with(&self, command: &str, options: ExecOptions) -> Result<ExecResponse> {
-        self.run(command, options, None).await
-    }
-
-    /// [`Backend::execute_with`], calling `on_output` with each chunk of
-    /// stdout / stderr as it arrives (the response still carries the capped
-    /// combined output).
-    pub async fn execute_streaming(
-        &self,
-        command: &str,
-        options: ExecOptions,
-        mut on_output: impl FnMut(StreamKind, &[u8]) + Send,
-    ) -> Result<ExecResponse> {
-        self.run(command, options, Some(&mut on_output)).await
-    }
-
-    async fn run(
-        &self,
-        command: &str,
-        options: ExecOptions,
-        sink: Option<OutputSink<'_>>,
-    ) -> Result<ExecResponse> {
-        let config = self.sandbox.config();
-        let mut request = ExecRequest::new(
-            command,
-            options,
-            config.output_limit_bytes,
-            config.exec_timeout(),
-        )?;
-        self.supervise(&mut request, async |request, container| {
-            let provider = self.engine().provider();
-            provider.exec(&container.id, request, sink).await
-        })
-        .await
-    }
-
-    /// Runs one command under the rules every execute shares: registered
-    /// by its id for cancellation (a cancel drops the call, which kills its
-    /// process tree), counted in flight on the container, and, when a
-    /// destroy killed it, reported as such: never a silent break.
-    async fn supervise(
-        &self,
-        request: &mut ExecRequest,
-        exec: impl AsyncFnOnce(
-            &ExecRequest,
-            &VerifiedContainer,
-        ) -> std::result::Result<ExecResponse, ProviderError>,
-    ) -> Result<ExecResponse> {
-        let running = self.sandbox.register(&request.marker)?;
-        let id = request.marker.clone();
-        let started = crate::engine::now_ms();
-        let (container, _work) = tokio::select! {
-            ready = self.ensure_for_work() => ready?,
-            () = running.token.cancelled() => {
-                return Ok(ExecResponse::ended(&id, EndReason::Cancelled));
-            }
-        };
-        request.agent = self.engine().handouts().has_agent(&container.id);
-        let request = &*request;
-        let outcome = tokio::select! {
-            r = exec(request, &container) => r,
-            () = running.token.cancelled() => {
-                return Ok(ExecResponse::ended(&id, EndReason::Cancelled));
-            }
-        };
-        let killed = match &outcome {
-            Err(_) => true,
-            Ok(r) => r.exit_code == EndReason::Destroyed.exit_code() || r.exit_code < 0,
-        };
-        if killed
-            && self
-                .engine()
-                .usage()
-                .destroyed_since(&container.name, started)
-        {
-            return Ok(ExecResponse::ended(&id, EndReason::Destroyed));
-        }
-        let mut response = outcome?;
-        response.execution_id = id;
-        Ok(response)
-    }
-
-    /// [`Backend::execute_streaming`] with stdin streamed from `stdin`
-    /// (closed at its end) instead of buffered: input of any size costs a
-    /// 64 KiB buffer. `options.stdin` must be `None`.
-    pub async fn execute_streaming_stdin(
-        &self,
-        command: &str,
-        options: ExecOptions,
-        stdin: &mut (dyn AsyncRead + Send + Unpin),
-        mut on_output: impl FnMut(StreamKind, &[u8]) + Send,
-    ) -> Result<ExecResponse> {
-        if options.stdin.is_some() {
-            return Err(SandboxError::Refused(
-                "give stdin as bytes or as a reader, not both".into(),
-            ));
-        }
-        let config = self.sandbox.config();
-        let mut request = ExecRequest::new(
-            command,
-            options,
-            config.output_limit_bytes,
-            config.exec_timeout(),
-        )?;
-        self.supervise(&mut request, async |request, container| {
-            let provider = self.engine().provider();
-            let io = ExecIo {
-                stdin: Some(stdin),
-                stdout: None,
-                sink: Some(&mut on_output),
-            };
-            provider.exec_io(&container.id, request, io).await
-        })
-        .await
     }
 }

@@ -27,7 +27,7 @@ pub struct ContainerPlan {
     /// Ownership labels (namespace, backend, workspace, policy), plus the
     /// agent's when mounted.
     pub labels: HashMap<String, String>,
-    /// Host directory bind-mounted read-write at [`WORKSPACE_MOUNT`].
+    /// Host directory bind-mounted read-write at `/workspace`.
     pub workspace_path: PathBuf,
     /// uid:gid the container's processes run as.
     pub user: UserIds,
@@ -40,7 +40,7 @@ pub struct ContainerPlan {
     /// `none`, or the Docker network the operator configured.
     pub network: String,
     /// Host path of `sandbox-agent`, bind-mounted read-only at
-    /// [`crate::dataplane::agent::AGENT_MOUNT`] (see [`ContainerPlan::with_agent`]).
+    /// `/.sandbox/agent` (see [`ContainerPlan::with_agent`]).
     pub agent: Option<PathBuf>,
     /// OCI runtime (`runsc`, ...); the engine's default when `None`.
     pub runtime: Option<String>,

@@ -2,7 +2,7 @@
 //! trait with a real backend ([`docker::DockerProvider`], bollard) and an
 //! in-memory one ([`memory::MemoryProvider`]) for tests and footprint runs.
 //!
-//! Providers do no ownership checks; [`crate::engine`] does, on top.
+//! Providers do no ownership checks; the host's engine layer does, on top.
 
 pub mod docker;
 pub mod memory;
