@@ -347,11 +347,17 @@ impl Backend {
     /// A running container for this backend: created and started on first
     /// use, re-created when it stopped or vanished.
     pub async fn ensure_container(&self) -> Result<VerifiedContainer> {
-        let inner = &self.sandbox.inner;
-        let container = inner.policy.ensure(&self.id).await?;
-        let usage = inner.engine.usage();
+        let container = self.ensure_for_thread().await?;
+        // A use in itself; work in flight records its own (start and end).
+        self.engine().usage().touch(&container.name);
+        Ok(container)
+    }
+
+    /// The ensured container, with this thread recorded on its backend.
+    async fn ensure_for_thread(&self) -> Result<VerifiedContainer> {
+        let container = self.sandbox.inner.policy.ensure(&self.id).await?;
+        let usage = self.engine().usage();
         usage.add_thread(&container.name, self.thread.as_str());
-        usage.touch(&container.name);
         Ok(container)
     }
 
@@ -360,7 +366,7 @@ impl Backend {
     /// guard drops.
     pub(crate) async fn ensure_for_work(&self) -> Result<(VerifiedContainer, Option<Work>)> {
         let work = self.sandbox.inner.engine.begin_work(&self.id).await?;
-        let container = self.ensure_container().await?;
+        let container = self.ensure_for_thread().await?;
         Ok((container, work))
     }
 

@@ -40,19 +40,25 @@ impl Backend {
         self.run(command, options, Some(&mut on_output)).await
     }
 
+    /// `command` with `options`, checked, under the configured output cap
+    /// and default timeout.
+    fn exec_request(&self, command: &str, options: ExecOptions) -> Result<ExecRequest> {
+        let config = self.sandbox.config();
+        ExecRequest::new(
+            command,
+            options,
+            config.output_limit_bytes,
+            config.exec_timeout(),
+        )
+    }
+
     async fn run(
         &self,
         command: &str,
         options: ExecOptions,
         sink: Option<OutputSink<'_>>,
     ) -> Result<ExecResponse> {
-        let config = self.sandbox.config();
-        let mut request = ExecRequest::new(
-            command,
-            options,
-            config.output_limit_bytes,
-            config.exec_timeout(),
-        )?;
+        let mut request = self.exec_request(command, options)?;
         self.supervise(&mut request, async |request, container| {
             let provider = self.engine().provider();
             provider.exec(&container.id, request, sink).await
@@ -121,13 +127,7 @@ impl Backend {
                 "give stdin as bytes or as a reader, not both".into(),
             ));
         }
-        let config = self.sandbox.config();
-        let mut request = ExecRequest::new(
-            command,
-            options,
-            config.output_limit_bytes,
-            config.exec_timeout(),
-        )?;
+        let mut request = self.exec_request(command, options)?;
         self.supervise(&mut request, async |request, container| {
             let provider = self.engine().provider();
             let io = ExecIo {
