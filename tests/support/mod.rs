@@ -164,11 +164,30 @@ impl Drop for Harness {
     fn drop(&mut self) {
         let mut ids: Vec<String> = self.containers().into_iter().map(|(_, id, _)| id).collect();
         ids.extend(self.extra.lock().unwrap().drain(..));
-        if !ids.is_empty() {
+        if ids.is_empty() {
+            return;
+        }
+        // A removal may already be under way (the sandbox's maintenance,
+        // a destroy racing the end of the test): only what is left counts.
+        for _ in 0..20 {
             let mut args = vec!["rm", "-f"];
             args.extend(ids.iter().map(String::as_str));
-            docker(&args);
+            let done = Command::new("docker").args(&args).output();
+            if done.is_ok_and(|o| o.status.success()) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            ids.retain(|id| {
+                Command::new("docker")
+                    .args(["inspect", "--format", "{{.Id}}", id])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            });
+            if ids.is_empty() {
+                return;
+            }
         }
+        panic!("containers of this test are left behind: {ids:?}");
     }
 }
 
