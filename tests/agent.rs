@@ -158,6 +158,10 @@ async fn a_200_mb_flood_keeps_head_and_tail_and_host_memory_bounded() {
     assert!(r.output.ends_with("xxx\nLAST\n"));
     assert!(r.output.contains("bytes truncated ...]"));
     assert!(r.output.len() < sandbox.config().output_limit_bytes + 100);
+    // stdout alone is cut the same way; stderr, kept apart, is whole.
+    assert!(r.stdout.starts_with("FIRST\nxxx") && r.stdout.ends_with("xxx\nLAST\n"));
+    assert!(r.stdout_bytes.len() < sandbox.config().output_limit_bytes + 100);
+    assert_eq!(r.stderr, "");
     assert!(
         grown < 64 * 1024,
         "host RSS grew {grown} KiB for a 200 MB flood"
@@ -180,6 +184,11 @@ async fn output_is_streamed_as_it_arrives() {
         .await
         .unwrap();
     assert_eq!(r.output, "1\n2\n3\nerr\n");
+    // Bug: the streams were only available mixed; now each is kept apart.
+    assert_eq!(
+        (r.stdout.as_str(), r.stderr.as_str()),
+        ("1\n2\n3\n", "err\n")
+    );
     let lines: Vec<_> = arrivals
         .iter()
         .filter(|a| a.1 == StreamKind::Stdout)

@@ -1,8 +1,8 @@
 //! File transfer against the real engine: batches, typed per-file errors,
-//! confinement to /workspace, binary safety, modes, a 50 MB file; size caps
-//! (sparse files by apparent size), transfers as the sandbox user (never
-//! root), safe host-side files, streaming with bounded memory (`cp`,
-//! `exec -i`).
+//! paths anywhere in the container under the sandbox user's own rights,
+//! binary safety, modes, a 50 MB file; size caps (sparse files by apparent
+//! size), transfers as the sandbox user (never root), safe host-side files,
+//! streaming with bounded memory (`cp`, `exec -i`).
 
 mod support;
 
@@ -43,15 +43,18 @@ async fn files_move_in_batches_with_typed_per_file_errors() {
         .await
         .unwrap();
     let errors: Vec<_> = results.iter().map(|r| r.error).collect();
+    let denied = Some(FileError::PermissionDenied);
+    // `../escape` is `/escape`: the root directory is root's, like /etc,
+    // and the link's target /etc/passwd is not the sandbox user's to write.
     assert_eq!(
         errors,
         [
             None,
             None,
-            Some(FileError::InvalidPath),
-            Some(FileError::InvalidPath),
+            denied,
+            denied,
             Some(FileError::IsDirectory),
-            Some(FileError::InvalidPath)
+            denied
         ]
     );
     let r = b
@@ -86,16 +89,153 @@ async fn files_move_in_batches_with_typed_per_file_errors() {
             None,
             Some(FileError::FileNotFound),
             Some(FileError::IsDirectory),
-            Some(FileError::InvalidPath),
+            None,
             Some(FileError::PermissionDenied),
-            Some(FileError::InvalidPath)
+            None
         ]
     );
+    // World-readable /etc/passwd, directly or through the link: what
+    // `cat /etc/passwd` in an exec gives the sandbox user anyway.
+    let passwd = b.execute("cat /etc/passwd").await.unwrap().output;
+    assert!(passwd.contains("root:"), "{passwd}");
+    assert_eq!(got[4].content.as_deref(), Some(passwd.as_bytes()));
+    assert_eq!(got[6].content.as_deref(), Some(passwd.as_bytes()));
     // Uploads land in the user's workspace on the host too.
     assert_eq!(
         std::fs::read(h.root.path().join("alice/a.txt")).unwrap(),
         b"hello"
     );
+}
+
+/// Bug: deepagents' tools hand absolute paths anywhere in the container
+/// (`/tmp/scratch.py`), and every one outside /workspace was refused as
+/// `invalid_path`. Now any path goes, and the sandbox user's own rights,
+/// resolved inside the container, decide: the transfer reaches exactly what
+/// an exec of the workload reaches, never more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paths_anywhere_in_the_container_follow_the_sandbox_users_rights() {
+    let h = Harness::new("paths");
+    let sandbox = h.sandbox().await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    // Root-only things, made as root behind the sandbox's back (the sandbox
+    // user can make none): a file, and a directory it may not search.
+    let container = format!("sandbox.{}.alice", h.namespace);
+    b.execute("true").await.unwrap();
+    support::docker(&[
+        "exec",
+        "-u",
+        "0",
+        &container,
+        "sh",
+        "-c",
+        "echo secret > /root/only && chmod 600 /root/only && \
+         mkdir -m 700 /root/private && echo s > /root/private/f",
+    ]);
+    b.execute("ln -s /root/only rootlink").await.unwrap();
+
+    let binary: Vec<u8> = (0..=255u8).collect();
+    let results = b
+        .upload_files(vec![
+            up("/tmp/x.bin", &binary),
+            up("/tmp/new/deep/y.txt", b"deep"),
+            up("//tmp/./new/../z.txt", b"z"),
+            up("rel.txt", b"rel"),
+            up("/etc/evil", b"x"),
+            up("/etc/new/evil", b"x"),
+            up("rootlink", b"x"),
+            up("/root/only", b"x"),
+            up("/root/private/new", b"x"),
+            up("/", b"x"),
+        ])
+        .await
+        .unwrap();
+    let errors: Vec<_> = results.iter().map(|r| r.error).collect();
+    let denied = Some(FileError::PermissionDenied);
+    assert_eq!(
+        errors,
+        [
+            None,
+            None,
+            None,
+            None,
+            denied,
+            denied,
+            denied,
+            denied,
+            denied,
+            Some(FileError::InvalidPath)
+        ]
+    );
+    let uid = sandbox.config().sandbox_user().uid;
+    let r = b
+        .execute(
+            "stat -c '%u %a %n' /tmp/new /tmp/new/deep /tmp/new/deep/y.txt; cat /tmp/z.txt; \
+             cat /workspace/rel.txt; ls /etc /root/only; cat /root/only",
+        )
+        .await
+        .unwrap();
+    assert!(
+        r.stdout.starts_with(&format!(
+            "{uid} 755 /tmp/new\n{uid} 755 /tmp/new/deep\n{uid} 644 /tmp/new/deep/y.txt\nzrel"
+        )),
+        "parents created under /tmp as the sandbox user; relative paths in /workspace: {r:?}"
+    );
+    assert!(!r.stdout.contains("evil"), "{r:?}");
+    assert!(!r.stdout.contains("secret"), "{r:?}");
+    assert_eq!(
+        std::fs::read(h.root.path().join("alice/rel.txt")).unwrap(),
+        b"rel"
+    );
+
+    let got = b
+        .download_files(&strings(&[
+            "/tmp/x.bin",
+            "/tmp/new/deep/y.txt",
+            "/tmp/new/../new/deep/y.txt",
+            "rootlink",
+            "/root/only",
+            "/root/private/f",
+            "/root/private/missing",
+            "/tmp/missing",
+            "/tmp",
+            "/dev/null",
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(got[0].content.as_deref(), Some(&binary[..]));
+    assert_eq!(got[1].content.as_deref(), Some(&b"deep"[..]));
+    assert_eq!(got[2].content.as_deref(), Some(&b"deep"[..]));
+    let errors: Vec<_> = got.iter().map(|r| r.error).collect();
+    assert_eq!(
+        errors,
+        [
+            None,
+            None,
+            None,
+            denied,
+            denied,
+            denied,
+            denied,
+            Some(FileError::FileNotFound),
+            Some(FileError::IsDirectory),
+            Some(FileError::InvalidPath)
+        ]
+    );
+
+    // Streaming to a host file works the same, under the remote name.
+    let local = tempfile::tempdir().unwrap();
+    let (landed, _) = b
+        .download_to_file("/tmp/new/deep/y.txt", local.path(), &FileLimits::default())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(landed, local.path().join("y.txt"));
+    assert_eq!(std::fs::read(&landed).unwrap(), b"deep");
+    let r = b
+        .download_to_file("rootlink", local.path(), &FileLimits::default())
+        .await
+        .unwrap();
+    assert_eq!(r, Err(FileError::PermissionDenied));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -278,7 +418,7 @@ async fn a_symlink_swap_during_uploads_cannot_write_into_etc() {
     assert_eq!(
         errors,
         [
-            Some(FileError::InvalidPath),
+            Some(FileError::PermissionDenied),
             Some(FileError::PermissionDenied)
         ]
     );
@@ -528,6 +668,42 @@ async fn cp_streams_large_files_in_bounded_memory_and_only_under_the_cap() {
         uploaded.peak_rss_kb < baseline.peak_rss_kb + RSS_BUDGET_KB,
         "cp of 512 MiB in peaked at {} kB",
         uploaded.peak_rss_kb
+    );
+}
+
+/// Bug: `sandbox cp alice-1:/tmp/x .` was refused (`invalid_path`): only
+/// paths under /workspace were accepted, unlike deepagents' protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cp_takes_absolute_remote_paths_both_ways() {
+    let h = Harness::new("cpabs");
+    let sandbox = h.sandbox().await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let file = local.path().join("in.txt");
+    std::fs::write(&file, b"abs").unwrap();
+    let out = cli(&h)
+        .args(["cp", file.to_str().unwrap(), "alice-1:/tmp/cp/"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(b.execute("cat /tmp/cp/in.txt").await.unwrap().stdout, "abs");
+    let back = local.path().join("back");
+    std::fs::create_dir(&back).unwrap();
+    let out = cli(&h)
+        .args(["cp", "alice-1:/tmp/cp/in.txt", back.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(back.join("in.txt")).unwrap(), b"abs");
+    // Refused by the container, as the sandbox user: exit 125 with the kind.
+    let out = cli(&h)
+        .args(["cp", file.to_str().unwrap(), "alice-1:/etc/in.txt"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("permission_denied"),
+        "{out:?}"
     );
 }
 

@@ -24,6 +24,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// The image `sandbox image build` produces; used when none is configured.
 pub const DEFAULT_IMAGE: &str = "sandbox-busybox:latest";
 
+/// The Python-ready image `sandbox image build --python` produces (python3
+/// and GNU tools, for deepagents' `BaseSandbox` file tools).
+pub const PYTHON_IMAGE: &str = "sandbox-python:latest";
+
 /// The `network` value that gives sandboxes no network at all.
 pub const NETWORK_NONE: &str = "none";
 
@@ -60,6 +64,10 @@ pub const ENV_NOT_CONFIG: &[&str] = &[
     "SANDBOX_TEST_IMAGE",
     // deploy/build-image.sh: the cargo profile of the server binary.
     "SANDBOX_BUILD_PROFILE",
+    // The Python client's tests: the Python-ready image to run.
+    "SANDBOX_PYTHON_IMAGE",
+    // The Python client (`sandbox_client.deepagents`): the server to call.
+    "SANDBOX_URL",
 ];
 
 /// Keys holding free-form maps: any sub-key is valid (and lower-cased when

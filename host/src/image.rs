@@ -3,6 +3,11 @@
 //! recipe in `host/image/` around a static busybox: the machine's own, or
 //! Debian's busybox-static fetched with `apt-get download` into a temporary
 //! directory (nothing is installed system-wide).
+//!
+//! The Python image ([`python`], `sandbox image build --python`) is a
+//! Debian minbase root file system made by `mmdebstrap` from the machine's
+//! apt sources; [`ensure`] pulls `python:3-slim` for it first where a
+//! registry answers.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -15,6 +20,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::provider::docker::DockerProvider;
 use crate::provider::ProviderError;
+
+pub mod python;
+
+pub use python::{build_python, Built, UPSTREAM_PYTHON};
 
 const DOCKERFILE: &str = include_str!("../image/Dockerfile");
 const PASSWD: &str = include_str!("../image/passwd");
@@ -139,6 +148,52 @@ pub enum ImageError {
         /// The file's path.
         path: PathBuf,
     },
+    /// The Python image was neither present nor pullable, and building it
+    /// failed.
+    #[error("building the Python image {image}")]
+    PythonImage {
+        /// The Python image's tag ([`crate::config::PYTHON_IMAGE`]).
+        image: String,
+        /// Why building it failed.
+        #[source]
+        source: Box<ImageError>,
+    },
+    /// `mmdebstrap` is not installed (or does not run).
+    #[error(
+        "building the Python image (`sandbox image build --python`) needs mmdebstrap, which \
+         is not installed: it is a system package, not a cargo one. Install it with \
+         `apt-get install mmdebstrap` (as root; Debian and Ubuntu), or pull a Python image \
+         where a registry answers and set SANDBOX_IMAGE to it"
+    )]
+    NoMmdebstrap(#[source] std::io::Error),
+    /// The machine's release code name is unknown.
+    #[error(
+        "{} has no VERSION_CODENAME: the Python image is built for the machine's own \
+         Debian (or Ubuntu) release, with its apt sources",
+        path.display()
+    )]
+    NoCodename {
+        /// The os-release file read (or looked for).
+        path: PathBuf,
+    },
+    /// No apt source serves the machine's release.
+    #[error(
+        "no apt source in /etc/apt/sources.list or /etc/apt/sources.list.d/ serves \
+         {codename} with the main component: the Python image is built from the \
+         machine's own apt sources"
+    )]
+    NoSources {
+        /// The machine's release code name.
+        codename: String,
+    },
+    /// `mmdebstrap` failed; with the end of its output.
+    #[error("mmdebstrap failed ({status}):\n{stderr}")]
+    MmdebstrapFailed {
+        /// How it exited.
+        status: std::process::ExitStatus,
+        /// Its last lines on stderr.
+        stderr: String,
+    },
     /// Local file work failed: `action` says which.
     #[error("{action}")]
     Io {
@@ -177,9 +232,10 @@ pub async fn exists(provider: &DockerProvider, image: &str) -> Result<bool, Imag
     }
 }
 
-/// Makes sure `image` is available. The default image, our own tag, can
-/// never be pulled as such: an upstream busybox is pulled and tagged when a
-/// registry answers, else the recipe is built. Any other image is pulled.
+/// Makes sure `image` is available. The default and Python images, our own
+/// tags, can never be pulled as such: an upstream image (busybox, python)
+/// is pulled and tagged when a registry answers, else the recipe is built.
+/// Any other image is pulled.
 pub async fn ensure(provider: &DockerProvider, image: &str) -> Result<(), ImageError> {
     if exists(provider, image).await? {
         return Ok(());
@@ -200,6 +256,22 @@ pub async fn ensure(provider: &DockerProvider, image: &str) -> Result<(), ImageE
                 source: Box::new(e),
             });
     }
+    if image == crate::config::PYTHON_IMAGE {
+        match pull_and_tag(provider, UPSTREAM_PYTHON, image).await {
+            Ok(()) => return Ok(()),
+            Err(e) => tracing::info!(
+                image,
+                error = &e as &dyn std::error::Error,
+                "no registry for {UPSTREAM_PYTHON}; building the image locally"
+            ),
+        }
+        return build_python(provider, image).await.map(drop).map_err(|e| {
+            ImageError::PythonImage {
+                image: image.to_owned(),
+                source: Box::new(e),
+            }
+        });
+    }
     tracing::info!(image, "image not present locally; trying to pull it");
     pull(provider, image)
         .await
@@ -215,7 +287,7 @@ async fn pull_and_tag(
     tag: &str,
 ) -> Result<(), ImageError> {
     pull(provider, upstream).await?;
-    let (repo, version) = tag.rsplit_once(':').unwrap_or((tag, "latest"));
+    let (repo, version) = split_tag(tag);
     let options = TagImageOptionsBuilder::default()
         .repo(repo)
         .tag(version)
@@ -415,9 +487,20 @@ fn elf_has_interpreter(elf: &[u8]) -> Option<bool> {
     Some(false)
 }
 
+/// `repo:tag` split for the engine; `latest` when there is no tag. A `:`
+/// followed by a `/` is a registry's port, not a tag.
+fn split_tag(image: &str) -> (&str, &str) {
+    match image.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => (repo, tag),
+        _ => (image, "latest"),
+    }
+}
+
 fn spinner(message: String) -> ProgressBar {
     let bar = ProgressBar::new_spinner();
-    bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("static template"));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed}] {msg}").expect("static template"),
+    );
     bar.set_message(message);
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     bar
@@ -426,6 +509,20 @@ fn spinner(message: String) -> ProgressBar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tags_split_at_the_last_colon_unless_it_is_a_port() {
+        assert_eq!(
+            split_tag("sandbox-python:latest"),
+            ("sandbox-python", "latest")
+        );
+        assert_eq!(split_tag("sandbox-python"), ("sandbox-python", "latest"));
+        assert_eq!(split_tag("localhost:5000/py:3"), ("localhost:5000/py", "3"));
+        assert_eq!(
+            split_tag("localhost:5000/py"),
+            ("localhost:5000/py", "latest")
+        );
+    }
 
     #[test]
     fn a_dynamic_binary_is_told_apart_from_a_static_one() {

@@ -5,10 +5,17 @@
 //! 1. the wasm target (the policy components are built for it);
 //! 2. format and lints (native and wasm);
 //! 3. the local sandbox image (`sandbox image build` when it is missing);
-//! 4. a virtualenv under `target/xtask/venv` with the Python client's test
-//!    dependencies (installs Debian's `python3-venv` when `venv` is missing);
-//! 5. unit, integration and doc tests; the binaries; the Python suite;
-//!    the benchmark's smoke run; the server image's deploy smoke test.
+//! 4. unit, integration and doc tests;
+//! 5. the Python-ready image `sandbox-python:latest` (`SANDBOX_PYTHON_IMAGE`
+//!    overrides) when it is missing: `sandbox image build --python`, which
+//!    needs Debian's `mmdebstrap` (installed, test-only, when missing); then
+//!    a check that it runs python3 and the GNU tools as uid 1000;
+//! 6. a virtualenv under `target/xtask/venv` with the Python client's test
+//!    and deepagents dependencies (installs Debian's `python3-venv` when
+//!    `venv` is missing), and the Python suite against `sandbox serve`;
+//!    then langchain-tests' standard sandbox suite in `venv-conformance`,
+//!    with the deepagents release that suite was written for;
+//! 7. the benchmark's smoke run; the server image's deploy smoke test.
 //!
 //! Only std: this must build in seconds before anything else exists.
 
@@ -127,16 +134,11 @@ fn test(options: &Options) -> Result<Vec<(String, f64)>, String> {
         cargo(&["build", "--locked", "--bins"])?;
         let image = std::env::var("SANDBOX_TEST_IMAGE")
             .unwrap_or_else(|_| "sandbox-busybox:latest".to_owned());
-        let present = Command::new("docker")
-            .args(["image", "inspect", "--format", "{{.Id}}", &image])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if present {
+        if docker_image_present(&image) {
             println!("{image} is present");
             Ok(())
         } else {
-            sh(Command::new(root.join("target/debug/sandbox"))
-                .args(["image", "build", "--tag", &image]))
+            sh(Command::new(sandbox_bin(&root)).args(["image", "build", "--tag", &image]))
         }
     })?;
     if options.runs("rust") {
@@ -145,17 +147,36 @@ fn test(options: &Options) -> Result<Vec<(String, f64)>, String> {
         })?;
     }
     if options.runs("python") {
-        let python = steps.run("python virtualenv", || python_venv(&root))?;
+        let python_image =
+            std::env::var("SANDBOX_PYTHON_IMAGE").unwrap_or_else(|_| PYTHON_IMAGE.to_owned());
+        steps.run("the Python image", || {
+            python_image_step(&root, &python_image)
+        })?;
+        let python = steps.run("python virtualenv", || {
+            python_venv(&root, "venv", "clients/python[test,deepagents]")
+        })?;
         steps.run("python client tests against sandbox serve", || {
-            // The binary built above, wherever cargo's target dir is.
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map_or_else(|| root.join("target"), std::path::PathBuf::from);
-            let bin = std::env::var_os("SANDBOX_BIN")
-                .unwrap_or_else(|| target.join("debug").join("sandbox").into());
             sh(Command::new(&python)
                 .args(["-m", "pytest", "-q", "clients/python/tests"])
-                .env("SANDBOX_BIN", bin))
+                .args(["--ignore", STANDARD_SUITE])
+                .env("SANDBOX_BIN", sandbox_bin(&root))
+                .env("SANDBOX_PYTHON_IMAGE", &python_image))
         })?;
+        // langchain-tests' standard suite asserts BaseSandbox behaviour that
+        // deepagents 0.7 changed (write overwrites, glob answers absolute
+        // paths): it runs with the deepagents release it was written for.
+        let conformance = steps.run("python virtualenv (standard suite)", || {
+            python_venv(&root, "venv-conformance", "clients/python[conformance]")
+        })?;
+        steps.run(
+            "deepagents standard sandbox suite against sandbox serve",
+            || {
+                sh(Command::new(&conformance)
+                    .args(["-m", "pytest", "-q", "-rA", STANDARD_SUITE])
+                    .env("SANDBOX_BIN", sandbox_bin(&root))
+                    .env("SANDBOX_PYTHON_IMAGE", &python_image))
+            },
+        )?;
     }
     if options.runs("bench") {
         steps.run("benchmark smoke run", || {
@@ -208,9 +229,76 @@ impl Steps {
     }
 }
 
-/// A virtualenv with the Python client and its test extra, created once.
-fn python_venv(root: &Path) -> Result<PathBuf, String> {
-    let venv = root.join("target/xtask/venv");
+/// The host's `sandbox_host::config::PYTHON_IMAGE` (xtask stays std-only).
+const PYTHON_IMAGE: &str = "sandbox-python:latest";
+
+/// What deepagents' `BaseSandbox` runs, checked in the image as the sandbox
+/// user: python3 with the modules its file tools import, GNU grep and find,
+/// and the coreutils it relies on.
+const PYTHON_IMAGE_CHECK: &str = "set -e; cd /tmp; \
+python3 -c 'import base64, glob, json, os, sys; print(\"python\", sys.version.split()[0])'; \
+python -c 'pass'; \
+grep --version | head -n 1 | grep -q GNU; find --version | head -n 1 | grep -q GNU; \
+echo x > f; stat -c %s f >/dev/null; readlink -f f >/dev/null; \
+dd if=/dev/zero of=g bs=1k count=1 2>/dev/null; echo GNU grep, find, stat, readlink, dd: ok";
+
+/// Builds the Python image when it is missing, then checks it.
+fn python_image_step(root: &Path, image: &str) -> Result<(), String> {
+    if docker_image_present(image) {
+        println!("{image} is present");
+    } else {
+        if sh(Command::new("mmdebstrap")
+            .arg("--version")
+            .stdout(std::process::Stdio::null()))
+        .is_err()
+        {
+            // A system package, needed only to build this image for the tests.
+            println!("installing Debian's mmdebstrap (test-only system package: builds {image})");
+            apt_install(&["mmdebstrap"])?;
+        }
+        sh(Command::new(sandbox_bin(root)).args(["image", "build", "--python", "--tag", image]))?;
+    }
+    sh(Command::new("docker").args([
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--user",
+        "1000:1000",
+        image,
+        "sh",
+        "-c",
+        PYTHON_IMAGE_CHECK,
+    ]))
+}
+
+fn docker_image_present(image: &str) -> bool {
+    Command::new("docker")
+        .args(["image", "inspect", "--format", "{{.Id}}", image])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The `sandbox` binary built above, wherever cargo's target dir is
+/// (`SANDBOX_BIN` overrides).
+fn sandbox_bin(root: &Path) -> PathBuf {
+    if let Some(bin) = std::env::var_os("SANDBOX_BIN") {
+        return bin.into();
+    }
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), PathBuf::from)
+        .join("debug")
+        .join("sandbox")
+}
+
+/// langchain-tests' `SandboxIntegrationTests`, subclassed as partner
+/// packages do.
+const STANDARD_SUITE: &str = "clients/python/tests/test_standard_suite.py";
+
+/// A virtualenv `target/xtask/NAME` with the Python client installed with
+/// `spec`'s extras, created once.
+fn python_venv(root: &Path, name: &str, spec: &str) -> Result<PathBuf, String> {
+    let venv = root.join("target/xtask").join(name);
     let python = venv.join("bin/python");
     if !python.exists() && sh(Command::new("python3").args(["-m", "venv"]).arg(&venv)).is_err() {
         // Debian splits venv (and ensurepip) into python3-venv.
@@ -226,7 +314,7 @@ fn python_venv(root: &Path) -> Result<PathBuf, String> {
         "--quiet",
         "--disable-pip-version-check",
         "-e",
-        "clients/python[test]",
+        spec,
     ]))?;
     Ok(python)
 }

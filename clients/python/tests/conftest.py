@@ -17,7 +17,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "clients" / "python"))
 
-from sandbox_client import SandboxClient  # noqa: E402
+from sandbox_client import AsyncSandboxClient, SandboxClient  # noqa: E402
 
 TOKEN = "test-token-" + str(os.getpid())
 
@@ -63,6 +63,9 @@ class Server:
     def client(self, token="default") -> SandboxClient:
         return SandboxClient(self.url, token=self.token if token == "default" else token, timeout=120)
 
+    def async_client(self) -> AsyncSandboxClient:
+        return AsyncSandboxClient(self.url, token=self.token, timeout=120)
+
     def containers(self):
         out = subprocess.run(
             ["docker", "ps", "-a", "--filter", f"label=sandbox.namespace={self.namespace}", "--format", "{{.Names}}"],
@@ -93,3 +96,21 @@ def server():
 @pytest.fixture
 def client(server):
     return server.client()
+
+
+def python_image() -> str:
+    """The Python-ready image deepagents' file tools need (`cargo test-all`
+    builds it with `sandbox image build --python`)."""
+    image = os.environ.get("SANDBOX_PYTHON_IMAGE", "sandbox-python:latest")
+    found = subprocess.run(["docker", "image", "inspect", image], capture_output=True)
+    if found.returncode != 0:
+        pytest.fail(f"image {image} is missing: run `sandbox image build --python` (or set SANDBOX_PYTHON_IMAGE)")
+    return image
+
+
+@pytest.fixture(scope="session")
+def python_server():
+    """One server for the deepagents suites, running the Python-ready image."""
+    s = Server(env={"SANDBOX_IMAGE": python_image()})
+    yield s
+    s.stop()

@@ -13,7 +13,9 @@ import urllib.request
 import pytest
 
 from conftest import Server, binary
-from sandbox_client import DockerSandbox, SandboxError
+import socket
+
+from sandbox_client import SandboxClient, SandboxError
 
 
 def test_threads_of_one_user_share_a_container(client, server):
@@ -43,11 +45,45 @@ def test_streaming_exec_yields_chunks_then_exit(client):
 
 
 def test_files_round_trip_with_per_file_errors(client):
-    results = client.upload_files("alice-1", [("a.txt", b"\x00\x01bin"), ("../x", b"no")])
-    assert [r["error"] for r in results] == [None, "invalid_path"]
-    got = client.download_files("alice-1", ["a.txt", "missing", "/etc/passwd"])
-    assert got[0]["content"] == b"\x00\x01bin"
-    assert [r["error"] for r in got] == [None, "file_not_found", "invalid_path"]
+    # Relative paths land in /workspace; absolute ones go anywhere the
+    # sandbox user may: its own rights, resolved in the container, decide.
+    results = client.upload_files("alice-1", [("a.txt", b"\x00\x01bin"), ("/tmp/deep/t.bin", b"\xff"),
+                                              ("/etc/x", b"no"), ("../x", b"no")])
+    assert [r["error"] for r in results] == [None, None, "permission_denied", "permission_denied"]
+    got = client.download_files("alice-1", ["a.txt", "/workspace/a.txt", "/tmp/deep/t.bin", "missing", "/tmp"])
+    assert got[0]["content"] == got[1]["content"] == b"\x00\x01bin"
+    assert got[2]["content"] == b"\xff"
+    assert [r["error"] for r in got] == [None, None, None, "file_not_found", "is_directory"]
+
+
+def test_exec_gives_stdout_and_stderr_apart_and_binary_safe(client):
+    r = client.exec("alice-1", "printf 'a\\377\\000b'; echo err >&2", binary=True)
+    assert (r.stdout, r.stderr, r.exit_code) == (b"a\xff\x00b", b"err\n", 0)
+    assert "err" in r.output and r.output.startswith("a")
+    text = client.exec("alice-1", "echo out; echo err >&2")
+    assert (text.stdout, text.stderr) == (b"out\n", b"err\n")
+    assert client.exec("alice-1", "cat", stdin=b"\x00\xff\n", binary=True).stdout == b"\x00\xff\n"
+    chunks = [l["data"] for l in client.exec_stream("alice-1", "printf '\\377'", binary=True) if l["type"] == "output"]
+    assert b"".join(chunks) == b"\xff"
+
+
+def test_transport_failures_are_sandbox_errors():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Nothing listens: unreachable, after the connection retries.
+    with pytest.raises(SandboxError) as e:
+        SandboxClient(f"http://127.0.0.1:{port}", retries=1, connect_timeout=2).health()
+    assert (e.value.status, e.value.kind) == (0, "unreachable")
+    # It listens but never answers: a timeout, not a hang.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        slow = SandboxClient(f"http://127.0.0.1:{s.getsockname()[1]}", timeout=0.5)
+        start = time.time()
+        with pytest.raises(SandboxError) as e:
+            slow.health()
+        assert e.value.kind == "timeout" and time.time() - start < 10
 
 
 def test_destroy_user_and_thread_answer_true_then_false(client, server):
@@ -58,19 +94,6 @@ def test_destroy_user_and_thread_answer_true_then_false(client, server):
     assert client.destroy_thread("bob-9") is True
     assert client.destroy_thread("bob-9") is False
     assert server.containers() == []
-
-
-def test_deepagents_style_adapter(client):
-    sandbox = DockerSandbox(client, "carol-7f3a")
-    assert sandbox.id == "carol"
-    r = sandbox.execute("echo hi; echo err >&2; exit 3")
-    # stdout and stderr are two pipes: combined, but their relative order is not fixed.
-    assert sorted(r.output.splitlines()) == ["err", "hi"]
-    assert (r.exit_code, r.truncated) == (3, False)
-    up = sandbox.upload_files([("notes/n.txt", b"text")])
-    assert up[0].error is None
-    down = sandbox.download_files(["notes/n.txt", "notes"])
-    assert down[0].content == b"text" and down[1].error == "is_directory"
 
 
 @pytest.mark.parametrize(
@@ -108,9 +131,12 @@ def test_oversized_body_is_413_and_others_keep_working():
     try:
         c = s.client()
         with pytest.raises(SandboxError) as e:
-            c.upload_files("alice-1", [("big", b"x" * 200_000)])
+            c.exec("alice-1", "true #" + "x" * 200_000)
         assert e.value.status == 413
         assert c.exec("alice-1", "echo ok")["output"] == "ok\n"
+        # Files travel raw, streamed: the JSON body limit does not cap them.
+        assert c.upload_files("alice-1", [("big", b"x" * 200_000)])[0]["error"] is None
+        assert c.download_files("alice-1", ["big"])[0]["content"] == b"x" * 200_000
     finally:
         s.stop()
 
@@ -136,7 +162,7 @@ def test_graceful_shutdown_finishes_in_flight_calls():
         c = s.client()
         c.exec("alice-1", "true")
         result = {}
-        t = threading.Thread(target=lambda: result.update(c.exec("alice-1", "sleep 2; echo done")))
+        t = threading.Thread(target=lambda: result.update(output=c.exec("alice-1", "sleep 2; echo done").output))
         t.start()
         time.sleep(0.7)
         s.proc.send_signal(signal.SIGTERM)
@@ -293,8 +319,8 @@ def test_raw_file_routes_stream_big_files_in_bounded_server_memory(server, clien
 def test_cancel_kills_a_running_execution_by_its_id(server, client):
     client.exec("alice-1", "true")
     result = {}
-    worker = threading.Thread(target=lambda: result.update(
-        client.exec("alice-1", "(env -i sleep 401 &); sleep 402", execution_id="py-cancel-0001")))
+    worker = threading.Thread(target=lambda: result.update(vars(
+        client.exec("alice-1", "(env -i sleep 401 &); sleep 402", execution_id="py-cancel-0001"))))
     worker.start()
     deadline = time.time() + 20
     while not client.cancel("py-cancel-0001"):

@@ -1,4 +1,7 @@
-//! `sandbox cp`: copy one file into or out of a thread's workspace, streamed both ways.
+//! `sandbox cp`: copy one file into or out of a thread's container, streamed
+//! both ways. The remote path is absolute anywhere in the container
+//! (`alice-1:/tmp/x`) or relative to `/workspace` (`alice-1:x`); the sandbox
+//! user's rights inside the container decide what it reaches.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -100,7 +103,7 @@ fn local_target(local: &str, remote_path: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// Where an upload goes: `path`, or `path/NAME` when `path` is empty, `.`,
-/// `/workspace` or ends with `/` (NAME: the local file's base name).
+/// `/workspace` or ends with `/` (`/tmp/`; NAME: the local file's base name).
 fn remote_target(path: &str, local: &str) -> anyhow::Result<String> {
     if !(path.is_empty() || path.ends_with('/') || matches!(path, "." | "/workspace")) {
         return Ok(path.to_owned());
@@ -172,6 +175,25 @@ mod tests {
             "/workspace/a.txt"
         );
         assert_eq!(remote_target("in/b.txt", "a.txt").unwrap(), "in/b.txt");
+    }
+
+    /// Remote paths outside /workspace (deepagents' `/tmp/x`) are passed
+    /// through as given: the container decides what the user may reach.
+    #[test]
+    fn absolute_remote_paths_anywhere_are_taken_as_given() {
+        assert_eq!(
+            operand("alice-1:/tmp/x").unwrap(),
+            Operand::Remote {
+                thread: "alice-1",
+                path: "/tmp/x"
+            }
+        );
+        assert_eq!(remote_target("/tmp/", "d/a.txt").unwrap(), "/tmp/a.txt");
+        assert_eq!(remote_target("/tmp/x", "a.txt").unwrap(), "/tmp/x");
+        assert_eq!(
+            local_target(".", "/tmp/deep/x.txt").unwrap(),
+            Path::new(".").join("x.txt")
+        );
     }
 
     /// Bug: `cp 'a:b-1:x' dst` was ambiguous, and text with a `:` but no

@@ -68,7 +68,7 @@ pub enum Command {
     /// Run a command in the thread's sandbox; exits with the command's code.
     Exec(exec::ExecArgs),
     /// Copy a file into or out of a thread's workspace: `cp LOCAL THREAD:PATH`
-    /// or `cp THREAD:PATH LOCAL` (PATH relative to /workspace or under it).
+    /// or `cp THREAD:PATH LOCAL` (PATH absolute anywhere the sandbox user may go, or relative to /workspace).
     ///
     /// An operand is remote when the text before its first `:` is a valid
     /// thread id (the path may hold more `:`). Into an existing local

@@ -204,14 +204,30 @@ fn new_marker() -> String {
 
 /// The result of `execute`, with deepagents' `ExecuteResponse` semantics:
 /// stdout and stderr combined in arrival order, the exit code, and whether
-/// the output was cut at the byte limit; plus whether the timeout fired.
+/// the output was cut at the byte limit; plus whether the timeout fired, and
+/// stdout and stderr each on their own (raw bytes too, for binary output).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecResponse {
     /// stdout and stderr, in arrival order, capped (head and tail kept).
     pub output: String,
+    /// stdout alone, capped like `output` (its own head and tail), as text
+    /// (invalid UTF-8 replaced).
+    #[serde(default)]
+    pub stdout: String,
+    /// stderr alone, capped like `output`, as text.
+    #[serde(default)]
+    pub stderr: String,
+    /// The bytes `stdout` was decoded from, exactly as kept (a truncation
+    /// marker between head and tail when `truncated`).
+    #[serde(skip)]
+    pub stdout_bytes: Vec<u8>,
+    /// The bytes `stderr` was decoded from.
+    #[serde(skip)]
+    pub stderr_bytes: Vec<u8>,
     /// The command's exit code; 124 when the timeout killed it.
     pub exit_code: i64,
-    /// Whether output was dropped at the cap.
+    /// Whether output was dropped at the cap (any stream: each is at most
+    /// the combined output, so a cut in one is a cut in `output`).
     pub truncated: bool,
     /// Whether the timeout fired.
     #[serde(default)]
@@ -250,7 +266,8 @@ impl EndReason {
 
 impl ExecResponse {
     /// The response of a command the host ended for `reason`, with no
-    /// output of its own (what streamed live was already delivered).
+    /// output of its own (what streamed live was already delivered): the
+    /// host's note in `output` and `stderr`, nothing on `stdout`.
     pub fn ended(execution_id: &str, reason: EndReason) -> Self {
         let why = match reason {
             EndReason::Timeout => "[sandbox: the command timed out]\n",
@@ -261,6 +278,10 @@ impl ExecResponse {
         };
         ExecResponse {
             output: why.to_owned(),
+            stdout: String::new(),
+            stderr: why.to_owned(),
+            stdout_bytes: Vec::new(),
+            stderr_bytes: why.as_bytes().to_vec(),
             exit_code: reason.exit_code(),
             truncated: false,
             timed_out: reason == EndReason::Timeout,
@@ -285,6 +306,8 @@ pub type OutputSink<'a> = &'a mut (dyn FnMut(StreamKind, &[u8]) + Send);
 
 /// Keeps the first and last bytes of the output, at most `limit` in all,
 /// whatever the command prints; the middle is replaced by a marker.
+/// Buffers grow with what arrives (never past their share of `limit`), so a
+/// quiet stream costs nothing.
 #[derive(Debug)]
 pub struct CappedOutput {
     head: Vec<u8>,
@@ -297,11 +320,10 @@ pub struct CappedOutput {
 impl CappedOutput {
     /// Keeps at most `limit` bytes: the first half and the last half.
     pub fn new(limit: usize) -> Self {
-        let head_limit = limit - limit / 2;
         CappedOutput {
-            head: Vec::with_capacity(head_limit.min(64 * 1024)),
+            head: Vec::new(),
             tail: VecDeque::new(),
-            head_limit,
+            head_limit: limit - limit / 2,
             tail_limit: limit / 2,
             dropped: 0,
         }
@@ -312,6 +334,13 @@ impl CappedOutput {
         let room = self.head_limit - self.head.len();
         if room > 0 {
             let take = room.min(chunk.len());
+            // Doubling, but never past the head's share.
+            let want = (self.head.len() + take)
+                .max(self.head.capacity() * 2)
+                .clamp(1024.min(self.head_limit), self.head_limit);
+            if want > self.head.capacity() {
+                self.head.reserve_exact(want - self.head.len());
+            }
             self.head.extend_from_slice(&chunk[..take]);
             chunk = &chunk[take..];
         }
@@ -321,6 +350,9 @@ impl CappedOutput {
         if self.tail_limit == 0 {
             self.dropped += chunk.len() as u64;
             return;
+        }
+        if self.tail.capacity() < self.tail_limit {
+            self.tail.reserve_exact(self.tail_limit - self.tail.len());
         }
         if chunk.len() >= self.tail_limit {
             self.dropped += (self.tail.len() + chunk.len() - self.tail_limit) as u64;
@@ -339,9 +371,9 @@ impl CappedOutput {
         self.dropped > 0
     }
 
-    /// The output as text (invalid UTF-8 replaced, including characters cut
-    /// by the cap).
-    pub fn finish(self, exit_code: i64, timed_out: bool) -> ExecResponse {
+    /// The kept bytes: the head, a `[... N bytes truncated ...]` marker when
+    /// anything was dropped, the tail.
+    pub fn into_bytes(self) -> Vec<u8> {
         let mut bytes = self.head;
         if self.dropped > 0 {
             bytes.extend_from_slice(
@@ -349,10 +381,53 @@ impl CappedOutput {
             );
         }
         bytes.extend(self.tail);
+        bytes
+    }
+}
+
+/// What one exec printed: the combined output and each stream alone, each
+/// capped at the same limit (so at most three times the limit is held).
+#[derive(Debug)]
+pub struct ExecOutput {
+    combined: CappedOutput,
+    stdout: CappedOutput,
+    stderr: CappedOutput,
+}
+
+impl ExecOutput {
+    /// Keeps at most `limit` bytes of each: combined, stdout, stderr.
+    pub fn new(limit: usize) -> Self {
+        ExecOutput {
+            combined: CappedOutput::new(limit),
+            stdout: CappedOutput::new(limit),
+            stderr: CappedOutput::new(limit),
+        }
+    }
+
+    /// Adds a chunk of `kind`, in arrival order.
+    pub fn push(&mut self, kind: StreamKind, chunk: &[u8]) {
+        self.combined.push(chunk);
+        match kind {
+            StreamKind::Stdout => self.stdout.push(chunk),
+            StreamKind::Stderr => self.stderr.push(chunk),
+        }
+    }
+
+    /// The response (text with invalid UTF-8 replaced, including characters
+    /// cut by the cap; the raw bytes kept beside it).
+    pub fn finish(self, exit_code: i64, timed_out: bool) -> ExecResponse {
+        let truncated =
+            self.combined.truncated() || self.stdout.truncated() || self.stderr.truncated();
+        let stdout_bytes = self.stdout.into_bytes();
+        let stderr_bytes = self.stderr.into_bytes();
         ExecResponse {
-            output: String::from_utf8_lossy(&bytes).into_owned(),
+            output: String::from_utf8_lossy(&self.combined.into_bytes()).into_owned(),
+            stdout: String::from_utf8_lossy(&stdout_bytes).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr_bytes).into_owned(),
+            stdout_bytes,
+            stderr_bytes,
             exit_code,
-            truncated: self.dropped > 0,
+            truncated,
             timed_out,
             execution_id: String::new(),
             reason: timed_out.then_some(EndReason::Timeout),
@@ -426,14 +501,24 @@ impl tokio::io::AsyncRead for ChannelReader {
 }
 
 /// Kills every process of a call: those carrying its marker, and their
-/// descendants (which may have cleared their environment). Fork-free (only
-/// shell builtins and /proc reads), so it works when the call exhausted the
-/// container's pids limit; processes are stopped before they are killed so a
-/// fork loop cannot outrun it; repeats until none is left. Run as
-/// `sh -c SCRIPT kill MARKER`.
+/// descendants (which may have cleared their environment). Where the shell's
+/// `read` takes `-d` (busybox ash, bash) it is fork-free (only builtins and
+/// /proc reads), so it works when the call exhausted the container's pids
+/// limit. dash (Debian's `sh`, the Python image) has no `read -d` and drops
+/// NUL bytes, which would blur one environment entry into the next: there
+/// each process costs a `tr | grep` (the agent, which kills without forking,
+/// is the first line of defence). Processes are stopped before they are
+/// killed so a fork loop cannot outrun it; repeats until none is left. Run
+/// as `sh -c SCRIPT kill MARKER`.
 pub const KILL_SCRIPT: &str = r#"
 m="SANDBOX_EXEC_ID=$1"; me=$$
+read -r -d "" _ </dev/null 2>/dev/null
+if [ $? = 1 ]; then nul_read=1; else nul_read=0; fi
 marked() {
+  if [ $nul_read = 0 ]; then
+    tr '\0' '\n' < "/proc/$1/environ" | grep -qxF -e "$m"
+    return
+  fi
   while IFS= read -r -d "" kv; do [ "$kv" = "$m" ] && return 0; done < "/proc/$1/environ"
   return 1
 }
@@ -465,15 +550,21 @@ exit 1
 mod tests {
     use super::*;
 
+    /// The kept text and whether anything was dropped.
+    fn kept(out: CappedOutput) -> (String, bool) {
+        let truncated = out.truncated();
+        (String::from_utf8(out.into_bytes()).unwrap(), truncated)
+    }
+
     #[test]
     fn head_and_tail_are_kept_around_a_marker() {
         let mut out = CappedOutput::new(10);
         out.push(b"0123456789abcdefghij");
-        let r = out.finish(0, false);
-        assert!(r.truncated);
-        assert!(r.output.starts_with("01234"), "{}", r.output);
-        assert!(r.output.ends_with("fghij"), "{}", r.output);
-        assert!(r.output.contains("[... 10 bytes truncated ...]"));
+        let (text, truncated) = kept(out);
+        assert!(truncated);
+        assert!(text.starts_with("01234"), "{text}");
+        assert!(text.ends_with("fghij"), "{text}");
+        assert!(text.contains("[... 10 bytes truncated ...]"));
     }
 
     #[test]
@@ -482,21 +573,16 @@ mod tests {
         for b in b"abcdefgh".chunks(1) {
             out.push(b);
         }
-        let r = out.finish(0, false);
-        assert!(
-            r.output.starts_with("ab") && r.output.ends_with("gh"),
-            "{}",
-            r.output
-        );
-        assert!(r.output.contains("[... 4 bytes truncated ...]"));
+        let (text, _) = kept(out);
+        assert!(text.starts_with("ab") && text.ends_with("gh"), "{text}");
+        assert!(text.contains("[... 4 bytes truncated ...]"));
     }
 
     #[test]
     fn output_at_the_cap_is_not_truncated() {
         let mut out = CappedOutput::new(3);
         out.push(b"abc");
-        let r = out.finish(0, false);
-        assert_eq!((r.output.as_str(), r.truncated), ("abc", false));
+        assert_eq!(kept(out), ("abc".to_owned(), false));
     }
 
     #[test]
@@ -507,7 +593,72 @@ mod tests {
             out.push(&chunk);
         }
         assert!(out.head.len() + out.tail.len() <= 1000);
+        assert!(out.head.capacity() <= 500, "{}", out.head.capacity());
         assert_eq!(out.dropped, 64 * 1024 * 1000 - 1000);
+    }
+
+    /// Bug: a quiet stream preallocated 64 KiB; with three buffers per exec
+    /// that tripled the footprint of every call in flight.
+    #[test]
+    fn a_quiet_stream_allocates_nothing() {
+        let out = CappedOutput::new(1 << 20);
+        assert_eq!((out.head.capacity(), out.tail.capacity()), (0, 0));
+        let mut out = CappedOutput::new(1 << 20);
+        out.push(b"hi");
+        assert!(out.head.capacity() <= 1024, "{}", out.head.capacity());
+    }
+
+    /// Bug: stdout and stderr came back only mixed in `output`, and binary
+    /// output only as lossy text.
+    #[test]
+    fn each_stream_is_kept_alone_as_exact_bytes_beside_the_combined_output() {
+        let mut out = ExecOutput::new(100);
+        out.push(StreamKind::Stdout, b"\xff\x00a");
+        out.push(StreamKind::Stderr, b"err");
+        out.push(StreamKind::Stdout, b"b");
+        let r = out.finish(3, false);
+        assert_eq!(r.stdout_bytes, b"\xff\x00ab");
+        assert_eq!(r.stderr_bytes, b"err");
+        assert_eq!(r.stdout, "\u{fffd}\u{0}ab");
+        assert_eq!(r.stderr, "err");
+        assert_eq!(r.output, "\u{fffd}\u{0}aerrb", "arrival order");
+        assert_eq!((r.exit_code, r.truncated, r.timed_out), (3, false, false));
+        let json = serde_json::to_value(&r).unwrap();
+        assert!(
+            json.get("stdout_bytes").is_none(),
+            "raw bytes stay off the wire"
+        );
+    }
+
+    #[test]
+    fn each_stream_has_its_own_head_and_tail_under_the_same_cap() {
+        let mut out = ExecOutput::new(10);
+        out.push(StreamKind::Stdout, b"0123456789abcdefghij");
+        out.push(StreamKind::Stderr, b"E");
+        let r = out.finish(0, false);
+        assert!(r.truncated);
+        assert_eq!(r.stdout, "01234\n[... 10 bytes truncated ...]\nfghij");
+        assert_eq!(r.stderr, "E", "a short stream is whole");
+        assert!(r.output.ends_with("ghijE"), "{}", r.output);
+        // Alone, stderr stays under the cap while the combined output is cut.
+        let mut out = ExecOutput::new(10);
+        out.push(StreamKind::Stdout, b"0123456789");
+        out.push(StreamKind::Stderr, b"abcde");
+        let r = out.finish(0, false);
+        assert!(r.truncated);
+        assert_eq!(
+            (r.stdout.as_str(), r.stderr.as_str()),
+            ("0123456789", "abcde")
+        );
+    }
+
+    #[test]
+    fn an_ended_command_has_the_note_on_stderr_and_nothing_on_stdout() {
+        let r = ExecResponse::ended("id-123456", EndReason::Cancelled);
+        assert_eq!(r.stdout, "");
+        assert_eq!(r.stderr, r.output);
+        assert_eq!(r.stderr_bytes, r.output.as_bytes());
+        assert_eq!((r.exit_code, r.reason), (130, Some(EndReason::Cancelled)));
     }
 
     #[tokio::test]

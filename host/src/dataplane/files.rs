@@ -1,13 +1,16 @@
-//! File transfer in and out of a backend's workspace, with deepagents'
+//! File transfer in and out of a backend's container, with deepagents'
 //! batch semantics: one result per file, typed per-file errors.
 //!
-//! Paths (absolute under `/workspace`, or relative to it) are checked
-//! lexically by the host, then resolved *inside the container* by a shell
-//! script run **as the sandbox user** (the container's configured user, never
-//! root): symlinks that leave `/workspace` are refused, permissions are the
-//! sandbox user's, and a link the workload swaps in mid-transfer gives nothing
-//! the workload could not reach itself. Bytes stream over that exec's stdin /
-//! stdout (Docker's archive API is not used: it runs as root); the host never
+//! Paths follow the deepagents protocol: absolute anywhere in the container,
+//! or relative to `/workspace`. The host only normalizes them lexically
+//! ([`resolve_file_path`]); they are resolved *inside the container* by a
+//! shell script run **as the sandbox user** (the container's configured
+//! user, never root), so the sandbox user's own rights decide: a root-owned
+//! directory or file is `permission_denied`, a symlink resolves like any
+//! path (to a file the user may read or write, or not), and a link the
+//! workload swaps in mid-transfer gives nothing the workload could not reach
+//! itself with an exec. Bytes stream over that exec's stdin / stdout
+//! (Docker's archive API is not used: it runs as root); the host never
 //! resolves a sandbox path on the host side.
 //!
 //! Sizes are bounded: a file whose *apparent* size (sparse files included) is
@@ -26,7 +29,6 @@ use std::task::{ready, Context, Poll};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWrite;
 
-use crate::dataplane::exec::resolve_workdir;
 use crate::engine::plan::WORKSPACE_MOUNT;
 use crate::error::policy_text;
 
@@ -65,8 +67,8 @@ pub enum FileError {
     PermissionDenied,
     /// The path is a directory.
     IsDirectory,
-    /// The path fails the lexical checks, resolves outside `/workspace`
-    /// (through a symlink too), or is not a regular file.
+    /// The path fails the lexical checks, is a symlink that cannot be
+    /// resolved (a loop), or is not a regular file.
     InvalidPath,
     /// The file's apparent size is over the transfer cap (not a deepagents
     /// literal: `file_too_large`).
@@ -138,7 +140,7 @@ impl FileLimits {
 /// One file to upload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upload {
-    /// In-container path: absolute under `/workspace`, or relative to it.
+    /// In-container path: absolute, or relative to `/workspace`.
     pub path: String,
     /// The whole file content.
     pub content: Vec<u8>,
@@ -179,9 +181,13 @@ pub struct FileInfo {
     pub mode: u32,
 }
 
-/// The absolute in-container path of a file, or `invalid_path`: confined to
-/// `/workspace` lexically, no control characters, no trailing `/`, every
-/// component at most [`NAME_MAX`] bytes and the whole at most [`PATH_MAX`].
+/// The absolute in-container path of a file, or `invalid_path`: an
+/// absolute path as given, a relative one joined to `/workspace`, then
+/// normalized lexically (`//` and `.` dropped, `..` taking off the component
+/// before it, never above `/`). Refused: empty, control characters, a
+/// trailing `/`, `/` itself, a component over [`NAME_MAX`] bytes, more than
+/// [`PATH_MAX`] in all. Nothing is resolved here: the sandbox user's rights,
+/// inside the container, decide what the path reaches.
 pub fn resolve_file_path(path: &str) -> Result<String, FileError> {
     if path.is_empty()
         || path.len() > PATH_MAX
@@ -190,16 +196,24 @@ pub fn resolve_file_path(path: &str) -> Result<String, FileError> {
     {
         return Err(FileError::InvalidPath);
     }
-    match resolve_workdir(Some(path)) {
-        Ok(p)
-            if p != WORKSPACE_MOUNT
-                && p.len() <= PATH_MAX
-                && p.split('/').all(|c| c.len() <= NAME_MAX) =>
-        {
-            Ok(p)
+    let relative = !path.starts_with('/');
+    let base = if relative { WORKSPACE_MOUNT } else { "" };
+    let mut parts: Vec<&str> = Vec::new();
+    for part in base.split('/').chain(path.split('/')) {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p if p.len() > NAME_MAX => return Err(FileError::InvalidPath),
+            p => parts.push(p),
         }
-        _ => Err(FileError::InvalidPath),
     }
+    let resolved = format!("/{}", parts.join("/"));
+    if parts.is_empty() || resolved.len() > PATH_MAX {
+        return Err(FileError::InvalidPath);
+    }
+    Ok(resolved)
 }
 
 /// The file name of a resolved path (its last component).
@@ -210,37 +224,33 @@ pub fn file_name(resolved: &str) -> &str {
 /// Writes one upload, run as the sandbox user with `$1` the resolved path,
 /// `$2` the octal mode (`-`: keep the existing file's, else 644), `$3` the
 /// byte count, the content on stdin. Creates missing parent directories
-/// (only under `/workspace`), writes a temporary file beside the target
-/// (created owner-only), checks the size of what it wrote through the open
-/// file, sets the mode, then renames it over the target: an upload that
-/// breaks midway leaves the existing file whole. Prints one word: `ok`,
-/// `short` (fewer bytes arrived than announced) or an error literal.
+/// wherever the sandbox user may (else `permission_denied`), follows a
+/// symlink at the target like any write would, writes a temporary file
+/// beside the target (created owner-only), checks the size of what it wrote
+/// through the open file, sets the mode, then renames it over the target:
+/// an upload that breaks midway leaves the existing file whole. Prints one
+/// word: `ok`, `short` (fewer bytes arrived than announced) or an error
+/// literal.
 pub const UPLOAD_SCRIPT: &str = r#"
 exec 2>/dev/null
 p=$1; m=$2; n=$3
-d=${p%/*}; a=$d
-while [ ! -e "$a" ] && [ -n "$a" ]; do a=${a%/*}; done
-ra=$(readlink -f "${a:-/}")
-case "$ra/" in /workspace/*) ;; *) echo invalid_path; exit 0 ;; esac
+d=${p%/*}; d=${d:-/}
 umask 022
 mkdir -p "$d" || { echo permission_denied; exit 0; }
-rd=$(readlink -f "$d")
-case "$rd/" in /workspace/*) ;; *) echo invalid_path; exit 0 ;; esac
 t=$p
 if [ -L "$p" ]; then
-  rp=$(readlink -f "$p")
-  case "$rp" in /workspace/*) ;; *) echo invalid_path; exit 0 ;; esac
-  t=$rp
+  t=$(readlink -f "$p")
+  [ -n "$t" ] || { echo invalid_path; exit 0; }
 fi
 [ -d "$t" ] && { echo is_directory; exit 0; }
 [ -e "$t" ] && [ ! -w "$t" ] && { echo permission_denied; exit 0; }
-td=${t%/*}
+td=${t%/*}; td=${td:-/}
 [ -w "$td" ] || { echo permission_denied; exit 0; }
 if [ "$m" = - ]; then
   m=644
   [ -e "$t" ] && m=$(printf %o $(( 0$(stat -L -c %a "$t") & 0777 )))
 fi
-w="$td/.sandbox-upload.$$"
+w="${td%/}/.sandbox-upload.$$"
 umask 077
 {
   cat >&3 || { rm -f "$w"; echo permission_denied; exit 0; }
@@ -254,18 +264,25 @@ echo ok
 /// Reads one download, run as the sandbox user with `$1` the resolved path
 /// and `$2` the size cap. Prints one answer line, `ok SIZE MODE` (then
 /// exactly SIZE bytes of content), `file_too_large SIZE`, or an error
-/// literal. The file is opened once; its type and apparent size are taken
-/// from that open file, before any content is read.
+/// literal. A path that does not resolve is `permission_denied` when the
+/// nearest existing directory above it may not be searched (whether the
+/// file exists is then not the user's to know), else `file_not_found`. The
+/// file is opened once; its type and apparent size are taken from that open
+/// file, before any content is read.
 pub const DOWNLOAD_SCRIPT: &str = r#"
 exec 2>/dev/null
 p=$1; max=$2
-if [ ! -e "$p" ] && [ ! -L "$p" ]; then echo file_not_found; exit 0; fi
-r=$(readlink -f "$p")
-case "$r" in /workspace/*) ;; *) echo invalid_path; exit 0 ;; esac
-[ -e "$r" ] || { echo file_not_found; exit 0; }
-[ -d "$r" ] && { echo is_directory; exit 0; }
-[ -f "$r" ] || { echo invalid_path; exit 0; }
-[ -r "$r" ] || { echo permission_denied; exit 0; }
+if [ ! -e "$p" ]; then
+  [ -L "$p" ] && { echo file_not_found; exit 0; }
+  a=${p%/*}
+  while [ -n "$a" ] && [ ! -e "$a" ]; do a=${a%/*}; done
+  a=${a:-/}
+  [ -d "$a" ] && [ ! -x "$a" ] && { echo permission_denied; exit 0; }
+  echo file_not_found; exit 0
+fi
+[ -d "$p" ] && { echo is_directory; exit 0; }
+[ -f "$p" ] || { echo invalid_path; exit 0; }
+[ -r "$p" ] || { echo permission_denied; exit 0; }
 {
   [ -f /proc/self/fd/0 ] || { echo invalid_path; exit 0; }
   i=$(stat -L -c '%s %a' /proc/self/fd/0) || { echo permission_denied; exit 0; }
@@ -277,7 +294,7 @@ case "$r" in /workspace/*) ;; *) echo invalid_path; exit 0 ;; esac
     exec dd bs=65536 count="$s" iflag=count_bytes
   fi
   exec head -c "$s"
-} < "$r" || echo permission_denied
+} < "$p" || echo permission_denied
 "#;
 
 /// The command uploading `len` bytes to `resolved` with `mode` (none:
@@ -610,19 +627,49 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
+    /// Bug: deepagents hands absolute paths anywhere in the container
+    /// (`/tmp/x`, `/home/user/x`), and every one outside `/workspace` was
+    /// refused as `invalid_path`.
     #[test]
-    fn file_paths_are_confined_lexically() {
-        assert_eq!(resolve_file_path("a/b.txt").unwrap(), "/workspace/a/b.txt");
-        assert_eq!(resolve_file_path("/workspace/x").unwrap(), "/workspace/x");
+    fn absolute_paths_anywhere_and_relative_ones_under_the_workspace() {
+        for (given, resolved) in [
+            ("a/b.txt", "/workspace/a/b.txt"),
+            ("/workspace/x", "/workspace/x"),
+            ("/tmp/x", "/tmp/x"),
+            ("/etc/passwd", "/etc/passwd"),
+            ("//tmp///./a/./b", "/tmp/a/b"),
+            ("/tmp/a/../b", "/tmp/b"),
+            ("../x", "/x"),
+            ("a/../../etc/x", "/etc/x"),
+            ("/../../etc/x", "/etc/x"),
+            ("./x", "/workspace/x"),
+            (".", "/workspace"),
+            ("/workspace", "/workspace"),
+        ] {
+            assert_eq!(
+                resolve_file_path(given).as_deref(),
+                Ok(resolved),
+                "{given:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_root_empty_control_characters_and_a_trailing_slash_are_invalid() {
         for bad in [
             "",
-            "/etc/passwd",
-            "../x",
-            "a/../../x",
-            "/workspace",
-            "/workspace/",
+            "/",
+            "//",
+            "/.",
+            "/..",
+            "/tmp/..",
+            "..",
+            "../..",
             "a\nb",
+            "a\u{7f}",
             "dir/",
+            "/tmp/",
+            "/workspace/",
         ] {
             assert_eq!(
                 resolve_file_path(bad),
@@ -644,6 +691,17 @@ mod tests {
         let deep = vec!["d".repeat(200); 21].join("/");
         assert!(deep.len() > PATH_MAX - "/workspace/".len());
         assert_eq!(resolve_file_path(&deep), Err(FileError::InvalidPath));
+        // Absolute paths are held to the same limits.
+        let long = format!("/tmp/{}", "n".repeat(NAME_MAX + 1));
+        assert_eq!(resolve_file_path(&long), Err(FileError::InvalidPath));
+        let fits = format!("/{}", vec!["d".repeat(200); 20].join("/"));
+        assert!(fits.len() <= PATH_MAX);
+        assert!(resolve_file_path(&fits).is_ok());
+        // Relative, the joined `/workspace` counts: in the limit as given,
+        // over it once resolved.
+        let relative = format!("{}/{}", vec!["d".repeat(200); 20].join("/"), "x".repeat(70));
+        assert!(relative.len() <= PATH_MAX && relative.len() + 11 > PATH_MAX);
+        assert_eq!(resolve_file_path(&relative), Err(FileError::InvalidPath));
     }
 
     #[test]

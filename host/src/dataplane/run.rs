@@ -30,7 +30,7 @@ impl Backend {
 
     /// [`Backend::execute_with`], calling `on_output` with each chunk of
     /// stdout / stderr as it arrives (the response still carries the capped
-    /// combined output).
+    /// combined output, and each stream capped alone).
     pub async fn execute_streaming(
         &self,
         command: &str,

@@ -25,7 +25,7 @@ use tokio::sync::OnceCell;
 
 use super::{ContainerProvider, ContainerRecord, ExecIo, ProviderError, ProviderResult, Status};
 use crate::dataplane::exec::{
-    CappedOutput, ExecRequest, ExecResponse, StreamKind, KILL_SCRIPT, TIMEOUT_EXIT_CODE,
+    ExecOutput, ExecRequest, ExecResponse, StreamKind, KILL_SCRIPT, TIMEOUT_EXIT_CODE,
 };
 use crate::engine::plan::{ContainerPlan, WORKSPACE_MOUNT};
 
@@ -488,7 +488,7 @@ impl ContainerProvider for DockerProvider {
                 "the engine did not attach to the exec".into(),
             ));
         };
-        let mut output = CappedOutput::new(request.output_limit);
+        let mut output = ExecOutput::new(request.output_limit);
         // Milliseconds from `start` to the last byte moved either way.
         let start = tokio::time::Instant::now();
         let moved = AtomicU64::new(0);
@@ -546,7 +546,7 @@ impl ContainerProvider for DockerProvider {
                                     if let Some(sink) = sink.as_mut() {
                                         sink(kind, &bytes);
                                     }
-                                    output.push(&bytes);
+                                    output.push(kind, &bytes);
                                 }
                             }
                         }

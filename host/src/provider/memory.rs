@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use super::{ContainerProvider, ContainerRecord, ExecIo, ProviderError, ProviderResult, Status};
-use crate::dataplane::exec::{ExecRequest, ExecResponse};
+use crate::dataplane::exec::{ExecOutput, ExecRequest, ExecResponse};
 use crate::engine::plan::ContainerPlan;
 
 /// A [`ContainerProvider`] keeping containers in a map: creates, starts and
@@ -123,12 +123,8 @@ impl ContainerProvider for MemoryProvider {
     ) -> ProviderResult<ExecResponse> {
         match self.containers.lock().unwrap().get(id) {
             Some(c) if c.status == Status::Running => Ok(ExecResponse {
-                output: String::new(),
-                exit_code: 0,
-                truncated: false,
-                timed_out: false,
                 execution_id: request.marker.clone(),
-                reason: None,
+                ..ExecOutput::new(request.output_limit).finish(0, false)
             }),
             Some(_) => Err(ProviderError::Failed(format!(
                 "container {id} is not running"

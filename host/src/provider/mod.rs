@@ -91,8 +91,8 @@ pub struct ExecIo<'a> {
     /// request's `stdin` bytes). A read error aborts the call.
     pub stdin: Option<&'a mut (dyn AsyncRead + Send + Unpin)>,
     /// Receives the command's stdout as it arrives (not kept: the response's
-    /// output then holds stderr only). A write error aborts the call: its
-    /// processes are killed and an error returned.
+    /// output then holds stderr only, and its stdout is empty). A write
+    /// error aborts the call: its processes are killed and an error returned.
     pub stdout: Option<&'a mut (dyn AsyncWrite + Send + Unpin)>,
     /// Sees each chunk of the kept output as it arrives.
     pub sink: Option<OutputSink<'a>>,

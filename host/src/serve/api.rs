@@ -54,6 +54,7 @@ pub fn router(state: Shared, body_limit: usize) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(close_after_refused_body))
         // Outermost, so refused (401) and oversized (413) requests are logged too.
         .layer(middleware::from_fn(access_log))
         .with_state(state)
@@ -105,6 +106,27 @@ async fn access_log(mut request: Request, next: Next) -> Response {
     response
 }
 
+/// Asks the client to close the connection after an error answer to a
+/// request that carried a body: the server may not have read that body (a
+/// 413, a 401 before the upload), and hyper then closes the connection
+/// itself. Without the header a pooling client reuses the dead connection
+/// and its next request fails with no answer.
+async fn close_after_refused_body(request: Request, next: Next) -> Response {
+    let has_body = request.headers().contains_key(header::TRANSFER_ENCODING)
+        || request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    let mut response = next.run(request).await;
+    if has_body && (response.status().is_client_error() || response.status().is_server_error()) {
+        response.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    response
+}
+
 fn clip(s: &str) -> String {
     s.chars().take(LOGGED_CHARS).collect()
 }
@@ -138,8 +160,29 @@ struct ExecBody {
     env: BTreeMap<String, String>,
     workdir: Option<String>,
     stdin: Option<String>,
+    /// stdin as base64, for bytes that are not UTF-8 text; not with `stdin`.
+    stdin_b64: Option<String>,
     /// The caller's id for this execution, to cancel it by.
     execution_id: Option<String>,
+    /// How output bytes are answered; text when absent.
+    encoding: Option<Encoding>,
+}
+
+/// How an exec answers the bytes its command printed. Anything but these
+/// two words is a 400, not a silent fallback.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Encoding {
+    /// Text only (invalid UTF-8 replaced): `data`, `stdout`, `stderr`.
+    #[default]
+    Text,
+    /// The text, plus the exact bytes in base64: `data_b64` instead of
+    /// `data`, and `stdout_b64`, `stderr_b64` beside `stdout`, `stderr`.
+    Base64,
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 impl ExecBody {
@@ -149,6 +192,18 @@ impl ExecBody {
             Some(_) => return Err(ApiError::bad_request("timeout_secs must be in (0, 86400)")),
             None => None,
         };
+        let stdin = match (&self.stdin, &self.stdin_b64) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad_request("give stdin or stdin_b64, not both"))
+            }
+            (Some(text), None) => Some(text.clone().into_bytes()),
+            (None, Some(encoded)) => Some(
+                base64::engine::general_purpose::STANDARD
+                    .decode(encoded.as_bytes())
+                    .map_err(|e| ApiError::bad_request(format!("stdin_b64: base64: {e}")))?,
+            ),
+            (None, None) => None,
+        };
         Ok(ExecOptions {
             timeout,
             env: self
@@ -157,9 +212,43 @@ impl ExecBody {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             workdir: self.workdir.clone(),
-            stdin: self.stdin.as_ref().map(|s| s.clone().into_bytes()),
+            stdin,
             execution_id: self.execution_id.clone(),
         })
+    }
+
+    fn encoding(&self) -> Encoding {
+        self.encoding.unwrap_or_default()
+    }
+}
+
+/// An exec's answer on the wire: the response as the library gives it,
+/// plus each stream's exact bytes in base64 when the request asked for
+/// `"encoding": "base64"`.
+#[derive(Serialize)]
+struct ExecReply {
+    #[serde(flatten)]
+    response: ExecResponse,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stdout_b64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stderr_b64: Option<String>,
+}
+
+impl ExecReply {
+    fn new(response: ExecResponse, encoding: Encoding) -> Self {
+        let (stdout_b64, stderr_b64) = match encoding {
+            Encoding::Text => (None, None),
+            Encoding::Base64 => (
+                Some(b64(&response.stdout_bytes)),
+                Some(b64(&response.stderr_bytes)),
+            ),
+        };
+        ExecReply {
+            response,
+            stdout_b64,
+            stderr_b64,
+        }
     }
 }
 
@@ -167,15 +256,18 @@ async fn exec(
     State(state): State<Shared>,
     Path(thread_id): Path<String>,
     body: Result<Json<ExecBody>, JsonRejection>,
-) -> ApiResult<Json<ExecResponse>> {
+) -> ApiResult<Json<ExecReply>> {
     observed(&state, "exec", async {
         let Json(body) = body?;
         let options = body.options()?;
+        let encoding = body.encoding();
         let backend = state.sandbox.get_thread_backend(&thread_id).await?;
         // Past the shutdown grace period the call is dropped, which kills
         // its processes, and the client is told why.
         tokio::select! {
-            r = backend.execute_with(&body.command, options) => Ok(Json(r?)),
+            r = backend.execute_with(&body.command, options) => {
+                Ok(Json(ExecReply::new(r?, encoding)))
+            }
             _ = shutdown_over(state.shutdown.clone()) => Err(ApiError::shutdown()),
         }
     })
@@ -190,15 +282,34 @@ enum StreamLine {
     Started {
         execution_id: String,
     },
+    /// A chunk of live output: `data` as text, or `data_b64` in base64
+    /// mode (exactly one of them).
     Output {
         stream: StreamKind,
-        data: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data_b64: Option<String>,
     },
-    Exit(ExecResponse),
+    Exit(ExecReply),
     Error {
         kind: &'static str,
         message: String,
     },
+}
+
+impl StreamLine {
+    fn output(stream: StreamKind, bytes: &[u8], encoding: Encoding) -> Self {
+        let (data, data_b64) = match encoding {
+            Encoding::Text => (Some(String::from_utf8_lossy(bytes).into_owned()), None),
+            Encoding::Base64 => (None, Some(b64(bytes))),
+        };
+        StreamLine::Output {
+            stream,
+            data,
+            data_b64,
+        }
+    }
 }
 
 fn line(l: &StreamLine) -> Bytes {
@@ -242,11 +353,9 @@ async fn exec_stream(
     tokio::spawn(async move {
         let mut dropped = 0usize;
         let live = tx.clone();
+        let encoding = body.encoding();
         let run = backend.execute_streaming(&body.command, options, |stream, bytes| {
-            let l = StreamLine::Output {
-                stream,
-                data: String::from_utf8_lossy(bytes).into_owned(),
-            };
+            let l = StreamLine::output(stream, bytes, encoding);
             if live.try_send(line(&l)).is_err() {
                 dropped += bytes.len();
             }
@@ -267,16 +376,13 @@ async fn exec_stream(
         // stream finds the call in /metrics.
         call.end(&state.metrics, result.as_ref().err().map(ApiError::kind));
         if dropped > 0 {
-            let note = StreamLine::Output {
-                stream: StreamKind::Stderr,
-                data: format!(
-                    "[sandbox: {dropped} bytes of live output dropped for a slow reader]\n"
-                ),
-            };
+            let note =
+                format!("[sandbox: {dropped} bytes of live output dropped for a slow reader]\n");
+            let note = StreamLine::output(StreamKind::Stderr, note.as_bytes(), encoding);
             let _ = tx.send(line(&note)).await;
         }
         let last = match result {
-            Ok(r) => StreamLine::Exit(r),
+            Ok(r) => StreamLine::Exit(ExecReply::new(r, encoding)),
             Err(e) => {
                 let (kind, message) = e.into_parts();
                 StreamLine::Error { kind, message }

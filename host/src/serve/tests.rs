@@ -837,6 +837,11 @@ async fn a_malformed_exec_body_is_400_bad_request_on_both_exec_routes() {
             r#"{"command":"true","timeout_secs":-1}"#,
             r#"{"command":"true","timeout_secs":86400}"#,
             r#"{"command":"true","env":{"A":1}}"#,
+            // Bug guard: an unknown encoding must not fall back to text.
+            r#"{"command":"true","encoding":"hex"}"#,
+            r#"{"command":"true","encoding":"BASE64"}"#,
+            r#"{"command":"true","stdin":"a","stdin_b64":"YQ=="}"#,
+            r#"{"command":"true","stdin_b64":"not base64!"}"#,
         ] {
             let reply = app
                 .send(post_json(&format!("/v1/threads/alice-1/{route}"), body))
@@ -888,17 +893,24 @@ async fn a_body_over_the_limit_is_413_body_too_large_and_the_next_request_works(
         ("POST", "exec/stream", exec_body),
         ("PUT", "files", upload_body),
     ] {
-        let reply = app
-            .send(json_request(
-                method,
-                &format!("/v1/threads/alice-1/{route}"),
-                body,
-            ))
-            .await;
+        let mut request = json_request(method, &format!("/v1/threads/alice-1/{route}"), "");
+        request
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, body.len().into());
+        *request.body_mut() = Body::from(body);
+        let reply = app.send(request).await;
         assert_eq!(reply.error(), (413, "body-too-large".into()), "{route}");
+        // The unread body makes hyper drop the connection: a pooling client
+        // told nothing reused it and lost its next request.
+        assert_eq!(
+            reply.headers.get(header::CONNECTION).map(|v| v.as_bytes()),
+            Some(&b"close"[..]),
+            "{route}"
+        );
     }
     let reply = app.send(exec("alice-1", "true")).await;
     assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.headers.get(header::CONNECTION).is_none());
     let metrics = app.metrics().await;
     assert_eq!(
         series(&metrics, r#"sandbox_errors_total{kind="body-too-large"}"#),
@@ -918,7 +930,21 @@ async fn an_exec_answers_output_exit_code_truncated_and_timed_out() {
     assert_eq!(reply.content_type(), "application/json");
     assert_eq!(
         reply.exec_json(),
-        json!({"output": "", "exit_code": 0, "truncated": false, "timed_out": false})
+        json!({"output": "", "stdout": "", "stderr": "", "exit_code": 0, "truncated": false, "timed_out": false})
+    );
+    // Base64 adds each stream's exact bytes.
+    let reply = app
+        .send(post_json(
+            "/v1/threads/alice-1/exec",
+            r#"{"command":"true","encoding":"base64","stdin_b64":"AP8="}"#,
+        ))
+        .await;
+    assert_eq!(
+        reply.exec_json(),
+        json!({
+            "output": "", "stdout": "", "stderr": "", "stdout_b64": "", "stderr_b64": "",
+            "exit_code": 0, "truncated": false, "timed_out": false,
+        })
     );
     // The options are accepted in range.
     let body = json!({
@@ -950,7 +976,7 @@ async fn a_streamed_exec_answers_ndjson_ending_with_the_exit_line() {
     assert_eq!(
         reply.lines(),
         [
-            json!({"type": "exit", "output": "", "exit_code": 0, "truncated": false, "timed_out": false})
+            json!({"type": "exit", "output": "", "stdout": "", "stderr": "", "exit_code": 0, "truncated": false, "timed_out": false})
         ]
     );
 }

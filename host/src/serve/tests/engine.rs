@@ -188,8 +188,106 @@ async fn an_exec_answers_the_commands_output_and_exit_code_with_its_options() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(
         reply.exec_json(),
-        json!({"output": "y\n/workspace/sub\nin", "exit_code": 3, "truncated": false, "timed_out": false})
+        json!({
+            "output": "y\n/workspace/sub\nin",
+            "stdout": "y\n/workspace/sub\nin",
+            "stderr": "",
+            "exit_code": 3,
+            "truncated": false,
+            "timed_out": false,
+        })
     );
+}
+
+/// Bug: stdout and stderr came back only mixed in `output`, and bytes that
+/// are not UTF-8 were replaced, so a deepagents client could neither tell
+/// the streams apart nor get a binary's output back.
+#[tokio::test]
+async fn a_base64_exec_answers_each_streams_exact_bytes_beside_the_text() {
+    let app = EngineApp::default().await;
+    let command = "printf '\\377'; head -c 1 /dev/zero; sleep 0.2; printf err >&2";
+    let reply = app
+        .send(exec_with(
+            "alice-1",
+            json!({"command": command, "encoding": "base64"}),
+        ))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(
+        reply.exec_json(),
+        json!({
+            "output": "\u{fffd}\u{0}err",
+            "stdout": "\u{fffd}\u{0}",
+            "stderr": "err",
+            "stdout_b64": b64(b"\xff\x00"),
+            "stderr_b64": b64(b"err"),
+            "exit_code": 0,
+            "truncated": false,
+            "timed_out": false,
+        })
+    );
+    // Text, the default: the same streams, no base64.
+    let v = app
+        .send(exec_with("alice-1", json!({"command": command})))
+        .await
+        .exec_json();
+    assert_eq!(
+        (&v["stdout"], &v["stderr"]),
+        (&json!("\u{fffd}\u{0}"), &json!("err"))
+    );
+    assert!(
+        v.get("stdout_b64").is_none() && v.get("stderr_b64").is_none(),
+        "{v}"
+    );
+
+    // Binary stdin, every byte value, round-trips through cat.
+    let all: Vec<u8> = (0..=255u8).collect();
+    let v = app
+        .send(exec_with(
+            "alice-1",
+            json!({"command": "cat", "stdin_b64": b64(&all), "encoding": "base64"}),
+        ))
+        .await
+        .exec_json();
+    assert_eq!(v["stdout_b64"], b64(&all), "{v}");
+    assert_eq!(v["stderr_b64"], "", "{v}");
+}
+
+#[tokio::test]
+async fn a_base64_stream_sends_data_b64_chunks_and_the_exact_bytes_at_exit() {
+    let app = EngineApp::default().await;
+    let reply = app
+        .send(stream(
+            "alice-1",
+            json!({
+                "command": "cat; sleep 0.2; printf err >&2; exit 5",
+                "stdin_b64": b64(b"\x00\xfe\xff"),
+                "encoding": "base64",
+            }),
+        ))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let lines = reply.lines();
+    let (last, chunks) = lines.split_last().expect("at least the exit line");
+    let of = |stream: &str| -> Vec<u8> {
+        chunks
+            .iter()
+            .filter(|l| l["type"] == "output" && l["stream"] == stream)
+            .flat_map(|l| {
+                assert!(l.get("data").is_none(), "{l}");
+                base64::engine::general_purpose::STANDARD
+                    .decode(l["data_b64"].as_str().expect("data_b64"))
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(of("stdout"), b"\x00\xfe\xff", "{lines:?}");
+    assert_eq!(of("stderr"), b"err", "{lines:?}");
+    assert_eq!(last["type"], "exit", "{lines:?}");
+    assert_eq!(last["exit_code"], 5);
+    assert_eq!(last["stdout_b64"], b64(b"\x00\xfe\xff"));
+    assert_eq!(last["stderr_b64"], b64(b"err"));
+    assert_eq!(last["stderr"], "err");
 }
 
 #[tokio::test]
@@ -205,7 +303,15 @@ async fn an_exec_past_its_timeout_answers_timed_out_with_exit_code_124() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(
         reply.exec_json(),
-        json!({"output": "start\n", "exit_code": 124, "truncated": false, "timed_out": true, "reason": "timeout"})
+        json!({
+            "output": "start\n",
+            "stdout": "start\n",
+            "stderr": "",
+            "exit_code": 124,
+            "truncated": false,
+            "timed_out": true,
+            "reason": "timeout",
+        })
     );
     assert!(started.elapsed() < Duration::from_secs(20));
     app.wait_gone("alice", "sleep 30").await;
@@ -237,6 +343,11 @@ async fn a_streamed_exec_sends_each_streams_output_then_the_exit_line() {
     assert_eq!(last["type"], "exit", "{lines:?}");
     assert_eq!(last["exit_code"], 4);
     assert_eq!(last["output"], "out\nerr\n");
+    assert_eq!(
+        (&last["stdout"], &last["stderr"]),
+        (&json!("out\n"), &json!("err\n"))
+    );
+    assert!(last.get("stdout_b64").is_none(), "text by default: {last}");
 }
 
 #[tokio::test]
@@ -336,6 +447,8 @@ async fn json_files_round_trip_with_their_modes_and_per_file_errors() {
         {"path": "a.bin", "content_b64": b64(&[0, 1, 255]), "mode": 0o640},
         {"path": "../x", "content_b64": b64(b"no")},
         {"path": "notes/n.txt", "content_b64": b64(b"text")},
+        {"path": "dir/", "content_b64": b64(b"no")},
+        {"path": "/tmp/t/t.bin", "content_b64": b64(&[7, 0])},
     ]});
     let reply = app
         .send(json_request(
@@ -349,13 +462,16 @@ async fn json_files_round_trip_with_their_modes_and_per_file_errors() {
         reply.json(),
         json!({"results": [
             {"path": "a.bin", "error": null},
-            {"path": "../x", "error": "invalid_path"},
+            // `/x`: the root directory is not the sandbox user's to write.
+            {"path": "../x", "error": "permission_denied"},
             {"path": "notes/n.txt", "error": null},
+            {"path": "dir/", "error": "invalid_path"},
+            {"path": "/tmp/t/t.bin", "error": null},
         ]})
     );
     let reply = app
         .send(get(
-            "/v1/threads/alice-2/files?path=a.bin&path=missing&path=/etc/passwd&path=notes&path=notes/n.txt",
+            "/v1/threads/alice-2/files?path=a.bin&path=missing&path=/tmp/t/t.bin&path=notes&path=notes/n.txt",
         ))
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -364,7 +480,7 @@ async fn json_files_round_trip_with_their_modes_and_per_file_errors() {
         json!({"results": [
             {"path": "a.bin", "content_b64": b64(&[0, 1, 255]), "mode": 0o640, "error": null},
             {"path": "missing", "content_b64": null, "mode": null, "error": "file_not_found"},
-            {"path": "/etc/passwd", "content_b64": null, "mode": null, "error": "invalid_path"},
+            {"path": "/tmp/t/t.bin", "content_b64": b64(&[7, 0]), "mode": 0o644, "error": null},
             {"path": "notes", "content_b64": null, "mode": null, "error": "is_directory"},
             {"path": "notes/n.txt", "content_b64": b64(b"text"), "mode": 0o644, "error": null},
         ]})
@@ -490,8 +606,9 @@ async fn the_raw_routes_answer_each_file_error_with_its_status() {
         ("missing", 404, "file_not_found"),
         ("d", 400, "is_directory"),
         ("big", 413, "file_too_large"),
-        ("../etc/passwd", 400, "invalid_path"),
-        ("/etc/passwd", 400, "invalid_path"),
+        ("x/", 400, "invalid_path"),
+        ("/", 400, "invalid_path"),
+        ("/dev/null", 400, "invalid_path"),
     ] {
         let reply = app
             .send(get(&format!("/v1/threads/alice-1/files/raw?path={path}")))
@@ -502,7 +619,11 @@ async fn the_raw_routes_answer_each_file_error_with_its_status() {
         .send(get("/v1/threads/alice-1/files/raw?path=empty"))
         .await;
     assert_eq!((reply.status, reply.body.len()), (StatusCode::OK, 0));
-    for (path, status, kind) in [("d", 400, "is_directory"), ("../x", 400, "invalid_path")] {
+    for (path, status, kind) in [
+        ("d", 400, "is_directory"),
+        ("x/", 400, "invalid_path"),
+        ("/etc/x", 403, "permission_denied"),
+    ] {
         let reply = app
             .send(put_raw(
                 &format!("/v1/threads/alice-1/files/raw?path={path}"),

@@ -1,0 +1,37 @@
+"""The async client against a real `sandbox serve`."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from sandbox_client import SandboxError
+
+
+async def test_async_calls_run_concurrently_on_one_loop(server):
+    c = server.async_client()
+    await c.exec("alice-1", "true")
+    threads = threading.active_count()
+    start = time.time()
+    results = await asyncio.gather(*[c.exec("alice-1", 'sleep 1; echo "$X"', env={"X": str(i)}) for i in range(5)])
+    took = time.time() - start
+    assert [r.stdout for r in results] == [f"{i}\n".encode() for i in range(5)]
+    assert took < 4, f"5 one-second commands took {took:.1f}s: they did not run concurrently"
+    assert threading.active_count() == threads
+    lines = [line async for line in c.exec_stream("alice-1", "echo a; echo b >&2", env={"X": "1"})]
+    assert lines[0]["type"] == "started" and lines[-1]["type"] == "exit"
+    assert lines[-1]["result"].stdout == b"a\n" and lines[-1]["result"].stderr == b"b\n"
+    assert await c.upload_file("alice-1", "/tmp/x.bin", b"\x00\xff") is None
+    got = await c.download_files("alice-1", ["/tmp/x.bin", "/nope"])
+    assert [(r["content"], r["error"]) for r in got] == [(b"\x00\xff", None), (None, "file_not_found")]
+    with pytest.raises(SandboxError) as e:
+        await c.exec("Bad-1", "true")
+    assert (e.value.status, e.value.kind) == (400, "invalid-id")
+    await c.aclose()
+
+
+def test_one_async_client_serves_several_event_loops(server):
+    c = server.async_client()
+    for _ in range(2):
+        assert asyncio.run(c.exec("alice-1", "echo ok")).output == "ok\n"
