@@ -186,6 +186,10 @@ pub struct Config {
     pub policy_resources: usize,
     /// The sum of every policy instance's memories and tables, in bytes.
     pub policy_memory_total_bytes: usize,
+    /// Memory the instance pool of the running policy may hold (linear
+    /// memories and tables of its live instances, in bytes): the pool keeps
+    /// as many instances as fit, measured per component at its self-check.
+    pub policy_pool_bytes: usize,
     /// Containers one backend may have created within a minute.
     pub max_creates_per_backend_per_minute: u32,
     /// How long a destroy waits for commands in flight on the backend's
@@ -226,8 +230,8 @@ pub struct Config {
     /// Container creations, starts and removals in flight at once; the
     /// rest queue (executes never do). Default: the number of CPUs (min 2).
     pub max_concurrent_lifecycle_ops: usize,
-    /// Idle policy instances kept (one per routing key) before the least
-    /// recently used are dropped; they rebuild their cache by adoption.
+    /// Most policy instances alive at once, whatever `policy_pool_bytes`
+    /// would allow (calls borrow one each; a call that finds all busy waits).
     pub max_policy_instances: usize,
 }
 
@@ -417,6 +421,7 @@ impl Default for Config {
             policy_memories: 1,
             policy_resources: 256,
             policy_memory_total_bytes: 1024 * 1024 * 1024,
+            policy_pool_bytes: 256 * 1024 * 1024,
             max_creates_per_backend_per_minute: 10,
             destroy_grace_secs: 10.0,
             max_file_bytes: crate::dataplane::files::MAX_FILE_BYTES,
@@ -1019,6 +1024,12 @@ impl Config {
             if value == 0 {
                 return fail(key, format!("{key} must be positive"));
             }
+        }
+        if self.policy_pool_bytes == 0 || self.policy_pool_bytes > self.policy_memory_total_bytes {
+            return fail(
+                "policy_pool_bytes",
+                "policy_pool_bytes must be positive and at most policy_memory_total_bytes".into(),
+            );
         }
         if self.policy_memory_total_bytes < self.policy_memory_bytes {
             return fail(

@@ -275,9 +275,28 @@ impl Sandbox {
         }
     }
 
-    /// Policy instances currently kept (one per recently used key).
+    /// Policy instances alive now (idle in the pool, or lent to a call).
     pub fn policy_instances(&self) -> usize {
         self.inner.policy.instances()
+    }
+
+    /// Most policy instances the running policy's pool keeps alive
+    /// (`policy_pool_bytes` over one instance's memory, within
+    /// `max_policy_instances`).
+    pub fn policy_pool_capacity(&self) -> usize {
+        self.inner.policy.pool_capacity()
+    }
+
+    /// What loading the running policy measured: compile and instantiate
+    /// times, declared needs, peak memory, the limits it runs under.
+    pub fn policy_report(&self) -> crate::LoadReport {
+        self.inner.policy.report()
+    }
+
+    /// What `n` more instances of the running policy cost: instantiate
+    /// time, a warm call, resident memory each.
+    pub async fn policy_instance_cost(&self, n: usize) -> Result<crate::InstanceCost> {
+        self.inner.policy.instance_cost(n).await
     }
 }
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use sandbox_host::{policies, Config};
+use sandbox_host::{policies, Config, InstanceCost, LoadReport};
 
 use super::open;
 
@@ -33,6 +33,12 @@ pub async fn run(config: Config, command: PolicyCommand) -> anyhow::Result<ExitC
                 path.display(),
                 sandbox.policy_name()
             );
+            let report = sandbox.policy_report();
+            let cost = sandbox.policy_instance_cost(MEASURED_INSTANCES).await?;
+            print!(
+                "{}",
+                describe(&report, &cost, sandbox.policy_pool_capacity())
+            );
             Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Export { name, output } => {
@@ -44,4 +50,43 @@ pub async fn run(config: Config, command: PolicyCommand) -> anyhow::Result<ExitC
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Instances `policy check` makes to measure one's cost.
+const MEASURED_INSTANCES: usize = 8;
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+/// What an operator needs to size the pool: compile, instantiate and call
+/// times, memory per instance, the limits and how many instances fit.
+fn describe(report: &LoadReport, cost: &InstanceCost, capacity: usize) -> String {
+    let ms = |d: std::time::Duration| format!("{:.2} ms", d.as_secs_f64() * 1e3);
+    let needs = &report.needs;
+    let limits = &report.limits;
+    let rss = cost.rss_bytes.map_or_else(|| "unknown".to_owned(), mib);
+    format!(
+        "  compile:      {} ({})\n\
+         \x20 instantiate:  {} (self-check), {} on average over {} more\n\
+         \x20 warm call:    {} (backend-id)\n\
+         \x20 memory:       {} linear memory and tables per instance, {} resident each\n\
+         \x20 declares:     {} core instances, {} memories, {} tables\n\
+         \x20 limits:       {} per memory, {} table elements (sized from the self-check, within the ceilings)\n\
+         \x20 pool:         up to {} instances alive (policy_pool_bytes / memory per instance, within max_policy_instances)\n",
+        ms(report.compile_time),
+        if report.cached { "read from the component cache" } else { "compiled, now cached" },
+        ms(report.instantiate_time),
+        ms(cost.instantiate),
+        cost.instances,
+        ms(cost.warm_call),
+        mib(report.peak.charged_bytes as u64),
+        rss,
+        needs.core_instances,
+        needs.memories,
+        needs.tables,
+        mib(limits.memory_bytes as u64),
+        limits.table_elements,
+        capacity,
+    )
 }

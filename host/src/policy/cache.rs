@@ -54,21 +54,24 @@ impl ComponentCache {
         ComponentCache { dir: dir.into() }
     }
 
-    /// The compiled component: from the cache when a trusted entry exists,
-    /// else compiled and stored (a failure to store is only logged).
-    pub fn load_or_compile(&self, engine: &Engine, bytes: &[u8]) -> wasmtime::Result<Component> {
-        let path = self.dir.join(format!("{}.cwasm", key(engine, bytes)));
-        if self.trusted(&path) {
-            // SAFETY: the file was written by `store` below (wasmtime's own
-            // serialization) into a directory only this user can write, and
-            // the key binds it to these bytes and this engine's settings.
-            match unsafe { Component::deserialize_file(engine, &path) } {
-                Ok(component) => return Ok(component),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "dropping an unusable cache entry");
-                    let _ = std::fs::remove_file(&path);
-                }
-            }
+    /// The compiled component, and whether it came from the cache: read
+    /// when a trusted entry exists, else compiled and stored (a failure to
+    /// store is only logged). Compiling holds a lock file beside the entry,
+    /// so processes starting together compile a component once: the others
+    /// wait, then read what the first one stored.
+    pub fn load_or_compile(
+        &self,
+        engine: &Engine,
+        bytes: &[u8],
+    ) -> wasmtime::Result<(Component, bool)> {
+        let key = key(engine, bytes);
+        let path = self.dir.join(format!("{key}.cwasm"));
+        if let Some(component) = self.read(engine, &path) {
+            return Ok((component, true));
+        }
+        let _compiling = self.lock(&key);
+        if let Some(component) = self.read(engine, &path) {
+            return Ok((component, true));
         }
         let component = Component::new(engine, bytes)?;
         if let Err(e) = self.store(&path, &component) {
@@ -78,7 +81,43 @@ impl ComponentCache {
                 "component cache not written"
             );
         }
-        Ok(component)
+        Ok((component, false))
+    }
+
+    fn read(&self, engine: &Engine, path: &Path) -> Option<Component> {
+        if !self.trusted(path) {
+            return None;
+        }
+        // SAFETY: the file was written by `store` below (wasmtime's own
+        // serialization) into a directory only this user can write, and
+        // the key binds it to these bytes and this engine's settings.
+        match unsafe { Component::deserialize_file(engine, path) } {
+            Ok(component) => Some(component),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "dropping an unusable cache entry");
+                let _ = std::fs::remove_file(path);
+                None
+            }
+        }
+    }
+
+    /// An exclusive lock on `key`'s compilation, held until dropped; `None`
+    /// (compile anyway) when the directory cannot hold one.
+    fn lock(&self, key: &str) -> Option<nix::fcntl::Flock<std::fs::File>> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .ok()?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(self.dir.join(format!("{key}.lock")))
+            .ok()?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).ok()
     }
 
     fn store(&self, path: &Path, component: &Component) -> Result<(), StoreError> {
@@ -155,17 +194,42 @@ mod tests {
         let cache = ComponentCache::new(dir.path().join("c"));
         let engine = Engine::default();
         let bytes = crate::policy::embedded::PER_THREAD;
-        cache.load_or_compile(&engine, bytes).unwrap();
-        let entries: Vec<_> = std::fs::read_dir(dir.path().join("c")).unwrap().collect();
+        assert!(
+            !cache.load_or_compile(&engine, bytes).unwrap().1,
+            "compiled"
+        );
+        let entries: Vec<_> = std::fs::read_dir(dir.path().join("c"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+            .collect();
         assert_eq!(entries.len(), 1, "one entry written");
-        let path = entries[0].as_ref().unwrap().path();
-        assert!(cache.trusted(&path));
-        cache.load_or_compile(&engine, bytes).unwrap();
+        let path = &entries[0];
+        assert!(cache.trusted(path));
+        assert!(cache.load_or_compile(&engine, bytes).unwrap().1, "cached");
 
         // A world-writable cache directory is not trusted.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path().join("c"), std::fs::Permissions::from_mode(0o777))
             .unwrap();
-        assert!(!cache.trusted(&path));
+        assert!(!cache.trusted(path));
+    }
+
+    /// Bug: processes starting together (a CLI burst, serve and its
+    /// workers) each paid the compile (11.5 s and 426 MB for a Python
+    /// policy) before the first one had stored it.
+    #[test]
+    fn loads_racing_for_one_component_compile_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ComponentCache::new(dir.path().join("c"));
+        let engine = Engine::default();
+        let bytes = crate::policy::embedded::PER_USER;
+        let cached: Vec<bool> = std::thread::scope(|s| {
+            let loads: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| cache.load_or_compile(&engine, bytes).unwrap().1))
+                .collect();
+            loads.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(cached.iter().filter(|c| !**c).count(), 1, "{cached:?}");
     }
 }

@@ -70,9 +70,24 @@ impl PolicyClient {
         self.lanes.policy().name().to_owned()
     }
 
-    /// Policy instances kept in lanes.
+    /// Policy instances alive now (idle in the pool, or lent to a call).
     pub fn instances(&self) -> usize {
-        self.lanes.lane_count()
+        self.lanes.pool().live()
+    }
+
+    /// Most policy instances the running policy's pool keeps alive.
+    pub fn pool_capacity(&self) -> usize {
+        self.lanes.pool().capacity()
+    }
+
+    /// What loading the running policy measured.
+    pub fn report(&self) -> super::LoadReport {
+        *self.lanes.policy().report()
+    }
+
+    /// What `n` more instances of the running policy cost, measured.
+    pub async fn instance_cost(&self, n: usize) -> Result<super::measure::InstanceCost> {
+        super::measure::instance_cost(&self.lanes.policy(), &self.host, n).await
     }
 
     /// Policy calls that trapped so far.
@@ -85,9 +100,7 @@ impl PolicyClient {
     pub async fn backend_of(&self, thread: &ThreadId) -> Result<BackendId> {
         let answered = self
             .lanes
-            .route(thread.as_str(), async |p| {
-                p.backend_id(thread.as_str()).await
-            })
+            .route(async |p| p.backend_id(thread.as_str()).await)
             .await?;
         answers::backend_of_thread(thread, &answered)
     }

@@ -29,15 +29,22 @@ const TABLE_ELEMENT_BYTES: usize = 16;
 /// The per-instance ceilings a policy runs under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InstanceLimits {
+    /// Bytes one linear memory may grow to.
     pub memory_bytes: usize,
+    /// Elements one table may grow to.
     pub table_elements: usize,
+    /// Core wasm instances.
     pub core_instances: usize,
+    /// Tables.
     pub tables: usize,
+    /// Linear memories.
     pub memories: usize,
+    /// Entries in the host resource table (WASI pollables, streams).
     pub resources: usize,
 }
 
 impl InstanceLimits {
+    /// The operator's ceilings: no instance ever gets more.
     pub fn from_config(config: &Config) -> Self {
         InstanceLimits {
             memory_bytes: config.policy_memory_bytes,
@@ -48,6 +55,149 @@ impl InstanceLimits {
             resources: config.policy_resources,
         }
     }
+
+    /// The limits a component runs under, within these ceilings: exactly
+    /// the core instances, memories and tables it declares, its initial
+    /// memory and table sizes (headroom is added after the self-check by
+    /// [`InstanceLimits::grown_from`]). A component that needs more than a
+    /// ceiling is refused with the limit, the amount and the setting.
+    pub fn sized(&self, needs: &ComponentNeeds) -> Result<InstanceLimits, String> {
+        let over = |what: &str, needed: usize, ceiling: usize, key: &str| {
+            format!(
+                "it needs {needed} {what} and the ceiling is {ceiling}: raise `{key}` \
+                 (SANDBOX_{}) to load it",
+                key.to_uppercase()
+            )
+        };
+        let checks = [
+            (
+                "core wasm instances",
+                needs.core_instances,
+                self.core_instances,
+                "policy_core_instances",
+            ),
+            (
+                "linear memories",
+                needs.memories,
+                self.memories,
+                "policy_memories",
+            ),
+            ("tables", needs.tables, self.tables, "policy_tables"),
+            (
+                "bytes of initial linear memory",
+                needs.initial_memory_bytes,
+                self.memory_bytes,
+                "policy_memory_bytes",
+            ),
+            (
+                "initial table elements",
+                needs.initial_table_elements,
+                self.table_elements,
+                "policy_table_elements",
+            ),
+        ];
+        for (what, needed, ceiling, key) in checks {
+            if needed > ceiling {
+                return Err(over(what, needed, ceiling, key));
+            }
+        }
+        Ok(InstanceLimits {
+            core_instances: needs.core_instances.max(1),
+            memories: needs.memories,
+            tables: needs.tables,
+            ..*self
+        })
+    }
+
+    /// The memory and table limits after the self-check saw `peak`: room
+    /// to grow (twice the peak, and at least [`GROWTH_HEADROOM_BYTES`] or
+    /// [`GROWTH_HEADROOM_ELEMENTS`] more), never above the ceilings. A
+    /// policy's memory is a cache: one that outgrows this traps, loses that
+    /// instance and starts afresh.
+    pub fn grown_from(&self, peak: Peak, ceilings: &InstanceLimits) -> InstanceLimits {
+        let pages = |bytes: usize| bytes.div_ceil(WASM_PAGE) * WASM_PAGE;
+        let memory = pages(
+            peak.memory_bytes
+                .saturating_mul(2)
+                .max(peak.memory_bytes + GROWTH_HEADROOM_BYTES),
+        );
+        let elements = peak
+            .table_elements
+            .saturating_mul(2)
+            .max(peak.table_elements + GROWTH_HEADROOM_ELEMENTS);
+        InstanceLimits {
+            memory_bytes: memory.min(ceilings.memory_bytes),
+            table_elements: elements.min(ceilings.table_elements),
+            ..*self
+        }
+    }
+}
+
+/// A wasm page.
+const WASM_PAGE: usize = 64 * 1024;
+
+/// Least room to grow past the self-check's peak: linear memory bytes.
+pub const GROWTH_HEADROOM_BYTES: usize = 32 << 20;
+
+/// Least room to grow past the self-check's peak: table elements.
+pub const GROWTH_HEADROOM_ELEMENTS: usize = 4096;
+
+/// What a component declares it needs to instantiate: counted from its
+/// binary (core instances) and from wasmtime's view of its core modules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ComponentNeeds {
+    /// Core module instantiations, nested components included.
+    pub core_instances: usize,
+    /// Linear memories its core modules define.
+    pub memories: usize,
+    /// Tables its core modules define.
+    pub tables: usize,
+    /// The largest initial size of one memory, in bytes.
+    pub initial_memory_bytes: usize,
+    /// The largest initial size of one table, in elements.
+    pub initial_table_elements: usize,
+}
+
+impl ComponentNeeds {
+    /// Reads the needs of a compiled `component` built from `bytes`.
+    pub fn of(component: &wasmtime::component::Component, bytes: &[u8]) -> Result<Self, String> {
+        let mut core_instances = 0usize;
+        for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+            let payload = payload.map_err(|e| format!("reading the component: {e}"))?;
+            if let wasmparser::Payload::InstanceSection(reader) = payload {
+                for instance in reader {
+                    let instance = instance.map_err(|e| format!("reading the component: {e}"))?;
+                    if matches!(instance, wasmparser::Instance::Instantiate { .. }) {
+                        core_instances += 1;
+                    }
+                }
+            }
+        }
+        let resources = component.resources_required().ok_or_else(|| {
+            "it instantiates a core module it imports, so what it needs cannot be known before it runs".to_owned()
+        })?;
+        let size = |n: Option<u64>| usize::try_from(n.unwrap_or(0)).unwrap_or(usize::MAX);
+        Ok(ComponentNeeds {
+            core_instances,
+            memories: resources.num_memories as usize,
+            tables: resources.num_tables as usize,
+            // wasmtime counts memory sizes in wasm pages.
+            initial_memory_bytes: size(resources.max_initial_memory_size).saturating_mul(WASM_PAGE),
+            initial_table_elements: size(resources.max_initial_table_size),
+        })
+    }
+}
+
+/// The most one instance used: its largest memory and table, and all its
+/// memories and tables in bytes (what it takes from the pool).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Peak {
+    /// The largest size one memory reached, in bytes.
+    pub memory_bytes: usize,
+    /// The largest size one table reached, in elements.
+    pub table_elements: usize,
+    /// Bytes charged to the host-wide pool (memories and tables together).
+    pub charged_bytes: usize,
 }
 
 /// The host-wide budget every instance's memories and tables draw from.
@@ -94,6 +244,7 @@ pub struct PolicyLimiter {
     limits: InstanceLimits,
     pool: Arc<MemoryPool>,
     charged: usize,
+    peak: Peak,
     /// Set when a growth was refused: the call that asked traps.
     pub refused: Option<String>,
 }
@@ -104,6 +255,7 @@ impl PolicyLimiter {
             limits,
             pool,
             charged: 0,
+            peak: Peak::default(),
             refused: None,
         }
     }
@@ -123,6 +275,14 @@ impl PolicyLimiter {
             format!("{what} to {desired} {unit} exceeds the instance limit of {limit} {unit}");
         self.refused = Some(why.clone());
         Err(wasmtime::Error::msg(why))
+    }
+
+    /// The most this instance used so far.
+    pub fn peak(&self) -> Peak {
+        Peak {
+            charged_bytes: self.charged,
+            ..self.peak
+        }
     }
 
     fn grow(&mut self, extra: usize, what: &str) -> wasmtime::Result<bool> {
@@ -155,7 +315,9 @@ impl ResourceLimiter for PolicyLimiter {
     ) -> wasmtime::Result<bool> {
         let limit = self.limits.memory_bytes;
         self.within(desired, limit, "memory.grow", "bytes")?;
-        self.grow(desired.saturating_sub(current), "memory.grow")
+        self.grow(desired.saturating_sub(current), "memory.grow")?;
+        self.peak.memory_bytes = self.peak.memory_bytes.max(desired);
+        Ok(true)
     }
 
     fn table_growing(
@@ -167,7 +329,9 @@ impl ResourceLimiter for PolicyLimiter {
         let limit = self.limits.table_elements;
         self.within(desired, limit, "table.grow", "elements")?;
         let extra = desired.saturating_sub(current) * TABLE_ELEMENT_BYTES;
-        self.grow(extra, "table.grow")
+        self.grow(extra, "table.grow")?;
+        self.peak.table_elements = self.peak.table_elements.max(desired);
+        Ok(true)
     }
 
     fn instances(&self) -> usize {

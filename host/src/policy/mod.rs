@@ -3,7 +3,8 @@
 //!
 //! - [`client::PolicyClient`]: call the policy, verify its answer
 //!   ([`answers`]), return verified types; the rest of the host only sees it;
-//! - [`lanes`]: one instance per routing key, calls for one key serialised;
+//! - [`lanes`]: one lane per routing key, calls for one key serialised;
+//!   [`pool`]: the instances they borrow, as many as the memory budget fits;
 //! - `imports`: the world's imports over the [`Engine`](crate::engine::Engine);
 //! - [`containment`]: every call gets a guest-CPU deadline (epoch
 //!   interruption, [`ticker`]; time in host imports excluded), one
@@ -23,6 +24,8 @@ pub mod containment;
 pub mod embedded;
 mod imports;
 pub mod lanes;
+pub mod measure;
+pub mod pool;
 pub mod source;
 pub mod ticker;
 
@@ -37,7 +40,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine as WasmEngine, Store, UpdateDeadline};
 
 use bindings::{Sandbox, SandboxPre};
-use containment::{InstanceLimits, MemoryPool, PolicyLimiter};
+use containment::{ComponentNeeds, InstanceLimits, MemoryPool, PolicyLimiter};
 pub use imports::{InstanceState, Scope};
 use ticker::EpochTicker;
 
@@ -92,12 +95,8 @@ impl PolicyEngine {
 
     /// Compiles and links a policy component, refusing with a message that
     /// names the problem: not wasm, a core module, another world, missing
-    /// exports.
-    pub fn compile(
-        &self,
-        bytes: &[u8],
-        source: &str,
-    ) -> Result<SandboxPre<InstanceState>, SandboxError> {
+    /// exports, needs that cannot be known.
+    pub fn compile(&self, bytes: &[u8], source: &str) -> Result<Compiled, SandboxError> {
         let refuse = |why: String| SandboxError::PolicyLoad(format!("{source}: {why}"));
         if bytes.len() < 8 || &bytes[..4] != WASM_MAGIC {
             return Err(refuse("not a WebAssembly file (no \\0asm header)".into()));
@@ -109,22 +108,61 @@ impl PolicyEngine {
                     .into(),
             ));
         }
-        let component = match &self.cache {
+        let started = Instant::now();
+        let (component, cached) = match &self.cache {
             Some(cache) => cache.load_or_compile(&self.engine, bytes),
-            None => Component::new(&self.engine, bytes),
+            None => Component::new(&self.engine, bytes).map(|c| (c, false)),
         }
         .map_err(|e| refuse(format!("not a valid component: {e:#}")))?;
+        let compile_time = started.elapsed();
+        let needs = ComponentNeeds::of(&component, bytes).map_err(refuse)?;
         let pre = self.linker.instantiate_pre(&component).map_err(|e| {
             refuse(format!(
                 "does not fit the `sandbox` world's imports (a component for another world?): {e:#}"
             ))
         })?;
-        SandboxPre::new(pre).map_err(|e| {
+        let pre = SandboxPre::new(pre).map_err(|e| {
             refuse(format!(
                 "does not export the `sandbox:policy/placement` interface of the `sandbox` world (a policy for an older version of the world?): {e:#}"
             ))
+        })?;
+        Ok(Compiled {
+            pre,
+            needs,
+            compile_time,
+            cached,
         })
     }
+}
+
+/// A component compiled and linked, not yet instantiated.
+pub struct Compiled {
+    pre: SandboxPre<InstanceState>,
+    /// What it declares it needs.
+    pub needs: ComponentNeeds,
+    /// Compiling it, or reading it from the component cache.
+    pub compile_time: Duration,
+    /// Whether it came from the component cache.
+    pub cached: bool,
+}
+
+/// What loading a policy measured: for `sandbox policy check`, the logs,
+/// and sizing the instance pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadReport {
+    /// What the component declares it needs.
+    pub needs: ComponentNeeds,
+    /// Compiling it, or reading it from the component cache.
+    pub compile_time: Duration,
+    /// Whether it came from the component cache.
+    pub cached: bool,
+    /// Instantiating it once (the self-check's instance).
+    pub instantiate_time: Duration,
+    /// The most the self-check's instance used.
+    pub peak: containment::Peak,
+    /// The limits every instance runs under (sized from the above, within
+    /// the ceilings).
+    pub limits: InstanceLimits,
 }
 
 /// A compiled, self-checked policy, ready to instantiate.
@@ -137,35 +175,52 @@ pub struct CompiledPolicy {
     host_calls: u32,
     limits: InstanceLimits,
     pool: Arc<MemoryPool>,
+    report: LoadReport,
 }
 
 impl CompiledPolicy {
-    /// Compiles `bytes`, instantiates it once and checks that it answers:
-    /// a name, and a valid backend id for a well-formed thread id.
+    /// Compiles `bytes`, sizes its limits from what it declares (refused
+    /// past the operator's ceilings), instantiates it once and checks that
+    /// it answers: a name, and a valid backend id for a well-formed thread
+    /// id. The memory the check used sizes the limits every instance gets.
     pub async fn load(
         engine: &PolicyEngine,
         bytes: &[u8],
         source: &str,
         host: &Arc<Engine>,
     ) -> Result<Self, SandboxError> {
-        let pre = engine.compile(bytes, source)?;
+        let compiled = engine.compile(bytes, source)?;
         let config = host.config();
+        let ceilings = InstanceLimits::from_config(config);
+        let limits = ceilings
+            .sized(&compiled.needs)
+            .map_err(|why| SandboxError::PolicyLoad(format!("{source}: refused: {why}")))?;
         let mut policy = CompiledPolicy {
-            pre,
+            pre: compiled.pre,
             name: String::from("unnamed"),
             source: source.to_owned(),
             deadline: config.policy_deadline(),
             call_timeout: Duration::from_millis(config.policy_call_timeout_ms),
             host_calls: config.policy_host_calls,
-            limits: InstanceLimits::from_config(config),
+            limits,
             pool: host.policy_memory().clone(),
+            report: LoadReport {
+                needs: compiled.needs,
+                compile_time: compiled.compile_time,
+                cached: compiled.cached,
+                instantiate_time: Duration::ZERO,
+                peak: containment::Peak::default(),
+                limits,
+            },
         };
         let refuse =
             |why: String| SandboxError::PolicyLoad(format!("{source}: self-check failed: {why}"));
+        let started = Instant::now();
         let mut instance = policy
             .instantiate(host.clone())
             .await
             .map_err(|e| refuse(e.to_string()))?;
+        policy.report.instantiate_time = started.elapsed();
         let name = instance.name().await.map_err(|e| refuse(e.to_string()))?;
         // The same checks every later answer gets (answers.rs).
         let probe = ThreadId::parse("selfcheck-1").expect("a valid thread id");
@@ -185,7 +240,24 @@ impl CompiledPolicy {
             answers::identity(&backend, again).map_err(|e| refuse(e.to_string()))?;
         }
         policy.name = ownership::sanitize_policy_name(&name);
+        let peak = instance.store.data().limiter.peak();
+        policy.limits = limits.grown_from(peak, &ceilings);
+        policy.report.peak = peak;
+        policy.report.limits = policy.limits;
         Ok(policy)
+    }
+
+    /// What loading measured.
+    pub fn report(&self) -> &LoadReport {
+        &self.report
+    }
+
+    /// How many instances the pool may keep alive: `policy_pool_bytes`
+    /// over what one instance took at the self-check (its memories and
+    /// tables), within `max_policy_instances`.
+    pub fn pool_capacity(&self, config: &crate::config::Config) -> usize {
+        let per_instance = self.report.peak.charged_bytes.max(1);
+        (config.policy_pool_bytes / per_instance).clamp(1, config.max_policy_instances)
     }
 
     /// The policy's name (sanitised), as stamped on its containers.

@@ -153,3 +153,129 @@ async fn a_dry_run_of_maintain_removes_nothing_even_when_the_policy_tries() {
     assert!(err.to_string().contains("refused"), "{err}");
     assert_eq!(provider.len(), 1, "nothing removed");
 }
+
+async fn sandbox_with(
+    root: &std::path::Path,
+    tweak: impl FnOnce(&mut Config),
+) -> Result<Sandbox, SandboxError> {
+    let mut config = config(root);
+    tweak(&mut config);
+    Sandbox::with_provider(
+        config,
+        Arc::new(MemoryProvider::new()),
+        PolicySource::Builtin("per-user".into()),
+    )
+    .await
+}
+
+/// Bug: a component that needed more core instances than the store allowed
+/// failed its self-check with wasmtime's bare "instance count too high",
+/// which named neither the setting nor the amount.
+#[tokio::test]
+async fn a_component_past_a_ceiling_is_refused_naming_the_limit_the_amount_and_the_setting() {
+    let root = tempfile::tempdir().unwrap();
+    let err = sandbox_with(root.path(), |c| c.policy_core_instances = 2)
+        .await
+        .err()
+        .expect("refused");
+    let text = err.to_string();
+    assert!(matches!(err, SandboxError::PolicyLoad(_)), "{err:?}");
+    for part in [
+        "needs 3 core wasm instances",
+        "ceiling is 2",
+        "policy_core_instances",
+        "SANDBOX_POLICY_CORE_INSTANCES",
+    ] {
+        assert!(text.contains(part), "{part:?} missing from: {text}");
+    }
+}
+
+#[tokio::test]
+async fn limits_are_sized_from_the_component_and_its_self_check_within_the_ceilings() {
+    let root = tempfile::tempdir().unwrap();
+    let sandbox = sandbox_with(root.path(), |_| {}).await.unwrap();
+    let report = sandbox.policy_report();
+    let ceilings = crate::InstanceLimits::from_config(&config(root.path()));
+    assert_eq!(report.limits.core_instances, report.needs.core_instances);
+    assert_eq!(report.limits.memories, report.needs.memories);
+    assert_eq!(report.limits.tables, report.needs.tables);
+    assert!(report.peak.memory_bytes > 0);
+    assert!(report.limits.memory_bytes >= 2 * report.peak.memory_bytes);
+    assert!(
+        report.limits.memory_bytes < ceilings.memory_bytes,
+        "{report:?}"
+    );
+    // A tight ceiling wins over the sizing.
+    let tight = sandbox_with(root.path(), |c| {
+        c.policy_memory_bytes = report.peak.memory_bytes + (1 << 20)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        tight.policy_report().limits.memory_bytes,
+        report.peak.memory_bytes + (1 << 20)
+    );
+}
+
+/// Bug: every routing key owned an instance, so memory grew with the
+/// number of users (4.4 MB each for a Python policy), not with the load.
+#[tokio::test]
+async fn instances_are_bounded_by_the_pool_budget_while_keys_still_run_in_parallel() {
+    let root = tempfile::tempdir().unwrap();
+    let probe = sandbox_with(root.path(), |_| {}).await.unwrap();
+    let per_instance = probe.policy_report().peak.charged_bytes;
+    let sandbox = Arc::new(
+        sandbox_with(root.path(), |c| c.policy_pool_bytes = 3 * per_instance)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(sandbox.policy_pool_capacity(), 3);
+    let calls = (0..40).map(|i| {
+        let sandbox = sandbox.clone();
+        tokio::spawn(async move {
+            let backend = sandbox.get_thread_backend(&format!("u{i}-1")).await?;
+            backend.ensure_container().await.map(|c| c.id)
+        })
+    });
+    let ids: Vec<String> = futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.expect("no panic").expect("every call is served"))
+        .collect();
+    // One container per user, and never more instances than fit.
+    assert_eq!(
+        ids.iter().collect::<std::collections::HashSet<_>>().len(),
+        40
+    );
+    assert!(
+        sandbox.policy_instances() <= 3,
+        "{}",
+        sandbox.policy_instances()
+    );
+    // A key's later call is served by a pooled instance (a cache miss
+    // re-adopts its container: the same one).
+    let again = sandbox.get_thread_backend("u7-2").await.unwrap();
+    assert_eq!(again.ensure_container().await.unwrap().id, ids[7]);
+}
+
+#[tokio::test]
+async fn a_pool_of_one_serves_every_key_in_turn() {
+    let root = tempfile::tempdir().unwrap();
+    let sandbox = Arc::new(
+        sandbox_with(root.path(), |c| c.max_policy_instances = 1)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(sandbox.policy_pool_capacity(), 1);
+    let calls = (0..10).map(|i| {
+        let sandbox = sandbox.clone();
+        tokio::spawn(async move {
+            let backend = sandbox.get_thread_backend(&format!("p{i}-1")).await?;
+            backend.ensure_container().await
+        })
+    });
+    for r in futures_util::future::join_all(calls).await {
+        r.unwrap().unwrap();
+    }
+    assert_eq!(sandbox.policy_instances(), 1);
+}

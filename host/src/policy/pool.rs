@@ -1,0 +1,245 @@
+//! The instances of one policy: a pool bounded by memory, lent out for one
+//! call at a time.
+//!
+//! An instance is not owned by a routing key. A call borrows one (the
+//! instance its key used last when it is still idle, else a fresh one while
+//! the pool has room, else the least recently used idle one), runs, and
+//! gives it back. A policy's memory is a cache the host can rebuild (a miss
+//! re-adopts the labelled container), so landing on another instance is
+//! correct, only slower. How many instances may live at once is the pool's
+//! memory budget divided by what one instance takes (measured at the
+//! self-check), within `max_policy_instances`: about two hundred instances
+//! of a Rust policy, a dozen of a Python one. A call that finds every
+//! instance busy waits for one to come back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+
+use super::{CompiledPolicy, PolicyInstance};
+use crate::engine::Engine;
+use crate::error::SandboxError;
+
+/// Idle instances, each tagged with the key of its last call.
+#[derive(Default)]
+struct Idle {
+    /// key -> (recency, instance).
+    by_key: HashMap<String, (u64, PolicyInstance)>,
+    /// recency -> key: the least recently used first.
+    order: BTreeMap<u64, String>,
+    clock: u64,
+}
+
+impl Idle {
+    fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    fn take(&mut self, key: &str) -> Option<PolicyInstance> {
+        let (seq, instance) = self.by_key.remove(key)?;
+        self.order.remove(&seq);
+        Some(instance)
+    }
+
+    fn take_oldest(&mut self) -> Option<(String, PolicyInstance)> {
+        let (_, key) = self.order.pop_first()?;
+        let (_, instance) = self.by_key.remove(&key)?;
+        Some((key, instance))
+    }
+
+    /// Keeps `instance` as `key`'s; an idle instance already tagged with
+    /// `key` (possible only for key-less routing calls) is returned, to drop.
+    fn put(&mut self, key: String, instance: PolicyInstance) -> Option<PolicyInstance> {
+        self.clock += 1;
+        let seq = self.clock;
+        self.order.insert(seq, key.clone());
+        let old = self.by_key.insert(key, (seq, instance))?;
+        self.order.remove(&old.0);
+        Some(old.1)
+    }
+}
+
+struct State {
+    idle: Idle,
+    /// Idle plus lent instances.
+    live: usize,
+    /// Tags for instances first made by key-less calls.
+    untagged: u64,
+}
+
+/// The instances of one compiled policy.
+pub struct InstancePool {
+    policy: Arc<CompiledPolicy>,
+    capacity: usize,
+    state: Mutex<State>,
+    returned: Notify,
+}
+
+/// An instance lent for one call. [`Loan::finish`] gives it back; a loan
+/// dropped unfinished (its call's future was dropped mid-way, the store may
+/// be mid-call) drops its instance and frees its room in the pool.
+pub struct Loan {
+    pool: Arc<InstancePool>,
+    instance: Option<PolicyInstance>,
+    /// The key it is kept under when given back.
+    tag: Option<String>,
+}
+
+impl Loan {
+    /// The lent instance.
+    pub fn instance(&mut self) -> &mut PolicyInstance {
+        self.instance
+            .as_mut()
+            .expect("a loan holds its instance until finished")
+    }
+
+    /// Gives the instance back: kept when it is healthy and `keep` (its pool
+    /// still runs the current policy), else dropped.
+    pub fn finish(mut self, keep: bool) {
+        if let Some(instance) = self.instance.take() {
+            let tag = self.tag.take();
+            self.pool.give_back(instance, tag, keep);
+        }
+    }
+}
+
+impl Drop for Loan {
+    fn drop(&mut self) {
+        if let Some(instance) = self.instance.take() {
+            drop(instance);
+            self.pool.forget();
+        }
+    }
+}
+
+impl InstancePool {
+    /// A pool of at most `capacity` live instances of `policy` (at least one).
+    pub fn new(policy: Arc<CompiledPolicy>, capacity: usize) -> Self {
+        InstancePool {
+            policy,
+            capacity: capacity.max(1),
+            state: Mutex::new(State {
+                idle: Idle::default(),
+                live: 0,
+                untagged: 0,
+            }),
+            returned: Notify::new(),
+        }
+    }
+
+    /// The policy this pool's instances run.
+    pub fn policy(&self) -> &Arc<CompiledPolicy> {
+        &self.policy
+    }
+
+    /// Most instances alive at once.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Instances alive now (idle and lent).
+    pub fn live(&self) -> usize {
+        self.state.lock().unwrap().live
+    }
+
+    /// Lends an instance for a call of `key`: the one `key` used last when
+    /// idle, else a new one while there is room, else the least recently
+    /// used idle one; waits while every instance is lent.
+    pub async fn borrow(
+        self: &Arc<Self>,
+        key: &str,
+        host: &Arc<Engine>,
+    ) -> Result<Loan, SandboxError> {
+        self.lend(Some(key), host).await
+    }
+
+    /// Lends any instance for a key-less call (the pure mapping, which has
+    /// no cache to warm): the least recently used idle one, else a new one
+    /// while there is room. Given back, it keeps the key it had.
+    pub async fn borrow_any(self: &Arc<Self>, host: &Arc<Engine>) -> Result<Loan, SandboxError> {
+        self.lend(None, host).await
+    }
+
+    async fn lend(
+        self: &Arc<Self>,
+        key: Option<&str>,
+        host: &Arc<Engine>,
+    ) -> Result<Loan, SandboxError> {
+        let loan = |instance, tag| Loan {
+            pool: self.clone(),
+            instance: Some(instance),
+            tag,
+        };
+        let tag = loop {
+            // Registered before the state is read, so a give-back between
+            // the read and the wait is not missed.
+            let returned = self.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            {
+                let mut state = self.state.lock().unwrap();
+                if let Some(instance) = key.and_then(|k| state.idle.take(k)) {
+                    return Ok(loan(instance, key.map(str::to_owned)));
+                }
+                let room = state.live < self.capacity;
+                if room && key.is_some() {
+                    state.live += 1;
+                    break key.map(str::to_owned);
+                }
+                if let Some((old_tag, instance)) = state.idle.take_oldest() {
+                    let tag = Some(key.map_or(old_tag, str::to_owned));
+                    return Ok(loan(instance, tag));
+                }
+                if room {
+                    state.live += 1;
+                    state.untagged += 1;
+                    break Some(format!("\0untagged-{}", state.untagged));
+                }
+            }
+            returned.await;
+        };
+        match self.policy.instantiate(host.clone()).await {
+            Ok(instance) => Ok(loan(instance, tag)),
+            Err(e) => {
+                self.forget();
+                Err(e)
+            }
+        }
+    }
+
+    fn give_back(&self, instance: PolicyInstance, tag: Option<String>, keep: bool) {
+        if !keep || instance.is_poisoned() {
+            drop(instance);
+            self.forget();
+            return;
+        }
+        let replaced = self
+            .state
+            .lock()
+            .unwrap()
+            .idle
+            .put(tag.unwrap_or_default(), instance);
+        if let Some(replaced) = replaced {
+            drop(replaced);
+            self.forget();
+        } else {
+            self.returned.notify_one();
+        }
+    }
+
+    /// One live instance fewer (dropped, or never made).
+    fn forget(&self) {
+        self.state.lock().unwrap().live -= 1;
+        self.returned.notify_one();
+    }
+
+    /// Drops every idle instance (a swap retired this pool).
+    pub fn drain(&self) {
+        let mut state = self.state.lock().unwrap();
+        let idle = std::mem::take(&mut state.idle);
+        state.live -= idle.len();
+        drop(state);
+        drop(idle);
+    }
+}
