@@ -45,6 +45,11 @@ struct Args {
     containment: Option<PathBuf>,
     #[arg(long, default_value_t = 200)]
     users: usize,
+    /// Instead of the table: serve `--users` users once each with POLICY
+    /// (`per-user` or a component path) on the in-memory provider and print
+    /// the process's peak RSS in bytes (case 10 runs this as a child).
+    #[arg(long, value_name = "POLICY")]
+    pool_footprint: Option<String>,
 }
 
 #[tokio::main]
@@ -56,6 +61,9 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(policy) = args.pool_footprint {
+        return cases::policy_pool::pool_footprint(policy, args.users).await;
+    }
     if let Some(policy) = args.containment {
         return cases::containment::containment(policy, args.users).await;
     }

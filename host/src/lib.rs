@@ -58,7 +58,7 @@ pub use lifecycle::GcEntry;
 pub use policy::client::VerifiedContainer;
 pub use policy::containment::{ComponentNeeds, InstanceLimits, Peak};
 pub use policy::embedded as policies;
-pub use policy::measure::InstanceCost;
+pub use policy::measure::{resident_bytes, InstanceCost};
 pub use policy::source::PolicySource;
 pub use policy::LoadReport;
 pub use sandbox::{Backend, Counters, Sandbox, ThreadInfo};

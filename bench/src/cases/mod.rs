@@ -18,6 +18,7 @@ mod footprint;
 mod head_of_line;
 mod http_load;
 mod policy_cost;
+pub(crate) mod policy_pool;
 mod warm_exec;
 
 /// What every case shares: the library under test (per-user policy, Docker
@@ -50,6 +51,7 @@ pub(crate) async fn run(bench: &mut Bench) -> anyhow::Result<()> {
     bench.footprint().await.context("case 7")?;
     bench.http_load().await.context("case 8")?;
     bench.file_transfer().await.context("case 9")?;
+    bench.policy_pool(exec_median).await.context("case 10")?;
     Ok(())
 }
 
