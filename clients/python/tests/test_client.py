@@ -1,6 +1,7 @@
 """The Python client against a real `sandbox serve` and Docker engine."""
 
 import concurrent.futures
+import os
 import http.client
 import json
 import signal
@@ -12,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from conftest import Server, binary
+from conftest import ROOT, Server, binary
 import socket
 
 from sandbox_client import SandboxClient, SandboxError
@@ -336,3 +337,48 @@ def test_cancel_kills_a_running_execution_by_its_id(server, client):
     assert "sleep 40" not in _ps(server, "alice")
     lines = list(client.exec_stream("alice-1", "echo hi", env={"X": "1"}))
     assert lines[0]["type"] == "started" and lines[-1]["execution_id"] == lines[0]["execution_id"]
+
+
+def python_policy():
+    path = os.environ.get("SANDBOX_PYTHON_POLICY", str(ROOT / "target" / "policies" / "python-per-user.wasm"))
+    if not os.path.exists(path):
+        pytest.fail(f"{path} is missing: `cargo test-all` builds it (or set SANDBOX_PYTHON_POLICY)")
+    return path
+
+
+def test_live_swap_from_rust_to_python_per_user_under_load_fails_no_request(server, client):
+    users = [f"s{i}" for i in range(10)]
+    for u in users:
+        client.exec(f"{u}-0", "echo warm > /workspace/mark")
+    stop = threading.Event()
+    failures, done = [], [0]
+    lock = threading.Lock()
+
+    def worker(u):
+        n = 0
+        while not stop.is_set():
+            try:
+                r = client.exec(f"{u}-{n % 3}", "cat /workspace/mark")
+                assert (r.exit_code, r.output) == (0, "warm\n"), r
+                with lock:
+                    done[0] += 1
+            except Exception as e:  # noqa: BLE001
+                failures.append(repr(e))
+            n += 1
+
+    with open(python_policy(), "rb") as f:
+        component = f.read()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(users)) as pool:
+        futures = [pool.submit(worker, u) for u in users]
+        time.sleep(1)
+        assert client.swap_policy(component, name="python-per-user") == "python-per-user"
+        before = done[0]
+        time.sleep(3)
+        stop.set()
+        for f in futures:
+            f.result()
+    assert failures == [], failures[:5]
+    assert done[0] > before, "no request was served after the swap"
+    # The Python policy adopted every user's container: still one per user.
+    names = server.containers()
+    assert sorted(names) == sorted(f"sandbox.{server.namespace}.{u}" for u in users), names
