@@ -66,6 +66,10 @@ pub const ENV_NOT_CONFIG: &[&str] = &[
     "SANDBOX_BUILD_PROFILE",
     // The Python client's tests: the Python-ready image to run.
     "SANDBOX_PYTHON_IMAGE",
+    // The test suites and the bench: the Python policy components xtask builds.
+    "SANDBOX_PYTHON_POLICY",
+    "SANDBOX_PYTHON_FAILING_POLICY",
+    "SANDBOX_PYTHON_MINIMAL_POLICY",
     // The Python client (`sandbox_client.deepagents`): the server to call.
     "SANDBOX_URL",
 ];

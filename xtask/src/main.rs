@@ -5,7 +5,12 @@
 //! 1. the wasm target (the policy components are built for it);
 //! 2. format and lints (native and wasm);
 //! 3. the local sandbox image (`sandbox image build` when it is missing);
-//! 4. unit, integration and doc tests;
+//! 4. the Python policy components (guest/python-per-user and the failing
+//!    test fixture), built with componentize-py (pinned in the guest's
+//!    pyproject.toml) from a virtualenv `target/xtask/venv-componentize`
+//!    into `target/policies/`; then unit, integration and doc tests, which
+//!    find them through `SANDBOX_PYTHON_POLICY` and
+//!    `SANDBOX_PYTHON_FAILING_POLICY`;
 //! 5. the Python-ready image `sandbox-python:latest` (`SANDBOX_PYTHON_IMAGE`
 //!    overrides) when it is missing: `sandbox image build --python`, which
 //!    needs Debian's `mmdebstrap` (installed, test-only, when missing); then
@@ -24,11 +29,24 @@ use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 const USAGE: &str = "usage: cargo xtask test [--no-lint] [--skip STEP]...\n\
+       cargo xtask python-policies\n\
 steps: lint, rust, python, bench, deploy";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
+        Some("python-policies") => match python_policies(&workspace_root()) {
+            Ok(built) => {
+                for (var, path) in built {
+                    println!("{var}={}", path.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("python-policies: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Some("test") => match Options::parse(&args[1..]) {
             Ok(options) => report(test(&options)),
             Err(e) => {
@@ -141,9 +159,22 @@ fn test(options: &Options) -> Result<Vec<(String, f64)>, String> {
             sh(Command::new(sandbox_bin(&root)).args(["image", "build", "--tag", &image]))
         }
     })?;
+    // tests/python_policy.rs, the Python suite's live swap and bench case
+    // 10 need them, and fail without them.
+    let python_policies = if ["rust", "python", "bench"].iter().any(|s| options.runs(s)) {
+        steps.run("Python policy components (componentize-py)", || {
+            python_policies(&root)
+        })?
+    } else {
+        Vec::new()
+    };
+    let policy_env = || python_policies.iter().map(|(var, path)| (*var, path));
     if options.runs("rust") {
         steps.run("rust tests (unit, integration against Docker, doc)", || {
-            cargo(&["test", "--workspace", "--locked"])
+            let cargo_bin = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            sh(Command::new(cargo_bin)
+                .args(["test", "--workspace", "--locked"])
+                .envs(policy_env()))
         })?;
     }
     if options.runs("python") {
@@ -160,7 +191,8 @@ fn test(options: &Options) -> Result<Vec<(String, f64)>, String> {
                 .args(["-m", "pytest", "-q", "clients/python/tests"])
                 .args(["--ignore", STANDARD_SUITE])
                 .env("SANDBOX_BIN", sandbox_bin(&root))
-                .env("SANDBOX_PYTHON_IMAGE", &python_image))
+                .env("SANDBOX_PYTHON_IMAGE", &python_image)
+                .envs(policy_env()))
         })?;
         // langchain-tests' standard suite asserts BaseSandbox behaviour that
         // deepagents 0.7 changed (write overwrites, glob answers absolute
@@ -183,7 +215,10 @@ fn test(options: &Options) -> Result<Vec<(String, f64)>, String> {
             // Its own crate (bench/), outside the default members: cargo
             // builds it here. Case 6 finds the `sandbox` binary built above
             // next to it.
-            cargo(&["run", "--locked", "-p", "sandbox-bench", "--", "--smoke"])
+            let cargo_bin = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            sh(Command::new(cargo_bin)
+                .args(["run", "--locked", "-p", "sandbox-bench", "--", "--smoke"])
+                .envs(policy_env()))
         })?;
     }
     if options.runs("deploy") && root.join("deploy/smoke.sh").exists() {
@@ -196,6 +231,131 @@ fn test(options: &Options) -> Result<Vec<(String, f64)>, String> {
         })?;
     }
     Ok(steps.timings)
+}
+
+/// The Python policy components: (source dir, output file, the variable
+/// the tests read its path from).
+const PYTHON_POLICIES: [(&str, &str, &str); 3] = [
+    (
+        "guest/python-per-user",
+        "python-per-user.wasm",
+        "SANDBOX_PYTHON_POLICY",
+    ),
+    (
+        "tests/fixtures/python-failing",
+        "python-failing.wasm",
+        "SANDBOX_PYTHON_FAILING_POLICY",
+    ),
+    (
+        "guest/python-minimal",
+        "python-minimal.wasm",
+        "SANDBOX_PYTHON_MINIMAL_POLICY",
+    ),
+];
+
+/// Where the pinned componentize-py is read from: its `componentize-py==`
+/// requirement is the only source of the version.
+const COMPONENTIZE_PIN_FILE: &str = "guest/python-per-user/pyproject.toml";
+
+/// Builds the Python policies into `target/policies/` with the pinned
+/// componentize-py (installed into `target/xtask/venv-componentize` when
+/// that version is not there yet). Nothing it builds is tracked by git.
+/// Returns each component's variable and path.
+fn python_policies(root: &Path) -> Result<Vec<(&'static str, PathBuf)>, String> {
+    let pin_file = root.join(COMPONENTIZE_PIN_FILE);
+    let pyproject = std::fs::read_to_string(&pin_file)
+        .map_err(|e| format!("reading {}: {e}", pin_file.display()))?;
+    let requirement = pyproject
+        .split('"')
+        .find(|s| s.starts_with("componentize-py=="))
+        .ok_or_else(|| format!("no \"componentize-py==VERSION\" in {}", pin_file.display()))?;
+    let version = &requirement["componentize-py==".len()..];
+
+    let venv = root.join("target/xtask/venv-componentize");
+    let tool = venv.join("bin/componentize-py");
+    let installed = Command::new(&tool)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if installed.as_deref() != Some(&format!("componentize-py {version}")) {
+        println!("installing {requirement} into {}", venv.display());
+        let python = python_venv_bare(&venv)?;
+        sh(Command::new(&python).args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            requirement,
+        ]))?;
+    }
+
+    let out_dir = root.join("target/policies");
+    std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+    let mut built = Vec::new();
+    for (source, file, var) in PYTHON_POLICIES {
+        let out = out_dir.join(file);
+        // componentize-py's output differs from build to build, and the
+        // host compiles (and caches) a component by its bytes: ~3 minutes
+        // for this one in a debug host. Rebuild only when an input changed.
+        let stamp = out_dir.join(format!("{file}.inputs"));
+        let inputs = inputs_digest(root, &[source, "wit"], requirement)?;
+        if out.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&inputs) {
+            println!("{} is up to date", out.display());
+            built.push((var, out));
+            continue;
+        }
+        sh(Command::new(&tool)
+            .args(["--quiet", "-d"])
+            .arg(root.join("wit"))
+            .args(["-w", "sandbox", "componentize", "-p"])
+            .arg(root.join(source))
+            .args(["app", "-o"])
+            .arg(&out)
+            // Only the app's own directory: no site-packages of a venv the
+            // caller happens to have active.
+            .env_remove("VIRTUAL_ENV"))?;
+        std::fs::write(&stamp, &inputs).map_err(|e| format!("{}: {e}", stamp.display()))?;
+        println!("built {}", out.display());
+        built.push((var, out));
+    }
+    Ok(built)
+}
+
+/// A digest of every file under `dirs` (paths and contents, caches
+/// excluded) and of the tool's requirement.
+fn inputs_digest(root: &Path, dirs: &[&str], requirement: &str) -> Result<String, String> {
+    use std::hash::{Hash, Hasher};
+    fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), String> {
+        let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for entry in entries {
+            let path = entry.map_err(|e| e.to_string())?.path();
+            if path.is_dir() {
+                if path.file_name().is_some_and(|n| n != "__pycache__") {
+                    walk(&path, files)?;
+                }
+            } else {
+                files.push(path);
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    for dir in dirs {
+        walk(&root.join(dir), &mut files)?;
+    }
+    files.sort();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    requirement.hash(&mut hasher);
+    for file in &files {
+        file.hash(&mut hasher);
+        std::fs::read(file)
+            .map_err(|e| format!("{}: {e}", file.display()))?
+            .hash(&mut hasher);
+    }
+    Ok(format!("{:016x} {} files\n", hasher.finish(), files.len()))
 }
 
 /// The guest crates, linted for the target they are built for.
@@ -298,15 +458,7 @@ const STANDARD_SUITE: &str = "clients/python/tests/test_standard_suite.py";
 /// A virtualenv `target/xtask/NAME` with the Python client installed with
 /// `spec`'s extras, created once.
 fn python_venv(root: &Path, name: &str, spec: &str) -> Result<PathBuf, String> {
-    let venv = root.join("target/xtask").join(name);
-    let python = venv.join("bin/python");
-    if !python.exists() && sh(Command::new("python3").args(["-m", "venv"]).arg(&venv)).is_err() {
-        // Debian splits venv (and ensurepip) into python3-venv.
-        println!("python3 -m venv failed; installing Debian's python3-venv (test-only)");
-        let _ = std::fs::remove_dir_all(&venv);
-        apt_install(&["python3-venv"])?;
-        sh(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    }
+    let python = python_venv_bare(&root.join("target/xtask").join(name))?;
     sh(Command::new(&python).args([
         "-m",
         "pip",
@@ -316,6 +468,19 @@ fn python_venv(root: &Path, name: &str, spec: &str) -> Result<PathBuf, String> {
         "-e",
         spec,
     ]))?;
+    Ok(python)
+}
+
+/// The python of the virtualenv `venv`, created when missing.
+fn python_venv_bare(venv: &Path) -> Result<PathBuf, String> {
+    let python = venv.join("bin/python");
+    if !python.exists() && sh(Command::new("python3").args(["-m", "venv"]).arg(venv)).is_err() {
+        // Debian splits venv (and ensurepip) into python3-venv.
+        println!("python3 -m venv failed; installing Debian's python3-venv (test-only)");
+        let _ = std::fs::remove_dir_all(venv);
+        apt_install(&["python3-venv"])?;
+        sh(Command::new("python3").args(["-m", "venv"]).arg(venv))?;
+    }
     Ok(python)
 }
 

@@ -5,8 +5,11 @@
 //! added to the call clock so the guest-CPU deadline counts only the
 //! policy's own work (the wall-clock budget counts everything).
 
+use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
@@ -94,6 +97,9 @@ pub struct InstanceState {
     table: ResourceTable,
     /// `[policy_config]`, served by `wasi:config/store`.
     config: WasiConfigVariables,
+    /// The tail of what the guest wrote to WASI stderr (a Python policy's
+    /// traceback), quoted in the error of a call that traps.
+    stderr: GuestStderr,
 }
 
 impl InstanceState {
@@ -109,6 +115,7 @@ impl InstanceState {
         // Leaked pollables and streams are host memory: bounded per instance.
         table.set_max_capacity(max_resources);
         let config = WasiConfigVariables::from_iter(engine.config().policy_config.clone());
+        let stderr = GuestStderr::default();
         InstanceState {
             engine,
             config,
@@ -123,9 +130,30 @@ impl InstanceState {
             limiter,
             // No preopens, no env, no args, no network: std's needs only.
             // Random bytes are allocated host-side, outside the pool: small.
-            wasi: WasiCtx::builder().max_random_size(64 * 1024).build(),
+            // Stderr is kept (its last bytes only) to explain a trap; stdout
+            // stays a sink.
+            wasi: WasiCtx::builder()
+                .max_random_size(64 * 1024)
+                .stderr(stderr.clone())
+                .build(),
+            stderr,
             table,
         }
+    }
+
+    /// Forgets what the guest wrote to stderr so far: call when a call
+    /// starts, so a trap quotes only its own call's output.
+    pub fn clear_guest_stderr(&mut self) {
+        self.stderr.clear();
+    }
+
+    /// What the guest wrote to stderr since [`Self::clear_guest_stderr`],
+    /// summed up for a trap's message (see [`GuestStderr::summary`]), and
+    /// forgotten.
+    pub fn take_guest_stderr(&mut self) -> Option<String> {
+        let summary = self.stderr.summary();
+        self.stderr.clear();
+        summary
     }
 
     /// Counts one host call against the call's budget, and checks that the
@@ -169,6 +197,113 @@ impl InstanceState {
         let out = op.await;
         self.clock.in_host += start.elapsed();
         out
+    }
+}
+
+/// Bytes of guest stderr kept per instance: the end of a traceback.
+pub const GUEST_STDERR_TAIL_BYTES: usize = 4096;
+
+/// Characters of the summary quoted in a trap's message.
+const GUEST_STDERR_SUMMARY_CHARS: usize = 300;
+
+/// WASI stderr of a policy instance: keeps the last
+/// [`GUEST_STDERR_TAIL_BYTES`] written, drops the rest, so a guest writing
+/// in a loop costs the host a fixed 4 KiB and never blocks (every write is
+/// accepted in full).
+///
+/// Why: componentize-py writes an uncaught exception's traceback to stderr
+/// and then traps; without it the caller only learns "wasm trap:
+/// unreachable". The text is the guest's: [`GuestStderr::summary`] bounds
+/// it, and whoever shows it escapes it (`SandboxError::policy_trap`).
+#[derive(Debug, Clone, Default)]
+pub struct GuestStderr {
+    tail: Arc<Mutex<VecDeque<u8>>>,
+}
+
+impl GuestStderr {
+    fn push(&self, bytes: &[u8]) {
+        let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+        let keep = &bytes[bytes.len().saturating_sub(GUEST_STDERR_TAIL_BYTES)..];
+        let overflow = (tail.len() + keep.len()).saturating_sub(GUEST_STDERR_TAIL_BYTES);
+        tail.drain(..overflow);
+        tail.extend(keep);
+    }
+
+    fn clear(&self) {
+        self.tail.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// The kept bytes, as text (a cut multi-byte character becomes U+FFFD).
+    fn text(&self) -> String {
+        let tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+        let (a, b) = tail.as_slices();
+        String::from_utf8_lossy(&[a, b].concat()).into_owned()
+    }
+
+    /// The line that names the failure, unescaped and at most 300
+    /// characters: a Python traceback's exception line
+    /// (`ZeroDivisionError: division by zero`, the first unindented line
+    /// after the last `Traceback (most recent call last):`), else the last
+    /// non-empty line. `None` when the guest wrote nothing.
+    pub fn summary(&self) -> Option<String> {
+        let text = self.text();
+        let lines: Vec<&str> = text.lines().map(str::trim_end).collect();
+        let exception = lines
+            .iter()
+            .rposition(|l| l.ends_with("Traceback (most recent call last):"))
+            .and_then(|header| {
+                lines[header + 1..]
+                    .iter()
+                    .find(|l| !l.is_empty() && !l.starts_with(char::is_whitespace))
+            });
+        let line = exception.or_else(|| lines.iter().rev().find(|l| !l.trim().is_empty()))?;
+        let mut summary: String = line.chars().take(GUEST_STDERR_SUMMARY_CHARS).collect();
+        if line.chars().count() > GUEST_STDERR_SUMMARY_CHARS {
+            summary.push_str("[...]");
+        }
+        Some(summary)
+    }
+}
+
+/// A trap's detail with the guest's stderr summary in front (the whole
+/// message is cut at 512 characters, and the wasm backtrace that follows a
+/// trap is long): `ZeroDivisionError: division by zero (policy stderr);
+/// wasm trap: ...`.
+pub fn with_guest_stderr(detail: String, stderr: Option<String>) -> String {
+    match stderr {
+        Some(line) => format!("{line} (policy stderr); {detail}"),
+        None => detail,
+    }
+}
+
+impl wasmtime_wasi::cli::IsTerminal for GuestStderr {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for GuestStderr {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl tokio::io::AsyncWrite for GuestStderr {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.push(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -340,4 +475,80 @@ impl logging::Host for InstanceState {
 /// `wasi:config/store` over `[policy_config]`.
 pub fn config_view(state: &mut InstanceState) -> WasiConfig<'_> {
     WasiConfig::from(&state.config)
+}
+
+#[cfg(test)]
+mod guest_stderr_tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use wasmtime_wasi::cli::StdoutStream;
+
+    const TRACEBACK: &str = "Traceback (most recent call last):\n  \
+        File \"/app/app.py\", line 24, in ensure_container\n    \
+        share = 1 / users\n            ~~^~~~~~~\n\
+        ZeroDivisionError: division by zero\n\
+        thread '<unnamed>' panicked at src/lib.rs:1:1:\nPython function threw\n";
+
+    fn kept(stderr: &GuestStderr) -> usize {
+        stderr.tail.lock().unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn only_the_tail_is_kept_and_the_exception_line_is_named() {
+        let stderr = GuestStderr::default();
+        // Written the way WASI writes it: through the async stream.
+        let mut stream = Pin::from(stderr.async_stream());
+        for _ in 0..1000 {
+            stream.write_all(&[b'x'; 1000]).await.unwrap();
+        }
+        assert_eq!(
+            kept(&stderr),
+            GUEST_STDERR_TAIL_BYTES,
+            "a flood costs 4 KiB"
+        );
+        stream.write_all(TRACEBACK.as_bytes()).await.unwrap();
+        assert_eq!(kept(&stderr), GUEST_STDERR_TAIL_BYTES);
+        assert_eq!(
+            stderr.summary().as_deref(),
+            Some("ZeroDivisionError: division by zero")
+        );
+        // A chained exception: the last traceback names the final one.
+        stderr.push(b"\nDuring handling of the above exception, another exception occurred:\n\n");
+        stderr.push(b"Traceback (most recent call last):\n  File \"x\"\nKeyError: 'alice'\n");
+        assert_eq!(stderr.summary().as_deref(), Some("KeyError: 'alice'"));
+
+        stderr.clear();
+        assert_eq!(stderr.summary(), None, "cleared per call");
+        stderr.push(b"plain message\n\n  \n");
+        assert_eq!(stderr.summary().as_deref(), Some("plain message"));
+    }
+
+    #[test]
+    fn a_hostile_stderr_is_bounded_and_escaped_in_the_trap_message() {
+        let stderr = GuestStderr::default();
+        // Multi-byte characters, one of them cut by the 4 KiB window.
+        stderr.push("é".repeat(2000).as_bytes());
+        stderr.push(&[0xff, 0xfe]);
+        let hostile = format!(
+            "Traceback (most recent call last):\n  x\nEvil: \x1b[2J\u{202E}\\{}\n2026-01-01 INFO forged\n",
+            "y".repeat(3_000)
+        );
+        stderr.push(hostile.as_bytes());
+        let summary = stderr.summary().unwrap();
+        assert!(summary.starts_with("Evil: "), "{summary:.40}");
+        assert!(summary.chars().count() <= GUEST_STDERR_SUMMARY_CHARS + 5);
+        let detail = with_guest_stderr("wasm trap: unreachable".into(), Some(summary));
+        let shown = SandboxError::policy_trap(&format!("ensure-container: {detail}")).to_string();
+        assert!(
+            !shown.contains(['\n', '\x1b', '\u{202E}']),
+            "no raw control: {shown:.80}"
+        );
+        assert!(
+            shown.contains("Evil: \\u{1b}[2J\\u{202e}\\\\yyy"),
+            "{shown:.80}"
+        );
+        assert!(!shown.contains("INFO forged"), "one line only");
+        assert!(shown.chars().count() < 600, "bounded: {}", shown.len());
+        assert!(shown.contains("(policy stderr); wasm trap: unreachable"));
+    }
 }

@@ -355,6 +355,7 @@ impl PolicyInstance {
         data.clock.started = Instant::now();
         data.clock.in_host = Duration::ZERO;
         data.call = imports::CallState::new(scope);
+        data.clear_guest_stderr();
         self.store.set_epoch_deadline(1);
     }
 
@@ -363,6 +364,9 @@ impl PolicyInstance {
         what: &str,
         r: Result<wasmtime::Result<Result<T, sandbox_contract::Error>>, containment::OverBudget>,
     ) -> Result<T, SandboxError> {
+        // What the guest wrote to stderr (a Python traceback) names the
+        // failure better than the wasm backtrace does.
+        let stderr = self.store.data_mut().take_guest_stderr();
         let state = self.store.data();
         let trap = |detail: String| SandboxError::policy_trap(&format!("{what}: {detail}"));
         let out = match r {
@@ -370,14 +374,15 @@ impl PolicyInstance {
                 "exceeded its wall-clock budget of {} ms (host calls included)",
                 over.0.as_millis()
             ))),
-            Ok(Err(e)) => Err(trap(
+            Ok(Err(e)) => Err(trap(imports::with_guest_stderr(
                 state
                     .call
                     .exhausted
                     .clone()
                     .or_else(|| state.limiter.refused.clone())
                     .unwrap_or_else(|| format!("{e:#}")),
-            )),
+                stderr,
+            ))),
             Ok(Ok(Ok(v))) => Ok(v),
             Ok(Ok(Err(e))) => Err(e.into()),
         };
