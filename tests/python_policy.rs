@@ -329,3 +329,39 @@ async fn an_exception_in_a_python_policy_is_named_in_the_error() {
     let again = backend.execute("true").await.unwrap_err().to_string();
     assert_eq!(again.matches("ZeroDivisionError").count(), 1, "{again}");
 }
+
+/// Bug: a call dropped while its instance was being made (a client gone, a
+/// timeout) kept its room in the pool for good; once the dropped calls
+/// reached the pool's size every later call waited forever. A Python
+/// instance takes milliseconds to make, so a short timeout drops calls
+/// right there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_dropped_while_their_instance_is_made_free_their_room() {
+    let h = Harness::new("py-room");
+    let config = Config {
+        max_policy_instances: 2,
+        ..h.config()
+    };
+    let sandbox = h.sandbox_with(config, python_policy()).await;
+    assert_eq!(sandbox.policy_pool_capacity(), 2);
+    let backend = sandbox.get_thread_backend("alice-1").await.unwrap();
+    for _ in 0..10 {
+        let cut = tokio::time::timeout(
+            std::time::Duration::from_millis(2),
+            backend.ensure_container(),
+        )
+        .await;
+        assert!(
+            cut.is_err(),
+            "the call finished in 2 ms: nothing was tested"
+        );
+    }
+    let served = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        backend.ensure_container(),
+    )
+    .await
+    .expect("the pool still lends an instance");
+    served.unwrap();
+    assert!(sandbox.policy_instances() <= 2);
+}

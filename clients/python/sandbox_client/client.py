@@ -9,7 +9,7 @@ every failure into :class:`~sandbox_client.SandboxError`.
 from __future__ import annotations
 
 import asyncio
-import weakref
+import threading
 from typing import IO, Any, AsyncIterator, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import httpx
@@ -86,10 +86,10 @@ class _Settings:
 
 def _transport_error(e: httpx.HTTPError) -> SandboxError:
     """A failure with no (complete) answer from the server."""
+    if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return SandboxError(0, "unreachable", f"cannot reach the server: {type(e).__name__}: {e}")
     if isinstance(e, httpx.TimeoutException):
         return SandboxError(0, "timeout", f"no answer in time: {type(e).__name__}: {e}")
-    if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)):
-        return SandboxError(0, "unreachable", f"cannot reach the server: {e}")
     return SandboxError(0, "broken-transfer", f"{type(e).__name__}: {e}")
 
 
@@ -279,18 +279,23 @@ class AsyncSandboxClient(_Settings):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]" = (
-            weakref.WeakKeyDictionary()
-        )
+        self._clients: Dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+        self._lock = threading.Lock()
 
     def _http(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None or client.is_closed:
-            transport = httpx.AsyncHTTPTransport(retries=self.retries)
-            client = httpx.AsyncClient(transport=transport, **self._client_options())
-            self._clients[loop] = client
-        return client
+        with self._lock:
+            # A client's open connections keep its loop alive, so a weak map
+            # would never let go: forget the clients of closed loops (their
+            # sockets went with the loop) each time a client is looked up.
+            for old in [lp for lp in self._clients if lp.is_closed()]:
+                del self._clients[old]
+            client = self._clients.get(loop)
+            if client is None or client.is_closed:
+                transport = httpx.AsyncHTTPTransport(retries=self.retries)
+                client = httpx.AsyncClient(transport=transport, **self._client_options())
+                self._clients[loop] = client
+            return client
 
     async def aclose(self) -> None:
         client = self._clients.pop(asyncio.get_running_loop(), None)

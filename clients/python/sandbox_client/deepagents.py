@@ -135,7 +135,7 @@ class SandboxBackend(BaseSandbox):
             probe = await self.aexecute(f"test -e {quoted} || test -L {quoted}")
             if probe.exit_code not in (None, 0):
                 return protocol.DeleteResult(error=f"Error: '{file_path}' not found")
-            removed = await self.aexecute(f"rm -rf {quoted}")
+            removed = await self.aexecute(f"rm -rf -- {quoted}")
             if removed.exit_code == 0:
                 return protocol.DeleteResult(path=file_path)
             detail = removed.output.strip() or "unknown error"

@@ -31,7 +31,9 @@ async def test_async_calls_run_concurrently_on_one_loop(server):
     await c.aclose()
 
 
-def test_one_async_client_serves_several_event_loops(server):
+def test_one_async_client_serves_several_event_loops_and_forgets_closed_ones(server):
     c = server.async_client()
-    for _ in range(2):
+    for _ in range(3):
         assert asyncio.run(c.exec("alice-1", "echo ok")).output == "ok\n"
+    # One client per loop, and those of closed loops are let go.
+    assert len(c._clients) == 1

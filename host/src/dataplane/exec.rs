@@ -512,8 +512,11 @@ impl tokio::io::AsyncRead for ChannelReader {
 /// as `sh -c SCRIPT kill MARKER`.
 pub const KILL_SCRIPT: &str = r#"
 m="SANDBOX_EXEC_ID=$1"; me=$$
-read -r -d "" _ </dev/null 2>/dev/null
-if [ $? = 1 ]; then nul_read=1; else nul_read=0; fi
+nul_read=0
+# By behaviour, not by exit status: a shell whose read lacks -d fails it
+# with a status of its own. The first NUL-ended field of our own command
+# line is never empty.
+if IFS= read -r -d "" first < "/proc/$$/cmdline" 2>/dev/null && [ -n "$first" ]; then nul_read=1; fi
 marked() {
   if [ $nul_read = 0 ]; then
     tr '\0' '\n' < "/proc/$1/environ" | grep -qxF -e "$m"

@@ -264,7 +264,9 @@ echo ok
 /// Reads one download, run as the sandbox user with `$1` the resolved path
 /// and `$2` the size cap. Prints one answer line, `ok SIZE MODE` (then
 /// exactly SIZE bytes of content), `file_too_large SIZE`, or an error
-/// literal. A path that does not resolve is `permission_denied` when the
+/// literal. Files of `/proc` and `/sys` are `invalid_path`: their size is
+/// not their content's (0, or a page), so no byte count could be promised.
+/// A path that does not resolve is `permission_denied` when the
 /// nearest existing directory above it may not be searched (whether the
 /// file exists is then not the user's to know), else `file_not_found`. The
 /// file is opened once; its type and apparent size are taken from that open
@@ -282,6 +284,7 @@ if [ ! -e "$p" ]; then
 fi
 [ -d "$p" ] && { echo is_directory; exit 0; }
 [ -f "$p" ] || { echo invalid_path; exit 0; }
+case "$(readlink -f "$p")" in /proc/*|/sys/*) echo invalid_path; exit 0 ;; esac
 [ -r "$p" ] || { echo permission_denied; exit 0; }
 {
   [ -f /proc/self/fd/0 ] || { echo invalid_path; exit 0; }

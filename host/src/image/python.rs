@@ -57,12 +57,15 @@ const DPKG_EXCLUDES: [&str; 8] = [
 ];
 
 /// Runs in the finished chroot (`$1`): the same sandbox user and
-/// `/workspace` as the busybox image, and no logs left by the install
-/// (mmdebstrap itself already drops apt's lists and package cache).
+/// `/workspace` as the busybox image, no logs left by the install
+/// (mmdebstrap itself already drops apt's lists and package cache), and no
+/// copy of this machine's apt sources (internal mirror names, credentials
+/// in URIs): the workload has no business with them.
 const CUSTOMIZE_HOOK: &str = "set -e; \
 echo 'sandbox:x:1000:1000:sandbox:/workspace:/bin/sh' >> \"$1/etc/passwd\"; \
 echo 'sandbox:x:1000:' >> \"$1/etc/group\"; \
 mkdir -p \"$1/workspace\"; \
+rm -f \"$1/etc/apt/sources.list\"; rm -rf \"$1\"/etc/apt/sources.list.d/*; \
 rm -rf \"$1\"/var/log/apt/* \"$1\"/var/log/dpkg.log \"$1\"/var/log/alternatives.log \
 \"$1\"/var/cache/debconf/*-old \"$1\"/var/lib/dpkg/*-old \"$1\"/var/cache/ldconfig/aux-cache";
 
@@ -153,17 +156,20 @@ fn host_sources() -> Vec<(PathBuf, String)> {
         .collect()
 }
 
+/// The release's own suites: a third-party repository that names its suite
+/// `bookworm-pgdg` is not one of them.
+const RELEASE_SUITES: [&str; 4] = ["", "-updates", "-security", "-backports"];
+
 /// The binary-package entries of `files` (one-line `.list` or deb822
-/// `.sources`) that serve `codename` (or `codename-updates`,
-/// `-security`, ...) with the `main` component, as one-line entries.
+/// `.sources`) that serve `codename` or its `-updates`, `-security`,
+/// `-backports` with the `main` component, as one-line entries.
 /// Third-party repositories (their own suite names, or no `main`) are left
 /// out: the image is Debian's.
 pub fn apt_entries(files: &[(PathBuf, String)], codename: &str) -> Vec<String> {
     let serves = |suite: &str| {
-        suite == codename
-            || suite
-                .strip_prefix(codename)
-                .is_some_and(|rest| rest.starts_with('-'))
+        suite
+            .strip_prefix(codename)
+            .is_some_and(|rest| RELEASE_SUITES.contains(&rest))
     };
     let mut entries = Vec::new();
     for (path, text) in files {
@@ -508,6 +514,7 @@ mod tests {
              deb-src http://mirror.local/debian bookworm main\n\
              deb [arch=amd64 signed-by=/k.gpg] http://mirror.local/debian bookworm-updates main\n\
              deb https://packages.cloud.google.com/apt cloud-sdk-bookworm main\n\
+             deb http://apt.postgresql.org/pub/repos/apt bookworm-pgdg main\n\
              deb [arch=amd64] https://download.docker.com/linux/debian bookworm stable\n\
              deb http://mirror.local/debian bookworm main contrib\n",
         );

@@ -102,13 +102,17 @@ impl ComponentCache {
     }
 
     /// An exclusive lock on `key`'s compilation, held until dropped; `None`
-    /// (compile anyway) when the directory cannot hold one.
+    /// (compile anyway) when the directory cannot hold one, or is not
+    /// private (another user could hold the lock forever).
     fn lock(&self, key: &str) -> Option<nix::fcntl::Flock<std::fs::File>> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&self.dir)
             .ok()?;
+        if !private(&self.dir) {
+            return None;
+        }
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -146,14 +150,16 @@ impl ComponentCache {
     }
 
     fn trusted(&self, path: &Path) -> bool {
-        let me = nix::unistd::geteuid().as_raw();
-        let private = |p: &Path| {
-            std::fs::symlink_metadata(p)
-                .map(|m| m.uid() == me && m.mode() & 0o022 == 0 && !m.file_type().is_symlink())
-                .unwrap_or(false)
-        };
         private(&self.dir) && private(path)
     }
+}
+
+/// Owned by this user, writable by nobody else, not a symlink.
+fn private(p: &Path) -> bool {
+    let me = nix::unistd::geteuid().as_raw();
+    std::fs::symlink_metadata(p)
+        .map(|m| m.uid() == me && m.mode() & 0o022 == 0 && !m.file_type().is_symlink())
+        .unwrap_or(false)
 }
 
 fn key(engine: &Engine, bytes: &[u8]) -> String {

@@ -100,7 +100,9 @@ impl PolicyClient {
     pub async fn backend_of(&self, thread: &ThreadId) -> Result<BackendId> {
         let answered = self
             .lanes
-            .route(async |p| p.backend_id(thread.as_str()).await)
+            .route(thread.as_str(), async |p| {
+                p.backend_id(thread.as_str()).await
+            })
             .await?;
         answers::backend_of_thread(thread, &answered)
     }

@@ -8,9 +8,13 @@
 //! [`InstancePool`] (bounded by memory) for its duration. No lock is held
 //! across a policy call except the lane's own.
 //!
-//! The pure `backend-id` mapping has no key yet: it borrows any instance.
+//! The pure `backend-id` mapping has no key yet, and every request starts
+//! with it: it runs on a few router instances of its own, outside the
+//! pool, so requests are routed even while every pooled instance is lent
+//! to slow calls (cold starts, destroys waiting out their grace period).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -25,6 +29,12 @@ use crate::error::{Result, SandboxError};
 /// (about a hundred bytes), so this bounds memory against a flood of ids,
 /// not the users served.
 const MAX_LANES: usize = 65_536;
+
+/// Router instances, outside the pool.
+const ROUTERS: usize = 4;
+
+/// A router's instance and the policy it was made from (to notice a swap).
+type Router = Option<(Arc<CompiledPolicy>, PolicyInstance)>;
 
 #[derive(Default)]
 struct Lane {
@@ -42,6 +52,8 @@ pub struct Lanes {
     engine: Arc<Engine>,
     pool: RwLock<Arc<InstancePool>>,
     lanes: Mutex<HashMap<String, Arc<Lane>>>,
+    routers: Vec<AsyncMutex<Router>>,
+    hasher: RandomState,
     clock: AtomicU64,
     /// Policy calls that trapped (each instance then replaced).
     pub traps: AtomicU64,
@@ -57,6 +69,8 @@ impl Lanes {
             engine,
             pool: RwLock::new(pool),
             lanes: Mutex::new(HashMap::new()),
+            routers: (0..ROUTERS).map(|_| AsyncMutex::new(None)).collect(),
+            hasher: RandomState::new(),
             clock: AtomicU64::new(0),
             traps: AtomicU64::new(0),
         }
@@ -93,7 +107,7 @@ impl Lanes {
             self.clock.fetch_add(1, Ordering::Relaxed),
             Ordering::Relaxed,
         );
-        self.run(Some(key), f).await
+        self.run(key, f).await
     }
 
     /// Holds `key`'s lane (no instance is borrowed) until the guard drops:
@@ -104,30 +118,54 @@ impl Lanes {
         LaneGuard { _guard: guard }
     }
 
-    /// Runs a key-less call (the pure mapping) on any instance.
+    /// Runs a key-less call (the pure mapping) on a router instance.
     pub async fn route<T>(
         &self,
+        hint: &str,
         f: impl AsyncFnOnce(&mut PolicyInstance) -> Result<T>,
     ) -> Result<T> {
-        self.run(None, f).await
+        let free = self.routers.iter().find_map(|r| r.try_lock().ok());
+        let mut slot = match free {
+            Some(slot) => slot,
+            None => {
+                self.routers[self.hasher.hash_one(hint) as usize % ROUTERS]
+                    .lock()
+                    .await
+            }
+        };
+        let current = self.policy();
+        let fresh = matches!(&*slot, Some((p, i)) if Arc::ptr_eq(p, &current) && !i.is_poisoned());
+        if !fresh {
+            // Dropped first: a poisoned or old instance never runs again.
+            *slot = None;
+            *slot = Some((
+                current.clone(),
+                current.instantiate(self.engine.clone()).await?,
+            ));
+        }
+        let (_, instance) = slot.as_mut().expect("the slot was just filled");
+        let result = f(instance).await;
+        if let Err(SandboxError::PolicyTrap(why)) = &result {
+            tracing::warn!(key = "(router)", error = %why, "policy instance trapped; it is dropped");
+            self.traps.fetch_add(1, Ordering::Relaxed);
+            *slot = None;
+        }
+        result
     }
 
     async fn run<T>(
         &self,
-        key: Option<&str>,
+        key: &str,
         f: impl AsyncFnOnce(&mut PolicyInstance) -> Result<T>,
     ) -> Result<T> {
         let pool = self.pool();
-        let mut loan = match key {
-            Some(key) => pool.borrow(key, &self.engine).await?,
-            None => pool.borrow_any(&self.engine).await?,
-        };
+        let mut loan = pool.borrow(key, &self.engine).await?;
         // A call whose future is dropped mid-way drops its loan unfinished:
         // the instance (maybe mid-call) goes, its room in the pool is freed.
         let result = f(loan.instance()).await;
         let trapped = matches!(&result, Err(SandboxError::PolicyTrap(_)));
         if let Err(SandboxError::PolicyTrap(why)) = &result {
-            tracing::warn!(key = key.unwrap_or("(router)"), error = %why, "policy instance trapped; it is dropped");
+            tracing::warn!(key, error = %why, "policy instance trapped; it is dropped");
             self.traps.fetch_add(1, Ordering::Relaxed);
         }
         let current = Arc::ptr_eq(&pool, &self.pool());

@@ -96,7 +96,7 @@ impl PolicyEngine {
     /// Compiles and links a policy component, refusing with a message that
     /// names the problem: not wasm, a core module, another world, missing
     /// exports, needs that cannot be known.
-    pub fn compile(&self, bytes: &[u8], source: &str) -> Result<Compiled, SandboxError> {
+    pub async fn compile(&self, bytes: &[u8], source: &str) -> Result<Compiled, SandboxError> {
         let refuse = |why: String| SandboxError::PolicyLoad(format!("{source}: {why}"));
         if bytes.len() < 8 || &bytes[..4] != WASM_MAGIC {
             return Err(refuse("not a WebAssembly file (no \\0asm header)".into()));
@@ -109,10 +109,15 @@ impl PolicyEngine {
             ));
         }
         let started = Instant::now();
-        let (component, cached) = match &self.cache {
-            Some(cache) => cache.load_or_compile(&self.engine, bytes),
-            None => Component::new(&self.engine, bytes).map(|c| (c, false)),
-        }
+        // Seconds of CPU for a large component (and a wait on another
+        // process compiling it): off the async runtime's workers.
+        let (engine, cache, owned) = (self.engine.clone(), self.cache.clone(), bytes.to_vec());
+        let (component, cached) = tokio::task::spawn_blocking(move || match &cache {
+            Some(cache) => cache.load_or_compile(&engine, &owned),
+            None => Component::new(&engine, &owned).map(|c| (c, false)),
+        })
+        .await
+        .map_err(|e| refuse(format!("compiling stopped: {e}")))?
         .map_err(|e| refuse(format!("not a valid component: {e:#}")))?;
         let compile_time = started.elapsed();
         let needs = ComponentNeeds::of(&component, bytes).map_err(refuse)?;
@@ -189,7 +194,7 @@ impl CompiledPolicy {
         source: &str,
         host: &Arc<Engine>,
     ) -> Result<Self, SandboxError> {
-        let compiled = engine.compile(bytes, source)?;
+        let compiled = engine.compile(bytes, source).await?;
         let config = host.config();
         let ceilings = InstanceLimits::from_config(config);
         let limits = ceilings

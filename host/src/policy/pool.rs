@@ -8,9 +8,9 @@
 //! re-adopts the labelled container), so landing on another instance is
 //! correct, only slower. How many instances may live at once is the pool's
 //! memory budget divided by what one instance takes (measured at the
-//! self-check), within `max_policy_instances`: about two hundred instances
-//! of a Rust policy, a dozen of a Python one. A call that finds every
-//! instance busy waits for one to come back.
+//! self-check), within `max_policy_instances`: about 240 instances of the
+//! Rust per-user policy, 20 of the Python one at the default budget. A call
+//! that finds every instance lent waits for one to come back.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -64,8 +64,27 @@ struct State {
     idle: Idle,
     /// Idle plus lent instances.
     live: usize,
-    /// Tags for instances first made by key-less calls.
-    untagged: u64,
+}
+
+/// Room taken in a pool for an instance being made: freed on drop unless
+/// the instance was made.
+struct Room<'a> {
+    pool: &'a InstancePool,
+    armed: bool,
+}
+
+impl Room<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Room<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.pool.forget();
+        }
+    }
 }
 
 /// The instances of one compiled policy.
@@ -83,7 +102,7 @@ pub struct Loan {
     pool: Arc<InstancePool>,
     instance: Option<PolicyInstance>,
     /// The key it is kept under when given back.
-    tag: Option<String>,
+    key: String,
 }
 
 impl Loan {
@@ -98,8 +117,8 @@ impl Loan {
     /// still runs the current policy), else dropped.
     pub fn finish(mut self, keep: bool) {
         if let Some(instance) = self.instance.take() {
-            let tag = self.tag.take();
-            self.pool.give_back(instance, tag, keep);
+            let key = std::mem::take(&mut self.key);
+            self.pool.give_back(instance, key, keep);
         }
     }
 }
@@ -122,7 +141,6 @@ impl InstancePool {
             state: Mutex::new(State {
                 idle: Idle::default(),
                 live: 0,
-                untagged: 0,
             }),
             returned: Notify::new(),
         }
@@ -151,27 +169,16 @@ impl InstancePool {
         key: &str,
         host: &Arc<Engine>,
     ) -> Result<Loan, SandboxError> {
-        self.lend(Some(key), host).await
+        self.lend(key, host).await
     }
 
-    /// Lends any instance for a key-less call (the pure mapping, which has
-    /// no cache to warm): the least recently used idle one, else a new one
-    /// while there is room. Given back, it keeps the key it had.
-    pub async fn borrow_any(self: &Arc<Self>, host: &Arc<Engine>) -> Result<Loan, SandboxError> {
-        self.lend(None, host).await
-    }
-
-    async fn lend(
-        self: &Arc<Self>,
-        key: Option<&str>,
-        host: &Arc<Engine>,
-    ) -> Result<Loan, SandboxError> {
-        let loan = |instance, tag| Loan {
+    async fn lend(self: &Arc<Self>, key: &str, host: &Arc<Engine>) -> Result<Loan, SandboxError> {
+        let loan = |instance, key| Loan {
             pool: self.clone(),
             instance: Some(instance),
-            tag,
+            key,
         };
-        let tag = loop {
+        let key = loop {
             // Registered before the state is read, so a give-back between
             // the read and the wait is not missed.
             let returned = self.returned.notified();
@@ -179,47 +186,60 @@ impl InstancePool {
             returned.as_mut().enable();
             {
                 let mut state = self.state.lock().unwrap();
-                if let Some(instance) = key.and_then(|k| state.idle.take(k)) {
-                    return Ok(loan(instance, key.map(str::to_owned)));
+                if let Some(instance) = state.idle.take(key) {
+                    return Ok(loan(instance, key.to_owned()));
                 }
-                let room = state.live < self.capacity;
-                if room && key.is_some() {
+                if state.live < self.capacity {
                     state.live += 1;
-                    break key.map(str::to_owned);
+                    break key.to_owned();
                 }
-                if let Some((old_tag, instance)) = state.idle.take_oldest() {
-                    let tag = Some(key.map_or(old_tag, str::to_owned));
-                    return Ok(loan(instance, tag));
-                }
-                if room {
-                    state.live += 1;
-                    state.untagged += 1;
-                    break Some(format!("\0untagged-{}", state.untagged));
+                if let Some((_, instance)) = state.idle.take_oldest() {
+                    return Ok(loan(instance, key.to_owned()));
                 }
             }
             returned.await;
         };
-        match self.policy.instantiate(host.clone()).await {
-            Ok(instance) => Ok(loan(instance, tag)),
-            Err(e) => {
+        // The room taken above is given back however this ends: an error,
+        // or the caller's future dropped while the instance was being made
+        // (a client gone, a timeout), which would otherwise leak it for good.
+        let room = Room {
+            pool: self,
+            armed: true,
+        };
+        let made = match self.policy.instantiate(host.clone()).await {
+            Ok(instance) => Ok(instance),
+            // The host-wide policy memory may be spent on idle instances:
+            // drop the least recently used one and try once more.
+            Err(first) => match self.drop_oldest_idle() {
+                true => self.policy.instantiate(host.clone()).await,
+                false => Err(first),
+            },
+        };
+        let instance = made?;
+        room.disarm();
+        Ok(loan(instance, key))
+    }
+
+    /// Drops the least recently used idle instance; false when none is idle.
+    fn drop_oldest_idle(&self) -> bool {
+        let oldest = self.state.lock().unwrap().idle.take_oldest();
+        match oldest {
+            Some((_, instance)) => {
+                drop(instance);
                 self.forget();
-                Err(e)
+                true
             }
+            None => false,
         }
     }
 
-    fn give_back(&self, instance: PolicyInstance, tag: Option<String>, keep: bool) {
+    fn give_back(&self, instance: PolicyInstance, key: String, keep: bool) {
         if !keep || instance.is_poisoned() {
             drop(instance);
             self.forget();
             return;
         }
-        let replaced = self
-            .state
-            .lock()
-            .unwrap()
-            .idle
-            .put(tag.unwrap_or_default(), instance);
+        let replaced = self.state.lock().unwrap().idle.put(key, instance);
         if let Some(replaced) = replaced {
             drop(replaced);
             self.forget();
