@@ -321,3 +321,62 @@ async fn a_grace_period_longer_than_a_policy_call_budget_is_waited_out() {
     assert_eq!((r.exit_code, r.output.as_str()), (0, "done\n"), "{r:?}");
     assert!(h.containers().is_empty());
 }
+
+/// The Python-ready image (`cargo test-all` builds it before the Rust
+/// suites): Debian's `sh` is dash.
+fn python_image() -> String {
+    let image =
+        std::env::var("SANDBOX_PYTHON_IMAGE").unwrap_or_else(|_| "sandbox-python:latest".into());
+    let found = std::process::Command::new("docker")
+        .args(["image", "inspect", &image])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "image {image} is missing: `sandbox image build --python` (cargo test-all does)"
+    );
+    image
+}
+
+/// Debian's `sh` (the Python image) is dash, whose `read` has no `-d`: the
+/// kill script matched no process there at first. A cancelled call's
+/// processes must die there too, a fork loop and an orphan that cleared
+/// its environment included (the agent's `kill` does it without a fork;
+/// the script fallback forks `tr | grep` under dash).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_fork_loop_dies_under_dash_too() {
+    let h = Harness::new("dashkill");
+    let config = Config {
+        image: python_image(),
+        ..h.config()
+    };
+    let sandbox = per_user(&h, config).await;
+    let b = sandbox.get_thread_backend("z-1").await.unwrap();
+    b.execute("true").await.unwrap();
+    let options = ExecOptions {
+        execution_id: Some("dash-kill-0001".into()),
+        ..ExecOptions::default()
+    };
+    let running = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            b.execute_with(
+                "(env -i sleep 306 &); while true; do sleep 305 & done",
+                options,
+            )
+            .await
+        })
+    };
+    wait_in_flight(&sandbox, 1).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(sandbox.cancel("dash-kill-0001"));
+    let r = running.await.unwrap().unwrap();
+    assert_eq!(r.reason, Some(EndReason::Cancelled), "{r:?}");
+    sandbox.settle().await;
+    let left = b
+        .execute("cat /proc/[0-9]*/cmdline | tr '\\0' ' '")
+        .await
+        .unwrap()
+        .output;
+    assert!(!left.contains("sleep 30"), "left behind: {left}");
+}

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! sandbox-agent reap --timeout-ms N -- PROGRAM [ARGS...]
+//! sandbox-agent kill MARKER
 //! ```
 //!
 //! Runs PROGRAM as its child with `PR_SET_CHILD_SUBREAPER` set, so every
@@ -16,6 +17,10 @@
 //! its stdout or stderr has closed them: the semantics of a plain exec. A
 //! background job that detached its output (`cmd >log 2>&1 &`) outlives the
 //! call; one still writing to the call's output keeps the call open.
+//!
+//! `kill MARKER` ends a call the host gave up on (cancelled, timed out, its
+//! client gone): every process carrying the call's marker in its
+//! environment, and their descendants, without forking.
 //!
 //! Untrusted surroundings: the workload runs as the same user and may kill
 //! the agent; the host keeps its own deadline and kill as a fallback, and
@@ -36,6 +41,15 @@ static EXPIRED: AtomicBool = AtomicBool::new(false);
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("kill") {
+        exit(match args.get(1) {
+            Some(marker) if args.len() == 2 && valid_marker(marker) => kill_marked(marker),
+            _ => {
+                eprintln!("usage: sandbox-agent kill MARKER");
+                AGENT_FAILED
+            }
+        });
+    }
     let (timeout, program) = match parse(&args) {
         Ok(parsed) => parsed,
         Err(e) => {
@@ -186,6 +200,72 @@ fn kill_tree(root: libc::pid_t) {
     }
 }
 
+/// The environment entry that marks a call's processes.
+const MARKER_VAR: &str = "SANDBOX_EXEC_ID";
+
+/// A call's marker: the host's execution id, a plain token.
+fn valid_marker(marker: &str) -> bool {
+    (8..=64).contains(&marker.len())
+        && marker
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// `sandbox-agent kill MARKER`: stops, then kills, every process whose
+/// environment holds `SANDBOX_EXEC_ID=MARKER` and all their descendants
+/// (children that cleared their environment, orphans adopted by a `reap`
+/// agent of the call), until none is left. One process, no fork, so it
+/// works when the call spent the container's pids limit, and under any
+/// shell (the script fallback needs `read -d`, which dash lacks). Exit 0
+/// when none is left, 1 when some survived.
+fn kill_marked(marker: &str) -> i32 {
+    let entry = format!("{MARKER_VAR}={marker}");
+    let me = std::process::id() as libc::pid_t;
+    for _ in 0..200 {
+        let roots = marked(entry.as_bytes(), me);
+        let mut tree: Vec<libc::pid_t> = roots.iter().flat_map(|&r| descendants(r)).collect();
+        tree.extend(&roots);
+        tree.retain(|&p| p != me);
+        tree.sort_unstable();
+        tree.dedup();
+        if tree.is_empty() {
+            return 0;
+        }
+        for &pid in &tree {
+            // SAFETY: signalling a pid; a stale one fails harmlessly.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+        for &pid in &tree {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    1
+}
+
+/// Live processes (not `me`) whose environment has exactly `entry` as one
+/// of its NUL-separated entries.
+fn marked(entry: &[u8], me: libc::pid_t) -> Vec<libc::pid_t> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == entry))
+        })
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| parse_stat(&s))
+                .is_some_and(|(state, _)| state != 'Z')
+        })
+        .collect()
+}
+
 fn reap_zombies() {
     loop {
         let mut status = 0;
@@ -249,6 +329,16 @@ mod tests {
         // A process may name itself ") Z 1" to pose as a zombie of init.
         assert_eq!(parse_stat("42 (a) Z 1 (b) S 7 1 1"), Some(('S', 7)));
         assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn a_kill_marker_is_a_plain_token() {
+        // It is matched against whole environment entries; anything but the
+        // host's own id format is refused rather than half-matched.
+        assert!(valid_marker("py-cancel-0001"));
+        assert!(!valid_marker("short"));
+        assert!(!valid_marker("a=b\0SANDBOX_EXEC_ID=x"));
+        assert!(!valid_marker(&"x".repeat(65)));
     }
 
     #[test]

@@ -5,22 +5,22 @@
 //! 1. the wasm target (the policy components are built for it);
 //! 2. format and lints (native and wasm);
 //! 3. the local sandbox image (`sandbox image build` when it is missing);
-//! 4. the Python policy components (guest/python-per-user and the failing
-//!    test fixture), built with componentize-py (pinned in the guest's
-//!    pyproject.toml) from a virtualenv `target/xtask/venv-componentize`
-//!    into `target/policies/`; then unit, integration and doc tests, which
-//!    find them through `SANDBOX_PYTHON_POLICY` and
-//!    `SANDBOX_PYTHON_FAILING_POLICY`;
+//! 4. the Python policy components (guest/python-per-user,
+//!    guest/python-minimal and the failing test fixture), built with
+//!    componentize-py (pinned in the guest's pyproject.toml) from a
+//!    virtualenv `target/xtask/venv-componentize` into `target/policies/`;
 //! 5. the Python-ready image `sandbox-python:latest` (`SANDBOX_PYTHON_IMAGE`
 //!    overrides) when it is missing: `sandbox image build --python`, which
 //!    needs Debian's `mmdebstrap` (installed, test-only, when missing); then
 //!    a check that it runs python3 and the GNU tools as uid 1000;
-//! 6. a virtualenv under `target/xtask/venv` with the Python client's test
+//! 6. unit, integration and doc tests (they find the above through
+//!    `SANDBOX_PYTHON_IMAGE` and `SANDBOX_PYTHON_*_POLICY`);
+//! 7. a virtualenv under `target/xtask/venv` with the Python client's test
 //!    and deepagents dependencies (installs Debian's `python3-venv` when
 //!    `venv` is missing), and the Python suite against `sandbox serve`;
 //!    then langchain-tests' standard sandbox suite in `venv-conformance`,
 //!    with the deepagents release that suite was written for;
-//! 7. the benchmark's smoke run; the server image's deploy smoke test.
+//! 8. the benchmark's smoke run; the server image's deploy smoke test.
 //!
 //! Only std: this must build in seconds before anything else exists.
 
@@ -169,20 +169,25 @@ fn test(options: &Options) -> Result<Vec<(String, f64)>, String> {
         Vec::new()
     };
     let policy_env = || python_policies.iter().map(|(var, path)| (*var, path));
+    // The Rust suites run a dash-shelled sandbox in it (tests/sharing.rs),
+    // the Python ones deepagents' file tools.
+    let python_image =
+        std::env::var("SANDBOX_PYTHON_IMAGE").unwrap_or_else(|_| PYTHON_IMAGE.to_owned());
+    if options.runs("rust") || options.runs("python") {
+        steps.run("the Python image", || {
+            python_image_step(&root, &python_image)
+        })?;
+    }
     if options.runs("rust") {
         steps.run("rust tests (unit, integration against Docker, doc)", || {
             let cargo_bin = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
             sh(Command::new(cargo_bin)
                 .args(["test", "--workspace", "--locked"])
+                .env("SANDBOX_PYTHON_IMAGE", &python_image)
                 .envs(policy_env()))
         })?;
     }
     if options.runs("python") {
-        let python_image =
-            std::env::var("SANDBOX_PYTHON_IMAGE").unwrap_or_else(|_| PYTHON_IMAGE.to_owned());
-        steps.run("the Python image", || {
-            python_image_step(&root, &python_image)
-        })?;
         let python = steps.run("python virtualenv", || {
             python_venv(&root, "venv", "clients/python[test,deepagents]")
         })?;

@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{CompiledPolicy, PolicyInstance};
 use crate::engine::Engine;
@@ -92,7 +92,10 @@ pub struct InstancePool {
     policy: Arc<CompiledPolicy>,
     capacity: usize,
     state: Mutex<State>,
-    returned: Notify,
+    /// One permit per instance that may be lent at once, handed out in
+    /// arrival order: a caller that gives an instance back and asks again
+    /// at once cannot starve one that was waiting.
+    permits: Arc<Semaphore>,
 }
 
 /// An instance lent for one call. [`Loan::finish`] gives it back; a loan
@@ -103,6 +106,8 @@ pub struct Loan {
     instance: Option<PolicyInstance>,
     /// The key it is kept under when given back.
     key: String,
+    /// Released after the instance is back (fields drop in order).
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Loan {
@@ -142,7 +147,7 @@ impl InstancePool {
                 idle: Idle::default(),
                 live: 0,
             }),
-            returned: Notify::new(),
+            permits: Arc::new(Semaphore::new(capacity.max(1))),
         }
     }
 
@@ -173,32 +178,41 @@ impl InstancePool {
     }
 
     async fn lend(self: &Arc<Self>, key: &str, host: &Arc<Engine>) -> Result<Loan, SandboxError> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the pool's semaphore is never closed");
         let loan = |instance, key| Loan {
             pool: self.clone(),
             instance: Some(instance),
             key,
+            _permit: permit,
         };
-        let key = loop {
-            // Registered before the state is read, so a give-back between
-            // the read and the wait is not missed.
-            let returned = self.returned.notified();
-            tokio::pin!(returned);
-            returned.as_mut().enable();
-            {
-                let mut state = self.state.lock().unwrap();
-                if let Some(instance) = state.idle.take(key) {
-                    return Ok(loan(instance, key.to_owned()));
-                }
-                if state.live < self.capacity {
-                    state.live += 1;
-                    break key.to_owned();
-                }
-                if let Some((_, instance)) = state.idle.take_oldest() {
-                    return Ok(loan(instance, key.to_owned()));
+        let reuse = {
+            let mut state = self.state.lock().unwrap();
+            if let Some(instance) = state.idle.take(key) {
+                Some(instance)
+            } else if state.live < self.capacity {
+                state.live += 1;
+                None
+            } else {
+                // Every other permit is lent at most, so with the pool full
+                // an instance is idle: another key's, whose cache misses.
+                match state.idle.take_oldest() {
+                    Some((_, instance)) => Some(instance),
+                    None => {
+                        state.live += 1;
+                        None
+                    }
                 }
             }
-            returned.await;
         };
+        if let Some(instance) = reuse {
+            return Ok(loan(instance, key.to_owned()));
+        }
+        let key = key.to_owned();
         // The room taken above is given back however this ends: an error,
         // or the caller's future dropped while the instance was being made
         // (a client gone, a timeout), which would otherwise leak it for good.
@@ -243,15 +257,12 @@ impl InstancePool {
         if let Some(replaced) = replaced {
             drop(replaced);
             self.forget();
-        } else {
-            self.returned.notify_one();
         }
     }
 
     /// One live instance fewer (dropped, or never made).
     fn forget(&self) {
         self.state.lock().unwrap().live -= 1;
-        self.returned.notify_one();
     }
 
     /// Drops every idle instance (a swap retired this pool).

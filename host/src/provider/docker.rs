@@ -245,20 +245,40 @@ fn convert(e: &BollardError) -> ProviderError {
     }
 }
 
-/// One run of [`KILL_SCRIPT`] for a call's marker.
+/// One kill of a call's processes: `sandbox-agent kill` where the agent is
+/// mounted (one process, no fork, any shell), else [`KILL_SCRIPT`].
 async fn run_kill(
     docker: &Docker,
     container: &str,
     marker: &str,
 ) -> Result<bollard::models::ExecInspectResponse, BollardError> {
+    let agent = vec![
+        crate::dataplane::agent::AGENT_MOUNT.to_owned(),
+        "kill".to_owned(),
+        marker.to_owned(),
+    ];
+    match run_kill_with(docker, container, agent).await {
+        Ok(r) if r.exit_code == Some(0) => return Ok(r),
+        // No agent in this container (or it failed): the script.
+        _ => {}
+    }
+    let script = vec![
+        "sh".into(),
+        "-c".into(),
+        KILL_SCRIPT.into(),
+        "kill".into(),
+        marker.into(),
+    ];
+    run_kill_with(docker, container, script).await
+}
+
+async fn run_kill_with(
+    docker: &Docker,
+    container: &str,
+    cmd: Vec<String>,
+) -> Result<bollard::models::ExecInspectResponse, BollardError> {
     let config = ExecConfig {
-        cmd: Some(vec![
-            "sh".into(),
-            "-c".into(),
-            KILL_SCRIPT.into(),
-            "kill".into(),
-            marker.into(),
-        ]),
+        cmd: Some(cmd),
         attach_stdout: Some(true),
         attach_stderr: Some(true),
         ..Default::default()
