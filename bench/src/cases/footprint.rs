@@ -39,7 +39,7 @@ impl Bench {
         let instances = sandbox.policy_instances();
         self.table.add(
             &format!(
-                "7. host RSS with {n} backends in use (in-memory provider; {instances} policy instances kept, the rest evicted and re-adopted on use)"
+                "7. host RSS with {n} backends in use (in-memory provider; {instances} policy instances alive, lent per call from the pool)"
             ),
             format!("{:.1} MiB (+{:.1} KiB/backend)", delta as f64 / 1024.0, delta as f64 / n as f64),
             format!("{:.1} MiB before", rss_before as f64 / 1024.0),

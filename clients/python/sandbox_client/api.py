@@ -50,11 +50,12 @@ def error_from_response(status: int, payload: bytes) -> SandboxError:
 
 @dataclass
 class ExecResult:
-    """A finished command: the combined ``output`` (arrival order, capped
-    head and tail), ``stdout`` and ``stderr`` separately (each capped the
-    same way; bytes, exactly as the command wrote them), the exit code, and
-    why the host ended it when it did (``timeout``, ``cancelled``,
-    ``destroyed``)."""
+    """A finished command: the combined ``output`` (text, arrival order,
+    capped head and tail), ``stdout`` and ``stderr`` separately (bytes, each
+    capped the same way: exactly as the command wrote them when the exec
+    asked for ``binary``, else the UTF-8 of their text, invalid sequences
+    replaced), the exit code, and why the host ended it when it did
+    (``timeout``, ``cancelled``, ``destroyed``)."""
 
     output: str
     exit_code: int
@@ -86,13 +87,12 @@ class ExecResult:
     # Mapping-style access, so code written against the 0.2 dict answers
     # (``r["output"]``) keeps working.
     def __getitem__(self, key: str) -> Any:
-        try:
-            return getattr(self, key)
-        except AttributeError:
-            raise KeyError(key) from None
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
 
     def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key, default)
+        return getattr(self, key) if key in self.__dataclass_fields__ else default
 
 
 @dataclass
