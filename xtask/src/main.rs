@@ -14,7 +14,8 @@
 //!    needs Debian's `mmdebstrap` (installed, test-only, when missing); then
 //!    a check that it runs python3 and the GNU tools as uid 1000;
 //! 6. unit, integration and doc tests (they find the above through
-//!    `SANDBOX_PYTHON_IMAGE` and `SANDBOX_PYTHON_*_POLICY`);
+//!    `SANDBOX_PYTHON_IMAGE`, `SANDBOX_PYTHON_POLICY`,
+//!    `SANDBOX_PYTHON_FAILING_POLICY` and `SANDBOX_PYTHON_MINIMAL_POLICY`);
 //! 7. a virtualenv under `target/xtask/venv` with the Python client's test
 //!    and deepagents dependencies (installs Debian's `python3-venv` when
 //!    `venv` is missing), and the Python suite against `sandbox serve`;
