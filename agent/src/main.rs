@@ -3,9 +3,17 @@
 //! works).
 //!
 //! ```text
+//! sandbox-agent init
+//! sandbox-agent serve
+//! sandbox-agent respawn
 //! sandbox-agent reap --timeout-ms N -- PROGRAM [ARGS...]
 //! sandbox-agent kill MARKER
 //! ```
+//!
+//! `init` is the container's main process (under tini): it keeps `serve`
+//! running, which takes the host's requests on the container's attach
+//! stream and runs each exec under `reap` (see `serve.rs`). `respawn` kills
+//! a `serve` that stopped answering, for `init` to start anew.
 //!
 //! Runs PROGRAM as its child with `PR_SET_CHILD_SUBREAPER` set, so every
 //! process the call starts stays in its tree even when it double-forks,
@@ -39,8 +47,16 @@ const AGENT_FAILED: i32 = 125;
 
 static EXPIRED: AtomicBool = AtomicBool::new(false);
 
+mod serve;
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    match (args.first().map(String::as_str), args.len()) {
+        (Some("init"), 1) => exit(serve::init()),
+        (Some("serve"), 1) => exit(serve::serve()),
+        (Some("respawn"), 1) => exit(serve::respawn()),
+        _ => {}
+    }
     if args.first().map(String::as_str) == Some("kill") {
         exit(match args.get(1) {
             Some(marker) if args.len() == 2 && valid_marker(marker) => kill_marked(marker),

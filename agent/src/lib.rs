@@ -1,0 +1,4 @@
+//! The part of `sandbox-agent` the host shares: the wire protocol of
+//! `sandbox-agent serve` ([`protocol`]). The binary itself is `main.rs`.
+
+pub mod protocol;

@@ -1,0 +1,423 @@
+//! The wire between the host and `sandbox-agent serve`: one frame per line
+//! over the container's attach stream (the agent's stdin and stdout), in
+//! ASCII, with every byte string in base64. A line is a verb and
+//! space-separated fields; nothing else parses.
+//!
+//! ```text
+//! host -> agent                                agent -> host
+//! ping NONCE                                   pong NONCE BOOT
+//! exec ID TIMEOUT_MS ENV COMMAND STDIN|-       ack ID
+//! kill ID MARKER                               out ID DATA | err ID DATA
+//!                                              exit ID CODE
+//!                                              killed ID 0|1
+//!                                              hello BOOT | bad REASON
+//! ```
+//!
+//! `ENV` is the base64 of `KEY=value` entries joined by NUL. Both sides bound
+//! a line before they parse it ([`MAX_REQUEST_LINE`], [`MAX_REPLY_LINE`]),
+//! and the host treats every reply as untrusted input: another process in
+//! the container may write into the agent's stdout.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+
+/// Longest request line (an exec with its inline stdin).
+pub const MAX_REQUEST_LINE: usize = 1024 * 1024;
+/// Stdin bytes an exec may carry inline; more goes through `docker exec`.
+pub const MAX_INLINE_STDIN: usize = 512 * 1024;
+/// Bytes of output per `out` / `err` frame.
+pub const CHUNK: usize = 16 * 1024;
+/// Longest reply line: an output frame of [`CHUNK`] bytes and its header.
+pub const MAX_REPLY_LINE: usize = CHUNK / 3 * 4 + 256;
+/// The longest token (ids, nonces, markers, boot ids).
+pub const MAX_TOKEN: usize = 64;
+
+/// What the host asks of the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Answered by `pong` with the same nonce and the agent's boot id.
+    Ping { nonce: String },
+    /// Runs `sh -c command` under `reap` (its own subreaper and deadline).
+    Exec {
+        id: String,
+        timeout_ms: u64,
+        env: Vec<String>,
+        command: String,
+        stdin: Option<Vec<u8>>,
+    },
+    /// Ends every process carrying `SANDBOX_EXEC_ID=marker`.
+    Kill { id: String, marker: String },
+}
+
+/// What the agent says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// Said once when a serve process starts.
+    Hello {
+        boot: String,
+    },
+    Pong {
+        nonce: String,
+        boot: String,
+    },
+    /// The request `id` was read whole and is being carried out.
+    Ack {
+        id: String,
+    },
+    Stdout {
+        id: String,
+        data: Vec<u8>,
+    },
+    Stderr {
+        id: String,
+        data: Vec<u8>,
+    },
+    /// The call ended with this shell-style status (124: its deadline).
+    Exit {
+        id: String,
+        code: u8,
+    },
+    Killed {
+        id: String,
+        all_gone: bool,
+    },
+    /// A request line that did not parse; it was dropped.
+    Bad {
+        reason: String,
+    },
+}
+
+/// Why a line did not parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError(pub String);
+
+impl std::fmt::Display for ParseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn bad(what: &str) -> ParseError {
+    ParseError(what.to_owned())
+}
+
+/// A plain token: `[A-Za-z0-9_-]{1,64}`.
+pub fn valid_token(token: &str) -> bool {
+    (1..=MAX_TOKEN).contains(&token.len())
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn token(field: Option<&str>, what: &str) -> Result<String, ParseError> {
+    match field {
+        Some(t) if valid_token(t) => Ok(t.to_owned()),
+        _ => Err(bad(what)),
+    }
+}
+
+fn bytes(field: Option<&str>, what: &str) -> Result<Vec<u8>, ParseError> {
+    STANDARD
+        .decode(field.ok_or_else(|| bad(what))?)
+        .map_err(|_| bad(what))
+}
+
+fn encode(data: &[u8]) -> String {
+    STANDARD.encode(data)
+}
+
+/// Splits a line (without its newline) into fields, refusing anything but
+/// printable ASCII separated by single spaces.
+fn fields(line: &[u8]) -> Result<std::str::Split<'_, char>, ParseError> {
+    if line.is_empty() || !line.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+        return Err(bad("not a frame"));
+    }
+    // Checked ASCII above.
+    let text = std::str::from_utf8(line).map_err(|_| bad("not a frame"))?;
+    Ok(text.split(' '))
+}
+
+fn end(mut rest: std::str::Split<'_, char>) -> Result<(), ParseError> {
+    match rest.next() {
+        None => Ok(()),
+        Some(_) => Err(bad("trailing fields")),
+    }
+}
+
+impl Request {
+    /// The line, newline included.
+    pub fn encode(&self) -> String {
+        match self {
+            Request::Ping { nonce } => format!("ping {nonce}\n"),
+            Request::Exec {
+                id,
+                timeout_ms,
+                env,
+                command,
+                stdin,
+            } => format!(
+                "exec {id} {timeout_ms} {} {} {}\n",
+                encode(env.join("\0").as_bytes()),
+                encode(command.as_bytes()),
+                stdin.as_deref().map_or_else(|| "-".to_owned(), encode)
+            ),
+            Request::Kill { id, marker } => format!("kill {id} {marker}\n"),
+        }
+    }
+
+    /// Parses one line (without its newline), strictly.
+    pub fn parse(line: &[u8]) -> Result<Self, ParseError> {
+        if line.len() > MAX_REQUEST_LINE {
+            return Err(bad("line too long"));
+        }
+        let mut f = fields(line)?;
+        let request = match f.next() {
+            Some("ping") => Request::Ping {
+                nonce: token(f.next(), "nonce")?,
+            },
+            Some("exec") => {
+                let id = token(f.next(), "id")?;
+                let timeout_ms = f
+                    .next()
+                    .filter(|t| t.len() <= 12 && t.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|t| t.parse().ok())
+                    .ok_or_else(|| bad("timeout"))?;
+                let env = String::from_utf8(bytes(f.next(), "env")?).map_err(|_| bad("env"))?;
+                let env: Vec<String> = if env.is_empty() {
+                    Vec::new()
+                } else {
+                    env.split('\0').map(str::to_owned).collect()
+                };
+                if env
+                    .iter()
+                    .any(|kv| !kv.contains('=') || kv.starts_with('='))
+                {
+                    return Err(bad("env"));
+                }
+                let command =
+                    String::from_utf8(bytes(f.next(), "command")?).map_err(|_| bad("command"))?;
+                if command.contains('\0') {
+                    return Err(bad("command"));
+                }
+                let stdin = match f.next() {
+                    Some("-") => None,
+                    other => {
+                        let data = bytes(other, "stdin")?;
+                        if data.len() > MAX_INLINE_STDIN {
+                            return Err(bad("stdin"));
+                        }
+                        Some(data)
+                    }
+                };
+                Request::Exec {
+                    id,
+                    timeout_ms,
+                    env,
+                    command,
+                    stdin,
+                }
+            }
+            Some("kill") => Request::Kill {
+                id: token(f.next(), "id")?,
+                marker: token(f.next(), "marker")?,
+            },
+            _ => return Err(bad("unknown verb")),
+        };
+        end(f)?;
+        Ok(request)
+    }
+}
+
+impl Reply {
+    /// The line, newline included.
+    pub fn encode(&self) -> String {
+        match self {
+            Reply::Hello { boot } => format!("hello {boot}\n"),
+            Reply::Pong { nonce, boot } => format!("pong {nonce} {boot}\n"),
+            Reply::Ack { id } => format!("ack {id}\n"),
+            Reply::Stdout { id, data } => format!("out {id} {}\n", encode(data)),
+            Reply::Stderr { id, data } => format!("err {id} {}\n", encode(data)),
+            Reply::Exit { id, code } => format!("exit {id} {code}\n"),
+            Reply::Killed { id, all_gone } => format!("killed {id} {}\n", u8::from(*all_gone)),
+            Reply::Bad { reason } => format!("bad {reason}\n"),
+        }
+    }
+
+    /// Parses one line (without its newline), strictly: the host's guard
+    /// against anything else written into the agent's stdout.
+    pub fn parse(line: &[u8]) -> Result<Self, ParseError> {
+        if line.len() > MAX_REPLY_LINE {
+            return Err(bad("line too long"));
+        }
+        let mut f = fields(line)?;
+        let reply = match f.next() {
+            Some("hello") => Reply::Hello {
+                boot: token(f.next(), "boot")?,
+            },
+            Some("pong") => Reply::Pong {
+                nonce: token(f.next(), "nonce")?,
+                boot: token(f.next(), "boot")?,
+            },
+            Some("ack") => Reply::Ack {
+                id: token(f.next(), "id")?,
+            },
+            Some(verb @ ("out" | "err")) => {
+                let id = token(f.next(), "id")?;
+                let data = bytes(f.next(), "data")?;
+                if data.is_empty() || data.len() > CHUNK {
+                    return Err(bad("data"));
+                }
+                if verb == "out" {
+                    Reply::Stdout { id, data }
+                } else {
+                    Reply::Stderr { id, data }
+                }
+            }
+            Some("exit") => Reply::Exit {
+                id: token(f.next(), "id")?,
+                code: f
+                    .next()
+                    .filter(|c| c.len() <= 3 && c.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|c| c.parse().ok())
+                    .ok_or_else(|| bad("code"))?,
+            },
+            Some("killed") => Reply::Killed {
+                id: token(f.next(), "id")?,
+                all_gone: match f.next() {
+                    Some("0") => false,
+                    Some("1") => true,
+                    _ => return Err(bad("killed")),
+                },
+            },
+            Some("bad") => Reply::Bad {
+                reason: token(f.next(), "reason")?,
+            },
+            _ => return Err(bad("unknown verb")),
+        };
+        end(f)?;
+        Ok(reply)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(s: &str) -> &[u8] {
+        s.strip_suffix('\n').unwrap().as_bytes()
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        let requests = [
+            Request::Ping { nonce: "n1".into() },
+            Request::Exec {
+                id: "a-1".into(),
+                timeout_ms: 1500,
+                env: vec!["SANDBOX_EXEC_ID=abcdefgh".into(), "X=a b=c".into()],
+                command: "echo 'hi'\nexit 3".into(),
+                stdin: Some(b"\x00\xff".to_vec()),
+            },
+            Request::Exec {
+                id: "a-2".into(),
+                timeout_ms: 0,
+                env: vec![],
+                command: String::new(),
+                stdin: None,
+            },
+            Request::Kill {
+                id: "k".into(),
+                marker: "abcdefgh".into(),
+            },
+        ];
+        for r in requests {
+            assert_eq!(Request::parse(line(&r.encode())), Ok(r.clone()), "{r:?}");
+        }
+        let replies = [
+            Reply::Hello { boot: "b".into() },
+            Reply::Pong {
+                nonce: "n".into(),
+                boot: "b".into(),
+            },
+            Reply::Ack { id: "a".into() },
+            Reply::Stdout {
+                id: "a".into(),
+                data: vec![0, 255, b'\n'],
+            },
+            Reply::Stderr {
+                id: "a".into(),
+                data: vec![b' '; CHUNK],
+            },
+            Reply::Exit {
+                id: "a".into(),
+                code: 255,
+            },
+            Reply::Killed {
+                id: "a".into(),
+                all_gone: true,
+            },
+            Reply::Bad {
+                reason: "env".into(),
+            },
+        ];
+        for r in replies {
+            let encoded = r.encode();
+            assert!(encoded.len() <= MAX_REPLY_LINE + 1);
+            assert_eq!(Reply::parse(line(&encoded)), Ok(r.clone()), "{r:?}");
+        }
+    }
+
+    /// Anything a workload could write into the agent's stdout that is not
+    /// exactly a frame is refused, never half-read.
+    #[test]
+    fn forged_and_garbled_replies_are_refused() {
+        for garbage in [
+            "",
+            "exit",
+            "exit a",
+            "exit a 256",
+            "exit a -1",
+            "exit a 1 2",
+            "exit a  1",
+            "exit a\t1",
+            "exit ../x 1",
+            "out a !!!",
+            "out a ",
+            "out a AAAA AAAA",
+            "ack a\u{7f}",
+            "pong n",
+            "killed a 2",
+            "EXIT a 1",
+            "exit a 0001",
+        ] {
+            assert!(Reply::parse(garbage.as_bytes()).is_err(), "{garbage:?}");
+        }
+        let long = format!("out a {}", "A".repeat(MAX_REPLY_LINE));
+        assert!(Reply::parse(long.as_bytes()).is_err());
+        let oversized = format!("out a {}", encode(&vec![0; CHUNK + 1]));
+        assert!(Reply::parse(oversized.as_bytes()).is_err());
+        let id = "x".repeat(MAX_TOKEN + 1);
+        assert!(Reply::parse(format!("ack {id}").as_bytes()).is_err());
+    }
+
+    #[test]
+    fn requests_are_strict_too() {
+        for garbage in [
+            "exec a 10 - - -",
+            "exec a x AA== AA== -",
+            "exec a 10 AA== AA==",
+            "kill a",
+            "ping",
+            "run a",
+        ] {
+            assert!(Request::parse(garbage.as_bytes()).is_err(), "{garbage:?}");
+        }
+        // An environment entry without '=' or with a NUL in the command.
+        let env = encode(b"NOEQUALS");
+        let cmd = encode(b"true");
+        assert!(Request::parse(format!("exec a 1 {env} {cmd} -").as_bytes()).is_err());
+        let env = encode(b"A=1");
+        let cmd = encode(b"a\0b");
+        assert!(Request::parse(format!("exec a 1 {env} {cmd} -").as_bytes()).is_err());
+    }
+}

@@ -1,0 +1,340 @@
+//! `sandbox-agent init` and `sandbox-agent serve`: the container's main
+//! process, and the host's data plane.
+//!
+//! `init` runs under the container's init (tini) as a child subreaper: it
+//! starts `serve` with its own stdin and stdout (the container's attach
+//! stream), reaps every orphan, and starts `serve` again when it dies. So a
+//! workload that kills `serve` costs the calls in flight, not the container.
+//!
+//! `serve` reads request lines from stdin and writes reply lines to stdout
+//! (see `sandbox_agent::protocol`). Each exec runs as `sandbox-agent reap
+//! --timeout-ms N -- sh -c COMMAND`, so it has the same subreaper, deadline
+//! and exit status as an exec through the engine. Everything here runs as
+//! the sandbox user, like the workload: the agent holds no right the
+//! workload lacks, and the host trusts nothing it says beyond that
+//! sandbox's own results.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::time::{Duration, Instant};
+
+use sandbox_agent::protocol::{Reply, Request, CHUNK, MAX_REQUEST_LINE};
+
+/// Runs `serve` and keeps it running; never returns but on a setup error.
+pub fn init() -> i32 {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        eprintln!("sandbox-agent init: PR_SET_CHILD_SUBREAPER failed");
+        return crate::AGENT_FAILED;
+    }
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("sandbox-agent init: {e}");
+            return crate::AGENT_FAILED;
+        }
+    };
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let started = Instant::now();
+        match Command::new(&exe).arg("serve").spawn() {
+            Ok(child) => reap_until(child.id() as libc::pid_t),
+            Err(e) => eprintln!("sandbox-agent init: starting serve: {e}"),
+        }
+        // A serve that keeps dying at once is restarted ever more slowly.
+        pause = if started.elapsed() < Duration::from_secs(1) {
+            (pause * 2).min(Duration::from_secs(2))
+        } else {
+            Duration::from_millis(20)
+        };
+        std::thread::sleep(pause);
+    }
+}
+
+/// Reaps every child (orphans included) until `child` has exited.
+fn reap_until(child: libc::pid_t) {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into a local.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid == child {
+            return;
+        }
+        if pid < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return;
+        }
+    }
+}
+
+/// A fresh boot id: tells the host that a new serve process answers.
+fn boot_id() -> String {
+    let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap_or_default();
+    let id: String = uuid.trim().chars().filter(|c| *c != '-').collect();
+    if id.is_empty() {
+        format!("p{}", std::process::id())
+    } else {
+        id
+    }
+}
+
+/// Serves requests until stdin ends.
+pub fn serve() -> i32 {
+    let boot = boot_id();
+    // One writer, so each reply line leaves whole.
+    let (tx, rx) = sync_channel::<String>(256);
+    std::thread::spawn(move || {
+        let mut out = std::io::stdout().lock();
+        for line in rx {
+            if out
+                .write_all(line.as_bytes())
+                .and_then(|()| out.flush())
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let say = |tx: &SyncSender<String>, reply: Reply| {
+        let _ = tx.send(reply.encode());
+    };
+    say(&tx, Reply::Hello { boot: boot.clone() });
+    let mut input = BufReader::with_capacity(64 * 1024, std::io::stdin().lock());
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match read_line(&mut input, &mut line) {
+            Ok(Line::Whole) => {}
+            Ok(Line::TooLong) => {
+                say(
+                    &tx,
+                    Reply::Bad {
+                        reason: "too-long".into(),
+                    },
+                );
+                continue;
+            }
+            Ok(Line::End) | Err(_) => break,
+        }
+        match Request::parse(&line) {
+            Ok(Request::Ping { nonce }) => say(
+                &tx,
+                Reply::Pong {
+                    nonce,
+                    boot: boot.clone(),
+                },
+            ),
+            Ok(Request::Exec {
+                id,
+                timeout_ms,
+                env,
+                command,
+                stdin,
+            }) => {
+                say(&tx, Reply::Ack { id: id.clone() });
+                let tx = tx.clone();
+                std::thread::spawn(move || run(tx, id, timeout_ms, env, command, stdin));
+            }
+            Ok(Request::Kill { id, marker }) => {
+                say(&tx, Reply::Ack { id: id.clone() });
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let all_gone = crate::kill_marked(&marker) == 0;
+                    let _ = tx.send(Reply::Killed { id, all_gone }.encode());
+                });
+            }
+            Err(e) => say(
+                &tx,
+                Reply::Bad {
+                    reason: e.0.replace(' ', "-"),
+                },
+            ),
+        }
+    }
+    // No one can ask anything more; calls in flight still finish.
+    loop {
+        std::thread::park();
+    }
+}
+
+enum Line {
+    Whole,
+    TooLong,
+    End,
+}
+
+/// Reads one line into `line` (without its newline), never holding more
+/// than [`MAX_REQUEST_LINE`] bytes: a longer one is skipped to its end.
+fn read_line(input: &mut impl BufRead, line: &mut Vec<u8>) -> std::io::Result<Line> {
+    let mut too_long = false;
+    loop {
+        let buf = input.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(Line::End);
+        }
+        let (chunk, found) = match buf.iter().position(|&b| b == b'\n') {
+            Some(at) => (&buf[..at], Some(at)),
+            None => (buf, None),
+        };
+        if !too_long && line.len() + chunk.len() <= MAX_REQUEST_LINE {
+            line.extend_from_slice(chunk);
+        } else {
+            too_long = true;
+            line.clear();
+        }
+        let used = found.map_or(buf.len(), |at| at + 1);
+        input.consume(used);
+        if found.is_some() {
+            return Ok(if too_long { Line::TooLong } else { Line::Whole });
+        }
+    }
+}
+
+/// One exec: `reap` with the call's environment, its output relayed as
+/// frames, then its status.
+fn run(
+    tx: SyncSender<String>,
+    id: String,
+    timeout_ms: u64,
+    env: Vec<String>,
+    command: String,
+    stdin: Option<Vec<u8>>,
+) {
+    let exe = std::env::current_exe().unwrap_or_else(|_| "/.sandbox/agent".into());
+    let mut cmd = Command::new(exe);
+    cmd.args(["reap", "--timeout-ms", &timeout_ms.to_string(), "--"])
+        .args(["sh", "-c", &command])
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for kv in &env {
+        if let Some((key, value)) = kv.split_once('=') {
+            cmd.env(key, value);
+        }
+    }
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            let data = format!("sandbox-agent: {e}\n").into_bytes();
+            let _ = tx.send(
+                Reply::Stderr {
+                    id: id.clone(),
+                    data,
+                }
+                .encode(),
+            );
+            let _ = tx.send(Reply::Exit { id, code: 126 }.encode());
+            return;
+        }
+    };
+    if let (Some(mut pipe), Some(bytes)) = (child.stdin.take(), stdin) {
+        // The command may exit without reading it all.
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&bytes);
+        });
+    }
+    let relays = [
+        relay(child.stdout.take(), tx.clone(), id.clone(), true),
+        relay(child.stderr.take(), tx.clone(), id.clone(), false),
+    ];
+    for relay in relays.into_iter().flatten() {
+        let _ = relay.join();
+    }
+    let code = match child.wait() {
+        Ok(status) => {
+            use std::os::unix::process::ExitStatusExt;
+            status
+                .code()
+                .or_else(|| status.signal().map(|s| 128 + s))
+                .unwrap_or(crate::AGENT_FAILED)
+        }
+        Err(_) => crate::AGENT_FAILED,
+    };
+    let _ = tx.send(
+        Reply::Exit {
+            id,
+            code: u8::try_from(code).unwrap_or(255),
+        }
+        .encode(),
+    );
+}
+
+fn relay(
+    from: Option<impl Read + Send + 'static>,
+    tx: SyncSender<String>,
+    id: String,
+    stdout: bool,
+) -> Option<std::thread::JoinHandle<()>> {
+    let mut from = from?;
+    Some(std::thread::spawn(move || {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    let (id, data) = (id.clone(), buf[..n].to_vec());
+                    let reply = if stdout {
+                        Reply::Stdout { id, data }
+                    } else {
+                        Reply::Stderr { id, data }
+                    };
+                    if tx.send(reply.encode()).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }))
+}
+
+/// `sandbox-agent respawn`: kills the serve processes, which `init` then
+/// starts again. The host's remedy for a serve that stopped answering.
+pub fn respawn() -> i32 {
+    let Ok(me) = std::env::current_exe() else {
+        return crate::AGENT_FAILED;
+    };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return crate::AGENT_FAILED;
+    };
+    for pid in dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<libc::pid_t>().ok())
+    {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"));
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let is_serve = cmdline.split(|&b| b == 0).nth(1) == Some(b"serve");
+        if exe.is_ok_and(|e| e == me) && is_serve {
+            // SAFETY: signalling a pid; a stale one fails harmlessly.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_past_the_bound_is_skipped_whole_and_the_next_one_read() {
+        let mut text = vec![b'x'; MAX_REQUEST_LINE + 10];
+        text.extend_from_slice(b"\nping n\n");
+        let mut input = BufReader::with_capacity(4096, &text[..]);
+        let mut line = Vec::new();
+        assert!(matches!(
+            read_line(&mut input, &mut line),
+            Ok(Line::TooLong)
+        ));
+        line.clear();
+        assert!(matches!(read_line(&mut input, &mut line), Ok(Line::Whole)));
+        assert_eq!(line, b"ping n");
+        line.clear();
+        assert!(matches!(read_line(&mut input, &mut line), Ok(Line::End)));
+    }
+}

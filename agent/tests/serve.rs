@@ -1,0 +1,165 @@
+//! `sandbox-agent serve` as a process, over pipes as the host sees it on the
+//! attach stream: execs with env, stdin and exit codes, their deadline,
+//! garbage that is refused without losing the next request, and kills.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use sandbox_agent::protocol::{Reply, Request};
+
+struct Serve {
+    child: Child,
+    input: ChildStdin,
+    output: BufReader<ChildStdout>,
+}
+
+impl Serve {
+    fn start() -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sandbox-agent"))
+            .arg("serve")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let input = child.stdin.take().unwrap();
+        let output = BufReader::new(child.stdout.take().unwrap());
+        let mut serve = Serve {
+            child,
+            input,
+            output,
+        };
+        assert!(matches!(serve.next(), Reply::Hello { .. }));
+        serve
+    }
+
+    fn send(&mut self, line: &str) {
+        self.input.write_all(line.as_bytes()).unwrap();
+        self.input.flush().unwrap();
+    }
+
+    fn next(&mut self) -> Reply {
+        let mut line = Vec::new();
+        self.output.read_until(b'\n', &mut line).unwrap();
+        line.pop();
+        Reply::parse(&line).unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&line)))
+    }
+
+    /// Collects replies until every id in `ids` has exited: id -> (stdout,
+    /// stderr, code).
+    fn collect(&mut self, ids: &[&str]) -> HashMap<String, (Vec<u8>, Vec<u8>, u8)> {
+        let mut got: HashMap<String, (Vec<u8>, Vec<u8>, u8)> = HashMap::new();
+        let mut open = ids.len();
+        while open > 0 {
+            match self.next() {
+                Reply::Stdout { id, data } => got.entry(id).or_default().0.extend(data),
+                Reply::Stderr { id, data } => got.entry(id).or_default().1.extend(data),
+                Reply::Exit { id, code } => {
+                    got.entry(id).or_default().2 = code;
+                    open -= 1;
+                }
+                Reply::Ack { .. } | Reply::Killed { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        got
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn exec(id: &str, command: &str, env: &[&str], stdin: Option<&[u8]>, timeout_ms: u64) -> String {
+    Request::Exec {
+        id: id.into(),
+        timeout_ms,
+        env: env.iter().map(|s| s.to_string()).collect(),
+        command: command.into(),
+        stdin: stdin.map(<[u8]>::to_vec),
+    }
+    .encode()
+}
+
+#[test]
+fn concurrent_execs_keep_their_own_output_env_stdin_and_status() {
+    let mut serve = Serve::start();
+    serve.send(&exec(
+        "slow",
+        "sleep 0.3; echo slow; exit 3",
+        &[],
+        None,
+        10_000,
+    ));
+    serve.send(&exec(
+        "env",
+        "echo \"$FOO\" >&2; cat",
+        &["FOO=a b", "SANDBOX_EXEC_ID=abcdefgh1"],
+        Some(b"\x00\xffin"),
+        10_000,
+    ));
+    serve.send(&exec("missing", "exec /nonexistent", &[], None, 10_000));
+    let got = serve.collect(&["slow", "env", "missing"]);
+    assert_eq!(got["slow"], (b"slow\n".to_vec(), vec![], 3));
+    assert_eq!(got["env"], (b"\x00\xffin".to_vec(), b"a b\n".to_vec(), 0));
+    assert_eq!(got["missing"].2, 127);
+}
+
+#[test]
+fn garbage_is_refused_and_the_next_request_still_runs() {
+    let mut serve = Serve::start();
+    serve.send("exec x\n");
+    assert!(matches!(serve.next(), Reply::Bad { .. }));
+    serve.send("\u{1b}[2J\n");
+    assert!(matches!(serve.next(), Reply::Bad { .. }));
+    // A line far past the bound is skipped whole.
+    let mut long = "ping ".to_owned();
+    long.push_str(&"A".repeat(sandbox_agent::protocol::MAX_REQUEST_LINE + 1));
+    long.push('\n');
+    serve.send(&long);
+    assert!(matches!(serve.next(), Reply::Bad { .. }));
+    serve.send("ping n1\n");
+    assert!(matches!(serve.next(), Reply::Pong { nonce, .. } if nonce == "n1"));
+    serve.send(&exec("ok", "echo fine", &[], None, 10_000));
+    assert_eq!(serve.collect(&["ok"])["ok"].0, b"fine\n");
+}
+
+#[test]
+fn the_deadline_and_a_kill_end_the_whole_call() {
+    let mut serve = Serve::start();
+    serve.send(&exec("late", "echo up; sleep 100", &[], None, 300));
+    let got = serve.collect(&["late"]);
+    assert_eq!(got["late"], (b"up\n".to_vec(), vec![], 124));
+
+    let marker = "killme-0001";
+    serve.send(&exec(
+        "victim",
+        "echo started; sleep 100 & sleep 100",
+        &[&format!("SANDBOX_EXEC_ID={marker}")],
+        None,
+        60_000,
+    ));
+    assert!(matches!(serve.next(), Reply::Ack { id } if id == "victim"));
+    assert!(matches!(serve.next(), Reply::Stdout { id, .. } if id == "victim"));
+    serve.send(
+        &Request::Kill {
+            id: "k1".into(),
+            marker: marker.into(),
+        }
+        .encode(),
+    );
+    let mut killed = None;
+    let mut exit = None;
+    while killed.is_none() || exit.is_none() {
+        match serve.next() {
+            Reply::Killed { all_gone, .. } => killed = Some(all_gone),
+            Reply::Exit { code, .. } => exit = Some(code),
+            _ => {}
+        }
+    }
+    assert_eq!(killed, Some(true));
+    assert_eq!(exit, Some(137), "the call's reap was killed");
+}
