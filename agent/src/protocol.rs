@@ -6,13 +6,15 @@
 //! ```text
 //! host -> agent                                agent -> host
 //! ping NONCE                                   pong NONCE BOOT
-//! exec ID TIMEOUT_MS ENV COMMAND STDIN|-       ack ID
+//! exec ID START_BY TIMEOUT_MS ENV CMD STDIN|-  ack ID
 //! kill ID MARKER                               out ID DATA | err ID DATA
 //!                                              exit ID CODE
 //!                                              killed ID 0|1
 //!                                              hello BOOT | bad REASON
 //! ```
 //!
+//! `START_BY` is a Unix time in ms: an exec read later (the agent was
+//! stopped while the host gave up on it) is refused, never run late.
 //! `ENV` is the base64 of `KEY=value` entries joined by NUL. Both sides bound
 //! a line before they parse it ([`MAX_REQUEST_LINE`], [`MAX_REPLY_LINE`]),
 //! and the host treats every reply as untrusted input: another process in
@@ -40,6 +42,7 @@ pub enum Request {
     /// Runs `sh -c command` under `reap` (its own subreaper and deadline).
     Exec {
         id: String,
+        start_by_ms: u64,
         timeout_ms: u64,
         env: Vec<String>,
         command: String,
@@ -122,6 +125,14 @@ fn bytes(field: Option<&str>, what: &str) -> Result<Vec<u8>, ParseError> {
         .map_err(|_| bad(what))
 }
 
+/// Decimal digits only, at most 15 of them.
+fn number(field: Option<&str>, what: &str) -> Result<u64, ParseError> {
+    field
+        .filter(|t| (1..=15).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(|| bad(what))
+}
+
 fn encode(data: &[u8]) -> String {
     STANDARD.encode(data)
 }
@@ -151,12 +162,13 @@ impl Request {
             Request::Ping { nonce } => format!("ping {nonce}\n"),
             Request::Exec {
                 id,
+                start_by_ms,
                 timeout_ms,
                 env,
                 command,
                 stdin,
             } => format!(
-                "exec {id} {timeout_ms} {} {} {}\n",
+                "exec {id} {start_by_ms} {timeout_ms} {} {} {}\n",
                 encode(env.join("\0").as_bytes()),
                 encode(command.as_bytes()),
                 stdin.as_deref().map_or_else(|| "-".to_owned(), encode)
@@ -177,11 +189,8 @@ impl Request {
             },
             Some("exec") => {
                 let id = token(f.next(), "id")?;
-                let timeout_ms = f
-                    .next()
-                    .filter(|t| t.len() <= 12 && t.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|t| t.parse().ok())
-                    .ok_or_else(|| bad("timeout"))?;
+                let start_by_ms = number(f.next(), "start-by")?;
+                let timeout_ms = number(f.next(), "timeout")?;
                 let env = String::from_utf8(bytes(f.next(), "env")?).map_err(|_| bad("env"))?;
                 let env: Vec<String> = if env.is_empty() {
                     Vec::new()
@@ -211,6 +220,7 @@ impl Request {
                 };
                 Request::Exec {
                     id,
+                    start_by_ms,
                     timeout_ms,
                     env,
                     command,
@@ -313,6 +323,7 @@ mod tests {
             Request::Ping { nonce: "n1".into() },
             Request::Exec {
                 id: "a-1".into(),
+                start_by_ms: 1_800_000_000_000,
                 timeout_ms: 1500,
                 env: vec!["SANDBOX_EXEC_ID=abcdefgh".into(), "X=a b=c".into()],
                 command: "echo 'hi'\nexit 3".into(),
@@ -320,6 +331,7 @@ mod tests {
             },
             Request::Exec {
                 id: "a-2".into(),
+                start_by_ms: 0,
                 timeout_ms: 0,
                 env: vec![],
                 command: String::new(),
@@ -403,9 +415,10 @@ mod tests {
     #[test]
     fn requests_are_strict_too() {
         for garbage in [
-            "exec a 10 - - -",
-            "exec a x AA== AA== -",
-            "exec a 10 AA== AA==",
+            "exec a 1 10 - - -",
+            "exec a 1 x AA== AA== -",
+            "exec a 1 10 AA== AA==",
+            "exec a 10 AA== AA== -",
             "kill a",
             "ping",
             "run a",
@@ -415,9 +428,9 @@ mod tests {
         // An environment entry without '=' or with a NUL in the command.
         let env = encode(b"NOEQUALS");
         let cmd = encode(b"true");
-        assert!(Request::parse(format!("exec a 1 {env} {cmd} -").as_bytes()).is_err());
+        assert!(Request::parse(format!("exec a 1 1 {env} {cmd} -").as_bytes()).is_err());
         let env = encode(b"A=1");
         let cmd = encode(b"a\0b");
-        assert!(Request::parse(format!("exec a 1 {env} {cmd} -").as_bytes()).is_err());
+        assert!(Request::parse(format!("exec a 1 1 {env} {cmd} -").as_bytes()).is_err());
     }
 }

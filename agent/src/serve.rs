@@ -67,6 +67,12 @@ fn reap_until(child: libc::pid_t) {
     }
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A fresh boot id: tells the host that a new serve process answers.
 fn boot_id() -> String {
     let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap_or_default();
@@ -126,11 +132,22 @@ pub fn serve() -> i32 {
             ),
             Ok(Request::Exec {
                 id,
+                start_by_ms,
                 timeout_ms,
                 env,
                 command,
                 stdin,
             }) => {
+                if now_ms() > start_by_ms {
+                    // The host gave up waiting for this one and said so.
+                    say(
+                        &tx,
+                        Reply::Bad {
+                            reason: "stale".into(),
+                        },
+                    );
+                    continue;
+                }
                 say(&tx, Reply::Ack { id: id.clone() });
                 let tx = tx.clone();
                 std::thread::spawn(move || run(tx, id, timeout_ms, env, command, stdin));

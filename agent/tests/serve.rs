@@ -76,12 +76,35 @@ impl Drop for Serve {
 fn exec(id: &str, command: &str, env: &[&str], stdin: Option<&[u8]>, timeout_ms: u64) -> String {
     Request::Exec {
         id: id.into(),
+        start_by_ms: now_ms() + 60_000,
         timeout_ms,
         env: env.iter().map(|s| s.to_string()).collect(),
         command: command.into(),
         stdin: stdin.map(<[u8]>::to_vec),
     }
     .encode()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[test]
+fn a_request_read_after_its_start_by_time_never_runs() {
+    let mut serve = Serve::start();
+    let stale = Request::Exec {
+        id: "late".into(),
+        start_by_ms: now_ms() - 1,
+        timeout_ms: 1000,
+        env: vec![],
+        command: "echo ran".into(),
+        stdin: None,
+    };
+    serve.send(&stale.encode());
+    assert!(matches!(serve.next(), Reply::Bad { reason } if reason == "stale"));
 }
 
 #[test]

@@ -59,7 +59,7 @@ mod tests {
             workspace: "/srv/ws/alice".into(),
             policy: "per-user".into(),
             created: Some(1_700_000_000),
-            agent: false,
+            agent: Default::default(),
         }
     }
 

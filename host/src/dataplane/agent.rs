@@ -2,9 +2,11 @@
 //! `agent/`): embedded at build time, installed once per digest into the
 //! host's state directory, and bind-mounted read-only at [`AGENT_MOUNT`].
 //!
-//! Today it runs each execute as a child subreaper, so a timeout ends every
-//! process the call started, including ones that cleared their environment,
-//! double-forked or called `setsid`.
+//! It is each container's main process (`init`, keeping `serve` up), which
+//! takes executes over the attach stream (`provider::agent_link`) and runs
+//! each as a child subreaper, so a timeout ends every process the call
+//! started, including ones that cleared their environment, double-forked or
+//! called `setsid`. Through `docker exec` (the fallback) it runs as `reap`.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -15,8 +17,42 @@ use crate::error::SandboxError;
 /// Where the agent appears inside every container (read-only).
 pub const AGENT_MOUNT: &str = "/.sandbox/agent";
 
-/// The label that says a container has the agent mounted.
+/// The label that says a container has the agent mounted: `serve` when the
+/// agent is also its main process (see [`AgentMode`]).
 pub const AGENT_LABEL: &str = "sandbox.agent";
+
+/// The label value of a container whose main process is the agent.
+pub const AGENT_SERVES: &str = "serve";
+
+/// What a container has of the agent, from its label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AgentMode {
+    /// Not mounted (created without it): `docker exec` and the kill script.
+    #[default]
+    Absent,
+    /// Mounted, the main process idles (an older host created it): each
+    /// execute runs `docker exec` under `reap`.
+    Mounted,
+    /// Mounted and the main process (`init` keeping `serve` up): executes
+    /// go over the attach stream, `docker exec` is the fallback.
+    Serves,
+}
+
+impl AgentMode {
+    /// The mode a container's labels say.
+    pub fn of(labels: &std::collections::HashMap<String, String>) -> Self {
+        match labels.get(AGENT_LABEL).map(String::as_str) {
+            None => AgentMode::Absent,
+            Some(AGENT_SERVES) => AgentMode::Serves,
+            Some(_) => AgentMode::Mounted,
+        }
+    }
+}
+
+/// The container's main command when the agent serves.
+pub fn init_argv() -> Vec<String> {
+    vec![AGENT_MOUNT.to_owned(), "init".to_owned()]
+}
 
 const BINARY: &[u8] = sandbox_artifacts::AGENT;
 const DIGEST: &str = sandbox_artifacts::AGENT_SHA256;

@@ -83,6 +83,9 @@ pub struct ExecRequest {
     /// enforces `timeout` on the whole process tree, the host keeps its own
     /// deadline [`AGENT_GRACE`] later as a fallback.
     pub agent: bool,
+    /// The container's main process is `sandbox-agent serve`: the call may
+    /// skip the engine and go to the agent over the attach stream.
+    pub agent_serves: bool,
 }
 
 /// How long after the agent's deadline the host's own deadline falls.
@@ -140,6 +143,7 @@ impl ExecRequest {
             user: None,
             idle_timeout: false,
             agent: false,
+            agent_serves: false,
         })
     }
 }
@@ -239,6 +243,9 @@ pub struct ExecResponse {
     /// `cancelled` (130) or `destroyed` (137, its backend was destroyed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<EndReason>,
+    /// Whether the in-container agent ran it (false: a `docker exec`).
+    #[serde(skip)]
+    pub via_agent: bool,
 }
 
 /// Why the host ended a command.
@@ -287,6 +294,7 @@ impl ExecResponse {
             timed_out: reason == EndReason::Timeout,
             execution_id: execution_id.to_owned(),
             reason: Some(reason),
+            via_agent: false,
         }
     }
 }
@@ -431,6 +439,7 @@ impl ExecOutput {
             timed_out,
             execution_id: String::new(),
             reason: timed_out.then_some(EndReason::Timeout),
+            via_agent: false,
         }
     }
 }

@@ -87,7 +87,9 @@ impl Backend {
                 return Ok(ExecResponse::ended(&id, EndReason::Cancelled));
             }
         };
-        request.agent = self.engine().handouts().has_agent(&container.id);
+        let agent = self.engine().handouts().agent(&container.id);
+        request.agent = agent != crate::dataplane::agent::AgentMode::Absent;
+        request.agent_serves = agent == crate::dataplane::agent::AgentMode::Serves;
         let request = &*request;
         let outcome = tokio::select! {
             r = exec(request, &container) => r,

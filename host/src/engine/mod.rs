@@ -54,9 +54,9 @@ pub struct ManagedContainer {
     pub policy: String,
     /// Unix seconds, when the engine reported it.
     pub created: Option<i64>,
-    /// Whether `sandbox-agent` is mounted in it.
+    /// What it has of `sandbox-agent`.
     #[serde(skip)]
-    pub agent: bool,
+    pub agent: crate::dataplane::agent::AgentMode,
 }
 
 impl std::ops::Deref for ManagedContainer {
@@ -410,9 +410,7 @@ impl Engine {
             workspace: get(label::WORKSPACE),
             policy: get(label::POLICY),
             created: record.created,
-            agent: record
-                .labels
-                .contains_key(crate::dataplane::agent::AGENT_LABEL),
+            agent: crate::dataplane::agent::AgentMode::of(&record.labels),
         })
     }
 

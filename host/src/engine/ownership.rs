@@ -9,11 +9,12 @@
 //! Hand-outs: a policy may only answer `ensure-container` with a container
 //! the host handed it for that backend; [`Handouts`] remembers them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use sandbox_contract::shown;
 
+use crate::dataplane::agent::AgentMode;
 use crate::error::{Result, SandboxError};
 
 /// Label keys every managed container carries.
@@ -80,18 +81,18 @@ pub fn sanitize_policy_name(name: &str) -> String {
 #[derive(Default)]
 pub struct Handouts {
     backends: Mutex<HashMap<String, String>>,
-    with_agent: Mutex<HashSet<String>>,
+    with_agent: Mutex<HashMap<String, AgentMode>>,
 }
 
 impl Handouts {
     /// Records that the container `id` of `backend` was given to a policy.
-    pub fn record(&self, id: &str, backend: &str, has_agent: bool) {
+    pub fn record(&self, id: &str, backend: &str, agent: AgentMode) {
         self.backends
             .lock()
             .unwrap()
             .insert(id.to_owned(), backend.to_owned());
-        if has_agent {
-            self.with_agent.lock().unwrap().insert(id.to_owned());
+        if agent != AgentMode::Absent {
+            self.with_agent.lock().unwrap().insert(id.to_owned(), agent);
         }
     }
 
@@ -101,9 +102,14 @@ impl Handouts {
         self.with_agent.lock().unwrap().remove(id);
     }
 
-    /// Whether a container handed out has `sandbox-agent` mounted.
-    pub fn has_agent(&self, id: &str) -> bool {
-        self.with_agent.lock().unwrap().contains(id)
+    /// What a container handed out has of `sandbox-agent`.
+    pub fn agent(&self, id: &str) -> AgentMode {
+        self.with_agent
+            .lock()
+            .unwrap()
+            .get(id)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Checks that a container a policy returned for `backend` is one this

@@ -33,7 +33,8 @@ pub struct ContainerPlan {
     pub user: UserIds,
     /// Memory, CPU and process limits.
     pub limits: Limits,
-    /// The container's main command (`sleep infinity`).
+    /// The container's main command: `sandbox-agent init` with the agent,
+    /// else `sleep infinity`.
     pub command: Vec<String>,
     /// Root filesystem read-only, with a writable tmpfs `/tmp`.
     pub read_only_rootfs: bool,
@@ -47,14 +48,22 @@ pub struct ContainerPlan {
 }
 
 impl ContainerPlan {
-    /// The plan with the agent mounted, and labelled so.
+    /// The plan with the agent mounted and as the main process (its stdin
+    /// and stdout are the attach stream), and labelled so.
     pub fn with_agent(mut self, agent: PathBuf) -> Self {
         self.labels.insert(
             crate::dataplane::agent::AGENT_LABEL.to_owned(),
-            "1".to_owned(),
+            crate::dataplane::agent::AGENT_SERVES.to_owned(),
         );
         self.agent = Some(agent);
+        self.command = crate::dataplane::agent::init_argv();
         self
+    }
+
+    /// Whether the agent is the main process, talking on the attach stream.
+    pub fn agent_serves(&self) -> bool {
+        crate::dataplane::agent::AgentMode::of(&self.labels)
+            == crate::dataplane::agent::AgentMode::Serves
     }
 
     /// The plan for `backend_id`, whose workspace `workspace` was prepared at

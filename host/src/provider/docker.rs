@@ -23,7 +23,9 @@ use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
+use super::agent_link::{AgentLinks, LinkError, LinkOutcome};
 use super::{ContainerProvider, ContainerRecord, ExecIo, ProviderError, ProviderResult, Status};
+use crate::dataplane::agent::AgentMode;
 use crate::dataplane::exec::{
     ExecOutput, ExecRequest, ExecResponse, StreamKind, KILL_SCRIPT, TIMEOUT_EXIT_CODE,
 };
@@ -37,6 +39,8 @@ pub struct DockerProvider {
     timeout: Duration,
     /// Kills of calls abandoned mid-way (a dropped request, Ctrl-C).
     cancels: Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
+    /// Links to the agents of containers whose main process it is.
+    links: Arc<AgentLinks>,
 }
 
 /// Kills a call's processes if its future is dropped before the call ended:
@@ -46,6 +50,8 @@ struct CancelOnDrop {
     container: String,
     marker: String,
     cancels: Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
+    /// Tried first: a kill through the container's agent link.
+    links: Option<Arc<AgentLinks>>,
     armed: bool,
 }
 
@@ -63,7 +69,13 @@ impl Drop for CancelOnDrop {
             std::mem::take(&mut self.marker),
         );
         tracing::info!(container, "call abandoned: killing its processes");
+        let links = self.links.take();
         let kill = async move {
+            if let Some(links) = links {
+                if links.kill(&container, &marker).await == Ok(true) {
+                    return;
+                }
+            }
             let killed =
                 tokio::time::timeout(CANCEL_TIMEOUT, run_kill(&docker, &container, &marker)).await;
             if !matches!(killed, Ok(Ok(ref r)) if r.exit_code == Some(0)) {
@@ -86,7 +98,15 @@ impl DockerProvider {
             endpoint: None,
             timeout,
             cancels: Default::default(),
+            links: Arc::new(AgentLinks::new(None)),
         }
+    }
+
+    /// Agent-link writers lock files under `state_dir` (the host's state
+    /// directory), so host processes sharing it never interleave frames.
+    pub fn with_link_locks(mut self, state_dir: &std::path::Path) -> Self {
+        self.links = Arc::new(AgentLinks::new(Some(state_dir.join("links"))));
+        self
     }
 
     /// A provider for an explicit endpoint: `unix:///path`, a socket path,
@@ -100,10 +120,11 @@ impl DockerProvider {
 
     /// The provider a configuration asks for.
     pub fn from_config(config: &crate::config::Config) -> Self {
-        match &config.docker_host {
+        let provider = match &config.docker_host {
             Some(endpoint) => Self::with_endpoint(endpoint.clone(), config.docker_timeout()),
             None => Self::new(config.docker_timeout()),
-        }
+        };
+        provider.with_link_locks(&crate::dataplane::agent::state_dir(&config.workspace_root))
     }
 
     /// The endpoint in use, for messages.
@@ -294,9 +315,18 @@ async fn run_kill_with(
 /// The engine's create body for a plan: hardened by default.
 pub fn create_body(plan: &ContainerPlan) -> ContainerCreateBody {
     let user = format!("{}:{}", plan.user.uid, plan.user.gid);
+    // The agent talks on the attach stream: stdin stays open for any number
+    // of attaches, and nothing it says is logged to disk.
+    let serves = plan.agent_serves();
     ContainerCreateBody {
         image: Some(plan.image.clone()),
         cmd: Some(plan.command.clone()),
+        open_stdin: Some(serves),
+        stdin_once: Some(false),
+        attach_stdin: Some(serves),
+        attach_stdout: Some(serves),
+        attach_stderr: Some(serves),
+        tty: Some(false),
         labels: Some(plan.labels.clone()),
         user: Some(user),
         working_dir: Some(WORKSPACE_MOUNT.to_owned()),
@@ -334,6 +364,10 @@ pub fn create_body(plan: &ContainerPlan) -> ContainerCreateBody {
                 )])
             }),
             runtime: plan.runtime.clone(),
+            log_config: serves.then(|| bollard::models::HostConfigLogConfig {
+                typ: Some("none".to_owned()),
+                config: None,
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -419,11 +453,16 @@ impl ContainerProvider for DockerProvider {
     }
 
     async fn inspect(&self, id: &str) -> ProviderResult<Option<ContainerRecord>> {
+        // The per-exec check, off the engine: a live agent link is a
+        // running container (its attach stream ends when it stops).
+        if let Some(record) = self.links.live(id) {
+            return Ok(Some(record));
+        }
         let docker = self.client().await?;
         match self.call(docker.inspect_container(id, None)).await {
             Ok(c) => {
                 let config = c.config.unwrap_or_default();
-                Ok(Some(ContainerRecord {
+                let record = ContainerRecord {
                     id: c.id.unwrap_or_default(),
                     name: c
                         .name
@@ -434,7 +473,13 @@ impl ContainerProvider for DockerProvider {
                     labels: config.labels.unwrap_or_default(),
                     status: status_named(c.state.and_then(|s| s.status.map(|s| s.to_string()))),
                     created: None,
-                }))
+                };
+                if record.status == Status::Running
+                    && AgentMode::of(&record.labels) == AgentMode::Serves
+                {
+                    self.links.remember(&record);
+                }
+                Ok(Some(record))
             }
             Err(ProviderError::NotFound(_)) => Ok(None),
             Err(e) => Err(e),
@@ -444,6 +489,7 @@ impl ContainerProvider for DockerProvider {
     async fn remove(&self, id: &str) -> ProviderResult<bool> {
         let docker = self.client().await?;
         let options = RemoveContainerOptionsBuilder::default().force(true).build();
+        self.links.forget(id);
         match self.call(docker.remove_container(id, Some(options))).await {
             Ok(()) => Ok(true),
             Err(ProviderError::NotFound(_)) => Ok(false),
@@ -465,6 +511,46 @@ impl ContainerProvider for DockerProvider {
             mut sink,
         } = io;
         let docker = self.client().await?;
+        let inline_stdin = request
+            .stdin
+            .as_ref()
+            .is_none_or(|s| s.len() <= sandbox_agent::protocol::MAX_INLINE_STDIN);
+        if request.agent_serves
+            && stdin.is_none()
+            && stdout.is_none()
+            && request.user.is_none()
+            && !request.idle_timeout
+            && inline_stdin
+        {
+            let mut cancel = CancelOnDrop {
+                docker: docker.clone(),
+                container: id.to_owned(),
+                marker: request.marker.clone(),
+                cancels: self.cancels.clone(),
+                links: Some(self.links.clone()),
+                armed: true,
+            };
+            let outcome = self
+                .links
+                .exec(docker, id, request, sink.as_deref_mut())
+                .await;
+            cancel.armed = false;
+            match outcome {
+                Ok(LinkOutcome::Done(response)) => return Ok(response),
+                Ok(LinkOutcome::Deadline(response)) => {
+                    self.kill_call(id, &request.marker).await;
+                    return Ok(response);
+                }
+                Err(LinkError::Unavailable) => {}
+                Err(LinkError::NotSent(why)) => {
+                    tracing::warn!(container = id, why, "falling back to docker exec");
+                }
+                Err(LinkError::Lost(why)) => {
+                    self.kill_call(id, &request.marker).await;
+                    return Err(ProviderError::Failed(why));
+                }
+            }
+        }
         let feeds = stdin.is_some() || request.stdin.is_some();
         let cmd = if request.agent {
             crate::dataplane::agent::reap_argv(&request.command, request.timeout)
@@ -494,6 +580,7 @@ impl ContainerProvider for DockerProvider {
             container: id.to_owned(),
             marker: request.marker.clone(),
             cancels: self.cancels.clone(),
+            links: None,
             armed: true,
         };
         let started = self

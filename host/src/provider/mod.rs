@@ -4,6 +4,7 @@
 //!
 //! Providers do no ownership checks; the host's engine layer does, on top.
 
+pub mod agent_link;
 pub mod docker;
 pub mod memory;
 

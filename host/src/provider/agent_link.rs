@@ -1,0 +1,587 @@
+//! The host's end of `sandbox-agent serve`: executes without a `docker exec`.
+//!
+//! One attach connection per container and host process carries the
+//! [`sandbox_agent::protocol`] lines to the agent (the container's main
+//! process) and back. The attach stream has no path a container could
+//! redirect, and the container's log driver is `none`, so no output is
+//! written to disk.
+//!
+//! The agent runs as the sandbox user, so everything it says is untrusted:
+//! replies are bounded and parsed strictly, a garbled one closes this
+//! container's link (its calls in flight fail; later ones reopen it), and
+//! in-flight state and last use stay with the host's own usage store.
+//!
+//! Several host processes may be attached to one container at once, and
+//! the engine copies each connection's stdin into the agent's stdin as it
+//! reads it, so two processes' frames could interleave. A writer therefore
+//! holds an exclusive `flock` on the container's lock file in the host's
+//! state directory from its write until the agent acknowledges the frame.
+
+use std::collections::HashMap;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bollard::container::LogOutput;
+use bollard::query_parameters::AttachContainerOptionsBuilder;
+use bollard::Docker;
+use futures_util::{Stream, StreamExt};
+use sandbox_agent::protocol::{Reply, Request, MAX_REPLY_LINE};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::ContainerRecord;
+use crate::dataplane::exec::{
+    ExecOutput, ExecRequest, ExecResponse, StreamKind, AGENT_GRACE, TIMEOUT_EXIT_CODE,
+};
+
+/// How long the agent has to acknowledge a frame (or answer a ping).
+const ACK_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a container whose agent did not answer goes through `docker exec`.
+const DOWN_FOR: Duration = Duration::from_secs(2);
+/// Output frames buffered per call before the reader waits for the caller.
+const CALL_BUFFER: usize = 64;
+
+/// Why a call did not go through the agent, or did not finish there.
+#[derive(Debug)]
+pub enum LinkError {
+    /// No link (no agent answers, or it is resting after a failure): the
+    /// call never reached an agent; run it through the engine.
+    Unavailable,
+    /// The frame could not be written whole (no lock, a broken stream): the
+    /// agent never read it as a request; run it through the engine.
+    NotSent(String),
+    /// The call may have started and its result was lost (no acknowledgement,
+    /// the agent restarted, the stream broke or carried garbage): it is
+    /// killed and reported, never run a second time.
+    Lost(String),
+}
+
+/// How a call through the agent ended.
+pub enum LinkOutcome {
+    /// The agent reported its status.
+    Done(ExecResponse),
+    /// The host's own deadline passed first (the workload may have stopped
+    /// the agent's `reap`): the output so far, timed out; the caller kills.
+    Deadline(ExecResponse),
+}
+
+enum Event {
+    Output(StreamKind, Vec<u8>),
+    Exit(u8),
+}
+
+/// What the reader task and the callers share.
+#[derive(Default)]
+struct Shared {
+    alive: AtomicBool,
+    acks: Mutex<HashMap<String, oneshot::Sender<()>>>,
+    pongs: Mutex<HashMap<String, oneshot::Sender<String>>>,
+    kills: Mutex<HashMap<String, oneshot::Sender<bool>>>,
+    calls: Mutex<HashMap<String, mpsc::Sender<Event>>>,
+    boot: Mutex<Option<String>>,
+    /// Why the last calls were dropped: read by a call whose channel closed.
+    lost: Mutex<String>,
+}
+
+impl Shared {
+    /// Drops every call in flight (their channels close) for `why`.
+    fn lose_calls(&self, why: &str) {
+        *self.lost.lock().unwrap() = why.to_owned();
+        self.calls.lock().unwrap().clear();
+    }
+
+    fn fail(&self, container: &str, why: &str) {
+        if self.alive.swap(false, Ordering::SeqCst) {
+            tracing::warn!(container, why, "agent link closed");
+        }
+        self.lose_calls(why);
+        self.acks.lock().unwrap().clear();
+        self.pongs.lock().unwrap().clear();
+        self.kills.lock().unwrap().clear();
+    }
+}
+
+struct Link {
+    shared: Arc<Shared>,
+    input: tokio::sync::Mutex<Pin<Box<dyn AsyncWrite + Send>>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    /// Serializes opening, so a burst of calls opens one connection.
+    opening: tokio::sync::Mutex<()>,
+    link: Mutex<Option<Arc<Link>>>,
+    down_until: Mutex<Option<Instant>>,
+    /// The container as last inspected, answered while the link lives.
+    record: Mutex<Option<ContainerRecord>>,
+}
+
+/// The links of one host process, by container id.
+pub struct AgentLinks {
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    lock_dir: Option<PathBuf>,
+    /// Frame ids are `PREFIX-N`: other host processes' frames are not ours.
+    prefix: String,
+    counter: AtomicU64,
+}
+
+impl AgentLinks {
+    /// Links whose writers lock files in `lock_dir` (the host's state
+    /// directory; none: this process is the only writer it knows of).
+    pub fn new(lock_dir: Option<PathBuf>) -> Self {
+        AgentLinks {
+            slots: Mutex::default(),
+            lock_dir,
+            prefix: crate::dataplane::exec::new_execution_id()[..16].to_owned(),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn slot(&self, container: &str) -> Arc<Slot> {
+        self.slots
+            .lock()
+            .unwrap()
+            .entry(container.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    fn next_id(&self) -> String {
+        format!(
+            "{}-{}",
+            self.prefix,
+            self.counter.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Remembers an inspected container whose agent serves, so that while
+    /// its link lives the per-exec check needs no engine call.
+    pub fn remember(&self, record: &ContainerRecord) {
+        *self.slot(&record.id).record.lock().unwrap() = Some(record.clone());
+    }
+
+    /// The container as last inspected, if its link is alive: the attach
+    /// stream ends when the container stops or goes, so a live link is a
+    /// running container.
+    pub fn live(&self, container: &str) -> Option<ContainerRecord> {
+        let slot = self.slots.lock().unwrap().get(container)?.clone();
+        let alive = slot
+            .link
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|l| l.shared.alive.load(Ordering::SeqCst));
+        if !alive {
+            return None;
+        }
+        let record = slot.record.lock().unwrap().clone()?;
+        Some(ContainerRecord {
+            status: super::Status::Running,
+            ..record
+        })
+    }
+
+    /// Drops a removed container's link.
+    pub fn forget(&self, container: &str) {
+        self.slots.lock().unwrap().remove(container);
+    }
+
+    /// Whether this process holds a live link to `container`.
+    pub fn is_live(&self, container: &str) -> bool {
+        self.slots
+            .lock()
+            .unwrap()
+            .get(container)
+            .and_then(|s| s.link.lock().unwrap().clone())
+            .is_some_and(|l| l.shared.alive.load(Ordering::SeqCst))
+    }
+
+    /// The live link to `container`, opening (and pinging) it if needed;
+    /// `None` when no agent answers.
+    async fn link(&self, docker: &Docker, container: &str) -> Option<Arc<Link>> {
+        let slot = self.slot(container);
+        let current = |slot: &Slot| {
+            slot.link
+                .lock()
+                .unwrap()
+                .clone()
+                .filter(|l| l.shared.alive.load(Ordering::SeqCst))
+        };
+        if let Some(link) = current(&slot) {
+            return Some(link);
+        }
+        let _opening = slot.opening.lock().await;
+        if let Some(link) = current(&slot) {
+            return Some(link);
+        }
+        if slot
+            .down_until
+            .lock()
+            .unwrap()
+            .is_some_and(|t| Instant::now() < t)
+        {
+            return None;
+        }
+        match self.open(docker, container).await {
+            Ok(link) => {
+                *slot.link.lock().unwrap() = Some(link.clone());
+                Some(link)
+            }
+            Err(why) => {
+                tracing::warn!(
+                    container,
+                    why,
+                    "no agent link: executes go through docker exec"
+                );
+                *slot.down_until.lock().unwrap() = Some(Instant::now() + DOWN_FOR);
+                *slot.link.lock().unwrap() = None;
+                None
+            }
+        }
+    }
+
+    async fn open(&self, docker: &Docker, container: &str) -> Result<Arc<Link>, String> {
+        let options = AttachContainerOptionsBuilder::default()
+            .stdin(true)
+            .stdout(true)
+            .stderr(true)
+            .stream(true)
+            .logs(false)
+            .build();
+        let attached = tokio::time::timeout(
+            ACK_TIMEOUT,
+            docker.attach_container(container, Some(options)),
+        )
+        .await
+        .map_err(|_| "attaching timed out".to_owned())?
+        .map_err(|e| format!("attaching: {e}"))?;
+        let shared = Arc::new(Shared::default());
+        shared.alive.store(true, Ordering::SeqCst);
+        let reader = tokio::spawn(read_replies(
+            container.to_owned(),
+            shared.clone(),
+            attached.output,
+        ));
+        let link = Arc::new(Link {
+            shared,
+            input: tokio::sync::Mutex::new(attached.input),
+            reader,
+        });
+        let nonce = self.next_id();
+        let (tx, rx) = oneshot::channel();
+        link.shared.pongs.lock().unwrap().insert(nonce.clone(), tx);
+        let ping = Request::Ping { nonce }.encode();
+        let boot = self
+            .write_until(&link, container, ping.as_bytes(), rx)
+            .await
+            .map_err(|e| format!("ping: {}", e.why()))?;
+        *link.shared.boot.lock().unwrap() = Some(boot);
+        Ok(link)
+    }
+
+    /// Writes `frame` and waits for `answer`, holding this process's writer
+    /// and the container's lock file throughout, so no other writer's frame
+    /// can interleave with it in the agent's stdin.
+    async fn write_until<T>(
+        &self,
+        link: &Link,
+        container: &str,
+        frame: &[u8],
+        answer: oneshot::Receiver<T>,
+    ) -> Result<T, Unanswered> {
+        let mut input = link.input.lock().await;
+        let _lock = self.lock(container).await.map_err(Unanswered::NotSent)?;
+        let write = async {
+            input.write_all(frame).await?;
+            input.flush().await
+        };
+        match tokio::time::timeout(ACK_TIMEOUT, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Unanswered::NotSent(format!("writing to the agent: {e}"))),
+            // Part of it may be in the agent's stdin: a garbled line it refuses.
+            Err(_) => return Err(Unanswered::NotSent("writing to the agent timed out".into())),
+        }
+        match tokio::time::timeout(ACK_TIMEOUT, answer).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err(Unanswered::Silent(
+                "the link closed before the agent answered".into(),
+            )),
+            Err(_) => Err(Unanswered::Silent(format!(
+                "the agent did not answer within {}s",
+                ACK_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// The container's writer lock, across host processes.
+    async fn lock(
+        &self,
+        container: &str,
+    ) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, String> {
+        let Some(dir) = &self.lock_dir else {
+            return Ok(None);
+        };
+        let path = dir.join(container);
+        let give_up = Instant::now() + ACK_TIMEOUT;
+        let file = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .mode(0o600)
+                    .custom_flags(libc_o_nofollow())
+                    .open(&path)
+            })
+            .map_err(|e| format!("the link lock {}: {e}", path.display()))?;
+        let mut file = file;
+        loop {
+            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok(Some(lock)),
+                Err((back, _)) if Instant::now() < give_up => {
+                    file = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err((_, e)) => return Err(format!("the link lock {}: {e}", path.display())),
+            }
+        }
+    }
+
+    /// Kills every process of the call marked `marker` through the live link
+    /// to `container` (none is opened for it); true when none is left.
+    pub async fn kill(&self, container: &str, marker: &str) -> Result<bool, String> {
+        let link = self
+            .slots
+            .lock()
+            .unwrap()
+            .get(container)
+            .and_then(|s| s.link.lock().unwrap().clone())
+            .filter(|l| l.shared.alive.load(Ordering::SeqCst))
+            .ok_or("no live agent link")?;
+        let id = self.next_id();
+        let (tx, rx) = oneshot::channel();
+        link.shared.kills.lock().unwrap().insert(id.clone(), tx);
+        let frame = Request::Kill {
+            id: id.clone(),
+            marker: marker.to_owned(),
+        }
+        .encode();
+        let done = self
+            .write_until(&link, container, frame.as_bytes(), rx)
+            .await;
+        link.shared.kills.lock().unwrap().remove(&id);
+        done.map_err(|e| e.why().to_owned())
+    }
+
+    /// Runs `request` through the agent of `container`.
+    pub async fn exec<'d>(
+        &self,
+        docker: &Docker,
+        container: &str,
+        request: &ExecRequest,
+        mut sink: Option<&mut (dyn FnMut(StreamKind, &[u8]) + Send + 'd)>,
+    ) -> Result<LinkOutcome, LinkError> {
+        let link = self
+            .link(docker, container)
+            .await
+            .ok_or(LinkError::Unavailable)?;
+        let id = self.next_id();
+        let (tx, mut rx) = mpsc::channel(CALL_BUFFER);
+        link.shared.calls.lock().unwrap().insert(id.clone(), tx);
+        let _registered = Unregister(&link.shared, &id);
+        let (ack_tx, ack_rx) = oneshot::channel();
+        link.shared.acks.lock().unwrap().insert(id.clone(), ack_tx);
+        let start_by = std::time::SystemTime::now() + ACK_TIMEOUT;
+        let frame = Request::Exec {
+            id: id.clone(),
+            start_by_ms: start_by
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            timeout_ms: request.timeout.as_millis().try_into().unwrap_or(u64::MAX),
+            env: request.env.clone(),
+            command: request.command.clone(),
+            stdin: request.stdin.clone(),
+        }
+        .encode();
+        let start = Instant::now();
+        if let Err(e) = self
+            .write_until(&link, container, frame.as_bytes(), ack_rx)
+            .await
+        {
+            link.shared.acks.lock().unwrap().remove(&id);
+            link.shared.fail(container, e.why());
+            return Err(match e {
+                Unanswered::NotSent(why) => LinkError::NotSent(why),
+                Unanswered::Silent(why) => {
+                    LinkError::Lost(format!("the sandbox agent did not take the command: {why}"))
+                }
+            });
+        }
+        let mut output = ExecOutput::new(request.output_limit);
+        let deadline = start + request.timeout + AGENT_GRACE;
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(Event::Output(kind, data))) => {
+                    if let Some(sink) = sink.as_mut() {
+                        sink(kind, &data);
+                    }
+                    output.push(kind, &data);
+                }
+                Ok(Some(Event::Exit(code))) => {
+                    let code = i64::from(code);
+                    // The agent's own deadline: 124 at or after the timeout.
+                    let timed_out = code == TIMEOUT_EXIT_CODE && start.elapsed() >= request.timeout;
+                    let mut response = output.finish(code, timed_out);
+                    response.via_agent = true;
+                    return Ok(LinkOutcome::Done(response));
+                }
+                Ok(None) => {
+                    let why = link.shared.lost.lock().unwrap().clone();
+                    return Err(LinkError::Lost(format!(
+                        "the command's result was lost: {why}"
+                    )));
+                }
+                Err(_) => {
+                    let mut response = output.finish(TIMEOUT_EXIT_CODE, true);
+                    response.via_agent = true;
+                    return Ok(LinkOutcome::Deadline(response));
+                }
+            }
+        }
+    }
+}
+
+/// Why a frame went unanswered.
+enum Unanswered {
+    /// It never left whole.
+    NotSent(String),
+    /// It was written; the agent may have acted on it.
+    Silent(String),
+}
+
+impl Unanswered {
+    fn why(&self) -> &str {
+        match self {
+            Unanswered::NotSent(why) | Unanswered::Silent(why) => why,
+        }
+    }
+}
+
+/// Removes a call's channel when the call ends or is dropped.
+struct Unregister<'a>(&'a Shared, &'a str);
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        self.0.calls.lock().unwrap().remove(self.1);
+    }
+}
+
+fn libc_o_nofollow() -> i32 {
+    nix::fcntl::OFlag::O_NOFOLLOW.bits()
+}
+
+/// Reads reply lines until the stream ends or carries anything but frames.
+async fn read_replies(
+    container: String,
+    shared: Arc<Shared>,
+    mut output: Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>,
+) {
+    let mut pending: Vec<u8> = Vec::new();
+    let why = loop {
+        let chunk = match output.next().await {
+            Some(Ok(LogOutput::StdOut { message })) => message,
+            // The agent writes nothing to stderr; whatever else does is
+            // not a reply, and is dropped.
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => break format!("the attach stream failed: {e}"),
+            None => break "the attach stream ended (the container stopped)".to_owned(),
+        };
+        pending.extend_from_slice(&chunk);
+        let mut used = 0;
+        let mut garbled = None;
+        while let Some(at) = pending[used..].iter().position(|&b| b == b'\n') {
+            let line = &pending[used..used + at];
+            used += at + 1;
+            match Reply::parse(line) {
+                Ok(reply) => dispatch(&shared, reply).await,
+                Err(e) => {
+                    garbled = Some(format!("a garbled reply ({e})"));
+                    break;
+                }
+            }
+        }
+        pending.drain(..used);
+        if let Some(why) = garbled {
+            break why;
+        }
+        if pending.len() > MAX_REPLY_LINE {
+            break "a reply line past the bound".to_owned();
+        }
+    };
+    shared.fail(&container, &why);
+}
+
+async fn dispatch(shared: &Shared, reply: Reply) {
+    match reply {
+        Reply::Hello { boot } => {
+            let mut known = shared.boot.lock().unwrap();
+            if known.as_ref().is_some_and(|b| *b != boot) {
+                drop(known);
+                shared.lose_calls("the sandbox agent restarted during the command");
+                *shared.boot.lock().unwrap() = Some(boot);
+            } else {
+                *known = Some(boot);
+            }
+        }
+        Reply::Pong { nonce, boot } => {
+            if let Some(tx) = shared.pongs.lock().unwrap().remove(&nonce) {
+                let _ = tx.send(boot);
+            }
+        }
+        Reply::Ack { id } => {
+            if let Some(tx) = shared.acks.lock().unwrap().remove(&id) {
+                let _ = tx.send(());
+            }
+        }
+        Reply::Stdout { id, data } => {
+            deliver(shared, &id, Event::Output(StreamKind::Stdout, data)).await
+        }
+        Reply::Stderr { id, data } => {
+            deliver(shared, &id, Event::Output(StreamKind::Stderr, data)).await
+        }
+        Reply::Exit { id, code } => {
+            deliver(shared, &id, Event::Exit(code)).await;
+            shared.calls.lock().unwrap().remove(&id);
+        }
+        Reply::Killed { id, all_gone } => {
+            if let Some(tx) = shared.kills.lock().unwrap().remove(&id) {
+                let _ = tx.send(all_gone);
+            }
+        }
+        Reply::Bad { reason } => tracing::debug!(reason, "the agent refused a frame"),
+    }
+}
+
+/// Hands an event to its call (frames of other host processes' calls, or
+/// of calls gone, are dropped); waits while the call's buffer is full.
+async fn deliver(shared: &Shared, id: &str, event: Event) {
+    let tx = shared.calls.lock().unwrap().get(id).cloned();
+    if let Some(tx) = tx {
+        let _ = tx.send(event).await;
+    }
+}

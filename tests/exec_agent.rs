@@ -1,0 +1,320 @@
+//! The in-container exec agent against the real engine: executes skip
+//! `docker exec` with unchanged semantics, a killed agent falls back and
+//! comes back, forged or garbled replies only touch their own sandbox, and
+//! two host processes attached at once never interleave their requests.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use sandbox_host::exec::{ExecOptions, StreamKind};
+use sandbox_host::{Backend, PolicySource};
+use sha2::Digest;
+use support::{docker, Harness};
+
+fn container_of(h: &Harness, user: &str) -> String {
+    h.containers()
+        .into_iter()
+        .find(|(name, _, _)| name.ends_with(&format!(".{user}")))
+        .map(|(_, id, _)| id)
+        .expect("the user's container")
+}
+
+/// Runs `command` until it goes through the agent again (a fallback or a
+/// restart is brief), within `patience`.
+async fn until_via_agent(b: &Backend, patience: Duration) {
+    let give_up = Instant::now() + patience;
+    loop {
+        let r = b.execute("true").await.unwrap();
+        if r.via_agent {
+            return;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "executes still go through docker exec"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn executes_go_through_the_agent_with_unchanged_semantics() {
+    let h = Harness::new("xagent");
+    let sandbox = h.sandbox().await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+
+    let r = b
+        .execute("echo out; echo err >&2; id -u; exit 3")
+        .await
+        .unwrap();
+    assert!(r.via_agent, "{r:?}");
+    assert_eq!(r.exit_code, 3);
+    assert_eq!(r.stdout, "out\n1000\n");
+    assert_eq!(r.stderr, "err\n");
+
+    // The container: the agent is the main process, nothing is logged, and
+    // no path of the host is mounted but the workspace and the agent (ro).
+    let id = container_of(&h, "alice");
+    let inspected = docker(&[
+        "inspect",
+        "--format",
+        "{{.HostConfig.LogConfig.Type}}|{{json .Config.Cmd}}|{{.Config.OpenStdin}}|{{range .Mounts}}{{.Destination}}:{{.RW}} {{end}}",
+        &id,
+    ]);
+    let fields: Vec<&str> = inspected.trim().split('|').collect();
+    assert_eq!(fields[0], "none");
+    assert_eq!(fields[1], r#"["/.sandbox/agent","init"]"#);
+    assert_eq!(fields[2], "true");
+    let mut mounts: Vec<&str> = fields[3].split_whitespace().collect();
+    mounts.sort();
+    assert_eq!(mounts, ["/.sandbox/agent:false", "/workspace:true"]);
+
+    // env, workdir, stdin (binary), the cap, streaming.
+    let options = ExecOptions {
+        env: vec![("GREETING".into(), "a b".into())],
+        workdir: Some("sub/dir".into()),
+        stdin: Some(b"\x00\xffpiped".to_vec()),
+        ..Default::default()
+    };
+    let r = b
+        .execute_with("echo \"$GREETING\" >&2; pwd >&2; cat", options)
+        .await
+        .unwrap();
+    assert!(r.via_agent);
+    assert_eq!(r.stdout_bytes, b"\x00\xffpiped");
+    assert_eq!(r.stderr, "a b\n/workspace/sub/dir\n");
+    let r = b.execute("head -c 3000000 /dev/zero").await.unwrap();
+    assert!(r.via_agent && r.truncated, "{:?}", r.exit_code);
+    let mut chunks = Vec::new();
+    let r = b
+        .execute_streaming(
+            "for i in 1 2 3; do echo $i; sleep 0.2; done",
+            ExecOptions::default(),
+            |kind, bytes| chunks.push((kind, bytes.to_vec(), Instant::now())),
+        )
+        .await
+        .unwrap();
+    assert!(r.via_agent);
+    assert_eq!(r.stdout, "1\n2\n3\n");
+    assert!(chunks.len() >= 3, "{chunks:?}");
+    assert!(chunks.iter().all(|(k, _, _)| *k == StreamKind::Stdout));
+    assert!(
+        chunks.last().unwrap().2 - chunks[0].2 >= Duration::from_millis(300),
+        "output arrived live"
+    );
+
+    // The timeout ends the whole tree, escaped processes included.
+    let start = Instant::now();
+    let r = b
+        .execute_with(
+            "echo up; (env -i sh -c 'sleep 771' &); (setsid sleep 772 &); sleep 773",
+            ExecOptions {
+                timeout: Some(Duration::from_secs(1)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(r.via_agent && r.timed_out, "{r:?}");
+    assert_eq!((r.exit_code, r.output.as_str()), (124, "up\n"));
+    assert!(start.elapsed() < Duration::from_secs(4));
+    let ps = b.execute("ps -o args").await.unwrap().output;
+    assert!(!ps.contains("sleep 77"), "leftovers: {ps}");
+
+    // A cancel by id kills it too.
+    let runner = b.clone();
+    let running = tokio::spawn(async move {
+        runner
+            .execute_with(
+                "sleep 30",
+                ExecOptions {
+                    execution_id: Some("agent-cancel-1".into()),
+                    ..Default::default()
+                },
+            )
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(sandbox.cancel("agent-cancel-1"));
+    let r = running.await.unwrap().unwrap();
+    assert_eq!(r.exit_code, 130);
+    // The kill runs as the call is dropped, through the agent: at once.
+    let give_up = Instant::now() + Duration::from_secs(2);
+    loop {
+        let ps = b.execute("ps -o args").await.unwrap().output;
+        if !ps.contains("sleep 30") {
+            break;
+        }
+        assert!(Instant::now() < give_up, "leftovers: {ps}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_agent_mid_command_falls_back_and_the_agent_comes_back() {
+    let h = Harness::new("xkill");
+    let sandbox = h.sandbox().await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    assert!(b.execute("true").await.unwrap().via_agent);
+    let id = container_of(&h, "alice");
+
+    let runner = b.clone();
+    let running =
+        tokio::spawn(async move { runner.execute("echo started; sleep 3; echo done").await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The workload's own user kills the agent's serve process.
+    docker(&["exec", "-u", "1000:1000", &id, "/.sandbox/agent", "respawn"]);
+    let err = running.await.unwrap().unwrap_err().to_string();
+    assert!(
+        err.contains("agent restarted") || err.contains("result was lost"),
+        "{err}"
+    );
+    // The container lives on; the next command runs at once, by either path.
+    assert_eq!(h.state(&id), "running");
+    let r = b.execute("echo next").await.unwrap();
+    assert_eq!((r.exit_code, r.output.as_str()), (0, "next\n"));
+    // The lost call's processes are gone.
+    let ps = b.execute("ps -o args").await.unwrap().output;
+    assert!(!ps.contains("sleep 3"), "leftovers: {ps}");
+    // And the agent answers again.
+    until_via_agent(&b, Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_agent_means_docker_exec_until_it_answers_again() {
+    let h = Harness::new("xstall");
+    let sandbox = h.sandbox().await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    assert!(b.execute("true").await.unwrap().via_agent);
+    let id = container_of(&h, "alice");
+    // Stop serve (SIGSTOP, as the workload could): it reads nothing more.
+    let serve = docker(&[
+        "exec",
+        "-u",
+        "1000:1000",
+        &id,
+        "sh",
+        "-c",
+        "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -q '^/.sandbox/agent serve' && echo ${p#/proc/}; done",
+    ]);
+    let serve = serve.trim().to_owned();
+    assert!(!serve.is_empty());
+    docker(&["exec", "-u", "1000:1000", &id, "kill", "-STOP", &serve]);
+    // The call in the stalled agent's way is lost (it may have been read),
+    // reported and never run twice; the calls after it go through docker exec.
+    let first = b.execute("echo one").await;
+    assert!(first.is_err(), "{first:?}");
+    let r = b.execute("echo two").await.unwrap();
+    assert_eq!(r.output, "two\n");
+    assert!(!r.via_agent);
+    docker(&["exec", "-u", "1000:1000", &id, "kill", "-CONT", &serve]);
+    until_via_agent(&b, Duration::from_secs(15)).await;
+    // The lost call was read late by the resumed agent, past its start-by
+    // time: refused, so it never ran after being reported lost.
+    let r = b.execute("ls /tmp; ps -o args").await.unwrap();
+    assert!(!r.output.contains("echo one"), "{}", r.output);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forged_or_garbled_replies_only_touch_their_own_sandbox() {
+    let h = Harness::new("xforge");
+    let sandbox = h.sandbox().await;
+    let mallory = sandbox.get_thread_backend("mallory-1").await.unwrap();
+    let bob = sandbox.get_thread_backend("bob-1").await.unwrap();
+    assert!(mallory.execute("true").await.unwrap().via_agent);
+    assert!(bob.execute("true").await.unwrap().via_agent);
+
+    // Bob works all along.
+    let bobs = bob.clone();
+    let steady = tokio::spawn(async move {
+        let mut n = 0;
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            let r = bobs.execute("echo bob").await.unwrap();
+            assert_eq!((r.exit_code, r.output.as_str()), (0, "bob\n"));
+            assert!(r.via_agent);
+            n += 1;
+        }
+        n
+    });
+
+    let find_serve = "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null \
+                      | grep -q '^/.sandbox/agent serve' && s=${p#/proc/}; done; ";
+    // Well-formed replies for calls that are not in flight change nothing.
+    let r = mallory
+        .execute(&format!(
+            "{find_serve} printf 'exit zzzzzzzz-1 0\\nout zzzzzzzz-1 AAAA\\nhello forged\\n' > /proc/$s/fd/1; echo wrote"
+        ))
+        .await;
+    match &r {
+        // A forged hello reads as a restart: the forging call is lost.
+        Err(e) => assert!(e.to_string().contains("agent restarted"), "{e}"),
+        Ok(r) => assert_eq!(r.output, "wrote\n"),
+    }
+    // Garbage closes mallory's link: the forging call's result is lost.
+    let r = mallory
+        .execute(&format!(
+            "{find_serve} printf '\\033[2J garbage\\n' > /proc/$s/fd/1; sleep 1; echo wrote"
+        ))
+        .await;
+    assert!(r.is_err(), "{r:?}");
+    // A forged exit for the call in flight ends only that call, early.
+    // Mallory's next commands run, and soon through the agent again.
+    let r = mallory.execute("echo fine").await.unwrap();
+    assert_eq!(r.output, "fine\n");
+    until_via_agent(&mallory, Duration::from_secs(10)).await;
+
+    let n = steady.await.unwrap();
+    assert!(n >= 10, "bob ran {n} commands in 3 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_host_processes_attached_at_once_never_interleave_their_requests() {
+    // Two Sandbox objects, each with its own engine client and attach
+    // connection, as two host processes on one machine have; they share the
+    // state directory (the lock files), as such processes do.
+    let h = Harness::new("xmux");
+    let one = h.sandbox().await;
+    let two = h
+        .sandbox_with(h.config(), PolicySource::Builtin("per-user".into()))
+        .await;
+    let a = one.get_thread_backend("alice-1").await.unwrap();
+    let b = two.get_thread_backend("alice-2").await.unwrap();
+    assert!(a.execute("true").await.unwrap().via_agent);
+    assert!(b.execute("true").await.unwrap().via_agent);
+
+    // Frames of ~600 KiB: the engine copies stdin in 32 KiB reads, so
+    // unlocked writers would interleave inside them.
+    let mut calls = Vec::new();
+    for n in 0..16u32 {
+        let backend = if n % 2 == 0 { a.clone() } else { b.clone() };
+        calls.push(tokio::spawn(async move {
+            let data: Vec<u8> = (0..450_000u32)
+                .map(|i| (i.wrapping_mul(2654435761).wrapping_add(n) >> 13) as u8)
+                .collect();
+            let want = format!("{:x}", sha2::Sha256::digest(&data));
+            let r = backend
+                .execute_with(
+                    "sha256sum",
+                    ExecOptions {
+                        stdin: Some(data),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            (
+                r.via_agent,
+                r.output.split_whitespace().next() == Some(want.as_str()),
+            )
+        }));
+    }
+    for call in calls {
+        let (via_agent, intact) = call.await.unwrap();
+        assert!(intact, "a request arrived garbled");
+        assert!(
+            via_agent,
+            "a request was refused by the agent and fell back"
+        );
+    }
+}
