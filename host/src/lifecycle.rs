@@ -179,7 +179,7 @@ mod tests {
             workspace: "alice".into(),
             policy: policy.into(),
             created: Some(created),
-            agent: false,
+            agent: Default::default(),
         }
     }
 

@@ -157,7 +157,7 @@ mod tests {
     #[test]
     fn a_container_is_only_served_to_the_backend_it_was_handed_to() {
         let handouts = Handouts::default();
-        handouts.record("c1", "alice", false);
+        handouts.record("c1", "alice", AgentMode::Absent);
         assert!(handouts.check_serves("c1", "alice").is_ok());
         assert!(handouts.check_serves("c1", "bob").is_err());
         assert!(handouts.check_serves("forged", "alice").is_err());

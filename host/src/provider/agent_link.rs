@@ -41,10 +41,16 @@ use crate::dataplane::exec::{
 
 /// How long the agent has to acknowledge a frame (or answer a ping).
 const ACK_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a liveness ping may take before the engine is asked instead.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 /// How long a container whose agent did not answer goes through `docker exec`.
 const DOWN_FOR: Duration = Duration::from_secs(2);
 /// Output frames buffered per call before the reader waits for the caller.
 const CALL_BUFFER: usize = 64;
+
+/// An output callback, reborrowed for one call (`OutputSink` ties both
+/// lifetimes together).
+type Sink<'s, 'd> = &'s mut (dyn FnMut(StreamKind, &[u8]) + Send + 'd);
 
 /// Why a call did not go through the agent, or did not finish there.
 #[derive(Debug)]
@@ -172,21 +178,31 @@ impl AgentLinks {
         *self.slot(&record.id).record.lock().unwrap() = Some(record.clone());
     }
 
-    /// The container as last inspected, if its link is alive: the attach
-    /// stream ends when the container stops or goes, so a live link is a
-    /// running container.
-    pub fn live(&self, container: &str) -> Option<ContainerRecord> {
+    /// The container as last inspected, if its agent answers a ping now:
+    /// the per-exec check, moved off the engine. A stopped or removed
+    /// container ends the attach stream, and a paused one cannot answer; in
+    /// both cases (and when no link is open) the engine is asked instead.
+    pub async fn live(&self, container: &str) -> Option<ContainerRecord> {
         let slot = self.slots.lock().unwrap().get(container)?.clone();
-        let alive = slot
+        let record = slot.record.lock().unwrap().clone()?;
+        let link = slot
             .link
             .lock()
             .unwrap()
-            .as_ref()
-            .is_some_and(|l| l.shared.alive.load(Ordering::SeqCst));
-        if !alive {
-            return None;
+            .clone()
+            .filter(|l| l.shared.alive.load(Ordering::SeqCst))?;
+        let nonce = self.next_id();
+        let (tx, rx) = oneshot::channel();
+        link.shared.pongs.lock().unwrap().insert(nonce.clone(), tx);
+        let ping = Request::Ping {
+            nonce: nonce.clone(),
         }
-        let record = slot.record.lock().unwrap().clone()?;
+        .encode();
+        let answered = self
+            .write_until(&link, container, ping.as_bytes(), rx, PROBE_TIMEOUT)
+            .await;
+        link.shared.pongs.lock().unwrap().remove(&nonce);
+        answered.ok()?;
         Some(ContainerRecord {
             status: super::Status::Running,
             ..record
@@ -284,7 +300,7 @@ impl AgentLinks {
         link.shared.pongs.lock().unwrap().insert(nonce.clone(), tx);
         let ping = Request::Ping { nonce }.encode();
         let boot = self
-            .write_until(&link, container, ping.as_bytes(), rx)
+            .write_until(&link, container, ping.as_bytes(), rx, ACK_TIMEOUT)
             .await
             .map_err(|e| format!("ping: {}", e.why()))?;
         *link.shared.boot.lock().unwrap() = Some(boot);
@@ -300,6 +316,7 @@ impl AgentLinks {
         container: &str,
         frame: &[u8],
         answer: oneshot::Receiver<T>,
+        patience: Duration,
     ) -> Result<T, Unanswered> {
         let mut input = link.input.lock().await;
         let _lock = self.lock(container).await.map_err(Unanswered::NotSent)?;
@@ -313,14 +330,14 @@ impl AgentLinks {
             // Part of it may be in the agent's stdin: a garbled line it refuses.
             Err(_) => return Err(Unanswered::NotSent("writing to the agent timed out".into())),
         }
-        match tokio::time::timeout(ACK_TIMEOUT, answer).await {
+        match tokio::time::timeout(patience, answer).await {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(_)) => Err(Unanswered::Silent(
                 "the link closed before the agent answered".into(),
             )),
             Err(_) => Err(Unanswered::Silent(format!(
-                "the agent did not answer within {}s",
-                ACK_TIMEOUT.as_secs()
+                "the agent did not answer within {} ms",
+                patience.as_millis()
             ))),
         }
     }
@@ -382,7 +399,7 @@ impl AgentLinks {
         }
         .encode();
         let done = self
-            .write_until(&link, container, frame.as_bytes(), rx)
+            .write_until(&link, container, frame.as_bytes(), rx, ACK_TIMEOUT)
             .await;
         link.shared.kills.lock().unwrap().remove(&id);
         done.map_err(|e| e.why().to_owned())
@@ -394,7 +411,7 @@ impl AgentLinks {
         docker: &Docker,
         container: &str,
         request: &ExecRequest,
-        mut sink: Option<&mut (dyn FnMut(StreamKind, &[u8]) + Send + 'd)>,
+        mut sink: Option<Sink<'_, 'd>>,
     ) -> Result<LinkOutcome, LinkError> {
         let link = self
             .link(docker, container)
@@ -420,7 +437,7 @@ impl AgentLinks {
         .encode();
         let start = Instant::now();
         if let Err(e) = self
-            .write_until(&link, container, frame.as_bytes(), ack_rx)
+            .write_until(&link, container, frame.as_bytes(), ack_rx, ACK_TIMEOUT)
             .await
         {
             link.shared.acks.lock().unwrap().remove(&id);

@@ -455,7 +455,7 @@ impl ContainerProvider for DockerProvider {
     async fn inspect(&self, id: &str) -> ProviderResult<Option<ContainerRecord>> {
         // The per-exec check, off the engine: a live agent link is a
         // running container (its attach stream ends when it stops).
-        if let Some(record) = self.links.live(id) {
+        if let Some(record) = self.links.live(id).await {
             return Ok(Some(record));
         }
         let docker = self.client().await?;
