@@ -56,7 +56,7 @@ impl Bench {
             med_p95(&ours),
             med_p95(&cli),
             format!("{:.3}", ratio(&ours, &cli)),
-            "<= 1.0",
+            "<= 0.5",
         );
         Ok(())
     }

@@ -115,7 +115,7 @@ impl Bench {
             format!("{ours:.0}/s"),
             format!("{raw:.0}/s"),
             format!("{:.3}", ours / raw),
-            ">= 0.9",
+            ">= 8",
         );
         for u in &batch {
             self.sandbox.destroy_user_backend(u).await?;

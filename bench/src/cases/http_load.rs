@@ -86,6 +86,35 @@ impl Bench {
                 .await;
             direct.push((total as f64 / start.elapsed().as_secs_f64(), latencies));
         }
+        // One warm request at a time through the server vs the docker CLI.
+        let container = backends[0].ensure_container().await?.id;
+        let url = format!("http://{addr}/v1/threads/{}-1/exec", batch[0]);
+        let (mut one, mut cli) = (Vec::new(), Vec::new());
+        for _ in 0..self.iterations {
+            let t = Instant::now();
+            let req = hyper::Request::post(&url)
+                .header("authorization", format!("Bearer {token}"))
+                .header("content-type", "application/json")
+                .body(Full::new(hyper::body::Bytes::from_static(
+                    b"{\"command\":\"true\"}",
+                )))?;
+            let resp = client.request(req).await?;
+            anyhow::ensure!(resp.status().is_success(), "status {}", resp.status());
+            resp.into_body().collect().await?;
+            one.push(t.elapsed());
+            cli.push(
+                crate::measure::timed(crate::baseline::docker_cli(&["exec", &container, "true"]))
+                    .await?
+                    .1,
+            );
+        }
+        self.table.add(
+            "8. one warm HTTP exec through the server vs `docker exec C true`",
+            crate::report::med_p95(&one),
+            crate::report::med_p95(&cli),
+            format!("{:.3}", crate::report::ratio(&one, &cli)),
+            "<= 0.25",
+        );
         server.abort();
         let best = |runs: &[(f64, Vec<Duration>)]| {
             runs.iter()

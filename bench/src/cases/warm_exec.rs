@@ -1,5 +1,6 @@
-//! Case 1: warm `execute("true")` on a running container, against raw
-//! bollard and `docker exec`: what the library adds to every call.
+//! Case 1: warm `execute("true")` on a running container, through the
+//! in-container agent, against raw bollard and `docker exec`; and the
+//! agent's memory in each container.
 
 use std::time::Duration;
 
@@ -15,25 +16,51 @@ impl Bench {
         backend.execute("true").await?;
         let container = backend.ensure_container().await?.id;
         let (mut ours, mut raw, mut cli) = (vec![], vec![], vec![]);
+        let mut via_agent = 0;
         for _ in 0..self.iterations {
-            ours.push(timed(async { Ok(backend.execute("true").await?) }).await?.1);
+            let (r, took) = timed(async { Ok(backend.execute("true").await?) }).await?;
+            via_agent += usize::from(r.via_agent);
+            ours.push(took);
             raw.push(timed(raw_exec(&self.docker, &container)).await?.1);
             cli.push(timed(docker_cli(&["exec", &container, "true"])).await?.1);
         }
-        let case = "1. warm execute(\"true\")";
+        let case = format!(
+            "1. warm execute(\"true\") through the agent ({via_agent}/{} via the agent)",
+            self.iterations
+        );
         self.table.add(
             &format!("{case} vs raw bollard exec"),
             med_p95(&ours),
             med_p95(&raw),
             format!("{:.3}", ratio(&ours, &raw)),
-            "<= 1.05",
+            "median <= 0.15",
         );
         self.table.add(
             &format!("{case} vs `docker exec C true`"),
             med_p95(&ours),
             med_p95(&cli),
             format!("{:.3}", ratio(&ours, &cli)),
-            "<= 0.75",
+            "(context)",
+        );
+        // The agent's resident memory in this container: init and serve.
+        let rss = backend
+            .execute(
+                "for p in /proc/[0-9]*; do c=$(tr '\\0' ' ' < $p/cmdline 2>/dev/null); \
+                 case \"$c\" in '/.sandbox/agent init '|'/.sandbox/agent serve ') \
+                 grep VmRSS $p/status;; esac; done",
+            )
+            .await?;
+        let kib: u64 = rss
+            .stdout
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        self.table.add(
+            "1. the agent's memory per container (init + serve, resident)",
+            format!("{:.2} MiB", kib as f64 / 1024.0),
+            format!("{} processes", rss.stdout.lines().count()),
+            String::new(),
+            "report",
         );
         Ok(percentile(&ours, 0.5))
     }

@@ -45,6 +45,11 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(3);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 /// How long a container whose agent did not answer goes through `docker exec`.
 const DOWN_FOR: Duration = Duration::from_secs(2);
+/// Links held open at once per host process (each is a connection to the
+/// engine and a file descriptor); past it the least recently used closes.
+const MAX_LINKS: usize = 256;
+/// Containers remembered (a record each) before those without a link go.
+const MAX_SLOTS: usize = 4096;
 /// Output frames buffered per call before the reader waits for the caller.
 const CALL_BUFFER: usize = 64;
 
@@ -132,6 +137,8 @@ struct Slot {
     down_until: Mutex<Option<Instant>>,
     /// The container as last inspected, answered while the link lives.
     record: Mutex<Option<ContainerRecord>>,
+    /// When a call last took the link (ms since the links were made).
+    used: AtomicU64,
 }
 
 /// The links of one host process, by container id.
@@ -141,6 +148,7 @@ pub struct AgentLinks {
     /// Frame ids are `PREFIX-N`: other host processes' frames are not ours.
     prefix: String,
     counter: AtomicU64,
+    epoch: Instant,
 }
 
 impl AgentLinks {
@@ -152,16 +160,32 @@ impl AgentLinks {
             lock_dir,
             prefix: crate::dataplane::exec::new_execution_id()[..16].to_owned(),
             counter: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
     }
 
     fn slot(&self, container: &str) -> Arc<Slot> {
-        self.slots
-            .lock()
-            .unwrap()
-            .entry(container.to_owned())
-            .or_default()
-            .clone()
+        let mut slots = self.slots.lock().unwrap();
+        if slots.len() >= MAX_SLOTS && !slots.contains_key(container) {
+            slots.retain(|_, s| s.link.lock().unwrap().is_some());
+        }
+        slots.entry(container.to_owned()).or_default().clone()
+    }
+
+    /// Closes the least recently used links past [`MAX_LINKS`].
+    fn trim(&self) {
+        let slots = self.slots.lock().unwrap();
+        let mut open: Vec<&Arc<Slot>> = slots
+            .values()
+            .filter(|s| s.link.lock().unwrap().is_some())
+            .collect();
+        if open.len() <= MAX_LINKS {
+            return;
+        }
+        open.sort_by_key(|s| s.used.load(Ordering::Relaxed));
+        for slot in &open[..open.len() - MAX_LINKS] {
+            slot.link.lock().unwrap().take();
+        }
     }
 
     fn next_id(&self) -> String {
@@ -235,6 +259,8 @@ impl AgentLinks {
                 .clone()
                 .filter(|l| l.shared.alive.load(Ordering::SeqCst))
         };
+        slot.used
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         if let Some(link) = current(&slot) {
             return Some(link);
         }
@@ -253,6 +279,7 @@ impl AgentLinks {
         match self.open(docker, container).await {
             Ok(link) => {
                 *slot.link.lock().unwrap() = Some(link.clone());
+                self.trim();
                 Some(link)
             }
             Err(why) => {
