@@ -51,7 +51,7 @@ const MAX_LINKS: usize = 256;
 /// Containers remembered (a record each) before those without a link go.
 const MAX_SLOTS: usize = 4096;
 /// Output frames buffered per call before the reader waits for the caller.
-const CALL_BUFFER: usize = 64;
+const CALL_BUFFER: usize = 16;
 
 /// An output callback, reborrowed for one call (`OutputSink` ties both
 /// lifetimes together).
