@@ -149,16 +149,37 @@ pub fn serve() -> i32 {
                     continue;
                 }
                 say(&tx, Reply::Ack { id: id.clone() });
-                let tx = tx.clone();
-                std::thread::spawn(move || run(tx, id, timeout_ms, env, command, stdin));
+                let (call_tx, call_id) = (tx.clone(), id.clone());
+                // A workload that spent the container's pids limit leaves no
+                // thread to spare: that call fails, serve goes on.
+                if let Err(e) = std::thread::Builder::new()
+                    .spawn(move || run(call_tx, call_id, timeout_ms, env, command, stdin))
+                {
+                    cannot_start(&tx, id, &e);
+                }
             }
             Ok(Request::Kill { id, marker }) => {
                 say(&tx, Reply::Ack { id: id.clone() });
-                let tx = tx.clone();
-                std::thread::spawn(move || {
+                let (kill_tx, kill_id) = (tx.clone(), id.clone());
+                let spawned = std::thread::Builder::new().spawn(move || {
                     let all_gone = crate::kill_marked(&marker) == 0;
-                    let _ = tx.send(Reply::Killed { id, all_gone }.encode());
+                    let _ = kill_tx.send(
+                        Reply::Killed {
+                            id: kill_id,
+                            all_gone,
+                        }
+                        .encode(),
+                    );
                 });
+                if spawned.is_err() {
+                    say(
+                        &tx,
+                        Reply::Killed {
+                            id,
+                            all_gone: false,
+                        },
+                    );
+                }
             }
             Err(e) => say(
                 &tx,
@@ -235,22 +256,12 @@ fn run(
     }
     let mut child = match cmd.spawn() {
         Ok(child) => child,
-        Err(e) => {
-            let data = format!("sandbox-agent: {e}\n").into_bytes();
-            let _ = tx.send(
-                Reply::Stderr {
-                    id: id.clone(),
-                    data,
-                }
-                .encode(),
-            );
-            let _ = tx.send(Reply::Exit { id, code: 126 }.encode());
-            return;
-        }
+        Err(e) => return cannot_start(&tx, id, &e),
     };
     if let (Some(mut pipe), Some(bytes)) = (child.stdin.take(), stdin) {
-        // The command may exit without reading it all.
-        std::thread::spawn(move || {
+        // The command may exit without reading it all; with no thread to
+        // spare, its stdin closes at once.
+        let _ = std::thread::Builder::new().spawn(move || {
             let _ = pipe.write_all(&bytes);
         });
     }
@@ -280,6 +291,21 @@ fn run(
     );
 }
 
+/// Reports a call that could not start (exit 126, as a shell would).
+fn cannot_start(tx: &SyncSender<String>, id: String, e: &std::io::Error) {
+    let data = format!("sandbox-agent: cannot start the command: {e}\n").into_bytes();
+    let _ = tx.send(
+        Reply::Stderr {
+            id: id.clone(),
+            data,
+        }
+        .encode(),
+    );
+    let _ = tx.send(Reply::Exit { id, code: 126 }.encode());
+}
+
+/// Relays one output pipe as frames; with no thread to spare the pipe is
+/// dropped (the command's writes then fail) and the call still ends.
 fn relay(
     from: Option<impl Read + Send + 'static>,
     tx: SyncSender<String>,
@@ -287,27 +313,29 @@ fn relay(
     stdout: bool,
 ) -> Option<std::thread::JoinHandle<()>> {
     let mut from = from?;
-    Some(std::thread::spawn(move || {
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => {
-                    let (id, data) = (id.clone(), buf[..n].to_vec());
-                    let reply = if stdout {
-                        Reply::Stdout { id, data }
-                    } else {
-                        Reply::Stderr { id, data }
-                    };
-                    if tx.send(reply.encode()).is_err() {
-                        return;
+    std::thread::Builder::new()
+        .spawn(move || {
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                match from.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        let (id, data) = (id.clone(), buf[..n].to_vec());
+                        let reply = if stdout {
+                            Reply::Stdout { id, data }
+                        } else {
+                            Reply::Stderr { id, data }
+                        };
+                        if tx.send(reply.encode()).is_err() {
+                            return;
+                        }
                     }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => return,
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return,
             }
-        }
-    }))
+        })
+        .ok()
 }
 
 /// `sandbox-agent respawn`: kills the serve processes, which `init` then

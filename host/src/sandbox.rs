@@ -374,7 +374,11 @@ impl Backend {
 
     /// The ensured container, with this thread recorded on its backend.
     async fn ensure_for_thread(&self) -> Result<VerifiedContainer> {
-        let container = self.sandbox.inner.policy.ensure(&self.id).await?;
+        self.ensure_as(&self.id).await
+    }
+
+    async fn ensure_as(&self, backend: &BackendId) -> Result<VerifiedContainer> {
+        let container = self.sandbox.inner.policy.ensure(backend).await?;
         let usage = self.engine().usage();
         usage.add_thread(&container.name, self.thread.as_str());
         Ok(container)
@@ -383,9 +387,30 @@ impl Backend {
     /// The container, with work marked in flight on it (from before it is
     /// ensured, so maintenance never removes it between the two) until the
     /// guard drops.
+    ///
+    /// A policy swapped in after this backend was resolved may not answer
+    /// its id (per-thread ids under per-user): the work then goes to the
+    /// backend the running policy maps the thread to.
     pub(crate) async fn ensure_for_work(&self) -> Result<(VerifiedContainer, Option<Work>)> {
-        let work = self.sandbox.inner.engine.begin_work(&self.id).await?;
-        let container = self.ensure_for_thread().await?;
+        match self.ensure_work_as(&self.id).await {
+            Err(SandboxError::InvalidId(why)) => {
+                let now = self.sandbox.inner.policy.backend_of(&self.thread).await?;
+                if now == self.id {
+                    return Err(SandboxError::InvalidId(why));
+                }
+                tracing::debug!(thread = %self.thread, from = %self.id, to = %now, "the policy was swapped: the thread's backend moved");
+                self.ensure_work_as(&now).await
+            }
+            other => other,
+        }
+    }
+
+    async fn ensure_work_as(
+        &self,
+        backend: &BackendId,
+    ) -> Result<(VerifiedContainer, Option<Work>)> {
+        let work = self.sandbox.inner.engine.begin_work(backend).await?;
+        let container = self.ensure_as(backend).await?;
         Ok((container, work))
     }
 

@@ -84,6 +84,37 @@ async fn a_refused_swap_keeps_the_running_policy() {
     assert_eq!(sandbox.backend_id("alice-1").await.unwrap(), "alice-1");
 }
 
+/// Bug: a backend resolved by per-thread just before a live swap to
+/// per-user failed its execute with "backend id u3-0 is not one the
+/// per-user policy answers" (the Python live-swap test caught it).
+#[tokio::test]
+async fn a_backend_resolved_before_a_swap_runs_on_the_new_policys_backend() {
+    let root = tempfile::tempdir().unwrap();
+    let sandbox = sandbox(root.path(), PolicySource::Builtin("per-thread".into()))
+        .await
+        .unwrap();
+    let b = sandbox.get_thread_backend("u3-0").await.unwrap();
+    assert_eq!(b.id(), "u3-0");
+    sandbox
+        .swap_policy(PolicySource::Builtin("per-user".into()))
+        .await
+        .unwrap();
+    let r = b.execute("true").await.unwrap();
+    assert_eq!(r.exit_code, 0);
+    let names: Vec<String> = sandbox
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.backend_id.clone())
+        .collect();
+    assert_eq!(
+        names,
+        ["u3"],
+        "the thread's backend under the running policy"
+    );
+}
+
 #[tokio::test]
 async fn the_shipped_policies_map_threads_and_pass_their_self_check() {
     let root = tempfile::tempdir().unwrap();

@@ -43,8 +43,12 @@ use crate::dataplane::exec::{
 const ACK_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a liveness ping may take before the engine is asked instead.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
-/// How long a container whose agent did not answer goes through `docker exec`.
+/// How long a container whose agent did not answer goes through `docker
+/// exec`; doubled on each failure in a row, up to [`MAX_DOWN_FOR`].
 const DOWN_FOR: Duration = Duration::from_secs(2);
+const MAX_DOWN_FOR: Duration = Duration::from_secs(30);
+/// Attached but unanswered pings in a row before the host restarts `serve`.
+const RESPAWN_AFTER: u32 = 2;
 /// Links held open at once per host process (each is a connection to the
 /// engine and a file descriptor); past it the least recently used closes.
 const MAX_LINKS: usize = 256;
@@ -139,6 +143,10 @@ struct Slot {
     record: Mutex<Option<ContainerRecord>>,
     /// When a call last took the link (ms since the links were made).
     used: AtomicU64,
+    /// Failed opens in a row.
+    failures: std::sync::atomic::AtomicU32,
+    /// `serve` is attached but does not answer: restart it (once per streak).
+    respawn_due: AtomicBool,
 }
 
 /// The links of one host process, by container id.
@@ -278,24 +286,46 @@ impl AgentLinks {
         }
         match self.open(docker, container).await {
             Ok(link) => {
+                slot.failures.store(0, Ordering::Relaxed);
                 *slot.link.lock().unwrap() = Some(link.clone());
                 self.trim();
                 Some(link)
             }
-            Err(why) => {
+            Err((attached, why)) => {
+                let failures = slot.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                let down = DOWN_FOR
+                    .saturating_mul(1 << (failures - 1).min(5))
+                    .min(MAX_DOWN_FOR);
                 tracing::warn!(
                     container,
                     why,
+                    failures,
+                    down_secs = down.as_secs(),
                     "no agent link: executes go through docker exec"
                 );
-                *slot.down_until.lock().unwrap() = Some(Instant::now() + DOWN_FOR);
+                if attached && failures == RESPAWN_AFTER {
+                    slot.respawn_due.store(true, Ordering::Relaxed);
+                }
+                *slot.down_until.lock().unwrap() = Some(Instant::now() + down);
                 *slot.link.lock().unwrap() = None;
                 None
             }
         }
     }
 
-    async fn open(&self, docker: &Docker, container: &str) -> Result<Arc<Link>, String> {
+    /// Whether `serve` in `container` stopped answering and should be
+    /// restarted (`sandbox-agent respawn`, which `init` follows with a fresh
+    /// one); true once per streak of failures.
+    pub fn take_respawn_due(&self, container: &str) -> bool {
+        self.slots
+            .lock()
+            .unwrap()
+            .get(container)
+            .is_some_and(|s| s.respawn_due.swap(false, Ordering::Relaxed))
+    }
+
+    /// A ping-checked link; the error says whether the attach succeeded.
+    async fn open(&self, docker: &Docker, container: &str) -> Result<Arc<Link>, (bool, String)> {
         let options = AttachContainerOptionsBuilder::default()
             .stdin(true)
             .stdout(true)
@@ -308,8 +338,8 @@ impl AgentLinks {
             docker.attach_container(container, Some(options)),
         )
         .await
-        .map_err(|_| "attaching timed out".to_owned())?
-        .map_err(|e| format!("attaching: {e}"))?;
+        .map_err(|_| (false, "attaching timed out".to_owned()))?
+        .map_err(|e| (false, format!("attaching: {e}")))?;
         let shared = Arc::new(Shared::default());
         shared.alive.store(true, Ordering::SeqCst);
         let reader = tokio::spawn(read_replies(
@@ -329,7 +359,7 @@ impl AgentLinks {
         let boot = self
             .write_until(&link, container, ping.as_bytes(), rx, ACK_TIMEOUT)
             .await
-            .map_err(|e| format!("ping: {}", e.why()))?;
+            .map_err(|e| (true, format!("ping: {}", e.why())))?;
         *link.shared.boot.lock().unwrap() = Some(boot);
         Ok(link)
     }

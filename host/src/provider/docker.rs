@@ -541,7 +541,25 @@ impl ContainerProvider for DockerProvider {
                     self.kill_call(id, &request.marker).await;
                     return Ok(response);
                 }
-                Err(LinkError::Unavailable) => {}
+                Err(LinkError::Unavailable) => {
+                    if self.links.take_respawn_due(id) {
+                        // Attached, yet serve answers nothing: init starts a
+                        // fresh one once this ends the stuck one.
+                        tracing::warn!(container = id, "restarting the agent's serve process");
+                        let respawn = vec![
+                            crate::dataplane::agent::AGENT_MOUNT.to_owned(),
+                            "respawn".to_owned(),
+                        ];
+                        let (docker, id) = (docker.clone(), id.to_owned());
+                        tokio::spawn(async move {
+                            let _ = tokio::time::timeout(
+                                CANCEL_TIMEOUT,
+                                run_kill_with(&docker, &id, respawn),
+                            )
+                            .await;
+                        });
+                    }
+                }
                 Err(LinkError::NotSent(why)) => {
                     tracing::warn!(container = id, why, "falling back to docker exec");
                 }
