@@ -212,10 +212,11 @@ async fn a_stalled_agent_means_docker_exec_until_the_host_restarts_it() {
     until_via_agent(&b, Duration::from_secs(40)).await;
     let ps = b.execute("ps -o pid,args").await.unwrap().output;
     assert!(
-        !ps.lines().any(|l| l.trim_start().starts_with(&format!("{serve} "))),
+        !ps.lines()
+            .any(|l| l.trim_start().starts_with(&format!("{serve} "))),
         "the stalled serve is gone: {ps}"
     );
-    // The lost call was read late by the resumed agent, past its start-by
+    // The lost call was read late by the new serve, past its start-by
     // time: refused, so it never ran after being reported lost.
     let r = b.execute("ls /tmp; ps -o args").await.unwrap();
     assert!(!r.output.contains("echo one"), "{}", r.output);
