@@ -315,8 +315,14 @@ fn descendants(root: libc::pid_t) -> Vec<libc::pid_t> {
     }
     let mut out = Vec::new();
     let mut queue = vec![root];
+    // /proc is not read atomically: with pid reuse a snapshot may hold a
+    // cycle, which must not loop forever.
+    let mut seen = HashSet::from([root]);
     while let Some(p) = queue.pop() {
         for &c in children.get(&p).into_iter().flatten() {
+            if !seen.insert(c) {
+                continue;
+            }
             queue.push(c);
             if !zombies.contains(&c) {
                 out.push(c);

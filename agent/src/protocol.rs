@@ -5,16 +5,20 @@
 //!
 //! ```text
 //! host -> agent                                agent -> host
-//! ping NONCE                                   pong NONCE BOOT
-//! exec ID START_BY TIMEOUT_MS ENV CMD STDIN|-  ack ID
+//! ping NONCE                                   pong NONCE BOOT NOW
+//! exec ID START_BY TIMEOUT_MS ENV CMD STDIN|-  ack ID | stale ID
 //! kill ID MARKER                               out ID DATA | err ID DATA
 //!                                              exit ID CODE
 //!                                              killed ID 0|1
 //!                                              hello BOOT | bad REASON
 //! ```
 //!
-//! `START_BY` is a Unix time in ms: an exec read later (the agent was
-//! stopped while the host gave up on it) is refused, never run late.
+//! `START_BY` is a Unix time in ms by the agent's clock (`NOW` in a pong
+//! tells the host its offset): an exec read later (the agent was stopped
+//! while the host gave up on it) is refused with `stale`, never run late.
+//! The host starts every frame with a newline, so the rest of a frame cut
+//! off mid-way (a broken connection) is a line of its own, refused, and
+//! never glued to the next frame; the agent skips empty lines.
 //! `ENV` is the base64 of `KEY=value` entries joined by NUL. Both sides bound
 //! a line before they parse it ([`MAX_REQUEST_LINE`], [`MAX_REPLY_LINE`]),
 //! and the host treats every reply as untrusted input: another process in
@@ -62,9 +66,15 @@ pub enum Reply {
     Pong {
         nonce: String,
         boot: String,
+        /// The agent's clock, Unix ms.
+        now_ms: u64,
     },
     /// The request `id` was read whole and is being carried out.
     Ack {
+        id: String,
+    },
+    /// The exec `id` was read after its start-by time: it never runs.
+    Stale {
         id: String,
     },
     Stdout {
@@ -156,10 +166,10 @@ fn end(mut rest: std::str::Split<'_, char>) -> Result<(), ParseError> {
 }
 
 impl Request {
-    /// The line, newline included.
+    /// The line: a newline (see the module doc), the frame, a newline.
     pub fn encode(&self) -> String {
         match self {
-            Request::Ping { nonce } => format!("ping {nonce}\n"),
+            Request::Ping { nonce } => format!("\nping {nonce}\n"),
             Request::Exec {
                 id,
                 start_by_ms,
@@ -168,12 +178,12 @@ impl Request {
                 command,
                 stdin,
             } => format!(
-                "exec {id} {start_by_ms} {timeout_ms} {} {} {}\n",
+                "\nexec {id} {start_by_ms} {timeout_ms} {} {} {}\n",
                 encode(env.join("\0").as_bytes()),
                 encode(command.as_bytes()),
                 stdin.as_deref().map_or_else(|| "-".to_owned(), encode)
             ),
-            Request::Kill { id, marker } => format!("kill {id} {marker}\n"),
+            Request::Kill { id, marker } => format!("\nkill {id} {marker}\n"),
         }
     }
 
@@ -243,7 +253,12 @@ impl Reply {
     pub fn encode(&self) -> String {
         match self {
             Reply::Hello { boot } => format!("hello {boot}\n"),
-            Reply::Pong { nonce, boot } => format!("pong {nonce} {boot}\n"),
+            Reply::Pong {
+                nonce,
+                boot,
+                now_ms,
+            } => format!("pong {nonce} {boot} {now_ms}\n"),
+            Reply::Stale { id } => format!("stale {id}\n"),
             Reply::Ack { id } => format!("ack {id}\n"),
             Reply::Stdout { id, data } => format!("out {id} {}\n", encode(data)),
             Reply::Stderr { id, data } => format!("err {id} {}\n", encode(data)),
@@ -267,6 +282,10 @@ impl Reply {
             Some("pong") => Reply::Pong {
                 nonce: token(f.next(), "nonce")?,
                 boot: token(f.next(), "boot")?,
+                now_ms: number(f.next(), "now")?,
+            },
+            Some("stale") => Reply::Stale {
+                id: token(f.next(), "id")?,
             },
             Some("ack") => Reply::Ack {
                 id: token(f.next(), "id")?,
@@ -314,7 +333,8 @@ mod tests {
     use super::*;
 
     fn line(s: &str) -> &[u8] {
-        s.strip_suffix('\n').unwrap().as_bytes()
+        let s = s.strip_suffix('\n').unwrap();
+        s.strip_prefix('\n').unwrap_or(s).as_bytes()
     }
 
     #[test]
@@ -350,7 +370,9 @@ mod tests {
             Reply::Pong {
                 nonce: "n".into(),
                 boot: "b".into(),
+                now_ms: 1_800_000_000_000,
             },
+            Reply::Stale { id: "a".into() },
             Reply::Ack { id: "a".into() },
             Reply::Stdout {
                 id: "a".into(),

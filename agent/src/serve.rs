@@ -14,9 +14,11 @@
 //! workload lacks, and the host trusts nothing it says beyond that
 //! sandbox's own results.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sandbox_agent::protocol::{Reply, Request, CHUNK, MAX_REQUEST_LINE};
@@ -105,11 +107,14 @@ pub fn serve() -> i32 {
         let _ = tx.send(reply.encode());
     };
     say(&tx, Reply::Hello { boot: boot.clone() });
+    let calls = Calls::default();
     let mut input = BufReader::with_capacity(64 * 1024, std::io::stdin().lock());
     let mut line = Vec::new();
     loop {
         line.clear();
         match read_line(&mut input, &mut line) {
+            // The newline every frame starts with.
+            Ok(Line::Whole) if line.is_empty() => continue,
             Ok(Line::Whole) => {}
             Ok(Line::TooLong) => {
                 say(
@@ -128,6 +133,7 @@ pub fn serve() -> i32 {
                 Reply::Pong {
                     nonce,
                     boot: boot.clone(),
+                    now_ms: now_ms(),
                 },
             ),
             Ok(Request::Exec {
@@ -140,26 +146,35 @@ pub fn serve() -> i32 {
             }) => {
                 if now_ms() > start_by_ms {
                     // The host gave up waiting for this one and said so.
-                    say(
-                        &tx,
-                        Reply::Bad {
-                            reason: "stale".into(),
-                        },
-                    );
+                    say(&tx, Reply::Stale { id });
                     continue;
                 }
+                let marker = marker_of(&env);
+                calls.register(&marker);
                 say(&tx, Reply::Ack { id: id.clone() });
-                let (call_tx, call_id) = (tx.clone(), id.clone());
+                let call = Call {
+                    tx: tx.clone(),
+                    id: id.clone(),
+                    start_by_ms,
+                    timeout_ms,
+                    env,
+                    command,
+                    stdin,
+                    marker: marker.clone(),
+                    calls: calls.clone(),
+                };
                 // A workload that spent the container's pids limit leaves no
                 // thread to spare: that call fails, serve goes on.
-                if let Err(e) = std::thread::Builder::new()
-                    .spawn(move || run(call_tx, call_id, timeout_ms, env, command, stdin))
-                {
+                if let Err(e) = std::thread::Builder::new().spawn(move || call.run()) {
+                    calls.end(&marker);
                     cannot_start(&tx, id, &e);
                 }
             }
             Ok(Request::Kill { id, marker }) => {
                 say(&tx, Reply::Ack { id: id.clone() });
+                // A call not started yet never starts; one that is starting
+                // has exec'd (so carries its marker) before this returns.
+                calls.cancel(&marker);
                 let (kill_tx, kill_id) = (tx.clone(), id.clone());
                 let spawned = std::thread::Builder::new().spawn(move || {
                     let all_gone = crate::kill_marked(&marker) == 0;
@@ -228,64 +243,156 @@ fn read_line(input: &mut impl BufRead, line: &mut Vec<u8>) -> std::io::Result<Li
     }
 }
 
+/// The calls of this serve by marker, so that a kill read while its exec is
+/// starting is never outrun by it.
+#[derive(Default, Clone)]
+struct Calls(Arc<Mutex<HashMap<String, CallState>>>);
+
+#[derive(Default)]
+struct CallState {
+    running: usize,
+    cancelled: bool,
+}
+
+impl Calls {
+    fn register(&self, marker: &str) {
+        self.0
+            .lock()
+            .unwrap()
+            .entry(marker.to_owned())
+            .or_default()
+            .running += 1;
+    }
+
+    fn cancel(&self, marker: &str) {
+        if let Some(state) = self.0.lock().unwrap().get_mut(marker) {
+            state.cancelled = true;
+        }
+    }
+
+    fn end(&self, marker: &str) {
+        let mut calls = self.0.lock().unwrap();
+        if let Some(state) = calls.get_mut(marker) {
+            state.running -= 1;
+            if state.running == 0 {
+                calls.remove(marker);
+            }
+        }
+    }
+}
+
+fn marker_of(env: &[String]) -> String {
+    env.iter()
+        .find_map(|kv| kv.strip_prefix("SANDBOX_EXEC_ID="))
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// One exec: `reap` with the call's environment, its output relayed as
 /// frames, then its status.
-fn run(
+struct Call {
     tx: SyncSender<String>,
     id: String,
+    start_by_ms: u64,
     timeout_ms: u64,
     env: Vec<String>,
     command: String,
     stdin: Option<Vec<u8>>,
-) {
-    let exe = std::env::current_exe().unwrap_or_else(|_| "/.sandbox/agent".into());
-    let mut cmd = Command::new(exe);
-    cmd.args(["reap", "--timeout-ms", &timeout_ms.to_string(), "--"])
-        .args(["sh", "-c", &command])
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for kv in &env {
-        if let Some((key, value)) = kv.split_once('=') {
-            cmd.env(key, value);
+    marker: String,
+    calls: Calls,
+}
+
+impl Call {
+    fn run(self) {
+        let (tx, id) = (self.tx.clone(), self.id.clone());
+        let (calls, marker) = (self.calls.clone(), self.marker.clone());
+        let code = self.start_and_wait();
+        calls.end(&marker);
+        let _ = tx.send(Reply::Exit { id, code }.encode());
+    }
+
+    /// The call's status: its own, 137 when cancelled before it started,
+    /// 126 when it could not start (or would start past its start-by time).
+    fn start_and_wait(self) -> u8 {
+        let exe = std::env::current_exe().unwrap_or_else(|_| "/.sandbox/agent".into());
+        let mut cmd = Command::new(exe);
+        cmd.args(["reap", "--timeout-ms", &self.timeout_ms.to_string(), "--"])
+            .args(["sh", "-c", &self.command])
+            .stdin(if self.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for kv in &self.env {
+            if let Some((key, value)) = kv.split_once('=') {
+                cmd.env(key, value);
+            }
+        }
+        let mut child = {
+            // Held through the spawn, which returns once `reap` has exec'd
+            // (so carries the marker): a kill either sees it or stops it.
+            let calls = self.calls.0.lock().unwrap();
+            if calls.get(&self.marker).is_some_and(|c| c.cancelled) {
+                return 137;
+            }
+            if now_ms() > self.start_by_ms {
+                return 126;
+            }
+            match cmd.spawn() {
+                Ok(child) => child,
+                Err(e) => {
+                    drop(calls);
+                    say_stderr(&self.tx, &self.id, &format!("cannot start the command: {e}"));
+                    return 126;
+                }
+            }
+        };
+        let mut helpers_ok = true;
+        if let (Some(mut pipe), Some(bytes)) = (child.stdin.take(), self.stdin) {
+            // The command may exit without reading it all.
+            helpers_ok &= std::thread::Builder::new()
+                .spawn(move || {
+                    let _ = pipe.write_all(&bytes);
+                })
+                .is_ok();
+        }
+        let relays = [
+            relay(child.stdout.take(), self.tx.clone(), self.id.clone(), true),
+            relay(child.stderr.take(), self.tx.clone(), self.id.clone(), false),
+        ];
+        if !helpers_ok || relays.iter().any(Result::is_err) {
+            // No thread to spare (the pids limit): rather than run it half
+            // connected, end it as one that could not start.
+            let _ = child.kill();
+            crate::kill_marked(&self.marker);
+            let _ = child.wait();
+            say_stderr(&self.tx, &self.id, "cannot start the command: no thread to spare");
+            return 126;
+        }
+        for relay in relays.into_iter().flatten().flatten() {
+            let _ = relay.join();
+        }
+        match child.wait() {
+            Ok(status) => {
+                use std::os::unix::process::ExitStatusExt;
+                let code = status
+                    .code()
+                    .or_else(|| status.signal().map(|s| 128 + s))
+                    .unwrap_or(crate::AGENT_FAILED);
+                u8::try_from(code).unwrap_or(255)
+            }
+            Err(_) => crate::AGENT_FAILED as u8,
         }
     }
-    let mut child = match cmd.spawn() {
-        Ok(child) => child,
-        Err(e) => return cannot_start(&tx, id, &e),
-    };
-    if let (Some(mut pipe), Some(bytes)) = (child.stdin.take(), stdin) {
-        // The command may exit without reading it all; with no thread to
-        // spare, its stdin closes at once.
-        let _ = std::thread::Builder::new().spawn(move || {
-            let _ = pipe.write_all(&bytes);
-        });
-    }
-    let relays = [
-        relay(child.stdout.take(), tx.clone(), id.clone(), true),
-        relay(child.stderr.take(), tx.clone(), id.clone(), false),
-    ];
-    for relay in relays.into_iter().flatten() {
-        let _ = relay.join();
-    }
-    let code = match child.wait() {
-        Ok(status) => {
-            use std::os::unix::process::ExitStatusExt;
-            status
-                .code()
-                .or_else(|| status.signal().map(|s| 128 + s))
-                .unwrap_or(crate::AGENT_FAILED)
-        }
-        Err(_) => crate::AGENT_FAILED,
-    };
+}
+
+fn say_stderr(tx: &SyncSender<String>, id: &str, message: &str) {
     let _ = tx.send(
-        Reply::Exit {
-            id,
-            code: u8::try_from(code).unwrap_or(255),
+        Reply::Stderr {
+            id: id.to_owned(),
+            data: format!("sandbox-agent: {message}\n").into_bytes(),
         }
         .encode(),
     );
@@ -304,15 +411,16 @@ fn cannot_start(tx: &SyncSender<String>, id: String, e: &std::io::Error) {
     let _ = tx.send(Reply::Exit { id, code: 126 }.encode());
 }
 
-/// Relays one output pipe as frames; with no thread to spare the pipe is
-/// dropped (the command's writes then fail) and the call still ends.
+/// Relays one output pipe as frames.
 fn relay(
     from: Option<impl Read + Send + 'static>,
     tx: SyncSender<String>,
     id: String,
     stdout: bool,
-) -> Option<std::thread::JoinHandle<()>> {
-    let mut from = from?;
+) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
+    let Some(mut from) = from else {
+        return Ok(None);
+    };
     std::thread::Builder::new()
         .spawn(move || {
             let mut buf = vec![0u8; CHUNK];
@@ -335,7 +443,7 @@ fn relay(
                 }
             }
         })
-        .ok()
+        .map(Some)
 }
 
 /// `sandbox-agent respawn`: kills the serve processes, which `init` then

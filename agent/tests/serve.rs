@@ -104,7 +104,50 @@ fn a_request_read_after_its_start_by_time_never_runs() {
         stdin: None,
     };
     serve.send(&stale.encode());
-    assert!(matches!(serve.next(), Reply::Bad { reason } if reason == "stale"));
+    assert!(matches!(serve.next(), Reply::Stale { id } if id == "late"));
+}
+
+/// Bug (found in review): a kill read right behind its exec could scan
+/// /proc before the call had started, find nothing, answer "all gone", and
+/// let the command run after the host reported it cancelled.
+#[test]
+fn a_kill_right_behind_its_exec_never_lets_the_command_run() {
+    let mut serve = Serve::start();
+    for n in 0..20 {
+        let marker = format!("race-marker-{n:04}");
+        let mut frames = exec(
+            &format!("c{n}"),
+            "sleep 100",
+            &[&format!("SANDBOX_EXEC_ID={marker}")],
+            None,
+            60_000,
+        );
+        frames.push_str(
+            &Request::Kill {
+                id: format!("k{n}"),
+                marker: marker.clone(),
+            }
+            .encode(),
+        );
+        serve.send(&frames);
+        let (mut killed, mut exit) = (None, None);
+        while killed.is_none() || exit.is_none() {
+            match serve.next() {
+                Reply::Killed { all_gone, .. } => killed = Some(all_gone),
+                Reply::Exit { code, .. } => exit = Some(code),
+                _ => {}
+            }
+        }
+        assert_eq!(killed, Some(true), "round {n}");
+        assert_eq!(exit, Some(137), "round {n}");
+    }
+    let left = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("environ")).ok())
+        .filter(|env| env.windows(12).any(|w| w == b"race-marker-"))
+        .count();
+    assert_eq!(left, 0, "a cancelled command is running");
 }
 
 #[test]
