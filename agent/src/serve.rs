@@ -344,7 +344,11 @@ impl Call {
                 Ok(child) => child,
                 Err(e) => {
                     drop(calls);
-                    say_stderr(&self.tx, &self.id, &format!("cannot start the command: {e}"));
+                    say_stderr(
+                        &self.tx,
+                        &self.id,
+                        &format!("cannot start the command: {e}"),
+                    );
                     return 126;
                 }
             }
@@ -368,7 +372,11 @@ impl Call {
             let _ = child.kill();
             crate::kill_marked(&self.marker);
             let _ = child.wait();
-            say_stderr(&self.tx, &self.id, "cannot start the command: no thread to spare");
+            say_stderr(
+                &self.tx,
+                &self.id,
+                "cannot start the command: no thread to spare",
+            );
             return 126;
         }
         for relay in relays.into_iter().flatten().flatten() {

@@ -41,6 +41,8 @@ use crate::dataplane::exec::{
 
 /// How long the agent has to acknowledge a frame (or answer a ping).
 const ACK_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a kill through the agent may take (its sweep included).
+const KILL_WAIT: Duration = Duration::from_secs(10);
 /// How long a liveness ping may take before the engine is asked instead.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 /// How long a container whose agent did not answer goes through `docker
@@ -94,16 +96,29 @@ enum Event {
 #[derive(Default)]
 struct Shared {
     alive: AtomicBool,
-    acks: Mutex<HashMap<String, oneshot::Sender<()>>>,
-    pongs: Mutex<HashMap<String, oneshot::Sender<String>>>,
+    /// A frame went unanswered.
+    silent: AtomicBool,
+    /// Answers to frames: true when taken, false when refused as stale.
+    acks: Mutex<HashMap<String, oneshot::Sender<bool>>>,
+    /// Pongs: the agent's boot id and clock.
+    pongs: Mutex<HashMap<String, oneshot::Sender<(String, u64)>>>,
     kills: Mutex<HashMap<String, oneshot::Sender<bool>>>,
     calls: Mutex<HashMap<String, mpsc::Sender<Event>>>,
     boot: Mutex<Option<String>>,
+    /// The agent's clock minus ours, in ms (from the opening ping).
+    offset_ms: std::sync::atomic::AtomicI64,
     /// Why the last calls were dropped: read by a call whose channel closed.
     lost: Mutex<String>,
 }
 
 impl Shared {
+    /// Open, and its agent answered the last frame in time: new calls may
+    /// use it. (A link whose agent went silent keeps delivering to the
+    /// calls it carries; new calls open a fresh one or fall back.)
+    fn usable(&self) -> bool {
+        self.alive.load(Ordering::SeqCst) && !self.silent.load(Ordering::SeqCst)
+    }
+
     /// Drops every call in flight (their channels close) for `why`.
     fn lose_calls(&self, why: &str) {
         *self.lost.lock().unwrap() = why.to_owned();
@@ -222,19 +237,8 @@ impl AgentLinks {
             .lock()
             .unwrap()
             .clone()
-            .filter(|l| l.shared.alive.load(Ordering::SeqCst))?;
-        let nonce = self.next_id();
-        let (tx, rx) = oneshot::channel();
-        link.shared.pongs.lock().unwrap().insert(nonce.clone(), tx);
-        let ping = Request::Ping {
-            nonce: nonce.clone(),
-        }
-        .encode();
-        let answered = self
-            .write_until(&link, container, ping.as_bytes(), rx, PROBE_TIMEOUT)
-            .await;
-        link.shared.pongs.lock().unwrap().remove(&nonce);
-        answered.ok()?;
+            .filter(|l| l.shared.usable())?;
+        self.ping(&link, container, PROBE_TIMEOUT).await.ok()?;
         Some(ContainerRecord {
             status: super::Status::Running,
             ..record
@@ -253,7 +257,7 @@ impl AgentLinks {
             .unwrap()
             .get(container)
             .and_then(|s| s.link.lock().unwrap().clone())
-            .is_some_and(|l| l.shared.alive.load(Ordering::SeqCst))
+            .is_some_and(|l| l.shared.usable())
     }
 
     /// The live link to `container`, opening (and pinging) it if needed;
@@ -265,7 +269,7 @@ impl AgentLinks {
                 .lock()
                 .unwrap()
                 .clone()
-                .filter(|l| l.shared.alive.load(Ordering::SeqCst))
+                .filter(|l| l.shared.usable())
         };
         slot.used
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -352,40 +356,75 @@ impl AgentLinks {
             input: tokio::sync::Mutex::new(attached.input),
             reader,
         });
-        let nonce = self.next_id();
-        let (tx, rx) = oneshot::channel();
-        link.shared.pongs.lock().unwrap().insert(nonce.clone(), tx);
-        let ping = Request::Ping { nonce }.encode();
-        let boot = self
-            .write_until(&link, container, ping.as_bytes(), rx, ACK_TIMEOUT)
+        let sent = unix_ms();
+        let (boot, agent_now) = self
+            .ping(&link, container, ACK_TIMEOUT)
             .await
-            .map_err(|e| (true, format!("ping: {}", e.why())))?;
+            .map_err(|e| {
+                (
+                    matches!(e, Unanswered::Silent(_)),
+                    format!("ping: {}", e.why()),
+                )
+            })?;
+        let midpoint = (sent + unix_ms()) / 2;
+        link.shared
+            .offset_ms
+            .store(agent_now as i64 - midpoint as i64, Ordering::Relaxed);
         *link.shared.boot.lock().unwrap() = Some(boot);
         Ok(link)
     }
 
-    /// Writes `frame` and waits for `answer`, holding this process's writer
-    /// and the container's lock file throughout, so no other writer's frame
-    /// can interleave with it in the agent's stdin.
+    /// Pings the agent: its boot id and clock.
+    async fn ping(
+        &self,
+        link: &Link,
+        container: &str,
+        patience: Duration,
+    ) -> Result<(String, u64), Unanswered> {
+        let nonce = self.next_id();
+        let (tx, rx) = oneshot::channel();
+        let _pending = Pending::new(&link.shared.pongs, &nonce, tx);
+        let frame = || {
+            Request::Ping {
+                nonce: nonce.clone(),
+            }
+            .encode()
+        };
+        self.write_until(link, container, frame, rx, patience).await
+    }
+
+    /// Writes the frame `frame()` builds and waits for `answer`, holding
+    /// this process's writer and the container's lock file from before the
+    /// frame is built (its start-by time counts from there) until the
+    /// answer, so no other writer's frame can interleave with it in the
+    /// agent's stdin. A write that fails or times out may have left part of
+    /// a frame behind: the link is closed (the next frame of any writer
+    /// starts with a newline, so the rest is refused on its own).
     async fn write_until<T>(
         &self,
         link: &Link,
         container: &str,
-        frame: &[u8],
+        frame: impl FnOnce() -> String,
         answer: oneshot::Receiver<T>,
         patience: Duration,
     ) -> Result<T, Unanswered> {
-        let mut input = link.input.lock().await;
+        let mut input = tokio::time::timeout(ACK_TIMEOUT, link.input.lock())
+            .await
+            .map_err(|_| Unanswered::NotSent("the link is busy".into()))?;
         let _lock = self.lock(container).await.map_err(Unanswered::NotSent)?;
+        let frame = frame();
         let write = async {
-            input.write_all(frame).await?;
+            input.write_all(frame.as_bytes()).await?;
             input.flush().await
         };
-        match tokio::time::timeout(ACK_TIMEOUT, write).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(Unanswered::NotSent(format!("writing to the agent: {e}"))),
-            // Part of it may be in the agent's stdin: a garbled line it refuses.
-            Err(_) => return Err(Unanswered::NotSent("writing to the agent timed out".into())),
+        let failed = match tokio::time::timeout(ACK_TIMEOUT, write).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("writing to the agent: {e}")),
+            Err(_) => Some("writing to the agent timed out".to_owned()),
+        };
+        if let Some(why) = failed {
+            link.shared.fail(container, &why);
+            return Err(Unanswered::NotSent(why));
         }
         match tokio::time::timeout(patience, answer).await {
             Ok(Ok(answer)) => Ok(answer),
@@ -445,21 +484,29 @@ impl AgentLinks {
             .unwrap()
             .get(container)
             .and_then(|s| s.link.lock().unwrap().clone())
-            .filter(|l| l.shared.alive.load(Ordering::SeqCst))
+            .filter(|l| l.shared.usable())
             .ok_or("no live agent link")?;
         let id = self.next_id();
+        let (ack_tx, ack_rx) = oneshot::channel();
+        let _ack = Pending::new(&link.shared.acks, &id, ack_tx);
         let (tx, rx) = oneshot::channel();
-        link.shared.kills.lock().unwrap().insert(id.clone(), tx);
-        let frame = Request::Kill {
-            id: id.clone(),
-            marker: marker.to_owned(),
+        let _killed = Pending::new(&link.shared.kills, &id, tx);
+        let frame = || {
+            Request::Kill {
+                id: id.clone(),
+                marker: marker.to_owned(),
+            }
+            .encode()
+        };
+        // The locks are held until the agent has read the frame, not for
+        // the sweep itself.
+        self.write_until(&link, container, frame, ack_rx, ACK_TIMEOUT)
+            .await
+            .map_err(|e| e.why().to_owned())?;
+        match tokio::time::timeout(KILL_WAIT, rx).await {
+            Ok(Ok(all_gone)) => Ok(all_gone),
+            _ => Err("the agent did not finish the kill".into()),
         }
-        .encode();
-        let done = self
-            .write_until(&link, container, frame.as_bytes(), rx, ACK_TIMEOUT)
-            .await;
-        link.shared.kills.lock().unwrap().remove(&id);
-        done.map_err(|e| e.why().to_owned())
     }
 
     /// Runs `request` through the agent of `container`.
@@ -479,32 +526,36 @@ impl AgentLinks {
         link.shared.calls.lock().unwrap().insert(id.clone(), tx);
         let _registered = Unregister(&link.shared, &id);
         let (ack_tx, ack_rx) = oneshot::channel();
-        link.shared.acks.lock().unwrap().insert(id.clone(), ack_tx);
-        let start_by = std::time::SystemTime::now() + ACK_TIMEOUT;
-        let frame = Request::Exec {
-            id: id.clone(),
-            start_by_ms: start_by
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-            timeout_ms: request.timeout.as_millis().try_into().unwrap_or(u64::MAX),
-            env: request.env.clone(),
-            command: request.command.clone(),
-            stdin: request.stdin.clone(),
-        }
-        .encode();
+        let _ack = Pending::new(&link.shared.acks, &id, ack_tx);
+        let offset = link.shared.offset_ms.load(Ordering::Relaxed);
+        let frame = || {
+            let now = unix_ms() as i64 + offset;
+            Request::Exec {
+                id: id.clone(),
+                start_by_ms: (now + ACK_TIMEOUT.as_millis() as i64).max(0) as u64,
+                timeout_ms: request.timeout.as_millis().try_into().unwrap_or(u64::MAX),
+                env: request.env.clone(),
+                command: request.command.clone(),
+                stdin: request.stdin.clone(),
+            }
+            .encode()
+        };
         let start = Instant::now();
-        if let Err(e) = self
-            .write_until(&link, container, frame.as_bytes(), ack_rx, ACK_TIMEOUT)
+        match self
+            .write_until(&link, container, frame, ack_rx, ACK_TIMEOUT)
             .await
         {
-            link.shared.acks.lock().unwrap().remove(&id);
-            link.shared.fail(container, e.why());
-            return Err(match e {
-                Unanswered::NotSent(why) => LinkError::NotSent(why),
-                Unanswered::Silent(why) => {
-                    LinkError::Lost(format!("the sandbox agent did not take the command: {why}"))
-                }
-            });
+            Ok(true) => {}
+            // Refused unread: the engine runs it.
+            Ok(false) => return Err(LinkError::NotSent("the agent read it too late".into())),
+            Err(Unanswered::NotSent(why)) => return Err(LinkError::NotSent(why)),
+            // It may have been read: never run twice.
+            Err(Unanswered::Silent(why)) => {
+                link.shared.silent.store(true, Ordering::SeqCst);
+                return Err(LinkError::Lost(format!(
+                    "the sandbox agent did not take the command: {why}"
+                )));
+            }
         }
         let mut output = ExecOutput::new(request.output_limit);
         let deadline = start + request.timeout + AGENT_GRACE;
@@ -554,6 +605,46 @@ impl Unanswered {
             Unanswered::NotSent(why) | Unanswered::Silent(why) => why,
         }
     }
+}
+
+/// An answer awaited under `id`, forgotten however the wait ends.
+struct Pending<'a, T> {
+    map: &'a Mutex<HashMap<String, T>>,
+    id: String,
+}
+
+impl<'a, T> Pending<'a, T> {
+    fn new(map: &'a Mutex<HashMap<String, T>>, id: &str, tx: T) -> Self {
+        map.lock().unwrap().insert(id.to_owned(), tx);
+        Pending {
+            map,
+            id: id.to_owned(),
+        }
+    }
+}
+
+impl<T> Drop for Pending<'_, T> {
+    fn drop(&mut self) {
+        self.map.lock().unwrap().remove(&self.id);
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whether `request` fits one request line (else it goes through the engine).
+pub fn fits(request: &ExecRequest) -> bool {
+    let env: usize = request.env.iter().map(|e| e.len() + 1).sum();
+    let payload = env + request.command.len() + request.stdin.as_ref().map_or(0, Vec::len);
+    request
+        .stdin
+        .as_ref()
+        .is_none_or(|s| s.len() <= sandbox_agent::protocol::MAX_INLINE_STDIN)
+        && payload.div_ceil(3) * 4 + 256 <= sandbox_agent::protocol::MAX_REQUEST_LINE
+        && request.timeout.as_millis() < 1_000_000_000_000_000
 }
 
 /// Removes a call's channel when the call ends or is dropped.
@@ -622,14 +713,23 @@ async fn dispatch(shared: &Shared, reply: Reply) {
                 *known = Some(boot);
             }
         }
-        Reply::Pong { nonce, boot } => {
+        Reply::Pong {
+            nonce,
+            boot,
+            now_ms,
+        } => {
             if let Some(tx) = shared.pongs.lock().unwrap().remove(&nonce) {
-                let _ = tx.send(boot);
+                let _ = tx.send((boot, now_ms));
             }
         }
         Reply::Ack { id } => {
             if let Some(tx) = shared.acks.lock().unwrap().remove(&id) {
-                let _ = tx.send(());
+                let _ = tx.send(true);
+            }
+        }
+        Reply::Stale { id } => {
+            if let Some(tx) = shared.acks.lock().unwrap().remove(&id) {
+                let _ = tx.send(false);
             }
         }
         Reply::Stdout { id, data } => {

@@ -511,16 +511,12 @@ impl ContainerProvider for DockerProvider {
             mut sink,
         } = io;
         let docker = self.client().await?;
-        let inline_stdin = request
-            .stdin
-            .as_ref()
-            .is_none_or(|s| s.len() <= sandbox_agent::protocol::MAX_INLINE_STDIN);
         if request.agent_serves
             && stdin.is_none()
             && stdout.is_none()
             && request.user.is_none()
             && !request.idle_timeout
-            && inline_stdin
+            && super::agent_link::fits(request)
         {
             let mut cancel = CancelOnDrop {
                 docker: docker.clone(),
