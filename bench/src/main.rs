@@ -36,6 +36,9 @@ struct Args {
     /// A quick run for CI: few iterations, small concurrency and footprint.
     #[arg(long)]
     smoke: bool,
+    /// Run only these cases (by number; repeatable). Every case by default.
+    #[arg(long = "case", value_name = "N")]
+    cases: Vec<u32>,
     /// Instead of the table: this many users' instances of POLICY (a
     /// component whose `get-thread-backend` for `alloc-*` threads allocates
     /// without bound, e.g. tests/fixtures/hostile-policy) all grow past
@@ -107,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
         smoke: args.smoke,
         table: Table::default(),
         user_seq: 0,
+        only: args.cases,
     };
     let result = cases::run(&mut bench).await;
     cleanup(&bench).await;

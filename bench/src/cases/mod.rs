@@ -31,6 +31,8 @@ pub(crate) struct Bench {
     pub(crate) smoke: bool,
     pub(crate) table: Table,
     pub(crate) user_seq: usize,
+    /// The cases to run; all when empty.
+    pub(crate) only: Vec<u32>,
 }
 
 impl Bench {
@@ -42,16 +44,36 @@ impl Bench {
 }
 
 pub(crate) async fn run(bench: &mut Bench) -> anyhow::Result<()> {
+    let wanted = |n: u32, bench: &Bench| bench.only.is_empty() || bench.only.contains(&n);
+    // Case 1's median is the unit of cases 3 and 10: always measured.
     let exec_median = bench.warm_exec().await.context("case 1")?;
-    bench.cold_start().await.context("case 2")?;
-    bench.policy_cost(exec_median).await.context("case 3")?;
-    bench.concurrency().await.context("case 4")?;
-    bench.head_of_line().await.context("case 5")?;
-    bench.cli_process().await.context("case 6")?;
-    bench.footprint().await.context("case 7")?;
-    bench.http_load().await.context("case 8")?;
-    bench.file_transfer().await.context("case 9")?;
-    bench.policy_pool(exec_median).await.context("case 10")?;
+    if wanted(2, bench) {
+        bench.cold_start().await.context("case 2")?;
+    }
+    if wanted(3, bench) {
+        bench.policy_cost(exec_median).await.context("case 3")?;
+    }
+    if wanted(4, bench) {
+        bench.concurrency().await.context("case 4")?;
+    }
+    if wanted(5, bench) {
+        bench.head_of_line().await.context("case 5")?;
+    }
+    if wanted(6, bench) {
+        bench.cli_process().await.context("case 6")?;
+    }
+    if wanted(7, bench) {
+        bench.footprint().await.context("case 7")?;
+    }
+    if wanted(8, bench) {
+        bench.http_load().await.context("case 8")?;
+    }
+    if wanted(9, bench) {
+        bench.file_transfer().await.context("case 9")?;
+    }
+    if wanted(10, bench) {
+        bench.policy_pool(exec_median).await.context("case 10")?;
+    }
     Ok(())
 }
 
