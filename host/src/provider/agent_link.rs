@@ -250,16 +250,6 @@ impl AgentLinks {
         self.slots.lock().unwrap().remove(container);
     }
 
-    /// Whether this process holds a live link to `container`.
-    pub fn is_live(&self, container: &str) -> bool {
-        self.slots
-            .lock()
-            .unwrap()
-            .get(container)
-            .and_then(|s| s.link.lock().unwrap().clone())
-            .is_some_and(|l| l.shared.usable())
-    }
-
     /// The live link to `container`, opening (and pinging) it if needed;
     /// `None` when no agent answers.
     async fn link(&self, docker: &Docker, container: &str) -> Option<Arc<Link>> {
