@@ -43,17 +43,23 @@ pub const MAX_TOKEN: usize = 64;
 pub enum Request {
     /// Answered by `pong` with the same nonce and the agent's boot id.
     Ping { nonce: String },
-    /// Runs `sh -c command` under `reap` (its own subreaper and deadline).
-    Exec {
-        id: String,
-        start_by_ms: u64,
-        timeout_ms: u64,
-        env: Vec<String>,
-        command: String,
-        stdin: Option<Vec<u8>>,
-    },
+    /// Runs a command (see [`Exec`]).
+    Exec(Exec),
     /// Ends every process carrying `SANDBOX_EXEC_ID=marker`.
     Kill { id: String, marker: String },
+}
+
+/// `sh -c command` under `reap` (its own subreaper and deadline).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exec {
+    pub id: String,
+    /// Unix ms, by the agent's clock: not started when read later.
+    pub start_by_ms: u64,
+    pub timeout_ms: u64,
+    /// `KEY=value` entries.
+    pub env: Vec<String>,
+    pub command: String,
+    pub stdin: Option<Vec<u8>>,
 }
 
 /// What the agent says.
@@ -147,9 +153,12 @@ fn encode(data: &[u8]) -> String {
     STANDARD.encode(data)
 }
 
-/// Splits a line (without its newline) into fields, refusing anything but
-/// printable ASCII separated by single spaces.
-fn fields(line: &[u8]) -> Result<std::str::Split<'_, char>, ParseError> {
+/// Splits a line (without its newline, at most `max` bytes) into fields,
+/// refusing anything but printable ASCII separated by single spaces.
+fn fields(line: &[u8], max: usize) -> Result<std::str::Split<'_, char>, ParseError> {
+    if line.len() > max {
+        return Err(bad("line too long"));
+    }
     if line.is_empty() || !line.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
         return Err(bad("not a frame"));
     }
@@ -170,14 +179,14 @@ impl Request {
     pub fn encode(&self) -> String {
         match self {
             Request::Ping { nonce } => format!("\nping {nonce}\n"),
-            Request::Exec {
+            Request::Exec(Exec {
                 id,
                 start_by_ms,
                 timeout_ms,
                 env,
                 command,
                 stdin,
-            } => format!(
+            }) => format!(
                 "\nexec {id} {start_by_ms} {timeout_ms} {} {} {}\n",
                 encode(env.join("\0").as_bytes()),
                 encode(command.as_bytes()),
@@ -189,10 +198,7 @@ impl Request {
 
     /// Parses one line (without its newline), strictly.
     pub fn parse(line: &[u8]) -> Result<Self, ParseError> {
-        if line.len() > MAX_REQUEST_LINE {
-            return Err(bad("line too long"));
-        }
-        let mut f = fields(line)?;
+        let mut f = fields(line, MAX_REQUEST_LINE)?;
         let request = match f.next() {
             Some("ping") => Request::Ping {
                 nonce: token(f.next(), "nonce")?,
@@ -228,14 +234,14 @@ impl Request {
                         Some(data)
                     }
                 };
-                Request::Exec {
+                Request::Exec(Exec {
                     id,
                     start_by_ms,
                     timeout_ms,
                     env,
                     command,
                     stdin,
-                }
+                })
             }
             Some("kill") => Request::Kill {
                 id: token(f.next(), "id")?,
@@ -271,10 +277,7 @@ impl Reply {
     /// Parses one line (without its newline), strictly: the host's guard
     /// against anything else written into the agent's stdout.
     pub fn parse(line: &[u8]) -> Result<Self, ParseError> {
-        if line.len() > MAX_REPLY_LINE {
-            return Err(bad("line too long"));
-        }
-        let mut f = fields(line)?;
+        let mut f = fields(line, MAX_REPLY_LINE)?;
         let reply = match f.next() {
             Some("hello") => Reply::Hello {
                 boot: token(f.next(), "boot")?,
@@ -341,22 +344,22 @@ mod tests {
     fn every_frame_round_trips() {
         let requests = [
             Request::Ping { nonce: "n1".into() },
-            Request::Exec {
+            Request::Exec(Exec {
                 id: "a-1".into(),
                 start_by_ms: 1_800_000_000_000,
                 timeout_ms: 1500,
                 env: vec!["SANDBOX_EXEC_ID=abcdefgh".into(), "X=a b=c".into()],
                 command: "echo 'hi'\nexit 3".into(),
                 stdin: Some(b"\x00\xff".to_vec()),
-            },
-            Request::Exec {
+            }),
+            Request::Exec(Exec {
                 id: "a-2".into(),
                 start_by_ms: 0,
                 timeout_ms: 0,
                 env: vec![],
                 command: String::new(),
                 stdin: None,
-            },
+            }),
             Request::Kill {
                 id: "k".into(),
                 marker: "abcdefgh".into(),

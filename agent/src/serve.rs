@@ -21,7 +21,7 @@ use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sandbox_agent::protocol::{Reply, Request, CHUNK, MAX_REQUEST_LINE};
+use sandbox_agent::protocol::{Exec, Reply, Request, CHUNK, MAX_REQUEST_LINE};
 
 /// Runs `serve` and keeps it running; never returns but on a setup error.
 pub fn init() -> i32 {
@@ -136,30 +136,19 @@ pub fn serve() -> i32 {
                     now_ms: now_ms(),
                 },
             ),
-            Ok(Request::Exec {
-                id,
-                start_by_ms,
-                timeout_ms,
-                env,
-                command,
-                stdin,
-            }) => {
-                if now_ms() > start_by_ms {
+            Ok(Request::Exec(exec)) => {
+                let id = exec.id.clone();
+                if now_ms() > exec.start_by_ms {
                     // The host gave up waiting for this one and said so.
                     say(&tx, Reply::Stale { id });
                     continue;
                 }
-                let marker = marker_of(&env);
+                let marker = marker_of(&exec.env);
                 calls.register(&marker);
                 say(&tx, Reply::Ack { id: id.clone() });
                 let call = Call {
                     tx: tx.clone(),
-                    id: id.clone(),
-                    start_by_ms,
-                    timeout_ms,
-                    env,
-                    command,
-                    stdin,
+                    exec,
                     marker: marker.clone(),
                     calls: calls.clone(),
                 };
@@ -292,19 +281,14 @@ fn marker_of(env: &[String]) -> String {
 /// frames, then its status.
 struct Call {
     tx: SyncSender<String>,
-    id: String,
-    start_by_ms: u64,
-    timeout_ms: u64,
-    env: Vec<String>,
-    command: String,
-    stdin: Option<Vec<u8>>,
+    exec: Exec,
     marker: String,
     calls: Calls,
 }
 
 impl Call {
     fn run(self) {
-        let (tx, id) = (self.tx.clone(), self.id.clone());
+        let (tx, id) = (self.tx.clone(), self.exec.id.clone());
         let (calls, marker) = (self.calls.clone(), self.marker.clone());
         let code = self.start_and_wait();
         calls.end(&marker);
@@ -314,18 +298,24 @@ impl Call {
     /// The call's status: its own, 137 when cancelled before it started,
     /// 126 when it could not start (or would start past its start-by time).
     fn start_and_wait(self) -> u8 {
+        let Call {
+            tx,
+            exec,
+            marker,
+            calls,
+        } = self;
         let exe = std::env::current_exe().unwrap_or_else(|_| "/.sandbox/agent".into());
         let mut cmd = Command::new(exe);
-        cmd.args(["reap", "--timeout-ms", &self.timeout_ms.to_string(), "--"])
-            .args(["sh", "-c", &self.command])
-            .stdin(if self.stdin.is_some() {
+        cmd.args(["reap", "--timeout-ms", &exec.timeout_ms.to_string(), "--"])
+            .args(["sh", "-c", &exec.command])
+            .stdin(if exec.stdin.is_some() {
                 Stdio::piped()
             } else {
                 Stdio::null()
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        for kv in &self.env {
+        for kv in &exec.env {
             if let Some((key, value)) = kv.split_once('=') {
                 cmd.env(key, value);
             }
@@ -333,28 +323,24 @@ impl Call {
         let mut child = {
             // Held through the spawn, which returns once `reap` has exec'd
             // (so carries the marker): a kill either sees it or stops it.
-            let calls = self.calls.0.lock().unwrap();
-            if calls.get(&self.marker).is_some_and(|c| c.cancelled) {
+            let calls = calls.0.lock().unwrap();
+            if calls.get(&marker).is_some_and(|c| c.cancelled) {
                 return 137;
             }
-            if now_ms() > self.start_by_ms {
+            if now_ms() > exec.start_by_ms {
                 return 126;
             }
             match cmd.spawn() {
                 Ok(child) => child,
                 Err(e) => {
                     drop(calls);
-                    say_stderr(
-                        &self.tx,
-                        &self.id,
-                        &format!("cannot start the command: {e}"),
-                    );
+                    say_stderr(&tx, &exec.id, &format!("cannot start the command: {e}"));
                     return 126;
                 }
             }
         };
         let mut helpers_ok = true;
-        if let (Some(mut pipe), Some(bytes)) = (child.stdin.take(), self.stdin) {
+        if let (Some(mut pipe), Some(bytes)) = (child.stdin.take(), exec.stdin) {
             // The command may exit without reading it all.
             helpers_ok &= std::thread::Builder::new()
                 .spawn(move || {
@@ -363,18 +349,18 @@ impl Call {
                 .is_ok();
         }
         let relays = [
-            relay(child.stdout.take(), self.tx.clone(), self.id.clone(), true),
-            relay(child.stderr.take(), self.tx.clone(), self.id.clone(), false),
+            relay(child.stdout.take(), tx.clone(), exec.id.clone(), true),
+            relay(child.stderr.take(), tx.clone(), exec.id.clone(), false),
         ];
         if !helpers_ok || relays.iter().any(Result::is_err) {
             // No thread to spare (the pids limit): rather than run it half
             // connected, end it as one that could not start.
             let _ = child.kill();
-            crate::kill_marked(&self.marker);
+            crate::kill_marked(&marker);
             let _ = child.wait();
             say_stderr(
-                &self.tx,
-                &self.id,
+                &tx,
+                &exec.id,
                 "cannot start the command: no thread to spare",
             );
             return 126;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
-use sandbox_agent::protocol::{Reply, Request};
+use sandbox_agent::protocol::{Exec, Reply, Request};
 
 struct Serve {
     child: Child,
@@ -74,14 +74,14 @@ impl Drop for Serve {
 }
 
 fn exec(id: &str, command: &str, env: &[&str], stdin: Option<&[u8]>, timeout_ms: u64) -> String {
-    Request::Exec {
+    Request::Exec(Exec {
         id: id.into(),
         start_by_ms: now_ms() + 60_000,
         timeout_ms,
         env: env.iter().map(|s| s.to_string()).collect(),
         command: command.into(),
         stdin: stdin.map(<[u8]>::to_vec),
-    }
+    })
     .encode()
 }
 
@@ -95,14 +95,14 @@ fn now_ms() -> u64 {
 #[test]
 fn a_request_read_after_its_start_by_time_never_runs() {
     let mut serve = Serve::start();
-    let stale = Request::Exec {
+    let stale = Request::Exec(Exec {
         id: "late".into(),
         start_by_ms: now_ms() - 1,
         timeout_ms: 1000,
         env: vec![],
         command: "echo ran".into(),
         stdin: None,
-    };
+    });
     serve.send(&stale.encode());
     assert!(matches!(serve.next(), Reply::Stale { id } if id == "late"));
 }

@@ -29,7 +29,7 @@ use bollard::container::LogOutput;
 use bollard::query_parameters::AttachContainerOptionsBuilder;
 use bollard::Docker;
 use futures_util::{Stream, StreamExt};
-use sandbox_agent::protocol::{Reply, Request, MAX_REPLY_LINE};
+use sandbox_agent::protocol::{Exec, Reply, Request, MAX_REPLY_LINE};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -520,14 +520,14 @@ impl AgentLinks {
         let offset = link.shared.offset_ms.load(Ordering::Relaxed);
         let frame = || {
             let now = unix_ms() as i64 + offset;
-            Request::Exec {
+            Request::Exec(Exec {
                 id: id.clone(),
                 start_by_ms: (now + ACK_TIMEOUT.as_millis() as i64).max(0) as u64,
                 timeout_ms: request.timeout.as_millis().try_into().unwrap_or(u64::MAX),
                 env: request.env.clone(),
                 command: request.command.clone(),
                 stdin: request.stdin.clone(),
-            }
+            })
             .encode()
         };
         let start = Instant::now();

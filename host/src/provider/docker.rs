@@ -185,6 +185,24 @@ impl DockerProvider {
         }
     }
 
+    /// Armed until the call ends; `through_link`: try the agent link first.
+    fn cancel_on_drop(
+        &self,
+        docker: &Docker,
+        container: &str,
+        marker: &str,
+        through_link: bool,
+    ) -> CancelOnDrop {
+        CancelOnDrop {
+            docker: docker.clone(),
+            container: container.to_owned(),
+            marker: marker.to_owned(),
+            cancels: self.cancels.clone(),
+            links: through_link.then(|| self.links.clone()),
+            armed: true,
+        }
+    }
+
     /// Kills every process of a timed-out call (see [`KILL_SCRIPT`]).
     async fn kill_call(&self, container: &str, marker: &str) {
         let Ok(docker) = self.client().await else {
@@ -518,14 +536,7 @@ impl ContainerProvider for DockerProvider {
             && !request.idle_timeout
             && super::agent_link::fits(request)
         {
-            let mut cancel = CancelOnDrop {
-                docker: docker.clone(),
-                container: id.to_owned(),
-                marker: request.marker.clone(),
-                cancels: self.cancels.clone(),
-                links: Some(self.links.clone()),
-                armed: true,
-            };
+            let mut cancel = self.cancel_on_drop(docker, id, &request.marker, true);
             let outcome = self
                 .links
                 .exec(docker, id, request, sink.as_deref_mut())
@@ -589,14 +600,7 @@ impl ContainerProvider for DockerProvider {
             ..Default::default()
         };
         let exec = self.call(docker.create_exec(id, config)).await?;
-        let mut cancel = CancelOnDrop {
-            docker: docker.clone(),
-            container: id.to_owned(),
-            marker: request.marker.clone(),
-            cancels: self.cancels.clone(),
-            links: None,
-            armed: true,
-        };
+        let mut cancel = self.cancel_on_drop(docker, id, &request.marker, false);
         let started = self
             .call(docker.start_exec(&exec.id, None::<StartExecOptions>))
             .await?;
