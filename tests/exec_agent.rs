@@ -1,12 +1,15 @@
 //! The in-container exec agent against the real engine: executes skip
 //! `docker exec` with unchanged semantics, a killed agent falls back and
-//! comes back, forged or garbled replies only touch their own sandbox, and
-//! two host processes attached at once never interleave their requests.
+//! comes back, forged or garbled replies only touch their own sandbox, two
+//! host processes attached at once never interleave their requests, and
+//! containers of an older host or an agent of another protocol version run
+//! through `docker exec` at once.
 
 mod support;
 
 use std::time::{Duration, Instant};
 
+use sandbox_agent::protocol::PROTOCOL_VERSION;
 use sandbox_host::exec::{ExecOptions, StreamKind};
 use sandbox_host::{Backend, PolicySource};
 use sha2::Digest;
@@ -18,6 +21,53 @@ fn container_of(h: &Harness, user: &str) -> String {
         .find(|(name, _, _)| name.ends_with(&format!(".{user}")))
         .map(|(_, id, _)| id)
         .expect("the user's container")
+}
+
+/// Replaces `user`'s container behind the host's back with one as another
+/// host would have made: the same name, labels, mounts and user, but the
+/// `sandbox.agent` label `agent_label` and the main command `cmd` (after
+/// tini, with stdin open, nothing logged). The new container's id.
+fn recreate(h: &Harness, user: &str, agent_label: &str, cmd: &[&str]) -> String {
+    let id = container_of(h, user);
+    let inspected = docker(&[
+        "inspect",
+        "--format",
+        "{{.Name}}|{{.Config.Image}}|{{.Config.User}}|{{json .Config.Labels}}|{{range .Mounts}}{{.Source}}:{{.Destination}}:{{if .RW}}rw{{else}}ro{{end}} {{end}}",
+        &id,
+    ]);
+    let fields: Vec<&str> = inspected.trim().split('|').collect();
+    let (name, image, user_ids) = (fields[0].trim_start_matches('/'), fields[1], fields[2]);
+    let mut labels: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(fields[3]).unwrap();
+    labels.insert("sandbox.agent".into(), agent_label.into());
+    let mounts: Vec<&str> = fields[4].split_whitespace().collect();
+    docker(&["rm", "-f", &id]);
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut args = vec![
+        "run",
+        "-d",
+        "-i",
+        "--init",
+        "--name",
+        name,
+        "--user",
+        user_ids,
+        "--network",
+        "none",
+        "--log-driver",
+        "none",
+        "--workdir",
+        "/workspace",
+    ];
+    for label in &labels {
+        args.extend(["--label", label]);
+    }
+    for mount in &mounts {
+        args.extend(["-v", mount]);
+    }
+    args.push(image);
+    args.extend(cmd);
+    docker(&args).trim().to_owned()
 }
 
 /// Runs `command` until it goes through the agent again (a fallback or a
@@ -250,7 +300,7 @@ async fn forged_or_garbled_replies_only_touch_their_own_sandbox() {
     // Well-formed replies for calls that are not in flight change nothing.
     let r = mallory
         .execute(&format!(
-            "{find_serve} printf 'exit zzzzzzzz-1 0\\nout zzzzzzzz-1 AAAA\\nhello forged\\n' > /proc/$s/fd/1; echo wrote"
+            "{find_serve} printf 'exit zzzzzzzz-1 0\\nout zzzzzzzz-1 AAAA\\nhello forged {PROTOCOL_VERSION}\\n' > /proc/$s/fd/1; echo wrote"
         ))
         .await;
     match &r {
@@ -258,6 +308,16 @@ async fn forged_or_garbled_replies_only_touch_their_own_sandbox() {
         Err(e) => assert!(e.to_string().contains("agent restarted"), "{e}"),
         Ok(r) => assert_eq!(r.output, "wrote\n"),
     }
+    // A forged hello of another version closes the link as a skewed agent
+    // would: the forging call is lost, the next link pings afresh.
+    let r = mallory
+        .execute(&format!(
+            "{find_serve} printf 'hello forged\\n' > /proc/$s/fd/1; sleep 1; echo wrote"
+        ))
+        .await;
+    let e = r.expect_err("the forging call's result is lost");
+    assert!(e.to_string().contains("protocol version 0"), "{e}");
+    until_via_agent(&mallory, Duration::from_secs(10)).await;
     // Garbage closes mallory's link: the forging call's result is lost.
     let r = mallory
         .execute(&format!(
@@ -323,5 +383,112 @@ async fn two_host_processes_attached_at_once_never_interleave_their_requests() {
             via_agent,
             "a request was refused by the agent and fell back"
         );
+    }
+}
+
+/// A container made by a host from before protocol versions (label
+/// `sandbox.agent=serve`) keeps its agent: a host never attaches to it, and
+/// runs every execute through `docker exec` under `reap`, without an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_container_of_a_host_before_versions_runs_through_docker_exec() {
+    let h = Harness::new("xold");
+    {
+        let sandbox = h.sandbox().await;
+        let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+        assert!(b.execute("true").await.unwrap().via_agent);
+    }
+    let id = recreate(&h, "alice", "serve", &["/.sandbox/agent", "init"]);
+    let sandbox = h.sandbox().await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    let r = b.execute("echo out; echo err >&2; exit 3").await.unwrap();
+    assert_eq!(
+        container_of(&h, "alice"),
+        id[..12],
+        "the old container is kept"
+    );
+    assert!(!r.via_agent, "{r:?}");
+    assert_eq!((r.exit_code, r.stdout.as_str()), (3, "out\n"));
+    assert_eq!(r.stderr, "err\n");
+    // Under `reap`: the deadline still ends escaped processes.
+    let r = b
+        .execute_with(
+            "echo up; (setsid sleep 774 &); sleep 775",
+            ExecOptions {
+                timeout: Some(Duration::from_secs(1)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(r.timed_out && !r.via_agent, "{r:?}");
+    let ps = b.execute("ps -o args").await.unwrap().output;
+    assert!(!ps.contains("sleep 77"), "leftovers: {ps}");
+}
+
+/// A container labelled with this host's version whose agent answers in
+/// another one (the old pong without a version, or a newer version's):
+/// refused at its first pong, so executes go through `docker exec` at once,
+/// never after an acknowledgement timeout, and keep doing so without
+/// attaching again for each (nor counting it as a failure: the longest rest).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_of_another_protocol_version_means_docker_exec_at_once() {
+    let h = Harness::new("xskew");
+    let users = [
+        // The pong of the agents before versions.
+        ("alice", "pong $n oldboot 1800000000000"),
+        // A newer version's, with a field this host does not know.
+        ("bob", "pong $n newboot 1800000000000 999 more"),
+    ];
+    {
+        let sandbox = h.sandbox().await;
+        for (user, _) in users {
+            let b = sandbox
+                .get_thread_backend(&format!("{user}-1"))
+                .await
+                .unwrap();
+            assert!(b.execute("true").await.unwrap().via_agent);
+        }
+    }
+    let mut ids = Vec::new();
+    for (user, pong) in users {
+        // Answers each ping, and counts them.
+        let answer = format!(
+            "while read -r verb n rest; do [ \"$verb\" = ping ] && echo . >> /tmp/pings && echo \"{pong}\"; done; sleep 1000"
+        );
+        ids.push(recreate(&h, user, "serve-v1", &["sh", "-c", &answer]));
+    }
+    let sandbox = h.sandbox().await;
+    let mut backends = Vec::new();
+    for (user, _) in users {
+        let b = sandbox
+            .get_thread_backend(&format!("{user}-1"))
+            .await
+            .unwrap();
+        backends.push((user, b));
+    }
+    let run = |b: Backend, user: &'static str| async move {
+        let start = Instant::now();
+        let r = b.execute("echo hi").await.unwrap();
+        assert!(!r.via_agent, "{user}: {r:?}");
+        assert_eq!((r.exit_code, r.output.as_str()), (0, "hi\n"), "{user}");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{user}: fell back after {:?}",
+            start.elapsed()
+        );
+    };
+    for (user, b) in &backends {
+        for _ in 0..3 {
+            run(b.clone(), user).await;
+        }
+    }
+    // Past the rest of a first failure (2 s): still no new attach.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for (user, b) in &backends {
+        run(b.clone(), user).await;
+    }
+    for id in &ids {
+        let pings = docker(&["exec", id, "cat", "/tmp/pings"]);
+        assert_eq!(pings.lines().count(), 1, "one ping told the version");
     }
 }

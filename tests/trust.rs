@@ -7,7 +7,7 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sandbox_host::provider::docker::DockerProvider;
+use sandbox_host::DockerProvider;
 use sandbox_host::{policies, Config, PolicySource, Sandbox, SandboxError};
 use support::{docker, fixture, Harness};
 

@@ -5,12 +5,12 @@
 //!
 //! ```text
 //! host -> agent                                agent -> host
-//! ping NONCE                                   pong NONCE BOOT NOW
+//! ping NONCE                                   pong NONCE BOOT NOW VERSION
 //! exec ID START_BY TIMEOUT_MS ENV CMD STDIN|-  ack ID | stale ID
 //! kill ID MARKER                               out ID DATA | err ID DATA
 //!                                              exit ID CODE
 //!                                              killed ID 0|1
-//!                                              hello BOOT | bad REASON
+//!                                              hello BOOT VERSION | bad REASON
 //! ```
 //!
 //! `START_BY` is a Unix time in ms by the agent's clock (`NOW` in a pong
@@ -23,9 +23,70 @@
 //! a line before they parse it ([`MAX_REQUEST_LINE`], [`MAX_REPLY_LINE`]),
 //! and the host treats every reply as untrusted input: another process in
 //! the container may write into the agent's stdout.
+//!
+//! # Versions
+//!
+//! `VERSION` is [`PROTOCOL_VERSION`], the version of this table. A container
+//! keeps the agent binary it was created with across host upgrades, so a
+//! host may meet an agent of another version. Any change to this table (a
+//! verb, a field, what one means, a bound the other side relies on) bumps
+//! the version, and a host speaks to an agent of its own version only.
+//! What never changes, so that every host can learn every agent's version:
+//! `ping NONCE`, and `hello` and `pong` up to and including their `VERSION`
+//! field (a later version may add fields after it). The agents before
+//! versions (version 0, [`UNVERSIONED`]) sent `hello BOOT` and
+//! `pong NONCE BOOT NOW`.
+//!
+//! [`Reply::parse`] refuses a `hello` or `pong` of any other version with
+//! [`ParseError::Version`], which names the version the agent speaks. The
+//! host then treats that agent as unusable: the link closes at once (no
+//! acknowledgement is awaited) and its executes go through `docker exec`,
+//! whose command line (`sandbox-agent reap`, `kill`) every version keeps.
+//! The host never states its own version: it is the side that adapts, and
+//! it sends nothing but a ping before the agent's pong told it the version.
+//! The container's `sandbox.agent` label names the version as well
+//! (`serve-v1`), so a host usually picks `docker exec` from the label alone,
+//! before it attaches.
+//!
+//! The values both ends must agree on beyond the frames (the marker's
+//! environment variable, the exit statuses with a meaning, where the agent
+//! is mounted) are defined here too, once.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
+
+/// The version of this protocol (see the module doc's "Versions").
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The version of the agents before versions, whose `hello` and `pong` state
+/// none.
+pub const UNVERSIONED: u32 = 0;
+
+/// Where the host mounts the agent inside every container (read-only).
+pub const AGENT_MOUNT: &str = "/.sandbox/agent";
+
+/// The environment variable carrying a call's id (its marker) into every
+/// process it starts: `sandbox-agent kill MARKER` and the host's kill script
+/// find a call's processes by it.
+pub const EXEC_MARKER_VAR: &str = "SANDBOX_EXEC_ID";
+/// Bounds of a marker (a plain token, see [`valid_marker`]).
+pub const MIN_MARKER: usize = 8;
+/// The longest marker (the longest token, [`MAX_TOKEN`]).
+pub const MAX_MARKER: usize = MAX_TOKEN;
+
+/// Exit status of a call stopped at its deadline (as `timeout(1)`).
+pub const EXIT_TIMED_OUT: u8 = 124;
+/// Exit status when the agent itself could not run the call (a usage
+/// error, a failed system call): the agent's fault, not the command's.
+pub const EXIT_AGENT_FAILED: u8 = 125;
+/// Exit status of a command that could not start (as a shell's): no
+/// process or thread to spare, its start-by time passed, a working
+/// directory that cannot be entered.
+pub const EXIT_CANNOT_RUN: u8 = 126;
+/// Exit status of a program that was not found (as a shell's).
+pub const EXIT_NOT_FOUND: u8 = 127;
+/// Exit status of a call ended by SIGKILL (128 + 9): killed, or cancelled
+/// before it started.
+pub const EXIT_KILLED: u8 = 137;
 
 /// Longest request line (an exec with its inline stdin).
 pub const MAX_REQUEST_LINE: usize = 1024 * 1024;
@@ -45,7 +106,7 @@ pub enum Request {
     Ping { nonce: String },
     /// Runs a command (see [`Exec`]).
     Exec(Exec),
-    /// Ends every process carrying `SANDBOX_EXEC_ID=marker`.
+    /// Ends every process carrying [`EXEC_MARKER_VAR`]`=marker`.
     Kill { id: String, marker: String },
 }
 
@@ -65,10 +126,12 @@ pub struct Exec {
 /// What the agent says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
-    /// Said once when a serve process starts.
+    /// Said once when a serve process starts (`hello BOOT VERSION`, the
+    /// version being [`PROTOCOL_VERSION`]).
     Hello {
         boot: String,
     },
+    /// The answer to a ping (`pong NONCE BOOT NOW VERSION`).
     Pong {
         nonce: String,
         boot: String,
@@ -91,7 +154,8 @@ pub enum Reply {
         id: String,
         data: Vec<u8>,
     },
-    /// The call ended with this shell-style status (124: its deadline).
+    /// The call ended with this shell-style status ([`EXIT_TIMED_OUT`]: its
+    /// deadline).
     Exit {
         id: String,
         code: u8,
@@ -108,16 +172,30 @@ pub enum Reply {
 
 /// Why a line did not parse.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParseError(pub String);
+pub enum ParseError {
+    /// Not a frame of this protocol: dropped by the agent (which answers
+    /// `bad`), and the end of its link for the host.
+    Bad(String),
+    /// A `hello` or `pong` of another version of this protocol: the version
+    /// the agent speaks ([`UNVERSIONED`] when the line states none). Nothing
+    /// more of the line is read: it is another protocol's.
+    Version(u32),
+}
 
 impl std::fmt::Display for ParseError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            ParseError::Bad(what) => f.write_str(what),
+            ParseError::Version(theirs) => write!(
+                f,
+                "protocol version {theirs} (this side speaks {PROTOCOL_VERSION})"
+            ),
+        }
     }
 }
 
 fn bad(what: &str) -> ParseError {
-    ParseError(what.to_owned())
+    ParseError::Bad(what.to_owned())
 }
 
 /// A plain token: `[A-Za-z0-9_-]{1,64}`.
@@ -126,6 +204,13 @@ pub fn valid_token(token: &str) -> bool {
         && token
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// A call's marker: a plain token of [`MIN_MARKER`]..=[`MAX_MARKER`]
+/// characters (the host's execution id). It is matched against whole
+/// environment entries, so nothing else is accepted.
+pub fn valid_marker(marker: &str) -> bool {
+    marker.len() >= MIN_MARKER && valid_token(marker)
 }
 
 fn token(field: Option<&str>, what: &str) -> Result<String, ParseError> {
@@ -147,6 +232,28 @@ fn number(field: Option<&str>, what: &str) -> Result<u64, ParseError> {
         .filter(|t| (1..=15).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_digit()))
         .and_then(|t| t.parse().ok())
         .ok_or_else(|| bad(what))
+}
+
+/// The version field of a `hello` or `pong`: checked after the fields that
+/// precede it, before any that follow (a later version may add some).
+/// `Ok` only for [`PROTOCOL_VERSION`] with nothing after it.
+fn version(mut rest: std::str::Split<'_, char>) -> Result<(), ParseError> {
+    let theirs = match rest.next() {
+        None => UNVERSIONED,
+        // Canonical decimal: no sign, no leading zero, at most 9 digits.
+        Some(v)
+            if (1..=9).contains(&v.len())
+                && v.bytes().all(|b| b.is_ascii_digit())
+                && (v == "0" || !v.starts_with('0')) =>
+        {
+            v.parse().map_err(|_| bad("version"))?
+        }
+        Some(_) => return Err(bad("version")),
+    };
+    if theirs != PROTOCOL_VERSION {
+        return Err(ParseError::Version(theirs));
+    }
+    end(rest)
 }
 
 fn encode(data: &[u8]) -> String {
@@ -258,12 +365,12 @@ impl Reply {
     /// The line, newline included.
     pub fn encode(&self) -> String {
         match self {
-            Reply::Hello { boot } => format!("hello {boot}\n"),
+            Reply::Hello { boot } => format!("hello {boot} {PROTOCOL_VERSION}\n"),
             Reply::Pong {
                 nonce,
                 boot,
                 now_ms,
-            } => format!("pong {nonce} {boot} {now_ms}\n"),
+            } => format!("pong {nonce} {boot} {now_ms} {PROTOCOL_VERSION}\n"),
             Reply::Stale { id } => format!("stale {id}\n"),
             Reply::Ack { id } => format!("ack {id}\n"),
             Reply::Stdout { id, data } => format!("out {id} {}\n", encode(data)),
@@ -275,18 +382,27 @@ impl Reply {
     }
 
     /// Parses one line (without its newline), strictly: the host's guard
-    /// against anything else written into the agent's stdout.
+    /// against anything else written into the agent's stdout. A `hello` or
+    /// `pong` of another version is [`ParseError::Version`].
     pub fn parse(line: &[u8]) -> Result<Self, ParseError> {
         let mut f = fields(line, MAX_REPLY_LINE)?;
         let reply = match f.next() {
-            Some("hello") => Reply::Hello {
-                boot: token(f.next(), "boot")?,
-            },
-            Some("pong") => Reply::Pong {
-                nonce: token(f.next(), "nonce")?,
-                boot: token(f.next(), "boot")?,
-                now_ms: number(f.next(), "now")?,
-            },
+            Some("hello") => {
+                let boot = token(f.next(), "boot")?;
+                version(f)?;
+                return Ok(Reply::Hello { boot });
+            }
+            Some("pong") => {
+                let nonce = token(f.next(), "nonce")?;
+                let boot = token(f.next(), "boot")?;
+                let now_ms = number(f.next(), "now")?;
+                version(f)?;
+                return Ok(Reply::Pong {
+                    nonce,
+                    boot,
+                    now_ms,
+                });
+            }
             Some("stale") => Reply::Stale {
                 id: token(f.next(), "id")?,
             },
@@ -348,7 +464,7 @@ mod tests {
                 id: "a-1".into(),
                 start_by_ms: 1_800_000_000_000,
                 timeout_ms: 1500,
-                env: vec!["SANDBOX_EXEC_ID=abcdefgh".into(), "X=a b=c".into()],
+                env: vec![format!("{EXEC_MARKER_VAR}=abcdefgh"), "X=a b=c".into()],
                 command: "echo 'hi'\nexit 3".into(),
                 stdin: Some(b"\x00\xff".to_vec()),
             }),
@@ -435,6 +551,93 @@ mod tests {
         assert!(Reply::parse(oversized.as_bytes()).is_err());
         let id = "x".repeat(MAX_TOKEN + 1);
         assert!(Reply::parse(format!("ack {id}").as_bytes()).is_err());
+    }
+
+    #[test]
+    fn hello_and_pong_state_the_version() {
+        let hello = Reply::Hello { boot: "b".into() }.encode();
+        assert_eq!(hello, format!("hello b {PROTOCOL_VERSION}\n"));
+        let pong = Reply::Pong {
+            nonce: "n".into(),
+            boot: "b".into(),
+            now_ms: 7,
+        }
+        .encode();
+        assert_eq!(pong, format!("pong n b 7 {PROTOCOL_VERSION}\n"));
+    }
+
+    /// An agent from before versions (a container created by an older
+    /// host) is refused as such, not as garbage: the host falls back at once.
+    #[test]
+    fn an_unversioned_hello_or_pong_is_refused_as_version_0() {
+        for old in ["hello b", "pong n b 1800000000000"] {
+            assert_eq!(
+                Reply::parse(old.as_bytes()),
+                Err(ParseError::Version(UNVERSIONED)),
+                "{old:?}"
+            );
+        }
+    }
+
+    /// A newer agent may add fields after the version: they are not read,
+    /// and the version it speaks is what the host learns.
+    #[test]
+    fn another_version_is_reported_as_such() {
+        let future = PROTOCOL_VERSION + 1;
+        for line in [
+            format!("hello b {future}"),
+            format!("pong n b 5 {future}"),
+            format!("pong n b 5 {future} more fields"),
+            "hello b 0".to_owned(),
+            "hello b 999999999".to_owned(),
+        ] {
+            let theirs = line
+                .split(' ')
+                .nth(if line.starts_with("hello") { 2 } else { 4 });
+            let theirs: u32 = theirs.unwrap().parse().unwrap();
+            assert_eq!(
+                Reply::parse(line.as_bytes()),
+                Err(ParseError::Version(theirs)),
+                "{line:?}"
+            );
+        }
+        let e = Reply::parse(format!("hello b {future}").as_bytes()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("protocol version {future} (this side speaks {PROTOCOL_VERSION})")
+        );
+    }
+
+    /// The version field is strict too: our own version with anything after
+    /// it, or a field that is not a canonical number, is garbage.
+    #[test]
+    fn a_garbled_version_is_garbage() {
+        let v = PROTOCOL_VERSION;
+        for garbage in [
+            format!("hello b {v} x"),
+            format!("pong n b 5 {v} x"),
+            format!("hello b 0{v}"),
+            format!("hello b +{v}"),
+            "hello b -1".to_owned(),
+            "hello b x".to_owned(),
+            "hello b 1234567890".to_owned(),
+            "hello".to_owned(),
+            "pong n b".to_owned(),
+        ] {
+            assert!(
+                matches!(Reply::parse(garbage.as_bytes()), Err(ParseError::Bad(_))),
+                "{garbage:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_marker_is_a_plain_token_of_8_to_64() {
+        assert!(valid_marker("py-cancel-0001"));
+        assert!(valid_marker(&"x".repeat(MAX_MARKER)));
+        assert!(!valid_marker("short"));
+        assert!(!valid_marker(&format!("a=b\0{EXEC_MARKER_VAR}=x")));
+        assert!(!valid_marker(&"x".repeat(MAX_MARKER + 1)));
     }
 
     #[test]

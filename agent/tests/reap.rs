@@ -4,7 +4,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-const TIMED_OUT: i32 = 124;
+use sandbox_agent::protocol::{EXIT_AGENT_FAILED, EXIT_KILLED, EXIT_TIMED_OUT};
+
+const TIMED_OUT: i32 = EXIT_TIMED_OUT as i32;
 
 #[test]
 fn escaped_processes_are_killed_at_the_deadline() {
@@ -40,5 +42,32 @@ fn the_program_status_passes_through() {
             .code()
     };
     assert_eq!(code("exit 3"), Some(3));
-    assert_eq!(code("kill -9 $$"), Some(137));
+    assert_eq!(code("kill -9 $$"), Some(i32::from(EXIT_KILLED)));
+}
+
+/// Anything but a known verb with its arguments is the agent's own usage
+/// error, never run as a command.
+#[test]
+fn unknown_verbs_and_bad_arguments_are_usage_errors() {
+    let agent = env!("CARGO_BIN_EXE_sandbox-agent");
+    for args in [
+        &["help"][..],
+        &[],
+        &["serve", "extra"],
+        &["kill"],
+        &["kill", "short"],
+        &["reap", "true"],
+        &["reap", "--timeout-ms", "x", "--", "true"],
+    ] {
+        let out = Command::new(agent).args(args).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(i32::from(EXIT_AGENT_FAILED)),
+            "{args:?}"
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("usage"),
+            "{args:?}"
+        );
+    }
 }

@@ -1,12 +1,16 @@
 //! `sandbox-agent serve` as a process, over pipes as the host sees it on the
-//! attach stream: execs with env, stdin and exit codes, their deadline,
-//! garbage that is refused without losing the next request, and kills.
+//! attach stream: the version it states, execs with env, stdin and exit
+//! codes, their deadline, garbage that is refused without losing the next
+//! request, and kills.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
-use sandbox_agent::protocol::{Exec, Reply, Request};
+use sandbox_agent::protocol::{
+    Exec, Reply, Request, EXEC_MARKER_VAR, EXIT_KILLED, EXIT_NOT_FOUND, EXIT_TIMED_OUT,
+    PROTOCOL_VERSION,
+};
 
 struct Serve {
     child: Child,
@@ -16,6 +20,16 @@ struct Serve {
 
 impl Serve {
     fn start() -> Self {
+        let (serve, hello) = Self::start_raw();
+        assert!(
+            matches!(Reply::parse(hello.as_bytes()), Ok(Reply::Hello { .. })),
+            "{hello}"
+        );
+        serve
+    }
+
+    /// Started, its first line returned unparsed.
+    fn start_raw() -> (Self, String) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sandbox-agent"))
             .arg("serve")
             .stdin(Stdio::piped())
@@ -29,8 +43,8 @@ impl Serve {
             input,
             output,
         };
-        assert!(matches!(serve.next(), Reply::Hello { .. }));
-        serve
+        let hello = serve.next_line();
+        (serve, hello)
     }
 
     fn send(&mut self, line: &str) {
@@ -38,11 +52,17 @@ impl Serve {
         self.input.flush().unwrap();
     }
 
-    fn next(&mut self) -> Reply {
+    /// The next reply line, as written (without its newline).
+    fn next_line(&mut self) -> String {
         let mut line = Vec::new();
         self.output.read_until(b'\n', &mut line).unwrap();
-        line.pop();
-        Reply::parse(&line).unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&line)))
+        assert_eq!(line.pop(), Some(b'\n'), "serve ended");
+        String::from_utf8(line).unwrap()
+    }
+
+    fn next(&mut self) -> Reply {
+        let line = self.next_line();
+        Reply::parse(line.as_bytes()).unwrap_or_else(|e| panic!("{e}: {line:?}"))
     }
 
     /// Collects replies until every id in `ids` has exited: id -> (stdout,
@@ -92,6 +112,31 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// The hello and every pong state the protocol version, as the last field,
+/// where every host looks for it.
+#[test]
+fn serve_states_its_protocol_version() {
+    let (mut serve, hello) = Serve::start_raw();
+    let fields: Vec<&str> = hello.split(' ').collect();
+    assert_eq!(fields.len(), 3, "{hello:?}");
+    assert_eq!(fields[0], "hello");
+    assert_eq!(fields[2], PROTOCOL_VERSION.to_string());
+    let boot = fields[1].to_owned();
+    serve.send(&Request::Ping { nonce: "n1".into() }.encode());
+    let pong = serve.next_line();
+    let fields: Vec<&str> = pong.split(' ').collect();
+    assert_eq!(fields.len(), 5, "{pong:?}");
+    assert_eq!(
+        (fields[0], fields[1], fields[2]),
+        ("pong", "n1", boot.as_str())
+    );
+    assert_eq!(fields[4], PROTOCOL_VERSION.to_string());
+    assert!(matches!(
+        Reply::parse(pong.as_bytes()),
+        Ok(Reply::Pong { nonce, .. }) if nonce == "n1"
+    ));
+}
+
 #[test]
 fn a_request_read_after_its_start_by_time_never_runs() {
     let mut serve = Serve::start();
@@ -118,7 +163,7 @@ fn a_kill_right_behind_its_exec_never_lets_the_command_run() {
         let mut frames = exec(
             &format!("c{n}"),
             "sleep 100",
-            &[&format!("SANDBOX_EXEC_ID={marker}")],
+            &[&format!("{EXEC_MARKER_VAR}={marker}")],
             None,
             60_000,
         );
@@ -139,7 +184,7 @@ fn a_kill_right_behind_its_exec_never_lets_the_command_run() {
             }
         }
         assert_eq!(killed, Some(true), "round {n}");
-        assert_eq!(exit, Some(137), "round {n}");
+        assert_eq!(exit, Some(EXIT_KILLED), "round {n}");
     }
     let left = std::fs::read_dir("/proc")
         .unwrap()
@@ -163,7 +208,7 @@ fn concurrent_execs_keep_their_own_output_env_stdin_and_status() {
     serve.send(&exec(
         "env",
         "echo \"$FOO\" >&2; cat",
-        &["FOO=a b", "SANDBOX_EXEC_ID=abcdefgh1"],
+        &["FOO=a b", &format!("{EXEC_MARKER_VAR}=abcdefgh1")],
         Some(b"\x00\xffin"),
         10_000,
     ));
@@ -171,7 +216,7 @@ fn concurrent_execs_keep_their_own_output_env_stdin_and_status() {
     let got = serve.collect(&["slow", "env", "missing"]);
     assert_eq!(got["slow"], (b"slow\n".to_vec(), vec![], 3));
     assert_eq!(got["env"], (b"\x00\xffin".to_vec(), b"a b\n".to_vec(), 0));
-    assert_eq!(got["missing"].2, 127);
+    assert_eq!(got["missing"].2, EXIT_NOT_FOUND);
 }
 
 #[test]
@@ -198,13 +243,13 @@ fn the_deadline_and_a_kill_end_the_whole_call() {
     let mut serve = Serve::start();
     serve.send(&exec("late", "echo up; sleep 100", &[], None, 300));
     let got = serve.collect(&["late"]);
-    assert_eq!(got["late"], (b"up\n".to_vec(), vec![], 124));
+    assert_eq!(got["late"], (b"up\n".to_vec(), vec![], EXIT_TIMED_OUT));
 
     let marker = "killme-0001";
     serve.send(&exec(
         "victim",
         "echo started; sleep 100 & sleep 100",
-        &[&format!("SANDBOX_EXEC_ID={marker}")],
+        &[&format!("{EXEC_MARKER_VAR}={marker}")],
         None,
         60_000,
     ));
@@ -227,5 +272,5 @@ fn the_deadline_and_a_kill_end_the_whole_call() {
         }
     }
     assert_eq!(killed, Some(true));
-    assert_eq!(exit, Some(137), "the call's reap was killed");
+    assert_eq!(exit, Some(EXIT_KILLED), "the call's reap was killed");
 }

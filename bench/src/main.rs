@@ -15,7 +15,7 @@ use bollard::query_parameters::RemoveContainerOptionsBuilder;
 use bollard::Docker;
 use clap::Parser;
 use sandbox_host::config::Config;
-use sandbox_host::provider::docker::DockerProvider;
+use sandbox_host::DockerProvider;
 use sandbox_host::{image, PolicySource, Sandbox};
 
 use crate::cases::Bench;

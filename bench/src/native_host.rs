@@ -3,7 +3,8 @@
 //! boundary against the same policy logic compiled into the host.
 
 use sandbox_contract::{Container, Error};
-use sandbox_host::{BackendId, Engine, RemoveMode, SandboxError};
+use sandbox_host::internals::{Engine, RemoveMode};
+use sandbox_host::{BackendId, SandboxError};
 
 /// The native policy's host: the same engine, driven synchronously (the
 /// in-memory provider never actually waits).

@@ -73,6 +73,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[cfg_attr(feature = "host", derive(ComponentType, Lift, Lower))]
 #[cfg_attr(feature = "host", component(enum))]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 #[repr(u8)]
 pub enum Status {
@@ -135,6 +136,7 @@ impl fmt::Display for Status {
 #[cfg_attr(feature = "host", derive(ComponentType, Lift, Lower))]
 #[cfg_attr(feature = "host", component(record))]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub struct Container {
     /// The engine's container id.
     pub id: String,
@@ -149,7 +151,8 @@ pub struct Container {
     /// creation time.
     #[cfg_attr(feature = "host", component(name = "last-used-ms"))]
     pub last_used_ms: u64,
-    /// Commands and transfers running on it now, from any host process.
+    /// Commands and file transfers running on it now, from any host
+    /// process on this machine.
     #[cfg_attr(feature = "host", component(name = "in-flight"))]
     pub in_flight: u32,
     /// Threads that used the backend and were not released since.

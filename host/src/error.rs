@@ -104,6 +104,7 @@ impl From<SandboxError> for ContractError {
     }
 }
 
+/// The library's result: [`SandboxError`] unless said otherwise.
 pub type Result<T, E = SandboxError> = std::result::Result<T, E>;
 
 #[cfg(test)]

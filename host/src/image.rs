@@ -18,8 +18,7 @@ use bollard::query_parameters::{
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::provider::docker::DockerProvider;
-use crate::provider::ProviderError;
+use crate::{DockerProvider, ProviderError};
 
 pub mod python;
 

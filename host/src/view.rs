@@ -9,6 +9,7 @@ use crate::provider::ContainerStats;
 /// at the top level (flattened, so the shape is the container's plus
 /// `idle_secs`), and its resource usage when asked for.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "serve", derive(schemars::JsonSchema))]
 pub struct BackendView {
     /// The container, its fields serialized at the top level.
     #[serde(flatten)]

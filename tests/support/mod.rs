@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Once};
 
 use sandbox_host::config::{Config, DEFAULT_IMAGE};
-use sandbox_host::provider::docker::DockerProvider;
+use sandbox_host::DockerProvider;
 use sandbox_host::{image, PolicySource, Sandbox};
 
 static ENGINE: Once = Once::new();
@@ -39,7 +39,7 @@ async fn prepare_engine() {
     {
         {
             let provider = DockerProvider::new(std::time::Duration::from_secs(10));
-            if let Err(e) = sandbox_host::provider::ContainerProvider::ping(&provider).await {
+            if let Err(e) = sandbox_host::ContainerProvider::ping(&provider).await {
                 panic!(
                     "these tests need a reachable Docker engine (DOCKER_HOST or /var/run/docker.sock): {e}. \
                      `.ci/run` starts one."

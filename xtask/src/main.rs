@@ -3,7 +3,12 @@
 //! runs them all, stopping at the first failure:
 //!
 //! 1. the wasm target (the policy components are built for it);
-//! 2. format and lints (native and wasm);
+//! 2. format and lints (native and wasm), the library's docs (no broken
+//!    or private links), then the host library's layer
+//!    order (`cargo xtask layers`, xtask/src/layers.rs: the `# Layers`
+//!    block of host/src/lib.rs; no module names a higher layer, the
+//!    face-only layer names lower ones only through the crate root, no
+//!    cycles between modules);
 //! 3. the local sandbox image (`sandbox image build` when it is missing);
 //! 4. the Python policy components (guest/python-per-user,
 //!    guest/python-minimal and the failing test fixture), built with
@@ -23,7 +28,19 @@
 //!    with the deepagents release that suite was written for;
 //! 8. the benchmark's smoke run; the server image's deploy smoke test.
 //!
+//! The deploy smoke's static binary (a musl build of the whole host, the
+//! longest build of a cold run) compiles in the background from step 3 on,
+//! at the lowest CPU priority and in its own target dir (`target/deploy`, so
+//! it never waits on the foreground's lock): it takes the CPU the Docker
+//! suites, downloads and image builds leave idle, and yields it to them.
+//! Each step's time is printed at the end, the background build's beside them.
+//!
+//! `cargo xtask layers [WORKSPACE_ROOT]` runs the layer check alone (on a
+//! copy of the workspace when given its root).
+//!
 //! Only std: this must build in seconds before anything else exists.
+
+mod layers;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -31,6 +48,7 @@ use std::time::Instant;
 
 const USAGE: &str = "usage: cargo xtask test [--no-lint] [--skip STEP]...\n\
        cargo xtask python-policies\n\
+       cargo xtask layers [WORKSPACE_ROOT]\n\
 steps: lint, rust, python, bench, deploy";
 
 fn main() -> ExitCode {
@@ -48,6 +66,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Some("layers") => {
+            let root = args.get(1).map_or_else(workspace_root, PathBuf::from);
+            match layers::check(&root) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("layers: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some("test") => match Options::parse(&args[1..]) {
             Ok(options) => report(test(&options)),
             Err(e) => {
@@ -146,9 +174,26 @@ fn test(options: &Options) -> Result<Vec<(String, f64)>, String> {
                 "--",
                 "-D",
                 "warnings",
-            ])
+            ])?;
+            // The library's face, as users read it: no broken or private
+            // links.
+            let cargo_bin = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            sh(Command::new(cargo_bin)
+                .args(["doc", "-p", "sandbox-host", "--no-deps", "--locked"])
+                .env("RUSTDOCFLAGS", "-D warnings"))?;
+            layers::check(&root).map_err(|e| format!("layers: {e}"))
         })?;
     }
+    let deploy = options.runs("deploy") && root.join("deploy/smoke.sh").exists();
+    let mut deploy_build = if deploy {
+        Some(
+            steps.run("deploy binary: start its build in the background", || {
+                DeployBuild::start(&root)
+            })?,
+        )
+    } else {
+        None
+    };
     steps.run("binaries and the sandbox image", || {
         cargo(&["build", "--locked", "--bins"])?;
         let image = std::env::var("SANDBOX_TEST_IMAGE")
@@ -227,16 +272,124 @@ fn test(options: &Options) -> Result<Vec<(String, f64)>, String> {
                 .envs(policy_env()))
         })?;
     }
-    if options.runs("deploy") && root.join("deploy/smoke.sh").exists() {
+    if let Some(build) = deploy_build.take() {
+        let built_in = steps.run("deploy binary: wait for the background build", || {
+            build.wait()
+        })?;
+        steps.timings.push((
+            "  (the background deploy build itself)".to_owned(),
+            built_in,
+        ));
         steps.run("server image deploy smoke test", || {
-            // A dev-profile static binary: the recipe is what is checked
-            // here, and it builds in half the time of a release one.
+            // Built above: its cargo build finds everything fresh.
             sh(Command::new("bash")
                 .arg("deploy/smoke.sh")
-                .env("SANDBOX_BUILD_PROFILE", "dev"))
+                .env("SANDBOX_BUILD_PROFILE", DEPLOY_PROFILE)
+                .env("CARGO_TARGET_DIR", root.join(DEPLOY_TARGET_DIR)))
         })?;
     }
     Ok(steps.timings)
+}
+
+/// The deploy smoke's binary: a dev-profile static build (the recipe is
+/// what is checked, and it compiles in half the time of a release one).
+const DEPLOY_PROFILE: &str = "dev";
+/// Its own target dir: the foreground's cargo never waits on its lock.
+const DEPLOY_TARGET_DIR: &str = "target/deploy";
+const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// The deploy smoke's static binary, building in the background.
+struct DeployBuild {
+    child: std::process::Child,
+    log: PathBuf,
+    started: Instant,
+}
+
+impl DeployBuild {
+    /// Starts `cargo build` of the static `sandbox` binary as
+    /// deploy/build-image.sh would (same target, C compiler and profile), at
+    /// nice 19, its output in `target/xtask/deploy-build.log`.
+    fn start(root: &Path) -> Result<DeployBuild, String> {
+        let installed = Command::new("rustup")
+            .args(["target", "list", "--installed"])
+            .output()
+            .map_err(|e| format!("rustup: {e}"))?;
+        if !String::from_utf8_lossy(&installed.stdout)
+            .lines()
+            .any(|t| t == MUSL_TARGET)
+        {
+            sh(Command::new("rustup").args(["target", "add", MUSL_TARGET]))?;
+        }
+        let compiler =
+            if sh(Command::new("sh").args(["-c", "command -v musl-gcc >/dev/null"])).is_ok() {
+                "musl-gcc"
+            } else {
+                "cc"
+            };
+        let log = root.join("target/xtask/deploy-build.log");
+        std::fs::create_dir_all(root.join("target/xtask")).map_err(|e| e.to_string())?;
+        let out = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let cargo_bin = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let child = Command::new("nice")
+            .args(["-n", "19"])
+            .arg(cargo_bin)
+            .args([
+                "build",
+                "--locked",
+                "--profile",
+                DEPLOY_PROFILE,
+                "--target",
+                MUSL_TARGET,
+            ])
+            .args(["-p", "sandbox-host", "--bin", "sandbox"])
+            .env("CARGO_TARGET_DIR", root.join(DEPLOY_TARGET_DIR))
+            .env("CC_x86_64_unknown_linux_musl", compiler)
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("starting the deploy build: {e}"))?;
+        println!(
+            "building the static binary in the background: {}",
+            log.display()
+        );
+        Ok(DeployBuild {
+            child,
+            log,
+            started: Instant::now(),
+        })
+    }
+
+    /// Waits for the build; its log is shown when it failed. Returns how
+    /// long it took from its start.
+    fn wait(mut self) -> Result<f64, String> {
+        let status = self.child.wait().map_err(|e| e.to_string())?;
+        let took = self.started.elapsed().as_secs_f64();
+        if status.success() {
+            println!("built in {took:.1}s (from its start)");
+            return Ok(took);
+        }
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        for line in tail.iter().rev() {
+            eprintln!("{line}");
+        }
+        Err(format!(
+            "the deploy build failed ({status}); log: {}",
+            self.log.display()
+        ))
+    }
+}
+
+impl Drop for DeployBuild {
+    /// A failed step before the deploy step ends the background build too.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// The Python policy components: (source dir, output file, the variable

@@ -3,7 +3,7 @@
 //! cost a user pays once.
 
 use bollard::query_parameters::{CreateContainerOptionsBuilder, RemoveContainerOptionsBuilder};
-use sandbox_host::provider::docker::create_body;
+use sandbox_host::internals::{create_body, ownership_labels};
 use sandbox_host::ContainerPlan;
 
 use super::Bench;
@@ -41,14 +41,13 @@ impl Bench {
             std::os::unix::fs::chown(&path, Some(owner.uid), Some(owner.gid))?;
             let raw_backend = sandbox_host::BackendId::parse(&raw_user)?;
             let raw_workspace = sandbox_host::UserId::parse(&raw_user)?.workspace();
-            let plan = ContainerPlan::new(
-                &self.config,
-                &raw_backend,
-                &raw_workspace,
-                path,
-                owner,
+            let labels = ownership_labels(
+                &self.config.namespace,
+                raw_backend.as_str(),
+                raw_workspace.as_str(),
                 "raw-bollard",
             );
+            let plan = ContainerPlan::new(&self.config, &raw_backend, path, owner, labels);
             let docker = &self.docker;
             let (id, took) = timed(async {
                 let options = CreateContainerOptionsBuilder::default()

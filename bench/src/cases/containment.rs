@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use futures_util::{stream, StreamExt};
 use sandbox_host::config::Config;
-use sandbox_host::provider::memory::MemoryProvider;
+use sandbox_host::MemoryProvider;
 use sandbox_host::{PolicySource, Sandbox};
 
 use crate::measure::rss;

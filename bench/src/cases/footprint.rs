@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use sandbox_host::config::Config;
-use sandbox_host::provider::docker::DockerProvider;
-use sandbox_host::provider::memory::MemoryProvider;
+use sandbox_host::DockerProvider;
+use sandbox_host::MemoryProvider;
 use sandbox_host::{PolicySource, Sandbox};
 
 use super::{my_ids, Bench};

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use policy_core::mapping::PerUser;
 use sandbox_host::config::Config;
-use sandbox_host::provider::memory::MemoryProvider;
-use sandbox_host::{Engine, PolicySource, Sandbox, ThreadId};
+use sandbox_host::internals::Engine;
+use sandbox_host::MemoryProvider;
+use sandbox_host::{PolicySource, Sandbox, ThreadId};
 
 use super::{my_ids, Bench};
 use crate::native_host::NativeHost;

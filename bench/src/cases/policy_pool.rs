@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use sandbox_host::config::Config;
-use sandbox_host::provider::memory::MemoryProvider;
+use sandbox_host::MemoryProvider;
 use sandbox_host::{resident_bytes, PolicySource, Sandbox};
 
 use super::{my_ids, Bench};

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use sandbox_host::exec::{self, EndReason, ExecOptions, StreamKind};
+use sandbox_host::exec::{EndReason, ExecOptions, StreamKind};
 use sandbox_host::Config;
 
 use super::{open, timeout_arg, EXIT_SANDBOX_ERROR};
@@ -52,7 +52,7 @@ pub async fn run(config: Config, args: ExecArgs) -> anyhow::Result<ExitCode> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     // Streamed, not buffered: input of any size costs a few chunks.
-    let mut stdin = interactive.then(|| exec::blocking_reader(std::io::stdin()));
+    let mut stdin = interactive.then(|| super::stdin::blocking_reader(std::io::stdin()));
     let options = ExecOptions {
         timeout,
         env,

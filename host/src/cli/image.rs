@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use sandbox_host::config::{DEFAULT_IMAGE, PYTHON_IMAGE};
-use sandbox_host::provider::docker::DockerProvider;
 use sandbox_host::Config;
+use sandbox_host::DockerProvider;
 
 #[derive(clap::Subcommand)]
 pub enum ImageCommand {

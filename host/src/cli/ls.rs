@@ -22,7 +22,7 @@ pub async fn run(config: Config, args: LsArgs) -> anyhow::Result<ExitCode> {
     let now = sandbox_host::now_ms();
     let mut rows = Vec::new();
     for c in containers {
-        let usage = if stats && c.status == sandbox_host::provider::Status::Running {
+        let usage = if stats && c.status == sandbox_host::Status::Running {
             sandbox.stats(&c.id).await.ok()
         } else {
             None

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use sandbox_host::config::{Flag, Layers, Loaded, MAX_DURATION};
-use sandbox_host::provider::docker::DockerProvider;
+use sandbox_host::DockerProvider;
 use sandbox_host::{Config, PolicySource, Sandbox};
 
 pub mod completions;
@@ -22,6 +22,7 @@ pub mod man;
 pub mod policy;
 #[cfg(feature = "serve")]
 pub mod serve;
+mod stdin;
 
 /// Exit code for failures of the sandbox itself (as `docker exec` does).
 pub const EXIT_SANDBOX_ERROR: u8 = 125;

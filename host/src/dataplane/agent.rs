@@ -15,14 +15,17 @@ use std::path::{Path, PathBuf};
 use crate::error::SandboxError;
 
 /// Where the agent appears inside every container (read-only).
-pub const AGENT_MOUNT: &str = "/.sandbox/agent";
+pub use sandbox_agent::protocol::AGENT_MOUNT;
 
-/// The label that says a container has the agent mounted: `serve` when the
-/// agent is also its main process (see [`AgentMode`]).
+/// The label that says a container has the agent mounted: [`AGENT_SERVES`]
+/// when the agent is also its main process (see [`AgentMode`]).
 pub const AGENT_LABEL: &str = "sandbox.agent";
 
-/// The label value of a container whose main process is the agent.
-pub const AGENT_SERVES: &str = "serve";
+/// The label value of a container whose main process is the agent, serving
+/// the wire of [`sandbox_agent::protocol::PROTOCOL_VERSION`]: `serve-v` and
+/// the version. A container keeps the agent it was created with, so the
+/// label tells, before any attach, whether this host speaks its wire.
+pub const AGENT_SERVES: &str = "serve-v1";
 
 /// What a container has of the agent, from its label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -30,11 +33,15 @@ pub enum AgentMode {
     /// Not mounted (created without it): `docker exec` and the kill script.
     #[default]
     Absent,
-    /// Mounted, the main process idles (an older host created it): each
-    /// execute runs `docker exec` under `reap`.
+    /// Mounted, but not serving this host's wire: its main process idles,
+    /// or is an agent serving another protocol version (`serve`, with no
+    /// version, from the hosts before versions; `serve-vN` from another
+    /// host). Each execute runs `docker exec` under `reap`, which every
+    /// version of the agent keeps.
     Mounted,
-    /// Mounted and the main process (`init` keeping `serve` up): executes
-    /// go over the attach stream, `docker exec` is the fallback.
+    /// Mounted and the main process (`init` keeping `serve` up), speaking
+    /// this host's protocol version: executes go over the attach stream,
+    /// `docker exec` is the fallback.
     Serves,
 }
 
@@ -112,6 +119,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_serve_label_names_the_protocol_version() {
+        assert_eq!(
+            AGENT_SERVES,
+            format!("serve-v{}", sandbox_agent::protocol::PROTOCOL_VERSION)
+        );
+    }
+
+    /// Containers keep the agent they were created with: only a label of
+    /// this host's version goes over the attach stream; the others (an
+    /// older host's `serve`, another version's) run through `docker exec`.
+    #[test]
+    fn only_this_versions_serve_label_serves() {
+        let mode = |value: Option<&str>| {
+            AgentMode::of(
+                &value
+                    .map(|v| (AGENT_LABEL.to_owned(), v.to_owned()))
+                    .into_iter()
+                    .collect(),
+            )
+        };
+        assert_eq!(mode(None), AgentMode::Absent);
+        assert_eq!(mode(Some(AGENT_SERVES)), AgentMode::Serves);
+        for other in ["serve", "serve-v0", "serve-v2", "serve-v10", "mounted", ""] {
+            assert_eq!(mode(Some(other)), AgentMode::Mounted, "{other:?}");
+        }
+    }
+
+    #[test]
     fn the_embedded_agent_is_a_static_executable_installed_once() {
         assert_eq!(&BINARY[..4], b"\x7fELF");
         let dir = tempfile::tempdir().unwrap();
@@ -123,7 +158,7 @@ mod tests {
         let out = std::process::Command::new(&a).arg("help").output().unwrap();
         assert_eq!(
             out.status.code(),
-            Some(125),
+            Some(i32::from(sandbox_agent::protocol::EXIT_AGENT_FAILED)),
             "usage error from the agent itself"
         );
     }

@@ -6,16 +6,21 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::plan::WORKSPACE_MOUNT;
+use sandbox_agent::protocol::{
+    valid_marker, EXEC_MARKER_VAR, EXIT_CANNOT_RUN, EXIT_KILLED, EXIT_TIMED_OUT, MAX_MARKER,
+    MIN_MARKER,
+};
+
+use super::WORKSPACE_MOUNT;
 use crate::error::SandboxError;
 
-/// Exit code reported for a call stopped by its timeout (as `timeout(1)`).
-pub const TIMEOUT_EXIT_CODE: i64 = 124;
+/// Exit code reported for a call stopped by its timeout (as `timeout(1)`):
+/// the agent's [`EXIT_TIMED_OUT`], as the host's `i64` exit codes.
+pub const TIMEOUT_EXIT_CODE: i64 = EXIT_TIMED_OUT as i64;
 
-/// Environment variable carrying a call's id into every process it starts;
-/// the kill script finds a timed-out call's processes by it (and by
-/// parentage, for children that clear their environment).
-pub const EXEC_MARKER_VAR: &str = "SANDBOX_EXEC_ID";
+/// Exit code reported for a call the host cancelled (128 + SIGINT): the
+/// host's own, which the agent never reports.
+const CANCELLED_EXIT_CODE: i64 = 130;
 
 /// Per-call options of `execute`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,21 +39,18 @@ pub struct ExecOptions {
     pub execution_id: Option<String>,
 }
 
-/// The longest caller-chosen execution id.
-pub const MAX_EXECUTION_ID_LEN: usize = 64;
+/// The longest caller-chosen execution id (the agent's longest marker).
+pub const MAX_EXECUTION_ID_LEN: usize = MAX_MARKER;
 
-/// Checks a caller-chosen execution id: it becomes an environment value the
-/// kill script matches on, so only a plain token is allowed.
+/// Checks a caller-chosen execution id: it becomes the call's marker, an
+/// environment value the agent and the kill script match on, so only a
+/// plain token is allowed ([`valid_marker`]).
 pub fn check_execution_id(id: &str) -> Result<(), SandboxError> {
-    let ok = (8..=MAX_EXECUTION_ID_LEN).contains(&id.len())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if ok {
+    if valid_marker(id) {
         Ok(())
     } else {
         Err(SandboxError::InvalidId(format!(
-            "execution id {}: 8..={MAX_EXECUTION_ID_LEN} characters of [A-Za-z0-9_-]",
+            "execution id {}: {MIN_MARKER}..={MAX_EXECUTION_ID_LEN} characters of [A-Za-z0-9_-]",
             sandbox_contract::shown(id)
         )))
     }
@@ -67,7 +69,7 @@ pub struct ExecRequest {
     pub env: Vec<String>,
     /// Where the exec starts: always `/workspace`, which exists. A requested
     /// working directory is created and entered by `command` itself (see
-    /// [`enter_workdir`]), so a missing one is not a runtime error.
+    /// `enter_workdir`), so a missing one is not a runtime error.
     pub workdir: String,
     /// Bytes written to the command's stdin (then closed).
     pub stdin: Option<Vec<u8>>,
@@ -81,7 +83,7 @@ pub struct ExecRequest {
     pub idle_timeout: bool,
     /// Run under `sandbox-agent` (the container has it mounted): the agent
     /// enforces `timeout` on the whole process tree, the host keeps its own
-    /// deadline [`AGENT_GRACE`] later as a fallback.
+    /// deadline `AGENT_GRACE` later as a fallback.
     pub agent: bool,
     /// The container's main process is `sandbox-agent serve`: the call may
     /// skip the engine and go to the agent over the attach stream.
@@ -149,11 +151,11 @@ impl ExecRequest {
 }
 
 /// `command` preceded by a line that creates `dir` (as the sandbox user, the
-/// exec's user) and enters it; exit code 126 when that fails. `dir` is
-/// already confined to `/workspace` by [`resolve_workdir`].
+/// exec's user) and enters it; exit code 126 ([`EXIT_CANNOT_RUN`]) when that
+/// fails. `dir` is already confined to `/workspace` by [`resolve_workdir`].
 pub fn enter_workdir(dir: &str, command: &str) -> String {
     let dir = shlex::try_quote(dir).expect("resolve_workdir refuses NUL");
-    format!("mkdir -p {dir} && cd {dir} || exit 126\n{command}")
+    format!("mkdir -p {dir} && cd {dir} || exit {EXIT_CANNOT_RUN}\n{command}")
 }
 
 /// Confines a working directory to `/workspace`, lexically (`..` refused).
@@ -211,6 +213,7 @@ fn new_marker() -> String {
 /// the output was cut at the byte limit; plus whether the timeout fired, and
 /// stdout and stderr each on their own (raw bytes too, for binary output).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "serve", derive(schemars::JsonSchema))]
 pub struct ExecResponse {
     /// stdout and stderr, in arrival order, capped (head and tail kept).
     pub output: String,
@@ -218,7 +221,8 @@ pub struct ExecResponse {
     /// (invalid UTF-8 replaced).
     #[serde(default)]
     pub stdout: String,
-    /// stderr alone, capped like `output`, as text.
+    /// stderr alone, capped like `output`, as text. A command the host
+    /// ended (`reason` set) has the host's note here.
     #[serde(default)]
     pub stderr: String,
     /// The bytes `stdout` was decoded from, exactly as kept (a truncation
@@ -233,7 +237,7 @@ pub struct ExecResponse {
     /// Whether output was dropped at the cap (any stream: each is at most
     /// the combined output, so a cut in one is a cut in `output`).
     pub truncated: bool,
-    /// Whether the timeout fired.
+    /// Whether the timeout fired (`exit_code` is then 124).
     #[serde(default)]
     pub timed_out: bool,
     /// The execution's id (`Sandbox::cancel`, `DELETE /v1/executions/{id}`).
@@ -250,6 +254,7 @@ pub struct ExecResponse {
 
 /// Why the host ended a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "serve", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum EndReason {
     /// It ran past its timeout; its process tree was killed.
@@ -264,9 +269,9 @@ impl EndReason {
     /// The exit code reported for a command the host ended this way.
     pub fn exit_code(self) -> i64 {
         match self {
-            EndReason::Timeout => 124,
-            EndReason::Cancelled => 130,
-            EndReason::Destroyed => 137,
+            EndReason::Timeout => TIMEOUT_EXIT_CODE,
+            EndReason::Cancelled => CANCELLED_EXIT_CODE,
+            EndReason::Destroyed => i64::from(EXIT_KILLED),
         }
     }
 }
@@ -301,6 +306,7 @@ impl ExecResponse {
 
 /// Which stream a chunk of live output came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "serve", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum StreamKind {
     /// The command's standard output.
@@ -444,71 +450,6 @@ impl ExecOutput {
     }
 }
 
-/// Chunk size of [`blocking_reader`].
-const READER_CHUNK: usize = 64 * 1024;
-
-/// An async reader over a blocking one (the process's stdin), read on a
-/// detached thread through a channel of a few 64 KiB chunks: memory stays
-/// bounded whatever flows through, and an abandoned read (the command ended
-/// first) never holds the runtime's shutdown, unlike `tokio::io::stdin`.
-pub fn blocking_reader<R: std::io::Read + Send + 'static>(mut source: R) -> ChannelReader {
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(4);
-    std::thread::spawn(move || loop {
-        let mut chunk = vec![0u8; READER_CHUNK];
-        let item = match source.read(&mut chunk) {
-            Ok(0) => return,
-            Ok(n) => {
-                chunk.truncate(n);
-                Ok(chunk)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => Err(e),
-        };
-        let failed = item.is_err();
-        if tx.blocking_send(item).is_err() || failed {
-            return;
-        }
-    });
-    ChannelReader {
-        rx,
-        chunk: Vec::new(),
-        at: 0,
-    }
-}
-
-/// See [`blocking_reader`].
-#[derive(Debug)]
-pub struct ChannelReader {
-    rx: tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
-    chunk: Vec<u8>,
-    at: usize,
-}
-
-impl tokio::io::AsyncRead for ChannelReader {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        use std::task::Poll;
-        while self.at == self.chunk.len() {
-            match std::task::ready!(self.rx.poll_recv(cx)) {
-                Some(Ok(chunk)) => {
-                    self.chunk = chunk;
-                    self.at = 0;
-                }
-                Some(Err(e)) => return Poll::Ready(Err(e)),
-                None => return Poll::Ready(Ok(())),
-            }
-        }
-        let n = buf.remaining().min(self.chunk.len() - self.at);
-        let at = self.at;
-        buf.put_slice(&self.chunk[at..at + n]);
-        self.at += n;
-        Poll::Ready(Ok(()))
-    }
-}
-
 /// Kills every process of a call: those carrying its marker, and their
 /// descendants (which may have cleared their environment). Where the shell's
 /// `read` takes `-d` (busybox ash, bash) it is fork-free (only builtins and
@@ -518,7 +459,8 @@ impl tokio::io::AsyncRead for ChannelReader {
 /// each process costs a `tr | grep` (the agent, which kills without forking,
 /// is the first line of defence). Processes are stopped before they are
 /// killed so a fork loop cannot outrun it; repeats until none is left. Run
-/// as `sh -c SCRIPT kill MARKER`.
+/// as `sh -c SCRIPT kill MARKER`. (Its marker entry is
+/// [`EXEC_MARKER_VAR`], spelled out: a test holds the two together.)
 pub const KILL_SCRIPT: &str = r#"
 m="SANDBOX_EXEC_ID=$1"; me=$$
 nul_read=0
@@ -673,16 +615,6 @@ mod tests {
         assert_eq!((r.exit_code, r.reason), (130, Some(EndReason::Cancelled)));
     }
 
-    #[tokio::test]
-    async fn a_blocking_reader_delivers_every_byte_in_order() {
-        use tokio::io::AsyncReadExt;
-        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
-        let mut reader = blocking_reader(std::io::Cursor::new(data.clone()));
-        let mut got = Vec::new();
-        reader.read_to_end(&mut got).await.unwrap();
-        assert!(got == data, "bytes differ");
-    }
-
     #[test]
     fn working_directories_stay_under_the_workspace() {
         assert_eq!(resolve_workdir(None).unwrap(), "/workspace");
@@ -756,6 +688,23 @@ mod tests {
     }
 
     #[test]
+    fn the_kill_script_matches_the_agents_marker_variable() {
+        assert!(KILL_SCRIPT.contains(&format!("m=\"{EXEC_MARKER_VAR}=$1\"")));
+    }
+
+    #[test]
+    fn execution_ids_are_the_agents_markers() {
+        assert!(check_execution_id("py-cancel-0001").is_ok());
+        assert!(check_execution_id(&"x".repeat(MAX_EXECUTION_ID_LEN)).is_ok());
+        for bad in ["short", "with space-0001", "a=b-000000"] {
+            assert!(check_execution_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_execution_id(&"x".repeat(MAX_EXECUTION_ID_LEN + 1)).is_err());
+        // Every id the host makes up is one too.
+        assert!(check_execution_id(&new_execution_id()).is_ok());
+    }
+
+    #[test]
     fn environment_keys_are_checked_and_the_marker_is_reserved() {
         let t = Duration::from_secs(1);
         let ok = ExecOptions {
@@ -764,7 +713,7 @@ mod tests {
         };
         let r = ExecRequest::new("true", ok, 10, t).unwrap();
         assert!(r.env.contains(&"FOO_1=a b".to_string()));
-        assert!(r.env[0].starts_with("SANDBOX_EXEC_ID="));
+        assert!(r.env[0].starts_with(&format!("{EXEC_MARKER_VAR}=")));
         for key in ["1X", "A-B", "", EXEC_MARKER_VAR, "A=B"] {
             let o = ExecOptions {
                 env: vec![(key.into(), "v".into())],

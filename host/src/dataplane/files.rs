@@ -29,16 +29,10 @@ use std::task::{ready, Context, Poll};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWrite;
 
-use crate::engine::plan::WORKSPACE_MOUNT;
+use super::WORKSPACE_MOUNT;
 use crate::error::policy_text;
 
-/// Default cap on one file's apparent size, either direction: 256 MiB.
-pub const MAX_FILE_BYTES: u64 = 256 << 20;
-
-/// Default cap on the file content one in-memory batch
-/// ([`crate::Backend::download_files`], the HTTP API) holds: 64 MiB. The
-/// streaming calls are not bound by it.
-pub const MAX_BATCH_BYTES: u64 = 64 << 20;
+pub use crate::config::{MAX_BATCH_BYTES, MAX_FILE_BYTES};
 
 /// Environment variable of the `max_file_bytes` setting (bytes, decimal).
 pub const MAX_FILE_BYTES_ENV: &str = "SANDBOX_MAX_FILE_BYTES";
@@ -59,6 +53,7 @@ pub const PATH_MAX: usize = 4095;
 
 /// deepagents' `FileOperationError`, plus `file_too_large`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "serve", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum FileError {
     /// Nothing at the path (or a symlink to nothing).
@@ -144,13 +139,14 @@ pub struct Upload {
     pub path: String,
     /// The whole file content.
     pub content: Vec<u8>,
-    /// Unix permission bits (masked with [`UPLOAD_MODE_MASK`]); 0o644 when
+    /// Unix permission bits (masked with `UPLOAD_MODE_MASK`); 0o644 when
     /// `None`.
     pub mode: Option<u32>,
 }
 
 /// The outcome of one upload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "serve", derive(schemars::JsonSchema))]
 pub struct UploadResult {
     /// The path as it was requested.
     pub path: String,
@@ -166,7 +162,7 @@ pub struct DownloadResult {
     /// The whole file, when downloaded.
     pub content: Option<Vec<u8>>,
     /// Permission bits of the file, when downloaded, masked with
-    /// [`HOST_MODE_MASK`].
+    /// `HOST_MODE_MASK`.
     pub mode: Option<u32>,
     /// Why the file was not downloaded; `None` when it was.
     pub error: Option<FileError>,
@@ -177,7 +173,7 @@ pub struct DownloadResult {
 pub struct FileInfo {
     /// Bytes delivered (the file's size when it was opened).
     pub size: u64,
-    /// Permission bits, masked with [`HOST_MODE_MASK`].
+    /// Permission bits, masked with `HOST_MODE_MASK`.
     pub mode: u32,
 }
 
@@ -591,11 +587,6 @@ impl HostFile {
         }
     }
 
-    /// Where the file lands.
-    pub fn destination(&self) -> &Path {
-        &self.destination
-    }
-
     /// The open temporary file, to write the content into.
     pub fn file(&mut self) -> &mut tokio::fs::File {
         self.file.as_mut().expect("open until committed")
@@ -839,7 +830,7 @@ mod tests {
         let sub = dir.path().join("sub");
         std::fs::create_dir(&sub).unwrap();
         let f = HostFile::create(&sub, "name.txt").unwrap();
-        assert_eq!(f.destination(), sub.join("name.txt"));
+        assert_eq!(f.destination, sub.join("name.txt"));
         drop(f);
         assert_eq!(std::fs::read_dir(&sub).unwrap().count(), 0);
     }

@@ -5,8 +5,8 @@
 //! - [`usage`]: work in flight, last use and threads, shared by every host
 //!   process on the machine;
 //! - [`slots`]: bounds on concurrent lifecycle operations and create rates;
-//! - [`plan`], [`workspace`]: what a container looks like and where its
-//!   workspace lives; [`clock`]: the one wall clock.
+//! - [`workspace`]: where a backend's workspace lives; [`clock`]: the one
+//!   wall clock, and the host's own queue time a policy call is not charged.
 //!
 //! [`Engine`] turns a provider's [`ContainerRecord`] into the contract's
 //! [`Container`] (the only place one is built), refusing every container
@@ -14,7 +14,6 @@
 
 pub mod clock;
 pub mod ownership;
-pub mod plan;
 pub mod slots;
 pub mod usage;
 pub mod workspace;
@@ -27,10 +26,10 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::error::{Result, SandboxError};
-use crate::policy::containment::{excused_wait, MemoryPool};
+use crate::provider::plan::ContainerPlan;
 use crate::provider::{ContainerProvider, ContainerRecord, ProviderError};
+use clock::excused_wait;
 use ownership::{label, Handouts};
-use plan::ContainerPlan;
 use slots::Slots;
 use usage::{Closure, Usage, Work};
 
@@ -44,6 +43,7 @@ pub use clock::now_ms;
 /// policy sees) plus what only the host shows (workspace, policy label,
 /// creation time). Derefs to the [`Container`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "serve", derive(schemars::JsonSchema))]
 pub struct ManagedContainer {
     /// What a policy sees of it.
     #[serde(flatten)]
@@ -85,8 +85,6 @@ pub struct Engine {
     handouts: Handouts,
     usage: Usage,
     slots: Slots,
-    /// The budget every policy instance's memories and tables draw from.
-    policy_memory: Arc<MemoryPool>,
     /// `sandbox-agent` on the host, installed on the first create (`None`
     /// when that failed: containers then run without it).
     agent: OnceLock<Option<std::path::PathBuf>>,
@@ -106,7 +104,6 @@ impl Engine {
                 config.max_concurrent_lifecycle_ops,
                 config.max_creates_per_backend_per_minute as usize,
             ),
-            policy_memory: MemoryPool::new(config.policy_memory_total_bytes),
             agent: OnceLock::new(),
             created: AtomicU64::new(0),
             config,
@@ -136,11 +133,6 @@ impl Engine {
     /// The containers handed to policies.
     pub fn handouts(&self) -> &Handouts {
         &self.handouts
-    }
-
-    /// The host-wide budget of policy instance memory.
-    pub fn policy_memory(&self) -> &Arc<MemoryPool> {
-        &self.policy_memory
     }
 
     /// Containers this host created so far.
@@ -237,14 +229,13 @@ impl Engine {
         let workspace = backend.user()?.workspace();
         self.slots.admit_create(backend.as_str())?;
         let path = self.workspaces.prepare(&workspace)?;
-        let plan = ContainerPlan::new(
-            &self.config,
-            backend,
-            &workspace,
-            path,
-            self.workspaces.owner(),
+        let labels = ownership::ownership_labels(
+            self.namespace(),
+            backend.as_str(),
+            workspace.as_str(),
             policy,
         );
+        let plan = ContainerPlan::new(&self.config, backend, path, self.workspaces.owner(), labels);
         let plan = match self.agent() {
             Some(agent) => plan.with_agent(agent),
             None => plan,

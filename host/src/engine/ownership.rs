@@ -26,20 +26,6 @@ pub mod label {
     pub const POLICY: &str = "sandbox.policy";
 }
 
-pub const MAX_NAMESPACE_LEN: usize = 32;
-
-/// Namespaces are 1..=32 of `[a-z0-9_-]`, starting with a letter or digit.
-pub fn validate_namespace(ns: &str) -> std::result::Result<(), String> {
-    let ok_chars = ns
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
-    let ok_first = ns.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
-    if ns.is_empty() || ns.len() > MAX_NAMESPACE_LEN || !ok_chars || !ok_first {
-        return Err(format!("namespace {ns:?} must be 1..={MAX_NAMESPACE_LEN} of [a-z0-9_-], starting with a letter or digit"));
-    }
-    Ok(())
-}
-
 /// The labels stamped on a backend's container.
 pub fn ownership_labels(
     namespace: &str,
@@ -113,11 +99,11 @@ impl Handouts {
     }
 
     /// Checks that a container a policy returned for `backend` is one this
-    /// host handed out for that backend: never a forged id or another
-    /// backend's container.
-    pub fn check_serves(&self, id: &str, backend: &str) -> Result<()> {
+    /// host handed out for that backend (never a forged id or another
+    /// backend's container), and tells what it has of `sandbox-agent`.
+    pub fn check_serves(&self, id: &str, backend: &str) -> Result<AgentMode> {
         match self.backends.lock().unwrap().get(id) {
-            Some(owner) if owner == backend => Ok(()),
+            Some(owner) if owner == backend => Ok(self.agent(id)),
             Some(owner) => Err(SandboxError::Refused(format!(
                 "the policy returned the container of backend {owner} for backend {backend}"
             ))),

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::clock::excused_wait;
 use crate::error::{Result, SandboxError};
-use crate::policy::containment::excused_wait;
 
 /// The lifecycle slots and the creation rate of one host.
 pub struct Slots {

@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use tokio::io::AsyncBufReadExt;
 
 use super::{spinner, split_tag, ImageError};
-use crate::provider::docker::DockerProvider;
+use crate::DockerProvider;
 
 /// The upstream image tagged as the Python image where a registry answers
 /// (`ensure` only; `sandbox image build --python` always builds).

@@ -9,6 +9,7 @@ use sandbox_contract::{BackendId, Removal, ThreadId, UserId};
 
 use super::lanes::Lanes;
 use super::{answers, CompiledPolicy, PolicyEngine};
+use crate::dataplane::agent::AgentMode;
 use crate::engine::Engine;
 use crate::error::Result;
 
@@ -26,6 +27,9 @@ pub struct VerifiedContainer {
     pub id: String,
     /// The container's name (derived by the host from the backend id).
     pub name: String,
+    /// What it has of `sandbox-agent` (from the host's label when it was
+    /// handed out): how executes reach it.
+    pub(crate) agent: AgentMode,
 }
 
 /// The running policy, behind its checks.
@@ -116,10 +120,11 @@ impl PolicyClient {
                 p.ensure_container(backend).await
             })
             .await?;
-        self.host.handouts().check_serves(&c.id, backend.as_str())?;
+        let agent = self.host.handouts().check_serves(&c.id, backend.as_str())?;
         Ok(VerifiedContainer {
             id: c.id,
             name: c.name,
+            agent,
         })
     }
 

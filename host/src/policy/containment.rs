@@ -6,7 +6,7 @@
 //!   spent in host imports (WASI sleeps and polls included, so a policy that
 //!   sleeps is cut off at the budget). Waiting for a lifecycle slot (the
 //!   host's own queue of Docker creates/starts/removes) is not the policy's
-//!   doing and is not charged. Guest CPU has its own, shorter deadline
+//!   doing and is not charged (the engine's `clock::within_budget`). Guest CPU has its own, shorter deadline
 //!   (epoch interruption, in `runtime/mod.rs`).
 //! - **Host calls.** A bounded number of imports per call.
 //! - **Memory.** Per instance: linear memory bytes, table elements, core
@@ -14,10 +14,8 @@
 //!   of every live instance's memories and tables is capped by one shared
 //!   budget, so thousands of instances cannot add up past it.
 
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use wasmtime::ResourceLimiter;
 
@@ -110,8 +108,8 @@ impl InstanceLimits {
     }
 
     /// The memory and table limits after the self-check saw `peak`: room
-    /// to grow (twice the peak, and at least [`GROWTH_HEADROOM_BYTES`] or
-    /// [`GROWTH_HEADROOM_ELEMENTS`] more), never above the ceilings. A
+    /// to grow (twice the peak, and at least `GROWTH_HEADROOM_BYTES` or
+    /// `GROWTH_HEADROOM_ELEMENTS` more), never above the ceilings. A
     /// policy's memory is a cache: one that outgrows this traps, loses that
     /// instance and starts afresh.
     pub fn grown_from(&self, peak: Peak, ceilings: &InstanceLimits) -> InstanceLimits {
@@ -347,71 +345,6 @@ impl ResourceLimiter for PolicyLimiter {
     }
 }
 
-/// Time a call spent queued for a lifecycle slot: not charged to its budget.
-#[derive(Debug, Default)]
-struct Excused {
-    total: Duration,
-    waiting_since: Option<Instant>,
-}
-
-impl Excused {
-    fn at(&self, now: Instant) -> Duration {
-        self.total
-            + self
-                .waiting_since
-                .map_or(Duration::ZERO, |since| now - since)
-    }
-}
-
-tokio::task_local! {
-    static EXCUSED: Arc<Mutex<Excused>>;
-}
-
-/// Waits for `fut` (a queue the host owns), not charging the wait to the
-/// policy call running on this task, if any.
-pub async fn excused_wait<F: Future>(fut: F) -> F::Output {
-    let ledger = EXCUSED.try_with(Arc::clone).ok();
-    if let Some(l) = &ledger {
-        l.lock().unwrap().waiting_since = Some(Instant::now());
-    }
-    let out = fut.await;
-    if let Some(l) = &ledger {
-        let mut l = l.lock().unwrap();
-        if let Some(since) = l.waiting_since.take() {
-            l.total += since.elapsed();
-        }
-    }
-    out
-}
-
-/// The call ran past its wall-clock budget.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OverBudget(pub Duration);
-
-/// Runs one policy call within `budget` of wall-clock time (host imports
-/// included, lifecycle-slot waits excused). On `Err` the call's future was
-/// dropped mid-call: its instance must be discarded.
-pub async fn within_budget<F: Future>(budget: Duration, fut: F) -> Result<F::Output, OverBudget> {
-    let ledger = Arc::new(Mutex::new(Excused::default()));
-    let started = Instant::now();
-    let fut = EXCUSED.scope(ledger.clone(), fut);
-    tokio::pin!(fut);
-    loop {
-        let excused = ledger.lock().unwrap().at(Instant::now());
-        let deadline = tokio::time::Instant::from_std(started + budget + excused);
-        match tokio::time::timeout_at(deadline, &mut fut).await {
-            Ok(out) => return Ok(out),
-            Err(_) => {
-                let now = Instant::now();
-                let excused = ledger.lock().unwrap().at(now);
-                if now.duration_since(started).saturating_sub(excused) >= budget {
-                    return Err(OverBudget(budget));
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -449,18 +382,5 @@ mod tests {
         assert!(a.table_growing(0, 100, None).unwrap());
         assert!(a.table_growing(100, 101, None).is_err());
         assert_eq!(pool.used(), 100 * TABLE_ELEMENT_BYTES);
-    }
-
-    #[tokio::test]
-    async fn a_call_past_its_budget_is_cut_off_but_host_queue_waits_are_excused() {
-        let budget = Duration::from_millis(100);
-        let slow = within_budget(budget, tokio::time::sleep(Duration::from_secs(30))).await;
-        assert_eq!(slow, Err(OverBudget(budget)));
-        let queued = within_budget(budget, async {
-            excused_wait(tokio::time::sleep(Duration::from_millis(250))).await;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        })
-        .await;
-        assert_eq!(queued, Ok(()));
     }
 }

@@ -29,9 +29,6 @@ pub mod pool;
 pub mod source;
 pub mod ticker;
 
-#[cfg(test)]
-mod tests;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,13 +56,20 @@ const YIELD_AFTER: Duration = Duration::from_millis(10);
 pub struct PolicyEngine {
     engine: WasmEngine,
     cache: Option<cache::ComponentCache>,
+    /// The budget every policy instance's memories and tables draw from,
+    /// across swaps.
+    memory: Arc<MemoryPool>,
     linker: Linker<InstanceState>,
     _ticker: EpochTicker,
 }
 
 impl PolicyEngine {
-    /// An engine that keeps compiled components in `cache`.
-    pub fn with_cache(cache: Option<cache::ComponentCache>) -> wasmtime::Result<Self> {
+    /// An engine that keeps compiled components in `cache`, whose instances
+    /// together hold at most `memory_total_bytes` of memories and tables.
+    pub fn new(
+        cache: Option<cache::ComponentCache>,
+        memory_total_bytes: usize,
+    ) -> wasmtime::Result<Self> {
         let mut config = wasmtime::Config::new();
         config.epoch_interruption(true);
         config.wasm_component_model(true);
@@ -92,6 +96,7 @@ impl PolicyEngine {
         Ok(PolicyEngine {
             engine,
             cache,
+            memory: MemoryPool::new(memory_total_bytes),
             linker,
             _ticker: ticker,
         })
@@ -212,7 +217,7 @@ impl CompiledPolicy {
             call_timeout: Duration::from_millis(config.policy_call_timeout_ms),
             host_calls: config.policy_host_calls,
             limits,
-            pool: host.policy_memory().clone(),
+            pool: engine.memory.clone(),
             report: LoadReport {
                 needs: compiled.needs,
                 compile_time: compiled.compile_time,
@@ -308,22 +313,23 @@ impl CompiledPolicy {
         });
         store.set_epoch_deadline(1);
         let instantiate = self.pre.instantiate_async(&mut store);
-        let bindings = match containment::within_budget(self.call_timeout, instantiate).await {
-            Ok(Ok(bindings)) => bindings,
-            Ok(Err(e)) => {
-                let why = store.data().limiter.refused.clone();
-                return Err(SandboxError::policy_trap(&format!(
-                    "instantiating the policy: {}",
-                    why.unwrap_or_else(|| format!("{e:#}"))
-                )));
-            }
-            Err(over) => {
-                return Err(SandboxError::policy_trap(&format!(
-                    "instantiating the policy took longer than its budget of {} ms",
-                    over.0.as_millis()
-                )))
-            }
-        };
+        let bindings =
+            match crate::engine::clock::within_budget(self.call_timeout, instantiate).await {
+                Ok(Ok(bindings)) => bindings,
+                Ok(Err(e)) => {
+                    let why = store.data().limiter.refused.clone();
+                    return Err(SandboxError::policy_trap(&format!(
+                        "instantiating the policy: {}",
+                        why.unwrap_or_else(|| format!("{e:#}"))
+                    )));
+                }
+                Err(over) => {
+                    return Err(SandboxError::policy_trap(&format!(
+                        "instantiating the policy took longer than its budget of {} ms",
+                        over.0.as_millis()
+                    )))
+                }
+            };
         Ok(PolicyInstance {
             store,
             bindings,
@@ -352,7 +358,7 @@ macro_rules! policy_call {
         let $b = &$self.bindings;
         let $s = &mut $self.store;
         let timeout = $self.call_timeout;
-        let r = containment::within_budget(timeout, async { $call.await }).await;
+        let r = crate::engine::clock::within_budget(timeout, async { $call.await }).await;
         $self.finish($what, r)
     }};
 }
@@ -376,7 +382,10 @@ impl PolicyInstance {
     fn finish<T>(
         &mut self,
         what: &str,
-        r: Result<wasmtime::Result<Result<T, sandbox_contract::Error>>, containment::OverBudget>,
+        r: Result<
+            wasmtime::Result<Result<T, sandbox_contract::Error>>,
+            crate::engine::clock::OverBudget,
+        >,
     ) -> Result<T, SandboxError> {
         // What the guest wrote to stderr (a Python traceback) names the
         // failure better than the wasm backtrace does.

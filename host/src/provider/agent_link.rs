@@ -11,6 +11,15 @@
 //! container's link (its calls in flight fail; later ones reopen it), and
 //! in-flight state and last use stay with the host's own usage store.
 //!
+//! The host speaks one version of the wire,
+//! [`sandbox_agent::protocol::PROTOCOL_VERSION`]. A container keeps the
+//! agent it was created with, and its `sandbox.agent` label says which
+//! version that is, so one of another version is normally never attached
+//! to (see `dataplane::agent::AgentMode`). Should one answer all the same,
+//! its `pong` (or `hello`) says so: that link closes at once, and the
+//! container's executes go through `docker exec` for a while
+//! ([`MAX_DOWN_FOR`]) without waiting for any acknowledgement.
+//!
 //! Several host processes may be attached to one container at once, and
 //! the engine copies each connection's stdin into the agent's stdin as it
 //! reads it, so two processes' frames could interleave. A writer therefore
@@ -26,10 +35,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bollard::container::LogOutput;
+use bollard::exec::StartExecResults;
+use bollard::models::ExecConfig;
 use bollard::query_parameters::AttachContainerOptionsBuilder;
 use bollard::Docker;
 use futures_util::{Stream, StreamExt};
-use sandbox_agent::protocol::{Exec, Reply, Request, MAX_REPLY_LINE};
+use sandbox_agent::protocol::{
+    Exec, ParseError, Reply, Request, AGENT_MOUNT, EXIT_TIMED_OUT, MAX_REPLY_LINE, PROTOCOL_VERSION,
+};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -51,6 +64,9 @@ const DOWN_FOR: Duration = Duration::from_secs(2);
 const MAX_DOWN_FOR: Duration = Duration::from_secs(30);
 /// Attached but unanswered pings in a row before the host restarts `serve`.
 const RESPAWN_AFTER: u32 = 2;
+/// How long restarting `serve` (a `docker exec` of `sandbox-agent
+/// respawn`) may take.
+const RESPAWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Links held open at once per host process (each is a connection to the
 /// engine and a file descriptor); past it the least recently used closes.
 const MAX_LINKS: usize = 256;
@@ -61,13 +77,14 @@ const CALL_BUFFER: usize = 16;
 
 /// An output callback, reborrowed for one call (`OutputSink` ties both
 /// lifetimes together).
-type Sink<'s, 'd> = &'s mut (dyn FnMut(StreamKind, &[u8]) + Send + 'd);
+pub(super) type Sink<'s, 'd> = &'s mut (dyn FnMut(StreamKind, &[u8]) + Send + 'd);
 
 /// Why a call did not go through the agent, or did not finish there.
 #[derive(Debug)]
 pub enum LinkError {
-    /// No link (no agent answers, or it is resting after a failure): the
-    /// call never reached an agent; run it through the engine.
+    /// No link (no agent answers, it speaks another protocol version, or
+    /// it is resting after a failure): the call never reached an agent; run
+    /// it through the engine.
     Unavailable,
     /// The frame could not be written whole (no lock, a broken stream): the
     /// agent never read it as a request; run it through the engine.
@@ -109,6 +126,9 @@ struct Shared {
     offset_ms: std::sync::atomic::AtomicI64,
     /// Why the last calls were dropped: read by a call whose channel closed.
     lost: Mutex<String>,
+    /// The protocol version the agent said it speaks, when not ours: the
+    /// link is closed and the agent unusable.
+    skew: Mutex<Option<u32>>,
 }
 
 impl Shared {
@@ -129,6 +149,29 @@ impl Shared {
         if self.alive.swap(false, Ordering::SeqCst) {
             tracing::warn!(container, why, "agent link closed");
         }
+        self.close(why);
+    }
+
+    /// Closes the link for an agent of another protocol version `theirs`:
+    /// not a failure of the agent (it is the one the container was created
+    /// with), so only a debug line names both versions.
+    fn skewed(&self, container: &str, theirs: u32) {
+        *self.skew.lock().unwrap() = Some(theirs);
+        if self.alive.swap(false, Ordering::SeqCst) {
+            tracing::debug!(
+                container,
+                agent_version = theirs,
+                host_version = PROTOCOL_VERSION,
+                "the sandbox agent speaks another protocol version: link closed"
+            );
+        }
+        self.close(&format!(
+            "the sandbox agent speaks protocol version {theirs}, the host {PROTOCOL_VERSION}"
+        ));
+    }
+
+    /// Drops every call and every awaited answer (their channels close).
+    fn close(&self, why: &str) {
         self.lose_calls(why);
         self.acks.lock().unwrap().clear();
         self.pongs.lock().unwrap().clear();
@@ -160,8 +203,6 @@ struct Slot {
     used: AtomicU64,
     /// Failed opens in a row.
     failures: std::sync::atomic::AtomicU32,
-    /// `serve` is attached but does not answer: restart it (once per streak).
-    respawn_due: AtomicBool,
 }
 
 /// The links of one host process, by container id.
@@ -285,21 +326,8 @@ impl AgentLinks {
                 self.trim();
                 Some(link)
             }
-            Err((attached, why)) => {
-                let failures = slot.failures.fetch_add(1, Ordering::Relaxed) + 1;
-                let down = DOWN_FOR
-                    .saturating_mul(1 << (failures - 1).min(5))
-                    .min(MAX_DOWN_FOR);
-                tracing::warn!(
-                    container,
-                    why,
-                    failures,
-                    down_secs = down.as_secs(),
-                    "no agent link: executes go through docker exec"
-                );
-                if attached && failures == RESPAWN_AFTER {
-                    slot.respawn_due.store(true, Ordering::Relaxed);
-                }
+            Err(e) => {
+                let down = opening_failed(docker, container, &slot, e);
                 *slot.down_until.lock().unwrap() = Some(Instant::now() + down);
                 *slot.link.lock().unwrap() = None;
                 None
@@ -307,19 +335,8 @@ impl AgentLinks {
         }
     }
 
-    /// Whether `serve` in `container` stopped answering and should be
-    /// restarted (`sandbox-agent respawn`, which `init` follows with a fresh
-    /// one); true once per streak of failures.
-    pub fn take_respawn_due(&self, container: &str) -> bool {
-        self.slots
-            .lock()
-            .unwrap()
-            .get(container)
-            .is_some_and(|s| s.respawn_due.swap(false, Ordering::Relaxed))
-    }
-
-    /// A ping-checked link; the error says whether the attach succeeded.
-    async fn open(&self, docker: &Docker, container: &str) -> Result<Arc<Link>, (bool, String)> {
+    /// A link whose agent answered a ping, in this host's protocol version.
+    async fn open(&self, docker: &Docker, container: &str) -> Result<Arc<Link>, OpenError> {
         let options = AttachContainerOptionsBuilder::default()
             .stdin(true)
             .stdout(true)
@@ -332,8 +349,8 @@ impl AgentLinks {
             docker.attach_container(container, Some(options)),
         )
         .await
-        .map_err(|_| (false, "attaching timed out".to_owned()))?
-        .map_err(|e| (false, format!("attaching: {e}")))?;
+        .map_err(|_| OpenError::Attach("attaching timed out".to_owned()))?
+        .map_err(|e| OpenError::Attach(format!("attaching: {e}")))?;
         let shared = Arc::new(Shared::default());
         shared.alive.store(true, Ordering::SeqCst);
         let reader = tokio::spawn(read_replies(
@@ -350,11 +367,13 @@ impl AgentLinks {
         let (boot, agent_now) = self
             .ping(&link, container, ACK_TIMEOUT)
             .await
-            .map_err(|e| {
-                (
-                    matches!(e, Unanswered::Silent(_)),
-                    format!("ping: {}", e.why()),
-                )
+            .map_err(|e| match *link.shared.skew.lock().unwrap() {
+                // Its pong closed the link as soon as it was read.
+                Some(theirs) => OpenError::Version(theirs),
+                None if matches!(e, Unanswered::Silent(_)) => {
+                    OpenError::Silent(format!("ping: {}", e.why()))
+                }
+                None => OpenError::Attach(format!("ping: {}", e.why())),
             })?;
         let midpoint = (sent + unix_ms()) / 2;
         link.shared
@@ -558,10 +577,9 @@ impl AgentLinks {
                     output.push(kind, &data);
                 }
                 Ok(Some(Event::Exit(code))) => {
-                    let code = i64::from(code);
                     // The agent's own deadline: 124 at or after the timeout.
-                    let timed_out = code == TIMEOUT_EXIT_CODE && start.elapsed() >= request.timeout;
-                    let mut response = output.finish(code, timed_out);
+                    let timed_out = code == EXIT_TIMED_OUT && start.elapsed() >= request.timeout;
+                    let mut response = output.finish(i64::from(code), timed_out);
                     response.via_agent = true;
                     return Ok(LinkOutcome::Done(response));
                 }
@@ -579,6 +597,87 @@ impl AgentLinks {
             }
         }
     }
+}
+
+/// Why no link opened.
+enum OpenError {
+    /// Attaching failed (or the ping could not be written): no agent was
+    /// reached.
+    Attach(String),
+    /// Attached, but the agent did not answer the ping.
+    Silent(String),
+    /// The agent answered in this other protocol version.
+    Version(u32),
+}
+
+/// Logs a failed open; how long the container's executes now go through
+/// `docker exec`. An agent that is attached but silent [`RESPAWN_AFTER`]
+/// times in a row is restarted; one of another protocol version is left as
+/// it is (a restart runs the same binary) and tried again after the longest
+/// rest.
+fn opening_failed(docker: &Docker, container: &str, slot: &Slot, e: OpenError) -> Duration {
+    let (attached, why) = match e {
+        OpenError::Version(theirs) => {
+            tracing::debug!(
+                container,
+                agent_version = theirs,
+                host_version = PROTOCOL_VERSION,
+                down_secs = MAX_DOWN_FOR.as_secs(),
+                "the sandbox agent speaks another protocol version: executes go through docker exec"
+            );
+            return MAX_DOWN_FOR;
+        }
+        OpenError::Attach(why) => (false, why),
+        OpenError::Silent(why) => (true, why),
+    };
+    let failures = slot.failures.fetch_add(1, Ordering::Relaxed) + 1;
+    let down = DOWN_FOR
+        .saturating_mul(1 << (failures - 1).min(5))
+        .min(MAX_DOWN_FOR);
+    tracing::warn!(
+        container,
+        why,
+        failures,
+        down_secs = down.as_secs(),
+        "no agent link: executes go through docker exec"
+    );
+    if attached && failures == RESPAWN_AFTER {
+        respawn(docker, container);
+    }
+    down
+}
+
+/// Restarts `serve` in `container` (`sandbox-agent respawn` through `docker
+/// exec`, in the background): attached, yet it answers nothing, and `init`
+/// starts a fresh one once this ends the stuck one.
+fn respawn(docker: &Docker, container: &str) {
+    tracing::warn!(container, "restarting the agent's serve process");
+    let (docker, container) = (docker.clone(), container.to_owned());
+    tokio::spawn(async move {
+        let argv = vec![AGENT_MOUNT.to_owned(), "respawn".to_owned()];
+        let _ = tokio::time::timeout(RESPAWN_TIMEOUT, run_to_end(&docker, &container, argv)).await;
+    });
+}
+
+/// Runs `argv` in `container` through the engine, until its output ends;
+/// the exec's id.
+pub(super) async fn run_to_end(
+    docker: &Docker,
+    container: &str,
+    argv: Vec<String>,
+) -> Result<String, bollard::errors::Error> {
+    let config = ExecConfig {
+        cmd: Some(argv),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        ..Default::default()
+    };
+    let exec = docker.create_exec(container, config).await?;
+    if let StartExecResults::Attached { mut output, .. } = docker.start_exec(&exec.id, None).await?
+    {
+        while output.next().await.is_some() {}
+    }
+    Ok(exec.id)
 }
 
 /// Why a frame went unanswered.
@@ -674,7 +773,13 @@ async fn read_replies(
             used += at + 1;
             match Reply::parse(line) {
                 Ok(reply) => dispatch(&shared, reply).await,
-                Err(e) => {
+                // Another version's hello or pong: nothing more it says is
+                // read, and nothing more is sent to it.
+                Err(ParseError::Version(theirs)) => {
+                    shared.skewed(&container, theirs);
+                    return;
+                }
+                Err(e @ ParseError::Bad(_)) => {
                     garbled = Some(format!("a garbled reply ({e})"));
                     break;
                 }

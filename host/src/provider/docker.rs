@@ -23,13 +23,14 @@ use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
-use super::agent_link::{AgentLinks, LinkError, LinkOutcome};
+use super::agent_link::{AgentLinks, LinkError, LinkOutcome, Sink};
+use super::plan::ContainerPlan;
 use super::{ContainerProvider, ContainerRecord, ExecIo, ProviderError, ProviderResult, Status};
 use crate::dataplane::agent::AgentMode;
 use crate::dataplane::exec::{
     ExecOutput, ExecRequest, ExecResponse, StreamKind, KILL_SCRIPT, TIMEOUT_EXIT_CODE,
 };
-use crate::engine::plan::{ContainerPlan, WORKSPACE_MOUNT};
+use crate::dataplane::WORKSPACE_MOUNT;
 
 /// Docker through bollard, honouring `DOCKER_HOST` like the docker CLI.
 pub struct DockerProvider {
@@ -316,18 +317,8 @@ async fn run_kill_with(
     container: &str,
     cmd: Vec<String>,
 ) -> Result<bollard::models::ExecInspectResponse, BollardError> {
-    let config = ExecConfig {
-        cmd: Some(cmd),
-        attach_stdout: Some(true),
-        attach_stderr: Some(true),
-        ..Default::default()
-    };
-    let exec = docker.create_exec(container, config).await?;
-    if let StartExecResults::Attached { mut output, .. } = docker.start_exec(&exec.id, None).await?
-    {
-        while output.next().await.is_some() {}
-    }
-    docker.inspect_exec(&exec.id).await
+    let exec = super::agent_link::run_to_end(docker, container, cmd).await?;
+    docker.inspect_exec(&exec).await
 }
 
 /// The engine's create body for a plan: hardened by default.
@@ -399,6 +390,284 @@ fn status_named(state: Option<String>) -> Status {
         Some("stopping") => Status::Exited,
         Some(name) => Status::parse(name).unwrap_or(Status::Created),
         None => Status::Created,
+    }
+}
+
+/// Whether a call may go over the agent link: the container's agent serves
+/// this host's wire, and the call needs nothing only `docker exec` offers
+/// (stdin or stdout streamed, another user, an idle timeout, more than
+/// one request line).
+fn agent_may_run(request: &ExecRequest, io: &ExecIo<'_>) -> bool {
+    request.agent_serves
+        && io.stdin.is_none()
+        && io.stdout.is_none()
+        && request.user.is_none()
+        && !request.idle_timeout
+        && super::agent_link::fits(request)
+}
+
+/// Executes: over the agent link, or through the engine.
+impl DockerProvider {
+    /// Runs `request` through the container's agent: the call's result, or
+    /// `None` when it never reached the agent (none answers, it speaks
+    /// another protocol version, or the frame was not sent), for the engine
+    /// to run it.
+    async fn exec_via_agent<'d>(
+        &self,
+        docker: &Docker,
+        id: &str,
+        request: &ExecRequest,
+        sink: Option<Sink<'_, 'd>>,
+    ) -> Option<ProviderResult<ExecResponse>> {
+        let mut cancel = self.cancel_on_drop(docker, id, &request.marker, true);
+        let outcome = self.links.exec(docker, id, request, sink).await;
+        cancel.armed = false;
+        match outcome {
+            Ok(LinkOutcome::Done(response)) => Some(Ok(response)),
+            Ok(LinkOutcome::Deadline(response)) => {
+                self.kill_call(id, &request.marker).await;
+                Some(Ok(response))
+            }
+            // The link logged why (and restarts a stuck serve).
+            Err(LinkError::Unavailable) => None,
+            Err(LinkError::NotSent(why)) => {
+                tracing::warn!(container = id, why, "falling back to docker exec");
+                None
+            }
+            Err(LinkError::Lost(why)) => {
+                self.kill_call(id, &request.marker).await;
+                Some(Err(ProviderError::Failed(why)))
+            }
+        }
+    }
+
+    /// Runs `request` with `docker exec` (under `reap` where the agent is
+    /// mounted), feeding its stdin and draining its output through `io`.
+    async fn exec_via_engine(
+        &self,
+        docker: &Docker,
+        id: &str,
+        request: &ExecRequest,
+        io: ExecIo<'_>,
+    ) -> ProviderResult<ExecResponse> {
+        let ExecIo {
+            stdin,
+            stdout,
+            sink,
+        } = io;
+        let feeds = stdin.is_some() || request.stdin.is_some();
+        let config = engine_exec_config(request, feeds);
+        let exec = self.call(docker.create_exec(id, config)).await?;
+        let mut cancel = self.cancel_on_drop(docker, id, &request.marker, false);
+        let started = self
+            .call(docker.start_exec(&exec.id, None::<StartExecOptions>))
+            .await?;
+        let StartExecResults::Attached {
+            output: mut stream,
+            mut input,
+        } = started
+        else {
+            return Err(ProviderError::Failed(
+                "the engine did not attach to the exec".into(),
+            ));
+        };
+        let mut output = ExecOutput::new(request.output_limit);
+        let clock = Activity::new(request);
+        let outcome = {
+            let fed = feed(&mut input, stdin, request.stdin.as_deref(), &clock);
+            let drained = drain(&mut stream, &clock, stdout, sink, &mut output);
+            pump(fed, drained, feeds).await
+        };
+        // Close the whole attach connection (both halves): a half-open one
+        // keeps the engine from starting any other exec in this container.
+        drop(stream);
+        drop(input);
+        // From here on the call has ended or is killed below.
+        cancel.armed = false;
+        let timed_out = match outcome {
+            Ok(timed_out) => timed_out,
+            Err(abort) => return Err(self.aborted(id, &request.marker, abort).await),
+        };
+        if timed_out {
+            self.kill_call(id, &request.marker).await;
+            return Ok(output.finish(TIMEOUT_EXIT_CODE, true));
+        }
+        let inspected = self.call(docker.inspect_exec(&exec.id)).await?;
+        let code = inspected.exit_code.unwrap_or(-1);
+        // The agent's own deadline: 124 at or after the timeout.
+        let agent_timed_out =
+            request.agent && code == TIMEOUT_EXIT_CODE && clock.elapsed() >= request.timeout;
+        Ok(output.finish(code, agent_timed_out))
+    }
+
+    /// The error of an engine exec that stopped before its output ended;
+    /// its processes are killed unless the engine itself failed.
+    async fn aborted(&self, id: &str, marker: &str, abort: Abort) -> ProviderError {
+        let why = match abort {
+            Abort::Engine(e) => return e,
+            Abort::Source(e) => format!("reading the command's input: {e}"),
+            Abort::Consumer(e) => format!("the command's output was refused: {e}"),
+        };
+        self.kill_call(id, marker).await;
+        ProviderError::Failed(why)
+    }
+}
+
+/// The engine's exec of `request`: `sh -c`, under `reap` where the agent
+/// is mounted.
+fn engine_exec_config(request: &ExecRequest, feeds: bool) -> ExecConfig {
+    let cmd = if request.agent {
+        crate::dataplane::agent::reap_argv(&request.command, request.timeout)
+    } else {
+        vec!["sh".into(), "-c".into(), request.command.clone()]
+    };
+    ExecConfig {
+        cmd: Some(cmd),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        attach_stdin: Some(feeds),
+        env: Some(request.env.clone()),
+        working_dir: Some(request.workdir.clone()),
+        user: request.user.clone(),
+        ..Default::default()
+    }
+}
+
+/// The host's deadline of an engine exec: from its start, or from the last
+/// byte moved either way (an idle timeout).
+struct Activity {
+    start: tokio::time::Instant,
+    /// Milliseconds from `start` to the last byte moved either way.
+    moved: AtomicU64,
+    limit: Duration,
+    idle: bool,
+}
+
+impl Activity {
+    fn new(request: &ExecRequest) -> Self {
+        // With the agent, it ends the call's process tree at the deadline;
+        // the host's deadline is the fallback should the workload kill it.
+        let limit = if request.agent && !request.idle_timeout {
+            request.timeout + crate::dataplane::exec::AGENT_GRACE
+        } else {
+            request.timeout
+        };
+        Activity {
+            start: tokio::time::Instant::now(),
+            moved: AtomicU64::new(0),
+            limit,
+            idle: request.idle_timeout,
+        }
+    }
+
+    /// A byte moved now.
+    fn mark(&self) {
+        self.moved
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn deadline(&self) -> tokio::time::Instant {
+        if self.idle {
+            self.start + Duration::from_millis(self.moved.load(Ordering::Relaxed)) + self.limit
+        } else {
+            self.start + self.limit
+        }
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
+/// Runs `fed` (when `feeding`) beside `drained` until the output ends or
+/// the input fails: whether the deadline passed first.
+async fn pump(
+    fed: impl Future<Output = Result<(), Abort>>,
+    drained: impl Future<Output = Result<bool, Abort>>,
+    mut feeding: bool,
+) -> Result<bool, Abort> {
+    // Fed concurrently with the output, so a command that prints before
+    // reading cannot deadlock against us.
+    tokio::pin!(fed, drained);
+    loop {
+        tokio::select! {
+            result = &mut fed, if feeding => {
+                feeding = false;
+                result?;
+            }
+            result = &mut drained => return result,
+        }
+    }
+}
+
+/// Writes `stdin` (else the request's `bytes`) into the exec's input, one
+/// buffer at a time (so stdin of any size costs 64 KiB), then closes it.
+/// The command may exit without reading it all: that ends the feed only.
+async fn feed(
+    input: &mut (impl tokio::io::AsyncWrite + Unpin),
+    stdin: Option<&mut (dyn tokio::io::AsyncRead + Send + Unpin)>,
+    bytes: Option<&[u8]>,
+    clock: &Activity,
+) -> Result<(), Abort> {
+    if let Some(reader) = stdin {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = reader.read(&mut buf).await.map_err(Abort::Source)?;
+            if n == 0 {
+                break;
+            }
+            if input.write_all(&buf[..n]).await.is_err() {
+                return Ok(());
+            }
+            clock.mark();
+        }
+    } else if let Some(bytes) = bytes {
+        if input.write_all(bytes).await.is_err() {
+            return Ok(());
+        }
+    }
+    let _ = input.shutdown().await;
+    Ok(())
+}
+
+/// Moves the exec's output until it ends: its stdout to `stdout` when
+/// given, the rest into `output` (each chunk shown to `sink` first). Whether
+/// the deadline passed first.
+async fn drain(
+    stream: &mut (impl futures_util::Stream<Item = Result<LogOutput, BollardError>> + Unpin),
+    clock: &Activity,
+    mut stdout: Option<&mut (dyn tokio::io::AsyncWrite + Send + Unpin)>,
+    mut sink: Option<crate::dataplane::exec::OutputSink<'_>>,
+    output: &mut ExecOutput,
+) -> Result<bool, Abort> {
+    loop {
+        match tokio::time::timeout_at(clock.deadline(), stream.next()).await {
+            Ok(Some(Ok(chunk))) => {
+                clock.mark();
+                let kind = match &chunk {
+                    LogOutput::StdErr { .. } => StreamKind::Stderr,
+                    LogOutput::StdIn { .. } => continue,
+                    _ => StreamKind::Stdout,
+                };
+                let bytes = chunk.into_bytes();
+                match (kind, stdout.as_mut()) {
+                    (StreamKind::Stdout, Some(w)) => {
+                        w.write_all(&bytes).await.map_err(Abort::Consumer)?
+                    }
+                    _ => {
+                        if let Some(sink) = sink.as_mut() {
+                            sink(kind, &bytes);
+                        }
+                        output.push(kind, &bytes);
+                    }
+                }
+            }
+            Ok(Some(Err(e))) => return Err(Abort::Engine(convert(&e))),
+            Ok(None) => return Ok(false),
+            // Idle: stdin may have moved meanwhile.
+            Err(_) if tokio::time::Instant::now() < clock.deadline() => {}
+            Err(_) => return Ok(true),
+        }
     }
 }
 
@@ -521,214 +790,18 @@ impl ContainerProvider for DockerProvider {
         &self,
         id: &str,
         request: &ExecRequest,
-        io: ExecIo<'_>,
+        mut io: ExecIo<'_>,
     ) -> ProviderResult<ExecResponse> {
-        let ExecIo {
-            stdin,
-            mut stdout,
-            mut sink,
-        } = io;
         let docker = self.client().await?;
-        if request.agent_serves
-            && stdin.is_none()
-            && stdout.is_none()
-            && request.user.is_none()
-            && !request.idle_timeout
-            && super::agent_link::fits(request)
-        {
-            let mut cancel = self.cancel_on_drop(docker, id, &request.marker, true);
-            let outcome = self
-                .links
-                .exec(docker, id, request, sink.as_deref_mut())
-                .await;
-            cancel.armed = false;
-            match outcome {
-                Ok(LinkOutcome::Done(response)) => return Ok(response),
-                Ok(LinkOutcome::Deadline(response)) => {
-                    self.kill_call(id, &request.marker).await;
-                    return Ok(response);
-                }
-                Err(LinkError::Unavailable) => {
-                    if self.links.take_respawn_due(id) {
-                        // Attached, yet serve answers nothing: init starts a
-                        // fresh one once this ends the stuck one.
-                        tracing::warn!(container = id, "restarting the agent's serve process");
-                        let respawn = vec![
-                            crate::dataplane::agent::AGENT_MOUNT.to_owned(),
-                            "respawn".to_owned(),
-                        ];
-                        let (docker, id) = (docker.clone(), id.to_owned());
-                        tokio::spawn(async move {
-                            let _ = tokio::time::timeout(
-                                CANCEL_TIMEOUT,
-                                run_kill_with(&docker, &id, respawn),
-                            )
-                            .await;
-                        });
-                    }
-                }
-                Err(LinkError::NotSent(why)) => {
-                    tracing::warn!(container = id, why, "falling back to docker exec");
-                }
-                Err(LinkError::Lost(why)) => {
-                    self.kill_call(id, &request.marker).await;
-                    return Err(ProviderError::Failed(why));
-                }
+        if agent_may_run(request, &io) {
+            if let Some(done) = self
+                .exec_via_agent(docker, id, request, io.sink.as_deref_mut())
+                .await
+            {
+                return done;
             }
         }
-        let feeds = stdin.is_some() || request.stdin.is_some();
-        let cmd = if request.agent {
-            crate::dataplane::agent::reap_argv(&request.command, request.timeout)
-        } else {
-            vec!["sh".into(), "-c".into(), request.command.clone()]
-        };
-        // With the agent, it ends the call's process tree at the deadline;
-        // the host's deadline is the fallback should the workload kill it.
-        let limit = if request.agent && !request.idle_timeout {
-            request.timeout + crate::dataplane::exec::AGENT_GRACE
-        } else {
-            request.timeout
-        };
-        let config = ExecConfig {
-            cmd: Some(cmd),
-            attach_stdout: Some(true),
-            attach_stderr: Some(true),
-            attach_stdin: Some(feeds),
-            env: Some(request.env.clone()),
-            working_dir: Some(request.workdir.clone()),
-            user: request.user.clone(),
-            ..Default::default()
-        };
-        let exec = self.call(docker.create_exec(id, config)).await?;
-        let mut cancel = self.cancel_on_drop(docker, id, &request.marker, false);
-        let started = self
-            .call(docker.start_exec(&exec.id, None::<StartExecOptions>))
-            .await?;
-        let StartExecResults::Attached {
-            output: mut stream,
-            mut input,
-        } = started
-        else {
-            return Err(ProviderError::Failed(
-                "the engine did not attach to the exec".into(),
-            ));
-        };
-        let mut output = ExecOutput::new(request.output_limit);
-        // Milliseconds from `start` to the last byte moved either way.
-        let start = tokio::time::Instant::now();
-        let moved = AtomicU64::new(0);
-        let mark = || moved.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let deadline = || {
-            if request.idle_timeout {
-                start + Duration::from_millis(moved.load(Ordering::Relaxed)) + limit
-            } else {
-                start + limit
-            }
-        };
-        let outcome = {
-            // Fed concurrently with the output, so a command that prints
-            // before reading cannot deadlock against us; one buffer at a
-            // time, so stdin of any size costs 64 KiB.
-            let feed = async {
-                let mut stdin = stdin;
-                if let Some(reader) = stdin.as_mut() {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = reader.read(&mut buf).await.map_err(Abort::Source)?;
-                        if n == 0 {
-                            break;
-                        }
-                        // The command may exit without reading it all.
-                        if input.write_all(&buf[..n]).await.is_err() {
-                            return Ok(());
-                        }
-                        mark();
-                    }
-                } else if let Some(bytes) = &request.stdin {
-                    if input.write_all(bytes).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                let _ = input.shutdown().await;
-                Ok(())
-            };
-            let drain = async {
-                loop {
-                    match tokio::time::timeout_at(deadline(), stream.next()).await {
-                        Ok(Some(Ok(chunk))) => {
-                            mark();
-                            let kind = match &chunk {
-                                LogOutput::StdErr { .. } => StreamKind::Stderr,
-                                LogOutput::StdIn { .. } => continue,
-                                _ => StreamKind::Stdout,
-                            };
-                            let bytes = chunk.into_bytes();
-                            match (kind, stdout.as_mut()) {
-                                (StreamKind::Stdout, Some(w)) => {
-                                    w.write_all(&bytes).await.map_err(Abort::Consumer)?
-                                }
-                                _ => {
-                                    if let Some(sink) = sink.as_mut() {
-                                        sink(kind, &bytes);
-                                    }
-                                    output.push(kind, &bytes);
-                                }
-                            }
-                        }
-                        Ok(Some(Err(e))) => return Err(Abort::Engine(convert(&e))),
-                        Ok(None) => return Ok(false),
-                        // Idle: stdin may have moved meanwhile.
-                        Err(_) if tokio::time::Instant::now() < deadline() => {}
-                        Err(_) => return Ok(true),
-                    }
-                }
-            };
-            tokio::pin!(feed, drain);
-            let mut feeding = feeds;
-            loop {
-                tokio::select! {
-                    fed = &mut feed, if feeding => {
-                        feeding = false;
-                        if let Err(e) = fed {
-                            break Err(e);
-                        }
-                    }
-                    drained = &mut drain => break drained,
-                }
-            }
-        };
-        // Close the whole attach connection (both halves): a half-open one
-        // keeps the engine from starting any other exec in this container.
-        drop(stream);
-        drop(input);
-        // From here on the call has ended or is killed below.
-        cancel.armed = false;
-        let timed_out = match outcome {
-            Ok(timed_out) => timed_out,
-            Err(Abort::Engine(e)) => return Err(e),
-            Err(Abort::Source(e)) => {
-                self.kill_call(id, &request.marker).await;
-                return Err(ProviderError::Failed(format!(
-                    "reading the command's input: {e}"
-                )));
-            }
-            Err(Abort::Consumer(e)) => {
-                self.kill_call(id, &request.marker).await;
-                return Err(ProviderError::Failed(format!(
-                    "the command's output was refused: {e}"
-                )));
-            }
-        };
-        if timed_out {
-            self.kill_call(id, &request.marker).await;
-            return Ok(output.finish(TIMEOUT_EXIT_CODE, true));
-        }
-        let inspected = self.call(docker.inspect_exec(&exec.id)).await?;
-        let code = inspected.exit_code.unwrap_or(-1);
-        // The agent's own deadline: 124 at or after the timeout.
-        let agent_timed_out =
-            request.agent && code == TIMEOUT_EXIT_CODE && start.elapsed() >= request.timeout;
-        Ok(output.finish(code, agent_timed_out))
+        self.exec_via_engine(docker, id, request, io).await
     }
 
     async fn settle(&self) {
@@ -824,13 +897,12 @@ mod tests {
         let plan = ContainerPlan::new(
             &config,
             &sandbox_contract::BackendId::parse("alice").unwrap(),
-            &sandbox_contract::WorkspaceName::parse("alice").unwrap(),
             "/ws/alice".into(),
             UserIds {
                 uid: 1000,
                 gid: 1000,
             },
-            "per-user",
+            [("sandbox.backend".to_owned(), "alice".to_owned())].into(),
         );
         let body = create_body(&plan);
         let host = body.host_config.unwrap();
@@ -859,10 +931,9 @@ mod tests {
         let plan = ContainerPlan::new(
             &config,
             &sandbox_contract::BackendId::parse("a").unwrap(),
-            &sandbox_contract::WorkspaceName::parse("a").unwrap(),
             "/ws/a".into(),
             UserIds { uid: 1, gid: 1 },
-            "p",
+            Default::default(),
         );
         let host = create_body(&plan).host_config.unwrap();
         assert_eq!(host.readonly_rootfs, Some(true));

@@ -8,9 +8,9 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
+use super::plan::ContainerPlan;
 use super::{ContainerProvider, ContainerRecord, ExecIo, ProviderError, ProviderResult, Status};
 use crate::dataplane::exec::{ExecOutput, ExecRequest, ExecResponse};
-use crate::engine::plan::ContainerPlan;
 
 /// A [`ContainerProvider`] keeping containers in a map: creates, starts and
 /// removes are instant, an exec in a running container succeeds with no

@@ -7,6 +7,7 @@
 pub mod agent_link;
 pub mod docker;
 pub mod memory;
+pub mod plan;
 
 use std::collections::HashMap;
 
@@ -14,8 +15,8 @@ use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::dataplane::exec::{ExecRequest, ExecResponse, OutputSink};
-use crate::engine::plan::ContainerPlan;
 use crate::error::SandboxError;
+pub use plan::ContainerPlan;
 
 pub use sandbox_contract::Status;
 
@@ -38,6 +39,7 @@ pub struct ContainerRecord {
 
 /// A container's resource usage, as the engine reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+#[cfg_attr(feature = "serve", derive(schemars::JsonSchema))]
 pub struct ContainerStats {
     /// Memory in use, in bytes (0 when the engine does not say).
     pub memory_bytes: u64,

@@ -1,7 +1,6 @@
 //! Routes and handlers of `sandbox serve`.
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -11,17 +10,23 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, RequestExt, Router};
-use base64::Engine as _;
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde::Deserialize;
+use tokio::io::DuplexStream;
+use tokio::task::JoinHandle;
 
 use super::auth::authenticate;
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorKind};
 use super::metrics::Call;
+use super::replies::{
+    Backends, Cancelled, Collected, Destroyed, Downloaded, DownloadedFile, ExecReply, Health,
+    HealthStatus, PolicyName, StreamLine, Uploaded, Written,
+};
+use super::requests::{Encoding, ExecBody, UploadBody};
+use super::stream;
 use super::{AppState, Shared};
-use crate::exec::{ExecOptions, ExecResponse, StreamKind};
-use crate::files::{FileError, Upload};
-use crate::{BackendView, PolicySource, SandboxError};
+use crate::exec::{ExecOptions, StreamKind};
+use crate::files::FileError;
+use crate::{Backend, BackendView, PolicySource, SandboxError, ThreadInfo};
 
 /// The OpenAPI document, checked into the repository.
 pub const OPENAPI: &str = include_str!("../../openapi.json");
@@ -151,107 +156,6 @@ async fn observed<T>(
     result
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ExecBody {
-    command: String,
-    timeout_secs: Option<f64>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
-    workdir: Option<String>,
-    stdin: Option<String>,
-    /// stdin as base64, for bytes that are not UTF-8 text; not with `stdin`.
-    stdin_b64: Option<String>,
-    /// The caller's id for this execution, to cancel it by.
-    execution_id: Option<String>,
-    /// How output bytes are answered; text when absent.
-    encoding: Option<Encoding>,
-}
-
-/// How an exec answers the bytes its command printed. Anything but these
-/// two words is a 400, not a silent fallback.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum Encoding {
-    /// Text only (invalid UTF-8 replaced): `data`, `stdout`, `stderr`.
-    #[default]
-    Text,
-    /// The text, plus the exact bytes in base64: `data_b64` instead of
-    /// `data`, and `stdout_b64`, `stderr_b64` beside `stdout`, `stderr`.
-    Base64,
-}
-
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-impl ExecBody {
-    fn options(&self) -> ApiResult<ExecOptions> {
-        let timeout = match self.timeout_secs {
-            Some(t) if t > 0.0 && t.is_finite() && t < 86_400.0 => Some(Duration::from_secs_f64(t)),
-            Some(_) => return Err(ApiError::bad_request("timeout_secs must be in (0, 86400)")),
-            None => None,
-        };
-        let stdin = match (&self.stdin, &self.stdin_b64) {
-            (Some(_), Some(_)) => {
-                return Err(ApiError::bad_request("give stdin or stdin_b64, not both"))
-            }
-            (Some(text), None) => Some(text.clone().into_bytes()),
-            (None, Some(encoded)) => Some(
-                base64::engine::general_purpose::STANDARD
-                    .decode(encoded.as_bytes())
-                    .map_err(|e| ApiError::bad_request(format!("stdin_b64: base64: {e}")))?,
-            ),
-            (None, None) => None,
-        };
-        Ok(ExecOptions {
-            timeout,
-            env: self
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            workdir: self.workdir.clone(),
-            stdin,
-            execution_id: self.execution_id.clone(),
-        })
-    }
-
-    fn encoding(&self) -> Encoding {
-        self.encoding.unwrap_or_default()
-    }
-}
-
-/// An exec's answer on the wire: the response as the library gives it,
-/// plus each stream's exact bytes in base64 when the request asked for
-/// `"encoding": "base64"`.
-#[derive(Serialize)]
-struct ExecReply {
-    #[serde(flatten)]
-    response: ExecResponse,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stdout_b64: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stderr_b64: Option<String>,
-}
-
-impl ExecReply {
-    fn new(response: ExecResponse, encoding: Encoding) -> Self {
-        let (stdout_b64, stderr_b64) = match encoding {
-            Encoding::Text => (None, None),
-            Encoding::Base64 => (
-                Some(b64(&response.stdout_bytes)),
-                Some(b64(&response.stderr_bytes)),
-            ),
-        };
-        ExecReply {
-            response,
-            stdout_b64,
-            stderr_b64,
-        }
-    }
-}
-
 async fn exec(
     State(state): State<Shared>,
     Path(thread_id): Path<String>,
@@ -274,50 +178,13 @@ async fn exec(
     .await
 }
 
-/// One NDJSON line of the streaming exec.
-#[derive(Serialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-enum StreamLine {
-    /// First: the execution's id, to cancel it by (`DELETE /v1/executions/{id}`).
-    Started {
-        execution_id: String,
-    },
-    /// A chunk of live output: `data` as text, or `data_b64` in base64
-    /// mode (exactly one of them).
-    Output {
-        stream: StreamKind,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        data: Option<String>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        data_b64: Option<String>,
-    },
-    Exit(ExecReply),
-    Error {
-        kind: &'static str,
-        message: String,
-    },
-}
+/// Live output lines a streamed exec queues for its client at most.
+const LIVE_LINES: usize = 256;
 
-impl StreamLine {
-    fn output(stream: StreamKind, bytes: &[u8], encoding: Encoding) -> Self {
-        let (data, data_b64) = match encoding {
-            Encoding::Text => (Some(String::from_utf8_lossy(bytes).into_owned()), None),
-            Encoding::Base64 => (None, Some(b64(bytes))),
-        };
-        StreamLine::Output {
-            stream,
-            data,
-            data_b64,
-        }
-    }
-}
-
-fn line(l: &StreamLine) -> Bytes {
-    let mut v = serde_json::to_vec(l).unwrap_or_default();
-    v.push(b'\n');
-    Bytes::from(v)
-}
-
+/// The command's output as NDJSON lines while it runs (`started`, then
+/// `output` chunks, then `exit` or `error`). Errors found before it starts
+/// (a bad body, an invalid id, a refused backend) are JSON errors with
+/// their status, not a stream.
 async fn exec_stream(
     State(state): State<Shared>,
     Path(thread_id): Path<String>,
@@ -326,117 +193,110 @@ async fn exec_stream(
     // Timed until the command ends (in the task below), not until the
     // response head: the latency of a streamed exec is its command's.
     let call = Call::start("exec-stream");
-    // Resolve the backend first so id errors get a proper status.
-    let ready = async {
-        let Json(body) = body?;
-        let mut options = body.options()?;
-        let id = options
-            .execution_id
-            .get_or_insert_with(crate::exec::new_execution_id)
-            .clone();
-        crate::exec::check_execution_id(&id)?;
-        let backend = state.sandbox.get_thread_backend(&thread_id).await?;
-        Ok::<_, ApiError>((body, options, backend, id))
-    };
-    let (body, options, backend, execution_id) = match ready.await {
-        Ok(ready) => ready,
+    let streamed = match StreamedExec::prepare(&state, &thread_id, body).await {
+        Ok(streamed) => streamed,
         Err(e) => {
             call.end(&state.metrics, Some(e.kind()));
             return Err(e);
         }
     };
-    // Bounded: a client that reads slowly loses live chunks (counted in a
-    // final marker), never host memory; the final line has the capped output.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
-    let shutdown = state.shutdown.clone();
-    let _ = tx.try_send(line(&StreamLine::Started { execution_id }));
-    tokio::spawn(async move {
+    let (lines, response) = stream::ndjson(LIVE_LINES);
+    lines.try_send(&StreamLine::Started {
+        execution_id: streamed.execution_id.clone(),
+    });
+    tokio::spawn(streamed.run(state, lines, call));
+    Ok(response)
+}
+
+/// A streamed exec whose request was checked and whose backend is ready.
+struct StreamedExec {
+    body: ExecBody,
+    options: ExecOptions,
+    backend: Backend,
+    execution_id: String,
+}
+
+impl StreamedExec {
+    /// Checks the body and resolves the backend, before any line is sent,
+    /// so these errors get their own status. The execution gets an id now
+    /// (a random one unless the body names it): the first line tells it.
+    async fn prepare(
+        state: &AppState,
+        thread_id: &str,
+        body: Result<Json<ExecBody>, JsonRejection>,
+    ) -> ApiResult<Self> {
+        let Json(body) = body?;
+        let mut options = body.options()?;
+        let execution_id = options
+            .execution_id
+            .get_or_insert_with(crate::exec::new_execution_id)
+            .clone();
+        crate::exec::check_execution_id(&execution_id)?;
+        let backend = state.sandbox.get_thread_backend(thread_id).await?;
+        Ok(StreamedExec {
+            body,
+            options,
+            backend,
+            execution_id,
+        })
+    }
+
+    /// Runs the command, its output sent live while the queue has room (a
+    /// slow reader loses chunks, counted in a note; never host memory),
+    /// then the last line with the capped output. A client that goes away
+    /// cancels the command (dropping the call kills its processes); so
+    /// does the end of the shutdown grace.
+    async fn run(self, state: Shared, lines: stream::NdjsonSender, call: Call) {
+        let encoding = self.body.encoding();
         let mut dropped = 0usize;
-        let live = tx.clone();
-        let encoding = body.encoding();
-        let run = backend.execute_streaming(&body.command, options, |stream, bytes| {
-            let l = StreamLine::output(stream, bytes, encoding);
-            if live.try_send(line(&l)).is_err() {
-                dropped += bytes.len();
-            }
-        });
-        // A client that goes away cancels its command (dropping the call
-        // kills its processes); so does the end of the shutdown grace.
+        let run =
+            self.backend
+                .execute_streaming(&self.body.command, self.options, |stream, bytes| {
+                    if !lines.try_send(&StreamLine::output(stream, bytes, encoding)) {
+                        dropped += bytes.len();
+                    }
+                });
         let result = tokio::select! {
             r = run => r.map_err(ApiError::from),
-            _ = tx.closed() => {
+            () = lines.closed() => {
                 tracing::info!("streaming client disconnected: command cancelled");
                 // Counted and timed, but no error: nobody was told one.
                 call.end(&state.metrics, None);
                 return;
             }
-            _ = shutdown_over(shutdown) => Err(ApiError::shutdown()),
+            () = shutdown_over(state.shutdown.clone()) => Err(ApiError::shutdown()),
         };
         // Before the last line is sent, so a client that has read the whole
         // stream finds the call in /metrics.
         call.end(&state.metrics, result.as_ref().err().map(ApiError::kind));
         if dropped > 0 {
-            let note =
-                format!("[sandbox: {dropped} bytes of live output dropped for a slow reader]\n");
-            let note = StreamLine::output(StreamKind::Stderr, note.as_bytes(), encoding);
-            let _ = tx.send(line(&note)).await;
+            lines.send(&dropped_note(dropped, encoding)).await;
         }
         let last = match result {
             Ok(r) => StreamLine::Exit(ExecReply::new(r, encoding)),
-            Err(e) => {
-                let (kind, message) = e.into_parts();
-                StreamLine::Error { kind, message }
-            }
+            Err(e) => StreamLine::Error(e.into_detail()),
         };
-        let _ = tx.send(line(&last)).await;
-    });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
-    });
-    Ok((
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(stream),
-    )
-        .into_response())
+        lines.send(&last).await;
+    }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UploadBody {
-    files: Vec<UploadFile>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UploadFile {
-    path: String,
-    content_b64: String,
-    mode: Option<u32>,
+/// The stderr line that tells a slow reader how much live output it lost.
+fn dropped_note(dropped: usize, encoding: Encoding) -> StreamLine {
+    let note = format!("[sandbox: {dropped} bytes of live output dropped for a slow reader]\n");
+    StreamLine::output(StreamKind::Stderr, note.as_bytes(), encoding)
 }
 
 async fn upload(
     State(state): State<Shared>,
     Path(thread_id): Path<String>,
     body: Result<Json<UploadBody>, JsonRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<Uploaded>> {
     observed(&state, "upload", async {
         let Json(body) = body?;
-        let mut uploads = Vec::with_capacity(body.files.len());
-        for f in body.files {
-            let content = base64::engine::general_purpose::STANDARD
-                .decode(f.content_b64.as_bytes())
-                .map_err(|e| ApiError::bad_request(format!("{}: base64: {e}", f.path)))?;
-            uploads.push(Upload {
-                path: f.path,
-                content,
-                mode: f.mode,
-            });
-        }
+        let uploads = body.into_uploads()?;
         let backend = state.sandbox.get_thread_backend(&thread_id).await?;
         let results = backend.upload_files(uploads).await?;
-        Ok(Json(json!({ "results": results })))
+        Ok(Json(Uploaded { results }))
     })
     .await
 }
@@ -446,7 +306,7 @@ async fn download(
     Path(thread_id): Path<String>,
     // `?path=a&path=b`: a repeated key, so pairs rather than a struct.
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<Downloaded>> {
     observed(&state, "download", async {
         let Query(pairs) = query?;
         let paths: Vec<String> = pairs
@@ -463,20 +323,10 @@ async fn download(
         // GET /files/raw.
         let mut limits = backend.file_limits();
         limits.max_batch_bytes = limits.max_batch_bytes.min(super::JSON_BATCH_BYTES);
-        let results: Vec<serde_json::Value> = backend
-            .download_files_with(&paths, &limits)
-            .await?
-            .into_iter()
-            .map(|r| {
-                json!({
-                    "path": r.path,
-                    "content_b64": r.content.map(|c| base64::engine::general_purpose::STANDARD.encode(c)),
-                    "mode": r.mode,
-                    "error": r.error,
-                })
-            })
-            .collect();
-        Ok(Json(json!({ "results": results })))
+        let results = backend.download_files_with(&paths, &limits).await?;
+        Ok(Json(Downloaded {
+            results: results.into_iter().map(DownloadedFile::from).collect(),
+        }))
     })
     .await
 }
@@ -517,75 +367,24 @@ async fn download_raw(
         Ok((path, state.sandbox.get_thread_backend(&thread_id).await?))
     })
     .await?;
+    let (pipe, transfer) = spawn_download(backend, path);
+    let body = stream::first_chunk_decides(pipe, transfer).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
+}
+
+/// Starts copying the file into a pipe of [`stream::PIPE_BYTES`]: its
+/// reading end, and the transfer's task (its verdict).
+fn spawn_download(backend: Backend, path: String) -> (DuplexStream, JoinHandle<ApiResult<()>>) {
     let limits = backend.file_limits();
-    let (mut writer, mut reader) = tokio::io::duplex(64 * 1024);
-    let mut transfer = tokio::spawn(async move {
-        let r = backend.download_to(&path, &mut writer, &limits).await;
+    let (mut writer, reader) = tokio::io::duplex(stream::PIPE_BYTES);
+    let transfer = tokio::spawn(async move {
+        let delivered = backend.download_to(&path, &mut writer, &limits).await;
+        // The reader's EOF.
         drop(writer);
-        r
+        delivered??;
+        Ok::<_, ApiError>(())
     });
-    use futures_util::StreamExt;
-    use tokio::io::AsyncReadExt;
-    type Verdict = Result<
-        Result<
-            Result<crate::dataplane::files::FileInfo, crate::dataplane::files::FileError>,
-            SandboxError,
-        >,
-        tokio::task::JoinError,
-    >;
-    let mut first = vec![0u8; 64 * 1024];
-    // The transfer's verdict, once known (a JoinHandle is awaited once).
-    let mut verdict: Option<Verdict> = None;
-    let mut n = tokio::select! {
-        n = reader.read(&mut first) => n.unwrap_or(0),
-        done = &mut transfer => { verdict = Some(done); 0 }
-    };
-    if n == 0 {
-        // EOF, or the transfer ended before a byte was read: its verdict
-        // decides the status (a tiny file may still be in the pipe).
-        let done = match verdict.take() {
-            Some(done) => done,
-            None => (&mut transfer).await,
-        };
-        match &done {
-            Ok(Ok(Ok(_))) => n = reader.read(&mut first).await.unwrap_or(0),
-            Ok(Ok(Err(e))) => return Err((*e).into()),
-            Ok(Err(e)) => return Err(e.clone().into()),
-            Err(e) => {
-                return Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "other",
-                    e.to_string(),
-                ))
-            }
-        }
-        verdict = Some(done);
-    }
-    first.truncate(n);
-    let head =
-        futures_util::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(first)) });
-    let rest = tokio_util::io::ReaderStream::new(reader);
-    // The pipe's end is not success: the transfer's verdict is. A failure
-    // midway (the file shrank, the engine failed) ends the body with an
-    // error, so the client sees a broken transfer, never a short file.
-    let tail = futures_util::stream::once(async move {
-        let done = match verdict {
-            Some(done) => done,
-            None => transfer.await,
-        };
-        match done {
-            Ok(Ok(Ok(_))) => None,
-            Ok(Ok(Err(e))) => Some(Err(std::io::Error::other(format!("transfer failed: {e}")))),
-            Ok(Err(e)) => Some(Err(std::io::Error::other(format!("transfer failed: {e}")))),
-            Err(e) => Some(Err(std::io::Error::other(format!("transfer failed: {e}")))),
-        }
-    })
-    .filter_map(|item| async move { item });
-    Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream")],
-        Body::from_stream(head.chain(rest).chain(tail)),
-    )
-        .into_response())
+    (reader, transfer)
 }
 
 /// One file's bytes from the request body, streamed into the container:
@@ -596,7 +395,7 @@ async fn upload_raw(
     query: Result<Query<OneFile>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<Written>> {
     observed(&state, "upload-raw", async {
         let (path, mode) = OneFile::parse(query)?;
         let len: u64 = headers
@@ -606,7 +405,7 @@ async fn upload_raw(
             .ok_or_else(|| {
                 ApiError::new(
                     StatusCode::LENGTH_REQUIRED,
-                    "bad-request",
+                    ErrorKind::BadRequest,
                     "Content-Length is required",
                 )
             })?;
@@ -623,7 +422,10 @@ async fn upload_raw(
             .await?;
         match result.error {
             Some(e) => Err(e.into()),
-            None => Ok(Json(json!({ "path": result.path, "size": len }))),
+            None => Ok(Json(Written {
+                path: result.path,
+                size: len,
+            })),
         }
     })
     .await
@@ -632,11 +434,10 @@ async fn upload_raw(
 async fn thread_backend(
     State(state): State<Shared>,
     Path(thread_id): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<ThreadInfo>> {
     observed(&state, "thread-backend", async {
         // A GET has no side effects: no workspace, no container.
-        let info = state.sandbox.describe_thread(&thread_id).await?;
-        Ok(Json(serde_json::to_value(info).unwrap_or_default()))
+        Ok(Json(state.sandbox.describe_thread(&thread_id).await?))
     })
     .await
 }
@@ -647,12 +448,15 @@ async fn gc(
     // `dry_run=true` among them makes the run dry (the safe reading for a
     // route that removes containers). Only the exact text `true` counts.
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<Collected>> {
     observed(&state, "gc", async {
         let Query(pairs) = query?;
         let dry_run = pairs.iter().any(|(k, v)| k == "dry_run" && v == "true");
-        let entries = state.sandbox.gc(None, dry_run).await?;
-        Ok(Json(json!({ "dry_run": dry_run, "containers": entries })))
+        let containers = state.sandbox.gc(None, dry_run).await?;
+        Ok(Json(Collected {
+            dry_run,
+            containers,
+        }))
     })
     .await
 }
@@ -660,10 +464,10 @@ async fn gc(
 async fn destroy_thread(
     State(state): State<Shared>,
     Path(thread_id): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<Destroyed>> {
     observed(&state, "destroy-thread", async {
         let destroyed = state.sandbox.destroy_thread_backend(&thread_id).await?;
-        Ok(Json(json!({ "destroyed": destroyed })))
+        Ok(Json(Destroyed { destroyed }))
     })
     .await
 }
@@ -671,10 +475,10 @@ async fn destroy_thread(
 async fn destroy_user(
     State(state): State<Shared>,
     Path(user_id): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<Destroyed>> {
     observed(&state, "destroy-user", async {
         let destroyed = state.sandbox.destroy_user_backend(&user_id).await?;
-        Ok(Json(json!({ "destroyed": destroyed })))
+        Ok(Json(Destroyed { destroyed }))
     })
     .await
 }
@@ -684,11 +488,11 @@ async fn destroy_user(
 async fn cancel_execution(
     State(state): State<Shared>,
     Path(execution_id): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<Cancelled>> {
     observed(&state, "cancel", async {
         crate::exec::check_execution_id(&execution_id)?;
         if state.sandbox.cancel(&execution_id) {
-            Ok(Json(json!({ "cancelled": true })))
+            Ok(Json(Cancelled { cancelled: true }))
         } else {
             Err(ApiError::from(SandboxError::NotFound(format!(
                 "no running execution {execution_id} on this server"
@@ -698,25 +502,28 @@ async fn cancel_execution(
     .await
 }
 
-async fn backends(State(state): State<Shared>) -> ApiResult<Json<serde_json::Value>> {
+async fn backends(State(state): State<Shared>) -> ApiResult<Json<Backends>> {
     observed(&state, "backends", async {
-        let now = crate::engine::now_ms();
-        let list: Vec<BackendView> = state
+        let now = crate::now_ms();
+        let backends = state
             .sandbox
             .list()
             .await?
             .into_iter()
             .map(|c| BackendView::new(c, now))
             .collect();
-        Ok(Json(
-            json!({ "policy": state.sandbox.policy_name(), "backends": list }),
-        ))
+        Ok(Json(Backends {
+            policy: state.sandbox.policy_name(),
+            backends,
+        }))
     })
     .await
 }
 
-async fn policy(State(state): State<Shared>) -> Json<serde_json::Value> {
-    Json(json!({ "policy": state.sandbox.policy_name() }))
+async fn policy(State(state): State<Shared>) -> Json<PolicyName> {
+    Json(PolicyName {
+        policy: state.sandbox.policy_name(),
+    })
 }
 
 /// Live swap: the body is a component (`application/wasm`). Compiled and
@@ -725,14 +532,14 @@ async fn swap_policy(
     State(state): State<Shared>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<PolicyName>> {
     observed(&state, "swap-policy", async {
         // An oversized component is a JSON error like every other one.
         let body = body?;
         if state.token.is_none() {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
-                "refused",
+                ErrorKind::Refused,
                 "policy upload needs a server started with a bearer token",
             ));
         }
@@ -751,22 +558,27 @@ async fn swap_policy(
             })
             .await?;
         state.metrics.policy_swaps.inc();
-        Ok(Json(json!({ "policy": state.sandbox.policy_name() })))
+        Ok(Json(PolicyName {
+            policy: state.sandbox.policy_name(),
+        }))
     })
     .await
 }
 
 async fn healthz(State(state): State<Shared>) -> Response {
     let engine = state.sandbox.ping().await;
-    let body = json!({
-        "status": if engine.is_ok() { "ok" } else { "degraded" },
-        "engine": engine.as_ref().map(|_| "ok".to_owned()).unwrap_or_else(|e| e.to_string()),
-        "policy": state.sandbox.policy_name(),
-    });
-    let status = if engine.is_ok() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+    let (status, health, engine) = match engine {
+        Ok(()) => (StatusCode::OK, HealthStatus::Ok, "ok".to_owned()),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            HealthStatus::Degraded,
+            e.to_string(),
+        ),
+    };
+    let body = Health {
+        status: health,
+        engine,
+        policy: state.sandbox.policy_name(),
     };
     (status, Json(body)).into_response()
 }
@@ -785,9 +597,7 @@ async fn metrics(State(state): State<Shared>) -> Response {
         });
     match state.metrics.render(&state.sandbox, usage) {
         Ok(text) => ([(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)], text).into_response(),
-        Err(e) => {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "other", e.to_string()).into_response()
-        }
+        Err(e) => ApiError::internal(e.to_string()).into_response(),
     }
 }
 
@@ -798,11 +608,11 @@ async fn openapi() -> Response {
 async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method-not-allowed",
+        ErrorKind::MethodNotAllowed,
         "this route does not take that method (see /openapi.json)",
     )
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such route")
+    ApiError::new(StatusCode::NOT_FOUND, ErrorKind::NotFound, "no such route")
 }

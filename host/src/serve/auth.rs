@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorKind};
 use super::Shared;
 
 /// Always open: liveness probes carry no credentials.
@@ -30,7 +30,7 @@ pub(super) async fn authenticate(
         None if host_allowed(&request, &state.allowed_hosts) => None,
         None => Some(ApiError::new(
             StatusCode::FORBIDDEN,
-            "forbidden-host",
+            ErrorKind::ForbiddenHost,
             "this server has no token and answers only requests addressed to its allowed \
              host names (loopback by default; see --allowed-host)",
         )),
@@ -55,7 +55,7 @@ pub(super) async fn authenticate(
 }
 
 fn unauthorized(message: &str) -> ApiError {
-    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    ApiError::new(StatusCode::UNAUTHORIZED, ErrorKind::Unauthorized, message)
 }
 
 /// The credentials of `Authorization: Bearer <token>`, if the header has

@@ -6,7 +6,8 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use schemars::JsonSchema;
+use serde::Serialize;
 
 use crate::files::FileError;
 use crate::SandboxError;
@@ -14,14 +15,109 @@ use crate::SandboxError;
 /// An API error: a status and a JSON body `{"error": {"kind", "message"}}`.
 pub struct ApiError {
     status: StatusCode,
-    kind: &'static str,
+    kind: ErrorKind,
     message: String,
 }
 
 pub(super) type ApiResult<T> = Result<T, ApiError>;
 
+/// What went wrong, as a stable word clients branch on (never renamed).
+/// The sandbox's own kinds are hyphenated; a file's error, where one file
+/// is the whole answer (`/files/raw`), is its per-file literal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub(super) enum ErrorKind {
+    /// A thread, user or execution id outside the allow-list (400).
+    InvalidId,
+    /// The container engine did not answer in time, or failed (503).
+    DockerUnavailable,
+    /// The host or the policy refused the operation (403).
+    Refused,
+    /// No such container, backend, execution or route (404).
+    NotFound,
+    /// The policy component trapped; the call failed, the policy stays (500).
+    PolicyTrap,
+    /// A policy component failed to load or self-check (422).
+    PolicyLoad,
+    /// Anything else (500).
+    Other,
+    /// The request is malformed: its body, its query or an option out of
+    /// range (400; 415 without a JSON content type; 411 without
+    /// Content-Length on a raw upload).
+    BadRequest,
+    /// The body is over the server's limit (413).
+    BodyTooLarge,
+    /// A missing or wrong bearer token (401).
+    Unauthorized,
+    /// No token is set and the Host header is not an allowed name (403).
+    ForbiddenHost,
+    /// The route does not take that method (405).
+    MethodNotAllowed,
+    /// The grace period after SIGTERM ended while the command ran; it was
+    /// killed (503).
+    Shutdown,
+    /// `/files/raw`: nothing at the path (404).
+    #[serde(rename = "file_not_found")]
+    FileNotFound,
+    /// `/files/raw`: the sandbox user may not read or write it (403).
+    #[serde(rename = "permission_denied")]
+    PermissionDenied,
+    /// `/files/raw`: the path is a directory (400).
+    #[serde(rename = "is_directory")]
+    IsDirectory,
+    /// `/files/raw`: the path fails the checks or is not a regular file (400).
+    #[serde(rename = "invalid_path")]
+    InvalidPath,
+    /// `/files/raw`: the file is over `max_file_bytes` (413).
+    #[serde(rename = "file_too_large")]
+    FileTooLarge,
+}
+
+impl ErrorKind {
+    /// The word on the wire, also the `kind` label of the error metrics.
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidId => "invalid-id",
+            ErrorKind::DockerUnavailable => "docker-unavailable",
+            ErrorKind::Refused => "refused",
+            ErrorKind::NotFound => "not-found",
+            ErrorKind::PolicyTrap => "policy-trap",
+            ErrorKind::PolicyLoad => "policy-load",
+            ErrorKind::Other => "other",
+            ErrorKind::BadRequest => "bad-request",
+            ErrorKind::BodyTooLarge => "body-too-large",
+            ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::ForbiddenHost => "forbidden-host",
+            ErrorKind::MethodNotAllowed => "method-not-allowed",
+            ErrorKind::Shutdown => "shutdown",
+            ErrorKind::FileNotFound => "file_not_found",
+            ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::IsDirectory => "is_directory",
+            ErrorKind::InvalidPath => "invalid_path",
+            ErrorKind::FileTooLarge => "file_too_large",
+        }
+    }
+}
+
+/// Every error answer's body.
+#[derive(Serialize, JsonSchema)]
+#[schemars(rename = "Error")]
+pub(super) struct ErrorReply {
+    /// What went wrong.
+    pub(super) error: ErrorDetail,
+}
+
+/// The `error` of an error answer.
+#[derive(Serialize, JsonSchema)]
+pub(super) struct ErrorDetail {
+    /// The stable word to branch on.
+    pub(super) kind: ErrorKind,
+    /// For humans; its wording may change.
+    pub(super) message: String,
+}
+
 impl ApiError {
-    pub(super) fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, kind: ErrorKind, message: impl Into<String>) -> Self {
         ApiError {
             status,
             kind,
@@ -32,7 +128,12 @@ impl ApiError {
     /// 400 `bad-request`: the request itself is malformed (a body, a query
     /// or an option out of range), whatever the sandbox would say.
     pub(super) fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad-request", message)
+        Self::new(StatusCode::BAD_REQUEST, ErrorKind::BadRequest, message)
+    }
+
+    /// 500 `other`: a failure of the server itself.
+    pub(super) fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::Other, message)
     }
 
     /// 503 `shutdown`: the server's grace period after SIGTERM ended while
@@ -40,35 +141,49 @@ impl ApiError {
     pub(super) fn shutdown() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "shutdown",
+            ErrorKind::Shutdown,
             "the server shut down and its grace period ended: the command was killed",
         )
     }
 
     /// The stable name clients branch on and metrics count by.
     pub(super) fn kind(&self) -> &'static str {
-        self.kind
+        self.kind.as_str()
     }
 
-    /// The kind and message, for an error reported inside a 200 stream.
-    pub(super) fn into_parts(self) -> (&'static str, String) {
-        (self.kind, self.message)
+    /// The message, for humans.
+    pub(super) fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The body of the error, also the `error` line that ends a 200 stream.
+    pub(super) fn into_detail(self) -> ErrorDetail {
+        ErrorDetail {
+            kind: self.kind,
+            message: self.message,
+        }
     }
 }
 
 impl From<SandboxError> for ApiError {
     fn from(e: SandboxError) -> Self {
-        let status = match &e {
-            SandboxError::InvalidId(_) => StatusCode::BAD_REQUEST,
-            SandboxError::Refused(_) => StatusCode::FORBIDDEN,
-            SandboxError::NotFound(_) => StatusCode::NOT_FOUND,
-            SandboxError::DockerUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            SandboxError::PolicyLoad(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            SandboxError::PolicyTrap(_) | SandboxError::Other(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
+        let (status, kind) = match &e {
+            SandboxError::InvalidId(_) => (StatusCode::BAD_REQUEST, ErrorKind::InvalidId),
+            SandboxError::Refused(_) => (StatusCode::FORBIDDEN, ErrorKind::Refused),
+            SandboxError::NotFound(_) => (StatusCode::NOT_FOUND, ErrorKind::NotFound),
+            SandboxError::DockerUnavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorKind::DockerUnavailable,
+            ),
+            SandboxError::PolicyLoad(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, ErrorKind::PolicyLoad)
             }
+            SandboxError::PolicyTrap(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::PolicyTrap)
+            }
+            SandboxError::Other(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::Other),
         };
-        ApiError::new(status, e.kind(), e.to_string())
+        ApiError::new(status, kind, e.to_string())
     }
 }
 
@@ -77,13 +192,13 @@ impl From<JsonRejection> for ApiError {
         match e.status() {
             StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "body-too-large",
+                ErrorKind::BodyTooLarge,
                 e.body_text(),
             ),
             // A missing `Content-Type: application/json` keeps axum's 415.
             StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "bad-request",
+                ErrorKind::BadRequest,
                 e.body_text(),
             ),
             _ => ApiError::bad_request(e.body_text()),
@@ -96,7 +211,7 @@ impl From<axum::extract::rejection::BytesRejection> for ApiError {
         match e.status() {
             StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "body-too-large",
+                ErrorKind::BodyTooLarge,
                 e.body_text(),
             ),
             _ => ApiError::bad_request(e.body_text()),
@@ -114,21 +229,25 @@ impl From<QueryRejection> for ApiError {
 /// its status says what happened, its kind is the protocol literal.
 impl From<FileError> for ApiError {
     fn from(error: FileError) -> Self {
-        let status = match error {
-            FileError::FileNotFound => StatusCode::NOT_FOUND,
-            FileError::PermissionDenied => StatusCode::FORBIDDEN,
-            FileError::IsDirectory | FileError::InvalidPath => StatusCode::BAD_REQUEST,
-            FileError::FileTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        let (status, kind) = match error {
+            FileError::FileNotFound => (StatusCode::NOT_FOUND, ErrorKind::FileNotFound),
+            FileError::PermissionDenied => (StatusCode::FORBIDDEN, ErrorKind::PermissionDenied),
+            FileError::IsDirectory => (StatusCode::BAD_REQUEST, ErrorKind::IsDirectory),
+            FileError::InvalidPath => (StatusCode::BAD_REQUEST, ErrorKind::InvalidPath),
+            FileError::FileTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, ErrorKind::FileTooLarge),
         };
-        ApiError::new(status, error.as_str(), error.to_string())
+        ApiError::new(status, kind, error.to_string())
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(json!({"error": {"kind": self.kind, "message": self.message}}));
-        let mut response = (self.status, body).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
+        let status = self.status;
+        let body = Json(ErrorReply {
+            error: self.into_detail(),
+        });
+        let mut response = (status, body).into_response();
+        if status == StatusCode::UNAUTHORIZED {
             // RFC 9110: a 401 names the scheme the client should use.
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -136,5 +255,66 @@ impl IntoResponse for ApiError {
             );
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_sandbox_error_keeps_the_kind_the_library_names_it_by() {
+        for e in [
+            SandboxError::InvalidId(String::new()),
+            SandboxError::DockerUnavailable(String::new()),
+            SandboxError::Refused(String::new()),
+            SandboxError::NotFound(String::new()),
+            SandboxError::PolicyTrap(String::new()),
+            SandboxError::PolicyLoad(String::new()),
+            SandboxError::Other(String::new()),
+        ] {
+            let kind = e.kind();
+            assert_eq!(ApiError::from(e).kind(), kind);
+        }
+    }
+
+    #[test]
+    fn each_file_error_keeps_its_protocol_literal() {
+        for e in [
+            FileError::FileNotFound,
+            FileError::PermissionDenied,
+            FileError::IsDirectory,
+            FileError::InvalidPath,
+            FileError::FileTooLarge,
+        ] {
+            assert_eq!(ApiError::from(e).kind(), e.as_str());
+        }
+    }
+
+    #[test]
+    fn a_kind_serializes_as_the_word_metrics_count_it_by() {
+        let kinds = [
+            ErrorKind::InvalidId,
+            ErrorKind::DockerUnavailable,
+            ErrorKind::Refused,
+            ErrorKind::NotFound,
+            ErrorKind::PolicyTrap,
+            ErrorKind::PolicyLoad,
+            ErrorKind::Other,
+            ErrorKind::BadRequest,
+            ErrorKind::BodyTooLarge,
+            ErrorKind::Unauthorized,
+            ErrorKind::ForbiddenHost,
+            ErrorKind::MethodNotAllowed,
+            ErrorKind::Shutdown,
+            ErrorKind::FileNotFound,
+            ErrorKind::PermissionDenied,
+            ErrorKind::IsDirectory,
+            ErrorKind::InvalidPath,
+            ErrorKind::FileTooLarge,
+        ];
+        for kind in kinds {
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
+        }
     }
 }

@@ -8,14 +8,20 @@
 //! Every request gets one access-log line ([`ACCESS_LOG_TARGET`]).
 //!
 //! Layout: `api` (routes, handlers, access log), `auth` (bearer token and
-//! Host allow-list), `error` (the JSON error shape), `metrics`; `tests`
-//! drives the router in process, over the in-memory provider and, for
-//! what only a container can show, the real Docker engine.
+//! Host allow-list), `error` (the JSON error shape), `requests` and
+//! `replies` (the JSON bodies, one type per shape, whose JSON Schemas are
+//! `openapi.json`'s components), `stream` (NDJSON and streamed transfer
+//! bodies), `metrics`; `tests` drives the router in process, over the
+//! in-memory provider and, for what only a container can show, the real
+//! Docker engine, and checks `openapi.json` against the types.
 
 mod api;
 mod auth;
 mod error;
 mod metrics;
+mod replies;
+mod requests;
+mod stream;
 #[cfg(test)]
 mod tests;
 

@@ -9,6 +9,7 @@
 //! and kinds: a test that fails here is a broken client there.
 
 mod engine;
+mod schema;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -21,7 +22,7 @@ use tracing_subscriber::layer::SubscriberExt as _;
 
 use super::{router, AppState, ACCESS_LOG_TARGET, METRICS_CONTENT_TYPE};
 use crate::config::{Config, UserIds};
-use crate::provider::memory::MemoryProvider;
+use crate::MemoryProvider;
 use crate::{PolicySource, Sandbox};
 
 const TOKEN: &str = "t0ken";

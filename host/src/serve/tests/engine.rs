@@ -16,8 +16,8 @@ use serde_json::{json, Value};
 
 use super::{delete, exec, get, json_request, post_json, put_raw, series, App, Capture, Options};
 use crate::config::{Config, DEFAULT_IMAGE};
-use crate::provider::docker::DockerProvider;
-use crate::provider::ContainerProvider as _;
+use crate::ContainerProvider as _;
+use crate::DockerProvider;
 use crate::Sandbox;
 use tower::ServiceExt as _;
 

@@ -5,14 +5,14 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::exec::{ExecOptions, ExecRequest};
-use super::files::{
+use super::Backend;
+use crate::dataplane::exec::{ExecOptions, ExecRequest};
+use crate::dataplane::files::{
     self, DownloadResult, DownloadSink, FileError, FileInfo, FileLimits, HostFile, Upload,
     UploadResult,
 };
 use crate::error::{policy_text, Result, SandboxError};
 use crate::provider::ExecIo;
-use crate::sandbox::Backend;
 
 impl Backend {
     /// The size caps of this backend's file transfers (`max_file_bytes`,
@@ -141,9 +141,9 @@ impl Backend {
     }
 
     /// Downloads one file to `local` on the host (a file, or an existing
-    /// directory to create the file in), through a [`HostFile`]: written
+    /// directory to create the file in), through a `HostFile`: written
     /// under a temporary name, never through a symlink, mode masked with
-    /// [`files::HOST_MODE_MASK`], renamed into place only when complete.
+    /// `HOST_MODE_MASK` (0o775), renamed into place only when complete.
     /// Returns where it landed.
     pub async fn download_to_file(
         &self,

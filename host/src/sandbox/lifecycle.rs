@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use sandbox_contract::{BackendId, Status};
 
-use crate::engine::{now_ms, ManagedContainer, RemoveMode};
+use super::Sandbox;
+use crate::engine::clock::now_ms;
+use crate::engine::{ManagedContainer, RemoveMode};
 use crate::error::{Result, SandboxError};
-use crate::sandbox::Sandbox;
 
 /// One container `gc` found (or, in a dry run, would remove).
 #[derive(Debug, Clone, serde::Serialize)]
+#[cfg_attr(feature = "serve", derive(schemars::JsonSchema))]
 pub struct GcEntry {
     /// The container, as it was found.
     pub container: ManagedContainer,
@@ -132,32 +134,34 @@ fn orphaned(
     }
 }
 
-/// Calls `maintain` every `maintenance_interval_secs` while `sandbox` (any
-/// clone) is alive, when running inside a tokio runtime.
-pub(crate) fn start_maintenance(sandbox: &Sandbox) {
-    let interval = sandbox.config().maintenance_interval_secs;
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    if !(interval > 0.0 && interval.is_finite()) {
-        return;
-    }
-    let weak = std::sync::Arc::downgrade(&sandbox.inner);
-    runtime.spawn(async move {
-        let period = Duration::from_secs_f64(interval);
-        loop {
-            tokio::time::sleep(period).await;
-            let Some(inner) = weak.upgrade() else { break };
-            let sandbox = Sandbox { inner };
-            match sandbox.maintain(false).await {
-                Ok(removed) if removed.is_empty() => {}
-                Ok(removed) => {
-                    tracing::info!(removed = removed.len(), "maintenance removed containers")
-                }
-                Err(e) => tracing::warn!(error = %e, "maintenance failed"),
-            }
+impl Sandbox {
+    /// Calls `maintain` every `maintenance_interval_secs` while this sandbox
+    /// (any clone) is alive, when running inside a tokio runtime.
+    pub(super) fn start_maintenance(&self) {
+        let interval = self.config().maintenance_interval_secs;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !(interval > 0.0 && interval.is_finite()) {
+            return;
         }
-    });
+        let weak = std::sync::Arc::downgrade(&self.inner);
+        runtime.spawn(async move {
+            let period = Duration::from_secs_f64(interval);
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(inner) = weak.upgrade() else { break };
+                let sandbox = Sandbox { inner };
+                match sandbox.maintain(false).await {
+                    Ok(removed) if removed.is_empty() => {}
+                    Ok(removed) => {
+                        tracing::info!(removed = removed.len(), "maintenance removed containers")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "maintenance failed"),
+                }
+            }
+        });
+    }
 }
 
 #[cfg(test)]

@@ -6,11 +6,15 @@
 
 use tokio::io::AsyncRead;
 
-use super::exec::{EndReason, ExecOptions, ExecRequest, ExecResponse, OutputSink, StreamKind};
+use super::Backend;
+use crate::dataplane::agent::AgentMode;
+use crate::dataplane::exec::{
+    EndReason, ExecOptions, ExecRequest, ExecResponse, OutputSink, StreamKind,
+};
+use crate::engine::clock::now_ms;
 use crate::error::{Result, SandboxError};
 use crate::policy::client::VerifiedContainer;
 use crate::provider::{ExecIo, ProviderError};
-use crate::sandbox::Backend;
 
 impl Backend {
     /// Runs `sh -c command` in the backend's container (created or
@@ -80,16 +84,15 @@ impl Backend {
     ) -> Result<ExecResponse> {
         let running = self.sandbox.register(&request.marker)?;
         let id = request.marker.clone();
-        let started = crate::engine::now_ms();
+        let started = now_ms();
         let (container, _work) = tokio::select! {
             ready = self.ensure_for_work() => ready?,
             () = running.token.cancelled() => {
                 return Ok(ExecResponse::ended(&id, EndReason::Cancelled));
             }
         };
-        let agent = self.engine().handouts().agent(&container.id);
-        request.agent = agent != crate::dataplane::agent::AgentMode::Absent;
-        request.agent_serves = agent == crate::dataplane::agent::AgentMode::Serves;
+        request.agent = container.agent != AgentMode::Absent;
+        request.agent_serves = container.agent == AgentMode::Serves;
         let request = &*request;
         let outcome = tokio::select! {
             r = exec(request, &container) => r,

@@ -1,6 +1,6 @@
-//! The policy layer without an engine: loading and its refusals, the
-//! self-check, and the answer checks of every call, on the in-memory
-//! provider. (What needs a real engine is in `tests/trust.rs`.)
+//! The policy layer through the facade, without an engine: loading and its
+//! refusals, the self-check, and the answer checks of every call, on the
+//! in-memory provider. (What needs a real engine is in `tests/trust.rs`.)
 
 use std::sync::Arc;
 

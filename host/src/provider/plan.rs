@@ -4,13 +4,10 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use sandbox_contract::{BackendId, WorkspaceName};
+use sandbox_contract::BackendId;
 
 use crate::config::{Config, Limits, UserIds};
-use crate::engine::ownership;
-
-/// Where the workspace is mounted in every container.
-pub const WORKSPACE_MOUNT: &str = "/workspace";
+use crate::dataplane::agent::{self, AgentMode};
 
 /// The idle command that keeps a sandbox alive between executes. `init`
 /// (tini) is PID 1, so a stop is clean and zombies are reaped.
@@ -50,41 +47,35 @@ pub struct ContainerPlan {
 impl ContainerPlan {
     /// The plan with the agent mounted and as the main process (its stdin
     /// and stdout are the attach stream), and labelled so.
-    pub fn with_agent(mut self, agent: PathBuf) -> Self {
+    pub fn with_agent(mut self, agent_path: PathBuf) -> Self {
         self.labels.insert(
-            crate::dataplane::agent::AGENT_LABEL.to_owned(),
-            crate::dataplane::agent::AGENT_SERVES.to_owned(),
+            agent::AGENT_LABEL.to_owned(),
+            agent::AGENT_SERVES.to_owned(),
         );
-        self.agent = Some(agent);
-        self.command = crate::dataplane::agent::init_argv();
+        self.agent = Some(agent_path);
+        self.command = agent::init_argv();
         self
     }
 
     /// Whether the agent is the main process, talking on the attach stream.
     pub fn agent_serves(&self) -> bool {
-        crate::dataplane::agent::AgentMode::of(&self.labels)
-            == crate::dataplane::agent::AgentMode::Serves
+        AgentMode::of(&self.labels) == AgentMode::Serves
     }
 
-    /// The plan for `backend_id`, whose workspace `workspace` was prepared at
-    /// `workspace_path`.
+    /// The plan for `backend_id`, whose workspace was prepared at
+    /// `workspace_path`, carrying the owner's `labels` (the engine's
+    /// ownership labels: the provider never decides who owns a container).
     pub fn new(
         config: &Config,
         backend_id: &BackendId,
-        workspace: &WorkspaceName,
         workspace_path: PathBuf,
         user: UserIds,
-        policy: &str,
+        labels: HashMap<String, String>,
     ) -> Self {
         ContainerPlan {
             name: backend_id.container_name(&config.namespace),
             image: config.image.clone(),
-            labels: ownership::ownership_labels(
-                &config.namespace,
-                backend_id.as_str(),
-                workspace.as_str(),
-                policy,
-            ),
+            labels,
             workspace_path,
             user,
             limits: config.limits.clone(),

@@ -1,21 +1,33 @@
 //! The library's front door: [`Sandbox`] (threads, backends, destroys) and
 //! [`Backend`] (executes and files in one backend's container). It routes
 //! through the policy layer, which returns verified answers, and hands the
-//! work to the engine and the data plane; gc and maintenance are in
-//! [`crate::lifecycle`], executes in [`crate::dataplane::run`] and file
-//! transfer in [`crate::dataplane::transfer`].
+//! work to the engine and the data plane.
+//!
+//! - this file: [`Sandbox`], threads to backends, destroys, counters;
+//! - [`backend`]: [`Backend`], and the container it ensures for work;
+//! - [`exec`]: its executes; [`files`]: its file transfers;
+//! - [`lifecycle`]: gc and the periodic maintenance.
+
+mod backend;
+mod exec;
+mod files;
+mod lifecycle;
+#[cfg(test)]
+mod policy_tests;
+
+pub use backend::Backend;
+pub use lifecycle::GcEntry;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use sandbox_contract::{BackendId, ThreadId, UserId};
+use sandbox_contract::{ThreadId, UserId};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::engine::usage::Work;
 use crate::engine::{Engine, ManagedContainer};
 use crate::error::{Result, SandboxError};
-use crate::policy::client::{PolicyClient, VerifiedContainer};
+use crate::policy::client::PolicyClient;
 use crate::policy::source::PolicySource;
 use crate::policy::PolicyEngine;
 use crate::provider::docker::DockerProvider;
@@ -81,7 +93,7 @@ impl Sandbox {
             .component_cache_dir
             .clone()
             .map(crate::policy::cache::ComponentCache::new);
-        let wasm = PolicyEngine::with_cache(cache)
+        let wasm = PolicyEngine::new(cache, config.policy_memory_total_bytes)
             .map_err(|e| SandboxError::Other(format!("wasmtime: {e:#}")))?;
         let engine = Arc::new(Engine::new(config, provider));
         let (label, bytes) = policy.read()?;
@@ -93,7 +105,7 @@ impl Sandbox {
                 executions: Default::default(),
             }),
         };
-        crate::lifecycle::start_maintenance(&sandbox);
+        sandbox.start_maintenance();
         Ok(sandbox)
     }
 
@@ -149,12 +161,7 @@ impl Sandbox {
         let id = self.inner.policy.backend_of(&thread).await?;
         let user = thread.user();
         self.inner.engine.workspaces().prepare(&user.workspace())?;
-        Ok(Backend {
-            id,
-            user,
-            thread,
-            sandbox: self.clone(),
-        })
+        Ok(Backend::new(id, user, thread, self.clone()))
     }
 
     /// Removes the user's container(s). False when the user had none.
@@ -302,6 +309,7 @@ impl Sandbox {
 
 /// What [`Sandbox::describe_thread`] tells.
 #[derive(Debug, Clone, serde::Serialize)]
+#[cfg_attr(feature = "serve", derive(schemars::JsonSchema))]
 pub struct ThreadInfo {
     /// The backend serving the thread.
     #[serde(rename = "id")]
@@ -321,100 +329,4 @@ pub struct Counters {
     pub containers_created: u64,
     /// Policy calls that trapped (each instance then replaced).
     pub policy_traps: u64,
-}
-
-/// The backend of a thread: a lazily created container and a workspace.
-#[derive(Clone)]
-pub struct Backend {
-    id: BackendId,
-    user: UserId,
-    thread: ThreadId,
-    pub(crate) sandbox: Sandbox,
-}
-
-impl std::fmt::Debug for Backend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Backend")
-            .field("id", &self.id.as_str())
-            .field("user_id", &self.user.as_str())
-            .field("thread_id", &self.thread.as_str())
-            .finish()
-    }
-}
-
-impl Backend {
-    /// The backend id: the user id under the per-user policy.
-    pub fn id(&self) -> &str {
-        self.id.as_str()
-    }
-
-    /// The user owning the thread (and the backend).
-    pub fn user_id(&self) -> &str {
-        self.user.as_str()
-    }
-
-    /// The workspace name; the host directory is `{root}/{workspace}`.
-    pub fn workspace(&self) -> &str {
-        self.user.as_str()
-    }
-
-    /// The thread this backend was got for.
-    pub fn thread_id(&self) -> &str {
-        self.thread.as_str()
-    }
-
-    /// A running container for this backend: created and started on first
-    /// use, re-created when it stopped or vanished.
-    pub async fn ensure_container(&self) -> Result<VerifiedContainer> {
-        let container = self.ensure_for_thread().await?;
-        // A use in itself; work in flight records its own (start and end).
-        self.engine().usage().touch(&container.name);
-        Ok(container)
-    }
-
-    /// The ensured container, with this thread recorded on its backend.
-    async fn ensure_for_thread(&self) -> Result<VerifiedContainer> {
-        self.ensure_as(&self.id).await
-    }
-
-    async fn ensure_as(&self, backend: &BackendId) -> Result<VerifiedContainer> {
-        let container = self.sandbox.inner.policy.ensure(backend).await?;
-        let usage = self.engine().usage();
-        usage.add_thread(&container.name, self.thread.as_str());
-        Ok(container)
-    }
-
-    /// The container, with work marked in flight on it (from before it is
-    /// ensured, so maintenance never removes it between the two) until the
-    /// guard drops.
-    ///
-    /// A policy swapped in after this backend was resolved may not answer
-    /// its id (per-thread ids under per-user): the work then goes to the
-    /// backend the running policy maps the thread to.
-    pub(crate) async fn ensure_for_work(&self) -> Result<(VerifiedContainer, Option<Work>)> {
-        match self.ensure_work_as(&self.id).await {
-            Err(SandboxError::InvalidId(why)) => {
-                let now = self.sandbox.inner.policy.backend_of(&self.thread).await?;
-                if now == self.id {
-                    return Err(SandboxError::InvalidId(why));
-                }
-                tracing::debug!(thread = %self.thread, from = %self.id, to = %now, "the policy was swapped: the thread's backend moved");
-                self.ensure_work_as(&now).await
-            }
-            other => other,
-        }
-    }
-
-    async fn ensure_work_as(
-        &self,
-        backend: &BackendId,
-    ) -> Result<(VerifiedContainer, Option<Work>)> {
-        let work = self.sandbox.inner.engine.begin_work(backend).await?;
-        let container = self.ensure_as(backend).await?;
-        Ok((container, work))
-    }
-
-    pub(crate) fn engine(&self) -> &Engine {
-        &self.sandbox.inner.engine
-    }
 }

@@ -1,0 +1,129 @@
+//! The `/proc` walk and the signals `reap`, `kill` and `respawn` share:
+//! which processes exist, who their parents are, and ending a set of them.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+/// Rounds of a sweep before it gives up on processes that keep appearing.
+pub const SWEEPS: usize = 200;
+/// Pause between two rounds of a sweep.
+pub const SWEEP_PAUSE: Duration = Duration::from_millis(5);
+
+/// The pids listed in `/proc` now.
+pub fn pids() -> std::io::Result<Vec<libc::pid_t>> {
+    Ok(std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect())
+}
+
+/// Stops every process of `pids`, then kills them: stopping first means a
+/// fork loop cannot outrun the sweep.
+pub fn stop_then_kill(pids: &[libc::pid_t]) {
+    for &pid in pids {
+        // SAFETY: signalling a pid; a stale one fails harmlessly.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+    }
+    for &pid in pids {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// Reaps every child (adopted orphans included) until `child` exits: its
+/// raw wait status, `None` when waiting failed.
+pub fn reap_until(child: libc::pid_t) -> Option<libc::c_int> {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into a local.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid == child {
+            return Some(status);
+        }
+        if pid < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return None;
+        }
+    }
+}
+
+/// Reaps the children that have exited, without waiting.
+pub fn reap_zombies() {
+    loop {
+        let mut status = 0;
+        // SAFETY: non-blocking waitpid into a local.
+        if unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } <= 0 {
+            return;
+        }
+    }
+}
+
+/// Whether `pid` exists and is not a zombie.
+pub fn is_live(pid: libc::pid_t) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| parse_stat(&s))
+        .is_some_and(|(state, _)| state != 'Z')
+}
+
+/// Live (not zombie) processes whose parent chain reaches `root`.
+pub fn descendants(root: libc::pid_t) -> Vec<libc::pid_t> {
+    let mut children: HashMap<libc::pid_t, Vec<libc::pid_t>> = HashMap::new();
+    let mut zombies = HashSet::new();
+    for pid in pids().unwrap_or_default() {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if let Some((state, ppid)) = parse_stat(&stat) {
+            if state == 'Z' {
+                zombies.insert(pid);
+            }
+            children.entry(ppid).or_default().push(pid);
+        }
+    }
+    let mut out = Vec::new();
+    let mut queue = vec![root];
+    // /proc is not read atomically: with pid reuse a snapshot may hold a
+    // cycle, which must not loop forever.
+    let mut seen = HashSet::from([root]);
+    while let Some(p) = queue.pop() {
+        for &c in children.get(&p).into_iter().flatten() {
+            if !seen.insert(c) {
+                continue;
+            }
+            queue.push(c);
+            if !zombies.contains(&c) {
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// State and parent pid from `/proc/PID/stat`; the command name may hold
+/// spaces and parentheses, so fields are read after its last `)`.
+pub fn parse_stat(stat: &str) -> Option<(char, libc::pid_t)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_are_read_after_a_hostile_command_name() {
+        // A process may name itself ") Z 1" to pose as a zombie of init.
+        assert_eq!(parse_stat("42 (a) Z 1 (b) S 7 1 1"), Some(('S', 7)));
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn this_process_is_listed_and_live() {
+        let me = std::process::id() as libc::pid_t;
+        assert!(pids().unwrap().contains(&me));
+        assert!(is_live(me));
+    }
+}

@@ -1,0 +1,178 @@
+//! `sandbox-agent reap --timeout-ms N -- PROGRAM [ARGS...]`: one call.
+//!
+//! Runs PROGRAM as its child with `PR_SET_CHILD_SUBREAPER` set, so every
+//! process the call starts stays in its tree even when it double-forks,
+//! calls `setsid`, or clears its environment (`env -i`): orphans are
+//! re-parented to the agent, not to the container's init. At the deadline
+//! the agent stops and kills that whole tree, and exits 124
+//! ([`EXIT_TIMED_OUT`], as `timeout(1)`). Otherwise it exits with PROGRAM's
+//! status (128+signal when killed) once the call's output ends, that is
+//! when every process holding its stdout or stderr has closed them: the
+//! semantics of a plain exec. A background job that detached its output
+//! (`cmd >log 2>&1 &`) outlives the call; one still writing to the call's
+//! output keeps the call open.
+
+use std::io::{Read, Write};
+use std::process::{exit, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sandbox_agent::protocol::{EXIT_CANNOT_RUN, EXIT_NOT_FOUND, EXIT_TIMED_OUT};
+
+use crate::{procs, AGENT_FAILED};
+
+/// Set by the watchdog once the deadline passed.
+static EXPIRED: AtomicBool = AtomicBool::new(false);
+
+/// The verb: `args` are those after `reap`; the call's exit status.
+pub fn main(args: &[String]) -> i32 {
+    let (timeout, program) = match parse(args) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            eprintln!(
+                "sandbox-agent: {e}\nusage: sandbox-agent reap [--timeout-ms N] -- PROGRAM [ARGS...]"
+            );
+            return AGENT_FAILED;
+        }
+    };
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        eprintln!(
+            "sandbox-agent: PR_SET_CHILD_SUBREAPER: {}",
+            std::io::Error::last_os_error()
+        );
+        return AGENT_FAILED;
+    }
+    let mut child = match Command::new(&program[0])
+        .args(&program[1..])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!("sandbox-agent: {}: {e}", program[0]);
+            return i32::from(if e.kind() == std::io::ErrorKind::NotFound {
+                EXIT_NOT_FOUND
+            } else {
+                EXIT_CANNOT_RUN
+            });
+        }
+    };
+    // Relayed until every holder of the pipes closes them.
+    let relays = [
+        relay(child.stdout.take(), std::io::stdout()),
+        relay(child.stderr.take(), std::io::stderr()),
+    ];
+    if let Some(timeout) = timeout {
+        watch(timeout);
+    }
+    let status = wait_for(child.id() as libc::pid_t);
+    for relay in relays.into_iter().flatten() {
+        let _ = relay.join();
+    }
+    if EXPIRED.load(Ordering::SeqCst) {
+        // The watchdog is ending the tree; it exits for us.
+        loop {
+            std::thread::park();
+        }
+    }
+    status
+}
+
+/// The timeout (none: no deadline) and the program with its arguments.
+fn parse(args: &[String]) -> Result<(Option<Duration>, Vec<String>), String> {
+    let mut it = args.iter();
+    let mut timeout = None;
+    loop {
+        match it.next().map(String::as_str) {
+            Some("--timeout-ms") => {
+                let ms: u64 = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--timeout-ms needs a number of milliseconds")?;
+                timeout = Some(Duration::from_millis(ms));
+            }
+            Some("--") => break,
+            other => return Err(format!("unexpected argument {other:?}")),
+        }
+    }
+    let program: Vec<String> = it.cloned().collect();
+    if program.is_empty() {
+        return Err("no program to run".into());
+    }
+    Ok((timeout, program))
+}
+
+/// At the deadline, ends this process's whole tree and exits 124.
+fn watch(timeout: Duration) {
+    let me = std::process::id() as libc::pid_t;
+    std::thread::spawn(move || {
+        std::thread::sleep(timeout);
+        EXPIRED.store(true, Ordering::SeqCst);
+        kill_tree(me);
+        exit(i32::from(EXIT_TIMED_OUT));
+    });
+}
+
+fn relay(
+    from: Option<impl Read + Send + 'static>,
+    mut to: impl Write + Send + 'static,
+) -> Option<std::thread::JoinHandle<()>> {
+    let mut from = from?;
+    Some(std::thread::spawn(move || {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).and_then(|()| to.flush()).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }))
+}
+
+/// Reaps children (the call's and adopted orphans) until `child` exits;
+/// its shell-style status.
+fn wait_for(child: libc::pid_t) -> i32 {
+    match procs::reap_until(child) {
+        Some(status) if libc::WIFEXITED(status) => libc::WEXITSTATUS(status),
+        Some(status) if libc::WIFSIGNALED(status) => 128 + libc::WTERMSIG(status),
+        _ => AGENT_FAILED,
+    }
+}
+
+/// Stops, then kills, every live descendant of `root`, until none is left.
+fn kill_tree(root: libc::pid_t) {
+    for _ in 0..procs::SWEEPS {
+        let tree = procs::descendants(root);
+        if tree.is_empty() {
+            return;
+        }
+        procs::stop_then_kill(&tree);
+        procs::reap_zombies();
+        std::thread::sleep(procs::SWEEP_PAUSE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_are_strict() {
+        let args = |s: &[&str]| s.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        let (t, p) = parse(&args(&["--timeout-ms", "5", "--", "sh", "-c", "x"])).unwrap();
+        assert_eq!((t, p.len()), (Some(Duration::from_millis(5)), 3));
+        let (t, p) = parse(&args(&["--", "true"])).unwrap();
+        assert_eq!((t, p.len()), (None, 1));
+        assert!(parse(&args(&["--"])).is_err());
+        assert!(parse(&args(&["--timeout-ms", "x", "--", "sh"])).is_err());
+        assert!(parse(&args(&["sh"])).is_err());
+    }
+}
