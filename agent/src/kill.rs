@@ -1,6 +1,9 @@
 //! `sandbox-agent kill MARKER`: ends a call the host gave up on (cancelled,
 //! timed out, its client gone): every process carrying the call's marker in
-//! its environment, and their descendants, without forking.
+//! its environment, and their descendants, without forking. Run as root it
+//! also ends the group of each `reap --group` carrying the marker (a call
+//! serve ran as the sandbox user): the workload's own environments are then
+//! out of its reach, but its group is not.
 
 use sandbox_agent::protocol::{valid_marker, EXEC_MARKER_VAR};
 
@@ -27,6 +30,10 @@ pub fn main(args: &[String]) -> i32 {
 pub fn kill_marked(marker: &str) -> i32 {
     let entry = format!("{EXEC_MARKER_VAR}={marker}");
     let me = std::process::id() as libc::pid_t;
+    let mut all_gone = true;
+    for group in call_groups(&marked(entry.as_bytes(), me)) {
+        all_gone &= procs::kill_group(group);
+    }
     for _ in 0..procs::SWEEPS {
         let roots = marked(entry.as_bytes(), me);
         let mut tree: Vec<libc::pid_t> =
@@ -36,12 +43,35 @@ pub fn kill_marked(marker: &str) -> i32 {
         tree.sort_unstable();
         tree.dedup();
         if tree.is_empty() {
-            return 0;
+            return if all_gone { 0 } else { 1 };
         }
         procs::stop_then_kill(&tree);
         std::thread::sleep(procs::SWEEP_PAUSE);
     }
     1
+}
+
+/// The call groups named by `reap --group GID` among `pids`.
+fn call_groups(pids: &[libc::pid_t]) -> Vec<libc::gid_t> {
+    let mut groups: Vec<libc::gid_t> = pids
+        .iter()
+        .filter_map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
+        .filter_map(|cmdline| group_argument(&cmdline))
+        .collect();
+    groups.sort_unstable();
+    groups.dedup();
+    groups
+}
+
+/// `GID` of a `reap ... --group GID ... --` command line (NUL-separated).
+fn group_argument(cmdline: &[u8]) -> Option<libc::gid_t> {
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    if args.get(1) != Some(&&b"reap"[..]) {
+        return None;
+    }
+    let options = &args[..args.iter().position(|a| *a == b"--")?];
+    let at = options.iter().position(|a| *a == b"--group")?;
+    std::str::from_utf8(options.get(at + 1)?).ok()?.parse().ok()
 }
 
 /// Live processes (not `me`) whose environment has exactly `entry` as one
@@ -77,5 +107,23 @@ mod tests {
         assert_eq!(main(&[]), AGENT_FAILED);
         // Nothing carries this marker: nothing is left to kill.
         assert_eq!(main(&args("no-such-call-0001")), 0);
+    }
+
+    #[test]
+    fn the_group_is_read_from_reaps_own_options_only() {
+        let line = |args: &[&str]| args.join("\0").into_bytes();
+        assert_eq!(
+            group_argument(&line(&["/a", "reap", "--group", "1073741900", "--", "sh"])),
+            Some(1073741900)
+        );
+        // After `--` it is the workload's argument, not reap's option.
+        assert_eq!(
+            group_argument(&line(&["/a", "reap", "--", "sh", "--group", "5"])),
+            None
+        );
+        assert_eq!(
+            group_argument(&line(&["/a", "serve", "--group", "5", "--"])),
+            None
+        );
     }
 }

@@ -4,14 +4,16 @@
 //! works).
 //!
 //! ```text
-//! sandbox-agent init                                     init.rs
-//! sandbox-agent serve                                    serve.rs
+//! sandbox-agent init [--user UID:GID]                    init.rs
+//! sandbox-agent serve [--user UID:GID]                   serve.rs
 //! sandbox-agent respawn                                  respawn.rs
-//! sandbox-agent reap --timeout-ms N -- PROGRAM [ARGS...] reap.rs
+//! sandbox-agent reap [--timeout-ms N] [--user UID:GID --group GID]
+//!                    -- PROGRAM [ARGS...]                reap.rs
 //! sandbox-agent kill MARKER                              kill.rs
 //! ```
 //!
-//! `init` is the container's main process (under tini): it keeps `serve`
+//! `init` is the container's main process (pid 1 and root, with `--user`;
+//! see `identity.rs` for who runs what): it keeps `serve`
 //! running, which takes the host's requests on the container's attach
 //! stream (`sandbox_agent::protocol`) and runs each exec under `reap`.
 //! `respawn` kills a `serve` that stopped answering, for `init` to start
@@ -25,12 +27,16 @@
 //! wire is of another version). So these verbs and their arguments only
 //! ever grow.
 //!
-//! Untrusted surroundings: the workload runs as the same user and may kill
-//! the agent; the host keeps its own deadline and kill as a fallback, and
-//! never takes anything but the exit status from the agent.
+//! Untrusted surroundings: with `--user` the workload runs as another user
+//! with no capability and cannot reach the agent; without it (containers
+//! of older hosts, the `docker exec` fallback) it runs as the same user and
+//! may kill the agent. Either way the host keeps its own deadline and kill
+//! as a fallback, and takes nothing from the agent but the call's output
+//! and exit status.
 
 use sandbox_agent::protocol::EXIT_AGENT_FAILED;
 
+mod identity;
 mod init;
 mod kill;
 mod procs;
@@ -41,16 +47,17 @@ mod serve;
 /// Exit status when the agent itself cannot run the call.
 const AGENT_FAILED: i32 = EXIT_AGENT_FAILED as i32;
 
-const USAGE: &str = "usage: sandbox-agent init | serve | respawn | kill MARKER \
-                     | reap [--timeout-ms N] -- PROGRAM [ARGS...]";
+const USAGE: &str = "usage: sandbox-agent init [--user UID:GID] | serve [--user UID:GID] \
+                     | respawn | kill MARKER \
+                     | reap [--timeout-ms N] [--user UID:GID --group GID] -- PROGRAM [ARGS...]";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let verb = args.first().map(String::as_str);
     let rest = args.get(1..).unwrap_or_default();
     std::process::exit(match (verb, rest.is_empty()) {
-        (Some("init"), true) => init::init(),
-        (Some("serve"), true) => serve::serve(),
+        (Some("init"), _) => init::init(rest),
+        (Some("serve"), _) => serve::serve(rest),
         (Some("respawn"), true) => respawn::respawn(),
         (Some("kill"), _) => kill::main(rest),
         (Some("reap"), _) => reap::main(rest),

@@ -99,6 +99,49 @@ pub fn descendants(root: libc::pid_t) -> Vec<libc::pid_t> {
     out
 }
 
+/// Live processes (not `me`) that carry the supplementary group `gid`: one
+/// call's processes, wherever they went.
+pub fn in_group(gid: libc::gid_t, me: libc::pid_t) -> Vec<libc::pid_t> {
+    pids()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .is_ok_and(|status| groups_of(&status).any(|g| g == gid))
+        })
+        .filter(|&pid| is_live(pid))
+        .collect()
+}
+
+/// Stops, then kills, every process of the group `gid` until none is left
+/// (a fork loop is outrun: members are stopped before any is killed). True
+/// when none is left.
+pub fn kill_group(gid: libc::gid_t) -> bool {
+    let me = std::process::id() as libc::pid_t;
+    for _ in 0..SWEEPS {
+        let members = in_group(gid, me);
+        if members.is_empty() {
+            return true;
+        }
+        stop_then_kill(&members);
+        reap_zombies();
+        std::thread::sleep(SWEEP_PAUSE);
+    }
+    false
+}
+
+/// The supplementary groups of a `/proc/PID/status` text (its `Groups:`
+/// line; the workload names its processes, never this line).
+fn groups_of(status: &str) -> impl Iterator<Item = libc::gid_t> + '_ {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Groups:"))
+        .into_iter()
+        .flat_map(str::split_whitespace)
+        .filter_map(|g| g.parse().ok())
+}
+
 /// State and parent pid from `/proc/PID/stat`; the command name may hold
 /// spaces and parentheses, so fields are read after its last `)`.
 pub fn parse_stat(stat: &str) -> Option<(char, libc::pid_t)> {
@@ -118,6 +161,13 @@ mod tests {
         // A process may name itself ") Z 1" to pose as a zombie of init.
         assert_eq!(parse_stat("42 (a) Z 1 (b) S 7 1 1"), Some(('S', 7)));
         assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn groups_are_read_from_their_own_line_only() {
+        let status = "Name:\tGroups: 5\nUid:\t1000\nGroups:\t1000 1073741999 \nNgid:\t0\n";
+        assert_eq!(groups_of(status).collect::<Vec<_>>(), [1000, 1073741999]);
+        assert_eq!(groups_of("Groups:\n").count(), 0);
     }
 
     #[test]

@@ -13,9 +13,10 @@
 //!                                              hello BOOT VERSION | bad REASON
 //! ```
 //!
-//! `START_BY` is a Unix time in ms by the agent's clock (`NOW` in a pong
-//! tells the host its offset): an exec read later (the agent was stopped
-//! while the host gave up on it) is refused with `stale`, never run late.
+//! `START_BY` is a Unix time in ms by the host's wall clock, which the
+//! container shares and cannot set (`NOW` in a pong is informative only):
+//! an exec read later (the agent was stopped while the host gave up on it)
+//! is refused with `stale`, never run late.
 //! The host starts every frame with a newline, so the rest of a frame cut
 //! off mid-way (a broken connection) is a line of its own, refused, and
 //! never glued to the next frame; the agent skips empty lines.
@@ -45,7 +46,7 @@
 //! The host never states its own version: it is the side that adapts, and
 //! it sends nothing but a ping before the agent's pong told it the version.
 //! The container's `sandbox.agent` label names the version as well
-//! (`serve-v1`), so a host usually picks `docker exec` from the label alone,
+//! (`serve-v2`), so a host usually picks `docker exec` from the label alone,
 //! before it attaches.
 //!
 //! The values both ends must agree on beyond the frames (the marker's
@@ -56,7 +57,11 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 
 /// The version of this protocol (see the module doc's "Versions").
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// 2: the agent runs as root with only the capabilities it needs, and runs
+/// each command as the sandbox user in a group of its own (`init --user`);
+/// `kill` ends the call's group. The frames are those of 1.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The version of the agents before versions, whose `hello` and `pong` state
 /// none.
 pub const UNVERSIONED: u32 = 0;

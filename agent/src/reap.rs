@@ -1,6 +1,14 @@
-//! `sandbox-agent reap --timeout-ms N -- PROGRAM [ARGS...]`: one call.
+//! `sandbox-agent reap [--timeout-ms N] [--user UID:GID --group GID] --
+//! PROGRAM [ARGS...]`: one call.
 //!
-//! Runs PROGRAM as its child with `PR_SET_CHILD_SUBREAPER` set, so every
+//! With `--user` and `--group` (serve's calls: this runs as root) PROGRAM
+//! runs as the sandbox user in the call's own supplementary group, with no
+//! capability (see `identity.rs`); at the deadline every process of that
+//! group is stopped and killed, wherever it went, and the workload cannot
+//! kill this process to escape it.
+//!
+//! Without them (a `docker exec` as the sandbox user, the host's fallback)
+//! it runs PROGRAM as its child with `PR_SET_CHILD_SUBREAPER` set, so every
 //! process the call starts stays in its tree even when it double-forks,
 //! calls `setsid`, or clears its environment (`env -i`): orphans are
 //! re-parented to the agent, not to the container's init. At the deadline
@@ -19,6 +27,7 @@ use std::time::Duration;
 
 use sandbox_agent::protocol::{EXIT_CANNOT_RUN, EXIT_NOT_FOUND, EXIT_TIMED_OUT};
 
+use crate::identity::{self, SandboxUser};
 use crate::{procs, AGENT_FAILED};
 
 /// Set by the watchdog once the deadline passed.
@@ -26,29 +35,47 @@ static EXPIRED: AtomicBool = AtomicBool::new(false);
 
 /// The verb: `args` are those after `reap`; the call's exit status.
 pub fn main(args: &[String]) -> i32 {
-    let (timeout, program) = match parse(args) {
+    let Reap {
+        timeout,
+        drop_to,
+        program,
+    } = match parse(args) {
         Ok(parsed) => parsed,
         Err(e) => {
             eprintln!(
-                "sandbox-agent: {e}\nusage: sandbox-agent reap [--timeout-ms N] -- PROGRAM [ARGS...]"
+                "sandbox-agent: {e}\nusage: sandbox-agent reap [--timeout-ms N] \
+                 [--user UID:GID --group GID] -- PROGRAM [ARGS...]"
             );
             return AGENT_FAILED;
         }
     };
-    // SAFETY: prctl with integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
-        eprintln!(
-            "sandbox-agent: PR_SET_CHILD_SUBREAPER: {}",
-            std::io::Error::last_os_error()
-        );
-        return AGENT_FAILED;
-    }
-    let mut child = match Command::new(&program[0])
+    let mut command = Command::new(&program[0]);
+    command
         .args(&program[1..])
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
+        .stderr(Stdio::piped());
+    match drop_to {
+        Some((user, group)) if identity::can_drop() => {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: drop_to makes async-signal-safe syscalls only.
+            unsafe { command.pre_exec(move || identity::drop_to(user, group)) };
+        }
+        Some(_) => {
+            eprintln!("sandbox-agent: --user needs root");
+            return AGENT_FAILED;
+        }
+        None => {
+            // SAFETY: prctl with integer arguments only.
+            if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+                eprintln!(
+                    "sandbox-agent: PR_SET_CHILD_SUBREAPER: {}",
+                    std::io::Error::last_os_error()
+                );
+                return AGENT_FAILED;
+            }
+        }
+    }
+    let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
             eprintln!("sandbox-agent: {}: {e}", program[0]);
@@ -65,7 +92,7 @@ pub fn main(args: &[String]) -> i32 {
         relay(child.stderr.take(), std::io::stderr()),
     ];
     if let Some(timeout) = timeout {
-        watch(timeout);
+        watch(timeout, drop_to.map(|(_, group)| group));
     }
     let status = wait_for(child.id() as libc::pid_t);
     for relay in relays.into_iter().flatten() {
@@ -80,10 +107,19 @@ pub fn main(args: &[String]) -> i32 {
     status
 }
 
-/// The timeout (none: no deadline) and the program with its arguments.
-fn parse(args: &[String]) -> Result<(Option<Duration>, Vec<String>), String> {
+/// One call, as its command line gives it.
+#[derive(Debug)]
+struct Reap {
+    /// None: no deadline.
+    timeout: Option<Duration>,
+    /// Whom the program runs as, and the call's group.
+    drop_to: Option<(SandboxUser, libc::gid_t)>,
+    program: Vec<String>,
+}
+
+fn parse(args: &[String]) -> Result<Reap, String> {
     let mut it = args.iter();
-    let mut timeout = None;
+    let (mut timeout, mut user, mut group) = (None, None, None);
     loop {
         match it.next().map(String::as_str) {
             Some("--timeout-ms") => {
@@ -93,24 +129,52 @@ fn parse(args: &[String]) -> Result<(Option<Duration>, Vec<String>), String> {
                     .ok_or("--timeout-ms needs a number of milliseconds")?;
                 timeout = Some(Duration::from_millis(ms));
             }
+            Some("--user") => {
+                user = Some(SandboxUser::parse(
+                    it.next().ok_or("--user needs UID:GID")?,
+                )?);
+            }
+            Some("--group") => {
+                let gid: libc::gid_t = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|g| *g != 0)
+                    .ok_or("--group needs a non-root numeric group")?;
+                group = Some(gid);
+            }
             Some("--") => break,
             other => return Err(format!("unexpected argument {other:?}")),
         }
     }
+    let drop_to = match (user, group) {
+        (Some(user), Some(group)) => Some((user, group)),
+        (None, None) => None,
+        _ => return Err("--user and --group go together".into()),
+    };
     let program: Vec<String> = it.cloned().collect();
     if program.is_empty() {
         return Err("no program to run".into());
     }
-    Ok((timeout, program))
+    Ok(Reap {
+        timeout,
+        drop_to,
+        program,
+    })
 }
 
-/// At the deadline, ends this process's whole tree and exits 124.
-fn watch(timeout: Duration) {
+/// At the deadline, ends the call (its group when it has one, else this
+/// process's whole tree) and exits 124.
+fn watch(timeout: Duration, group: Option<libc::gid_t>) {
     let me = std::process::id() as libc::pid_t;
     std::thread::spawn(move || {
         std::thread::sleep(timeout);
         EXPIRED.store(true, Ordering::SeqCst);
-        kill_tree(me);
+        match group {
+            Some(group) => {
+                procs::kill_group(group);
+            }
+            None => kill_tree(me),
+        }
         exit(i32::from(EXIT_TIMED_OUT));
     });
 }
@@ -167,10 +231,30 @@ mod tests {
     #[test]
     fn arguments_are_strict() {
         let args = |s: &[&str]| s.iter().map(|a| a.to_string()).collect::<Vec<_>>();
-        let (t, p) = parse(&args(&["--timeout-ms", "5", "--", "sh", "-c", "x"])).unwrap();
-        assert_eq!((t, p.len()), (Some(Duration::from_millis(5)), 3));
-        let (t, p) = parse(&args(&["--", "true"])).unwrap();
-        assert_eq!((t, p.len()), (None, 1));
+        let r = parse(&args(&["--timeout-ms", "5", "--", "sh", "-c", "x"])).unwrap();
+        assert_eq!(
+            (r.timeout, r.program.len()),
+            (Some(Duration::from_millis(5)), 3)
+        );
+        let r = parse(&args(&["--", "true"])).unwrap();
+        assert_eq!((r.timeout, r.program.len(), r.drop_to), (None, 1, None));
+        let r = parse(&args(&[
+            "--user",
+            "7:8",
+            "--group",
+            "1073741824",
+            "--",
+            "id",
+        ]))
+        .unwrap();
+        assert_eq!(
+            r.drop_to.map(|(u, g)| (u.uid, u.gid, g)),
+            Some((7, 8, 1 << 30))
+        );
+        assert!(parse(&args(&["--user", "7:8", "--", "id"])).is_err());
+        assert!(parse(&args(&["--group", "9", "--", "id"])).is_err());
+        assert!(parse(&args(&["--user", "0:0", "--group", "9", "--", "id"])).is_err());
+        assert!(parse(&args(&["--user", "7:8", "--group", "0", "--", "id"])).is_err());
         assert!(parse(&args(&["--"])).is_err());
         assert!(parse(&args(&["--timeout-ms", "x", "--", "sh"])).is_err());
         assert!(parse(&args(&["sh"])).is_err());

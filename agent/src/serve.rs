@@ -3,10 +3,12 @@
 //! `serve` reads request lines from stdin and writes reply lines to stdout
 //! (see `sandbox_agent::protocol`; it says `hello BOOT VERSION` first). Each
 //! exec runs as `sandbox-agent reap --timeout-ms N -- sh -c COMMAND` (see
-//! `call.rs`), so it has the same subreaper, deadline and exit status as an
-//! exec through the engine. Everything here runs as the sandbox user, like
-//! the workload: the agent holds no right the workload lacks, and the host
-//! trusts nothing it says beyond that sandbox's own results.
+//! `call.rs`), so it has the same deadline and exit status as an exec
+//! through the engine. With `--user` (serve is root) every call runs as
+//! that user in a group of its own, which a kill ends whole (see
+//! `identity.rs`); the workload can neither write into this process's
+//! stdout nor read its memory. Without it serve runs as the sandbox user,
+//! like the workload, as in containers of older hosts.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -15,7 +17,9 @@ use std::sync::{Arc, Mutex};
 
 use sandbox_agent::protocol::{Exec, Reply, Request, EXEC_MARKER_VAR, MAX_REQUEST_LINE};
 
+use crate::identity::{user_option, CallGroups, SandboxUser};
 use crate::kill::kill_marked;
+use crate::{procs, AGENT_FAILED};
 
 mod call;
 
@@ -25,11 +29,20 @@ const REPLY_QUEUE: usize = 256;
 const READ_BUFFER: usize = 64 * 1024;
 
 /// Serves requests until stdin ends, then lets the calls in flight finish.
-pub fn serve() -> i32 {
+pub fn serve(args: &[String]) -> i32 {
+    let user = match user_option(args) {
+        Ok(user) => user,
+        Err(e) => {
+            eprintln!("sandbox-agent serve: {e}\nusage: sandbox-agent serve [--user UID:GID]");
+            return AGENT_FAILED;
+        }
+    };
     let server = Server {
         boot: boot_id(),
         replies: Replies::start(),
         calls: Calls::default(),
+        user,
+        groups: CallGroups::new(),
     };
     server.replies.say(Reply::Hello {
         boot: server.boot.clone(),
@@ -79,6 +92,9 @@ struct Server {
     boot: String,
     replies: Replies,
     calls: Calls,
+    /// Whom calls run as (none: as this process).
+    user: Option<SandboxUser>,
+    groups: CallGroups,
 }
 
 impl Server {
@@ -132,13 +148,15 @@ impl Server {
             return;
         }
         let marker = marker_of(&exec.env);
-        self.calls.register(&marker);
+        let run_as = self.user.map(|user| (user, self.groups.next()));
+        self.calls.register(&marker, run_as.map(|(_, group)| group));
         self.replies.say(Reply::Ack { id: id.clone() });
         let call = call::Call {
             replies: self.replies.clone(),
             exec,
             marker: marker.clone(),
             calls: self.calls.clone(),
+            run_as,
         };
         // A workload that spent the container's pids limit leaves no thread
         // to spare: that call fails, serve goes on.
@@ -154,10 +172,13 @@ impl Server {
         self.replies.say(Reply::Ack { id: id.clone() });
         // A call not started yet never starts; one that is starting has
         // exec'd (so carries its marker) before this returns.
-        self.calls.cancel(&marker);
+        let group = self.calls.cancel(&marker);
         let (replies, kill_id) = (self.replies.clone(), id.clone());
         let spawned = std::thread::Builder::new().spawn(move || {
-            let all_gone = kill_marked(&marker) == 0;
+            let all_gone = match group {
+                Some(group) => procs::kill_group(group),
+                None => kill_marked(&marker) == 0,
+            };
             replies.say(Reply::Killed {
                 id: kill_id,
                 all_gone,
@@ -222,40 +243,69 @@ fn read_line(input: &mut impl BufRead, line: &mut Vec<u8>) -> std::io::Result<Li
     }
 }
 
+/// Groups of calls that ended, remembered so that a kill arriving after its
+/// call's exit still ends what the call left running: at most this many.
+const ENDED_GROUPS: usize = 4096;
+
 /// The calls of this serve by marker, so that a kill read while its exec is
-/// starting is never outrun by it.
+/// starting is never outrun by it, and finds the call's group.
 #[derive(Default, Clone)]
-pub(crate) struct Calls(Arc<Mutex<HashMap<String, CallState>>>);
+pub(crate) struct Calls(Arc<Mutex<Registry>>);
+
+#[derive(Default)]
+struct Registry {
+    running: HashMap<String, CallState>,
+    /// Groups of ended calls by marker, oldest first.
+    ended: std::collections::VecDeque<(String, libc::gid_t)>,
+}
 
 #[derive(Default)]
 pub(crate) struct CallState {
     running: usize,
     cancelled: bool,
+    group: Option<libc::gid_t>,
 }
 
 impl Calls {
-    fn register(&self, marker: &str) {
-        self.0
-            .lock()
-            .unwrap()
-            .entry(marker.to_owned())
-            .or_default()
-            .running += 1;
+    fn register(&self, marker: &str, group: Option<libc::gid_t>) {
+        let mut calls = self.0.lock().unwrap();
+        let state = calls.running.entry(marker.to_owned()).or_default();
+        state.running += 1;
+        state.group = group.or(state.group);
     }
 
-    fn cancel(&self, marker: &str) {
-        if let Some(state) = self.0.lock().unwrap().get_mut(marker) {
+    /// Marks the call cancelled (it never starts if it has not yet); its
+    /// group, when it has one, running or ended.
+    fn cancel(&self, marker: &str) -> Option<libc::gid_t> {
+        let mut calls = self.0.lock().unwrap();
+        if let Some(state) = calls.running.get_mut(marker) {
             state.cancelled = true;
+            return state.group;
         }
+        calls
+            .ended
+            .iter()
+            .rev()
+            .find(|(m, _)| m == marker)
+            .map(|(_, group)| *group)
     }
 
     pub(crate) fn end(&self, marker: &str) {
         let mut calls = self.0.lock().unwrap();
-        if let Some(state) = calls.get_mut(marker) {
-            state.running -= 1;
-            if state.running == 0 {
-                calls.remove(marker);
+        let Some(state) = calls.running.get_mut(marker) else {
+            return;
+        };
+        state.running -= 1;
+        if state.running > 0 {
+            return;
+        }
+        let group = state.group;
+        calls.running.remove(marker);
+        if let Some(group) = group {
+            if calls.ended.len() >= ENDED_GROUPS {
+                calls.ended.pop_front();
             }
+            calls.ended.push_back((marker.to_owned(), group));
         }
     }
 
@@ -263,7 +313,7 @@ impl Calls {
     /// whether the call `marker` was cancelled.
     pub(crate) fn while_held<T>(&self, marker: &str, f: impl FnOnce(bool) -> T) -> T {
         let calls = self.0.lock().unwrap();
-        let cancelled = calls.get(marker).is_some_and(|c| c.cancelled);
+        let cancelled = calls.running.get(marker).is_some_and(|c| c.cancelled);
         let out = f(cancelled);
         drop(calls);
         out

@@ -8,8 +8,9 @@ use std::thread::JoinHandle;
 use sandbox_agent::protocol::{Exec, Reply, AGENT_MOUNT, CHUNK, EXIT_CANNOT_RUN, EXIT_KILLED};
 
 use super::{now_ms, Calls, Replies};
+use crate::identity::SandboxUser;
 use crate::kill::kill_marked;
-use crate::AGENT_FAILED;
+use crate::{procs, AGENT_FAILED};
 
 /// A call acknowledged to the host, to run on a thread of its own.
 pub(crate) struct Call {
@@ -18,6 +19,8 @@ pub(crate) struct Call {
     /// Its [`sandbox_agent::protocol::EXEC_MARKER_VAR`] value.
     pub marker: String,
     pub calls: Calls,
+    /// The user the command runs as and its group (none: as serve).
+    pub run_as: Option<(SandboxUser, libc::gid_t)>,
 }
 
 impl Call {
@@ -41,7 +44,14 @@ impl Call {
             // No thread to spare (the pids limit): rather than run it half
             // connected, end it as one that could not start.
             let _ = child.kill();
-            kill_marked(&self.marker);
+            match self.run_as {
+                Some((_, group)) => {
+                    procs::kill_group(group);
+                }
+                None => {
+                    kill_marked(&self.marker);
+                }
+            }
             let _ = child.wait();
             say_stderr(
                 &self.replies,
@@ -59,7 +69,7 @@ impl Call {
     /// Starts `reap` unless the call was cancelled or is past its start-by
     /// time; the status to report when it does not start.
     fn start(&self) -> Result<Child, u8> {
-        let mut cmd = command(&self.exec);
+        let mut cmd = command(&self.exec, self.run_as);
         // Held through the spawn, which returns once `reap` has exec'd (so
         // carries the marker): a kill either sees it or stops it.
         let spawned = self.calls.while_held(&self.marker, |cancelled| {
@@ -106,13 +116,16 @@ impl Call {
     }
 }
 
-/// `sandbox-agent reap --timeout-ms N -- sh -c COMMAND` with the call's
-/// environment and pipes.
-fn command(exec: &Exec) -> Command {
+/// `sandbox-agent reap --timeout-ms N [--user U:G --group G] -- sh -c
+/// COMMAND` with the call's environment and pipes.
+fn command(exec: &Exec, run_as: Option<(SandboxUser, libc::gid_t)>) -> Command {
     let exe = std::env::current_exe().unwrap_or_else(|_| AGENT_MOUNT.into());
     let mut cmd = Command::new(exe);
-    cmd.args(["reap", "--timeout-ms", &exec.timeout_ms.to_string(), "--"])
-        .args(["sh", "-c", &exec.command])
+    cmd.args(["reap", "--timeout-ms", &exec.timeout_ms.to_string()]);
+    if let Some((user, group)) = run_as {
+        cmd.args(["--user", &user.arg(), "--group", &group.to_string()]);
+    }
+    cmd.args(["--", "sh", "-c", &exec.command])
         .stdin(if exec.stdin.is_some() {
             Stdio::piped()
         } else {

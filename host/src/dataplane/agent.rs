@@ -25,7 +25,7 @@ pub const AGENT_LABEL: &str = "sandbox.agent";
 /// the wire of [`sandbox_agent::protocol::PROTOCOL_VERSION`]: `serve-v` and
 /// the version. A container keeps the agent it was created with, so the
 /// label tells, before any attach, whether this host speaks its wire.
-pub const AGENT_SERVES: &str = "serve-v1";
+pub const AGENT_SERVES: &str = "serve-v2";
 
 /// What a container has of the agent, from its label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -56,9 +56,15 @@ impl AgentMode {
     }
 }
 
-/// The container's main command when the agent serves.
-pub fn init_argv() -> Vec<String> {
-    vec![AGENT_MOUNT.to_owned(), "init".to_owned()]
+/// The container's main command when the agent serves: it runs every
+/// command as the sandbox user `uid:gid`.
+pub fn init_argv(uid: u32, gid: u32) -> Vec<String> {
+    vec![
+        AGENT_MOUNT.to_owned(),
+        "init".to_owned(),
+        "--user".to_owned(),
+        format!("{uid}:{gid}"),
+    ]
 }
 
 const BINARY: &[u8] = sandbox_artifacts::AGENT;
@@ -141,7 +147,15 @@ mod tests {
         };
         assert_eq!(mode(None), AgentMode::Absent);
         assert_eq!(mode(Some(AGENT_SERVES)), AgentMode::Serves);
-        for other in ["serve", "serve-v0", "serve-v2", "serve-v10", "mounted", ""] {
+        for other in [
+            "serve",
+            "serve-v0",
+            "serve-v1",
+            "serve-v3",
+            "serve-v10",
+            "mounted",
+            "",
+        ] {
             assert_eq!(mode(Some(other)), AgentMode::Mounted, "{other:?}");
         }
     }

@@ -191,6 +191,14 @@ impl Engine {
         &self.config.namespace
     }
 
+    /// Whether `container` was made by an older host whose agent does not
+    /// serve this host's wire (it runs every command through `docker exec`,
+    /// as the sandbox user beside its own agent) while this host would make
+    /// one whose agent does: it is replaced when idle (gc and maintenance).
+    pub fn outdated(&self, container: &ManagedContainer) -> bool {
+        container.agent == crate::dataplane::agent::AgentMode::Mounted && self.agent().is_some()
+    }
+
     /// The container this host labelled for `backend`, if any.
     pub async fn find(&self, backend: &BackendId) -> Result<Option<ManagedContainer>> {
         let found = self

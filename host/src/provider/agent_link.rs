@@ -6,10 +6,27 @@
 //! redirect, and the container's log driver is `none`, so no output is
 //! written to disk.
 //!
-//! The agent runs as the sandbox user, so everything it says is untrusted:
-//! replies are bounded and parsed strictly, a garbled one closes this
+//! Everything the agent says is untrusted (a workload that reaches the
+//! agent's stdout, or a compromised agent, may say anything): replies are
+//! bounded and parsed strictly, a garbled one closes this
 //! container's link (its calls in flight fail; later ones reopen it), and
 //! in-flight state and last use stay with the host's own usage store.
+//!
+//! Nothing on a link tells of other containers: each link draws its own
+//! random frame-id prefix when it opens and counts its own frames from 0
+//! ([`FrameIds`]). Nothing on it is trusted to tell the time either: an
+//! exec's start-by time is the host's own clock plus [`START_WINDOW`] (the
+//! container shares the host kernel's wall clock: no time namespace, and
+//! gVisor's sentry follows the host's), and the agent's clock in a `pong` is
+//! only logged. And what a container says costs the host a bounded share of
+//! a core: replies that answer nothing the host awaits are read at most
+//! [`FLOOD_RATE`] a second (after a burst of [`FLOOD_BURST`]); past that the
+//! reader pauses ([`FloodBudget`]), the engine's buffers fill, and the
+//! writer inside the container blocks, on the container's own CPU. Answers
+//! to the host's own frames never count against it (though they wait behind
+//! whatever the container wrote before them). A link whose agent went
+//! silent stays attached until another opens in its place, so that a flood
+//! stays paced, instead of being drained by the engine on the host's CPU.
 //!
 //! The host speaks one version of the wire,
 //! [`sandbox_agent::protocol::PROTOCOL_VERSION`]. A container keeps the
@@ -25,6 +42,12 @@
 //! reads it, so two processes' frames could interleave. A writer therefore
 //! holds an exclusive `flock` on the container's lock file in the host's
 //! state directory from its write until the agent acknowledges the frame.
+//! Each such link reads the others' replies as well: they answer nothing
+//! it awaits, so they count against its flood budget, and as the engine
+//! waits for its slowest attached reader, a long stream of output to one
+//! process goes at the budget's pace while another is attached (at least
+//! [`FLOOD_RATE`] frames of up to 16 KiB a second: the agent's frames fill
+//! up as its writes wait).
 
 use std::collections::HashMap;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -35,8 +58,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bollard::container::LogOutput;
-use bollard::exec::StartExecResults;
-use bollard::models::ExecConfig;
 use bollard::query_parameters::AttachContainerOptionsBuilder;
 use bollard::Docker;
 use futures_util::{Stream, StreamExt};
@@ -54,6 +75,20 @@ use crate::dataplane::exec::{
 
 /// How long the agent has to acknowledge a frame (or answer a ping).
 const ACK_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long after the host builds an exec frame the agent may still start
+/// the command: its start-by time, by the host's clock.
+const START_WINDOW: Duration = ACK_TIMEOUT;
+/// How much longer than [`START_WINDOW`] the host waits for an exec's
+/// acknowledgement: an agent that took the command by its start-by time
+/// has acknowledged it (at once, before starting it) by the time the host
+/// gives up, unless it stalled in between or its replies are held up.
+const ACK_SLACK: Duration = Duration::from_millis(500);
+/// How long the kill sent after an unacknowledged exec may wait for the
+/// link's writer and for the agent to take it; whatever it waits for, the
+/// frame, once written, sits right behind the exec in the agent's stdin.
+const CANCEL_PATIENCE: Duration = Duration::from_millis(250);
+/// How long that kill's sweep may take, when the agent took it.
+const CANCEL_SWEEP: Duration = Duration::from_secs(1);
 /// How long a kill through the agent may take (its sweep included).
 const KILL_WAIT: Duration = Duration::from_secs(10);
 /// How long a liveness ping may take before the engine is asked instead.
@@ -74,10 +109,25 @@ const MAX_LINKS: usize = 256;
 const MAX_SLOTS: usize = 4096;
 /// Output frames buffered per call before the reader waits for the caller.
 const CALL_BUFFER: usize = 16;
+/// Replies a link reads per second, sustained, that answer nothing the host
+/// awaits (see [`FloodBudget`]).
+const FLOOD_RATE: u32 = 200;
+/// Such replies read at once before the rate applies.
+const FLOOD_BURST: u32 = 1000;
+/// The longest single pause of a throttled reader.
+const MAX_FLOOD_PAUSE: Duration = Duration::from_secs(1);
+/// A throttled link is logged at most this often.
+const FLOOD_LOG_EVERY: Duration = Duration::from_secs(10);
+/// An agent clock this far from the host's is logged (and otherwise
+/// ignored: start-by times are the host's).
+const CLOCK_NOTE: Duration = Duration::from_secs(1);
 
 /// An output callback, reborrowed for one call (`OutputSink` ties both
 /// lifetimes together).
 pub(super) type Sink<'s, 'd> = &'s mut (dyn FnMut(StreamKind, &[u8]) + Send + 'd);
+
+/// The attach stream's output: what the container writes.
+type Output = Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>;
 
 /// Why a call did not go through the agent, or did not finish there.
 #[derive(Debug)]
@@ -117,13 +167,11 @@ struct Shared {
     silent: AtomicBool,
     /// Answers to frames: true when taken, false when refused as stale.
     acks: Mutex<HashMap<String, oneshot::Sender<bool>>>,
-    /// Pongs: the agent's boot id and clock.
+    /// Pongs: the agent's boot id and clock (the clock only logged).
     pongs: Mutex<HashMap<String, oneshot::Sender<(String, u64)>>>,
     kills: Mutex<HashMap<String, oneshot::Sender<bool>>>,
     calls: Mutex<HashMap<String, mpsc::Sender<Event>>>,
     boot: Mutex<Option<String>>,
-    /// The agent's clock minus ours, in ms (from the opening ping).
-    offset_ms: std::sync::atomic::AtomicI64,
     /// Why the last calls were dropped: read by a call whose channel closed.
     lost: Mutex<String>,
     /// The protocol version the agent said it speaks, when not ours: the
@@ -179,16 +227,383 @@ impl Shared {
     }
 }
 
+/// The frame ids of one link: `PREFIX-N`, with a random prefix drawn when
+/// the link opens and `N` counting this link's own frames (pings, execs,
+/// kills) from 0. The ids a container sees say nothing of any other
+/// container's traffic, nor of this container's earlier links; and the
+/// frames of other host processes attached to the same container (whose
+/// replies this link reads too) carry other prefixes, so they are never
+/// taken for ours.
+struct FrameIds {
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl FrameIds {
+    fn new() -> Self {
+        FrameIds {
+            prefix: crate::dataplane::exec::new_execution_id()[..16].to_owned(),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> String {
+        format!(
+            "{}-{}",
+            self.prefix,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}
+
+/// One attach connection to a container's agent.
 struct Link {
+    container: String,
     shared: Arc<Shared>,
     input: tokio::sync::Mutex<Pin<Box<dyn AsyncWrite + Send>>>,
     reader: tokio::task::JoinHandle<()>,
+    ids: FrameIds,
+    /// Where the container's writer lock file is (none: this process is
+    /// the only writer it knows of).
+    lock_dir: Option<PathBuf>,
 }
 
 impl Drop for Link {
     fn drop(&mut self) {
         self.reader.abort();
     }
+}
+
+/// This process's writer and the container's lock file, held from before a
+/// frame is built until its answer.
+struct Writing<'a> {
+    input: tokio::sync::MutexGuard<'a, Pin<Box<dyn AsyncWrite + Send>>>,
+    _lock: Option<nix::fcntl::Flock<std::fs::File>>,
+}
+
+/// `answer`, if it comes within `patience`.
+async fn answered<T>(answer: oneshot::Receiver<T>, patience: Duration) -> Result<T, Unanswered> {
+    match tokio::time::timeout(patience, answer).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(_)) => Err(Unanswered::Silent(
+            "the link closed before the agent answered".into(),
+        )),
+        Err(_) => Err(Unanswered::Silent(format!(
+            "the agent did not answer within {} ms",
+            patience.as_millis()
+        ))),
+    }
+}
+
+impl Link {
+    /// A link writing to `input` and reading `output` (its reader task
+    /// starts now), with fresh frame ids and its own flood budget.
+    fn start(
+        container: &str,
+        input: Pin<Box<dyn AsyncWrite + Send>>,
+        output: Output,
+        lock_dir: Option<PathBuf>,
+        budget: FloodBudget,
+    ) -> Arc<Link> {
+        let shared = Arc::new(Shared::default());
+        shared.alive.store(true, Ordering::SeqCst);
+        let reader = tokio::spawn(read_replies(
+            container.to_owned(),
+            shared.clone(),
+            output,
+            budget,
+        ));
+        Arc::new(Link {
+            container: container.to_owned(),
+            shared,
+            input: tokio::sync::Mutex::new(input),
+            reader,
+            ids: FrameIds::new(),
+            lock_dir,
+        })
+    }
+
+    /// Pings a freshly opened link: its agent answered, in this host's
+    /// protocol version.
+    async fn handshake(&self) -> Result<(), OpenError> {
+        let sent = unix_ms();
+        let (boot, agent_now) = self.ping(ACK_TIMEOUT).await.map_err(|e| {
+            match *self.shared.skew.lock().unwrap() {
+                // Its pong closed the link as soon as it was read.
+                Some(theirs) => OpenError::Version(theirs),
+                None if matches!(e, Unanswered::Silent(_)) => {
+                    OpenError::Silent(format!("ping: {}", e.why()))
+                }
+                None => OpenError::Attach(format!("ping: {}", e.why())),
+            }
+        })?;
+        // Whatever clock the pong states, the host's own sets start-by
+        // times: it is only noted here.
+        let midpoint = (sent + unix_ms()) / 2;
+        let skew_ms = agent_now as i64 - midpoint as i64;
+        if skew_ms.unsigned_abs() > CLOCK_NOTE.as_millis() as u64 {
+            tracing::debug!(
+                container = self.container,
+                skew_ms,
+                "the sandbox agent states a clock apart from the host's (ignored)"
+            );
+        }
+        *self.shared.boot.lock().unwrap() = Some(boot);
+        Ok(())
+    }
+
+    /// Pings the agent: its boot id and clock.
+    async fn ping(&self, patience: Duration) -> Result<(String, u64), Unanswered> {
+        let nonce = self.ids.next();
+        let (tx, rx) = oneshot::channel();
+        let _pending = Pending::new(&self.shared.pongs, &nonce, tx);
+        let frame = || {
+            Request::Ping {
+                nonce: nonce.clone(),
+            }
+            .encode()
+        };
+        self.write_until(frame, rx, ACK_TIMEOUT, patience).await
+    }
+
+    /// Writes the frame `frame()` builds, holding this process's writer and
+    /// the container's lock file (each waited for up to `busy`) from before
+    /// the frame is built (its start-by time counts from there); the
+    /// caller holds them until the answer, so no other writer's frame can
+    /// interleave with it in the agent's stdin. A write that fails or times
+    /// out may have left part of a frame behind: the link is closed (the
+    /// next frame of any writer starts with a newline, so the rest is
+    /// refused on its own).
+    async fn write(
+        &self,
+        frame: impl FnOnce() -> String,
+        busy: Duration,
+    ) -> Result<Writing<'_>, Unanswered> {
+        let input = tokio::time::timeout(busy, self.input.lock())
+            .await
+            .map_err(|_| Unanswered::NotSent("the link is busy".into()))?;
+        let lock = self.lock(busy).await.map_err(Unanswered::NotSent)?;
+        let mut writing = Writing { input, _lock: lock };
+        self.put(&mut writing, &frame()).await?;
+        Ok(writing)
+    }
+
+    /// Writes `frame` whole with the writer and lock in `writing`.
+    async fn put(&self, writing: &mut Writing<'_>, frame: &str) -> Result<(), Unanswered> {
+        let input = &mut writing.input;
+        let write = async {
+            input.write_all(frame.as_bytes()).await?;
+            input.flush().await
+        };
+        let why = match tokio::time::timeout(ACK_TIMEOUT, write).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => format!("writing to the agent: {e}"),
+            Err(_) => "writing to the agent timed out".to_owned(),
+        };
+        self.shared.fail(&self.container, &why);
+        Err(Unanswered::NotSent(why))
+    }
+
+    /// Writes a frame (see [`Link::write`]) and waits up to `patience` for
+    /// `answer`, holding the writer and the lock until then.
+    async fn write_until<T>(
+        &self,
+        frame: impl FnOnce() -> String,
+        answer: oneshot::Receiver<T>,
+        busy: Duration,
+        patience: Duration,
+    ) -> Result<T, Unanswered> {
+        let _writing = self.write(frame, busy).await?;
+        answered(answer, patience).await
+    }
+
+    /// The container's writer lock, across host processes, waited for up to
+    /// `patience`.
+    async fn lock(
+        &self,
+        patience: Duration,
+    ) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, String> {
+        let Some(dir) = &self.lock_dir else {
+            return Ok(None);
+        };
+        let path = dir.join(&self.container);
+        let give_up = Instant::now() + patience;
+        let file = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .mode(0o600)
+                    .custom_flags(libc_o_nofollow())
+                    .open(&path)
+            })
+            .map_err(|e| format!("the link lock {}: {e}", path.display()))?;
+        let mut file = file;
+        loop {
+            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok(Some(lock)),
+                Err((back, _)) if Instant::now() < give_up => {
+                    file = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err((_, e)) => return Err(format!("the link lock {}: {e}", path.display())),
+            }
+        }
+    }
+
+    /// Kills every process of the call marked `marker`: true when none is
+    /// left. The agent has `patience` to take the frame (the writer and the
+    /// lock are waited for as long) and `sweep` more to finish the sweep.
+    async fn kill(
+        &self,
+        marker: &str,
+        patience: Duration,
+        sweep: Duration,
+    ) -> Result<bool, String> {
+        let id = self.ids.next();
+        let (ack_tx, ack_rx) = oneshot::channel();
+        let _ack = Pending::new(&self.shared.acks, &id, ack_tx);
+        let (tx, rx) = oneshot::channel();
+        let _killed = Pending::new(&self.shared.kills, &id, tx);
+        // The locks are held until the agent has read the frame, not for
+        // the sweep itself.
+        self.write_until(|| kill_frame(&id, marker), ack_rx, patience, patience)
+            .await
+            .map_err(|e| e.why().to_owned())?;
+        swept(rx, sweep).await
+    }
+
+    /// After an exec went unacknowledged, with its writer and lock still
+    /// held (`writing`): a kill of its marker, written right behind it.
+    /// Whenever the agent reads the exec (it may be stopped, or its clock
+    /// stepped back), it reads this next, so the command is refused as
+    /// stale, or never starts, or is killed. The agent has
+    /// [`CANCEL_PATIENCE`] to take it (and [`CANCEL_SWEEP`] more to sweep);
+    /// the caller kills through the engine as well.
+    async fn cancel_unacknowledged(&self, mut writing: Writing<'_>, marker: &str) {
+        let id = self.ids.next();
+        let (ack_tx, ack_rx) = oneshot::channel();
+        let _ack = Pending::new(&self.shared.acks, &id, ack_tx);
+        let (tx, rx) = oneshot::channel();
+        let _killed = Pending::new(&self.shared.kills, &id, tx);
+        let killed = match self.put(&mut writing, &kill_frame(&id, marker)).await {
+            Err(e) => Err(e.why().to_owned()),
+            Ok(()) => match answered(ack_rx, CANCEL_PATIENCE).await {
+                Err(e) => Err(format!("written, not yet read: {}", e.why())),
+                Ok(_) => {
+                    drop(writing);
+                    swept(rx, CANCEL_SWEEP).await
+                }
+            },
+        };
+        tracing::debug!(
+            container = self.container,
+            ?killed,
+            "a kill follows an unacknowledged command on its link"
+        );
+    }
+
+    /// Runs `request` through this link's agent.
+    async fn exec<'d>(
+        &self,
+        request: &ExecRequest,
+        mut sink: Option<Sink<'_, 'd>>,
+    ) -> Result<LinkOutcome, LinkError> {
+        let id = self.ids.next();
+        let (tx, mut rx) = mpsc::channel(CALL_BUFFER);
+        self.shared.calls.lock().unwrap().insert(id.clone(), tx);
+        let _registered = Unregister(&self.shared, &id);
+        let (ack_tx, ack_rx) = oneshot::channel();
+        let _ack = Pending::new(&self.shared.acks, &id, ack_tx);
+        let start = Instant::now();
+        let writing = self
+            .write(|| exec_frame(&id, request, unix_ms()), ACK_TIMEOUT)
+            .await
+            .map_err(|e| LinkError::NotSent(e.why().to_owned()))?;
+        match answered(ack_rx, START_WINDOW + ACK_SLACK).await {
+            Ok(true) => {}
+            // Refused unread: the engine runs it.
+            Ok(false) => return Err(LinkError::NotSent("the agent read it too late".into())),
+            // It may have been read: never run twice, and kill it.
+            Err(e) => {
+                self.shared.silent.store(true, Ordering::SeqCst);
+                self.cancel_unacknowledged(writing, &request.marker).await;
+                return Err(LinkError::Lost(format!(
+                    "the sandbox agent did not take the command ({}); whether it \
+                     started is unknown, so it is not run again and its processes are killed",
+                    e.why()
+                )));
+            }
+        }
+        drop(writing);
+        let mut output = ExecOutput::new(request.output_limit);
+        let deadline = start + request.timeout + AGENT_GRACE;
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(Event::Output(kind, data))) => {
+                    if let Some(sink) = sink.as_mut() {
+                        sink(kind, &data);
+                    }
+                    output.push(kind, &data);
+                }
+                Ok(Some(Event::Exit(code))) => {
+                    // The agent's own deadline: 124 at or after the timeout.
+                    let timed_out = code == EXIT_TIMED_OUT && start.elapsed() >= request.timeout;
+                    let mut response = output.finish(i64::from(code), timed_out);
+                    response.via_agent = true;
+                    return Ok(LinkOutcome::Done(response));
+                }
+                Ok(None) => {
+                    let why = self.shared.lost.lock().unwrap().clone();
+                    return Err(LinkError::Lost(format!(
+                        "the command's result was lost: {why}"
+                    )));
+                }
+                Err(_) => {
+                    let mut response = output.finish(TIMEOUT_EXIT_CODE, true);
+                    response.via_agent = true;
+                    return Ok(LinkOutcome::Deadline(response));
+                }
+            }
+        }
+    }
+}
+
+fn kill_frame(id: &str, marker: &str) -> String {
+    Request::Kill {
+        id: id.to_owned(),
+        marker: marker.to_owned(),
+    }
+    .encode()
+}
+
+/// The end of a kill's sweep, if it comes within `sweep`: true when none of
+/// the call's processes is left.
+async fn swept(killed: oneshot::Receiver<bool>, sweep: Duration) -> Result<bool, String> {
+    match tokio::time::timeout(sweep, killed).await {
+        Ok(Ok(all_gone)) => Ok(all_gone),
+        _ => Err("the agent did not finish the kill".into()),
+    }
+}
+
+/// The exec frame of `request` under `id`, built at `now_ms` by the host's
+/// wall clock: the agent starts it only if it reads it by `now_ms` +
+/// [`START_WINDOW`]. The agent shares that clock (the host kernel's), and
+/// nothing the container says moves it.
+fn exec_frame(id: &str, request: &ExecRequest, now_ms: u64) -> String {
+    Request::Exec(Exec {
+        id: id.to_owned(),
+        start_by_ms: now_ms.saturating_add(START_WINDOW.as_millis() as u64),
+        timeout_ms: request.timeout.as_millis().try_into().unwrap_or(u64::MAX),
+        env: request.env.clone(),
+        command: request.command.clone(),
+        stdin: request.stdin.clone(),
+    })
+    .encode()
 }
 
 #[derive(Default)]
@@ -209,9 +624,6 @@ struct Slot {
 pub struct AgentLinks {
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     lock_dir: Option<PathBuf>,
-    /// Frame ids are `PREFIX-N`: other host processes' frames are not ours.
-    prefix: String,
-    counter: AtomicU64,
     epoch: Instant,
 }
 
@@ -222,8 +634,6 @@ impl AgentLinks {
         AgentLinks {
             slots: Mutex::default(),
             lock_dir,
-            prefix: crate::dataplane::exec::new_execution_id()[..16].to_owned(),
-            counter: AtomicU64::new(0),
             epoch: Instant::now(),
         }
     }
@@ -252,14 +662,6 @@ impl AgentLinks {
         }
     }
 
-    fn next_id(&self) -> String {
-        format!(
-            "{}-{}",
-            self.prefix,
-            self.counter.fetch_add(1, Ordering::Relaxed)
-        )
-    }
-
     /// Remembers an inspected container whose agent serves, so that while
     /// its link lives the per-exec check needs no engine call.
     pub fn remember(&self, record: &ContainerRecord) {
@@ -279,7 +681,7 @@ impl AgentLinks {
             .unwrap()
             .clone()
             .filter(|l| l.shared.usable())?;
-        self.ping(&link, container, PROBE_TIMEOUT).await.ok()?;
+        link.ping(PROBE_TIMEOUT).await.ok()?;
         Some(ContainerRecord {
             status: super::Status::Running,
             ..record
@@ -329,7 +731,18 @@ impl AgentLinks {
             Err(e) => {
                 let down = opening_failed(docker, container, &slot, e);
                 *slot.down_until.lock().unwrap() = Some(Instant::now() + down);
-                *slot.link.lock().unwrap() = None;
+                // A link still attached (its agent went silent) stays until
+                // one opens in its place: no call takes it, but its reader
+                // goes on pacing what the container writes, so a flood stays
+                // blocked in the container's own pipe instead of being
+                // drained by the engine, which would do it on the host's CPU.
+                let mut held = slot.link.lock().unwrap();
+                if held
+                    .as_ref()
+                    .is_some_and(|l| !l.shared.alive.load(Ordering::SeqCst))
+                {
+                    *held = None;
+                }
                 None
             }
         }
@@ -351,137 +764,15 @@ impl AgentLinks {
         .await
         .map_err(|_| OpenError::Attach("attaching timed out".to_owned()))?
         .map_err(|e| OpenError::Attach(format!("attaching: {e}")))?;
-        let shared = Arc::new(Shared::default());
-        shared.alive.store(true, Ordering::SeqCst);
-        let reader = tokio::spawn(read_replies(
-            container.to_owned(),
-            shared.clone(),
+        let link = Link::start(
+            container,
+            attached.input,
             attached.output,
-        ));
-        let link = Arc::new(Link {
-            shared,
-            input: tokio::sync::Mutex::new(attached.input),
-            reader,
-        });
-        let sent = unix_ms();
-        let (boot, agent_now) = self
-            .ping(&link, container, ACK_TIMEOUT)
-            .await
-            .map_err(|e| match *link.shared.skew.lock().unwrap() {
-                // Its pong closed the link as soon as it was read.
-                Some(theirs) => OpenError::Version(theirs),
-                None if matches!(e, Unanswered::Silent(_)) => {
-                    OpenError::Silent(format!("ping: {}", e.why()))
-                }
-                None => OpenError::Attach(format!("ping: {}", e.why())),
-            })?;
-        let midpoint = (sent + unix_ms()) / 2;
-        link.shared
-            .offset_ms
-            .store(agent_now as i64 - midpoint as i64, Ordering::Relaxed);
-        *link.shared.boot.lock().unwrap() = Some(boot);
+            self.lock_dir.clone(),
+            FloodBudget::new(FLOOD_RATE, FLOOD_BURST, Instant::now()),
+        );
+        link.handshake().await?;
         Ok(link)
-    }
-
-    /// Pings the agent: its boot id and clock.
-    async fn ping(
-        &self,
-        link: &Link,
-        container: &str,
-        patience: Duration,
-    ) -> Result<(String, u64), Unanswered> {
-        let nonce = self.next_id();
-        let (tx, rx) = oneshot::channel();
-        let _pending = Pending::new(&link.shared.pongs, &nonce, tx);
-        let frame = || {
-            Request::Ping {
-                nonce: nonce.clone(),
-            }
-            .encode()
-        };
-        self.write_until(link, container, frame, rx, patience).await
-    }
-
-    /// Writes the frame `frame()` builds and waits for `answer`, holding
-    /// this process's writer and the container's lock file from before the
-    /// frame is built (its start-by time counts from there) until the
-    /// answer, so no other writer's frame can interleave with it in the
-    /// agent's stdin. A write that fails or times out may have left part of
-    /// a frame behind: the link is closed (the next frame of any writer
-    /// starts with a newline, so the rest is refused on its own).
-    async fn write_until<T>(
-        &self,
-        link: &Link,
-        container: &str,
-        frame: impl FnOnce() -> String,
-        answer: oneshot::Receiver<T>,
-        patience: Duration,
-    ) -> Result<T, Unanswered> {
-        let mut input = tokio::time::timeout(ACK_TIMEOUT, link.input.lock())
-            .await
-            .map_err(|_| Unanswered::NotSent("the link is busy".into()))?;
-        let _lock = self.lock(container).await.map_err(Unanswered::NotSent)?;
-        let frame = frame();
-        let write = async {
-            input.write_all(frame.as_bytes()).await?;
-            input.flush().await
-        };
-        let failed = match tokio::time::timeout(ACK_TIMEOUT, write).await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(format!("writing to the agent: {e}")),
-            Err(_) => Some("writing to the agent timed out".to_owned()),
-        };
-        if let Some(why) = failed {
-            link.shared.fail(container, &why);
-            return Err(Unanswered::NotSent(why));
-        }
-        match tokio::time::timeout(patience, answer).await {
-            Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(_)) => Err(Unanswered::Silent(
-                "the link closed before the agent answered".into(),
-            )),
-            Err(_) => Err(Unanswered::Silent(format!(
-                "the agent did not answer within {} ms",
-                patience.as_millis()
-            ))),
-        }
-    }
-
-    /// The container's writer lock, across host processes.
-    async fn lock(
-        &self,
-        container: &str,
-    ) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, String> {
-        let Some(dir) = &self.lock_dir else {
-            return Ok(None);
-        };
-        let path = dir.join(container);
-        let give_up = Instant::now() + ACK_TIMEOUT;
-        let file = std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .and_then(|()| {
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .mode(0o600)
-                    .custom_flags(libc_o_nofollow())
-                    .open(&path)
-            })
-            .map_err(|e| format!("the link lock {}: {e}", path.display()))?;
-        let mut file = file;
-        loop {
-            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => return Ok(Some(lock)),
-                Err((back, _)) if Instant::now() < give_up => {
-                    file = back;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                Err((_, e)) => return Err(format!("the link lock {}: {e}", path.display())),
-            }
-        }
     }
 
     /// Kills every process of the call marked `marker` through the live link
@@ -495,27 +786,7 @@ impl AgentLinks {
             .and_then(|s| s.link.lock().unwrap().clone())
             .filter(|l| l.shared.usable())
             .ok_or("no live agent link")?;
-        let id = self.next_id();
-        let (ack_tx, ack_rx) = oneshot::channel();
-        let _ack = Pending::new(&link.shared.acks, &id, ack_tx);
-        let (tx, rx) = oneshot::channel();
-        let _killed = Pending::new(&link.shared.kills, &id, tx);
-        let frame = || {
-            Request::Kill {
-                id: id.clone(),
-                marker: marker.to_owned(),
-            }
-            .encode()
-        };
-        // The locks are held until the agent has read the frame, not for
-        // the sweep itself.
-        self.write_until(&link, container, frame, ack_rx, ACK_TIMEOUT)
-            .await
-            .map_err(|e| e.why().to_owned())?;
-        match tokio::time::timeout(KILL_WAIT, rx).await {
-            Ok(Ok(all_gone)) => Ok(all_gone),
-            _ => Err("the agent did not finish the kill".into()),
-        }
+        link.kill(marker, ACK_TIMEOUT, KILL_WAIT).await
     }
 
     /// Runs `request` through the agent of `container`.
@@ -524,78 +795,13 @@ impl AgentLinks {
         docker: &Docker,
         container: &str,
         request: &ExecRequest,
-        mut sink: Option<Sink<'_, 'd>>,
+        sink: Option<Sink<'_, 'd>>,
     ) -> Result<LinkOutcome, LinkError> {
         let link = self
             .link(docker, container)
             .await
             .ok_or(LinkError::Unavailable)?;
-        let id = self.next_id();
-        let (tx, mut rx) = mpsc::channel(CALL_BUFFER);
-        link.shared.calls.lock().unwrap().insert(id.clone(), tx);
-        let _registered = Unregister(&link.shared, &id);
-        let (ack_tx, ack_rx) = oneshot::channel();
-        let _ack = Pending::new(&link.shared.acks, &id, ack_tx);
-        let offset = link.shared.offset_ms.load(Ordering::Relaxed);
-        let frame = || {
-            let now = unix_ms() as i64 + offset;
-            Request::Exec(Exec {
-                id: id.clone(),
-                start_by_ms: (now + ACK_TIMEOUT.as_millis() as i64).max(0) as u64,
-                timeout_ms: request.timeout.as_millis().try_into().unwrap_or(u64::MAX),
-                env: request.env.clone(),
-                command: request.command.clone(),
-                stdin: request.stdin.clone(),
-            })
-            .encode()
-        };
-        let start = Instant::now();
-        match self
-            .write_until(&link, container, frame, ack_rx, ACK_TIMEOUT)
-            .await
-        {
-            Ok(true) => {}
-            // Refused unread: the engine runs it.
-            Ok(false) => return Err(LinkError::NotSent("the agent read it too late".into())),
-            Err(Unanswered::NotSent(why)) => return Err(LinkError::NotSent(why)),
-            // It may have been read: never run twice.
-            Err(Unanswered::Silent(why)) => {
-                link.shared.silent.store(true, Ordering::SeqCst);
-                return Err(LinkError::Lost(format!(
-                    "the sandbox agent did not take the command: {why}"
-                )));
-            }
-        }
-        let mut output = ExecOutput::new(request.output_limit);
-        let deadline = start + request.timeout + AGENT_GRACE;
-        loop {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(Event::Output(kind, data))) => {
-                    if let Some(sink) = sink.as_mut() {
-                        sink(kind, &data);
-                    }
-                    output.push(kind, &data);
-                }
-                Ok(Some(Event::Exit(code))) => {
-                    // The agent's own deadline: 124 at or after the timeout.
-                    let timed_out = code == EXIT_TIMED_OUT && start.elapsed() >= request.timeout;
-                    let mut response = output.finish(i64::from(code), timed_out);
-                    response.via_agent = true;
-                    return Ok(LinkOutcome::Done(response));
-                }
-                Ok(None) => {
-                    let why = link.shared.lost.lock().unwrap().clone();
-                    return Err(LinkError::Lost(format!(
-                        "the command's result was lost: {why}"
-                    )));
-                }
-                Err(_) => {
-                    let mut response = output.finish(TIMEOUT_EXIT_CODE, true);
-                    response.via_agent = true;
-                    return Ok(LinkOutcome::Deadline(response));
-                }
-            }
-        }
+        link.exec(request, sink).await
     }
 }
 
@@ -655,32 +861,14 @@ fn respawn(docker: &Docker, container: &str) {
     let (docker, container) = (docker.clone(), container.to_owned());
     tokio::spawn(async move {
         let argv = vec![AGENT_MOUNT.to_owned(), "respawn".to_owned()];
-        let _ = tokio::time::timeout(RESPAWN_TIMEOUT, run_to_end(&docker, &container, argv)).await;
+        // As root: serve is, and the workload's user may not end it.
+        let respawned = super::docker::exec_to_end(&docker, &container, Some("0:0"), argv);
+        let _ = tokio::time::timeout(RESPAWN_TIMEOUT, respawned).await;
     });
 }
 
-/// Runs `argv` in `container` through the engine, until its output ends;
-/// the exec's id.
-pub(super) async fn run_to_end(
-    docker: &Docker,
-    container: &str,
-    argv: Vec<String>,
-) -> Result<String, bollard::errors::Error> {
-    let config = ExecConfig {
-        cmd: Some(argv),
-        attach_stdout: Some(true),
-        attach_stderr: Some(true),
-        ..Default::default()
-    };
-    let exec = docker.create_exec(container, config).await?;
-    if let StartExecResults::Attached { mut output, .. } = docker.start_exec(&exec.id, None).await?
-    {
-        while output.next().await.is_some() {}
-    }
-    Ok(exec.id)
-}
-
 /// Why a frame went unanswered.
+#[derive(Debug)]
 enum Unanswered {
     /// It never left whole.
     NotSent(String),
@@ -750,18 +938,24 @@ fn libc_o_nofollow() -> i32 {
 }
 
 /// Reads reply lines until the stream ends or carries anything but frames.
+/// Replies that answer nothing the host awaits are charged to `budget`, and
+/// reading pauses while it is spent.
 async fn read_replies(
     container: String,
     shared: Arc<Shared>,
-    mut output: Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>,
+    mut output: Output,
+    mut budget: FloodBudget,
 ) {
     let mut pending: Vec<u8> = Vec::new();
     let why = loop {
         let chunk = match output.next().await {
             Some(Ok(LogOutput::StdOut { message })) => message,
             // The agent writes nothing to stderr; whatever else does is
-            // not a reply, and is dropped.
-            Some(Ok(_)) => continue,
+            // not a reply, and is dropped (a chunk costs a token).
+            Some(Ok(_)) => {
+                throttle(&container, &mut budget).await;
+                continue;
+            }
             Some(Err(e)) => break format!("the attach stream failed: {e}"),
             None => break "the attach stream ended (the container stopped)".to_owned(),
         };
@@ -772,13 +966,19 @@ async fn read_replies(
             let line = &pending[used..used + at];
             used += at + 1;
             match Reply::parse(line) {
-                Ok(reply) => dispatch(&shared, reply).await,
+                Ok(reply) => {
+                    if !dispatch(&shared, reply).await {
+                        throttle(&container, &mut budget).await;
+                    }
+                }
                 // Another version's hello or pong: nothing more it says is
                 // read, and nothing more is sent to it.
                 Err(ParseError::Version(theirs)) => {
                     shared.skewed(&container, theirs);
                     return;
                 }
+                // Garbage ends the link at once: it costs no more than
+                // one line, and needs no budget.
                 Err(e @ ParseError::Bad(_)) => {
                     garbled = Some(format!("a garbled reply ({e})"));
                     break;
@@ -796,7 +996,30 @@ async fn read_replies(
     shared.fail(&container, &why);
 }
 
-async fn dispatch(shared: &Shared, reply: Reply) {
+/// Charges one unsolicited reply (or stray chunk) to `budget`; when it is
+/// spent, pauses the reader (so the container's writer blocks), logging
+/// now and then.
+async fn throttle(container: &str, budget: &mut FloodBudget) {
+    let now = Instant::now();
+    let Some(pause) = budget.charge(now) else {
+        return;
+    };
+    if let Some(throttled) = budget.note(now) {
+        tracing::debug!(
+            container,
+            throttled,
+            pause_ms = pause.as_millis() as u64,
+            "the sandbox agent's link carries replies nobody awaits: reading it is throttled"
+        );
+    }
+    tokio::time::sleep(pause).await;
+}
+
+/// Hands `reply` to whoever awaits it: true when someone did (an awaited
+/// pong, acknowledgement or kill, or output or exit of a call in flight),
+/// false when it answers nothing (a hello, a `bad`, an unknown id, a
+/// duplicate): only those are charged to the flood budget.
+async fn dispatch(shared: &Shared, reply: Reply) -> bool {
     match reply {
         Reply::Hello { boot } => {
             let mut known = shared.boot.lock().unwrap();
@@ -807,26 +1030,15 @@ async fn dispatch(shared: &Shared, reply: Reply) {
             } else {
                 *known = Some(boot);
             }
+            false
         }
         Reply::Pong {
             nonce,
             boot,
             now_ms,
-        } => {
-            if let Some(tx) = shared.pongs.lock().unwrap().remove(&nonce) {
-                let _ = tx.send((boot, now_ms));
-            }
-        }
-        Reply::Ack { id } => {
-            if let Some(tx) = shared.acks.lock().unwrap().remove(&id) {
-                let _ = tx.send(true);
-            }
-        }
-        Reply::Stale { id } => {
-            if let Some(tx) = shared.acks.lock().unwrap().remove(&id) {
-                let _ = tx.send(false);
-            }
-        }
+        } => answer(&shared.pongs, &nonce, (boot, now_ms)),
+        Reply::Ack { id } => answer(&shared.acks, &id, true),
+        Reply::Stale { id } => answer(&shared.acks, &id, false),
         Reply::Stdout { id, data } => {
             deliver(shared, &id, Event::Output(StreamKind::Stdout, data)).await
         }
@@ -834,23 +1046,459 @@ async fn dispatch(shared: &Shared, reply: Reply) {
             deliver(shared, &id, Event::Output(StreamKind::Stderr, data)).await
         }
         Reply::Exit { id, code } => {
-            deliver(shared, &id, Event::Exit(code)).await;
+            let awaited = deliver(shared, &id, Event::Exit(code)).await;
             shared.calls.lock().unwrap().remove(&id);
+            awaited
         }
-        Reply::Killed { id, all_gone } => {
-            if let Some(tx) = shared.kills.lock().unwrap().remove(&id) {
-                let _ = tx.send(all_gone);
-            }
+        Reply::Killed { id, all_gone } => answer(&shared.kills, &id, all_gone),
+        Reply::Bad { reason } => {
+            tracing::debug!(reason, "the agent refused a frame");
+            false
         }
-        Reply::Bad { reason } => tracing::debug!(reason, "the agent refused a frame"),
     }
 }
 
+/// Sends `value` to whoever awaits `id` in `waiting`: whether anyone did.
+fn answer<T>(waiting: &Mutex<HashMap<String, oneshot::Sender<T>>>, id: &str, value: T) -> bool {
+    let Some(tx) = waiting.lock().unwrap().remove(id) else {
+        return false;
+    };
+    let _ = tx.send(value);
+    true
+}
+
 /// Hands an event to its call (frames of other host processes' calls, or
-/// of calls gone, are dropped); waits while the call's buffer is full.
-async fn deliver(shared: &Shared, id: &str, event: Event) {
+/// of calls gone, are dropped: false); waits while the call's buffer is
+/// full.
+async fn deliver(shared: &Shared, id: &str, event: Event) -> bool {
     let tx = shared.calls.lock().unwrap().get(id).cloned();
-    if let Some(tx) = tx {
-        let _ = tx.send(event).await;
+    let Some(tx) = tx else {
+        return false;
+    };
+    let _ = tx.send(event).await;
+    true
+}
+
+/// A token bucket for the replies of one link that answer nothing the host
+/// awaits: `rate` a second, `burst` at once. Those are the container's
+/// doing alone (a buggy agent, a workload writing into its stdout, or the
+/// replies to another host process attached to the same container), and
+/// reading them costs the host a share of a core outside the container's
+/// CPU limit; past the budget, the reader pauses. The clock is the
+/// caller's (`now`), so the bucket is a plain value.
+struct FloodBudget {
+    /// Tokens a second.
+    rate: f64,
+    burst: f64,
+    /// May go below zero by the reply that found the bucket empty.
+    tokens: f64,
+    /// When `tokens` was last brought up to date.
+    at: Instant,
+    /// When a pause was last logged, and pauses since then.
+    logged: Option<Instant>,
+    throttled: u64,
+}
+
+impl FloodBudget {
+    /// A full bucket at `now`.
+    fn new(rate: u32, burst: u32, now: Instant) -> Self {
+        let rate = f64::from(rate.max(1));
+        let burst = f64::from(burst.max(1));
+        FloodBudget {
+            rate,
+            burst,
+            tokens: burst,
+            at: now,
+            logged: None,
+            throttled: 0,
+        }
+    }
+
+    /// Charges one reply read at `now`: `None` while tokens last, else how
+    /// long the reader pauses before it reads on. The pause lasts until a
+    /// batch of tokens (a twentieth of a second's worth) is back, so a
+    /// flood wakes the reader about 20 times a second, not once a reply;
+    /// it is at most [`MAX_FLOOD_PAUSE`].
+    fn charge(&mut self, now: Instant) -> Option<Duration> {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = self.at.max(now);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst) - 1.0;
+        if self.tokens >= 0.0 {
+            return None;
+        }
+        // Never more debt than one burst, however the pauses were cut.
+        self.tokens = self.tokens.max(-self.burst);
+        self.throttled += 1;
+        let resume = (self.rate / 20.0).clamp(1.0, self.burst);
+        let wait = (resume - self.tokens) / self.rate;
+        Some(Duration::from_secs_f64(wait).min(MAX_FLOOD_PAUSE))
+    }
+
+    /// Whether to log a pause at `now` ([`FLOOD_LOG_EVERY`] at most): the
+    /// pauses since the last line.
+    fn note(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .logged
+            .is_some_and(|t| now.saturating_duration_since(t) < FLOOD_LOG_EVERY)
+        {
+            return None;
+        }
+        self.logged = Some(now);
+        Some(std::mem::take(&mut self.throttled))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncBufReadExt;
+
+    /// What a fake agent does with an exec.
+    #[derive(Clone, Copy, PartialEq)]
+    enum OnExec {
+        /// Acknowledges it and exits 0 at once.
+        Run,
+        /// Says nothing (a stopped agent).
+        Ignore,
+    }
+
+    /// A link to an in-memory agent that answers pings with a clock
+    /// `offset_ms` away from the host's (a forged pong, say), and execs as
+    /// `on_exec` says; every request it reads is sent to the receiver.
+    fn fake_link(
+        offset_ms: i64,
+        on_exec: OnExec,
+        budget: FloodBudget,
+    ) -> (Arc<Link>, mpsc::UnboundedReceiver<Request>) {
+        let (host_end, agent_end) = tokio::io::duplex(1 << 20);
+        let (replies, rx) = mpsc::channel::<Result<LogOutput, bollard::errors::Error>>(64);
+        let output = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let link = Link::start("fake", Box::pin(host_end), Box::pin(output), None, budget);
+        let (seen_tx, seen) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(agent_end).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.is_empty() {
+                    continue;
+                }
+                let request = Request::parse(line.as_bytes()).expect("a well-formed frame");
+                let answers = match &request {
+                    Request::Ping { nonce } => vec![Reply::Pong {
+                        nonce: nonce.clone(),
+                        boot: "boot".into(),
+                        now_ms: (unix_ms() as i64 + offset_ms) as u64,
+                    }],
+                    Request::Exec(exec) if on_exec == OnExec::Run => vec![
+                        Reply::Ack {
+                            id: exec.id.clone(),
+                        },
+                        Reply::Exit {
+                            id: exec.id.clone(),
+                            code: 0,
+                        },
+                    ],
+                    Request::Exec(_) => vec![],
+                    Request::Kill { id, .. } => vec![
+                        Reply::Ack { id: id.clone() },
+                        Reply::Killed {
+                            id: id.clone(),
+                            all_gone: true,
+                        },
+                    ],
+                };
+                let _ = seen_tx.send(request);
+                for reply in answers {
+                    let message = reply.encode().into_bytes().into();
+                    if replies
+                        .send(Ok(LogOutput::StdOut { message }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        });
+        (link, seen)
+    }
+
+    fn budget() -> FloodBudget {
+        FloodBudget::new(FLOOD_RATE, FLOOD_BURST, Instant::now())
+    }
+
+    fn request(marker: &str) -> ExecRequest {
+        ExecRequest {
+            command: "true".into(),
+            output_limit: 1 << 16,
+            timeout: Duration::from_secs(5),
+            env: vec![format!(
+                "{}={marker}",
+                sandbox_agent::protocol::EXEC_MARKER_VAR
+            )],
+            workdir: "/workspace".into(),
+            stdin: None,
+            marker: marker.into(),
+            user: None,
+            idle_timeout: false,
+            agent: true,
+            agent_serves: true,
+        }
+    }
+
+    fn frame_id(request: &Request) -> &str {
+        match request {
+            Request::Ping { nonce } => nonce,
+            Request::Exec(exec) => &exec.id,
+            Request::Kill { id, .. } => id,
+        }
+    }
+
+    /// Each link counts its own frames under its own random prefix: what
+    /// one container sees says nothing of another's traffic, and a link
+    /// opened again starts afresh.
+    #[test]
+    fn frame_ids_are_per_link() {
+        let (a, b) = (FrameIds::new(), FrameIds::new());
+        assert_ne!(a.prefix, b.prefix);
+        assert_eq!(a.prefix.len(), 16);
+        for _ in 0..42 {
+            b.next();
+        }
+        assert_eq!(a.next(), format!("{}-0", a.prefix));
+        assert_eq!(a.next(), format!("{}-1", a.prefix));
+        assert_eq!(b.next(), format!("{}-42", b.prefix));
+        let reopened = FrameIds::new();
+        assert_ne!(reopened.prefix, a.prefix);
+        assert_eq!(reopened.next(), format!("{}-0", reopened.prefix));
+    }
+
+    /// The same through two links: pings, execs and kills of link A take
+    /// their ids from A alone, however busy link B is.
+    #[tokio::test]
+    async fn two_links_have_independent_ids() {
+        let (a, mut seen_a) = fake_link(0, OnExec::Run, budget());
+        let (b, mut seen_b) = fake_link(0, OnExec::Run, budget());
+        for n in 0..20 {
+            b.ping(ACK_TIMEOUT).await.unwrap();
+            let marker = format!("marker-b-{n}");
+            assert!(matches!(
+                b.exec(&request(&marker), None).await,
+                Ok(LinkOutcome::Done(_))
+            ));
+        }
+        a.handshake().await.unwrap_or_else(|_| panic!("a answers"));
+        assert!(matches!(
+            a.exec(&request("marker-a-0"), None).await,
+            Ok(LinkOutcome::Done(_))
+        ));
+        assert_eq!(a.kill("marker-a-0", ACK_TIMEOUT, KILL_WAIT).await, Ok(true));
+        let mut ids = Vec::new();
+        while let Ok(r) = seen_a.try_recv() {
+            ids.push(frame_id(&r).to_owned());
+        }
+        let p = &a.ids.prefix;
+        assert_eq!(ids, [format!("{p}-0"), format!("{p}-1"), format!("{p}-2")]);
+        let mut last_b = String::new();
+        while let Ok(r) = seen_b.try_recv() {
+            let id = frame_id(&r);
+            assert!(!id.starts_with(p.as_str()), "{id}");
+            last_b = id.to_owned();
+        }
+        assert_eq!(last_b, format!("{}-39", b.ids.prefix));
+        assert_ne!(a.ids.prefix, b.ids.prefix);
+    }
+
+    /// A pong with a clock 10^8 ms ahead (a forged one) moves nothing: the
+    /// start-by time is the host's clock now plus the window.
+    #[tokio::test]
+    async fn the_start_by_time_ignores_the_agents_clock() {
+        for offset_ms in [100_000_000, -100_000_000] {
+            let (link, mut seen) = fake_link(offset_ms, OnExec::Run, budget());
+            link.handshake()
+                .await
+                .unwrap_or_else(|_| panic!("the agent answers"));
+            let window = START_WINDOW.as_millis() as u64;
+            let before = unix_ms();
+            assert!(matches!(
+                link.exec(&request("start-by-marker"), None).await,
+                Ok(LinkOutcome::Done(_))
+            ));
+            let after = unix_ms();
+            let exec = loop {
+                match seen.recv().await.unwrap() {
+                    Request::Exec(exec) => break exec,
+                    _ => continue,
+                }
+            };
+            assert!(
+                before + window <= exec.start_by_ms && exec.start_by_ms <= after + window,
+                "start-by {} not in [{before}, {after}] + {window}",
+                exec.start_by_ms
+            );
+        }
+        // And the frame alone: built at `now`, to be started by now + window.
+        let frame = exec_frame("x-1", &request("frame-marker"), 1_000);
+        let Ok(Request::Exec(exec)) = Request::parse(frame.trim().as_bytes()) else {
+            panic!("{frame:?}");
+        };
+        assert_eq!(exec.start_by_ms, 1_000 + START_WINDOW.as_millis() as u64);
+    }
+
+    /// An exec the agent never acknowledges is reported lost (never run
+    /// again), and a kill of its marker follows it on the link at once.
+    #[tokio::test]
+    async fn an_unacknowledged_exec_is_lost_and_killed() {
+        let (link, mut seen) = fake_link(0, OnExec::Ignore, budget());
+        link.handshake()
+            .await
+            .unwrap_or_else(|_| panic!("the agent answers"));
+        let started = std::time::Instant::now();
+        let outcome = link.exec(&request("silent-marker"), None).await;
+        let Err(LinkError::Lost(why)) = outcome else {
+            panic!("not lost");
+        };
+        assert!(why.contains("not run again"), "{why}");
+        assert!(started.elapsed() < START_WINDOW + ACK_SLACK + Duration::from_secs(2));
+        assert!(!link.shared.usable());
+        let mut after_exec = Vec::new();
+        while let Ok(r) = seen.try_recv() {
+            if matches!(r, Request::Exec(_)) || !after_exec.is_empty() {
+                after_exec.push(r);
+            }
+        }
+        assert!(
+            matches!(
+                after_exec.as_slice(),
+                [Request::Exec(_), Request::Kill { marker, .. }] if marker == "silent-marker"
+            ),
+            "{after_exec:?}"
+        );
+    }
+
+    /// The bucket alone, on an injected clock: a burst, then the rate,
+    /// whatever the flood; an idle link refills up to the burst only.
+    #[test]
+    fn the_flood_budget_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = FloodBudget::new(200, 1000, t0);
+        for n in 0..1000 {
+            assert_eq!(b.charge(t0), None, "reply {n} is within the burst");
+        }
+        let pause = b.charge(t0).expect("the bucket is spent");
+        assert!(pause > Duration::ZERO && pause <= Duration::from_millis(100));
+        // A reader that pauses as told reads at the rate, over 10 s.
+        let mut now = t0 + pause;
+        let mut read = 0u64;
+        while now < t0 + pause + Duration::from_secs(10) {
+            read += 1;
+            if let Some(pause) = b.charge(now) {
+                assert!(pause <= MAX_FLOOD_PAUSE);
+                now += pause;
+            }
+        }
+        assert!((1990..=2030).contains(&read), "{read} replies in 10 s");
+        // An hour idle refills the burst, not more.
+        let later = now + Duration::from_secs(3600);
+        let mut free = 0;
+        while b.charge(later).is_none() {
+            free += 1;
+        }
+        assert_eq!(free, 1000);
+        // A slow rate pauses at most MAX_FLOOD_PAUSE at a time.
+        let mut slow = FloodBudget::new(1, 1, t0);
+        assert_eq!(slow.charge(t0), None);
+        assert_eq!(slow.charge(t0), Some(MAX_FLOOD_PAUSE));
+    }
+
+    #[test]
+    fn a_throttled_link_is_logged_now_and_then() {
+        let t0 = Instant::now();
+        let mut b = FloodBudget::new(10, 1, t0);
+        assert_eq!(b.charge(t0), None);
+        assert!(b.charge(t0).is_some());
+        assert_eq!(b.note(t0), Some(1));
+        assert!(b.charge(t0).is_some());
+        assert!(b.charge(t0 + Duration::from_millis(50)).is_some());
+        assert_eq!(b.note(t0 + Duration::from_secs(5)), None);
+        assert_eq!(b.note(t0 + FLOOD_LOG_EVERY), Some(2));
+    }
+
+    /// The reader itself: a flood of replies nobody awaits is read at the
+    /// budget's pace (the writer blocks), while answers to the host's own
+    /// requests in between cost nothing and still get through.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reply_flood_is_throttled_but_answers_get_through() {
+        let (rate, burst) = (100, 20);
+        let (replies, rx) = mpsc::channel::<Result<LogOutput, bollard::errors::Error>>(1);
+        let output = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        let link = Link::start(
+            "flood",
+            Box::pin(tokio::io::sink()),
+            Box::pin(output),
+            None,
+            FloodBudget::new(rate, burst, Instant::now()),
+        );
+        let (call_tx, mut call_rx) = mpsc::channel(100_000);
+        link.shared
+            .calls
+            .lock()
+            .unwrap()
+            .insert("call-1".into(), call_tx);
+        let send = |line: &str| {
+            let replies = replies.clone();
+            let message = format!("{line}\n").into_bytes().into();
+            async move {
+                replies
+                    .send(Ok(LogOutput::StdOut { message }))
+                    .await
+                    .unwrap()
+            }
+        };
+        let output_line = "out call-1 AAAA";
+
+        // The burst of junk, then 1000 outputs of the call in flight: had
+        // they been charged, 10 s at this rate.
+        let t = std::time::Instant::now();
+        for _ in 0..burst {
+            send("ack zz").await;
+        }
+        for _ in 0..1000 {
+            send(output_line).await;
+        }
+        for _ in 0..1000 {
+            assert!(matches!(call_rx.recv().await, Some(Event::Output(..))));
+        }
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+
+        // 200 more junk replies with 20 outputs among them: the junk is
+        // read at about 100 a second, so writing it takes about 2 s...
+        let t = std::time::Instant::now();
+        for n in 0..200 {
+            send(if n % 3 == 0 { "exit zz 0" } else { "ack zz" }).await;
+            if n % 10 == 0 {
+                send(output_line).await;
+            }
+        }
+        let flood = t.elapsed();
+        assert!(flood >= Duration::from_millis(1500), "{flood:?}");
+        // ...and every output in it arrived.
+        for _ in 0..20 {
+            assert!(matches!(call_rx.recv().await, Some(Event::Output(..))));
+        }
+        // An awaited acknowledgement right after the flood gets through.
+        let (ack_tx, ack_rx) = oneshot::channel();
+        let _ack = Pending::new(&link.shared.acks, "call-2", ack_tx);
+        let t = std::time::Instant::now();
+        send("ack call-2").await;
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(2), ack_rx).await,
+            Ok(Ok(true))
+        );
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        assert!(link.shared.usable(), "a flood does not close the link");
     }
 }

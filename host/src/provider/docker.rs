@@ -42,6 +42,10 @@ pub struct DockerProvider {
     cancels: Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
     /// Links to the agents of containers whose main process it is.
     links: Arc<AgentLinks>,
+    /// `UID:GID` every engine exec runs as unless a request says otherwise:
+    /// the sandbox user, named explicitly because a container whose agent
+    /// serves runs its main process as root.
+    exec_user: String,
 }
 
 /// Kills a call's processes if its future is dropped before the call ended:
@@ -50,6 +54,8 @@ struct CancelOnDrop {
     docker: Docker,
     container: String,
     marker: String,
+    /// The sandbox user, whom the engine-side kill runs as.
+    user: String,
     cancels: Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
     /// Tried first: a kill through the container's agent link.
     links: Option<Arc<AgentLinks>>,
@@ -64,10 +70,11 @@ impl Drop for CancelOnDrop {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (docker, container, marker) = (
+        let (docker, container, marker, user) = (
             self.docker.clone(),
             std::mem::take(&mut self.container),
             std::mem::take(&mut self.marker),
+            std::mem::take(&mut self.user),
         );
         tracing::info!(container, "call abandoned: killing its processes");
         let links = self.links.take();
@@ -77,8 +84,11 @@ impl Drop for CancelOnDrop {
                     return;
                 }
             }
-            let killed =
-                tokio::time::timeout(CANCEL_TIMEOUT, run_kill(&docker, &container, &marker)).await;
+            let killed = tokio::time::timeout(
+                CANCEL_TIMEOUT,
+                run_kill(&docker, &container, &marker, &user),
+            )
+            .await;
             if !matches!(killed, Ok(Ok(ref r)) if r.exit_code == Some(0)) {
                 tracing::warn!(container, "could not kill an abandoned call");
             }
@@ -100,7 +110,15 @@ impl DockerProvider {
             timeout,
             cancels: Default::default(),
             links: Arc::new(AgentLinks::new(None)),
+            exec_user: user_arg(crate::config::Config::default().sandbox_user()),
         }
+    }
+
+    /// Engine execs run as `user` unless a request names another (the
+    /// configured sandbox user; [`DockerProvider::new`] takes the default).
+    pub fn with_exec_user(mut self, user: crate::config::UserIds) -> Self {
+        self.exec_user = user_arg(user);
+        self
     }
 
     /// Agent-link writers lock files under `state_dir` (the host's state
@@ -125,7 +143,9 @@ impl DockerProvider {
             Some(endpoint) => Self::with_endpoint(endpoint.clone(), config.docker_timeout()),
             None => Self::new(config.docker_timeout()),
         };
-        provider.with_link_locks(&crate::dataplane::agent::state_dir(&config.workspace_root))
+        provider
+            .with_link_locks(&crate::dataplane::agent::state_dir(&config.workspace_root))
+            .with_exec_user(config.sandbox_user())
     }
 
     /// The endpoint in use, for messages.
@@ -198,6 +218,7 @@ impl DockerProvider {
             docker: docker.clone(),
             container: container.to_owned(),
             marker: marker.to_owned(),
+            user: self.exec_user.clone(),
             cancels: self.cancels.clone(),
             links: through_link.then(|| self.links.clone()),
             armed: true,
@@ -211,7 +232,10 @@ impl DockerProvider {
         };
         // The call may hold every pid of the container for a moment: retry.
         for attempt in 1..=3u64 {
-            match self.bounded(run_kill(docker, container, marker)).await {
+            match self
+                .bounded(run_kill(docker, container, marker, &self.exec_user))
+                .await
+            {
                 Ok(r) if r.exit_code == Some(0) => {
                     tracing::debug!(container, "timed-out call killed");
                     return;
@@ -285,20 +309,39 @@ fn convert(e: &BollardError) -> ProviderError {
     }
 }
 
-/// One kill of a call's processes: `sandbox-agent kill` where the agent is
-/// mounted (one process, no fork, any shell), else [`KILL_SCRIPT`].
+/// `UID:GID` as the engine takes it.
+fn user_arg(user: crate::config::UserIds) -> String {
+    format!("{}:{}", user.uid, user.gid)
+}
+
+/// Root in the container: where the agent serves, the identity that ends a
+/// call's group (its processes' environments are out of root's reach
+/// without `CAP_SYS_PTRACE`, their group is not).
+const ROOT: &str = "0:0";
+
+/// One kill of a call's processes, as the engine runs it: `sandbox-agent
+/// kill` as root (the groups of calls the agent ran), then as the sandbox
+/// user `user` (the processes that carry the marker: calls run through the
+/// engine), or [`KILL_SCRIPT`] where no agent is mounted. The last answer.
 async fn run_kill(
     docker: &Docker,
     container: &str,
     marker: &str,
+    user: &str,
 ) -> Result<bollard::models::ExecInspectResponse, BollardError> {
     let agent = vec![
         crate::dataplane::agent::AGENT_MOUNT.to_owned(),
         "kill".to_owned(),
         marker.to_owned(),
     ];
-    match run_kill_with(docker, container, agent).await {
-        Ok(r) if r.exit_code == Some(0) => return Ok(r),
+    let as_root = run_kill_with(docker, container, ROOT, agent.clone()).await;
+    match run_kill_with(docker, container, user, agent).await {
+        Ok(r) if r.exit_code == Some(0) => {
+            return match as_root {
+                Ok(root) if root.exit_code != Some(0) => Ok(root),
+                _ => Ok(r),
+            }
+        }
         // No agent in this container (or it failed): the script.
         _ => {}
     }
@@ -309,24 +352,64 @@ async fn run_kill(
         "kill".into(),
         marker.into(),
     ];
-    run_kill_with(docker, container, script).await
+    run_kill_with(docker, container, user, script).await
 }
 
 async fn run_kill_with(
     docker: &Docker,
     container: &str,
+    user: &str,
     cmd: Vec<String>,
 ) -> Result<bollard::models::ExecInspectResponse, BollardError> {
-    let exec = super::agent_link::run_to_end(docker, container, cmd).await?;
+    let exec = exec_to_end(docker, container, Some(user), cmd).await?;
     docker.inspect_exec(&exec).await
 }
 
+/// Runs `argv` in `container` through the engine as `user` (the container's
+/// own user when `None`), until its output ends; the exec's id.
+pub(super) async fn exec_to_end(
+    docker: &Docker,
+    container: &str,
+    user: Option<&str>,
+    argv: Vec<String>,
+) -> Result<String, BollardError> {
+    let config = ExecConfig {
+        cmd: Some(argv),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        user: user.map(str::to_owned),
+        ..Default::default()
+    };
+    let exec = docker.create_exec(container, config).await?;
+    if let StartExecResults::Attached { mut output, .. } = docker.start_exec(&exec.id, None).await?
+    {
+        while output.next().await.is_some() {}
+    }
+    Ok(exec.id)
+}
+
+/// The capabilities a container whose agent serves keeps, for the agent
+/// alone: to run each command as the sandbox user in a group of its own
+/// (setuid, setgid) and to end that group (kill). Every command drops them
+/// all when it becomes the sandbox user, and `no-new-privileges` keeps it
+/// from regaining any.
+pub const AGENT_CAPABILITIES: [&str; 3] = ["SETUID", "SETGID", "KILL"];
+
 /// The engine's create body for a plan: hardened by default.
+///
+/// Where the agent serves, it is the main process (pid 1, no tini) and runs
+/// as root with [`AGENT_CAPABILITIES`] only, so that the workload, the
+/// sandbox user with none, can neither signal, trace nor read it. Without
+/// it the container runs as the sandbox user with no capability at all.
 pub fn create_body(plan: &ContainerPlan) -> ContainerCreateBody {
-    let user = format!("{}:{}", plan.user.uid, plan.user.gid);
     // The agent talks on the attach stream: stdin stays open for any number
     // of attaches, and nothing it says is logged to disk.
     let serves = plan.agent_serves();
+    let user = if serves {
+        ROOT.to_owned()
+    } else {
+        user_arg(plan.user)
+    };
     ContainerCreateBody {
         image: Some(plan.image.clone()),
         cmd: Some(plan.command.clone()),
@@ -358,13 +441,14 @@ pub fn create_body(plan: &ContainerPlan) -> ContainerCreateBody {
                 .collect(),
             ),
             cap_drop: Some(vec!["ALL".to_owned()]),
+            cap_add: serves.then(|| AGENT_CAPABILITIES.map(str::to_owned).to_vec()),
             security_opt: Some(vec!["no-new-privileges".to_owned()]),
             memory: Some(plan.limits.memory_bytes),
             memory_swap: Some(plan.limits.memory_bytes),
             nano_cpus: Some((plan.limits.cpus * 1e9) as i64),
             pids_limit: Some(plan.limits.pids),
             network_mode: Some(plan.network.clone()),
-            init: Some(true),
+            init: Some(!serves),
             readonly_rootfs: Some(plan.read_only_rootfs),
             tmpfs: plan.read_only_rootfs.then(|| {
                 HashMap::from([(
@@ -456,7 +540,7 @@ impl DockerProvider {
             sink,
         } = io;
         let feeds = stdin.is_some() || request.stdin.is_some();
-        let config = engine_exec_config(request, feeds);
+        let config = engine_exec_config(request, feeds, &self.exec_user);
         let exec = self.call(docker.create_exec(id, config)).await?;
         let mut cancel = self.cancel_on_drop(docker, id, &request.marker, false);
         let started = self
@@ -514,8 +598,8 @@ impl DockerProvider {
 }
 
 /// The engine's exec of `request`: `sh -c`, under `reap` where the agent
-/// is mounted.
-fn engine_exec_config(request: &ExecRequest, feeds: bool) -> ExecConfig {
+/// is mounted, as the request's user or else `exec_user`.
+fn engine_exec_config(request: &ExecRequest, feeds: bool, exec_user: &str) -> ExecConfig {
     let cmd = if request.agent {
         crate::dataplane::agent::reap_argv(&request.command, request.timeout)
     } else {
@@ -528,7 +612,7 @@ fn engine_exec_config(request: &ExecRequest, feeds: bool) -> ExecConfig {
         attach_stdin: Some(feeds),
         env: Some(request.env.clone()),
         working_dir: Some(request.workdir.clone()),
-        user: request.user.clone(),
+        user: Some(request.user.clone().unwrap_or_else(|| exec_user.to_owned())),
         ..Default::default()
     }
 }
@@ -919,6 +1003,32 @@ mod tests {
         assert_eq!(body.labels.unwrap()["sandbox.backend"], "alice");
         assert_eq!(host.readonly_rootfs, Some(false));
         assert!(host.runtime.is_none());
+    }
+
+    #[test]
+    fn where_the_agent_serves_it_alone_is_root_with_three_capabilities() {
+        let plan = ContainerPlan::new(
+            &Config::default(),
+            &sandbox_contract::BackendId::parse("alice").unwrap(),
+            "/ws/alice".into(),
+            UserIds {
+                uid: 1000,
+                gid: 1000,
+            },
+            Default::default(),
+        )
+        .with_agent("/state/agent".into());
+        let body = create_body(&plan);
+        let host = body.host_config.unwrap();
+        // The main process is the agent as root, pid 1 (no tini)...
+        assert_eq!(body.user.as_deref(), Some("0:0"));
+        assert_eq!(host.init, Some(false));
+        assert_eq!(host.cap_drop.unwrap(), ["ALL"]);
+        assert_eq!(host.cap_add.unwrap(), ["SETUID", "SETGID", "KILL"]);
+        assert_eq!(host.security_opt.unwrap(), ["no-new-privileges"]);
+        // ...told whom every command runs as.
+        let cmd = body.cmd.unwrap();
+        assert_eq!(cmd[1..], ["init", "--user", "1000:1000"]);
     }
 
     #[test]

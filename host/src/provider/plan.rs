@@ -26,7 +26,8 @@ pub struct ContainerPlan {
     pub labels: HashMap<String, String>,
     /// Host directory bind-mounted read-write at `/workspace`.
     pub workspace_path: PathBuf,
-    /// uid:gid the container's processes run as.
+    /// uid:gid of the sandbox user: every command and file transfer runs
+    /// as it (the agent, where it serves, as root; see `create_body`).
     pub user: UserIds,
     /// Memory, CPU and process limits.
     pub limits: Limits,
@@ -53,7 +54,7 @@ impl ContainerPlan {
             agent::AGENT_SERVES.to_owned(),
         );
         self.agent = Some(agent_path);
-        self.command = agent::init_argv();
+        self.command = agent::init_argv(self.user.uid, self.user.gid);
         self
     }
 

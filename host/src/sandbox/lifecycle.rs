@@ -35,8 +35,10 @@ impl Sandbox {
     /// policy's idle and capacity decisions, then managed containers no
     /// backend owns any more: stopped or dead ones, ones labelled by
     /// another policy than the running one (left by a swap), and, with
-    /// `max_age`, ones created longer ago. Only containers labelled for
-    /// this namespace are considered; busy ones are deferred.
+    /// `max_age`, ones created longer ago; and ones made by an older host
+    /// whose agent is outdated (the next use creates a current one). Only
+    /// containers labelled for this namespace are considered; busy ones are
+    /// deferred.
     pub async fn gc(&self, max_age: Option<Duration>, dry_run: bool) -> Result<Vec<GcEntry>> {
         let before = self.list().await?;
         let mut entries = Vec::new();
@@ -56,7 +58,10 @@ impl Sandbox {
             if entries.iter().any(|e| e.container.id == container.id) {
                 continue;
             }
-            let Some(reason) = orphaned(&container, &policy, max_age, now) else {
+            let outdated = self.inner.engine.outdated(&container);
+            let Some(reason) = orphaned(&container, &policy, max_age, now)
+                .or_else(|| outdated.then(|| OUTDATED.to_owned()))
+            else {
                 continue;
             };
             let (reason, removed) = if dry_run {
@@ -101,6 +106,29 @@ impl Sandbox {
             )),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// Why gc removes a container an older host made (see [`Engine::outdated`]).
+///
+/// [`Engine::outdated`]: crate::engine::Engine::outdated
+const OUTDATED: &str = "made by an older host: its agent is outdated";
+
+impl Sandbox {
+    /// Removes the containers made by an older host (their agent is
+    /// outdated) that have no work in flight, each through its backend's
+    /// lane: their next use creates a current one. The number removed.
+    pub async fn retire_outdated(&self) -> Result<usize> {
+        let mut removed = 0;
+        for container in self.list().await? {
+            if self.inner.engine.outdated(&container)
+                && self.collect(&container, OUTDATED.to_owned()).await?.1
+            {
+                tracing::info!(container = container.name, "{OUTDATED}: removed while idle");
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 }
 
@@ -158,6 +186,9 @@ impl Sandbox {
                         tracing::info!(removed = removed.len(), "maintenance removed containers")
                     }
                     Err(e) => tracing::warn!(error = %e, "maintenance failed"),
+                }
+                if let Err(e) = sandbox.retire_outdated().await {
+                    tracing::warn!(error = %e, "retiring outdated containers failed");
                 }
             }
         });

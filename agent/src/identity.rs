@@ -1,0 +1,157 @@
+//! Who runs what inside the container: the agent as root with only the
+//! capabilities it needs (setuid, setgid, kill), every command as the
+//! sandbox user, with no capability and a supplementary group of its own.
+//!
+//! The call's group is what the agent ends at a timeout or a cancel: a
+//! process cannot leave a supplementary group without `CAP_SETGID` (and
+//! `no-new-privileges` keeps it from regaining one), so it carries it
+//! through `setsid`, double forks, `env -i` and the death of its `reap`,
+//! under runc and gVisor alike; and the workload, another uid with no
+//! capability, can neither signal, trace nor read the agent.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// `UID:GID` of the sandbox user, as `--user` gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SandboxUser {
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
+}
+
+impl SandboxUser {
+    /// `UID:GID`, both numeric and neither 0: the workload is never root.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (uid, gid) = text
+            .split_once(':')
+            .ok_or_else(|| format!("--user {text:?}: expected UID:GID"))?;
+        let number = |s: &str| {
+            s.parse::<u32>()
+                .ok()
+                .filter(|n| *n != 0 && *n != u32::MAX)
+                .ok_or_else(|| format!("--user {text:?}: not a non-root numeric id"))
+        };
+        Ok(SandboxUser {
+            uid: number(uid)?,
+            gid: number(gid)?,
+        })
+    }
+
+    /// As given on a command line.
+    pub fn arg(&self) -> String {
+        format!("{}:{}", self.uid, self.gid)
+    }
+}
+
+/// The value of `--user` among `args` (the only option these verbs take
+/// before their own); an error for anything else.
+pub fn user_option(args: &[String]) -> Result<Option<SandboxUser>, String> {
+    match args {
+        [] => Ok(None),
+        [flag, value] if flag == "--user" => SandboxUser::parse(value).map(Some),
+        other => Err(format!("unexpected arguments {other:?}")),
+    }
+}
+
+/// Where call groups start: above every id an image or a user namespace
+/// plausibly uses.
+const GROUP_BASE: u32 = 1 << 30;
+/// How many ids call groups are drawn from.
+const GROUP_SPAN: u32 = 1 << 29;
+
+/// Hands out call groups: a random start per serve process (a restarted
+/// serve never reuses the groups of calls its predecessor left running),
+/// then one after the other.
+pub struct CallGroups(AtomicU32);
+
+impl CallGroups {
+    pub fn new() -> Self {
+        CallGroups(AtomicU32::new(random_u32() % GROUP_SPAN))
+    }
+
+    /// A group no call of this serve had.
+    pub fn next(&self) -> libc::gid_t {
+        GROUP_BASE + self.0.fetch_add(1, Ordering::Relaxed) % GROUP_SPAN
+    }
+}
+
+fn random_u32() -> u32 {
+    let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap_or_default();
+    let hex: String = uuid
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(8)
+        .collect();
+    u32::from_str_radix(&hex, 16).unwrap_or_else(|_| std::process::id().wrapping_mul(2654435761))
+}
+
+/// In a forked child about to exec the command: become the sandbox user in
+/// `group` for good. Only async-signal-safe calls (it runs between fork and
+/// exec). From root to another uid the kernel clears every capability.
+pub fn drop_to(user: SandboxUser, group: libc::gid_t) -> std::io::Result<()> {
+    let groups = [user.gid, group];
+    // SAFETY: plain syscalls with a local array; no allocation.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::setgroups(groups.len(), groups.as_ptr()) != 0
+            || libc::setgid(user.gid) != 0
+            || libc::setuid(user.uid) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        // There is no way back (setuid from root drops the saved uid too).
+        if libc::setuid(0) == 0 {
+            return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+        }
+    }
+    Ok(())
+}
+
+/// Whether this process may give commands away to the sandbox user (it is
+/// root): otherwise commands run as this process, as before privilege
+/// separation (an agent started through `docker exec` as the sandbox user).
+pub fn can_drop() -> bool {
+    // SAFETY: no arguments.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sandbox_user_is_numeric_and_never_root() {
+        assert_eq!(
+            SandboxUser::parse("1000:1001"),
+            Ok(SandboxUser {
+                uid: 1000,
+                gid: 1001
+            })
+        );
+        for bad in [
+            "0:1000",
+            "1000:0",
+            "1000",
+            "a:b",
+            "1000:",
+            ":1",
+            "4294967295:1",
+        ] {
+            assert!(SandboxUser::parse(bad).is_err(), "{bad}");
+        }
+        let args = |s: &[&str]| s.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        assert_eq!(user_option(&args(&[])), Ok(None));
+        assert!(user_option(&args(&["--user", "7:7"])).unwrap().is_some());
+        assert!(user_option(&args(&["--user"])).is_err());
+        assert!(user_option(&args(&["--uid", "7:7"])).is_err());
+    }
+
+    #[test]
+    fn call_groups_are_above_every_ordinary_id_and_distinct() {
+        let groups = CallGroups::new();
+        let a = groups.next();
+        let b = groups.next();
+        assert_ne!(a, b);
+        assert!((GROUP_BASE..GROUP_BASE + GROUP_SPAN).contains(&a));
+        assert!((GROUP_BASE..GROUP_BASE + GROUP_SPAN).contains(&b));
+    }
+}
