@@ -16,61 +16,13 @@ use sha2::Digest;
 use support::{docker, Harness};
 
 fn container_of(h: &Harness, user: &str) -> String {
-    h.containers()
-        .into_iter()
-        .find(|(name, _, _)| name.ends_with(&format!(".{user}")))
-        .map(|(_, id, _)| id)
-        .expect("the user's container")
+    h.container_of(user)
 }
 
-/// Replaces `user`'s container behind the host's back with one as another
-/// host would have made: the same name, labels, mounts and user, but the
-/// `sandbox.agent` label `agent_label` and the main command `cmd` (after
-/// tini, with stdin open, nothing logged). The new container's id.
+/// `user`'s container replaced as an older host made it (see
+/// [`Harness::replace_as_older_host`]), but for its main command `cmd`.
 fn recreate(h: &Harness, user: &str, agent_label: &str, cmd: &[&str]) -> String {
-    let id = container_of(h, user);
-    let inspected = docker(&[
-        "inspect",
-        "--format",
-        "{{.Name}}|{{.Config.Image}}|{{.Config.User}}|{{json .Config.Labels}}|{{range .Mounts}}{{.Source}}:{{.Destination}}:{{if .RW}}rw{{else}}ro{{end}} {{end}}",
-        &id,
-    ]);
-    let fields: Vec<&str> = inspected.trim().split('|').collect();
-    // As hosts before privilege separation made them: all as the sandbox
-    // user (the tests' host runs as root, so 1000:1000).
-    let (name, image, user_ids) = (fields[0].trim_start_matches('/'), fields[1], "1000:1000");
-    assert_eq!(fields[2], "0:0", "this host runs the agent as root");
-    let mut labels: std::collections::BTreeMap<String, String> =
-        serde_json::from_str(fields[3]).unwrap();
-    labels.insert("sandbox.agent".into(), agent_label.into());
-    let mounts: Vec<&str> = fields[4].split_whitespace().collect();
-    docker(&["rm", "-f", &id]);
-    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let mut args = vec![
-        "run",
-        "-d",
-        "-i",
-        "--init",
-        "--name",
-        name,
-        "--user",
-        user_ids,
-        "--network",
-        "none",
-        "--log-driver",
-        "none",
-        "--workdir",
-        "/workspace",
-    ];
-    for label in &labels {
-        args.extend(["--label", label]);
-    }
-    for mount in &mounts {
-        args.extend(["-v", mount]);
-    }
-    args.push(image);
-    args.extend(cmd);
-    docker(&args).trim().to_owned()
+    h.replace_as_older_host(user, agent_label, cmd)
 }
 
 /// Runs `command` until it goes through the agent again (a fallback or a
@@ -422,46 +374,6 @@ async fn two_host_processes_attached_at_once_never_interleave_their_requests() {
             "a request was refused by the agent and fell back"
         );
     }
-}
-
-/// A container made by a host from before protocol versions (label
-/// `sandbox.agent=serve`, everything as the sandbox user): a host never
-/// attaches to it (its executes go through `docker exec`), and once
-/// maintenance finds it idle it is removed, so the next use creates a
-/// current one, whose executes go through the agent. (While busy it is kept:
-/// the removal is `UnlessBusy`.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_container_of_a_host_before_versions_is_recreated_when_idle() {
-    let h = Harness::new("xold");
-    {
-        let sandbox = h.sandbox().await;
-        let b = sandbox.get_thread_backend("alice-1").await.unwrap();
-        assert!(b.execute("true").await.unwrap().via_agent);
-    }
-    let old = recreate(&h, "alice", "serve", &["/.sandbox/agent", "init"]);
-    let sandbox = h.sandbox().await;
-    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
-    let r = b.execute("echo kept > note").await.unwrap();
-    assert!(
-        !r.via_agent,
-        "an outdated agent is never attached to: {r:?}"
-    );
-    assert_eq!(container_of(&h, "alice"), old[..12], "kept until idle");
-    // Idle: maintenance (here called at once) removes it; the next use
-    // creates a current one, and the files stay (the workspace).
-    assert_eq!(sandbox.retire_outdated().await.unwrap(), 1);
-    let r = b.execute("cat note").await.unwrap();
-    assert_eq!(r.output, "kept\n");
-    let new = container_of(&h, "alice");
-    assert_ne!(new, old[..12], "the outdated container was replaced");
-    let label = docker(&[
-        "inspect",
-        "--format",
-        "{{index .Config.Labels \"sandbox.agent\"}}|{{.Config.User}}",
-        &new,
-    ]);
-    assert_eq!(label.trim(), format!("serve-v{PROTOCOL_VERSION}|0:0"));
-    until_via_agent(&b, Duration::from_secs(10)).await;
 }
 
 /// A container labelled with this host's version whose agent answers in

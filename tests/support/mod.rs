@@ -135,6 +135,69 @@ impl Harness {
     }
 
     /// `(name, id, state)` of every container of this namespace, by name.
+    /// The id of `user`'s container (panics when it has none).
+    pub fn container_of(&self, user: &str) -> String {
+        self.containers()
+            .into_iter()
+            .find(|(name, _, _)| name.ends_with(&format!(".{user}")))
+            .map(|(_, id, _)| id)
+            .expect("the user's container")
+    }
+
+    /// Replaces `user`'s container behind the host's back with one as a
+    /// host before privilege separation made it: the same name, ownership
+    /// labels and mounts, the `sandbox.agent` label `agent_label`, every
+    /// process as the sandbox user with no capability, the main command
+    /// `cmd` under tini (stdin open, nothing logged). The new container's id.
+    pub fn replace_as_older_host(&self, user: &str, agent_label: &str, cmd: &[&str]) -> String {
+        let id = self.container_of(user);
+        let inspected = docker(&[
+            "inspect",
+            "--format",
+            "{{.Name}}|{{.Config.Image}}|{{json .Config.Labels}}|{{range .Mounts}}{{.Source}}:{{.Destination}}:{{if .RW}}rw{{else}}ro{{end}} {{end}}",
+            &id,
+        ]);
+        let fields: Vec<&str> = inspected.trim().split('|').collect();
+        let (name, image) = (fields[0].trim_start_matches('/'), fields[1]);
+        let mut labels: std::collections::BTreeMap<String, String> =
+            serde_json::from_str(fields[2]).unwrap();
+        labels.insert("sandbox.agent".into(), agent_label.into());
+        let mounts: Vec<&str> = fields[3].split_whitespace().collect();
+        let user = self.config().sandbox_user();
+        let user = format!("{}:{}", user.uid, user.gid);
+        docker(&["rm", "-f", &id]);
+        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut args = vec![
+            "run",
+            "-d",
+            "-i",
+            "--init",
+            "--name",
+            name,
+            "--user",
+            &user,
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges",
+            "--network",
+            "none",
+            "--log-driver",
+            "none",
+            "--workdir",
+            "/workspace",
+        ];
+        for label in &labels {
+            args.extend(["--label", label]);
+        }
+        for mount in &mounts {
+            args.extend(["-v", mount]);
+        }
+        args.push(image);
+        args.extend(cmd);
+        docker(&args).trim().to_owned()
+    }
+
     pub fn containers(&self) -> Vec<(String, String, String)> {
         let out = docker(&[
             "ps",
