@@ -410,6 +410,37 @@ fn plain(expected: &str) -> &str {
     }
 }
 
+/// The longest configuration file read: a setting file, never a device.
+const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
+
+/// The text of the configuration file at `path`: a regular file of at most
+/// [`MAX_CONFIG_FILE_BYTES`] (`/dev/zero` was read for 1.7 GB).
+fn read_config_file(path: &Path) -> Result<String, ConfigError> {
+    let refuse = |why: &str| ConfigError::Read {
+        path: path.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_owned()),
+    };
+    let read = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read)?;
+    let meta = file.metadata().map_err(read)?;
+    if !meta.is_file() {
+        return Err(refuse("not a regular file"));
+    }
+    if meta.len() > MAX_CONFIG_FILE_BYTES {
+        return Err(refuse("larger than 1 MiB: not a configuration file"));
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(file, MAX_CONFIG_FILE_BYTES + 1),
+        &mut text,
+    )
+    .map_err(read)?;
+    Ok(text)
+}
+
 impl Config {
     /// Defaults, then `file` (TOML; else `SANDBOX_CONFIG`'s), then this
     /// process's environment. Unknown `SANDBOX_*` variables are logged.
@@ -426,10 +457,7 @@ impl Config {
     pub fn load_layers(layers: &Layers) -> Result<Loaded, ConfigError> {
         let mut figment = Figment::new();
         if let Some(path) = &layers.file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.clone(),
-                source,
-            })?;
+            let text = read_config_file(path)?;
             let data = Toml::string(&text)
                 .data()
                 .map_err(|source| ConfigError::Parse {

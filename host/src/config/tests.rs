@@ -109,6 +109,8 @@ fn every_key_is_settable_from_the_environment() {
                     vars.push((format!("{var}__{}", field.to_uppercase()), other(value)));
                 }
             }
+            // An absolute path: a relative one is refused.
+            _ if key == "workspace_root" => vars.push((var, "/srv/7".to_owned())),
             value => vars.push((var, other(value))),
         }
     }
@@ -503,7 +505,16 @@ fn network_is_none_or_a_docker_network_name() {
         };
         assert!(config.validate().is_ok(), "{good}");
     }
-    for bad in ["", "-x", "a b", "container:abc", "host", &"n".repeat(129)] {
+    for bad in [
+        "",
+        "-x",
+        "a b",
+        "container:abc",
+        "host",
+        "bridge",
+        "default",
+        &"n".repeat(129),
+    ] {
         let config = Config {
             network: bad.into(),
             ..Config::default()
@@ -512,6 +523,58 @@ fn network_is_none_or_a_docker_network_name() {
     }
     let err = error(&[("SANDBOX_NETWORK", "a/b")]);
     assert!(err.starts_with("SANDBOX_NETWORK: network"), "{err}");
+}
+
+#[test]
+fn unsafe_settings_are_refused_with_the_reason() {
+    // A root sandbox user would plant root-owned (setuid) files in the
+    // host's workspace.
+    let err = error(&[("SANDBOX_USER", "0:0")]);
+    assert!(err.contains("must not be root"), "{err}");
+    let err = error(&[("SANDBOX_SANDBOX_USER", "1000:0")]);
+    assert!(err.contains("must not be root"), "{err}");
+    // Docker's default bridge is shared with every container.
+    let err = error(&[("SANDBOX_NETWORK", "bridge")]);
+    assert!(err.contains("default bridge"), "{err}");
+    // A relative root made stray directories, then Docker's raw error.
+    for relative in ["ws", "~/ws", "./ws"] {
+        let err = error(&[("SANDBOX_WORKSPACE_ROOT", relative)]);
+        assert!(err.contains("must be an absolute path"), "{relative}: {err}");
+    }
+    // A device or a huge file is no configuration file (/dev/zero was
+    // read for 1.7 GB).
+    for path in ["/dev/zero", "/proc/self"] {
+        let layers = Layers {
+            file: Some(path.into()),
+            ..Layers::default()
+        };
+        let err = error_of(&layers);
+        assert!(err.contains("not a regular file"), "{path}: {err}");
+    }
+    let big = tempfile::NamedTempFile::new().unwrap();
+    big.as_file().set_len(2 << 20).unwrap();
+    let layers = Layers {
+        file: Some(big.path().to_owned()),
+        ..Layers::default()
+    };
+    let err = error_of(&layers);
+    assert!(err.contains("larger than 1 MiB"), "{err}");
+}
+
+/// The error of loading `layers`, with its causes.
+fn error_of(layers: &Layers) -> String {
+    match Config::load_layers(layers) {
+        Ok(_) => panic!("{layers:?} was accepted"),
+        Err(e) => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            text
+        }
+    }
 }
 
 /// `Duration::from_secs_f64` panics on these: they must be refused first.

@@ -42,9 +42,30 @@ impl Config {
         check_network(&self.network).map_err(|message| ("network", message))
     }
 
-    /// The namespace and the image the containers are named and made from.
+    /// The namespace, the image and the user the containers are named, made
+    /// from and run as, and where their workspaces live.
     fn check_identity(&self) -> Checked {
         validate_namespace(&self.namespace).map_err(|e| ("namespace", e))?;
+        if let Some(user) = self.sandbox_user {
+            if user.uid == 0 || user.gid == 0 {
+                return fail(
+                    "sandbox_user",
+                    "sandbox_user must not be root (uid or gid 0): the workload would hold the \
+                     container's root and plant root-owned (setuid) files in the host's \
+                     workspace; choose an unprivileged uid:gid",
+                );
+            }
+        }
+        if !self.workspace_root.is_absolute() {
+            return Err((
+                "workspace_root",
+                format!(
+                    "workspace_root {:?} must be an absolute path (`~` is not expanded): the \
+                     engine resolves bind mounts on the host, not from here",
+                    self.workspace_root
+                ),
+            ));
+        }
         if self.image.trim().is_empty() {
             return fail("image", "image must not be empty");
         }
@@ -196,6 +217,13 @@ fn check_network(network: &str) -> Result<(), String> {
              create a Docker network for them instead"
                 .into(),
         );
+    }
+    if matches!(network, "bridge" | "default") {
+        return Err(format!(
+            "network {network:?} is Docker's default bridge, shared with every container on \
+             this machine: create a network for the sandboxes (`docker network create \
+             --internal sandboxes`) and name it, or keep \"none\""
+        ));
     }
     Ok(())
 }
