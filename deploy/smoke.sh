@@ -8,7 +8,11 @@
 #   4. POST /v1/threads/deploy-1/exec writes a file, which must appear on the
 #      host under <root>/deploy owned by the sandbox uid (1000 when the
 #      server runs as root; SMOKE_EXPECT_UID overrides);
-#   5. the access log has the exec line; DELETE /v1/users/deploy destroys the
+#   5. the reload signal of deploy/sandbox.service's ExecReload (SIGHUP, sent
+#      with docker kill --signal HUP) reloads the policy and the server keeps
+#      serving: still running, /healthz 200, an exec answers, the log says
+#      "SIGHUP: policy reloaded";
+#   6. the access log has the exec line; DELETE /v1/users/deploy destroys the
 #      user; SIGTERM (docker stop) ends the server with status 0.
 # The server container, the user's sandbox, the temporary root and the
 # smoke image are removed on exit, pass or fail.
@@ -190,7 +194,35 @@ dir_owner=$(stat -c %u "$root/$user")
 [ "$dir_owner" = "$expect_uid" ] || die "$root/$user is owned by uid $dir_owner, expected $expect_uid"
 say "host file $file: 'deployed', owner uid $owner"
 
-# --- 5. access log, destroy, graceful stop -------------------------------
+# --- 5. the reload signal -------------------------------------------------
+# What the unit's ExecReload sends; the server (started without --policy,
+# the unit's default) must reload the embedded policy and keep serving.
+reload_signal=$(sed -n 's/^ExecReload=.*kill -\([A-Z0-9]*\) .*/\1/p' "$here/sandbox.service")
+[ "$reload_signal" = HUP ] || die "deploy/sandbox.service's ExecReload sends '${reload_signal:-?}', not HUP"
+say "docker kill --signal $reload_signal (the unit's ExecReload)"
+docker kill --signal "$reload_signal" "$name" >/dev/null
+reloaded=""
+for _ in $(seq 1 120); do
+    [ "$(docker inspect -f '{{.State.Running}}' "$name" 2>/dev/null)" = true ] ||
+        die "the server stopped on SIG$reload_signal: exit $(docker inspect -f '{{.State.ExitCode}}' "$name")"
+    if docker logs "$name" 2>&1 | grep -qF 'SIGHUP: policy reloaded'; then
+        reloaded=yes
+        break
+    fi
+    sleep 0.5
+done
+[ -n "$reloaded" ] || die "no 'SIGHUP: policy reloaded' in the server's log"
+http GET "$url/healthz"
+[ "$http_status" = 200 ] || die "GET /healthz after SIG$reload_signal answered $http_status: $http_body"
+http POST "$url/v1/threads/$thread/exec" '{"command": "cat out/hello.txt", "timeout_secs": 60}'
+[ "$http_status" = 200 ] || die "exec after SIG$reload_signal answered $http_status: $http_body"
+case $http_body in
+    *'"stdout":"deployed\n"'*) ;;
+    *) die "exec after SIG$reload_signal: $http_body" ;;
+esac
+say "SIG$reload_signal: policy reloaded, /healthz 200, exec: $http_body"
+
+# --- 6. access log, destroy, graceful stop -------------------------------
 docker logs "$name" 2>&1 | grep -F '/v1/threads/{thread_id}/exec' | grep -qF "$thread" ||
     die "no access-log line for the exec in the server's log"
 say "access log: $(docker logs "$name" 2>&1 | grep -F '/v1/threads/{thread_id}/exec' | tail -1)"

@@ -1080,7 +1080,10 @@ async fn a_cancel_kills_everything_the_call_started() {
     }
 
     let start = Instant::now();
-    assert!(sandbox.cancel(&id), "the cancel did not find the execution");
+    assert!(
+        sandbox.cancel("alice-1", &id).unwrap(),
+        "the cancel did not find the execution"
+    );
     let r = running.await.unwrap().expect("the cancelled call answers");
     println!("cancelled: {} in {:?}", brief(&r), start.elapsed());
     assert!(

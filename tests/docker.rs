@@ -261,9 +261,15 @@ async fn the_container_is_hardened_and_runs_as_the_workspace_owner() {
     let json: serde_json::Value = serde_json::from_str(&inspect).unwrap();
     let hc = &json[0]["HostConfig"];
     assert_eq!(hc["CapDrop"], serde_json::json!(["ALL"]));
+    // The agent alone keeps these, as pid 1 (no tini); the command above
+    // ran with none (tests/agent_reach.rs).
+    assert_eq!(
+        hc["CapAdd"],
+        serde_json::json!(["SETUID", "SETGID", "KILL"])
+    );
     assert_eq!(hc["SecurityOpt"], serde_json::json!(["no-new-privileges"]));
     assert_eq!(hc["NetworkMode"], "none");
-    assert_eq!(hc["Init"], true);
+    assert_eq!(hc["Init"], false);
     assert!(hc["PidsLimit"].as_i64().unwrap() > 0);
     assert!(hc["Memory"].as_i64().unwrap() > 0);
     assert!(hc["NanoCpus"].as_i64().unwrap() > 0);
@@ -279,10 +285,11 @@ async fn the_container_is_hardened_and_runs_as_the_workspace_owner() {
     assert!(agent.ends_with(":/.sandbox/agent:ro"), "{agent}");
     assert!(agent.starts_with(&format!("{}/.sandbox/", h.root.path().display())));
     assert!(!inspect.contains("docker.sock"));
-    assert_eq!(
-        json[0]["Config"]["User"],
-        format!("{uid}:{}", sandbox.config().sandbox_user().gid)
-    );
+    // Root is the agent's; every command is given away to the sandbox user.
+    assert_eq!(json[0]["Config"]["User"], "0:0");
+    let cmd = json[0]["Config"]["Cmd"].to_string();
+    let user = format!("{uid}:{}", sandbox.config().sandbox_user().gid);
+    assert!(cmd.contains(&format!("\"--user\",\"{user}\"")), "{cmd}");
     assert_eq!(
         json[0]["Config"]["Labels"]["sandbox.namespace"],
         h.namespace.as_str()

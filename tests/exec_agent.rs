@@ -143,7 +143,7 @@ async fn executes_go_through_the_agent_with_unchanged_semantics() {
             .await
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(sandbox.cancel("agent-cancel-1"));
+    assert!(sandbox.cancel("alice-1", "agent-cancel-1").unwrap());
     let r = running.await.unwrap().unwrap();
     assert_eq!(r.exit_code, 130);
     // The kill runs as the call is dropped, through the agent: at once.

@@ -795,3 +795,140 @@ async fn an_upload_that_breaks_midway_leaves_the_existing_file_whole_and_its_mod
     let got = b.download_files(&["fresh.txt".into()]).await.unwrap();
     assert_eq!(got[0].mode, Some(0o644));
 }
+
+/// Bug (issue 21): a file swapped for a FIFO between the download script's
+/// checks and its open left the download blocked in `open()` until the exec
+/// timeout (300 s by default), its container counted in flight all along.
+/// Here a workload flips `x` between a regular file and a FIFO as fast as
+/// it can while downloads of `x` run: every one must end within seconds,
+/// and at least one must have met the FIFO at its open (else the race was
+/// never run and the test proves nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_swapped_for_a_fifo_before_its_open_never_blocks_a_download() {
+    let h = Harness::new("fifoswap");
+    let mut config = h.config();
+    config.exec_timeout_secs = 120.0;
+    config.maintenance_interval_secs = 0.0;
+    let sandbox = h
+        .sandbox_with(
+            config,
+            sandbox_host::PolicySource::Builtin("per-user".into()),
+        )
+        .await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    b.execute("printf data > real; mkfifo fifo; ln real x")
+        .await
+        .unwrap();
+    let swapper = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            b.execute("while :; do ln -f fifo x; ln -f real x; done")
+                .await
+        })
+    };
+    // Each flip forks twice: the swap races the script's check-then-open.
+    let paths = strings(&["x"]);
+    let (mut opened_a_fifo, mut outcomes) = (0, std::collections::BTreeMap::new());
+    for _ in 0..60 {
+        let started = Instant::now();
+        let got = tokio::time::timeout(Duration::from_secs(20), b.download_files(&paths))
+            .await
+            .expect("a download blocked on a FIFO swapped in before its open")
+            .unwrap();
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(10), "took {took:?}");
+        let outcome = match (&got[0].error, &got[0].content) {
+            (None, Some(c)) => {
+                assert_eq!(c, b"data");
+                "ok".to_owned()
+            }
+            (Some(e), _) => e.to_string(),
+            (None, None) => unreachable!(),
+        };
+        *outcomes.entry(outcome).or_insert(0) += 1;
+        // The script's open waits at most its few seconds for a FIFO.
+        if took > Duration::from_secs(4) {
+            assert_eq!(got[0].error, Some(FileError::InvalidPath), "{got:?}");
+            opened_a_fifo += 1;
+            if opened_a_fifo == 2 {
+                break;
+            }
+        }
+    }
+    swapper.abort();
+    assert!(
+        opened_a_fifo > 0,
+        "the swap never reached the open in 60 downloads: {outcomes:?}"
+    );
+    sandbox.settle().await;
+}
+
+/// Bug (issue 21): a streaming download whose reader went away (an HTTP
+/// client that left) while the container sent nothing stayed in flight
+/// until the exec timeout, its container counted busy. Here the container
+/// is frozen mid-transfer, the bytes under way are drained, then the
+/// reader is dropped: the transfer must end, and release its work, within
+/// seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_download_whose_reader_went_away_leaves_flight_within_seconds() {
+    use tokio::io::AsyncReadExt;
+    let h = Harness::new("readergone");
+    let mut config = h.config();
+    config.exec_timeout_secs = 120.0;
+    config.maintenance_interval_secs = 0.0;
+    let sandbox = h
+        .sandbox_with(
+            config,
+            sandbox_host::PolicySource::Builtin("per-user".into()),
+        )
+        .await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    b.execute("head -c 50000000 /dev/zero > big").await.unwrap();
+    let container = h.container_of("alice");
+    let (mut reader, writer) = tokio::io::duplex(64 * 1024);
+    let transfer = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            let mut writer = writer;
+            let limits = b.file_limits();
+            b.download_to("big", &mut writer, &limits).await
+        })
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    let first = reader.read(&mut buf).await.unwrap();
+    assert!(first > 0);
+    support::docker(&["pause", &container]);
+    // What was under way before the freeze arrives; then nothing does.
+    let mut drained = first;
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(2), reader.read(&mut buf)).await
+    {
+        assert!(n > 0, "the frozen transfer ended");
+        drained += n;
+    }
+    assert!(drained < 50_000_000, "the whole file came through");
+    let left = Instant::now();
+    drop(reader);
+    let ended = tokio::time::timeout(Duration::from_secs(20), transfer).await;
+    let took = left.elapsed();
+    support::docker(&["unpause", &container]);
+    let outcome = ended.expect("the abandoned transfer was still running after 20 s");
+    assert!(
+        took < Duration::from_secs(3),
+        "ended {took:?} after its reader left"
+    );
+    assert!(
+        outcome.unwrap().is_err(),
+        "an abandoned transfer is no download"
+    );
+    let busy: u32 = sandbox
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.in_flight)
+        .sum();
+    assert_eq!(busy, 0, "its work was released");
+    sandbox.settle().await;
+    let r = b.execute("echo usable").await.unwrap();
+    assert_eq!(r.output, "usable\n");
+}

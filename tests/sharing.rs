@@ -164,8 +164,8 @@ async fn a_cancel_by_id_kills_the_whole_tree_and_reports_cancelled() {
         })
     };
     wait_in_flight(&sandbox, 1).await;
-    assert!(!sandbox.cancel("no-such-execution"));
-    assert!(sandbox.cancel("cancel-me-0001"));
+    assert!(!sandbox.cancel("y-1", "no-such-execution").unwrap());
+    assert!(sandbox.cancel("y-1", "cancel-me-0001").unwrap());
     let r = running.await.unwrap().unwrap();
     assert_eq!(r.exit_code, 130, "{r:?}");
     assert_eq!(r.reason, Some(EndReason::Cancelled));
@@ -173,7 +173,10 @@ async fn a_cancel_by_id_kills_the_whole_tree_and_reports_cancelled() {
     sandbox.settle().await;
     let ps = b.execute("ps -o args").await.unwrap().output;
     assert!(!ps.contains("sleep 30"), "left behind: {ps}");
-    assert!(!sandbox.cancel("cancel-me-0001"), "gone once it ended");
+    assert!(
+        !sandbox.cancel("y-1", "cancel-me-0001").unwrap(),
+        "gone once it ended"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -369,7 +372,7 @@ async fn a_cancelled_fork_loop_dies_under_dash_too() {
     };
     wait_in_flight(&sandbox, 1).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(sandbox.cancel("dash-kill-0001"));
+    assert!(sandbox.cancel("z-1", "dash-kill-0001").unwrap());
     let r = running.await.unwrap().unwrap();
     assert_eq!(r.reason, Some(EndReason::Cancelled), "{r:?}");
     sandbox.settle().await;
@@ -379,4 +382,54 @@ async fn a_cancelled_fork_loop_dies_under_dash_too() {
         .unwrap()
         .output;
     assert!(!left.contains("sleep 30"), "left behind: {left}");
+}
+
+/// Bug (issue 21): execution ids were one namespace across users: bob
+/// reusing alice's running id was told it was running (learning it), and a
+/// cancel by id killed alice's command. Ids are now the thread's user's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn execution_ids_are_scoped_per_user() {
+    let h = Harness::new("execids");
+    let sandbox = per_user(&h, h.config()).await;
+    let alice = sandbox.get_thread_backend("alice-1").await.unwrap();
+    let bob = sandbox.get_thread_backend("bob-1").await.unwrap();
+    alice.execute("true").await.unwrap();
+    bob.execute("true").await.unwrap();
+    let id = "shared-id-0001";
+    let with_id = || ExecOptions {
+        execution_id: Some(id.into()),
+        ..ExecOptions::default()
+    };
+    let running = {
+        let alice = alice.clone();
+        let options = with_id();
+        tokio::spawn(async move { alice.execute_with("sleep 305", options).await })
+    };
+    wait_in_flight(&sandbox, 1).await;
+
+    // Bob's id is his own: nothing tells him alice uses it.
+    let r = bob.execute_with("echo bob", with_id()).await.unwrap();
+    assert_eq!((r.output.as_str(), r.exit_code), ("bob\n", 0), "{r:?}");
+    assert_eq!(r.execution_id, id);
+    // Nor can he cancel hers.
+    assert!(!sandbox.cancel("bob-1", id).unwrap());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !running.is_finished(),
+        "bob's cancel reached alice's command"
+    );
+    // Alice's own reuse of a running id is refused, as before.
+    let again = alice.execute_with("true", with_id()).await.unwrap_err();
+    assert!(again.to_string().contains("already running"), "{again}");
+
+    // Alice cancels it, from any of her threads.
+    assert!(sandbox.cancel("alice-2", id).unwrap());
+    let r = running.await.unwrap().unwrap();
+    assert_eq!(r.exit_code, 130, "{r:?}");
+    assert_eq!(r.reason, Some(EndReason::Cancelled));
+    assert!(
+        !sandbox.cancel("alice-1", id).unwrap(),
+        "gone once it ended"
+    );
+    assert!(sandbox.cancel("not a thread", id).is_err());
 }

@@ -466,12 +466,42 @@ async fn a_read_only_root_keeps_workspace_and_tmp_writable() {
     assert_eq!(ro.trim(), "true");
 }
 
+/// `bytes` with a custom section appended: the same component (the same
+/// name, the same behaviour), another digest.
+fn rebuilt(bytes: &[u8]) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    let payload = b"\x05build-2";
+    out.push(0); // a custom section
+    out.push(payload.len() as u8);
+    out.extend_from_slice(payload);
+    out
+}
+
+fn label(id: &str, key: &str) -> String {
+    let format = format!("{{{{index .Config.Labels \"{key}\"}}}}");
+    docker(&["inspect", "--format", &format, id])
+        .trim()
+        .to_owned()
+}
+
+/// Bug (issue 21): `sandbox gc` run without the server's `--policy` removed
+/// every container of the server: their policy's name was not the running
+/// one's. Containers now carry their policy's digest, and a gc leaves the
+/// containers of another policy (another name, or the same name built
+/// from other bytes) alone unless told (`--other-policies`); never an
+/// unlabelled container.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn gc_removes_orphans_of_another_policy_and_never_unlabelled_containers() {
+async fn gc_leaves_another_policys_containers_alone_unless_told_and_never_unlabelled_ones() {
+    use sandbox_host::GcOptions;
+    use sha2::Digest;
     let h = Harness::new("gc");
     let victim = h.victim();
+    let config = Config {
+        maintenance_interval_secs: 0.0,
+        ..h.config()
+    };
     let per_thread = h
-        .sandbox_with(h.config(), PolicySource::Builtin("per-thread".into()))
+        .sandbox_with(config.clone(), PolicySource::Builtin("per-thread".into()))
         .await;
     per_thread
         .get_thread_backend("alice-1")
@@ -480,7 +510,9 @@ async fn gc_removes_orphans_of_another_policy_and_never_unlabelled_containers() 
         .execute("true")
         .await
         .unwrap();
-    let per_user = h.sandbox().await;
+    let per_user = h
+        .sandbox_with(config.clone(), PolicySource::Builtin("per-user".into()))
+        .await;
     per_user
         .get_thread_backend("bob-1")
         .await
@@ -489,22 +521,169 @@ async fn gc_removes_orphans_of_another_policy_and_never_unlabelled_containers() 
         .await
         .unwrap();
     assert_eq!(h.containers().len(), 2);
+    let (alice, bob) = (h.container_of("alice-1"), h.container_of("bob"));
+    let digest =
+        |bytes: &[u8]| format!("sha256:{}", &hex::encode(sha2::Sha256::digest(bytes))[..16]);
+    assert_eq!(label(&alice, "sandbox.policy"), "per-thread");
+    assert_eq!(
+        label(&alice, "sandbox.policy-digest"),
+        digest(policies::PER_THREAD)
+    );
+    assert_eq!(
+        label(&bob, "sandbox.policy-digest"),
+        digest(policies::PER_USER)
+    );
+    assert_eq!(per_user.policy_digest(), digest(policies::PER_USER));
 
+    // As `sandbox gc` without the server's --policy: nothing of the other
+    // policy goes, even past a max age.
     let dry = per_user.gc(None, true).await.unwrap();
-    assert_eq!(dry.len(), 1, "{dry:?}");
-    assert_eq!(dry[0].container.backend_id, "alice-1");
-    assert!(!dry[0].removed);
-    assert_eq!(h.containers().len(), 2, "a dry run removes nothing");
+    assert!(dry.is_empty(), "{dry:?}");
+    let report = per_user
+        .gc_with(GcOptions {
+            max_age: Some(Duration::from_secs(3600)),
+            ..GcOptions::default()
+        })
+        .await
+        .unwrap();
+    assert!(report.entries.is_empty(), "{:?}", report.entries);
+    let left_alone: Vec<&str> = report
+        .other_policies
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(left_alone, [format!("sandbox.{}.alice-1", h.namespace)]);
+    assert_eq!(h.containers().len(), 2);
 
-    let done = per_user.gc(None, false).await.unwrap();
-    assert_eq!((done.len(), done[0].removed), (1, true));
+    // The same name built from other bytes is another policy too; and its
+    // `maintain` does not apply its own idle rule (1 s here) to them.
+    let other_build = h
+        .sandbox_with(
+            Config {
+                policy_config: [("idle_ttl_secs".to_owned(), "1".to_owned())].into(),
+                ..config.clone()
+            },
+            PolicySource::Bytes {
+                label: "per-user, rebuilt".into(),
+                bytes: rebuilt(policies::PER_USER),
+            },
+        )
+        .await;
+    assert_eq!(other_build.policy_name(), "per-user");
+    assert_ne!(other_build.policy_digest(), per_user.policy_digest());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let zero = GcOptions {
+        max_age: Some(Duration::ZERO),
+        ..GcOptions::default()
+    };
+    let report = other_build.gc_with(zero).await.unwrap();
+    assert!(report.entries.is_empty(), "{:?}", report.entries);
+    assert_eq!(report.other_policies.len(), 2);
+    assert_eq!(h.containers().len(), 2);
+    let would = other_build
+        .gc_with(GcOptions {
+            dry_run: true,
+            other_policies: true,
+            ..GcOptions::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        would.entries.len(),
+        2,
+        "told, it would: {:?}",
+        would.entries
+    );
+    assert!(
+        would
+            .entries
+            .iter()
+            .all(|e| e.reason.starts_with("policy: idle")),
+        "{:?}",
+        would.entries
+    );
+
+    // Told: the other policy's container goes, with the reason.
+    let told = GcOptions {
+        other_policies: true,
+        ..GcOptions::default()
+    };
+    let dry = per_user
+        .gc_with(GcOptions {
+            dry_run: true,
+            ..told
+        })
+        .await
+        .unwrap();
+    assert_eq!(dry.entries.len(), 1, "{:?}", dry.entries);
+    assert!(dry.entries[0].container.id.starts_with(&alice));
+    assert!(dry.entries[0].reason.contains("not the running policy"));
+    assert!(!dry.entries[0].removed);
+    assert_eq!(h.containers().len(), 2, "a dry run removes nothing");
+    let done = per_user.gc_with(told).await.unwrap();
+    assert_eq!(done.entries.len(), 1, "{:?}", done.entries);
+    assert!(done.entries[0].removed);
     let left: Vec<String> = h.containers().into_iter().map(|c| c.0).collect();
     assert_eq!(left, [format!("sandbox.{}.bob", h.namespace)]);
 
-    let aged = per_user.gc(Some(Duration::ZERO), false).await.unwrap();
-    assert_eq!(aged.len(), 1, "max age 0 takes bob too: {aged:?}");
+    // Its own containers: max age 0 takes bob.
+    let aged = per_user.gc_with(zero).await.unwrap();
+    assert_eq!(
+        aged.entries.len(),
+        1,
+        "max age 0 takes bob: {:?}",
+        aged.entries
+    );
     assert!(h.containers().is_empty());
     assert_eq!(h.state(&victim), "running", "never an unlabelled container");
+}
+
+/// Bug (issue 21): gc reported whatever `maintain` said it removed. A
+/// policy claiming to have removed every container (removing none) got its
+/// claims reported as removals, and its claimed containers skipped the
+/// host's own orphan check: stopped ones stayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gc_reports_only_the_removals_that_happened_and_orphans_stay_the_hosts() {
+    let h = Harness::new("liar");
+    let mut config = h.config();
+    config.maintenance_interval_secs = 0.0;
+    config
+        .policy_config
+        .insert("maintain".into(), "liar".into());
+    let sandbox = h.sandbox_with(config, hostile()).await;
+    let mut ids = Vec::new();
+    for thread in ["carol-1", "carol-2", "carol-3"] {
+        let backend = sandbox.get_thread_backend(thread).await.unwrap();
+        ids.push(backend.ensure_container().await.unwrap().id);
+    }
+    // Two orphans: stopped behind the host's back.
+    docker(&["stop", "-t", "0", &ids[0], &ids[1]]);
+
+    let claimed = sandbox.maintain(false).await.unwrap();
+    assert!(claimed.is_empty(), "claims are not removals: {claimed:?}");
+    assert_eq!(h.containers().len(), 3);
+
+    let entries = sandbox.gc(None, false).await.unwrap();
+    let mut removed: Vec<(&str, &str)> = entries
+        .iter()
+        .filter(|e| e.removed)
+        .map(|e| (e.container.id.as_str(), e.reason.as_str()))
+        .collect();
+    removed.sort();
+    let mut stopped = [ids[0].as_str(), ids[1].as_str()];
+    stopped.sort();
+    assert!(
+        entries.iter().all(|e| !e.reason.starts_with("policy:")),
+        "a claimed removal that did not happen was reported: {entries:?}"
+    );
+    assert_eq!(
+        removed,
+        [(stopped[0], "exited"), (stopped[1], "exited")],
+        "{entries:?}"
+    );
+    assert_eq!(h.state(&ids[0]), "gone");
+    assert_eq!(h.state(&ids[1]), "gone");
+    assert_eq!(h.state(&ids[2]), "running", "the live one stays");
 }
 
 #[test]

@@ -83,7 +83,7 @@ pub use provider::{
     ContainerPlan, ContainerProvider, ContainerRecord, ContainerStats, ExecIo, ProviderError,
     ProviderResult,
 };
-pub use sandbox::{Backend, Counters, GcEntry, Sandbox, ThreadInfo};
+pub use sandbox::{Backend, Counters, GcEntry, GcOptions, GcReport, Sandbox, ThreadInfo};
 pub use sandbox_contract::{BackendId, Removal, Status, ThreadId, UserId};
 pub use view::BackendView;
 

@@ -59,6 +59,7 @@ mod tests {
             },
             workspace: "/srv/ws/alice".into(),
             policy: "per-user".into(),
+            policy_digest: None,
             created: Some(1_700_000_000),
             agent: Default::default(),
         }

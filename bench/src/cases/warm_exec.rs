@@ -42,11 +42,12 @@ impl Bench {
             format!("{:.3}", ratio(&ours, &cli)),
             "(context)",
         );
-        // The agent's resident memory in this container: init and serve.
+        // The agent's resident memory in this container: init and serve
+        // (root, out of the workload's reach, but their status is readable).
         let rss = backend
             .execute(
                 "for p in /proc/[0-9]*; do c=$(tr '\\0' ' ' < $p/cmdline 2>/dev/null); \
-                 case \"$c\" in '/.sandbox/agent init '|'/.sandbox/agent serve ') \
+                 case \"$c\" in '/.sandbox/agent init '*|'/.sandbox/agent serve '*) \
                  grep VmRSS $p/status;; esac; done",
             )
             .await?;

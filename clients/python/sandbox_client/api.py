@@ -171,8 +171,10 @@ def stream_line(raw: Union[str, bytes]) -> Optional[Dict[str, Any]]:
     return line
 
 
-def cancel(execution_id: str) -> Call:
-    return Call("DELETE", f"/v1/executions/{_seg(execution_id)}", parse=lambda b: bool(b["cancelled"]),
+def cancel(thread_id: str, execution_id: str) -> Call:
+    """Execution ids are scoped per user: any thread of the user names one."""
+    path = f"/v1/threads/{_seg(thread_id)}/executions/{_seg(execution_id)}"
+    return Call("DELETE", path, parse=lambda b: bool(b["cancelled"]),
                 answers=frozenset({"not-found"}))
 
 

@@ -163,11 +163,12 @@ class SandboxClient(_Settings):
         except httpx.HTTPError as e:
             raise _transport_error(e) from None
 
-    def cancel(self, execution_id: str) -> bool:
+    def cancel(self, thread_id: str, execution_id: str) -> bool:
         """Kills a running execution's whole process tree; it then answers
-        exit code 130 with ``reason`` ``cancelled``. False when no execution
-        with that id runs on the server."""
-        call = api.cancel(execution_id)
+        exit code 130 with ``reason`` ``cancelled``. Execution ids are scoped
+        per user: ``thread_id`` is any thread of the execution's user. False
+        when that user runs no execution with that id on the server."""
+        call = api.cancel(thread_id, execution_id)
         try:
             return self._send(call)
         except SandboxError as e:
@@ -345,9 +346,9 @@ class AsyncSandboxClient(_Settings):
         except httpx.HTTPError as e:
             raise _transport_error(e) from None
 
-    async def cancel(self, execution_id: str) -> bool:
+    async def cancel(self, thread_id: str, execution_id: str) -> bool:
         """See :meth:`SandboxClient.cancel`."""
-        call = api.cancel(execution_id)
+        call = api.cancel(thread_id, execution_id)
         try:
             return await self._send(call)
         except SandboxError as e:

@@ -325,13 +325,14 @@ def test_cancel_kills_a_running_execution_by_its_id(server, client):
         client.exec("alice-1", "(env -i sleep 401 &); sleep 402", execution_id="py-cancel-0001"))))
     worker.start()
     deadline = time.time() + 20
-    while not client.cancel("py-cancel-0001"):
+    while not client.cancel("alice-2", "py-cancel-0001"):
         assert time.time() < deadline, "the execution never ran"
         time.sleep(0.1)
     worker.join(30)
     assert result["exit_code"] == 130 and result["reason"] == "cancelled", result
     assert result["execution_id"] == "py-cancel-0001"
-    assert client.cancel("py-cancel-0001") is False
+    assert client.cancel("alice-1", "py-cancel-0001") is False
+    assert client.cancel("bob-1", "py-cancel-0001") is False
     deadline = time.time() + 10
     while "sleep 40" in _ps(server, "alice") and time.time() < deadline:
         time.sleep(0.2)

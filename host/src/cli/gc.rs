@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use sandbox_host::Config;
+use sandbox_host::{Config, GcOptions};
 
 use super::{age_arg, open};
 
@@ -16,6 +16,12 @@ pub struct GcArgs {
     /// 90m, or plain seconds.
     #[arg(long, visible_alias = "max-age-secs", value_name = "DURATION", value_parser = age_arg)]
     pub max_age: Option<Duration>,
+    /// Also collect the containers another policy made (another component,
+    /// told by the digest label): a server run with another `--policy`
+    /// than this command's. Without it they are left alone but for the
+    /// host's orphan rules (stopped, dead, mislabelled, outdated agent).
+    #[arg(long)]
+    pub other_policies: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -24,14 +30,45 @@ pub async fn run(config: Config, args: GcArgs) -> anyhow::Result<ExitCode> {
     let GcArgs {
         dry_run,
         max_age,
+        other_policies,
         json,
     } = args;
     let sandbox = open(config, false).await?;
-    let entries = sandbox.gc(max_age, dry_run).await?;
+    let report = sandbox
+        .gc_with(GcOptions {
+            max_age,
+            dry_run,
+            other_policies,
+        })
+        .await?;
+    for claim in &report.unconfirmed {
+        eprintln!(
+            "note: the policy claimed to remove {} ({}), which the engine does not confirm: not counted",
+            claim.container_id, claim.reason
+        );
+    }
+    if !report.other_policies.is_empty() {
+        eprintln!(
+            "note: {} container(s) of another policy than {} ({}) left alone; --other-policies collects them",
+            report.other_policies.len(),
+            sandbox.policy_name(),
+            sandbox.policy_digest()
+        );
+    }
+    let entries = &report.entries;
     if json {
-        println!("{}", serde_json::to_string_pretty(&entries)?);
+        println!("{}", serde_json::to_string_pretty(entries)?);
     } else {
-        for e in &entries {
+        for c in &report.other_policies {
+            println!(
+                "left alone {} (backend {}): made by policy {} ({})",
+                c.name,
+                c.backend_id,
+                c.policy,
+                c.policy_digest.as_deref().unwrap_or("no digest")
+            );
+        }
+        for e in entries {
             let verb = match (dry_run, e.removed) {
                 (true, _) => "would remove",
                 (false, true) => "removed",

@@ -48,7 +48,12 @@ pub async fn run(config: Config, args: ServeArgs) -> anyhow::Result<ExitCode> {
         grace: std::time::Duration::from_secs_f64(config.destroy_grace_secs),
     };
     options.check()?;
+    // A reload sent while the image is checked and the policy compiled
+    // (systemd's `ExecReload` may come that early) must not end the
+    // service: held until `serve` takes SIGHUP itself (then it reloads).
+    let early_hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let sandbox = open(config, true).await?;
+    drop(early_hangups);
     sandbox_host::serve::serve(sandbox, options).await?;
     Ok(ExitCode::SUCCESS)
 }

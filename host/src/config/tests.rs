@@ -539,7 +539,10 @@ fn unsafe_settings_are_refused_with_the_reason() {
     // A relative root made stray directories, then Docker's raw error.
     for relative in ["ws", "~/ws", "./ws"] {
         let err = error(&[("SANDBOX_WORKSPACE_ROOT", relative)]);
-        assert!(err.contains("must be an absolute path"), "{relative}: {err}");
+        assert!(
+            err.contains("must be an absolute path"),
+            "{relative}: {err}"
+        );
     }
     // A device or a huge file is no configuration file (/dev/zero was
     // read for 1.7 GB).

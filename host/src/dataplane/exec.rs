@@ -35,7 +35,8 @@ pub struct ExecOptions {
     /// Bytes written to the command's stdin (then closed).
     pub stdin: Option<Vec<u8>>,
     /// The execution's id, to cancel it by; a fresh random one when `None`.
-    /// 8..=64 characters of `[A-Za-z0-9_-]`.
+    /// 8..=64 characters of `[A-Za-z0-9_-]`. Scoped to the thread's user:
+    /// another user's execution of the same id is no concern.
     pub execution_id: Option<String>,
 }
 
@@ -240,7 +241,8 @@ pub struct ExecResponse {
     /// Whether the timeout fired (`exit_code` is then 124).
     #[serde(default)]
     pub timed_out: bool,
-    /// The execution's id (`Sandbox::cancel`, `DELETE /v1/executions/{id}`).
+    /// The execution's id, in its thread's user's namespace
+    /// (`Sandbox::cancel`, `DELETE /v1/threads/{thread_id}/executions/{id}`).
     #[serde(default)]
     pub execution_id: String,
     /// Why the host ended the command, when it did: `timeout` (exit 124),

@@ -257,16 +257,31 @@ mv -f "$w" "$t" || { rm -f "$w"; echo permission_denied; exit 0; }
 echo ok
 "#;
 
-/// Reads one download, run as the sandbox user with `$1` the resolved path
-/// and `$2` the size cap. Prints one answer line, `ok SIZE MODE` (then
-/// exactly SIZE bytes of content), `file_too_large SIZE`, or an error
-/// literal. Files of `/proc` and `/sys` are `invalid_path`: their size is
-/// not their content's (0, or a page), so no byte count could be promised.
-/// A path that does not resolve is `permission_denied` when the
+/// How long the download script waits for its open of the file (seconds):
+/// a regular file opens at once; a FIFO or device the workload swapped in
+/// after the script's checks would block it, until a writer comes.
+pub const OPEN_WAIT_SECS: u32 = 5;
+
+/// Reads one download, run as the sandbox user with `$1` the resolved path,
+/// `$2` the size cap and `$3` [`OPEN_WAIT_SECS`]. Prints one answer line,
+/// `ok SIZE MODE` (then exactly SIZE bytes of content), `file_too_large
+/// SIZE`, or an error literal. Only regular files are read: anything else
+/// (a FIFO, a device, a socket) is `invalid_path`, never opened when it is
+/// one at the check. Files of `/proc` and `/sys` are `invalid_path`: their
+/// size is not their content's (0, or a page), so no byte count could be
+/// promised. A path that does not resolve is `permission_denied` when the
 /// nearest existing directory above it may not be searched (whether the
 /// file exists is then not the user's to know), else `file_not_found`. The
 /// file is opened once; its type and apparent size are taken from that open
 /// file, before any content is read.
+///
+/// The open cannot wait long: the shell has no non-blocking open, so a FIFO
+/// swapped in between the check and the open (with no writer) would block
+/// it for good. A watchdog started just before the open answers
+/// `invalid_path` and kills the script when the open has not returned
+/// within `$3` seconds; the script stops the watchdog (and its timer) as
+/// soon as the open returns. The timer writes nowhere, so it never holds
+/// the call's output open.
 pub const DOWNLOAD_SCRIPT: &str = r#"
 exec 2>/dev/null
 p=$1; max=$2
@@ -282,7 +297,14 @@ fi
 [ -f "$p" ] || { echo invalid_path; exit 0; }
 case "$(readlink -f "$p")" in /proc/*|/sys/*) echo invalid_path; exit 0 ;; esac
 [ -r "$p" ] || { echo permission_denied; exit 0; }
+(
+  trap 'kill $! 2>/dev/null; exit 0' TERM
+  sleep "$3" </dev/null >/dev/null 2>&1 &
+  wait $! && { echo invalid_path; kill -9 $$; }
+) &
+g=$!
 {
+  kill $g
   [ -f /proc/self/fd/0 ] || { echo invalid_path; exit 0; }
   i=$(stat -L -c '%s %a' /proc/self/fd/0) || { echo permission_denied; exit 0; }
   s=${i%% *}; m=${i#* }
@@ -293,7 +315,7 @@ case "$(readlink -f "$p")" in /proc/*|/sys/*) echo invalid_path; exit 0 ;; esac
     exec dd bs=65536 count="$s" iflag=count_bytes
   fi
   exec head -c "$s"
-} < "$p" || echo permission_denied
+} < "$p" || { kill $g; echo permission_denied; }
 "#;
 
 /// The command uploading `len` bytes to `resolved` with `mode` (none:
@@ -308,7 +330,10 @@ pub fn upload_command(resolved: &str, mode: Option<u32>, len: u64) -> String {
 
 /// The command downloading `resolved` if its size is at most `max`.
 pub fn download_command(resolved: &str, max: u64) -> String {
-    format!("set -- {} {max}\n{DOWNLOAD_SCRIPT}", shell_quote(resolved))
+    format!(
+        "set -- {} {max} {OPEN_WAIT_SECS}\n{DOWNLOAD_SCRIPT}",
+        shell_quote(resolved)
+    )
 }
 
 /// Single-quotes a word for `sh` (paths carry no control characters).

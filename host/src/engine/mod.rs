@@ -18,8 +18,9 @@ pub mod slots;
 pub mod usage;
 pub mod workspace;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use sandbox_contract::{BackendId, Container, Status};
 use serde::Serialize;
@@ -29,7 +30,7 @@ use crate::error::{Result, SandboxError};
 use crate::provider::plan::ContainerPlan;
 use crate::provider::{ContainerProvider, ContainerRecord, ProviderError};
 use clock::excused_wait;
-use ownership::{label, Handouts};
+use ownership::{label, Handouts, PolicyMark};
 use slots::Slots;
 use usage::{Closure, Usage, Work};
 
@@ -52,6 +53,10 @@ pub struct ManagedContainer {
     pub workspace: String,
     /// The policy that created it (from the host's label).
     pub policy: String,
+    /// The digest of that policy's component (`sha256:` and 16 hex digits,
+    /// from the host's label); none on containers of older hosts.
+    #[serde(skip)]
+    pub policy_digest: Option<String>,
     /// Unix seconds, when the engine reported it.
     pub created: Option<i64>,
     /// What it has of `sandbox-agent`.
@@ -90,6 +95,32 @@ pub struct Engine {
     agent: OnceLock<Option<std::path::PathBuf>>,
     /// Containers this host created (adoptions excluded).
     created: AtomicU64,
+    /// The policy running now, and the digest of each policy name that ran.
+    policies: Mutex<Policies>,
+    /// gc runs under way that show `maintain` only the running policy's
+    /// containers.
+    own_only: AtomicUsize,
+}
+
+/// The policies this engine's host ran, as their labels name them.
+#[derive(Default)]
+struct Policies {
+    running: PolicyMark,
+    /// The digest of the component last loaded under each name: a create
+    /// by an instance of a policy swapped out mid-call keeps its own.
+    digests: HashMap<String, String>,
+    /// Every policy this host ran (swapped out ones too).
+    ran: Vec<PolicyMark>,
+}
+
+/// While held, `maintain` sees and removes only the running policy's
+/// containers (see [`Engine::maintain_own_only`]).
+pub struct OwnOnly<'a>(&'a AtomicUsize);
+
+impl Drop for OwnOnly<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Engine {
@@ -106,8 +137,58 @@ impl Engine {
             ),
             agent: OnceLock::new(),
             created: AtomicU64::new(0),
+            policies: Mutex::default(),
+            own_only: AtomicUsize::new(0),
             config,
         }
+    }
+
+    /// Records that the policy `name` (sanitised) runs now, its component
+    /// of digest `digest` ([`ownership::policy_digest`]): the containers
+    /// it creates carry both.
+    pub fn record_policy(&self, name: &str, digest: &str) {
+        let mut policies = self.policies.lock().unwrap();
+        policies.running = PolicyMark {
+            name: name.to_owned(),
+            digest: digest.to_owned(),
+        };
+        policies.digests.insert(name.to_owned(), digest.to_owned());
+        let mark = policies.running.clone();
+        if !policies.ran.contains(&mark) {
+            policies.ran.push(mark);
+        }
+    }
+
+    /// The policy running now, as its containers' labels name it.
+    pub fn running_policy(&self) -> PolicyMark {
+        self.policies.lock().unwrap().running.clone()
+    }
+
+    /// Whether a policy this host ran made `container`: the running one, or
+    /// one it swapped out (its containers are this host's leftovers, not
+    /// another host's).
+    pub fn made_here(&self, container: &ManagedContainer) -> bool {
+        let digest = container.policy_digest.as_deref();
+        let policies = self.policies.lock().unwrap();
+        policies.running.made(&container.policy, digest)
+            || policies
+                .ran
+                .iter()
+                .any(|p| p.made(&container.policy, digest))
+    }
+
+    /// Until the guard drops, `maintain` is shown only the containers the
+    /// policies this host ran made, and may remove no other (a gc that
+    /// leaves other policies' containers alone: its own policy's idle and
+    /// capacity rules are not theirs).
+    pub fn maintain_own_only(&self) -> OwnOnly<'_> {
+        self.own_only.fetch_add(1, Ordering::SeqCst);
+        OwnOnly(&self.own_only)
+    }
+
+    /// Whether `maintain` may see and remove `container` now.
+    pub fn maintain_sees(&self, container: &ManagedContainer) -> bool {
+        self.own_only.load(Ordering::SeqCst) == 0 || self.made_here(container)
     }
 
     /// The configuration.
@@ -237,12 +318,16 @@ impl Engine {
         let workspace = backend.user()?.workspace();
         self.slots.admit_create(backend.as_str())?;
         let path = self.workspaces.prepare(&workspace)?;
-        let labels = ownership::ownership_labels(
+        let mut labels = ownership::ownership_labels(
             self.namespace(),
             backend.as_str(),
             workspace.as_str(),
             policy,
         );
+        let digest = self.policies.lock().unwrap().digests.get(policy).cloned();
+        if let Some(digest) = digest {
+            labels.insert(label::POLICY_DIGEST.to_owned(), digest);
+        }
         let plan = ContainerPlan::new(&self.config, backend, path, self.workspaces.owner(), labels);
         let plan = match self.agent() {
             Some(agent) => plan.with_agent(agent),
@@ -408,6 +493,7 @@ impl Engine {
             },
             workspace: get(label::WORKSPACE),
             policy: get(label::POLICY),
+            policy_digest: record.labels.get(label::POLICY_DIGEST).cloned(),
             created: record.created,
             agent: crate::dataplane::agent::AgentMode::of(&record.labels),
         })
@@ -479,6 +565,45 @@ mod tests {
             ));
         }
         assert_eq!(provider.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn containers_carry_the_digest_of_the_policy_that_made_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, _) = engine(dir.path());
+        let alice = BackendId::parse("alice").unwrap();
+        let by_running = |c: &ManagedContainer| {
+            engine
+                .running_policy()
+                .made(&c.policy, c.policy_digest.as_deref())
+        };
+        let old = engine.create(&alice, "per-user").await.unwrap();
+        assert_eq!(old.policy_digest, None, "no policy recorded: no digest");
+        assert!(!by_running(&old), "no policy recorded yet");
+        let digest = ownership::policy_digest(b"v1");
+        engine.record_policy("per-user", &digest);
+        let bob = BackendId::parse("bob").unwrap();
+        let made = engine.create(&bob, "per-user").await.unwrap();
+        assert_eq!(made.policy_digest.as_deref(), Some(digest.as_str()));
+        assert!(by_running(&made));
+        assert!(by_running(&old), "by name, when unlabelled");
+        // Another build under the same name: bob's is no longer the running
+        // one's, but still one this host made.
+        engine.record_policy("per-user", &ownership::policy_digest(b"v2"));
+        let made = engine.inspect(&made.id).await.unwrap().unwrap();
+        assert!(!by_running(&made));
+        assert!(engine.made_here(&made));
+        // Made by a policy this host never ran.
+        let mut foreign = made.clone();
+        foreign.policy_digest = Some(ownership::policy_digest(b"elsewhere"));
+        assert!(!engine.made_here(&foreign));
+        assert!(engine.maintain_sees(&foreign));
+        let own_only = engine.maintain_own_only();
+        assert!(!engine.maintain_sees(&foreign));
+        assert!(engine.maintain_sees(&made));
+        assert!(engine.maintain_sees(&old));
+        drop(own_only);
+        assert!(engine.maintain_sees(&foreign));
     }
 
     #[tokio::test]

@@ -8,6 +8,12 @@
 //!
 //! Hand-outs: a policy may only answer `ensure-container` with a container
 //! the host handed it for that backend; [`Handouts`] remembers them.
+//!
+//! Which policy made a container: its name (`sandbox.policy`, what the
+//! policy calls itself) and the digest of its component
+//! (`sandbox.policy-digest`, [`policy_digest`]), which tells two builds of
+//! one name apart. gc leaves the containers of a policy its process never
+//! ran alone unless told otherwise.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -24,6 +30,41 @@ pub mod label {
     pub const BACKEND: &str = "sandbox.backend";
     pub const WORKSPACE: &str = "sandbox.workspace";
     pub const POLICY: &str = "sandbox.policy";
+    /// The digest of the policy component that made the container (see
+    /// [`super::policy_digest`]); absent on containers of older hosts.
+    pub const POLICY_DIGEST: &str = "sandbox.policy-digest";
+}
+
+/// Hex digits of the component's SHA-256 kept in the digest label.
+const DIGEST_HEX_DIGITS: usize = 16;
+
+/// The digest label value of a policy component: `sha256:` and the first
+/// 16 hex digits of the SHA-256 of its bytes.
+pub fn policy_digest(component: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let hex = hex::encode(Sha256::digest(component));
+    format!("sha256:{}", &hex[..DIGEST_HEX_DIGITS])
+}
+
+/// A policy as its containers' labels name it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PolicyMark {
+    /// Its name (sanitised), the `sandbox.policy` label.
+    pub name: String,
+    /// Its component's digest, the `sandbox.policy-digest` label.
+    pub digest: String,
+}
+
+impl PolicyMark {
+    /// Whether this policy made a container labelled `name` and `digest`:
+    /// by the digest when the container has one, else (a container of an
+    /// older host) by the name.
+    pub fn made(&self, name: &str, digest: Option<&str>) -> bool {
+        match digest {
+            Some(digest) => digest == self.digest,
+            None => name == self.name,
+        }
+    }
 }
 
 /// The labels stamped on a backend's container.
@@ -165,6 +206,22 @@ mod tests {
         assert!(is_owned(&labels, "prod"));
         assert!(!is_owned(&labels, "test"));
         assert!(!is_owned(&HashMap::new(), "prod"));
+    }
+
+    #[test]
+    fn a_policy_is_told_by_its_digest_and_by_its_name_on_older_containers() {
+        let digest = policy_digest(b"component");
+        assert!(digest.starts_with("sha256:") && digest.len() == 7 + DIGEST_HEX_DIGITS);
+        assert_ne!(digest, policy_digest(b"component2"));
+        let mark = PolicyMark {
+            name: "per-user".into(),
+            digest: digest.clone(),
+        };
+        assert!(mark.made("per-user", Some(&digest)));
+        assert!(!mark.made("per-user", Some("sha256:0000000000000000")));
+        assert!(mark.made("renamed", Some(&digest)), "the digest decides");
+        assert!(mark.made("per-user", None));
+        assert!(!mark.made("per-thread", None));
     }
 
     #[test]

@@ -55,7 +55,11 @@ pub enum Scope {
         deadline: tokio::time::Instant,
     },
     /// `maintain`: look up, and remove only what has no work in flight;
-    /// nothing at all in a dry run.
+    /// nothing at all in a dry run. During a gc that leaves other policies'
+    /// containers alone, it sees and removes only those of the policies
+    /// this host ran ([`Engine::maintain_sees`]).
+    ///
+    /// [`Engine::maintain_sees`]: crate::engine::Engine::maintain_sees
     Maintain { dry_run: bool },
 }
 
@@ -189,6 +193,18 @@ impl InstanceState {
         for c in containers {
             self.engine.hand_out(c);
         }
+    }
+
+    /// The containers of `found` this call may see: all, but in a
+    /// `maintain` under a gc that leaves other policies' containers alone.
+    fn visible(&self, found: Vec<ManagedContainer>) -> Vec<ManagedContainer> {
+        if !matches!(self.call.scope, Scope::Maintain { .. }) {
+            return found;
+        }
+        found
+            .into_iter()
+            .filter(|c| self.engine.maintain_sees(c))
+            .collect()
     }
 
     /// Runs a host operation, excluding its time from the guest's budget.
@@ -359,6 +375,7 @@ impl containers::Host for InstanceState {
         let backend = BackendId::parse(&backend_id)?;
         let engine = self.engine.clone();
         let found = self.host(engine.find(&backend)).await?;
+        let found = self.visible(found.into_iter().collect()).pop();
         self.hand_out(&found.iter().collect::<Vec<_>>());
         Ok(found.map(contract))
     }
@@ -367,6 +384,7 @@ impl containers::Host for InstanceState {
         self.admit("list", any_container_op)?;
         let engine = self.engine.clone();
         let all = self.host(engine.list()).await?;
+        let all = self.visible(all);
         self.hand_out(&all.iter().collect::<Vec<_>>());
         Ok(all.into_iter().map(contract).collect())
     }
@@ -407,6 +425,7 @@ impl containers::Host for InstanceState {
         self.admit("inspect", any_container_op)?;
         let engine = self.engine.clone();
         let found = self.host(engine.inspect(&container_id)).await?;
+        let found = self.visible(found.into_iter().collect()).pop();
         self.hand_out(&found.iter().collect::<Vec<_>>());
         Ok(found.map(contract))
     }
@@ -435,6 +454,18 @@ impl containers::Host for InstanceState {
                         "a destroy of user {user} may not remove another user's container"
                     )));
                 }
+            }
+        }
+        if matches!(self.call.scope, Scope::Maintain { .. }) {
+            // Under a gc that leaves other policies' containers alone, a
+            // container the policy was not shown is not its to remove.
+            let engine = self.engine.clone();
+            let target = self.host(engine.inspect(&container_id)).await?;
+            if let Some(target) = target.filter(|c| !self.engine.maintain_sees(c)) {
+                return Err(SandboxError::Refused(format!(
+                    "container {} was made by another policy ({}); this gc leaves it alone",
+                    target.name, target.policy
+                )));
             }
         }
         let engine = self.engine.clone();

@@ -48,6 +48,12 @@ impl Backend {
         self.user.as_str()
     }
 
+    /// The thread's user, whose namespace of execution ids this backend's
+    /// executes use.
+    pub(super) fn user(&self) -> &UserId {
+        &self.user
+    }
+
     /// The workspace name; the host directory is `{root}/{workspace}`.
     pub fn workspace(&self) -> &str {
         self.user.as_str()

@@ -1,8 +1,8 @@
 //! Executes, the data plane's first half: one command in a backend's
 //! container, under the rules every execute shares (see
-//! [`Backend::supervise`]): an id to cancel it by, work counted in flight on
-//! the container from before it is ensured, and a reason when the host
-//! ended it.
+//! [`Backend::supervise`]): an id to cancel it by (in the namespace of the
+//! thread's user), work counted in flight on the container from before it
+//! is ensured, and a reason when the host ended it.
 
 use tokio::io::AsyncRead;
 
@@ -82,7 +82,7 @@ impl Backend {
             &VerifiedContainer,
         ) -> std::result::Result<ExecResponse, ProviderError>,
     ) -> Result<ExecResponse> {
-        let running = self.sandbox.register(&request.marker)?;
+        let running = self.sandbox.register(self.user(), &request.marker)?;
         let id = request.marker.clone();
         let started = now_ms();
         let (container, _work) = tokio::select! {

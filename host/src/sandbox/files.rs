@@ -1,7 +1,15 @@
 //! File transfer, the data plane's second half: uploads and downloads in a
 //! backend's container, as the sandbox user, through the container's own
 //! shell (see [`super::files`] for the scripts and the byte-exact sinks).
-//! Every transfer counts as work in flight, like an execute.
+//! Every transfer counts as work in flight, like an execute; a streaming
+//! download whose reader went away (an HTTP client that left) is stopped
+//! within a second, its work released, even while the container sends
+//! nothing.
+
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -128,7 +136,30 @@ impl Backend {
     /// outcome, or `Err` when the transfer broke. Memory stays bounded
     /// whatever its size; a file over [`FileLimits::max_file_bytes`] fails
     /// with `file_too_large` before any byte is written.
+    ///
+    /// When `writer` is the writing half of a pipe whose reader went away
+    /// (a [`tokio::io::DuplexStream`] whose other half dropped: a zero-byte
+    /// write fails), the transfer is stopped within half a second, and its
+    /// work in flight released, even while the container sends nothing.
     pub async fn download_to(
+        &self,
+        path: &str,
+        writer: &mut (dyn AsyncWrite + Send + Unpin),
+        limits: &FileLimits,
+    ) -> Result<std::result::Result<FileInfo, FileError>> {
+        let watched = Watched::new(writer);
+        let mut shared = &watched;
+        tokio::select! {
+            done = self.download_stream(path, &mut shared, limits) => done,
+            () = watched.gone() => Err(SandboxError::Other(format!(
+                "the reader of {} went away: the transfer was stopped",
+                policy_text(path)
+            ))),
+        }
+    }
+
+    /// [`Backend::download_to`] without the watch on its reader.
+    async fn download_stream(
         &self,
         path: &str,
         writer: &mut (dyn AsyncWrite + Send + Unpin),
@@ -157,7 +188,7 @@ impl Backend {
         };
         let mut target = HostFile::create(local, files::file_name(&resolved))
             .map_err(|e| SandboxError::Other(format!("{}: {e}", local.display())))?;
-        match self.download_to(path, target.file(), limits).await? {
+        match self.download_stream(path, target.file(), limits).await? {
             Ok(info) => {
                 let landed = target
                     .commit(info.mode)
@@ -260,6 +291,70 @@ impl Backend {
 
 /// Output kept from a transfer exec (its answer line).
 const TRANSFER_ANSWER_BYTES: usize = 4096;
+
+/// How often a streaming download checks that its reader is still there.
+const READER_CHECK: Duration = Duration::from_millis(500);
+
+/// A streaming download's writer, shared by its sink (which writes) and a
+/// watch (which notices that the reader went away while nothing is
+/// written). Both run in one task: the lock is never contended, and never
+/// held across an await.
+struct Watched<'a> {
+    writer: Mutex<&'a mut (dyn AsyncWrite + Send + Unpin)>,
+}
+
+impl<'a> Watched<'a> {
+    fn new(writer: &'a mut (dyn AsyncWrite + Send + Unpin)) -> Self {
+        Watched {
+            writer: Mutex::new(writer),
+        }
+    }
+
+    fn using<T>(
+        &self,
+        f: impl FnOnce(Pin<&mut (dyn AsyncWrite + Send + Unpin)>) -> Poll<T>,
+    ) -> Poll<T> {
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        f(Pin::new(&mut **writer))
+    }
+
+    /// Resolves once a zero-byte write fails: the reader went away. A pipe
+    /// tells at once; writers that accept empty writes never resolve it.
+    async fn gone(&self) {
+        let mut tick = tokio::time::interval(READER_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let closed = std::future::poll_fn(|cx| match self.using(|w| w.poll_write(cx, &[])) {
+                Poll::Ready(written) => Poll::Ready(written.is_err()),
+                // Full: the sink's write waits on it too; check later.
+                Poll::Pending => Poll::Ready(false),
+            })
+            .await;
+            if closed {
+                return;
+            }
+        }
+    }
+}
+
+impl AsyncWrite for &Watched<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.using(|w| w.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.using(|w| w.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.using(|w| w.poll_shutdown(cx))
+    }
+}
 
 fn stalled(path: &str, request: &ExecRequest) -> SandboxError {
     SandboxError::Other(format!(

@@ -16,7 +16,7 @@ mod lifecycle;
 mod policy_tests;
 
 pub use backend::Backend;
-pub use lifecycle::GcEntry;
+pub use lifecycle::{GcEntry, GcOptions, GcReport};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +25,7 @@ use sandbox_contract::{ThreadId, UserId};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::engine::ownership::policy_digest;
 use crate::engine::{Engine, ManagedContainer};
 use crate::error::{Result, SandboxError};
 use crate::policy::client::PolicyClient;
@@ -54,20 +55,24 @@ pub struct Sandbox {
 pub(crate) struct Inner {
     pub(crate) engine: Arc<Engine>,
     pub(crate) policy: PolicyClient,
-    /// Executions running through this sandbox, by id, to cancel them.
-    executions: std::sync::Mutex<std::collections::HashMap<String, CancellationToken>>,
+    /// Executions running through this sandbox, by their thread's user and
+    /// id, to cancel them: one user's ids tell nothing about another's.
+    executions: std::sync::Mutex<std::collections::HashMap<ExecutionKey, CancellationToken>>,
 }
+
+/// An execution's key: its thread's user, and its id.
+type ExecutionKey = (UserId, String);
 
 /// An execution registered for cancellation until it drops.
 pub(crate) struct Running<'a> {
     inner: &'a Inner,
-    id: String,
+    key: ExecutionKey,
     pub(crate) token: CancellationToken,
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        self.inner.executions.lock().unwrap().remove(&self.id);
+        self.inner.executions.lock().unwrap().remove(&self.key);
     }
 }
 
@@ -98,6 +103,7 @@ impl Sandbox {
         let engine = Arc::new(Engine::new(config, provider));
         let (label, bytes) = policy.read()?;
         let policy = PolicyClient::load(wasm, engine.clone(), &bytes, &label).await?;
+        engine.record_policy(&policy.name(), &policy_digest(&bytes));
         let sandbox = Sandbox {
             inner: Arc::new(Inner {
                 engine,
@@ -123,7 +129,21 @@ impl Sandbox {
     /// running policy stays.
     pub async fn swap_policy(&self, policy: PolicySource) -> Result<()> {
         let (label, bytes) = policy.read()?;
-        self.inner.policy.swap(&bytes, &label).await
+        self.inner.policy.swap(&bytes, &label).await?;
+        // No await between the swap and this: the new policy's containers
+        // carry its digest from its first create.
+        let name = self.inner.policy.name();
+        self.inner
+            .engine
+            .record_policy(&name, &policy_digest(&bytes));
+        Ok(())
+    }
+
+    /// The running policy's digest, as its containers carry it in their
+    /// `sandbox.policy-digest` label: `sha256:` and the first 16 hex digits
+    /// of the component's SHA-256.
+    pub fn policy_digest(&self) -> String {
+        self.inner.engine.running_policy().digest
     }
 
     /// The backend id the policy maps a thread to (no Docker call).
@@ -244,32 +264,39 @@ impl Sandbox {
         Ok(self.inner.engine.provider().ping().await?)
     }
 
-    /// Cancels a running execution (of this process) by its id: its whole
-    /// process tree is killed and it answers exit 130, reason `cancelled`.
-    /// False when no such execution runs here.
-    pub fn cancel(&self, execution_id: &str) -> bool {
-        match self.inner.executions.lock().unwrap().get(execution_id) {
+    /// Cancels a running execution (of this process) by the id it was
+    /// given under `thread_id`'s user (from any thread of that user): its
+    /// whole process tree is killed and it answers exit 130, reason
+    /// `cancelled`. False when that user runs no such execution here: ids
+    /// are scoped per user, so another user's execution of the same id is
+    /// neither cancelled nor told about. An invalid thread id is an error.
+    pub fn cancel(&self, thread_id: &str, execution_id: &str) -> Result<bool> {
+        let user = ThreadId::parse(thread_id)?.user();
+        let key = (user, execution_id.to_owned());
+        Ok(match self.inner.executions.lock().unwrap().get(&key) {
             Some(token) => {
                 token.cancel();
                 true
             }
             None => false,
-        }
+        })
     }
 
-    /// Registers a starting execution; an id already running is refused.
-    pub(crate) fn register(&self, id: &str) -> Result<Running<'_>> {
+    /// Registers a starting execution of `user`; an id that user already
+    /// runs is refused (another user's of the same id is no concern).
+    pub(crate) fn register(&self, user: &UserId, id: &str) -> Result<Running<'_>> {
+        let key = (user.clone(), id.to_owned());
         let mut executions = self.inner.executions.lock().unwrap();
-        if executions.contains_key(id) {
+        if executions.contains_key(&key) {
             return Err(SandboxError::Refused(format!(
                 "execution id {id} is already running"
             )));
         }
         let token = CancellationToken::new();
-        executions.insert(id.to_owned(), token.clone());
+        executions.insert(key.clone(), token.clone());
         Ok(Running {
             inner: &self.inner,
-            id: id.to_owned(),
+            key,
             token,
         })
     }

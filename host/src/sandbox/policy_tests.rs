@@ -14,9 +14,17 @@ fn config(root: &std::path::Path) -> Config {
     Config {
         workspace_root: root.to_owned(),
         namespace: "unit".into(),
-        sandbox_user: Some(UserIds {
-            uid: nix::unistd::geteuid().as_raw(),
-            gid: nix::unistd::getegid().as_raw(),
+        // Whoever runs the tests owns the workspaces; as root, which a
+        // sandbox user may not be, 1000, whom root may chown to.
+        sandbox_user: Some(match nix::unistd::geteuid().as_raw() {
+            0 => UserIds {
+                uid: 1000,
+                gid: 1000,
+            },
+            uid => UserIds {
+                uid,
+                gid: nix::unistd::getegid().as_raw(),
+            },
         }),
         component_cache_dir: None,
         maintenance_interval_secs: 0.0,

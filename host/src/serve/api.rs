@@ -1,10 +1,13 @@
 //! Routes and handlers of `sandbox serve`.
 
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, RawPathParams, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, MatchedPath, Path, Query, RawPathParams, Request, State,
+};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -14,19 +17,20 @@ use serde::Deserialize;
 use tokio::io::DuplexStream;
 use tokio::task::JoinHandle;
 
-use super::auth::authenticate;
+use super::auth::{authenticate, guard_tokenless};
+use super::budget::Holding;
 use super::error::{ApiError, ApiResult, ErrorKind};
 use super::metrics::Call;
 use super::replies::{
     Backends, Cancelled, Collected, Destroyed, Downloaded, DownloadedFile, ExecReply, Health,
     HealthStatus, PolicyName, StreamLine, Uploaded, Written,
 };
-use super::requests::{Encoding, ExecBody, UploadBody};
+use super::requests::{Encoding, ExecBody, GcBody, UploadBody, MAX_GC_AGE_SECS};
 use super::stream;
 use super::{AppState, Shared};
 use crate::exec::{ExecOptions, StreamKind};
 use crate::files::FileError;
-use crate::{Backend, BackendView, PolicySource, SandboxError, ThreadInfo};
+use crate::{Backend, BackendView, PolicySource, SandboxError, Status, ThreadInfo};
 
 /// The OpenAPI document, checked into the repository.
 pub const OPENAPI: &str = include_str!("../../openapi.json");
@@ -34,7 +38,7 @@ pub const OPENAPI: &str = include_str!("../../openapi.json");
 /// The API router: `serve` runs it, and the bench and the tests drive it
 /// in process.
 pub fn router(state: Shared, body_limit: usize) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/v1/threads/{thread_id}/exec", post(exec))
         .route("/v1/threads/{thread_id}/exec/stream", post(exec_stream))
         .route("/v1/threads/{thread_id}/files", get(download).put(upload))
@@ -48,7 +52,11 @@ pub fn router(state: Shared, body_limit: usize) -> Router {
             get(thread_backend).delete(destroy_thread),
         )
         .route("/v1/users/{user_id}", delete(destroy_user))
-        .route("/v1/executions/{execution_id}", delete(cancel_execution))
+        .route(
+            "/v1/threads/{thread_id}/executions/{execution_id}",
+            delete(cancel_execution),
+        )
+        .route("/v1/executions/{execution_id}", delete(cancel_unscoped))
         .route("/v1/backends", get(backends))
         .route("/v1/gc", post(gc))
         .route("/v1/policy", get(policy).post(swap_policy))
@@ -59,10 +67,18 @@ pub fn router(state: Shared, body_limit: usize) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(DefaultBodyLimit::max(body_limit))
+        // What the access log tells of the route, once routed.
+        .layer(middleware::from_fn(note_route))
+        .with_state(state.clone());
+    // Before routing: what no route escapes, present or future, an upgrade
+    // or an unknown path.
+    Router::new()
+        .fallback_service(routes)
+        .layer(middleware::from_fn_with_state(state, guard_tokenless))
         .layer(middleware::from_fn(close_after_refused_body))
-        // Outermost, so refused (401) and oversized (413) requests are logged too.
+        // Outermost, so every answer is logged, refusals (401, 403, 413)
+        // included.
         .layer(middleware::from_fn(access_log))
-        .with_state(state)
 }
 
 /// Target of the access log (`RUST_LOG=sandbox_host::serve::access=off`
@@ -73,39 +89,66 @@ pub const ACCESS_LOG_TARGET: &str = "sandbox_host::serve::access";
 /// shorter; anything longer is hostile and cut).
 const LOGGED_CHARS: usize = 256;
 
-/// Logs one line per request: method, matched route template, status,
-/// duration in ms (until the response head: a streaming exec goes on after
-/// it), and the thread or user id of the route. Values come from end users;
-/// the formatter writes them quoted and escaped.
-async fn access_log(mut request: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let method = request.method().clone();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned());
-    // The raw path only when no route matched; otherwise the template says it.
-    let path = route.is_none().then(|| clip(request.uri().path()));
-    let (mut thread_id, mut user_id) = (None, None);
+/// What the access log tells of the route a request took, carried out in
+/// its answer's extensions (the log runs before routing).
+#[derive(Clone, Default)]
+struct RouteInfo {
+    route: Option<String>,
+    thread_id: Option<String>,
+    user_id: Option<String>,
+}
+
+/// Notes the matched route template and the thread or user id of the path
+/// in the answer, for [`access_log`].
+async fn note_route(mut request: Request, next: Next) -> Response {
+    let mut info = RouteInfo {
+        route: request
+            .extensions()
+            .get::<MatchedPath>()
+            .map(|p| p.as_str().to_owned()),
+        ..RouteInfo::default()
+    };
     if let Ok(params) = request.extract_parts::<RawPathParams>().await {
         for (key, value) in &params {
             match key {
-                "thread_id" => thread_id = Some(clip(value)),
-                "user_id" => user_id = Some(clip(value)),
+                "thread_id" => info.thread_id = Some(clip(value)),
+                "user_id" => info.user_id = Some(clip(value)),
                 _ => {}
             }
         }
     }
+    let mut response = next.run(request).await;
+    response.extensions_mut().insert(info);
+    response
+}
+
+/// Logs one line per request: method, matched route template, status,
+/// duration in ms (until the response head: a streaming exec goes on after
+/// it), and the thread or user id of the route. A request refused before
+/// routing (403 `forbidden-host`, `forbidden-origin`) has no route: its
+/// path is logged instead. Values come from end users; the formatter
+/// writes them quoted and escaped.
+async fn access_log(request: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = request.method().clone();
+    let path = clip(request.uri().path());
     let response = next.run(request).await;
+    let info = response
+        .extensions()
+        .get::<RouteInfo>()
+        .cloned()
+        .unwrap_or_default();
+    // The raw path only when no route matched; otherwise the template says it.
+    let path = info.route.is_none().then_some(path);
     tracing::info!(
         target: ACCESS_LOG_TARGET,
         method = %method,
-        route = route.as_deref().unwrap_or("(none)"),
+        route = info.route.as_deref().unwrap_or("(none)"),
         path,
         status = response.status().as_u16(),
         duration_ms = start.elapsed().as_micros() as f64 / 1000.0,
-        thread_id,
-        user_id,
+        thread_id = info.thread_id,
+        user_id = info.user_id,
         "request"
     );
     response
@@ -286,27 +329,54 @@ fn dropped_note(dropped: usize, encoding: Encoding) -> StreamLine {
     StreamLine::output(StreamKind::Stderr, note.as_bytes(), encoding)
 }
 
+/// A JSON batch upload, its content charged to the transfer budget as the
+/// body arrives (refused with 503 past it, before the server holds it),
+/// then exactly its decoded content until the files are written.
 async fn upload(
     State(state): State<Shared>,
     Path(thread_id): Path<String>,
-    body: Result<Json<UploadBody>, JsonRejection>,
+    request: Request,
 ) -> ApiResult<Json<Uploaded>> {
     observed(&state, "upload", async {
-        let Json(body) = body?;
+        let (parts, body) = request.into_parts();
+        let (body, charge) = state.budget.charge_body(body);
+        let request = Request::from_parts(parts, body);
+        let Json(body) = Json::<UploadBody>::from_request(request, &state).await?;
         let uploads = body.into_uploads()?;
+        let decoded = uploads.iter().map(|u| u.content.len() as u64).sum();
+        charge.lock().unwrap().shrink_to(decoded);
         let backend = state.sandbox.get_thread_backend(&thread_id).await?;
         let results = backend.upload_files(uploads).await?;
+        drop(charge);
         Ok(Json(Uploaded { results }))
     })
     .await
 }
 
+/// The thread's backend when its container runs now, for a GET or HEAD,
+/// which creates nothing: no workspace, no container, and no re-created
+/// one for a stopped container (the policy would re-create it). None
+/// otherwise: there is then no file to read.
+async fn running_backend(state: &AppState, thread_id: &str) -> ApiResult<Option<Backend>> {
+    let described = state.sandbox.describe_thread(thread_id).await?;
+    match described.container {
+        Some(container) if container.status == Status::Running => {
+            Ok(Some(state.sandbox.get_thread_backend(thread_id).await?))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// A JSON batch download: without a running container every path is
+/// `file_not_found` (a GET creates nothing); with one, the batch's cap is
+/// charged to the transfer budget before it starts (503 past it), then
+/// exactly its content until the answer has been sent.
 async fn download(
     State(state): State<Shared>,
     Path(thread_id): Path<String>,
     // `?path=a&path=b`: a repeated key, so pairs rather than a struct.
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-) -> ApiResult<Json<Downloaded>> {
+) -> ApiResult<Response> {
     observed(&state, "download", async {
         let Query(pairs) = query?;
         let paths: Vec<String> = pairs
@@ -317,16 +387,25 @@ async fn download(
         if paths.is_empty() {
             return Err(ApiError::bad_request("give one or more ?path="));
         }
-        let backend = state.sandbox.get_thread_backend(&thread_id).await?;
+        let Some(backend) = running_backend(&state, &thread_id).await? else {
+            let results = paths.into_iter().map(DownloadedFile::not_found).collect();
+            return Ok(Json(Downloaded { results }).into_response());
+        };
         // The JSON copies of a batch cost ~3x its content: capped, so one
         // request stays within the server's memory budget. Larger files:
         // GET /files/raw.
         let mut limits = backend.file_limits();
         limits.max_batch_bytes = limits.max_batch_bytes.min(super::JSON_BATCH_BYTES);
+        let mut reservation = state.budget.reserve(limits.max_batch_bytes)?;
         let results = backend.download_files_with(&paths, &limits).await?;
-        Ok(Json(Downloaded {
-            results: results.into_iter().map(DownloadedFile::from).collect(),
-        }))
+        let content = results
+            .iter()
+            .map(|r| r.content.as_ref().map_or(0, |c| c.len() as u64))
+            .sum();
+        reservation.shrink_to(content);
+        let results = results.into_iter().map(DownloadedFile::from).collect();
+        let response = Json(Downloaded { results }).into_response();
+        Ok(response.map(|body| Holding::body(body, reservation)))
     })
     .await
 }
@@ -364,7 +443,11 @@ async fn download_raw(
 ) -> ApiResult<Response> {
     let (path, backend) = observed(&state, "download-raw", async {
         let (path, _) = OneFile::parse(query)?;
-        Ok((path, state.sandbox.get_thread_backend(&thread_id).await?))
+        // A GET creates nothing: without a running container, no file.
+        match running_backend(&state, &thread_id).await? {
+            Some(backend) => Ok((path, backend)),
+            None => Err(FileError::FileNotFound.into()),
+        }
     })
     .await?;
     let (pipe, transfer) = spawn_download(backend, path);
@@ -415,11 +498,26 @@ async fn upload_raw(
             return Err(FileError::FileTooLarge.into());
         }
         use futures_util::TryStreamExt;
-        let stream = body.into_data_stream().map_err(std::io::Error::other);
+        // A body that fails on the server's own terms (too slow) is
+        // answered as such, whatever the transfer made of the broken read.
+        let body_failed = Arc::new(Mutex::new(None::<ApiError>));
+        let stream = body.into_data_stream().map_err({
+            let body_failed = body_failed.clone();
+            move |e| {
+                if let Some(why) = ApiError::from_body_error(&e) {
+                    *body_failed.lock().unwrap() = Some(why);
+                }
+                std::io::Error::other(e)
+            }
+        });
         let mut reader = tokio_util::io::StreamReader::new(stream);
         let result = backend
             .upload_from(&path, &mut reader, len, mode, &limits)
-            .await?;
+            .await;
+        if let Some(why) = body_failed.lock().unwrap().take() {
+            return Err(why);
+        }
+        let result = result?;
         match result.error {
             Some(e) => Err(e.into()),
             None => Ok(Json(Written {
@@ -442,23 +540,81 @@ async fn thread_backend(
     .await
 }
 
+/// `dry_run` and `max_age_secs` come from the query or from an optional
+/// JSON body (`GcRequest`): a body that is not exactly that is refused
+/// (400, 415 without a JSON content type), so a gc never runs on a body it
+/// did not read. Any `dry_run` that is `true`, in either, makes the run dry.
 async fn gc(
     State(state): State<Shared>,
     // Pairs, not a struct: a repeated key is not an error here, and any
     // `dry_run=true` among them makes the run dry (the safe reading for a
     // route that removes containers). Only the exact text `true` counts.
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<Json<Collected>> {
     observed(&state, "gc", async {
         let Query(pairs) = query?;
-        let dry_run = pairs.iter().any(|(k, v)| k == "dry_run" && v == "true");
-        let containers = state.sandbox.gc(None, dry_run).await?;
+        let body = gc_body(&headers, &body?)?;
+        let dry_run =
+            pairs.iter().any(|(k, v)| k == "dry_run" && v == "true") || body.dry_run == Some(true);
+        let mut ages = pairs.iter().filter(|(k, _)| k == "max_age_secs");
+        let queried =
+            match (ages.next(), ages.next()) {
+                (None, _) => None,
+                (Some((_, v)), None) => Some(v.parse::<u64>().map_err(|_| {
+                    ApiError::bad_request("max_age_secs: a whole number of seconds")
+                })?),
+                (Some(_), Some(_)) => return Err(ApiError::bad_request("give max_age_secs once")),
+            };
+        let max_age = match (queried, body.max_age_secs) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad_request(
+                    "give max_age_secs in the query or in the body, not both",
+                ))
+            }
+            (age, None) | (None, age) => age,
+        };
+        if max_age.is_some_and(|age| age > MAX_GC_AGE_SECS) {
+            return Err(ApiError::bad_request(format!(
+                "max_age_secs: at most {MAX_GC_AGE_SECS} (ten years)"
+            )));
+        }
+        let max_age = max_age.map(std::time::Duration::from_secs);
+        let containers = state.sandbox.gc(max_age, dry_run).await?;
         Ok(Json(Collected {
             dry_run,
             containers,
         }))
     })
     .await
+}
+
+/// The body of `POST /v1/gc`: empty (nothing but whitespace), or a JSON
+/// `GcRequest` with a JSON content type.
+fn gc_body(headers: &HeaderMap, body: &[u8]) -> ApiResult<GcBody> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(GcBody::default());
+    }
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|mime| {
+            let mime = mime.trim().to_ascii_lowercase();
+            mime == "application/json"
+                || (mime.starts_with("application/") && mime.ends_with("+json"))
+        })
+        .unwrap_or(false);
+    if !json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorKind::BadRequest,
+            "a body of POST /v1/gc must be JSON (Content-Type: application/json)",
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("POST /v1/gc body: {e}")))
 }
 
 async fn destroy_thread(
@@ -484,20 +640,36 @@ async fn destroy_user(
 }
 
 /// Kills a running execution's process tree; it then answers (or its
-/// stream ends) with exit 130 and reason `cancelled`.
+/// stream ends) with exit 130 and reason `cancelled`. Execution ids are
+/// scoped per user: any thread of the execution's user names it, and
+/// another user's execution of the same id is neither cancelled nor told.
 async fn cancel_execution(
     State(state): State<Shared>,
-    Path(execution_id): Path<String>,
+    Path((thread_id, execution_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Cancelled>> {
     observed(&state, "cancel", async {
         crate::exec::check_execution_id(&execution_id)?;
-        if state.sandbox.cancel(&execution_id) {
+        if state.sandbox.cancel(&thread_id, &execution_id)? {
             Ok(Json(Cancelled { cancelled: true }))
         } else {
             Err(ApiError::from(SandboxError::NotFound(format!(
-                "no running execution {execution_id} on this server"
+                "no running execution {execution_id} of this thread's user on this server"
             ))))
         }
+    })
+    .await
+}
+
+/// The cancel route of before execution ids were scoped per user: 410,
+/// naming the route that replaced it.
+async fn cancel_unscoped(State(state): State<Shared>) -> ApiResult<Json<Cancelled>> {
+    observed(&state, "cancel", async {
+        Err(ApiError::new(
+            StatusCode::GONE,
+            ErrorKind::NotFound,
+            "execution ids are scoped per user: cancel with \
+             DELETE /v1/threads/{thread_id}/executions/{execution_id}",
+        ))
     })
     .await
 }
@@ -584,6 +756,10 @@ async fn healthz(State(state): State<Shared>) -> Response {
 }
 
 async fn metrics(State(state): State<Shared>) -> Response {
+    state
+        .metrics
+        .transfer_bytes
+        .set(state.budget.in_use() as i64);
     // One engine list per scrape; when the engine does not answer, the
     // gauges keep their last value and the counters are still served.
     let usage = state

@@ -2,10 +2,21 @@
 //! carry it as `Authorization: Bearer`. Without one, the server answers
 //! only requests addressed to an allowed host name (loopback by default),
 //! so a web page that rebinds its own DNS name to 127.0.0.1 cannot reach
-//! exec or DELETE through the visitor's browser.
+//! exec or DELETE through the visitor's browser; and only requests whose
+//! `Origin`, when a browser sent one, names an allowed host too, so a page
+//! of another site cannot make the visitor's browser call it either (a
+//! browser sends `Origin` on every cross-site POST, PUT and DELETE, on
+//! `fetch` and on WebSocket upgrades).
+//!
+//! [`guard_tokenless`] runs before routing, so no route escapes it, present
+//! or future, an upgrade or an unknown path; [`authenticate`] runs after
+//! routing, so its refusals are logged with the route they were aimed at.
+//! With a token, `Origin` is not checked: a page of another site cannot
+//! make a browser send the `Authorization` header without a CORS preflight,
+//! which this server never grants.
 
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
@@ -14,44 +25,74 @@ use subtle::ConstantTimeEq;
 use super::error::{ApiError, ErrorKind};
 use super::Shared;
 
-/// Always open: liveness probes carry no credentials.
+/// Always open: liveness probes carry no credentials, and address the
+/// server by whatever name the orchestrator uses.
 const OPEN_PATH: &str = "/healthz";
 
-/// The middleware: lets a request through or answers 401/403 itself.
+/// The pre-routing middleware of a server without a token: refuses (403)
+/// a request whose `Host` is not an allowed name (`/healthz` excepted), or
+/// that carries an `Origin` whose host is not one. With a token it lets
+/// everything through to [`authenticate`].
+pub(super) async fn guard_tokenless(
+    State(state): State<Shared>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if state.token.is_some() {
+        return next.run(request).await;
+    }
+    let Some(refusal) = tokenless_refusal(&request, &state.allowed_hosts) else {
+        return next.run(request).await;
+    };
+    state.metrics.count_error(refusal.kind());
+    refusal.into_response()
+}
+
+/// Why a server without a token refuses `request`, if it does.
+fn tokenless_refusal(request: &Request, allowed: &[String]) -> Option<ApiError> {
+    if request.uri().path() != OPEN_PATH && !host_allowed(request, allowed) {
+        return Some(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorKind::ForbiddenHost,
+            "this server has no token and answers only requests addressed to its allowed \
+             host names (loopback by default; see --allowed-host)",
+        ));
+    }
+    if !origin_allowed(request.headers().get(header::ORIGIN), allowed) {
+        return Some(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorKind::ForbiddenOrigin,
+            "this server has no token and refuses requests a web page of another site sent \
+             (their Origin is not one of its allowed host names)",
+        ));
+    }
+    None
+}
+
+/// The token check, after routing: lets a request through or answers 401
+/// itself. Without a token, [`guard_tokenless`] has already decided.
 pub(super) async fn authenticate(
     State(state): State<Shared>,
     request: Request,
     next: Next,
 ) -> Response {
+    let Some(expected) = state.token.as_deref() else {
+        return next.run(request).await;
+    };
     if request.uri().path() == OPEN_PATH {
         return next.run(request).await;
     }
-    let refusal = match state.token.as_deref() {
-        None if host_allowed(&request, &state.allowed_hosts) => None,
-        None => Some(ApiError::new(
-            StatusCode::FORBIDDEN,
-            ErrorKind::ForbiddenHost,
-            "this server has no token and answers only requests addressed to its allowed \
-             host names (loopback by default; see --allowed-host)",
-        )),
-        Some(expected) => {
-            let given = bearer(&request).unwrap_or("");
-            if token_matches(given, expected) {
-                None
-            } else if given.is_empty() {
-                Some(unauthorized("missing bearer token"))
-            } else {
-                Some(unauthorized("wrong bearer token"))
-            }
-        }
-    };
-    match refusal {
-        None => next.run(request).await,
-        Some(error) => {
-            state.metrics.count_error(error.kind());
-            error.into_response()
-        }
+    let given = bearer(&request).unwrap_or("");
+    if token_matches(given, expected) {
+        return next.run(request).await;
     }
+    let refusal = if given.is_empty() {
+        unauthorized("missing bearer token")
+    } else {
+        unauthorized("wrong bearer token")
+    };
+    state.metrics.count_error(refusal.kind());
+    refusal.into_response()
 }
 
 fn unauthorized(message: &str) -> ApiError {
@@ -87,13 +128,35 @@ fn host_allowed(request: &Request, allowed: &[String]) -> bool {
     else {
         return false;
     };
-    let name = match host.rsplit_once(':') {
+    name_allowed(host, allowed)
+}
+
+/// Whether an `Origin` (when there is one) names an allowed host:
+/// `scheme://host[:port]`, nothing else. `null` (a sandboxed frame, a
+/// `file:` page, a redirect across sites) and anything malformed are
+/// refused. The scheme and the port do not matter: a page served from an
+/// allowed name is local software, as trusted as a local process.
+fn origin_allowed(origin: Option<&HeaderValue>, allowed: &[String]) -> bool {
+    let Some(origin) = origin else {
+        return true;
+    };
+    let Some((_scheme, authority)) = origin.to_str().ok().and_then(|o| o.split_once("://")) else {
+        return false;
+    };
+    !authority.is_empty()
+        && !authority.contains(['/', '@', '?', '#'])
+        && name_allowed(authority, allowed)
+}
+
+/// Whether `host[:port]` names an allowed host.
+fn name_allowed(authority: &str, allowed: &[String]) -> bool {
+    let name = match authority.rsplit_once(':') {
         // `[::1]:8765`, `127.0.0.1:8765`, `localhost:8765`; a bare `::1` has
         // colons but no port.
         Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) && !name.ends_with(':') => {
             name
         }
-        _ => host,
+        _ => authority,
     };
     allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
 }

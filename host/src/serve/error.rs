@@ -3,7 +3,7 @@
 //! client raises it as `SandboxError.kind`), so a kind is never renamed.
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use schemars::JsonSchema;
@@ -51,6 +51,14 @@ pub(super) enum ErrorKind {
     Unauthorized,
     /// No token is set and the Host header is not an allowed name (403).
     ForbiddenHost,
+    /// No token is set and the request came from a web page of another
+    /// site: its Origin is not an allowed name (403).
+    ForbiddenOrigin,
+    /// The server holds as much transfer content as its budget allows:
+    /// retry after the `Retry-After` seconds (503).
+    Overloaded,
+    /// The request body arrived slower than the server's minimum rate (408).
+    RequestTimeout,
     /// The route does not take that method (405).
     MethodNotAllowed,
     /// The grace period after SIGTERM ended while the command ran; it was
@@ -88,6 +96,9 @@ impl ErrorKind {
             ErrorKind::BodyTooLarge => "body-too-large",
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::ForbiddenHost => "forbidden-host",
+            ErrorKind::ForbiddenOrigin => "forbidden-origin",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::RequestTimeout => "request-timeout",
             ErrorKind::MethodNotAllowed => "method-not-allowed",
             ErrorKind::Shutdown => "shutdown",
             ErrorKind::FileNotFound => "file_not_found",
@@ -146,6 +157,36 @@ impl ApiError {
         )
     }
 
+    /// 503 `overloaded`: the transfer budget is spent (`Retry-After` set).
+    pub(super) fn overloaded(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Overloaded,
+            message,
+        )
+    }
+
+    /// The answer a request body's own failure calls for, when a cause in
+    /// its chain is one the server raised: too slow (408), over the
+    /// transfer budget (503).
+    pub(super) fn from_body_error(error: &(dyn std::error::Error + 'static)) -> Option<Self> {
+        let mut cause = Some(error);
+        while let Some(e) = cause {
+            if let Some(slow) = e.downcast_ref::<super::conn::BodyTooSlow>() {
+                return Some(Self::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    ErrorKind::RequestTimeout,
+                    slow.to_string(),
+                ));
+            }
+            if let Some(over) = e.downcast_ref::<super::budget::OverBudget>() {
+                return Some(Self::overloaded(over.to_string()));
+            }
+            cause = e.source();
+        }
+        None
+    }
+
     /// The stable name clients branch on and metrics count by.
     pub(super) fn kind(&self) -> &'static str {
         self.kind.as_str()
@@ -189,6 +230,9 @@ impl From<SandboxError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
+        if let Some(cause) = ApiError::from_body_error(&e) {
+            return cause;
+        }
         match e.status() {
             StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -208,6 +252,9 @@ impl From<JsonRejection> for ApiError {
 
 impl From<axum::extract::rejection::BytesRejection> for ApiError {
     fn from(e: axum::extract::rejection::BytesRejection) -> Self {
+        if let Some(cause) = ApiError::from_body_error(&e) {
+            return cause;
+        }
         match e.status() {
             StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -242,16 +289,21 @@ impl From<FileError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = self.status;
+        let (status, kind) = (self.status, self.kind);
         let body = Json(ErrorReply {
             error: self.into_detail(),
         });
         let mut response = (status, body).into_response();
         if status == StatusCode::UNAUTHORIZED {
             // RFC 9110: a 401 names the scheme the client should use.
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if kind == ErrorKind::Overloaded {
             response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                "Bearer".parse().expect("static header"),
+                header::RETRY_AFTER,
+                HeaderValue::from_static(super::budget::RETRY_AFTER_SECS),
             );
         }
         response
@@ -305,6 +357,9 @@ mod tests {
             ErrorKind::BodyTooLarge,
             ErrorKind::Unauthorized,
             ErrorKind::ForbiddenHost,
+            ErrorKind::ForbiddenOrigin,
+            ErrorKind::Overloaded,
+            ErrorKind::RequestTimeout,
             ErrorKind::MethodNotAllowed,
             ErrorKind::Shutdown,
             ErrorKind::FileNotFound,

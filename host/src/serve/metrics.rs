@@ -38,6 +38,13 @@ pub struct Metrics {
     pub latency: Family<Labels, Histogram, fn() -> Histogram>,
     /// Policies swapped in live (`POST /v1/policy`, or SIGHUP).
     pub policy_swaps: Counter,
+    /// HTTP connections open now.
+    pub connections: Gauge,
+    /// Idle connections closed to make room for new ones.
+    pub connections_evicted: Counter,
+    /// File content of the JSON transfers in flight (the transfer budget
+    /// in use), at the scrape.
+    pub transfer_bytes: Gauge,
     /// Mirrors of the library's own counters, synced at each scrape.
     containers_created: Counter,
     policy_traps: Counter,
@@ -69,6 +76,9 @@ impl Metrics {
         let latency =
             Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
         let policy_swaps = Counter::default();
+        let connections = Gauge::default();
+        let connections_evicted = Counter::default();
+        let transfer_bytes = Gauge::default();
         let containers_created = Counter::default();
         let policy_traps = Counter::default();
         let containers = Gauge::default();
@@ -85,6 +95,17 @@ impl Metrics {
             "policy_swaps",
             "Policies swapped in live",
             policy_swaps.clone(),
+        );
+        registry.register("connections", "HTTP connections open", connections.clone());
+        registry.register(
+            "connections_evicted",
+            "Idle HTTP connections closed to make room for new ones",
+            connections_evicted.clone(),
+        );
+        registry.register(
+            "transfer_bytes",
+            "File content of the JSON transfers in flight (the transfer budget in use)",
+            transfer_bytes.clone(),
         );
         registry.register(
             "container_creations",
@@ -114,6 +135,9 @@ impl Metrics {
             errors,
             latency,
             policy_swaps,
+            connections,
+            connections_evicted,
+            transfer_bytes,
             containers_created,
             policy_traps,
         }

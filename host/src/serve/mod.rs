@@ -7,16 +7,21 @@
 //! `{"error": {"kind", "message"}}` with a status that matches the kind.
 //! Every request gets one access-log line ([`ACCESS_LOG_TARGET`]).
 //!
-//! Layout: `api` (routes, handlers, access log), `auth` (bearer token and
-//! Host allow-list), `error` (the JSON error shape), `requests` and
-//! `replies` (the JSON bodies, one type per shape, whose JSON Schemas are
-//! `openapi.json`'s components), `stream` (NDJSON and streamed transfer
-//! bodies), `metrics`; `tests` drives the router in process, over the
-//! in-memory provider and, for what only a container can show, the real
-//! Docker engine, and checks `openapi.json` against the types.
+//! Layout: `api` (routes, handlers, access log), `auth` (bearer token,
+//! Host and Origin allow-lists), `conn` (the accept loop and the
+//! connections' limits), `budget` (the memory budget of JSON transfers),
+//! `error` (the JSON error shape), `requests` and `replies` (the JSON
+//! bodies, one type per shape, whose JSON Schemas are `openapi.json`'s
+//! components), `stream` (NDJSON and streamed transfer bodies), `metrics`;
+//! `tests` drives the router in process, over the in-memory provider and,
+//! for what only a container can show, the real Docker engine, serves it on
+//! loopback for what only connections show, and checks `openapi.json`
+//! against the types.
 
 mod api;
 mod auth;
+mod budget;
+mod conn;
 mod error;
 mod metrics;
 mod replies;
@@ -25,12 +30,18 @@ mod stream;
 #[cfg(test)]
 mod tests;
 
-use std::future::IntoFuture;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use api::{router, ACCESS_LOG_TARGET};
+pub use budget::{TransferBudget, DEFAULT_TRANSFER_BUDGET};
+pub use conn::{
+    ConnectionLimits, BODY_GRACE, BODY_MIN_RATE, CLOSING_LINGER, HEADER_READ_TIMEOUT,
+    MAX_CONNECTIONS,
+};
 pub use metrics::{Metrics, CONTENT_TYPE as METRICS_CONTENT_TYPE};
 
 use crate::{PolicySource, Sandbox};
@@ -59,7 +70,7 @@ pub enum ServeError {
     /// The SIGHUP handler (policy reload) could not be installed.
     #[error("installing the SIGHUP handler (policy reload)")]
     Signal(#[source] std::io::Error),
-    /// Accepting or serving connections failed.
+    /// The listening socket failed.
     #[error("serving")]
     Serve(#[source] std::io::Error),
 }
@@ -73,7 +84,8 @@ pub struct ServeOptions {
     pub token: Option<String>,
     /// Largest request body accepted (uploads included).
     pub body_limit_bytes: usize,
-    /// Reloaded on SIGHUP.
+    /// Reloaded on SIGHUP; without it, SIGHUP reloads the configured
+    /// policy (the embedded one by default).
     pub policy_path: Option<PathBuf>,
     /// Host header values (names, without port) accepted when no token is
     /// set: a browser page on another site that resolves its own name to
@@ -104,6 +116,8 @@ pub struct AppState {
     /// Turns true when the grace period after SIGTERM is over: running
     /// commands then end with the reason `shutdown`.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// The memory budget of the JSON file transfers in flight.
+    pub budget: Arc<TransferBudget>,
 }
 
 impl AppState {
@@ -116,6 +130,7 @@ impl AppState {
             token,
             allowed_hosts: LOOPBACK_HOSTS.iter().map(|h| h.to_string()).collect(),
             shutdown: tokio::sync::watch::channel(false).1,
+            budget: Arc::new(TransferBudget::new(DEFAULT_TRANSFER_BUDGET)),
         }
     }
 }
@@ -136,20 +151,13 @@ impl ServeOptions {
 /// Serves until SIGTERM / ctrl-c. Then it accepts no new connection, lets
 /// running requests finish for the grace period, ends the rest with the
 /// reason `shutdown` (their commands are killed), and exits at most 2 s later.
+/// SIGHUP reloads the policy, and never stops the server.
 pub async fn serve(sandbox: Sandbox, options: ServeOptions) -> Result<(), ServeError> {
     options.check()?;
-    let (ended, shutdown) = tokio::sync::watch::channel(false);
-    let state = Arc::new(AppState {
-        sandbox: sandbox.clone(),
-        metrics: Metrics::new(),
-        token: options.token.clone(),
-        allowed_hosts: options.allowed_hosts.clone(),
-        shutdown,
-    });
-    if let Some(path) = options.policy_path.clone() {
-        spawn_reload_on_sighup(state.clone(), path)?;
-    }
-    let app = router(state, options.body_limit_bytes);
+    // First, so a reload request never meets the signal's default action
+    // (the end of the process) once serving has begun.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(ServeError::Signal)?;
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -157,37 +165,84 @@ pub async fn serve(sandbox: Sandbox, options: ServeOptions) -> Result<(), ServeE
             source,
         })?;
     let addr = listener.local_addr().map_err(ServeError::Serve)?;
-    tracing::info!(%addr, "sandbox serve listening");
-    let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            let _ = signalled.send(());
-        })
-        .into_future();
-    tokio::pin!(server);
-    tokio::select! {
-        served = &mut server => return served.map_err(ServeError::Serve),
-        _ = on_signal => {}
-    }
-    let grace = options.grace;
-    tracing::info!(
-        grace_secs = grace.as_secs_f64(),
-        "shutting down: no new connections; running requests get the grace period"
-    );
-    if tokio::time::timeout(grace, &mut server).await.is_err() {
-        tracing::warn!("grace period over: ending the running commands (reason: shutdown)");
-        let _ = ended.send(true);
-        if tokio::time::timeout(SHUTDOWN_LINGER, &mut server)
-            .await
-            .is_err()
-        {
-            tracing::warn!("requests still open after the grace period; exiting anyway");
+    let (ended, shutdown) = tokio::sync::watch::channel(false);
+    let mut allowed_hosts = options.allowed_hosts.clone();
+    // The address it listens on names it too (without a token, a loopback
+    // address: what a page of this very server sends as its Origin).
+    if !addr.ip().is_unspecified() {
+        allowed_hosts.push(addr.ip().to_string());
+        if addr.is_ipv6() {
+            allowed_hosts.push(format!("[{}]", addr.ip()));
         }
     }
+    let state = Arc::new(AppState {
+        sandbox: sandbox.clone(),
+        metrics: Metrics::new(),
+        token: options.token.clone(),
+        allowed_hosts,
+        shutdown,
+        budget: Arc::new(TransferBudget::new(DEFAULT_TRANSFER_BUDGET)),
+    });
+    let source = match &options.policy_path {
+        Some(path) => PolicySource::File(path.clone()),
+        None => PolicySource::from_config(sandbox.config()),
+    };
+    spawn_reload_on_sighup(state.clone(), source, hangups);
+    tracing::info!(%addr, "sandbox serve listening");
+    let app = router(state.clone(), options.body_limit_bytes);
+    let server = Server {
+        state,
+        limits: ConnectionLimits::default(),
+        grace: options.grace,
+        ended,
+    };
+    server.run(listener, app, shutdown_signal()).await;
     sandbox.settle().await;
     tracing::info!("bye");
     Ok(())
+}
+
+/// A server's connections and its shutdown sequence.
+struct Server {
+    state: Shared,
+    limits: ConnectionLimits,
+    /// What running requests get after the signal.
+    grace: Duration,
+    /// Set when the grace is over: running commands end (`shutdown`).
+    ended: tokio::sync::watch::Sender<bool>,
+}
+
+impl Server {
+    /// Serves `app` on `listener` until `signal`, then shuts down: no new
+    /// connection, running requests get the grace period, then end with
+    /// the reason `shutdown`, and it returns at most
+    /// [`SHUTDOWN_LINGER`] later.
+    async fn run(self, listener: tokio::net::TcpListener, app: axum::Router, signal: impl Future) {
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let connections =
+            conn::serve_connections(listener, app, self.limits, self.state.clone(), stopping);
+        tokio::pin!(connections);
+        tokio::select! {
+            () = &mut connections => return,
+            _ = signal => {}
+        }
+        let _ = stop.send(true);
+        let grace = self.grace;
+        tracing::info!(
+            grace_secs = grace.as_secs_f64(),
+            "shutting down: no new connections; running requests get the grace period"
+        );
+        if tokio::time::timeout(grace, &mut connections).await.is_err() {
+            tracing::warn!("grace period over: ending the running commands (reason: shutdown)");
+            let _ = self.ended.send(true);
+            if tokio::time::timeout(SHUTDOWN_LINGER, &mut connections)
+                .await
+                .is_err()
+            {
+                tracing::warn!("requests still open after the grace period; exiting anyway");
+            }
+        }
+    }
 }
 
 /// How long after the grace period the server waits for ended requests to
@@ -209,27 +264,39 @@ async fn shutdown_signal() {
     }
 }
 
-fn spawn_reload_on_sighup(state: Arc<AppState>, path: PathBuf) -> Result<(), ServeError> {
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(ServeError::Signal)?;
+/// On each SIGHUP, loads `source` afresh (a file read again, the embedded
+/// policy compiled again) and swaps to it; a policy that fails to load or
+/// self-check is refused and the running one stays. Logged either way.
+fn spawn_reload_on_sighup(
+    state: Shared,
+    source: PolicySource,
+    mut hangups: tokio::signal::unix::Signal,
+) {
+    let shown = match &source {
+        PolicySource::Builtin(name) => format!("embedded {name}"),
+        PolicySource::File(path) => path.display().to_string(),
+        PolicySource::Bytes { label, .. } => label.clone(),
+    };
     tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            match state
-                .sandbox
-                .swap_policy(PolicySource::File(path.clone()))
-                .await
-            {
+        while hangups.recv().await.is_some() {
+            tracing::info!(source = %shown, "SIGHUP: reloading the policy");
+            match state.sandbox.swap_policy(source.clone()).await {
                 Ok(()) => {
                     state.metrics.policy_swaps.inc();
-                    tracing::info!(policy = state.sandbox.policy_name(), path = %path.display(), "policy reloaded on SIGHUP");
+                    tracing::info!(
+                        policy = state.sandbox.policy_name(),
+                        source = %shown,
+                        "SIGHUP: policy reloaded"
+                    );
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "SIGHUP reload refused; the running policy stays")
-                }
+                Err(e) => tracing::error!(
+                    error = %e,
+                    source = %shown,
+                    "SIGHUP: reload refused; the running policy stays"
+                ),
             }
         }
     });
-    Ok(())
 }
 
 /// The default body limit of the JSON routes: 24 MiB (a 16 MiB upload,

@@ -130,6 +130,18 @@ pub(super) struct DownloadedFile {
     error: Option<FileError>,
 }
 
+impl DownloadedFile {
+    /// A path with nothing at it (no running container holds it).
+    pub(super) fn not_found(path: String) -> Self {
+        DownloadedFile {
+            path,
+            content_b64: None,
+            mode: None,
+            error: Some(FileError::FileNotFound),
+        }
+    }
+}
+
 impl From<DownloadResult> for DownloadedFile {
     fn from(r: DownloadResult) -> Self {
         DownloadedFile {

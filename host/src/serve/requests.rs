@@ -141,3 +141,21 @@ impl UploadBody {
             .collect()
     }
 }
+
+/// The longest `max_age_secs` of a gc: ten years, as `sandbox gc --max-age`.
+pub(super) const MAX_GC_AGE_SECS: u64 = 10 * 365 * 24 * 60 * 60;
+
+/// The optional JSON body of `POST /v1/gc` (the same keys as its query).
+/// Unknown keys are refused: a gc never runs on a body it did not read.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "GcRequest")]
+pub(super) struct GcBody {
+    /// Only report what would be removed; `true` here or in the query
+    /// makes the run dry.
+    pub(super) dry_run: Option<bool>,
+    /// Also remove containers created longer ago than this many seconds
+    /// (at most ten years); not with the query's `max_age_secs`.
+    #[schemars(range(max = 315_360_000))]
+    pub(super) max_age_secs: Option<u64>,
+}

@@ -8,6 +8,7 @@
 //! The Python client (`clients/python`) parses these statuses, field names
 //! and kinds: a test that fails here is a broken client there.
 
+mod connections;
 mod engine;
 mod schema;
 
@@ -31,7 +32,7 @@ const TOKEN: &str = "t0ken";
 const BODY_LIMIT: usize = 1 << 20;
 
 /// Every route the router serves, as `openapi.json` names it.
-const ROUTES: [(&str, &str); 17] = [
+const ROUTES: [(&str, &str); 18] = [
     ("POST", "/v1/threads/{thread_id}/exec"),
     ("POST", "/v1/threads/{thread_id}/exec/stream"),
     ("PUT", "/v1/threads/{thread_id}/files"),
@@ -41,6 +42,10 @@ const ROUTES: [(&str, &str); 17] = [
     ("GET", "/v1/threads/{thread_id}"),
     ("DELETE", "/v1/threads/{thread_id}"),
     ("DELETE", "/v1/users/{user_id}"),
+    (
+        "DELETE",
+        "/v1/threads/{thread_id}/executions/{execution_id}",
+    ),
     ("DELETE", "/v1/executions/{execution_id}"),
     ("GET", "/v1/backends"),
     ("POST", "/v1/gc"),
@@ -124,6 +129,8 @@ struct Options {
     body_limit: usize,
     allowed_hosts: Option<Vec<String>>,
     shutdown: Option<tokio::sync::watch::Receiver<bool>>,
+    /// The transfer budget in bytes (the server's default when absent).
+    budget: Option<usize>,
 }
 
 impl Default for Options {
@@ -133,7 +140,16 @@ impl Default for Options {
             body_limit: BODY_LIMIT,
             allowed_hosts: None,
             shutdown: None,
+            budget: None,
         }
+    }
+}
+
+/// The default options without a token (loopback host names).
+fn tokenless() -> Options {
+    Options {
+        token: None,
+        ..Options::default()
     }
 }
 
@@ -168,10 +184,18 @@ impl App {
         let root = tempfile::tempdir().expect("temp workspace root");
         let mut config = Config {
             workspace_root: root.path().to_owned(),
-            // Workspaces owned by whoever runs the tests: no chown needed.
-            sandbox_user: Some(UserIds {
-                uid: nix::unistd::geteuid().as_raw(),
-                gid: nix::unistd::getegid().as_raw(),
+            // Workspaces owned by whoever runs the tests: no chown needed
+            // (but as root, which a sandbox user may not be: 1000, whom
+            // root may chown to).
+            sandbox_user: Some(match nix::unistd::geteuid().as_raw() {
+                0 => UserIds {
+                    uid: 1000,
+                    gid: 1000,
+                },
+                uid => UserIds {
+                    uid,
+                    gid: nix::unistd::getegid().as_raw(),
+                },
             }),
             component_cache_dir: Some(component_cache()),
             ..Config::default()
@@ -195,6 +219,9 @@ impl App {
         }
         if let Some(shutdown) = options.shutdown {
             state.shutdown = shutdown;
+        }
+        if let Some(budget) = options.budget {
+            state.budget = Arc::new(super::TransferBudget::new(budget));
         }
         let state = Arc::new(state);
         App {
@@ -448,12 +475,25 @@ async fn an_unknown_route_is_404_not_found_in_the_json_error_shape() {
 #[tokio::test]
 async fn cancelling_an_unknown_execution_is_404_and_a_malformed_id_is_400() {
     let app = App::memory().await;
-    let reply = app.send(delete("/v1/executions/no-such-execution")).await;
+    let reply = app
+        .send(delete("/v1/threads/alice-1/executions/no-such-execution"))
+        .await;
     assert_eq!(reply.error(), (404, "not-found".into()));
     for bad in ["short", "has%20space", &"x".repeat(65)] {
-        let reply = app.send(delete(&format!("/v1/executions/{bad}"))).await;
+        let uri = format!("/v1/threads/alice-1/executions/{bad}");
+        let reply = app.send(delete(&uri)).await;
         assert_eq!(reply.error(), (400, "invalid-id".into()), "{bad}");
     }
+    let reply = app
+        .send(delete(
+            "/v1/threads/has%20space-1/executions/no-such-execution",
+        ))
+        .await;
+    assert_eq!(reply.error(), (400, "invalid-id".into()), "a bad thread id");
+    // The route of before ids were scoped per user says where to go.
+    let reply = app.send(delete("/v1/executions/no-such-execution")).await;
+    assert_eq!(reply.error(), (410, "not-found".into()));
+    assert!(reply.text().contains("/v1/threads/{thread_id}/executions/"));
 }
 
 #[tokio::test]
@@ -662,6 +702,190 @@ async fn an_operator_allow_list_replaces_the_loopback_names() {
     assert_eq!(reply.status, StatusCode::OK);
     let reply = app.send(with_host("localhost:8765")).await;
     assert_eq!(reply.error(), (403, "forbidden-host".into()));
+}
+
+/// A request as a page of another site makes a browser send it: no
+/// token, this server's Host, the page's Origin.
+fn from_origin(mut request: Request<Body>, origin: &str) -> Request<Body> {
+    let headers = request.headers_mut();
+    headers.remove(header::AUTHORIZATION);
+    headers.insert(header::HOST, "localhost:8765".parse().unwrap());
+    headers.insert(header::ORIGIN, origin.parse().unwrap());
+    request
+}
+
+/// A WebSocket upgrade request, as a browser sends it.
+fn websocket_upgrade(uri: &str) -> Request<Body> {
+    Request::builder()
+        .uri(uri)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_VERSION, "13")
+        .header(header::SEC_WEBSOCKET_KEY, "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(Body::empty())
+        .unwrap()
+}
+
+/// Issue 21: with `Origin: https://evil.example`, a simple `POST /v1/gc`
+/// ran gc on a tokenless server, and a page could reach every route.
+#[tokio::test]
+async fn without_a_token_a_request_from_another_sites_page_is_refused_before_routing() {
+    let capture = Capture::global();
+    let app = App::memory_with(tokenless(), |_| {}).await;
+    let local = |mut r: Request<Body>| {
+        r.headers_mut().remove(header::AUTHORIZATION);
+        r.headers_mut()
+            .insert(header::HOST, "localhost".parse().unwrap());
+        r
+    };
+    assert_eq!(
+        app.send(local(exec("alice-1", "true"))).await.status,
+        StatusCode::OK
+    );
+    for origin in [
+        "https://evil.example",
+        "http://evil.example:8765",
+        "null",
+        "http://localhost.evil.example",
+        "http://127.0.0.1.nip.io:8765",
+        "http://user@localhost:8765",
+        "http://localhost:8765/path",
+        "file://",
+        "localhost",
+    ] {
+        for (method, route) in ROUTES {
+            let request = from_origin(sample(method, route, "alice-1", "alice"), origin);
+            let reply = app.send(request).await;
+            assert_eq!(
+                reply.error(),
+                (403, "forbidden-origin".into()),
+                "{method} {route} from {origin}"
+            );
+        }
+        // Before any route is looked up: unknown paths and WebSocket
+        // upgrades (which no route serves yet) are refused the same way.
+        for uri in [
+            "/no/such/route",
+            "/v1/ws",
+            "/v1/threads/alice-1/exec/stream",
+        ] {
+            let reply = app.send(from_origin(websocket_upgrade(uri), origin)).await;
+            assert_eq!(
+                reply.error(),
+                (403, "forbidden-origin".into()),
+                "upgrade of {uri} from {origin}"
+            );
+        }
+    }
+    // Logged, with the path (no route was looked up).
+    let line = capture.mine().into_iter().last().expect("an access line");
+    assert_eq!(
+        (line["status"].as_str(), line["route"].as_str()),
+        ("403", "(none)")
+    );
+    assert_eq!(line["path"], "/v1/threads/alice-1/exec/stream");
+    // Nothing ran: the container is there, the policy is the same, and no
+    // gc, exec or destroy was even called.
+    assert_eq!(app.containers().await.len(), 1);
+    assert_eq!(app.state.sandbox.policy_name(), "per-user");
+    let metrics = app.metrics().await;
+    assert_eq!(series(&metrics, r#"sandbox_calls_total{op="gc"}"#), None);
+    assert_eq!(
+        series(&metrics, r#"sandbox_calls_total{op="exec"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        series(&metrics, r#"sandbox_errors_total{kind="forbidden-origin"}"#),
+        Some((9 * (ROUTES.len() + 3)) as f64),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn without_a_token_a_page_of_an_allowed_host_and_a_client_without_origin_get_in() {
+    let app = App::memory_with(tokenless(), |_| {}).await;
+    for origin in [
+        None,
+        Some("http://localhost:8765"),
+        Some("http://localhost:3000"),
+        Some("https://LOCALHOST"),
+        Some("http://127.0.0.1:8765"),
+        Some("http://[::1]:8765"),
+    ] {
+        let mut request = Request::builder()
+            .uri("/v1/backends")
+            .header(header::HOST, "localhost:8765");
+        if let Some(origin) = origin {
+            request = request.header(header::ORIGIN, origin);
+        }
+        let reply = app.send(request.body(Body::empty()).unwrap()).await;
+        assert_eq!(reply.status, StatusCode::OK, "{origin:?}: {}", reply.text());
+    }
+}
+
+#[tokio::test]
+async fn with_a_token_the_origin_does_not_matter() {
+    // A page of another site cannot add the token: the browser asks first
+    // (CORS), and this server never says yes.
+    let app = App::memory().await;
+    let request = authed("GET", "/v1/backends")
+        .header(header::ORIGIN, "https://evil.example")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(app.send(request).await.status, StatusCode::OK);
+    let request = from_origin(get("/v1/backends"), "https://evil.example");
+    assert_eq!(
+        app.send(request).await.error(),
+        (401, "unauthorized".into())
+    );
+}
+
+// ---------------------------------------------------------------------------
+// GET and HEAD create nothing
+
+/// Issue 21: a plain `GET /v1/threads/{t}/files/raw` created a container
+/// and a workspace for an arbitrary user.
+#[tokio::test]
+async fn a_download_for_a_user_without_a_container_creates_nothing() {
+    let app = App::memory().await;
+    let reply = app
+        .send(get(
+            "/v1/threads/alice-1/files?path=/workspace/a.txt&path=b.txt",
+        ))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let missing = |path: &str| json!({"path": path, "content_b64": null, "mode": null, "error": "file_not_found"});
+    assert_eq!(
+        reply.json(),
+        json!({"results": [missing("/workspace/a.txt"), missing("b.txt")]})
+    );
+    let reply = app
+        .send(get("/v1/threads/alice-1/files/raw?path=a.txt"))
+        .await;
+    assert_eq!(reply.error(), (404, "file_not_found".into()));
+    for (uri, status) in [
+        ("/v1/threads/bob-1/files?path=a.txt", StatusCode::OK),
+        (
+            "/v1/threads/bob-1/files/raw?path=a.txt",
+            StatusCode::NOT_FOUND,
+        ),
+        ("/v1/threads/bob-1", StatusCode::OK),
+    ] {
+        let reply = app
+            .send(authed("HEAD", uri).body(Body::empty()).unwrap())
+            .await;
+        assert_eq!(reply.status, status, "HEAD {uri}");
+    }
+    assert!(app.containers().await.is_empty());
+    let left: Vec<_> = std::fs::read_dir(app.root.path())
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "no workspace: {left:?}");
+    let metrics = app.metrics().await;
+    assert_eq!(
+        series(&metrics, "sandbox_container_creations_total"),
+        Some(0.0)
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -1346,6 +1570,95 @@ async fn gc_with_nothing_to_collect_answers_an_empty_list() {
         );
     }
     assert_eq!(app.containers().await.len(), 1);
+}
+
+/// Issue 21: `POST /v1/gc` with `{"dry_run": true}` in the body ran a real
+/// gc (only the query string was read).
+#[tokio::test]
+async fn gc_reads_dry_run_and_max_age_secs_from_a_json_body_and_refuses_any_other_body() {
+    let app = App::memory().await;
+    assert_eq!(
+        app.send(exec("alice-1", "true")).await.status,
+        StatusCode::OK
+    );
+    let gc = |content_type: Option<&str>, body: &str, query: &str| {
+        let mut request = authed("POST", &format!("/v1/gc{query}"));
+        if let Some(content_type) = content_type {
+            request = request.header(header::CONTENT_TYPE, content_type);
+        }
+        request.body(Body::from(body.to_owned())).unwrap()
+    };
+    const JSON: Option<&str> = Some("application/json");
+    // `max_age_secs: 0` makes every container old enough: a real run would
+    // remove alice's.
+    for (content_type, body, query) in [
+        (JSON, r#"{"dry_run": true, "max_age_secs": 0}"#, ""),
+        (
+            Some("application/json; charset=utf-8"),
+            r#"{"max_age_secs": 0, "dry_run": true}"#,
+            "",
+        ),
+        (JSON, r#"{"dry_run": true}"#, "?max_age_secs=0"),
+        (JSON, r#"{"max_age_secs": 0}"#, "?dry_run=true"),
+        (
+            JSON,
+            r#"{"dry_run": false, "max_age_secs": 0}"#,
+            "?dry_run=true",
+        ),
+    ] {
+        let what = format!("{body} {query}");
+        let reply = app.send(gc(content_type, body, query)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{what}: {}", reply.text());
+        let v = reply.json();
+        assert_eq!(v["dry_run"], true, "{what}: {v}");
+        let found = v["containers"].as_array().expect("a list");
+        assert_eq!(found.len(), 1, "{what}: {v}");
+        assert_eq!(found[0]["removed"], false, "{what}: {v}");
+        assert_eq!(found[0]["container"]["backend_id"], "alice", "{what}: {v}");
+        assert_eq!(app.containers().await.len(), 1, "{what}");
+    }
+    for (content_type, body, query, status) in [
+        (JSON, r#"{"max_age_secs": 0, "force": true}"#, "", 400),
+        (JSON, r#"{"max_age_secs": 0, "dry_run": "no"}"#, "", 400),
+        (JSON, r#"{"dry-run": false, "max_age_secs": 0}"#, "", 400),
+        (JSON, "[]", "", 400),
+        (JSON, "true", "", 400),
+        (JSON, r#"{"max_age_secs": -1}"#, "", 400),
+        (JSON, r#"{"max_age_secs": 0.5}"#, "", 400),
+        (JSON, r#"{"max_age_secs": 315360001}"#, "", 400),
+        (JSON, r#"{"max_age_secs": 0}"#, "?max_age_secs=0", 400),
+        (None, "", "?max_age_secs=abc", 400),
+        (None, "", "?max_age_secs=0&max_age_secs=1", 400),
+        (Some("text/plain"), r#"{"max_age_secs": 0}"#, "", 415),
+        (
+            Some("application/x-www-form-urlencoded"),
+            "max_age_secs=0",
+            "",
+            415,
+        ),
+        (None, r#"{"max_age_secs": 0}"#, "", 415),
+    ] {
+        let reply = app.send(gc(content_type, body, query)).await;
+        assert_eq!(
+            reply.error(),
+            (status, "bad-request".into()),
+            "{content_type:?} {body} {query}"
+        );
+    }
+    assert_eq!(app.containers().await.len(), 1, "nothing was removed");
+    // Whitespace is no body; a body that says run, runs.
+    for body in ["", " \n"] {
+        let reply = app.send(gc(None, body, "")).await;
+        assert_eq!(reply.json(), json!({"dry_run": false, "containers": []}));
+    }
+    let reply = app.send(gc(JSON, r#"{"max_age_secs": 0}"#, "")).await;
+    let v = reply.json();
+    assert_eq!(
+        (&v["dry_run"], &v["containers"][0]["removed"]),
+        (&json!(false), &json!(true)),
+        "{v}"
+    );
+    assert!(app.containers().await.is_empty());
 }
 
 // ---------------------------------------------------------------------------

@@ -656,7 +656,9 @@ async fn a_cancelled_execution_answers_130_cancelled_and_its_processes_die() {
     // Cancel once it runs (404 until it is registered).
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let reply = app.send(delete("/v1/executions/http-cancel-1")).await;
+        let reply = app
+            .send(delete("/v1/threads/alice-2/executions/http-cancel-1"))
+            .await;
         if reply.status == StatusCode::OK {
             assert_eq!(reply.json(), json!({"cancelled": true}));
             break;
@@ -674,4 +676,236 @@ async fn a_cancelled_execution_answers_130_cancelled_and_its_processes_die() {
     assert_eq!(v["reason"], "cancelled", "{v}");
     assert_eq!(v["execution_id"], "http-cancel-1");
     app.wait_gone("alice", "sleep 6").await;
+}
+
+// ---------------------------------------------------------------------------
+// The transfer budget
+
+/// Issue 21: 32 parallel JSON uploads left 663 MB resident: nothing bounded
+/// the content all requests held at once. An upload is charged as its body
+/// arrives.
+#[tokio::test]
+async fn a_json_upload_past_the_transfer_budget_is_refused_503_with_retry_after() {
+    let budget = 100 * 1024;
+    let app = EngineApp::start(
+        Options {
+            budget: Some(budget),
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await;
+    let upload = |content: &[u8]| {
+        json!({"files": [{"path": "a.txt", "content_b64": b64(content)}]}).to_string()
+    };
+    // The first upload's body arrives in two parts: the server holds the
+    // first (80 KiB) while it waits for the rest.
+    let first = upload(&[b'x'; 60 * 1024]);
+    let (head, tail) = first.split_at(first.len() - 10);
+    let (parts, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(2);
+    parts
+        .send(Ok(axum::body::Bytes::from(head.to_owned())))
+        .await
+        .unwrap();
+    let request = json_request(
+        "PUT",
+        "/v1/threads/alice-1/files",
+        Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    );
+    let router = app.router.clone();
+    let first_upload = tokio::spawn(async move { router.oneshot(request).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.state.budget.in_use() < head.len() {
+        assert!(Instant::now() < deadline, "the head was not read");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A second one (40 KiB of body) does not fit beside it.
+    let second = upload(&[b'y'; 30 * 1024]);
+    let reply = app
+        .send(json_request(
+            "PUT",
+            "/v1/threads/alice-1/files",
+            second.clone(),
+        ))
+        .await;
+    assert_eq!(
+        reply.error(),
+        (503, "overloaded".into()),
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.headers[axum::http::header::RETRY_AFTER], "1");
+    assert!(app.state.budget.in_use() <= budget);
+    // The first completes, and gives its charge back.
+    parts
+        .send(Ok(axum::body::Bytes::from(tail.to_owned())))
+        .await
+        .unwrap();
+    drop(parts);
+    let response = first_upload.await.unwrap().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(app.state.budget.in_use(), 0);
+    let reply = app
+        .send(json_request("PUT", "/v1/threads/alice-1/files", second))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    // (Streamed: a JSON download's cap alone is more than this budget.)
+    let reply = app
+        .send(get("/v1/threads/alice-1/files/raw?path=a.txt"))
+        .await;
+    assert!(
+        reply.body[..] == [b'y'; 30 * 1024],
+        "the second upload's content"
+    );
+    // One larger than the whole budget never fits.
+    let reply = app
+        .send(json_request(
+            "PUT",
+            "/v1/threads/alice-1/files",
+            upload(&[b'z'; 90 * 1024]),
+        ))
+        .await;
+    assert_eq!(reply.error(), (503, "overloaded".into()));
+    assert_eq!(app.state.budget.in_use(), 0);
+    let metrics = app.metrics().await;
+    assert_eq!(
+        series(&metrics, r#"sandbox_errors_total{kind="overloaded"}"#),
+        Some(2.0),
+        "{metrics}"
+    );
+}
+
+/// Issue 21: 64 parallel 16 MiB JSON downloads took serve to 1.5 GB. Each
+/// download is charged its batch's cap (here 1 MiB) before it starts, then
+/// its content (512 KiB) until its answer has been sent: in a 3 MiB budget
+/// at most 5 answers are held at once, whatever the order.
+#[tokio::test]
+async fn parallel_json_downloads_stay_within_the_transfer_budget() {
+    let budget = 3 * 1024 * 1024;
+    let app = EngineApp::start(
+        Options {
+            budget: Some(budget),
+            ..Options::default()
+        },
+        |c| c.max_batch_bytes = 1024 * 1024,
+    )
+    .await;
+    let content: Vec<u8> = (0..512 * 1024).map(|i| (i % 251) as u8).collect();
+    let reply = app
+        .send(put_raw(
+            "/v1/threads/alice-1/files/raw?path=big.bin",
+            content.clone(),
+        ))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let peak = std::sync::Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (peak, state) = (peak.clone(), app.state.clone());
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(state.budget.in_use(), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let downloads: Vec<_> = (0..12)
+        .map(|_| {
+            let router = app.router.clone();
+            tokio::spawn(async move {
+                router
+                    .oneshot(get("/v1/threads/alice-1/files?path=big.bin"))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    // The answers are held, unread, like slow clients' would be.
+    let mut answered = Vec::new();
+    for download in downloads {
+        answered.push(download.await.unwrap());
+    }
+    sampler.abort();
+    let (ok, refused): (Vec<_>, Vec<_>) = answered
+        .into_iter()
+        .partition(|r| r.status() == StatusCode::OK);
+    assert!(
+        (1..=5).contains(&ok.len()),
+        "{} downloads answered at once in a 3 MiB budget",
+        ok.len()
+    );
+    for r in &refused {
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[axum::http::header::RETRY_AFTER], "1");
+    }
+    assert!(peak.load(Ordering::Relaxed) <= budget, "peak {peak:?}");
+    assert_eq!(app.state.budget.in_use(), ok.len() * content.len());
+    for r in ok {
+        let body = axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert!(
+            v["results"][0]["content_b64"] == b64(&content),
+            "the content"
+        );
+    }
+    for r in refused {
+        let body = axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["kind"], "overloaded", "{v}");
+    }
+    assert_eq!(app.state.budget.in_use(), 0, "every charge given back");
+    let reply = app
+        .send(get("/v1/threads/alice-1/files?path=big.bin"))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+}
+
+/// A GET goes through a container that runs, and never re-creates one
+/// that stopped (the policy would): its files are `file_not_found` until
+/// the next command brings the container back.
+#[tokio::test]
+async fn a_download_reads_through_a_running_container_and_never_restarts_a_stopped_one() {
+    let app = EngineApp::default().await;
+    let reply = app
+        .send(exec_with(
+            "alice-1",
+            json!({"command": "echo hi > note.txt"}),
+        ))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let reply = app
+        .send(get("/v1/threads/alice-2/files?path=note.txt"))
+        .await;
+    assert_eq!(reply.json()["results"][0]["content_b64"], b64(b"hi\n"));
+    let reply = app
+        .send(get("/v1/threads/alice-2/files/raw?path=note.txt"))
+        .await;
+    assert_eq!(
+        (reply.status, reply.text()),
+        (StatusCode::OK, "hi\n".into())
+    );
+    let name = format!("sandbox.{}.alice", app.namespace);
+    let stopped = std::process::Command::new("docker")
+        .args(["stop", "-t", "0", &name])
+        .output()
+        .expect("the docker CLI");
+    assert!(stopped.status.success(), "docker stop {name}");
+    let reply = app
+        .send(get("/v1/threads/alice-2/files?path=note.txt"))
+        .await;
+    assert_eq!(reply.json()["results"][0]["error"], "file_not_found");
+    let reply = app
+        .send(get("/v1/threads/alice-2/files/raw?path=note.txt"))
+        .await;
+    assert_eq!(reply.error(), (404, "file_not_found".into()));
+    let containers = app.containers().await;
+    assert_eq!(containers.len(), 1);
+    assert_ne!(
+        containers[0].status,
+        crate::Status::Running,
+        "not restarted"
+    );
 }

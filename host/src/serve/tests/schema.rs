@@ -22,7 +22,7 @@ use crate::serve::replies::{
     Backends, Cancelled, Collected, Destroyed, Downloaded, ExecReply, Health, PolicyName,
     StreamLine, Uploaded, Written,
 };
-use crate::serve::requests::{ExecBody, UploadBody};
+use crate::serve::requests::{ExecBody, GcBody, UploadBody};
 use crate::ThreadInfo;
 
 /// Set to `1` to rewrite the components instead of failing.
@@ -59,6 +59,7 @@ fn generated_components() -> Map<String, Value> {
         .into_generator();
     requests.subschema_for::<ExecBody>();
     requests.subschema_for::<UploadBody>();
+    requests.subschema_for::<GcBody>();
 
     let mut components = Map::new();
     for generator in [&mut replies, &mut requests] {
