@@ -1020,6 +1020,74 @@ async fn a_timeout_kills_everything_the_call_started_under_dash_too() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
+/// The engine path (streamed stdin, a dead link) is no way out either: its
+/// `reap` runs as root too and gives the command away in a call group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_timeout_through_docker_exec_kills_everything_too() {
+    let h = Harness::new("rch-engine");
+    let sandbox = h.sandbox().await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    let mut stdin: &[u8] = b"hi\n";
+    let started = Instant::now();
+    let r = b
+        .execute_streaming_stdin(
+            "cat >/dev/null; (env -i sh -c 'sleep 771' &); kill -9 $PPID; sleep 30",
+            with_timeout(2.0),
+            &mut stdin,
+            |_, _| {},
+        )
+        .await
+        .unwrap();
+    assert!(
+        !r.via_agent,
+        "streamed stdin goes through docker exec: {r:?}"
+    );
+    assert_eq!(r.exit_code, 124, "{r:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        r.stderr.contains("Operation not permitted"),
+        "the workload killed its reap: {r:?}"
+    );
+    let ps = b.execute("ps -o args").await.unwrap().output;
+    assert!(!ps.contains("sleep 771"), "escaped the deadline: {ps}");
+}
+
+/// A thread-group leader that exits alone (raw `exit`, not `exit_group`)
+/// shows as a zombie while its other thread runs on: a sweep that skipped
+/// zombies left that thread alive after the timeout (found in review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_timeout_kills_a_thread_whose_leader_exited_alone() {
+    let h = Harness::new("rch-zleader");
+    let sandbox = python_sandbox(&h).await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    let script = "cat > /workspace/z.py <<'PY'
+import ctypes, threading, time
+def beat():
+    while True:
+        open('/workspace/beat', 'a').write('.')
+        time.sleep(0.1)
+threading.Thread(target=beat).start()
+time.sleep(0.3)
+ctypes.CDLL(None).syscall(60, 0)
+PY
+python3 /workspace/z.py & sleep 30";
+    let r = b.execute_with(script, with_timeout(2.0)).await.unwrap();
+    assert_eq!(r.exit_code, 124, "{r:?}");
+    let size = |r: ExecResponse| r.output.trim().parse::<u64>().unwrap_or(0);
+    let before = size(b.execute("wc -c < /workspace/beat").await.unwrap());
+    assert!(before > 0, "the thread never ran: the test proves nothing");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = size(b.execute("wc -c < /workspace/beat").await.unwrap());
+    assert_eq!(
+        before, after,
+        "a thread of the timed-out call is still running (its leader exited alone)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancel_kills_everything_the_call_started() {
     let h = Harness::new("rch-cancel");

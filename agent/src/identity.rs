@@ -58,6 +58,11 @@ const GROUP_BASE: u32 = 1 << 30;
 /// How many ids call groups are drawn from.
 const GROUP_SPAN: u32 = 1 << 29;
 
+/// Whether `gid` is one [`CallGroups`] hands out.
+pub fn is_call_group(gid: libc::gid_t) -> bool {
+    (GROUP_BASE..GROUP_BASE + GROUP_SPAN).contains(&gid)
+}
+
 /// Hands out call groups: a random start per serve process (a restarted
 /// serve never reuses the groups of calls its predecessor left running),
 /// then one after the other.
@@ -151,7 +156,7 @@ mod tests {
         let a = groups.next();
         let b = groups.next();
         assert_ne!(a, b);
-        assert!((GROUP_BASE..GROUP_BASE + GROUP_SPAN).contains(&a));
-        assert!((GROUP_BASE..GROUP_BASE + GROUP_SPAN).contains(&b));
+        assert!(is_call_group(a) && is_call_group(b));
+        assert!(!is_call_group(0) && !is_call_group(1000) && !is_call_group(GROUP_BASE - 1));
     }
 }

@@ -52,15 +52,39 @@ pub fn kill_marked(marker: &str) -> i32 {
 }
 
 /// The call groups named by `reap --group GID` among `pids`.
+///
+/// Only a `reap` the agent started counts: a root process running this very
+/// binary, naming a group of the call-group range. A workload process can
+/// name itself `reap --group 0 --` (and under gVisor root may read its
+/// environment): that must never turn a kill into `kill_group(0)` or into
+/// the sandbox user's own group.
 fn call_groups(pids: &[libc::pid_t]) -> Vec<libc::gid_t> {
+    let me = std::env::current_exe().ok();
     let mut groups: Vec<libc::gid_t> = pids
         .iter()
+        .filter(|&&pid| is_root_agent(pid, me.as_deref()))
         .filter_map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
         .filter_map(|cmdline| group_argument(&cmdline))
+        .filter(|&group| crate::identity::is_call_group(group))
         .collect();
     groups.sort_unstable();
     groups.dedup();
     groups
+}
+
+/// Whether `pid` runs as root (all four uids) and executes `agent`.
+fn is_root_agent(pid: libc::pid_t, agent: Option<&std::path::Path>) -> bool {
+    let root = std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .is_some_and(|uids| uids.split_whitespace().all(|u| u == "0"))
+    });
+    let ours = match agent {
+        Some(agent) => std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e == agent),
+        None => false,
+    };
+    root && ours
 }
 
 /// `GID` of a `reap ... --group GID ... --` command line (NUL-separated).

@@ -58,11 +58,30 @@ pub fn reap_zombies() {
 }
 
 /// Whether `pid` exists and is not a zombie.
+///
+/// A leader that exited while its other threads run shows `Z` in its own
+/// stat yet lives on in them (a thread group escapes a sweep that skips it:
+/// found in review), so every task is looked at; a signal to the leader's
+/// pid reaches the whole group.
 pub fn is_live(pid: libc::pid_t) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+    let leader_live = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| parse_stat(&s))
-        .is_some_and(|(state, _)| state != 'Z')
+        .is_some_and(|(state, _)| state != 'Z');
+    leader_live || any_task_live(pid)
+}
+
+/// Whether a thread of `pid` other than a zombie is listed.
+fn any_task_live(pid: libc::pid_t) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|s| parse_stat(&s))
+            .is_some_and(|(state, _)| state != 'Z')
+    })
 }
 
 /// Live (not zombie) processes whose parent chain reaches `root`.
@@ -74,7 +93,7 @@ pub fn descendants(root: libc::pid_t) -> Vec<libc::pid_t> {
             continue;
         };
         if let Some((state, ppid)) = parse_stat(&stat) {
-            if state == 'Z' {
+            if state == 'Z' && !any_task_live(pid) {
                 zombies.insert(pid);
             }
             children.entry(ppid).or_default().push(pid);

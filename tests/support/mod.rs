@@ -147,8 +147,10 @@ impl Harness {
     /// Replaces `user`'s container behind the host's back with one as a
     /// host before privilege separation made it: the same name, ownership
     /// labels and mounts, the `sandbox.agent` label `agent_label`, every
-    /// process as the sandbox user with no capability, the main command
-    /// `cmd` under tini (stdin open, nothing logged). The new container's id.
+    /// process as the sandbox user with no capability (unless the label is
+    /// this host's version: then root with the agent's capabilities), the
+    /// main command `cmd` under tini (stdin open, nothing logged). The new
+    /// container's id.
     pub fn replace_as_older_host(&self, user: &str, agent_label: &str, cmd: &[&str]) -> String {
         let id = self.container_of(user);
         let inspected = docker(&[
@@ -163,8 +165,16 @@ impl Harness {
             serde_json::from_str(fields[2]).unwrap();
         labels.insert("sandbox.agent".into(), agent_label.into());
         let mounts: Vec<&str> = fields[3].split_whitespace().collect();
+        // Labelled with this host's version: made as this host makes them
+        // (root for the agent, with its three capabilities).
+        let current =
+            agent_label == format!("serve-v{}", sandbox_agent::protocol::PROTOCOL_VERSION);
         let user = self.config().sandbox_user();
-        let user = format!("{}:{}", user.uid, user.gid);
+        let user = if current {
+            "0:0".to_owned()
+        } else {
+            format!("{}:{}", user.uid, user.gid)
+        };
         docker(&["rm", "-f", &id]);
         let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let mut args = vec![
@@ -187,6 +197,16 @@ impl Harness {
             "--workdir",
             "/workspace",
         ];
+        if current {
+            args.extend([
+                "--cap-add",
+                "SETUID",
+                "--cap-add",
+                "SETGID",
+                "--cap-add",
+                "KILL",
+            ]);
+        }
         for label in &labels {
             args.extend(["--label", label]);
         }

@@ -120,9 +120,67 @@ pub fn reap_argv(command: &str, timeout: std::time::Duration) -> Vec<String> {
     ]
 }
 
+/// [`reap_argv`] run as root in a container whose agent serves: `reap`
+/// gives the command away to the sandbox user `user` (`UID:GID`) in the
+/// call group `group`, which a timeout or a kill then ends whole, and which
+/// the workload can neither leave nor escape by killing its `reap` (root).
+pub fn reap_argv_as(
+    command: &str,
+    timeout: std::time::Duration,
+    user: &str,
+    group: u32,
+) -> Vec<String> {
+    let mut argv = reap_argv(command, timeout);
+    let options = [
+        "--user".to_owned(),
+        user.to_owned(),
+        "--group".to_owned(),
+        group.to_string(),
+    ];
+    // After `--timeout-ms N`, before `--`.
+    argv.splice(4..4, options);
+    argv
+}
+
+/// A call group for a call the host runs through the engine: drawn at
+/// random from the agent's range (2^30 to 2^30 + 2^29), like serve's.
+pub fn engine_call_group() -> u32 {
+    let id = crate::dataplane::exec::new_execution_id();
+    let bits = u32::from_str_radix(&id[..8], 16).unwrap_or(0);
+    (1 << 30) + bits % (1 << 29)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reap_as_the_sandbox_user_names_it_and_its_group_before_the_command() {
+        let argv = reap_argv_as(
+            "echo hi",
+            std::time::Duration::from_millis(1500),
+            "1000:1000",
+            1 << 30,
+        );
+        assert_eq!(
+            argv[1..],
+            [
+                "reap",
+                "--timeout-ms",
+                "1500",
+                "--user",
+                "1000:1000",
+                "--group",
+                "1073741824",
+                "--",
+                "sh",
+                "-c",
+                "echo hi"
+            ]
+        );
+        let group = engine_call_group();
+        assert!(((1 << 30)..(1 << 30) + (1 << 29)).contains(&group));
+    }
 
     #[test]
     fn the_serve_label_names_the_protocol_version() {

@@ -599,11 +599,37 @@ impl DockerProvider {
 
 /// The engine's exec of `request`: `sh -c`, under `reap` where the agent
 /// is mounted, as the request's user or else `exec_user`.
+///
+/// Where the agent serves (a current container), a command of the sandbox
+/// user runs as root under `reap --user --group`, which gives it away: the
+/// workload cannot kill its `reap` to escape the deadline, and the call's
+/// group is ended whole (no subreaper needed, so under gVisor too). Older
+/// containers' agents know no `--user`: there `reap` runs as the user.
 fn engine_exec_config(request: &ExecRequest, feeds: bool, exec_user: &str) -> ExecConfig {
-    let cmd = if request.agent {
-        crate::dataplane::agent::reap_argv(&request.command, request.timeout)
+    // File transfers name the sandbox user themselves: the same user.
+    let as_sandbox_user = request.user.as_deref().is_none_or(|u| u == exec_user);
+    let given_away = request.agent_serves && as_sandbox_user;
+    let (cmd, user) = if given_away {
+        let group = crate::dataplane::agent::engine_call_group();
+        let argv = crate::dataplane::agent::reap_argv_as(
+            &request.command,
+            request.timeout,
+            exec_user,
+            group,
+        );
+        (argv, ROOT.to_owned())
+    } else if request.agent {
+        let argv = crate::dataplane::agent::reap_argv(&request.command, request.timeout);
+        (
+            argv,
+            request.user.clone().unwrap_or_else(|| exec_user.to_owned()),
+        )
     } else {
-        vec!["sh".into(), "-c".into(), request.command.clone()]
+        let argv = vec!["sh".into(), "-c".into(), request.command.clone()];
+        (
+            argv,
+            request.user.clone().unwrap_or_else(|| exec_user.to_owned()),
+        )
     };
     ExecConfig {
         cmd: Some(cmd),
@@ -612,7 +638,7 @@ fn engine_exec_config(request: &ExecRequest, feeds: bool, exec_user: &str) -> Ex
         attach_stdin: Some(feeds),
         env: Some(request.env.clone()),
         working_dir: Some(request.workdir.clone()),
-        user: Some(request.user.clone().unwrap_or_else(|| exec_user.to_owned())),
+        user: Some(user),
         ..Default::default()
     }
 }
