@@ -78,8 +78,7 @@ pub(crate) async fn run(bench: &mut Bench) -> anyhow::Result<()> {
 }
 
 pub(crate) fn my_ids() -> UserIds {
-    UserIds {
-        uid: nix::unistd::geteuid().as_raw(),
-        gid: nix::unistd::getegid().as_raw(),
-    }
+    // This process's ids, or 1000:1000 when it is root: a root sandbox
+    // user is refused.
+    Config::default().sandbox_user()
 }
