@@ -325,20 +325,8 @@ async fn a_grace_period_longer_than_a_policy_call_budget_is_waited_out() {
     assert!(h.containers().is_empty());
 }
 
-/// The Python-ready image (`cargo test-all` builds it before the Rust
-/// suites): Debian's `sh` is dash.
 fn python_image() -> String {
-    let image =
-        std::env::var("SANDBOX_PYTHON_IMAGE").unwrap_or_else(|_| "sandbox-python:latest".into());
-    let found = std::process::Command::new("docker")
-        .args(["image", "inspect", &image])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "image {image} is missing: `sandbox image build --python` (cargo test-all does)"
-    );
-    image
+    support::python_image()
 }
 
 /// Debian's `sh` (the Python image) is dash, whose `read` has no `-d`: the

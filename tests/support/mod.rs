@@ -54,6 +54,23 @@ async fn prepare_engine() {
     }
 }
 
+/// The Python-ready image (`cargo test-all` builds it before the Rust
+/// suites; `SANDBOX_PYTHON_IMAGE` overrides): Debian's `sh` is dash. Panics
+/// with how to build it when missing.
+pub fn python_image() -> String {
+    let image =
+        std::env::var("SANDBOX_PYTHON_IMAGE").unwrap_or_else(|_| "sandbox-python:latest".into());
+    let found = std::process::Command::new("docker")
+        .args(["image", "inspect", &image])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "image {image} is missing: `sandbox image build --python` (cargo test-all does)"
+    );
+    image
+}
+
 pub fn test_image() -> String {
     std::env::var("SANDBOX_TEST_IMAGE").unwrap_or_else(|_| DEFAULT_IMAGE.to_owned())
 }
