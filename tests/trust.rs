@@ -715,6 +715,43 @@ async fn a_policy_sleeping_through_wasi_is_cut_off_at_its_wall_clock_budget() {
     assert_eq!(bob.execute("echo ok").await.unwrap().output, "ok\n");
 }
 
+/// One user whose `backend-id` is slow, with 40 requests at once, held
+/// five other users' calls for 39-60 s: the router instances are shared and
+/// each queued behind the sleeper's calls. Now one user has one router turn
+/// at a time, and the other routers stay free for everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_users_slow_backend_id_never_stalls_other_users() {
+    let h = Harness::new("fair");
+    let config = Config {
+        policy_call_timeout_ms: 1000,
+        ..h.config()
+    };
+    let sandbox = h.sandbox_with(config, hostile()).await;
+    let mut flood = Vec::new();
+    for n in 0..40 {
+        let sandbox = sandbox.clone();
+        flood.push(tokio::spawn(async move {
+            sandbox.backend_id(&format!("sleep-{n}")).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut slowest = Duration::ZERO;
+    for user in ["alice", "bob", "carol", "dave", "erin"] {
+        let start = Instant::now();
+        let id = sandbox.backend_id(&format!("{user}-1")).await.unwrap();
+        assert_eq!(id, format!("{user}-1"));
+        slowest = slowest.max(start.elapsed());
+    }
+    // One call's budget is the bound; it is far under it.
+    assert!(
+        slowest < Duration::from_millis(500),
+        "another user waited {slowest:?} behind one user's slow backend-id"
+    );
+    for call in flood {
+        call.abort();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_loop_over_cheap_imports_is_stopped_by_the_host_call_budget() {
     // The bug: time in host calls was not counted, so one call made 4,000 to

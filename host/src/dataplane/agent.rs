@@ -227,7 +227,20 @@ mod tests {
         assert_eq!(a, b);
         let mode = std::fs::metadata(&a).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o555);
-        let out = std::process::Command::new(&a).arg("help").output().unwrap();
+        // A fork elsewhere in the test process may still hold the file open
+        // for writing for a moment ("text file busy"): retried.
+        let run = || std::process::Command::new(&a).arg("help").output();
+        let mut out = run();
+        for _ in 0..50 {
+            match &out {
+                Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    out = run();
+                }
+                _ => break,
+            }
+        }
+        let out = out.unwrap();
         assert_eq!(
             out.status.code(),
             Some(i32::from(sandbox_agent::protocol::EXIT_AGENT_FAILED)),

@@ -14,7 +14,6 @@
 //! to slow calls (cold starts, destroys waiting out their grace period).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -33,6 +32,12 @@ const MAX_LANES: usize = 65_536;
 /// Router instances, outside the pool.
 const ROUTERS: usize = 4;
 
+/// Router calls one user may have running at once: the others are free for
+/// other users, so a user whose `backend-id` is slow (or made slow on
+/// purpose, with many requests at once) delays nobody else by more than
+/// one call's budget per router.
+const ROUTER_CALLS_PER_USER: usize = 1;
+
 /// A router's instance and the policy it was made from (to notice a swap).
 type Router = Option<(Arc<CompiledPolicy>, PolicyInstance)>;
 
@@ -47,13 +52,38 @@ pub struct LaneGuard {
     _guard: tokio::sync::OwnedMutexGuard<()>,
 }
 
+/// A user's turn at the routers; the user's entry goes with its last turn.
+struct RouterTurn<'a> {
+    lanes: &'a Lanes,
+    user: &'a str,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Drop for RouterTurn<'_> {
+    fn drop(&mut self) {
+        let mut turns = self.lanes.router_turns.lock().unwrap();
+        self.permit.take();
+        // Only the map holds it: no call holds or waits for a turn.
+        if turns
+            .get(self.user)
+            .is_some_and(|turn| Arc::strong_count(turn) == 1)
+        {
+            turns.remove(self.user);
+        }
+    }
+}
+
 /// The lanes of one host.
 pub struct Lanes {
     engine: Arc<Engine>,
     pool: RwLock<Arc<InstancePool>>,
     lanes: Mutex<HashMap<String, Arc<Lane>>>,
     routers: Vec<AsyncMutex<Router>>,
-    hasher: RandomState,
+    /// One permit per router: a call holding one always finds a free router.
+    router_permits: tokio::sync::Semaphore,
+    /// Each user's turn at the routers (see [`ROUTER_CALLS_PER_USER`]);
+    /// entries go when no call holds or waits for them.
+    router_turns: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
     clock: AtomicU64,
     /// Policy calls that trapped (each instance then replaced).
     pub traps: AtomicU64,
@@ -70,7 +100,8 @@ impl Lanes {
             pool: RwLock::new(pool),
             lanes: Mutex::new(HashMap::new()),
             routers: (0..ROUTERS).map(|_| AsyncMutex::new(None)).collect(),
-            hasher: RandomState::new(),
+            router_permits: tokio::sync::Semaphore::new(ROUTERS),
+            router_turns: Mutex::new(HashMap::new()),
             clock: AtomicU64::new(0),
             traps: AtomicU64::new(0),
         }
@@ -118,21 +149,31 @@ impl Lanes {
         LaneGuard { _guard: guard }
     }
 
-    /// Runs a key-less call (the pure mapping) on a router instance.
+    /// Runs a key-less call (the pure mapping of `thread`) on a router
+    /// instance: in the thread's user's turn, then on the first router free
+    /// (both queues first come, first served).
     pub async fn route<T>(
         &self,
-        hint: &str,
+        thread: &str,
         f: impl AsyncFnOnce(&mut PolicyInstance) -> Result<T>,
     ) -> Result<T> {
-        let free = self.routers.iter().find_map(|r| r.try_lock().ok());
-        let mut slot = match free {
-            Some(slot) => slot,
-            None => {
-                self.routers[self.hasher.hash_one(hint) as usize % ROUTERS]
-                    .lock()
-                    .await
-            }
+        let user = thread.split('-').next().unwrap_or(thread);
+        let permit = self.router_turn(user).acquire_owned().await;
+        let _turn = RouterTurn {
+            lanes: self,
+            user,
+            permit: Some(permit.expect("router turns are never closed")),
         };
+        let _router = self
+            .router_permits
+            .acquire()
+            .await
+            .expect("router permits are never closed");
+        let mut slot = self
+            .routers
+            .iter()
+            .find_map(|r| r.try_lock().ok())
+            .expect("a permit holder always finds a free router");
         let current = self.policy();
         let fresh = matches!(&*slot, Some((p, i)) if Arc::ptr_eq(p, &current) && !i.is_poisoned());
         if !fresh {
@@ -151,6 +192,19 @@ impl Lanes {
             *slot = None;
         }
         result
+    }
+
+    /// The semaphore of `user`'s turns at the routers.
+    fn router_turn(&self, user: &str) -> Arc<tokio::sync::Semaphore> {
+        let mut turns = self.router_turns.lock().unwrap();
+        if turns.len() >= MAX_LANES {
+            // Left by calls dropped while they waited: none holds them.
+            turns.retain(|_, turn| Arc::strong_count(turn) > 1);
+        }
+        turns
+            .entry(user.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(ROUTER_CALLS_PER_USER)))
+            .clone()
     }
 
     async fn run<T>(
