@@ -29,6 +29,24 @@ use support::{docker, Harness};
 
 // ---------------------------------------------------------------- helpers
 
+/// The uid-0 processes among `found`, asserting that init, serve and the
+/// call's own reap are among them (the agent runs as root, out of the
+/// workload's uid); `context` is shown when they are not.
+fn agent_roots<'a>(found: &'a [Target], context: &str) -> Vec<&'a Target> {
+    let roots: Vec<&Target> = found.iter().filter(|t| t.root).collect();
+    let roles: BTreeSet<&str> = roots.iter().map(|t| t.role.as_str()).collect();
+    assert!(
+        roots.len() >= 3
+            && ["init", "serve", "own-reap"]
+                .iter()
+                .all(|r| roles.contains(r)),
+        "the agent does not run as root, out of the workload's uid: {} uid-0 process(es) \
+         (roles {roles:?}){context}",
+        roots.len(),
+    );
+    roots
+}
+
 fn container_of(h: &Harness, user: &str) -> String {
     h.container_of(user)
 }
@@ -364,21 +382,13 @@ cat $log >&4
         "the attack did not run through the agent: {}",
         brief(&reply)
     );
-    let roots: Vec<&Target> = found.iter().filter(|t| t.root).collect();
-    let roles: BTreeSet<&str> = roots.iter().map(|t| t.role.as_str()).collect();
-    assert!(
-        roots.len() >= 3
-            && ["init", "serve", "own-reap"]
-                .iter()
-                .all(|r| roles.contains(r)),
-        "the agent does not run as root, out of the workload's uid: {} uid-0 process(es) \
-         (roles {roles:?}); the agent's processes as the workload sees them:\n{}",
-        roots.len(),
-        found
-            .iter()
-            .map(|t| t.line.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
+    let processes: Vec<&str> = found.iter().map(|t| t.line.as_str()).collect();
+    let roots = agent_roots(
+        &found,
+        &format!(
+            "; the agent's processes as the workload sees them:\n{}",
+            processes.join("\n")
+        ),
     );
     let attempts: Vec<&str> = log.lines().filter(|l| l.starts_with("ATTEMPT ")).collect();
     assert_eq!(
@@ -580,18 +590,7 @@ async fn the_workload_cannot_ptrace_or_read_the_memory_of_its_agent() {
         r.output
     );
     let found = targets(&r.stdout);
-    let roots: Vec<&Target> = found.iter().filter(|t| t.root).collect();
-    let roles: BTreeSet<&str> = roots.iter().map(|t| t.role.as_str()).collect();
-    assert!(
-        roots.len() >= 3
-            && ["init", "serve", "own-reap"]
-                .iter()
-                .all(|r| roles.contains(r)),
-        "the agent does not run as root, out of the workload's uid: {} uid-0 process(es) \
-         (roles {roles:?}):\n{}",
-        roots.len(),
-        r.output
-    );
+    agent_roots(&found, &format!(":\n{}", r.output));
     let attempts: Vec<&str> = r
         .stdout
         .lines()

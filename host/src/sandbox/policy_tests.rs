@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use sandbox_artifacts::fixtures;
 
-use crate::config::{Config, UserIds};
+use crate::config::Config;
 use crate::provider::memory::MemoryProvider;
 use crate::{PolicySource, Sandbox, SandboxError};
 
@@ -14,18 +14,9 @@ fn config(root: &std::path::Path) -> Config {
     Config {
         workspace_root: root.to_owned(),
         namespace: "unit".into(),
-        // Whoever runs the tests owns the workspaces; as root, which a
-        // sandbox user may not be, 1000, whom root may chown to.
-        sandbox_user: Some(match nix::unistd::geteuid().as_raw() {
-            0 => UserIds {
-                uid: 1000,
-                gid: 1000,
-            },
-            uid => UserIds {
-                uid,
-                gid: nix::unistd::getegid().as_raw(),
-            },
-        }),
+        // The host's ids, or 1000:1000 when the tests run as root (a root
+        // sandbox user is refused).
+        sandbox_user: Some(Config::default().sandbox_user()),
         component_cache_dir: None,
         maintenance_interval_secs: 0.0,
         ..Config::default()

@@ -22,7 +22,7 @@ use tower::ServiceExt as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 
 use super::{router, AppState, ACCESS_LOG_TARGET, METRICS_CONTENT_TYPE};
-use crate::config::{Config, UserIds};
+use crate::config::Config;
 use crate::MemoryProvider;
 use crate::{PolicySource, Sandbox};
 
@@ -184,19 +184,9 @@ impl App {
         let root = tempfile::tempdir().expect("temp workspace root");
         let mut config = Config {
             workspace_root: root.path().to_owned(),
-            // Workspaces owned by whoever runs the tests: no chown needed
-            // (but as root, which a sandbox user may not be: 1000, whom
-            // root may chown to).
-            sandbox_user: Some(match nix::unistd::geteuid().as_raw() {
-                0 => UserIds {
-                    uid: 1000,
-                    gid: 1000,
-                },
-                uid => UserIds {
-                    uid,
-                    gid: nix::unistd::getegid().as_raw(),
-                },
-            }),
+            // The host's ids, or 1000:1000 when the tests run as root (a root
+            // sandbox user is refused).
+            sandbox_user: Some(Config::default().sandbox_user()),
             component_cache_dir: Some(component_cache()),
             ..Config::default()
         };
