@@ -826,6 +826,100 @@ print("AFTER", " ".join(map(str, sorted(os.getgroups()))))
     );
 }
 
+/// A process in a user namespace of its own holds every capability there,
+/// and gVisor (which applies no OCI seccomp profile) then lets it set its
+/// groups: out of its call group. The agent's own filter refuses the
+/// namespace to every workload process, whatever profile the engine
+/// applies (its refusals are proven in `agent/src/seccomp.rs`; here, that
+/// the workload runs under it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_workload_cannot_make_a_user_namespace_to_shed_its_group() {
+    let h = Harness::new("rch-userns");
+    let sandbox = python_sandbox(&h).await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    warm(&b).await;
+    let r = python(
+        &b,
+        r#"
+import ctypes, errno, os
+libc = ctypes.CDLL(None, use_errno=True)
+def filters(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("Seccomp_filters:"):
+            return int(line.split()[1])
+print("FILTERS", filters("self"), filters(1))
+for name, call in [
+    ("unshare-user", lambda: libc.unshare(0x10000000)),
+    ("clone3", lambda: libc.syscall(435, None, 0)),
+]:
+    ret = call()
+    print("ATTEMPT", name, ret, errno.errorcode.get(ctypes.get_errno(), ctypes.get_errno()))
+"#,
+    )
+    .await;
+    println!("{}", r.output);
+    assert!(r.via_agent && r.exit_code == 0, "{}", brief(&r));
+    let filters: Vec<u32> = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("FILTERS "))
+        .map(|f| {
+            f.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        filters.len() == 2 && filters[0] == filters[1] + 1,
+        "the workload does not run under the agent's own filter (its filters, init's): {filters:?}"
+    );
+    assert!(
+        r.stdout.contains("ATTEMPT unshare-user -1 EPERM"),
+        "{}",
+        r.output
+    );
+    assert!(
+        r.stdout.contains("ATTEMPT clone3 -1 ENOSYS"),
+        "{}",
+        r.output
+    );
+}
+
+/// A compiled-speed pid hopper (each process forks its successor and
+/// exits at once) outran the `/proc` sweep now and then; the kill now stops
+/// the whole workload in one signal before it sweeps. Ten rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fast_pid_hopper_never_outlives_a_timeout() {
+    let h = Harness::new("rch-hopper");
+    let sandbox = python_sandbox(&h).await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    warm(&b).await;
+    let hopper = "import os\nos.setsid()\nwhile True:\n    if os.fork(): os._exit(0)\n";
+    let r = b
+        .execute(&format!("printf '{hopper}' > /workspace/hop.py"))
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, 0, "{}", brief(&r));
+    let mut wrong = Vec::new();
+    for round in 0..10 {
+        let script = "grep '^Groups:' /proc/$$/status; \
+                      (python3 /workspace/hop.py 779 </dev/null >/dev/null 2>&1 &); sleep 60";
+        let r = b.execute_with(script, with_timeout(1.5)).await.unwrap();
+        if !(r.timed_out && r.exit_code == 124) {
+            wrong.push(format!("round {round}: not a timeout: {}", brief(&r)));
+        }
+        let group = call_groups(&r.output, sandbox_user(&h).gid)
+            .first()
+            .copied();
+        let procs = processes(&b).await.unwrap();
+        let left = leftovers(&procs, "779", group);
+        if !left.is_empty() {
+            wrong.push(format!("round {round}: {} left: {left:?}", left.len()));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
 // ----------------------------------------- 3. timeouts and cancels kill all
 
 /// The escape attempts: what, the marker number its escapees carry in

@@ -90,9 +90,14 @@ fn random_u32() -> u32 {
 }
 
 /// In a forked child about to exec the command: become the sandbox user in
-/// `group` for good. Only async-signal-safe calls (it runs between fork and
-/// exec). From root to another uid the kernel clears every capability.
-pub fn drop_to(user: SandboxUser, group: libc::gid_t) -> std::io::Result<()> {
+/// `group` for good, under `filter` (`seccomp.rs`). Only async-signal-safe
+/// calls (it runs between fork and exec). From root to another uid the
+/// kernel clears every capability.
+pub fn drop_to(
+    user: SandboxUser,
+    group: libc::gid_t,
+    filter: &crate::seccomp::Filter,
+) -> std::io::Result<()> {
     let groups = [user.gid, group];
     // SAFETY: plain syscalls with a local array; no allocation.
     unsafe {
@@ -108,7 +113,8 @@ pub fn drop_to(user: SandboxUser, group: libc::gid_t) -> std::io::Result<()> {
             return Err(std::io::Error::from_raw_os_error(libc::EPERM));
         }
     }
-    Ok(())
+    // Last: nor can it shed the group through a user namespace of its own.
+    filter.install()
 }
 
 /// Whether this process may give commands away to the sandbox user (it is

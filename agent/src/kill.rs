@@ -7,6 +7,7 @@
 
 use sandbox_agent::protocol::{valid_marker, EXEC_MARKER_VAR};
 
+use crate::identity::SandboxUser;
 use crate::{procs, AGENT_FAILED};
 
 /// The verb: `args` are those after `kill`.
@@ -31,8 +32,8 @@ pub fn kill_marked(marker: &str) -> i32 {
     let entry = format!("{EXEC_MARKER_VAR}={marker}");
     let me = std::process::id() as libc::pid_t;
     let mut all_gone = true;
-    for group in call_groups(&marked(entry.as_bytes(), me)) {
-        all_gone &= procs::kill_group(group);
+    for (group, user) in call_groups(&marked(entry.as_bytes(), me)) {
+        all_gone &= procs::kill_group(group, user);
     }
     for _ in 0..procs::SWEEPS {
         let roots = marked(entry.as_bytes(), me);
@@ -51,24 +52,30 @@ pub fn kill_marked(marker: &str) -> i32 {
     1
 }
 
-/// The call groups named by `reap --group GID` among `pids`.
+/// The call groups named by `reap --group GID` among `pids`, each with the
+/// sandbox user of its `--user` (to stop the workload while the group is
+/// swept).
 ///
 /// Only a `reap` the agent started counts: a root process running this very
 /// binary, naming a group of the call-group range. A workload process can
 /// name itself `reap --group 0 --` (and under gVisor root may read its
 /// environment): that must never turn a kill into `kill_group(0)` or into
 /// the sandbox user's own group.
-fn call_groups(pids: &[libc::pid_t]) -> Vec<libc::gid_t> {
+fn call_groups(pids: &[libc::pid_t]) -> Vec<(libc::gid_t, Option<SandboxUser>)> {
     let me = std::env::current_exe().ok();
-    let mut groups: Vec<libc::gid_t> = pids
+    let mut groups: Vec<(libc::gid_t, Option<SandboxUser>)> = pids
         .iter()
         .filter(|&&pid| is_root_agent(pid, me.as_deref()))
         .filter_map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
-        .filter_map(|cmdline| group_argument(&cmdline))
-        .filter(|&group| crate::identity::is_call_group(group))
+        .filter_map(|cmdline| {
+            let group = option(&cmdline, b"--group")?.parse().ok()?;
+            let user = option(&cmdline, b"--user").and_then(|u| SandboxUser::parse(&u).ok());
+            Some((group, user))
+        })
+        .filter(|&(group, _)| crate::identity::is_call_group(group))
         .collect();
-    groups.sort_unstable();
-    groups.dedup();
+    groups.sort_unstable_by_key(|&(group, _)| group);
+    groups.dedup_by_key(|&mut (group, _)| group);
     groups
 }
 
@@ -87,15 +94,22 @@ fn is_root_agent(pid: libc::pid_t, agent: Option<&std::path::Path>) -> bool {
     root && ours
 }
 
-/// `GID` of a `reap ... --group GID ... --` command line (NUL-separated).
-fn group_argument(cmdline: &[u8]) -> Option<libc::gid_t> {
+/// The value of `name` among the options of a `reap ... --` command line
+/// (NUL-separated): before `--`, never the workload's own arguments.
+fn option(cmdline: &[u8], name: &[u8]) -> Option<String> {
     let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
     if args.get(1) != Some(&&b"reap"[..]) {
         return None;
     }
     let options = &args[..args.iter().position(|a| *a == b"--")?];
-    let at = options.iter().position(|a| *a == b"--group")?;
-    std::str::from_utf8(options.get(at + 1)?).ok()?.parse().ok()
+    let at = options.iter().position(|a| *a == name)?;
+    Some(std::str::from_utf8(options.get(at + 1)?).ok()?.to_owned())
+}
+
+/// `GID` of a `reap ... --group GID ... --` command line.
+#[cfg(test)]
+fn group_argument(cmdline: &[u8]) -> Option<libc::gid_t> {
+    option(cmdline, b"--group")?.parse().ok()
 }
 
 /// Live processes (not `me`) whose environment has exactly `entry` as one
@@ -149,5 +163,9 @@ mod tests {
             group_argument(&line(&["/a", "serve", "--group", "5", "--"])),
             None
         );
+        let reap = line(&["/a", "reap", "--user", "7:8", "--group", "9", "--", "x"]);
+        assert_eq!(option(&reap, b"--user").as_deref(), Some("7:8"));
+        let workload = line(&["/a", "reap", "--group", "9", "--", "--user", "1:1"]);
+        assert_eq!(option(&workload, b"--user"), None);
     }
 }

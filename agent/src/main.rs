@@ -42,6 +42,7 @@ mod kill;
 mod procs;
 mod reap;
 mod respawn;
+mod seccomp;
 mod serve;
 
 /// Exit status when the agent itself cannot run the call.

@@ -4,6 +4,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use crate::identity::SandboxUser;
+
 /// Rounds of a sweep before it gives up on processes that keep appearing.
 pub const SWEEPS: usize = 200;
 /// Pause between two rounds of a sweep.
@@ -133,21 +135,70 @@ pub fn in_group(gid: libc::gid_t, me: libc::pid_t) -> Vec<libc::pid_t> {
         .collect()
 }
 
-/// Stops, then kills, every process of the group `gid` until none is left
-/// (a fork loop is outrun: members are stopped before any is killed). True
-/// when none is left.
-pub fn kill_group(gid: libc::gid_t) -> bool {
+/// Stops, then kills, every process of the group `gid` until none is left.
+/// True when none is left.
+///
+/// With the sandbox `user` known, the whole workload is stopped first, in
+/// one `kill(-1, SIGSTOP)` as that user (the kernel signals every process
+/// at once, and a fork under way restarts after the stop): a member that
+/// forks and exits in a loop (a pid hopper) cannot outrun the `/proc`
+/// walk. The workload's other processes (other calls of the same user) go
+/// on after a `SIGCONT`, a few milliseconds later; the agent, root, is
+/// never stopped. Without a user, members are stopped before any is killed.
+pub fn kill_group(gid: libc::gid_t, user: Option<SandboxUser>) -> bool {
     let me = std::process::id() as libc::pid_t;
+    let frozen = user.filter(|&user| signal_workload(user, libc::SIGSTOP));
+    let mut gone = false;
     for _ in 0..SWEEPS {
         let members = in_group(gid, me);
         if members.is_empty() {
-            return true;
+            gone = true;
+            break;
         }
         stop_then_kill(&members);
         reap_zombies();
         std::thread::sleep(SWEEP_PAUSE);
     }
-    false
+    if let Some(user) = frozen {
+        signal_workload(user, libc::SIGCONT);
+    }
+    gone
+}
+
+/// Sends `signal` to every process the sandbox `user` may signal (the
+/// workload: never root's agent, nor init), from a forked child that
+/// becomes that user. True when it was sent.
+pub fn signal_workload(user: SandboxUser, signal: libc::c_int) -> bool {
+    let groups = [user.gid];
+    // SAFETY: the child makes raw syscalls only (it is a copy of a
+    // multithreaded process), then _exits; the parent waits for it.
+    unsafe {
+        let pid = libc::fork();
+        if pid == 0 {
+            let sent = libc::syscall(libc::SYS_setgroups, 1, groups.as_ptr()) == 0
+                && libc::syscall(libc::SYS_setgid, user.gid) == 0
+                && libc::syscall(libc::SYS_setuid, user.uid) == 0
+                && libc::syscall(libc::SYS_getuid) == user.uid as libc::c_long
+                && (libc::syscall(libc::SYS_kill, -1, signal) == 0
+                    || *libc::__errno_location() == libc::ESRCH);
+            libc::_exit(if sent { 0 } else { 1 });
+        }
+        if pid < 0 {
+            return false;
+        }
+        let mut status = 0;
+        loop {
+            if libc::waitpid(pid, &mut status, 0) == pid {
+                return libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+            }
+            match *libc::__errno_location() {
+                libc::EINTR => continue,
+                // Reaped by another thread's wait for any child (`reap`
+                // waits for its orphans): it has exited, its signal sent.
+                _ => return true,
+            }
+        }
+    }
 }
 
 /// The supplementary groups of a `/proc/PID/status` text (its `Groups:`

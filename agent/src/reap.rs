@@ -57,8 +57,9 @@ pub fn main(args: &[String]) -> i32 {
     match drop_to {
         Some((user, group)) if identity::can_drop() => {
             use std::os::unix::process::CommandExt;
+            let filter = crate::seccomp::Filter::new();
             // SAFETY: drop_to makes async-signal-safe syscalls only.
-            unsafe { command.pre_exec(move || identity::drop_to(user, group)) };
+            unsafe { command.pre_exec(move || identity::drop_to(user, group, &filter)) };
         }
         Some(_) => {
             eprintln!("sandbox-agent: --user needs root");
@@ -92,7 +93,7 @@ pub fn main(args: &[String]) -> i32 {
         relay(child.stderr.take(), std::io::stderr()),
     ];
     if let Some(timeout) = timeout {
-        watch(timeout, drop_to.map(|(_, group)| group));
+        watch(timeout, drop_to);
     }
     let status = wait_for(child.id() as libc::pid_t);
     for relay in relays.into_iter().flatten() {
@@ -164,14 +165,14 @@ fn parse(args: &[String]) -> Result<Reap, String> {
 
 /// At the deadline, ends the call (its group when it has one, else this
 /// process's whole tree) and exits 124.
-fn watch(timeout: Duration, group: Option<libc::gid_t>) {
+fn watch(timeout: Duration, call: Option<(SandboxUser, libc::gid_t)>) {
     let me = std::process::id() as libc::pid_t;
     std::thread::spawn(move || {
         std::thread::sleep(timeout);
         EXPIRED.store(true, Ordering::SeqCst);
-        match group {
-            Some(group) => {
-                procs::kill_group(group);
+        match call {
+            Some((user, group)) => {
+                procs::kill_group(group, Some(user));
             }
             None => kill_tree(me),
         }

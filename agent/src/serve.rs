@@ -173,10 +173,10 @@ impl Server {
         // A call not started yet never starts; one that is starting has
         // exec'd (so carries its marker) before this returns.
         let group = self.calls.cancel(&marker);
-        let (replies, kill_id) = (self.replies.clone(), id.clone());
+        let (replies, kill_id, user) = (self.replies.clone(), id.clone(), self.user);
         let spawned = std::thread::Builder::new().spawn(move || {
             let all_gone = match group {
-                Some(group) => procs::kill_group(group),
+                Some(group) => procs::kill_group(group, user),
                 None => kill_marked(&marker) == 0,
             };
             replies.say(Reply::Killed {

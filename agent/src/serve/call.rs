@@ -45,8 +45,8 @@ impl Call {
             // connected, end it as one that could not start.
             let _ = child.kill();
             match self.run_as {
-                Some((_, group)) => {
-                    procs::kill_group(group);
+                Some((user, group)) => {
+                    procs::kill_group(group, Some(user));
                 }
                 None => {
                     kill_marked(&self.marker);
