@@ -17,7 +17,7 @@
 //! path and the crate root's re-exports against this list). A `(face only)`
 //! layer reaches the others only through what the crate root publishes.
 //!
-//! 1. `base`: `error`, `config`
+//! 1. `base`: `error`, `config`, `state`
 //! 2. `wire`: `dataplane`
 //! 3. `provider`: `provider`
 //! 4. `engine`: `engine`
@@ -27,7 +27,8 @@
 //!
 //! - `error`, `config`: the typed errors and the validated configuration,
 //!   with its defaults; the contract's vocabulary (ids, status, errors)
-//!   comes from the `sandbox-contract` crate, below them all;
+//!   comes from the `sandbox-contract` crate, below them all; `state`: the
+//!   host's state directory, checked before it is trusted;
 //! - `dataplane`: the wire into a container: exec requests and their bounded
 //!   output, the file transfer scripts and sinks, the in-container agent;
 //! - `provider`: container engines (Docker via bollard; in-memory), and the
@@ -61,6 +62,7 @@ mod error;
 mod policy;
 mod provider;
 mod sandbox;
+mod state;
 mod view;
 
 pub mod image;

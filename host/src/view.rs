@@ -62,6 +62,8 @@ mod tests {
             policy_digest: None,
             created: Some(1_700_000_000),
             agent: Default::default(),
+            outdated: None,
+            managed_elsewhere: None,
         }
     }
 

@@ -39,5 +39,22 @@ pub fn run(loaded: &Loaded, args: ConfigArgs) -> anyhow::Result<ExitCode> {
     for (key, value, origin) in rows {
         println!("{key:<key_width$}  {value:<value_width$}  {origin}");
     }
+    // Settings for the policy are its own; the shipped ones' keys are known.
+    let shipped = match &loaded.config.policy {
+        None => Some(sandbox_host::policies::PER_USER.to_vec()),
+        Some(path) => std::fs::read(path)
+            .ok()
+            .filter(|b| sandbox_host::policies::known_digest(b).is_some()),
+    };
+    if let Some(component) = shipped {
+        for key in
+            sandbox_host::policies::unread_keys(&component, loaded.config.policy_config.keys())
+        {
+            eprintln!(
+                "warning: policy_config.{key} is not read by the shipped policies (they read {})",
+                sandbox_host::policies::SHIPPED_KEYS.join(", ")
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -55,6 +55,14 @@ pub async fn run(config: Config, args: GcArgs) -> anyhow::Result<ExitCode> {
             sandbox.policy_digest()
         );
     }
+    for c in &report.elsewhere {
+        eprintln!(
+            "note: {} (backend {}) is managed by sandbox processes whose workspace root is {}: left alone; run gc there",
+            c.name,
+            c.backend_id,
+            c.managed_elsewhere.as_deref().unwrap_or("?")
+        );
+    }
     let entries = &report.entries;
     if json {
         println!("{}", serde_json::to_string_pretty(entries)?);

@@ -41,6 +41,7 @@ pub async fn run(config: Config, args: LsArgs) -> anyhow::Result<ExitCode> {
             print!(" {:>10} {:>9}", "MEMORY", "CPU");
         }
         println!("  NAME");
+        let mut notes = Vec::new();
         for BackendView {
             container: c,
             idle_secs: idle,
@@ -64,6 +65,19 @@ pub async fn run(config: Config, args: LsArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             println!("  {}", c.name);
+            if let Some(why) = &c.outdated {
+                notes.push(format!("{} is replaced when next idle: {why}", c.name));
+            }
+            if let Some(root) = &c.managed_elsewhere {
+                notes.push(format!(
+                    "{} is managed by sandbox processes whose workspace root is {root}; \
+                     this one leaves it alone (run with --workspace-root {root})",
+                    c.name
+                ));
+            }
+        }
+        for note in notes {
+            eprintln!("note: {note}");
         }
     }
     Ok(ExitCode::SUCCESS)

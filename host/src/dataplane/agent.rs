@@ -70,17 +70,11 @@ pub fn init_argv(uid: u32, gid: u32) -> Vec<String> {
 const BINARY: &[u8] = sandbox_artifacts::AGENT;
 const DIGEST: &str = sandbox_artifacts::AGENT_SHA256;
 
-/// The directory under the workspace root that holds host state. Workspace
-/// names cannot start with `.`, so no workspace can be (or mount) it.
-pub fn state_dir(workspace_root: &Path) -> PathBuf {
-    workspace_root.join(".sandbox")
-}
-
 /// Installs the agent (once per build) and returns its host path. The file
 /// is written to a temporary name and renamed, so a container never mounts
 /// a half-written agent; mode 0555, so not even its owner rewrites it in place.
 pub fn install(workspace_root: &Path) -> Result<PathBuf, SandboxError> {
-    let dir = state_dir(workspace_root);
+    let dir = crate::state::dir(workspace_root);
     let path = dir.join(format!("sandbox-agent-{}", &DIGEST[..16]));
     if std::fs::metadata(&path).is_ok_and(|m| m.len() == BINARY.len() as u64) {
         return Ok(path);

@@ -62,6 +62,15 @@ pub struct ManagedContainer {
     /// What it has of `sandbox-agent`.
     #[serde(skip)]
     pub agent: crate::dataplane::agent::AgentMode,
+    /// Why it is replaced when next idle (settings changed since it was
+    /// made, or an older host made it); absent when it is current.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outdated: Option<String>,
+    /// The workspace root of the host processes that manage it, when that
+    /// is not this process's: their in-flight records are not this
+    /// process's, so this process never acts on it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub managed_elsewhere: Option<String>,
 }
 
 impl std::ops::Deref for ManagedContainer {
@@ -93,6 +102,11 @@ pub struct Engine {
     /// `sandbox-agent` on the host, installed on the first create (`None`
     /// when that failed: containers then run without it).
     agent: OnceLock<Option<std::path::PathBuf>>,
+    /// The digest of the plan this host gives a new container (see
+    /// [`ContainerPlan::digest`]), known once the agent is.
+    plan_digest: OnceLock<String>,
+    /// The workspace root, resolved: the `sandbox.workspace-root` label.
+    root_label: String,
     /// Containers this host created (adoptions excluded).
     created: AtomicU64,
     /// The policy running now, and the digest of each policy name that ran.
@@ -130,12 +144,19 @@ impl Engine {
             provider,
             workspaces: Workspaces::new(config.workspace_root.clone(), config.sandbox_user()),
             handouts: Handouts::default(),
-            usage: Usage::new(&crate::dataplane::agent::state_dir(&config.workspace_root)),
+            usage: Usage::new(&crate::state::dir(&config.workspace_root)),
             slots: Slots::new(
                 config.max_concurrent_lifecycle_ops,
                 config.max_creates_per_backend_per_minute as usize,
             ),
             agent: OnceLock::new(),
+            plan_digest: OnceLock::new(),
+            root_label: config
+                .workspace_root
+                .canonicalize()
+                .unwrap_or_else(|_| config.workspace_root.clone())
+                .display()
+                .to_string(),
             created: AtomicU64::new(0),
             policies: Mutex::default(),
             own_only: AtomicUsize::new(0),
@@ -272,12 +293,67 @@ impl Engine {
         &self.config.namespace
     }
 
-    /// Whether `container` was made by an older host whose agent does not
-    /// serve this host's wire (it runs every command through `docker exec`,
-    /// as the sandbox user beside its own agent) while this host would make
-    /// one whose agent does: it is replaced when idle (gc and maintenance).
-    pub fn outdated(&self, container: &ManagedContainer) -> bool {
-        container.agent == crate::dataplane::agent::AgentMode::Mounted && self.agent().is_some()
+    /// Why a container labelled so is no longer what this host would make
+    /// now, if it is not: it is replaced when idle (gc and maintenance).
+    /// An older host's whose agent does not serve this host's wire (it runs
+    /// every command through `docker exec`), one without a plan digest (an
+    /// older host's), or one whose plan digest is not this host's (the
+    /// image, network, limits, user, runtime or agent changed since).
+    fn outdated_because(&self, labels: &HashMap<String, String>) -> Option<String> {
+        let agent = crate::dataplane::agent::AgentMode::of(labels);
+        if agent == crate::dataplane::agent::AgentMode::Mounted && self.agent().is_some() {
+            return Some("made by an older host: its agent is outdated".to_owned());
+        }
+        let current = self.plan_digest();
+        match labels.get(label::PLAN) {
+            None => Some("made by an older host: it has no plan digest".to_owned()),
+            Some(made) if made != current => Some(format!(
+                "its plan changed (image, network, limits, user, runtime or agent): \
+                 made as {made}, now {current}"
+            )),
+            Some(_) => None,
+        }
+    }
+
+    /// Why `container` is replaced when idle, if it is (see
+    /// [`ManagedContainer::outdated`]).
+    pub fn outdated(&self, container: &ManagedContainer) -> Option<String> {
+        container.outdated.clone()
+    }
+
+    /// The digest of the plan this host gives a new container.
+    fn plan_digest(&self) -> &str {
+        self.plan_digest.get_or_init(|| {
+            let sample = BackendId::parse("plan-digest").expect("a valid backend id");
+            let plan = ContainerPlan::new(
+                &self.config,
+                &sample,
+                std::path::PathBuf::new(),
+                self.workspaces.owner(),
+                HashMap::new(),
+            );
+            match self.agent() {
+                Some(agent) => plan.with_agent(agent),
+                None => plan,
+            }
+            .digest()
+        })
+    }
+
+    /// `container`, unless host processes of another workspace root manage
+    /// it (their in-flight records are elsewhere: acting on it could kill
+    /// their commands).
+    fn here(&self, container: ManagedContainer) -> Result<ManagedContainer> {
+        match &container.managed_elsewhere {
+            None => Ok(container),
+            Some(root) => Err(SandboxError::Refused(format!(
+                "container {} is managed by sandbox processes whose workspace root is {root}, \
+                 and this one's is {}: their work in flight is recorded there, so this process \
+                 leaves it alone. Run with --workspace-root {root} (SANDBOX_WORKSPACE_ROOT), \
+                 or use another --namespace",
+                container.name, self.root_label
+            ))),
+        }
     }
 
     /// The container this host labelled for `backend`, if any.
@@ -295,7 +371,7 @@ impl Engine {
         found
             .into_iter()
             .max_by_key(|c| c.status == Status::Running)
-            .map(|c| self.managed(c))
+            .map(|c| self.managed(c).and_then(|c| self.here(c)))
             .transpose()
     }
 
@@ -328,6 +404,8 @@ impl Engine {
         if let Some(digest) = digest {
             labels.insert(label::POLICY_DIGEST.to_owned(), digest);
         }
+        labels.insert(label::WORKSPACE_ROOT.to_owned(), self.root_label.clone());
+        labels.insert(label::PLAN.to_owned(), self.plan_digest().to_owned());
         let plan = ContainerPlan::new(&self.config, backend, path, self.workspaces.owner(), labels);
         let plan = match self.agent() {
             Some(agent) => plan.with_agent(agent),
@@ -344,7 +422,7 @@ impl Engine {
             }
             Err(ProviderError::Conflict(_)) => {
                 let existing = self.inspect_racing(&plan.name).await?;
-                let existing = self.managed(existing)?;
+                let existing = self.here(self.managed(existing)?)?;
                 if existing.backend_id != backend.as_str() {
                     return Err(SandboxError::Refused(format!(
                         "container name {} is taken by backend {}",
@@ -392,15 +470,31 @@ impl Engine {
                 )));
             }
         }
-        let _slot = self.slots.lifecycle().await;
-        Ok(self.provider.start(&owned.id).await?)
+        let started = {
+            let _slot = self.slots.lifecycle().await;
+            self.provider.start(&owned.id).await
+        };
+        let Err(e) = started else {
+            return Ok(());
+        };
+        // A container that cannot start (a network or runtime it names is
+        // gone, a setting was wrong) would fail every call until a destroy:
+        // it goes, its workspace stays, and the next call makes a new one.
+        let removed = self.remove(&owned.id, RemoveMode::UnlessBusy).await;
+        tracing::warn!(
+            container = owned.name,
+            error = %e,
+            removed = removed.is_ok(),
+            "a container failed to start; removed so that the next call creates it anew"
+        );
+        Err(e.into())
     }
 
     /// The state of a container this host labelled; `None` when gone.
     pub async fn inspect(&self, container_id: &str) -> Result<Option<ManagedContainer>> {
         ownership::validate_container_ref(container_id)?;
         match self.provider.inspect(container_id).await? {
-            Some(record) => self.managed(record).map(Some),
+            Some(record) => self.here(self.managed(record)?).map(Some),
             None => Ok(None),
         }
     }
@@ -447,6 +541,7 @@ impl Engine {
         };
         self.handouts.forget(&owned.id);
         self.usage.forget(&owned.name);
+        self.usage.forget_link(&owned.id);
         if matches!(how, RemoveMode::Drain(_)) {
             self.usage.forget_threads(&owned.name);
         }
@@ -496,6 +591,12 @@ impl Engine {
             policy_digest: record.labels.get(label::POLICY_DIGEST).cloned(),
             created: record.created,
             agent: crate::dataplane::agent::AgentMode::of(&record.labels),
+            outdated: self.outdated_because(&record.labels),
+            managed_elsewhere: record
+                .labels
+                .get(label::WORKSPACE_ROOT)
+                .filter(|root| **root != self.root_label)
+                .cloned(),
         })
     }
 

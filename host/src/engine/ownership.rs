@@ -33,6 +33,11 @@ pub mod label {
     /// The digest of the policy component that made the container (see
     /// [`super::policy_digest`]); absent on containers of older hosts.
     pub const POLICY_DIGEST: &str = "sandbox.policy-digest";
+    /// The resolved workspace root of the host that made the container:
+    /// its in-flight records live in that root's state directory.
+    pub const WORKSPACE_ROOT: &str = "sandbox.workspace-root";
+    /// The digest of the container's plan (`ContainerPlan::digest`).
+    pub const PLAN: &str = "sandbox.plan";
 }
 
 /// Hex digits of the component's SHA-256 kept in the digest label.

@@ -13,12 +13,13 @@
 //! The threads that used a backend are one empty file each, under the
 //! container's name; a destroy in progress is one `closing` file.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
+
+use crate::state::{self, Create};
 
 /// The shared store of one workspace root's containers. Keys are container
 /// names (`sandbox.{namespace}.{backend}`), known before a container exists.
@@ -29,6 +30,9 @@ pub struct Usage {
     threads: PathBuf,
     closing: PathBuf,
     destroyed: PathBuf,
+    /// The agent-link writer locks (`provider::agent_link`): removed with
+    /// their container.
+    links: PathBuf,
 }
 
 /// Held while one execute or transfer runs; dropping it ends the work.
@@ -94,6 +98,7 @@ impl Usage {
             threads: state_dir.join("threads"),
             closing: state_dir.join("closing"),
             destroyed: state_dir.join("destroyed"),
+            links: state_dir.join("links"),
         }
     }
 
@@ -105,10 +110,7 @@ impl Usage {
             &self.closing,
             &self.destroyed,
         ] {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)?;
+            state::create_dir(dir)?;
         }
         Ok(())
     }
@@ -137,11 +139,7 @@ impl Usage {
             // never sees the file unlocked and takes it for a crashed one.
             let nonce = unique_suffix();
             let staging = self.running.join(format!(".staging-{nonce}"));
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&staging)?;
+            let file = state::open(&staging, Create::New)?;
             let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
                 .map_err(|(_, e)| std::io::Error::from(e))?;
             let path = self.running.join(format!("{container}.{nonce}"));
@@ -181,8 +179,15 @@ impl Usage {
             if !name.to_string_lossy().starts_with(&prefix) {
                 continue;
             }
-            let Ok(file) = File::open(entry.path()) else {
-                continue;
+            let file = match state::open_existing(&entry.path()) {
+                Ok(file) => file,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                // Another user's record (or a planted link): never evict on
+                // a guess.
+                Err(_) => {
+                    running += 1;
+                    continue;
+                }
             };
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 // Nobody holds it: its process ended without cleaning up.
@@ -216,21 +221,18 @@ impl Usage {
         let _ = std::fs::remove_file(self.last_used.join(container));
     }
 
+    /// Removes the agent-link lock of a removed container (its id: links
+    /// are per container, not per name).
+    pub fn forget_link(&self, container_id: &str) {
+        let _ = std::fs::remove_file(self.links.join(container_id));
+    }
+
     /// Records that `thread` uses the backend of `container`.
     pub fn add_thread(&self, container: &str, thread: &str) {
         let dir = self.threads.join(container);
         let done = self.ensure_dirs().and_then(|()| {
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .recursive(true)
-                .create(&dir)?;
-            OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(dir.join(thread))
-                .map(drop)
+            state::create_dir(&dir)?;
+            state::open(&dir.join(thread), Create::OrOpen).map(drop)
         });
         if let Err(e) = done {
             tracing::debug!(container, error = %e, "cannot record the thread");
@@ -258,11 +260,7 @@ impl Usage {
             .closing
             .join(format!("{container}.{}.{}", why.tag(), unique_suffix()));
         let made = self.ensure_dirs().and_then(|()| {
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)?;
+            let file = state::open(&path, Create::New)?;
             Flock::lock(file, FlockArg::LockExclusiveNonblock)
                 .map_err(|(_, e)| std::io::Error::from(e))
         });
@@ -293,7 +291,7 @@ impl Usage {
             } else {
                 continue;
             };
-            let Ok(file) = File::open(entry.path()) else {
+            let Ok(file) = state::open_existing(&entry.path()) else {
                 continue;
             };
             if Flock::lock(file, FlockArg::LockExclusiveNonblock).is_ok() {
@@ -340,13 +338,7 @@ impl Usage {
 
 fn touch(path: &Path) {
     let now = SystemTime::now();
-    let done = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-        .and_then(|f| f.set_modified(now));
+    let done = state::open(path, Create::OrOpen).and_then(|f| f.set_modified(now));
     if let Err(e) = done {
         tracing::debug!(path = %path.display(), error = %e, "cannot record last use");
     }

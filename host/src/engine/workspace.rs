@@ -125,12 +125,30 @@ impl Workspaces {
     }
 
     /// The sandbox user must own its workspace or it cannot write it (the
-    /// container runs without CAP_DAC_OVERRIDE).
+    /// container runs without CAP_DAC_OVERRIDE). Only a directory this
+    /// host's user owns (it made it) is given to the sandbox user: another
+    /// user's directory is refused, never taken from them.
     fn fix_owner(&self, path: &Path, meta: &std::fs::Metadata) -> Result<(), SandboxError> {
         if meta.uid() == self.owner.uid && meta.gid() == self.owner.gid {
             return Ok(());
         }
-        std::os::unix::fs::chown(path, Some(self.owner.uid), Some(self.owner.gid)).map_err(|e| {
+        let host = nix::unistd::geteuid().as_raw();
+        if meta.uid() != host && meta.uid() != self.owner.uid {
+            return Err(SandboxError::Refused(format!(
+                "workspace {} is owned by uid {}, neither the sandbox user ({}:{}) nor this host's \
+                 user ({host}): the host does not hand another user's directory to a sandbox. \
+                 If it is a workspace of an earlier sandbox user, give it to this one with \
+                 `chown -R {}:{} {}`",
+                path.display(),
+                meta.uid(),
+                self.owner.uid,
+                self.owner.gid,
+                self.owner.uid,
+                self.owner.gid,
+                path.display()
+            )));
+        }
+        std::os::unix::fs::lchown(path, Some(self.owner.uid), Some(self.owner.gid)).map_err(|e| {
             SandboxError::Other(format!(
                 "workspace {} is owned by {}:{} and cannot be given to the sandbox user {}:{}: {e}",
                 path.display(),
@@ -210,6 +228,37 @@ mod tests {
 
     fn name(n: &str) -> WorkspaceName {
         WorkspaceName::parse(n).unwrap()
+    }
+
+    #[test]
+    fn another_users_directory_is_refused_not_taken() {
+        // Bug: a directory of another uid under the root was chowned to
+        // the sandbox user. Needs root to plant one (CI runs as root).
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test plants another user's directory: run it as root"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("carol")).unwrap();
+        std::os::unix::fs::chown(root.join("carol"), Some(4242), Some(4242)).unwrap();
+        let sandbox_user = UserIds {
+            uid: 1000,
+            gid: 1000,
+        };
+        let ws = Workspaces::new(&root, sandbox_user);
+        let err = ws.prepare(&name("carol")).unwrap_err();
+        assert!(
+            matches!(&err, SandboxError::Refused(m) if m.contains("uid 4242") && m.contains("chown -R")),
+            "{err}"
+        );
+        let meta = std::fs::metadata(root.join("carol")).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (4242, 4242), "left as it was");
+        // The host's own directory (root's here) is given to the sandbox user.
+        std::fs::create_dir(root.join("dave")).unwrap();
+        ws.prepare(&name("dave")).unwrap();
+        let meta = std::fs::metadata(root.join("dave")).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (1000, 1000));
     }
 
     #[test]

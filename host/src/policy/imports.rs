@@ -197,13 +197,14 @@ impl InstanceState {
 
     /// The containers of `found` this call may see: all, but in a
     /// `maintain` under a gc that leaves other policies' containers alone.
+    /// Containers that host processes of another workspace root manage are
+    /// never shown: this host may not act on them.
     fn visible(&self, found: Vec<ManagedContainer>) -> Vec<ManagedContainer> {
-        if !matches!(self.call.scope, Scope::Maintain { .. }) {
-            return found;
-        }
+        let maintain = matches!(self.call.scope, Scope::Maintain { .. });
         found
             .into_iter()
-            .filter(|c| self.engine.maintain_sees(c))
+            .filter(|c| c.managed_elsewhere.is_none())
+            .filter(|c| !maintain || self.engine.maintain_sees(c))
             .collect()
     }
 

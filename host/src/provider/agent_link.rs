@@ -50,7 +50,6 @@
 //! up as its writes wait).
 
 use std::collections::HashMap;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -428,23 +427,20 @@ impl Link {
         };
         let path = dir.join(&self.container);
         let give_up = Instant::now() + patience;
-        let file = std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .and_then(|()| {
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .mode(0o600)
-                    .custom_flags(libc_o_nofollow())
-                    .open(&path)
-            })
-            .map_err(|e| format!("the link lock {}: {e}", path.display()))?;
-        let mut file = file;
+        let open = || {
+            crate::state::create_dir(dir)
+                .and_then(|()| crate::state::open(&path, crate::state::Create::OrOpen))
+                .map_err(|e| format!("the link lock {}: {e}", path.display()))
+        };
+        let mut file = open()?;
         loop {
             match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                // The lock file is removed with its container: a lock on a
+                // file no longer at `path` excludes nobody, so take the new one.
+                Ok(lock) if !still_at(&lock, &path) => {
+                    drop(lock);
+                    file = open()?;
+                }
                 Ok(lock) => return Ok(Some(lock)),
                 Err((back, _)) if Instant::now() < give_up => {
                     file = back;
@@ -933,8 +929,13 @@ impl Drop for Unregister<'_> {
     }
 }
 
-fn libc_o_nofollow() -> i32 {
-    nix::fcntl::OFlag::O_NOFOLLOW.bits()
+/// Whether the locked `file` is still the one at `path`.
+fn still_at(file: &std::fs::File, path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(held), Ok(named)) => held.ino() == named.ino() && held.dev() == named.dev(),
+        _ => false,
+    }
 }
 
 /// Reads reply lines until the stream ends or carries anything but frames.

@@ -144,7 +144,7 @@ impl DockerProvider {
             None => Self::new(config.docker_timeout()),
         };
         provider
-            .with_link_locks(&crate::dataplane::agent::state_dir(&config.workspace_root))
+            .with_link_locks(&crate::state::dir(&config.workspace_root))
             .with_exec_user(config.sandbox_user())
     }
 

@@ -58,6 +58,34 @@ impl ContainerPlan {
         self
     }
 
+    /// The digest of what a container made from this plan runs as: image,
+    /// user, limits, command, root filesystem mode, network, runtime, and
+    /// the agent (its build, by the installed file's name, and how it
+    /// runs). Not the name, workspace or ownership: those are the
+    /// backend's, not the settings'. `sha256:` and 16 hex digits; a
+    /// container whose label differs from the host's is replaced when idle.
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let agent = self
+            .agent
+            .as_ref()
+            .and_then(|path| path.file_name())
+            .map(|name| name.to_string_lossy().into_owned());
+        let settings = serde_json::json!({
+            "image": self.image,
+            "user": [self.user.uid, self.user.gid],
+            "limits": self.limits,
+            "command": self.command,
+            "read_only_rootfs": self.read_only_rootfs,
+            "network": self.network,
+            "runtime": self.runtime,
+            "agent": agent,
+            "agent_mode": self.labels.get(agent::AGENT_LABEL),
+        });
+        let hex = hex::encode(Sha256::digest(settings.to_string().as_bytes()));
+        format!("sha256:{}", &hex[..16])
+    }
+
     /// Whether the agent is the main process, talking on the attach stream.
     pub fn agent_serves(&self) -> bool {
         AgentMode::of(&self.labels) == AgentMode::Serves
@@ -86,5 +114,73 @@ impl ContainerPlan {
             agent: None,
             runtime: config.runtime.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(config: &Config, user: &str) -> ContainerPlan {
+        let backend = BackendId::parse(user).unwrap();
+        let labels = HashMap::from([("sandbox.backend".to_owned(), user.to_owned())]);
+        let ids = UserIds {
+            uid: 1000,
+            gid: 1000,
+        };
+        ContainerPlan::new(
+            config,
+            &backend,
+            PathBuf::from(format!("/ws/{user}")),
+            ids,
+            labels,
+        )
+    }
+
+    #[test]
+    fn the_plan_digest_follows_the_settings_not_the_backend() {
+        let config = Config::default();
+        let base = plan(&config, "alice").digest();
+        assert!(
+            base.starts_with("sha256:") && base.len() == 7 + 16,
+            "{base}"
+        );
+        assert_eq!(
+            plan(&config, "bob").digest(),
+            base,
+            "one digest for every backend"
+        );
+        let changed = [
+            Config {
+                image: "other:1".into(),
+                ..config.clone()
+            },
+            Config {
+                network: "agents".into(),
+                ..config.clone()
+            },
+            Config {
+                runtime: Some("runsc".into()),
+                ..config.clone()
+            },
+            Config {
+                read_only_rootfs: !config.read_only_rootfs,
+                ..config.clone()
+            },
+            Config {
+                limits: Limits {
+                    pids: config.limits.pids + 1,
+                    ..config.limits.clone()
+                },
+                ..config.clone()
+            },
+        ];
+        for other in changed {
+            assert_ne!(plan(&other, "alice").digest(), base, "{other:?}");
+        }
+        let with_agent = plan(&config, "alice").with_agent(PathBuf::from("/s/sandbox-agent-aa"));
+        let newer_agent = plan(&config, "alice").with_agent(PathBuf::from("/s/sandbox-agent-bb"));
+        assert_ne!(with_agent.digest(), base);
+        assert_ne!(with_agent.digest(), newer_agent.digest());
     }
 }

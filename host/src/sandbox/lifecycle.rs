@@ -59,6 +59,9 @@ pub struct GcReport {
     /// Containers of a policy this process never ran, left alone (see
     /// [`GcOptions::other_policies`]).
     pub other_policies: Vec<ManagedContainer>,
+    /// Containers of host processes with another workspace root, left
+    /// alone (their work in flight is recorded there).
+    pub elsewhere: Vec<ManagedContainer>,
     /// Removals `maintain` claimed that the engine does not show: the
     /// container is still there, or was never there.
     pub unconfirmed: Vec<Removal>,
@@ -192,10 +195,13 @@ impl Sandbox {
             {
                 continue;
             }
+            if container.managed_elsewhere.is_some() {
+                report.elsewhere.push(container);
+                continue;
+            }
             let here = self.inner.engine.made_here(&container);
             let outdated = self.inner.engine.outdated(&container);
-            let Some(reason) = orphaned(&container, &running, here, &options, now)
-                .or_else(|| outdated.then(|| OUTDATED.to_owned()))
+            let Some(reason) = orphaned(&container, &running, here, &options, now).or(outdated)
             else {
                 if !here {
                     report.other_policies.push(container);
@@ -247,22 +253,25 @@ impl Sandbox {
     }
 }
 
-/// Why gc removes a container an older host made (see [`Engine::outdated`]).
-///
-/// [`Engine::outdated`]: crate::engine::Engine::outdated
-const OUTDATED: &str = "made by an older host: its agent is outdated";
-
 impl Sandbox {
-    /// Removes the containers made by an older host (their agent is
-    /// outdated) that have no work in flight, each through its backend's
-    /// lane: their next use creates a current one. The number removed.
+    /// Removes the outdated containers (made by an older host, or before
+    /// the settings changed: see [`ManagedContainer::outdated`]) that have
+    /// no work in flight, each through its backend's lane: their next use
+    /// creates a current one. The number removed.
     pub async fn retire_outdated(&self) -> Result<usize> {
         let mut removed = 0;
         for container in self.list().await? {
-            if self.inner.engine.outdated(&container)
-                && self.collect(&container, OUTDATED.to_owned()).await?.1
+            let Some(why) = self.inner.engine.outdated(&container) else {
+                continue;
+            };
+            if container.managed_elsewhere.is_none()
+                && self.collect(&container, why.clone()).await?.1
             {
-                tracing::info!(container = container.name, "{OUTDATED}: removed while idle");
+                tracing::info!(
+                    container = container.name,
+                    why,
+                    "outdated: removed while idle"
+                );
                 removed += 1;
             }
         }
@@ -365,6 +374,8 @@ mod tests {
             policy_digest: Some(format!("sha256:{policy}")),
             created: Some(created),
             agent: Default::default(),
+            outdated: None,
+            managed_elsewhere: None,
         }
     }
 

@@ -94,6 +94,7 @@ impl Sandbox {
         config
             .validate()
             .map_err(|e| SandboxError::Other(format!("{e:#}")))?;
+        crate::state::prepare(&config.workspace_root)?;
         let cache = config
             .component_cache_dir
             .clone()
@@ -102,6 +103,7 @@ impl Sandbox {
             .map_err(|e| SandboxError::Other(format!("wasmtime: {e:#}")))?;
         let engine = Arc::new(Engine::new(config, provider));
         let (label, bytes) = policy.read()?;
+        warn_unread_keys(engine.config(), &label, &bytes);
         let policy = PolicyClient::load(wasm, engine.clone(), &bytes, &label).await?;
         engine.record_policy(&policy.name(), &policy_digest(&bytes));
         let sandbox = Sandbox {
@@ -129,6 +131,7 @@ impl Sandbox {
     /// running policy stays.
     pub async fn swap_policy(&self, policy: PolicySource) -> Result<()> {
         let (label, bytes) = policy.read()?;
+        warn_unread_keys(self.config(), &label, &bytes);
         self.inner.policy.swap(&bytes, &label).await?;
         // No await between the swap and this: the new policy's containers
         // carry its digest from its first create.
@@ -356,4 +359,16 @@ pub struct Counters {
     pub containers_created: u64,
     /// Policy calls that trapped (each instance then replaced).
     pub policy_traps: u64,
+}
+
+/// Warns about `[policy_config]` keys a shipped policy does not read (a
+/// typo passes silently otherwise).
+fn warn_unread_keys(config: &Config, label: &str, component: &[u8]) {
+    for key in crate::policy::embedded::unread_keys(component, config.policy_config.keys()) {
+        tracing::warn!(
+            key,
+            "[policy_config] sets {key:?}, which the {label} policy does not read (it reads {})",
+            crate::policy::embedded::SHIPPED_KEYS.join(", ")
+        );
+    }
 }

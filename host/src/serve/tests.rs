@@ -867,9 +867,7 @@ async fn a_download_for_a_user_without_a_container_creates_nothing() {
         assert_eq!(reply.status, status, "HEAD {uri}");
     }
     assert!(app.containers().await.is_empty());
-    let left: Vec<_> = std::fs::read_dir(app.root.path())
-        .map(|d| d.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
+    let left = workspaces(app.root.path());
     assert!(left.is_empty(), "no workspace: {left:?}");
     let metrics = app.metrics().await;
     assert_eq!(
@@ -1023,8 +1021,8 @@ async fn an_invalid_thread_id_is_400_invalid_id_on_every_thread_route() {
         }
     }
     assert!(app.containers().await.is_empty());
-    let left = std::fs::read_dir(app.root.path()).unwrap().count();
-    assert_eq!(left, 0, "no workspace for an invalid id");
+    let left = workspaces(app.root.path());
+    assert!(left.is_empty(), "no workspace for an invalid id: {left:?}");
 }
 
 #[tokio::test]
@@ -1355,9 +1353,7 @@ async fn get_thread_has_no_side_effects() {
         reply.json(),
         json!({"id": "u0", "user_id": "u0", "workspace": "u0", "container": null})
     );
-    let left: Vec<_> = std::fs::read_dir(app.root.path())
-        .map(|d| d.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
+    let left = workspaces(app.root.path());
     assert!(left.is_empty(), "nothing created: {left:?}");
     assert!(app.containers().await.is_empty());
 }
@@ -1819,4 +1815,17 @@ mod options {
         assert!(options("127.0.0.1:8765", None).check().is_ok());
         assert!(options("[::1]:8765", None).check().is_ok());
     }
+}
+
+/// The workspaces under `root` (the host's state directory, `.sandbox`,
+/// made at start, is not one).
+fn workspaces(root: &std::path::Path) -> Vec<std::ffi::OsString> {
+    std::fs::read_dir(root)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name())
+                .filter(|n| n != ".sandbox")
+                .collect()
+        })
+        .unwrap_or_default()
 }
