@@ -316,7 +316,11 @@ async fn invalid_thread_ids_get_a_typed_error_and_create_nothing() {
     }
     assert!(h.containers().is_empty());
     assert_eq!(
-        std::fs::read_dir(h.root.path()).unwrap().count(),
+        std::fs::read_dir(h.root.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name() != ".sandbox")
+            .count(),
         0,
         "no workspace created"
     );
