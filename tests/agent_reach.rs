@@ -900,6 +900,15 @@ async fn a_fast_pid_hopper_never_outlives_a_timeout() {
         .await
         .unwrap();
     assert_eq!(r.exit_code, 0, "{}", brief(&r));
+    // Another call of the same user runs through every freeze: it pauses
+    // for milliseconds, and goes on.
+    let sibling = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            b.execute_with("sleep 6; echo alive", with_timeout(60.0))
+                .await
+        })
+    };
     let mut wrong = Vec::new();
     for round in 0..10 {
         let script = "grep '^Groups:' /proc/$$/status; \
@@ -917,7 +926,54 @@ async fn a_fast_pid_hopper_never_outlives_a_timeout() {
             wrong.push(format!("round {round}: {} left: {left:?}", left.len()));
         }
     }
+    let sibling = sibling.await.unwrap().unwrap();
+    if sibling.stdout != "alive\n" {
+        wrong.push(format!(
+            "the sibling call did not go on: {}",
+            brief(&sibling)
+        ));
+    }
+    let stopped = b
+        .execute("grep -l '^State:.*(stopped)' /proc/[0-9]*/status 2>/dev/null | wc -l")
+        .await
+        .unwrap();
+    if stopped.stdout.trim() != "0" {
+        wrong.push(format!("processes left stopped: {}", brief(&stopped)));
+    }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// The freeze's helper runs as the sandbox user, so the workload can stop
+/// it too: a loop of `kill -STOP -1` tries to hang the kill (and leave the
+/// workload stopped for good). The timeout still ends the call in bounded
+/// time, and nothing is left stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_workload_stopping_everything_cannot_hang_a_timeout() {
+    let h = Harness::new("rch-stopper");
+    let sandbox = h.sandbox().await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    warm(&b).await;
+    let start = Instant::now();
+    let r = b
+        .execute_with(
+            "(while :; do kill -STOP -1 2>/dev/null; done) & sleep 60",
+            with_timeout(2.0),
+        )
+        .await
+        .unwrap();
+    let took = start.elapsed();
+    assert!(r.timed_out && r.exit_code == 124, "{}", brief(&r));
+    assert!(took < Duration::from_secs(8), "the timeout took {took:?}");
+    let stopped = b
+        .execute("grep -l '^State:.*(stopped)' /proc/[0-9]*/status 2>/dev/null | wc -l")
+        .await
+        .unwrap();
+    assert_eq!(
+        stopped.stdout.trim(),
+        "0",
+        "left stopped: {}",
+        brief(&stopped)
+    );
 }
 
 // ----------------------------------------- 3. timeouts and cancels kill all
@@ -1532,9 +1588,9 @@ async fn a_container_of_an_older_host_is_recreated_when_next_idle() {
             "{{index .Config.Labels \"sandbox.agent\"}}",
             &now,
         ]);
-        if agent_label.trim() != "serve-v2" {
+        if agent_label.trim() != "serve-v3" {
             wrong.push(format!(
-                "{user} ({label}): the new container is labelled {:?}, not serve-v2",
+                "{user} ({label}): the new container is labelled {:?}, not serve-v3",
                 agent_label.trim()
             ));
         }

@@ -71,11 +71,30 @@ async fn a_process_with_another_workspace_root_leaves_the_container_alone() {
             max_age: Some(Duration::ZERO),
             dry_run: false,
             other_policies: true,
+            replace_outdated: false,
         })
         .await
         .unwrap();
     assert!(report.entries.is_empty(), "{:?}", report.entries);
     assert_eq!(report.elsewhere.len(), 1);
+
+    // The same store reached by another path (a symlink, a bind mount) is
+    // the same view: its store id says so.
+    let link_dir = tempfile::tempdir().unwrap();
+    let link = link_dir.path().join("ws");
+    std::os::unix::fs::symlink(h.root.path(), &link).unwrap();
+    let same = h
+        .sandbox_with(
+            Config {
+                workspace_root: link.clone(),
+                ..h.config()
+            },
+            PolicySource::Builtin("per-user".into()),
+        )
+        .await;
+    let seen = same.list().await.unwrap();
+    assert_eq!(seen[0].managed_elsewhere, None, "{seen:?}");
+    assert_eq!(seen[0].in_flight, 1, "it sees the server's command");
 
     let done = running.await.unwrap();
     assert_eq!(
@@ -111,6 +130,15 @@ async fn a_changed_setting_reaches_the_container_when_it_is_next_idle() {
     let listed = after.list().await.unwrap();
     let why = listed[0].outdated.clone().expect("ls says it is outdated");
     assert!(why.contains("plan changed"), "{why}");
+    // A gc with other settings (a root shell beside the service) lists it
+    // and leaves it: the service's maintenance replaces it.
+    let report = after
+        .gc_with(sandbox_host::GcOptions::default())
+        .await
+        .unwrap();
+    assert!(report.entries.is_empty(), "{:?}", report.entries);
+    assert_eq!(report.outdated.len(), 1);
+    assert_eq!(h.container_of("alice"), first);
     let busy = after.get_thread_backend("alice-2").await.unwrap();
     let running = tokio::spawn(async move { busy.execute("sleep 2; echo survived").await });
     tokio::time::sleep(Duration::from_millis(700)).await;

@@ -89,6 +89,10 @@ fn random_u32() -> u32 {
     u32::from_str_radix(&hex, 16).unwrap_or_else(|_| std::process::id().wrapping_mul(2654435761))
 }
 
+/// The workload's `oom_score_adj`: the most, so that under the container's
+/// memory limit the kernel ends a workload process, never the agent.
+const WORKLOAD_OOM_SCORE_ADJ: &[u8] = b"1000";
+
 /// In a forked child about to exec the command: become the sandbox user in
 /// `group` for good, under `filter` (`seccomp.rs`). Only async-signal-safe
 /// calls (it runs between fork and exec). From root to another uid the
@@ -101,6 +105,21 @@ pub fn drop_to(
     let groups = [user.gid, group];
     // SAFETY: plain syscalls with a local array; no allocation.
     unsafe {
+        // The out-of-memory killer takes the workload before the agent (an
+        // unprivileged process may raise its score, never lower it below
+        // what it inherited). Best effort: gVisor may not have the file.
+        let adj = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        if adj >= 0 {
+            libc::write(
+                adj,
+                WORKLOAD_OOM_SCORE_ADJ.as_ptr().cast(),
+                WORKLOAD_OOM_SCORE_ADJ.len(),
+            );
+            libc::close(adj);
+        }
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
             || libc::setgroups(groups.len(), groups.as_ptr()) != 0
             || libc::setgid(user.gid) != 0

@@ -8,7 +8,7 @@
 //! sandbox-agent serve [--user UID:GID]                   serve.rs
 //! sandbox-agent respawn                                  respawn.rs
 //! sandbox-agent reap [--timeout-ms N] [--user UID:GID --group GID]
-//!                    -- PROGRAM [ARGS...]                reap.rs
+//!                    [--report-fd FD] -- PROGRAM [ARGS...]   reap.rs
 //! sandbox-agent kill MARKER                              kill.rs
 //! ```
 //!

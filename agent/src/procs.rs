@@ -135,70 +135,235 @@ pub fn in_group(gid: libc::gid_t, me: libc::pid_t) -> Vec<libc::pid_t> {
         .collect()
 }
 
+/// Live processes (not `me`) with a descriptor on one of the pipes whose
+/// inodes are `pipes`. With `user`, the calling thread looks as that user
+/// (its filesystem ids): the agent, root without `CAP_SYS_PTRACE`, may not
+/// read the descriptors of another uid's processes, their owner may.
+pub fn holding_pipes(
+    pipes: &[u64],
+    me: libc::pid_t,
+    user: Option<SandboxUser>,
+) -> Vec<libc::pid_t> {
+    if let Some(user) = user {
+        // SAFETY: raw syscalls: they change this thread's ids only.
+        unsafe {
+            libc::syscall(libc::SYS_setfsgid, user.gid);
+            libc::syscall(libc::SYS_setfsuid, user.uid);
+        }
+        let found = holding_pipes(pipes, me, None);
+        // SAFETY: as above, back to root's.
+        unsafe {
+            libc::syscall(libc::SYS_setfsuid, 0);
+            libc::syscall(libc::SYS_setfsgid, 0);
+        }
+        return found;
+    }
+    let names: Vec<String> = pipes.iter().map(|ino| format!("pipe:[{ino}]")).collect();
+    pids()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.flatten().any(|fd| {
+                    std::fs::read_link(fd.path())
+                        .is_ok_and(|to| names.iter().any(|n| to.as_os_str() == n.as_str()))
+                })
+            })
+        })
+        .filter(|&pid| is_live(pid))
+        .collect()
+}
+
 /// Stops, then kills, every process of the group `gid` until none is left.
 /// True when none is left.
 ///
-/// With the sandbox `user` known, the whole workload is stopped first, in
-/// one `kill(-1, SIGSTOP)` as that user (the kernel signals every process
-/// at once, and a fork under way restarts after the stop): a member that
-/// forks and exits in a loop (a pid hopper) cannot outrun the `/proc`
-/// walk. The workload's other processes (other calls of the same user) go
-/// on after a `SIGCONT`, a few milliseconds later; the agent, root, is
-/// never stopped. Without a user, members are stopped before any is killed.
+/// With the sandbox `user` known, the whole workload is stopped first (see
+/// [`Freeze`]): a member that forks and exits in a loop (a pid hopper)
+/// cannot outrun the `/proc` walk. Without a user, or when the freeze
+/// fails, members are stopped before any is killed, round after round.
 pub fn kill_group(gid: libc::gid_t, user: Option<SandboxUser>) -> bool {
     let me = std::process::id() as libc::pid_t;
-    let frozen = user.filter(|&user| signal_workload(user, libc::SIGSTOP));
-    let mut gone = false;
+    let _frozen = user.and_then(Freeze::start);
     for _ in 0..SWEEPS {
         let members = in_group(gid, me);
         if members.is_empty() {
-            gone = true;
-            break;
+            return true;
         }
         stop_then_kill(&members);
         reap_zombies();
         std::thread::sleep(SWEEP_PAUSE);
     }
-    if let Some(user) = frozen {
-        signal_workload(user, libc::SIGCONT);
-    }
-    gone
+    false
 }
 
-/// Sends `signal` to every process the sandbox `user` may signal (the
-/// workload: never root's agent, nor init), from a forked child that
-/// becomes that user. True when it was sent.
-pub fn signal_workload(user: SandboxUser, signal: libc::c_int) -> bool {
-    let groups = [user.gid];
-    // SAFETY: the child makes raw syscalls only (it is a copy of a
-    // multithreaded process), then _exits; the parent waits for it.
-    unsafe {
-        let pid = libc::fork();
-        if pid == 0 {
-            let sent = libc::syscall(libc::SYS_setgroups, 1, groups.as_ptr()) == 0
-                && libc::syscall(libc::SYS_setgid, user.gid) == 0
-                && libc::syscall(libc::SYS_setuid, user.uid) == 0
-                && libc::syscall(libc::SYS_getuid) == user.uid as libc::c_long
-                && (libc::syscall(libc::SYS_kill, -1, signal) == 0
-                    || *libc::__errno_location() == libc::ESRCH);
-            libc::_exit(if sent { 0 } else { 1 });
+/// The whole workload stopped, until this drops.
+///
+/// A helper process becomes the sandbox user and sends `kill(-1, SIGSTOP)`:
+/// the kernel signals every process that user may signal at once (never
+/// root's agent, nor init, nor the helper), and a fork under way restarts
+/// after the stop. It then waits for its release pipe to close and sends
+/// `SIGCONT` the same way. The pipe closes when this guard drops *or when
+/// the agent process dies*, so no path leaves the workload stopped. The
+/// workload may stop the helper too (it is the same user): the agent,
+/// which may signal it, continues it, and stops waiting after a bound.
+/// Other calls of the same user pause for those milliseconds; a process of
+/// theirs stopped on purpose is continued.
+pub struct Freeze {
+    helper: libc::pid_t,
+    release: Option<std::os::fd::OwnedFd>,
+}
+
+/// How long the agent waits for the freeze helper to say the workload is
+/// stopped, or to end after its release.
+const FREEZE_PATIENCE: Duration = Duration::from_secs(1);
+
+impl Freeze {
+    /// Stops the workload of `user`; `None` (nothing stopped) when the
+    /// helper could not do it in time.
+    pub fn start(user: SandboxUser) -> Option<Freeze> {
+        use std::os::fd::AsRawFd;
+        let (stopped_read, stopped_write) = pipe()?;
+        let (release_read, release_write) = pipe()?;
+        let keep = [stopped_write.as_raw_fd(), release_read.as_raw_fd()];
+        let groups = [user.gid];
+        // SAFETY: the child makes raw syscalls only (it is a copy of a
+        // multithreaded process), on memory prepared before the fork.
+        let helper = unsafe { libc::fork() };
+        if helper == 0 {
+            // SAFETY: as above; the child never returns.
+            unsafe { freeze_helper(user, &groups, keep) };
         }
-        if pid < 0 {
-            return false;
+        drop(stopped_write);
+        drop(release_read);
+        if helper < 0 {
+            return None;
         }
-        let mut status = 0;
-        loop {
-            if libc::waitpid(pid, &mut status, 0) == pid {
-                return libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-            }
-            match *libc::__errno_location() {
-                libc::EINTR => continue,
-                // Reaped by another thread's wait for any child (`reap`
-                // waits for its orphans): it has exited, its signal sent.
-                _ => return true,
-            }
+        let freeze = Freeze {
+            helper,
+            release: Some(release_write),
+        };
+        // One byte once the SIGSTOP went out; EOF when the helper failed.
+        if wait_readable(stopped_read.as_raw_fd(), FREEZE_PATIENCE) && read_byte(&stopped_read) {
+            Some(freeze)
+        } else {
+            None // dropped: released, waited for (or killed)
         }
     }
+}
+
+impl Drop for Freeze {
+    fn drop(&mut self) {
+        drop(self.release.take());
+        let give_up = std::time::Instant::now() + FREEZE_PATIENCE;
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid on our own child, into a local.
+            let got =
+                unsafe { libc::waitpid(self.helper, &mut status, libc::WNOHANG | libc::WUNTRACED) };
+            // Gone, or reaped by another thread's wait for any child.
+            if got < 0 || (got == self.helper && !libc::WIFSTOPPED(status)) {
+                return;
+            }
+            if got == self.helper || std::time::Instant::now() >= give_up {
+                // The workload stopped the helper, or it hangs: go on.
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(self.helper, libc::SIGCONT) };
+            }
+            if std::time::Instant::now() >= give_up + FREEZE_PATIENCE {
+                // SAFETY: as above; the workload is continued by hand.
+                unsafe { libc::kill(self.helper, libc::SIGKILL) };
+                continue_all(self.helper);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// The helper, in the forked child: become `user`, stop the workload, say
+/// so on `keep[0]`, wait for `keep[1]` to close, continue the workload.
+///
+/// # Safety
+/// Only in a child just forked: raw syscalls, no allocation; never returns.
+unsafe fn freeze_helper(user: SandboxUser, groups: &[libc::gid_t; 1], keep: [libc::c_int; 2]) -> ! {
+    let [stopped, release] = keep;
+    // Hold nothing of the agent's (its pipes above all: a holder of a
+    // call's output pipe would be taken for the workload's).
+    for fd in 3..4096 {
+        if fd != stopped && fd != release {
+            libc::close(fd);
+        }
+    }
+    let became = libc::syscall(libc::SYS_setgroups, 1, groups.as_ptr()) == 0
+        && libc::syscall(libc::SYS_setgid, user.gid) == 0
+        && libc::syscall(libc::SYS_setuid, user.uid) == 0
+        && libc::syscall(libc::SYS_getuid) == user.uid as libc::c_long;
+    if !became {
+        libc::_exit(1);
+    }
+    libc::syscall(libc::SYS_kill, -1, libc::SIGSTOP);
+    let byte = [1u8];
+    libc::write(stopped, byte.as_ptr().cast(), 1);
+    let mut buf = [0u8; 1];
+    // Until EOF: the agent released us, or died.
+    loop {
+        let n = libc::read(release, buf.as_mut_ptr().cast(), 1);
+        if n == 0 || (n < 0 && *libc::__errno_location() != libc::EINTR) {
+            break;
+        }
+    }
+    libc::syscall(libc::SYS_kill, -1, libc::SIGCONT);
+    libc::_exit(0);
+}
+
+/// Continues every stopped process but `except`, as root (the last resort
+/// when the helper could not).
+fn continue_all(except: libc::pid_t) {
+    let me = std::process::id() as libc::pid_t;
+    for pid in pids().unwrap_or_default() {
+        if pid != me && pid != except && pid != 1 {
+            // SAFETY: signalling a pid; a stale one fails harmlessly.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
+}
+
+/// A close-on-exec pipe: (read end, write end).
+pub fn pipe() -> Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the local array with two new descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return None;
+    }
+    // SAFETY: both are new and owned by nobody else.
+    Some(unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+/// Whether `fd` becomes readable (data or EOF) within `patience`.
+fn wait_readable(fd: libc::c_int, patience: Duration) -> bool {
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = patience.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: poll on one local pollfd.
+    unsafe { libc::poll(&mut poll, 1, ms) > 0 }
+}
+
+/// Whether a byte could be read (not EOF).
+fn read_byte(fd: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut buf = [0u8; 1];
+    // SAFETY: reading one byte into a local.
+    unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), 1) == 1 }
 }
 
 /// The supplementary groups of a `/proc/PID/status` text (its `Groups:`

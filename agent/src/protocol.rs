@@ -8,7 +8,7 @@
 //! ping NONCE                                   pong NONCE BOOT NOW VERSION
 //! exec ID START_BY TIMEOUT_MS ENV CMD STDIN|-  ack ID | stale ID
 //! kill ID MARKER                               out ID DATA | err ID DATA
-//!                                              exit ID CODE
+//!                                              exit ID CODE OOM BG
 //!                                              killed ID 0|1
 //!                                              hello BOOT VERSION | bad REASON
 //! ```
@@ -46,7 +46,7 @@
 //! The host never states its own version: it is the side that adapts, and
 //! it sends nothing but a ping before the agent's pong told it the version.
 //! The container's `sandbox.agent` label names the version as well
-//! (`serve-v2`), so a host usually picks `docker exec` from the label alone,
+//! (`serve-v3`), so a host usually picks `docker exec` from the label alone,
 //! before it attaches.
 //!
 //! The values both ends must agree on beyond the frames (the marker's
@@ -61,7 +61,12 @@ use base64::Engine as _;
 /// 2: the agent runs as root with only the capabilities it needs, and runs
 /// each command as the sandbox user in a group of its own (`init --user`);
 /// `kill` ends the call's group. The frames are those of 1.
-pub const PROTOCOL_VERSION: u32 = 2;
+///
+/// 3: `exit` carries `OOM`, how many processes of the container the
+/// out-of-memory killer ended while the call ran, and `BG`, how many
+/// background processes kept the call's output open after its command
+/// exited and were killed so the call could end.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The version of the agents before versions, whose `hello` and `pong` state
 /// none.
 pub const UNVERSIONED: u32 = 0;
@@ -164,6 +169,12 @@ pub enum Reply {
     Exit {
         id: String,
         code: u8,
+        /// Processes the container's out-of-memory killer ended while the
+        /// call ran (any call's: the counter is the container's).
+        oom_kills: u32,
+        /// Background processes that held the call's output open after its
+        /// command exited, killed so that the call could end.
+        background_killed: u32,
     },
     Killed {
         id: String,
@@ -223,6 +234,13 @@ fn token(field: Option<&str>, what: &str) -> Result<String, ParseError> {
         Some(t) if valid_token(t) => Ok(t.to_owned()),
         _ => Err(bad(what)),
     }
+}
+
+/// A small count: 1 to 6 ASCII digits.
+fn count(field: Option<&str>) -> Option<u32> {
+    field
+        .filter(|c| (1..=6).contains(&c.len()) && c.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|c| c.parse().ok())
 }
 
 fn bytes(field: Option<&str>, what: &str) -> Result<Vec<u8>, ParseError> {
@@ -380,7 +398,12 @@ impl Reply {
             Reply::Ack { id } => format!("ack {id}\n"),
             Reply::Stdout { id, data } => format!("out {id} {}\n", encode(data)),
             Reply::Stderr { id, data } => format!("err {id} {}\n", encode(data)),
-            Reply::Exit { id, code } => format!("exit {id} {code}\n"),
+            Reply::Exit {
+                id,
+                code,
+                oom_kills,
+                background_killed,
+            } => format!("exit {id} {code} {oom_kills} {background_killed}\n"),
             Reply::Killed { id, all_gone } => format!("killed {id} {}\n", u8::from(*all_gone)),
             Reply::Bad { reason } => format!("bad {reason}\n"),
         }
@@ -433,6 +456,8 @@ impl Reply {
                     .filter(|c| c.len() <= 3 && c.bytes().all(|b| b.is_ascii_digit()))
                     .and_then(|c| c.parse().ok())
                     .ok_or_else(|| bad("code"))?,
+                oom_kills: count(f.next()).ok_or_else(|| bad("oom"))?,
+                background_killed: count(f.next()).ok_or_else(|| bad("bg"))?,
             },
             Some("killed") => Reply::Killed {
                 id: token(f.next(), "id")?,
@@ -509,6 +534,8 @@ mod tests {
             Reply::Exit {
                 id: "a".into(),
                 code: 255,
+                oom_kills: 3,
+                background_killed: 99999,
             },
             Reply::Killed {
                 id: "a".into(),
@@ -533,10 +560,15 @@ mod tests {
             "",
             "exit",
             "exit a",
-            "exit a 256",
-            "exit a -1",
+            "exit a 256 0 0",
+            "exit a -1 0 0",
+            "exit a 1",
             "exit a 1 2",
-            "exit a  1",
+            "exit a 1 2 3 4",
+            "exit a 1 0 1234567",
+            "exit a 1 0 -1",
+            "exit a 1 x 0",
+            "exit a  1 0 0",
             "exit a\t1",
             "exit ../x 1",
             "out a !!!",

@@ -1,5 +1,5 @@
-//! `sandbox-agent reap [--timeout-ms N] [--user UID:GID --group GID] --
-//! PROGRAM [ARGS...]`: one call.
+//! `sandbox-agent reap [--timeout-ms N] [--user UID:GID --group GID]
+//! [--report-fd FD] -- PROGRAM [ARGS...]`: one call.
 //!
 //! With `--user` and `--group` (serve's calls: this runs as root) PROGRAM
 //! runs as the sandbox user in the call's own supplementary group, with no
@@ -14,11 +14,12 @@
 //! re-parented to the agent, not to the container's init. At the deadline
 //! the agent stops and kills that whole tree, and exits 124
 //! ([`EXIT_TIMED_OUT`], as `timeout(1)`). Otherwise it exits with PROGRAM's
-//! status (128+signal when killed) once the call's output ends, that is
-//! when every process holding its stdout or stderr has closed them: the
-//! semantics of a plain exec. A background job that detached its output
-//! (`cmd >log 2>&1 &`) outlives the call; one still writing to the call's
-//! output keeps the call open.
+//! status (128+signal when killed) when PROGRAM exits: its output is
+//! relayed until every holder closes it, or for 200 ms more at most; a
+//! background job still holding the output then (`npm run dev &`) is
+//! killed, named on stderr, and counted on `--report-fd` (for `serve`'s
+//! `exit` frame). A background job that detached its output
+//! (`cmd >log 2>&1 &`) outlives the call.
 
 use std::io::{Read, Write};
 use std::process::{exit, Command, Stdio};
@@ -38,17 +39,25 @@ pub fn main(args: &[String]) -> i32 {
     let Reap {
         timeout,
         drop_to,
+        report_fd,
         program,
     } = match parse(args) {
         Ok(parsed) => parsed,
         Err(e) => {
             eprintln!(
                 "sandbox-agent: {e}\nusage: sandbox-agent reap [--timeout-ms N] \
-                 [--user UID:GID --group GID] -- PROGRAM [ARGS...]"
+                 [--user UID:GID --group GID] [--report-fd FD] -- PROGRAM [ARGS...]"
             );
             return AGENT_FAILED;
         }
     };
+    if let Some(fd) = report_fd {
+        // SAFETY: fcntl on an integer fd; the workload must not inherit it.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+            eprintln!("sandbox-agent: --report-fd {fd}: not an open descriptor");
+            return AGENT_FAILED;
+        }
+    }
     let mut command = Command::new(&program[0]);
     command
         .args(&program[1..])
@@ -87,6 +96,13 @@ pub fn main(args: &[String]) -> i32 {
             });
         }
     };
+    let pipes: Vec<u64> = [
+        pipe_inode(child.stdout.as_ref()),
+        pipe_inode(child.stderr.as_ref()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     // Relayed until every holder of the pipes closes them.
     let relays = [
         relay(child.stdout.take(), std::io::stdout()),
@@ -96,8 +112,28 @@ pub fn main(args: &[String]) -> i32 {
         watch(timeout, drop_to);
     }
     let status = wait_for(child.id() as libc::pid_t);
-    for relay in relays.into_iter().flatten() {
+    let relays: Vec<_> = relays.into_iter().flatten().collect();
+    let background = end_background(&relays, &pipes, drop_to.map(|(user, _)| user));
+    for relay in relays {
         let _ = relay.join();
+    }
+    if !background.is_empty() && !EXPIRED.load(Ordering::SeqCst) {
+        const NAMED: usize = 5;
+        let mut names = background[..background.len().min(NAMED)].join(", ");
+        if background.len() > NAMED {
+            names.push_str(&format!(" and {} more", background.len() - NAMED));
+        }
+        eprintln!(
+            "[sandbox: the command exited, but {} background process(es) still held its output \
+             and were killed so that it could end ({names}). To keep a job running after the \
+             command, detach its output: `cmd >/tmp/cmd.log 2>&1 &`]",
+            background.len(),
+        );
+    }
+    if let Some(fd) = report_fd {
+        let report = format!("{}\n", background.len());
+        // SAFETY: writing a local buffer to the report fd.
+        unsafe { libc::write(fd, report.as_ptr().cast(), report.len()) };
     }
     if EXPIRED.load(Ordering::SeqCst) {
         // The watchdog is ending the tree; it exits for us.
@@ -115,12 +151,14 @@ struct Reap {
     timeout: Option<Duration>,
     /// Whom the program runs as, and the call's group.
     drop_to: Option<(SandboxUser, libc::gid_t)>,
+    /// Where `serve` reads how many background processes were killed.
+    report_fd: Option<libc::c_int>,
     program: Vec<String>,
 }
 
 fn parse(args: &[String]) -> Result<Reap, String> {
     let mut it = args.iter();
-    let (mut timeout, mut user, mut group) = (None, None, None);
+    let (mut timeout, mut user, mut group, mut report_fd) = (None, None, None, None);
     loop {
         match it.next().map(String::as_str) {
             Some("--timeout-ms") => {
@@ -143,6 +181,14 @@ fn parse(args: &[String]) -> Result<Reap, String> {
                     .ok_or("--group needs a non-root numeric group")?;
                 group = Some(gid);
             }
+            Some("--report-fd") => {
+                let fd: libc::c_int = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|fd| *fd > 2)
+                    .ok_or("--report-fd needs a descriptor above 2")?;
+                report_fd = Some(fd);
+            }
             Some("--") => break,
             other => return Err(format!("unexpected argument {other:?}")),
         }
@@ -159,6 +205,7 @@ fn parse(args: &[String]) -> Result<Reap, String> {
     Ok(Reap {
         timeout,
         drop_to,
+        report_fd,
         program,
     })
 }
@@ -210,6 +257,61 @@ fn wait_for(child: libc::pid_t) -> i32 {
         Some(status) if libc::WIFSIGNALED(status) => 128 + libc::WTERMSIG(status),
         _ => AGENT_FAILED,
     }
+}
+
+/// How long the output may stay open after the command exited: what its
+/// last children still write in that time is kept.
+const OUTPUT_GRACE: Duration = Duration::from_millis(200);
+
+/// The call ends when its command exits. Processes it left in the
+/// background that still hold its output (`npm run dev &`) would keep it
+/// open until the timeout: after [`OUTPUT_GRACE`] they are killed (with
+/// the workload stopped first when its user is known, see
+/// [`procs::kill_group`]), and their names returned. Processes that
+/// detached their output (`cmd >log 2>&1 &`) hold no pipe and live on.
+fn end_background(
+    relays: &[std::thread::JoinHandle<()>],
+    pipes: &[u64],
+    user: Option<SandboxUser>,
+) -> Vec<String> {
+    let settled = std::time::Instant::now() + OUTPUT_GRACE;
+    while relays.iter().any(|r| !r.is_finished()) {
+        if std::time::Instant::now() >= settled {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if relays.iter().all(|r| r.is_finished()) || pipes.is_empty() {
+        return Vec::new();
+    }
+    let me = std::process::id() as libc::pid_t;
+    let _frozen = user.and_then(procs::Freeze::start);
+    let mut killed = Vec::new();
+    for _ in 0..procs::SWEEPS {
+        let holders = procs::holding_pipes(pipes, me, user);
+        if holders.is_empty() {
+            break;
+        }
+        for &pid in &holders {
+            let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let name = format!("{} (pid {pid})", name.trim());
+            if !killed.contains(&name) {
+                killed.push(name);
+            }
+        }
+        procs::stop_then_kill(&holders);
+        procs::reap_zombies();
+        std::thread::sleep(procs::SWEEP_PAUSE);
+    }
+    killed
+}
+
+/// The inode of a pipe end, to find the processes holding its other end.
+fn pipe_inode(pipe: Option<&impl std::os::fd::AsRawFd>) -> Option<u64> {
+    let fd = pipe?.as_raw_fd();
+    // SAFETY: fstat into a zeroed local.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    (unsafe { libc::fstat(fd, &mut stat) } == 0).then_some(stat.st_ino)
 }
 
 /// Stops, then kills, every live descendant of `root`, until none is left.

@@ -74,7 +74,7 @@ impl Serve {
             match self.next() {
                 Reply::Stdout { id, data } => got.entry(id).or_default().0.extend(data),
                 Reply::Stderr { id, data } => got.entry(id).or_default().1.extend(data),
-                Reply::Exit { id, code } => {
+                Reply::Exit { id, code, .. } => {
                     got.entry(id).or_default().2 = code;
                     open -= 1;
                 }
@@ -273,4 +273,99 @@ fn the_deadline_and_a_kill_end_the_whole_call() {
     }
     assert_eq!(killed, Some(true));
     assert_eq!(exit, Some(EXIT_KILLED), "the call's reap was killed");
+}
+
+/// The exit frame of `id`, the output before it: (stdout, stderr, frame).
+fn run_to_exit(serve: &mut Serve, id: &str) -> (String, String, Reply) {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    loop {
+        match serve.next() {
+            Reply::Stdout { data, .. } => out.extend(data),
+            Reply::Stderr { data, .. } => err.extend(data),
+            exit @ Reply::Exit { .. } => {
+                let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+                return (text(out), text(err), exit);
+            }
+            Reply::Ack { id: acked } => assert_eq!(acked, id),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// Bug: `(sleep 100 &)` in a command held the call until its timeout (300 s
+/// by default), because the job kept the output open. The call now ends
+/// when its command exits: a job still holding the output is killed and
+/// named, and counted in the exit frame; a job that detached its output
+/// lives on.
+#[test]
+fn a_background_job_holding_the_output_never_holds_the_call() {
+    let mut serve = Serve::start();
+    let started = std::time::Instant::now();
+    serve.send(&exec(
+        "bg1",
+        "sleep 31.25 & echo started",
+        &[],
+        None,
+        20_000,
+    ));
+    let (out, err, exit) = run_to_exit(&mut serve, "bg1");
+    let took = started.elapsed();
+    assert_eq!(out, "started\n");
+    assert!(
+        err.contains("1 background process") && err.contains("sleep"),
+        "{err}"
+    );
+    assert!(
+        matches!(
+            exit,
+            Reply::Exit {
+                code: 0,
+                background_killed: 1,
+                ..
+            }
+        ),
+        "{exit:?}"
+    );
+    assert!(took < std::time::Duration::from_secs(3), "took {took:?}");
+    assert!(sleeping("31.25").is_empty(), "the holder was killed");
+
+    serve.send(&exec(
+        "bg2",
+        "sleep 31.5 >/dev/null 2>&1 & echo detached",
+        &[],
+        None,
+        20_000,
+    ));
+    let (out, err, exit) = run_to_exit(&mut serve, "bg2");
+    assert_eq!((out.as_str(), err.as_str()), ("detached\n", ""));
+    assert!(
+        matches!(
+            exit,
+            Reply::Exit {
+                code: 0,
+                background_killed: 0,
+                ..
+            }
+        ),
+        "{exit:?}"
+    );
+    let alive = sleeping("31.5");
+    assert_eq!(alive.len(), 1, "the detached job lives on");
+    for pid in alive {
+        // SAFETY: ending the test's own leftover.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// Pids of `sleep SECS` processes.
+fn sleeping(secs: &str) -> Vec<libc::pid_t> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|pid: &libc::pid_t| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c == format!("sleep\0{secs}\0").as_bytes())
+        })
+        .collect()
 }

@@ -41,27 +41,116 @@ pub const SUBDIRS: [&str; 6] = [
 pub fn prepare(workspace_root: &Path) -> Result<PathBuf, SandboxError> {
     let dir = dir(workspace_root);
     let euid = nix::unistd::geteuid().as_raw();
+    let fail = |what: &str, e: io::Error| {
+        SandboxError::Other(format!("{what} the state directory {}: {e}", dir.display()))
+    };
+    let existed = std::fs::symlink_metadata(&dir).is_ok();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&dir)
-        .map_err(|e| {
-            SandboxError::Other(format!(
-                "creating the state directory {}: {e}",
-                dir.display()
-            ))
-        })?;
+        .map_err(|e| fail("creating", e))?;
+    check_root(workspace_root)?;
+    if !existed {
+        // Root making the store of a user's workspace root (an admin shell
+        // before the service's first start) makes it that user's.
+        if let Some((uid, gid)) = adopter(&dir) {
+            std::os::unix::fs::lchown(&dir, Some(uid), Some(gid))
+                .map_err(|e| fail("handing over", e))?;
+        }
+    }
     let store_owner = check(&dir, euid, None)?;
     for sub in SUBDIRS {
         let path = dir.join(sub);
         match std::fs::symlink_metadata(&path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Ok(meta) if euid == 0 && meta.is_dir() && meta.uid() != store_owner => {
+                // Made by root before what root makes was handed over.
+                let gid = std::fs::symlink_metadata(&dir).map_or(0, |m| m.gid());
+                std::os::unix::fs::lchown(&path, Some(store_owner), Some(gid))
+                    .map_err(|e| fail("handing over", e))?;
+                check(&path, euid, Some(store_owner))?;
+            }
             _ => {
                 check(&path, euid, Some(store_owner))?;
             }
         }
     }
+    store_id(&dir).map_err(|e| fail("naming", e))?;
     Ok(dir)
+}
+
+/// The workspace root holds the store: nobody but its owner may rename
+/// entries in it (a sticky bit stops the others from renaming theirs).
+fn check_root(root: &Path) -> Result<(), SandboxError> {
+    let meta = std::fs::metadata(root)
+        .map_err(|e| SandboxError::Other(format!("workspace root {}: {e}", root.display())))?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(SandboxError::Refused(format!(
+            "workspace root {} has mode {mode:o}: other users could replace the host's state \
+             directory in it; run `chmod go-w {}` (700 is best)",
+            root.display(),
+            root.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The store's identity, made once at random (`id` in the store): what a
+/// container's `sandbox.store` label names, whatever path its host
+/// reached the store by.
+pub fn store_id(dir: &Path) -> io::Result<String> {
+    let path = dir.join("id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        if valid_id(id.trim()) {
+            return Ok(id.trim().to_owned());
+        }
+    }
+    let id = random_id();
+    let staging = dir.join(format!(".id-{}", std::process::id()));
+    let _ = std::fs::remove_file(&staging);
+    {
+        use std::io::Write;
+        let mut file = open(&staging, Create::New)?;
+        file.write_all(id.as_bytes())?;
+    }
+    // A hard link fails when another process named the store first: its
+    // name wins.
+    let linked = std::fs::hard_link(&staging, &path);
+    let _ = std::fs::remove_file(&staging);
+    match linked {
+        Ok(()) => Ok(id),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let theirs = std::fs::read_to_string(&path)?;
+            Ok(theirs.trim().to_owned())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads the store's id, if it has one.
+pub fn read_store_id(workspace_root: &Path) -> Option<String> {
+    let id = std::fs::read_to_string(dir(workspace_root).join("id")).ok()?;
+    valid_id(id.trim()).then(|| id.trim().to_owned())
+}
+
+fn valid_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn random_id() -> String {
+    let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid").unwrap_or_default();
+    let hex: String = uuid.chars().filter(char::is_ascii_hexdigit).collect();
+    if hex.len() == 32 {
+        hex
+    } else {
+        use std::hash::BuildHasher;
+        let a =
+            std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now());
+        let b = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+        format!("{a:016x}{b:016x}")
+    }
 }
 
 /// Checks one directory of the store; returns its owner.
@@ -96,9 +185,9 @@ struct Found {
 }
 
 /// Why a directory of the store is unsafe for a process of `euid`, if it is.
-/// A subdirectory (`store_owner` given) may belong to the store's owner or
-/// root; the store itself to this process's user or root (root may work in
-/// any user's store).
+/// A subdirectory (`store_owner` given) must belong to the store's owner;
+/// the store itself to this process's user or root (root may work in any
+/// user's store, and then trusts that user).
 fn unsafe_because(found: &Found, euid: u32, store_owner: Option<u32>) -> Option<String> {
     if found.symlink {
         return Some("is a symbolic link".to_owned());
@@ -113,7 +202,7 @@ fn unsafe_because(found: &Found, euid: u32, store_owner: Option<u32>) -> Option<
         ));
     }
     let allowed = match store_owner {
-        Some(owner) => found.uid == owner || found.uid == 0,
+        Some(owner) => found.uid == owner,
         None => found.uid == euid || found.uid == 0 || euid == 0,
     };
     if !allowed {
@@ -253,9 +342,10 @@ mod tests {
             .contains("owned by root"));
         assert_eq!(unsafe_because(&found(1001, 0o700), 0, None), None);
         assert_eq!(unsafe_because(&found(0, 0o700), 0, None), None);
-        // Subdirectories: the store's owner or root.
-        assert_eq!(unsafe_because(&found(0, 0o700), me, Some(me)), None);
+        // Subdirectories: the store's owner only (root's are handed over).
+        assert!(unsafe_because(&found(0, 0o700), me, Some(me)).is_some());
         assert!(unsafe_because(&found(1002, 0o700), me, Some(me)).is_some());
+        assert_eq!(unsafe_because(&found(me, 0o700), me, Some(me)), None);
     }
 
     #[test]

@@ -28,17 +28,30 @@ impl Call {
     pub fn run(self) {
         let (replies, id) = (self.replies.clone(), self.exec.id.clone());
         let (calls, marker) = (self.calls.clone(), self.marker.clone());
-        let code = self.start_and_wait();
+        let oom_before = oom_kills();
+        let (code, background_killed) = self.start_and_wait();
         calls.end(&marker);
-        replies.say(Reply::Exit { id, code });
+        let oom_kills = match (oom_before, oom_kills()) {
+            (Some(before), Some(after)) => {
+                u32::try_from(after.saturating_sub(before)).unwrap_or(u32::MAX)
+            }
+            _ => 0,
+        };
+        replies.say(Reply::Exit {
+            id,
+            code,
+            oom_kills,
+            background_killed,
+        });
     }
 
     /// The call's status: its own, 137 when cancelled before it started,
-    /// 126 when it could not start (or would start past its start-by time).
-    fn start_and_wait(mut self) -> u8 {
-        let mut child = match self.start() {
-            Ok(child) => child,
-            Err(code) => return code,
+    /// 126 when it could not start (or would start past its start-by time);
+    /// and how many background processes `reap` killed to end it.
+    fn start_and_wait(mut self) -> (u8, u32) {
+        let (mut child, report) = match self.start() {
+            Ok(started) => started,
+            Err(code) => return (code, 0),
         };
         let Some(relays) = self.connect(&mut child) else {
             // No thread to spare (the pids limit): rather than run it half
@@ -58,18 +71,32 @@ impl Call {
                 &self.exec.id,
                 "cannot start the command: no thread to spare",
             );
-            return EXIT_CANNOT_RUN;
+            return (EXIT_CANNOT_RUN, 0);
         };
         for relay in relays.into_iter().flatten() {
             let _ = relay.join();
         }
-        status_of(child.wait())
+        let code = status_of(child.wait());
+        // Written by `reap` just before it exits; empty when it died.
+        let mut text = String::new();
+        let _ = std::fs::File::from(report)
+            .take(16)
+            .read_to_string(&mut text);
+        (code, text.trim().parse().unwrap_or(0))
     }
 
     /// Starts `reap` unless the call was cancelled or is past its start-by
     /// time; the status to report when it does not start.
-    fn start(&self) -> Result<Child, u8> {
-        let mut cmd = command(&self.exec, self.run_as);
+    fn start(&self) -> Result<(Child, std::os::fd::OwnedFd), u8> {
+        let (report, report_write) = procs::pipe().ok_or_else(|| {
+            say_stderr(
+                &self.replies,
+                &self.exec.id,
+                "cannot start the command: no pipe",
+            );
+            EXIT_CANNOT_RUN
+        })?;
+        let mut cmd = command(&self.exec, self.run_as, report_write);
         // Held through the spawn, which returns once `reap` has exec'd (so
         // carries the marker): a kill either sees it or stops it.
         let spawned = self.calls.while_held(&self.marker, |cancelled| {
@@ -81,7 +108,10 @@ impl Call {
             }
             Ok(cmd.spawn())
         })?;
-        spawned.map_err(|e| {
+        // The parent's copy of the write end went with `cmd` (dropped here):
+        // the read end sees its end when `reap` exits.
+        drop(cmd);
+        spawned.map(|child| (child, report)).map_err(|e| {
             say_stderr(
                 &self.replies,
                 &self.exec.id,
@@ -118,10 +148,34 @@ impl Call {
 
 /// `sandbox-agent reap --timeout-ms N [--user U:G --group G] -- sh -c
 /// COMMAND` with the call's environment and pipes.
-fn command(exec: &Exec, run_as: Option<(SandboxUser, libc::gid_t)>) -> Command {
+fn command(
+    exec: &Exec,
+    run_as: Option<(SandboxUser, libc::gid_t)>,
+    report: std::os::fd::OwnedFd,
+) -> Command {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().unwrap_or_else(|_| AGENT_MOUNT.into());
     let mut cmd = Command::new(exe);
     cmd.args(["reap", "--timeout-ms", &exec.timeout_ms.to_string()]);
+    cmd.args(["--report-fd", &REPORT_FD.to_string()]);
+    let fd = report.as_raw_fd();
+    // SAFETY: dup2 and fcntl only, between fork and exec; `report` lives in
+    // the closure (so in `cmd`) until the spawn is done.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep = &report;
+            let placed = if fd == REPORT_FD {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, REPORT_FD)
+            };
+            if placed < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
     if let Some((user, group)) = run_as {
         cmd.args(["--user", &user.arg(), "--group", &group.to_string()]);
     }
@@ -139,6 +193,25 @@ fn command(exec: &Exec, run_as: Option<(SandboxUser, libc::gid_t)>) -> Command {
         }
     }
     cmd
+}
+
+/// Where `reap` writes how many background processes it killed.
+const REPORT_FD: libc::c_int = 3;
+
+/// Processes of this container the out-of-memory killer ended so far (the
+/// memory cgroup's counter, v1 or v2), if the container shows it.
+fn oom_kills() -> Option<u64> {
+    [
+        "/sys/fs/cgroup/memory/memory.oom_control",
+        "/sys/fs/cgroup/memory.events",
+    ]
+    .iter()
+    .find_map(|path| std::fs::read_to_string(path).ok())
+    .and_then(|text| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|n| n.trim().parse().ok())
+    })
 }
 
 /// `reap`'s status as the shell-style status of the frame.
@@ -167,6 +240,8 @@ pub(crate) fn cannot_start(replies: &Replies, id: String, e: &std::io::Error) {
     replies.say(Reply::Exit {
         id,
         code: EXIT_CANNOT_RUN,
+        oom_kills: 0,
+        background_killed: 0,
     });
 }
 

@@ -54,8 +54,10 @@ class ExecResult:
     capped head and tail), ``stdout`` and ``stderr`` separately (bytes, each
     capped the same way: exactly as the command wrote them when the exec
     asked for ``binary``, else the UTF-8 of their text, invalid sequences
-    replaced), the exit code, and why the host ended it when it did
-    (``timeout``, ``cancelled``, ``destroyed``)."""
+    replaced), the exit code, why it was ended when the host or the kernel
+    ended it (``timeout``, ``cancelled``, ``destroyed``, ``oom``), and how
+    many background processes still held its output when it exited and
+    were killed so that it could end (``background_killed``)."""
 
     output: str
     exit_code: int
@@ -65,6 +67,7 @@ class ExecResult:
     timed_out: bool = False
     execution_id: str = ""
     reason: Optional[str] = None
+    background_killed: int = 0
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> "ExecResult":
@@ -82,6 +85,7 @@ class ExecResult:
             timed_out=bool(body.get("timed_out", False)),
             execution_id=body.get("execution_id", ""),
             reason=body.get("reason"),
+            background_killed=int(body.get("background_killed", 0)),
         )
 
     # Mapping-style access, so code written against the 0.2 dict answers

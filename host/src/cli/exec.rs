@@ -113,7 +113,8 @@ pub async fn run(config: Config, args: ExecArgs) -> anyhow::Result<ExitCode> {
             "[killed: the backend was destroyed while the command ran (reason: destroyed)]"
         ),
         Some(EndReason::Cancelled) => eprintln!("[cancelled: the command was killed]"),
-        None => {}
+        // The agent's note is on stderr already.
+        Some(EndReason::OutOfMemory) | None => {}
     }
     Ok(ExitCode::from(
         u8::try_from(response.exit_code).unwrap_or(EXIT_SANDBOX_ERROR),

@@ -19,9 +19,17 @@ pub struct GcArgs {
     /// Also collect the containers another policy made (another component,
     /// told by the digest label): a server run with another `--policy`
     /// than this command's. Without it they are left alone but for the
-    /// host's orphan rules (stopped, dead, mislabelled, outdated agent).
+    /// host's orphan rules (stopped, dead, mislabelled).
     #[arg(long)]
     pub other_policies: bool,
+    /// Also replace idle containers made with other settings than this
+    /// command's (`ls` marks them outdated). Without it they are listed and
+    /// left to the server's maintenance, which replaces them when idle: a
+    /// shell with other settings (root's default sandbox user, another
+    /// config file) must not remove the server's containers.
+    #[arg(long)]
+    pub outdated: bool,
+    /// Print the removals as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -31,6 +39,7 @@ pub async fn run(config: Config, args: GcArgs) -> anyhow::Result<ExitCode> {
         dry_run,
         max_age,
         other_policies,
+        outdated,
         json,
     } = args;
     let sandbox = open(config, false).await?;
@@ -39,6 +48,7 @@ pub async fn run(config: Config, args: GcArgs) -> anyhow::Result<ExitCode> {
             max_age,
             dry_run,
             other_policies,
+            replace_outdated: outdated,
         })
         .await?;
     for claim in &report.unconfirmed {
@@ -53,6 +63,15 @@ pub async fn run(config: Config, args: GcArgs) -> anyhow::Result<ExitCode> {
             report.other_policies.len(),
             sandbox.policy_name(),
             sandbox.policy_digest()
+        );
+    }
+    for c in &report.outdated {
+        eprintln!(
+            "note: {} (backend {}) is outdated ({}): left in place; the server's maintenance \
+             replaces it when idle, or run gc with --outdated",
+            c.name,
+            c.backend_id,
+            c.outdated.as_deref().unwrap_or("?")
         );
     }
     for c in &report.elsewhere {

@@ -25,7 +25,7 @@ pub const AGENT_LABEL: &str = "sandbox.agent";
 /// the wire of [`sandbox_agent::protocol::PROTOCOL_VERSION`]: `serve-v` and
 /// the version. A container keeps the agent it was created with, so the
 /// label tells, before any attach, whether this host speaks its wire.
-pub const AGENT_SERVES: &str = "serve-v2";
+pub const AGENT_SERVES: &str = "serve-v3";
 
 /// What a container has of the agent, from its label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -76,7 +76,8 @@ const DIGEST: &str = sandbox_artifacts::AGENT_SHA256;
 pub fn install(workspace_root: &Path) -> Result<PathBuf, SandboxError> {
     let dir = crate::state::dir(workspace_root);
     let path = dir.join(format!("sandbox-agent-{}", &DIGEST[..16]));
-    if std::fs::metadata(&path).is_ok_and(|m| m.len() == BINARY.len() as u64) {
+    if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() && m.len() == BINARY.len() as u64)
+    {
         return Ok(path);
     }
     let fail = |what: &str, e: std::io::Error| {
@@ -203,7 +204,7 @@ mod tests {
             "serve",
             "serve-v0",
             "serve-v1",
-            "serve-v3",
+            "serve-v2",
             "serve-v10",
             "mounted",
             "",

@@ -245,14 +245,28 @@ pub struct ExecResponse {
     /// (`Sandbox::cancel`, `DELETE /v1/threads/{thread_id}/executions/{id}`).
     #[serde(default)]
     pub execution_id: String,
-    /// Why the host ended the command, when it did: `timeout` (exit 124),
-    /// `cancelled` (130) or `destroyed` (137, its backend was destroyed).
+    /// Why the command ended, when the host or the kernel ended it:
+    /// `timeout` (exit 124), `cancelled` (130), `destroyed` (137, its
+    /// backend was destroyed) or `oom` (137, the out-of-memory killer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<EndReason>,
+    /// Background processes that still held the command's output when it
+    /// exited, killed so that the call could end (named on `stderr`); a job
+    /// that detached its output (`cmd >log 2>&1 &`) is not one and lives on.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub background_killed: u32,
     /// Whether the in-container agent ran it (false: a `docker exec`).
     #[serde(skip)]
     pub via_agent: bool,
 }
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// The note a command killed by the out-of-memory killer gets on stderr.
+pub const OUT_OF_MEMORY_NOTE: &str =
+    "[sandbox: the command was killed: out of memory (the sandbox's memory limit was reached)]\n";
 
 /// Why the host ended a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,6 +279,10 @@ pub enum EndReason {
     Cancelled,
     /// Its backend was destroyed while it ran, past the grace period.
     Destroyed,
+    /// The kernel's out-of-memory killer ended it: the sandbox's memory
+    /// limit (`limits.memory_bytes`) was reached (exit 137).
+    #[serde(rename = "oom")]
+    OutOfMemory,
 }
 
 impl EndReason {
@@ -273,7 +291,7 @@ impl EndReason {
         match self {
             EndReason::Timeout => TIMEOUT_EXIT_CODE,
             EndReason::Cancelled => CANCELLED_EXIT_CODE,
-            EndReason::Destroyed => i64::from(EXIT_KILLED),
+            EndReason::Destroyed | EndReason::OutOfMemory => i64::from(EXIT_KILLED),
         }
     }
 }
@@ -289,6 +307,7 @@ impl ExecResponse {
             EndReason::Destroyed => {
                 "[sandbox: the command was killed: its backend was destroyed]\n"
             }
+            EndReason::OutOfMemory => OUT_OF_MEMORY_NOTE,
         };
         ExecResponse {
             output: why.to_owned(),
@@ -301,6 +320,7 @@ impl ExecResponse {
             timed_out: reason == EndReason::Timeout,
             execution_id: execution_id.to_owned(),
             reason: Some(reason),
+            background_killed: 0,
             via_agent: false,
         }
     }
@@ -447,6 +467,7 @@ impl ExecOutput {
             timed_out,
             execution_id: String::new(),
             reason: timed_out.then_some(EndReason::Timeout),
+            background_killed: 0,
             via_agent: false,
         }
     }

@@ -107,6 +107,8 @@ pub struct Engine {
     plan_digest: OnceLock<String>,
     /// The workspace root, resolved: the `sandbox.workspace-root` label.
     root_label: String,
+    /// The state store's id (`sandbox.store`), read at start.
+    store_id: Option<String>,
     /// Containers this host created (adoptions excluded).
     created: AtomicU64,
     /// The policy running now, and the digest of each policy name that ran.
@@ -151,6 +153,7 @@ impl Engine {
             ),
             agent: OnceLock::new(),
             plan_digest: OnceLock::new(),
+            store_id: crate::state::read_store_id(&config.workspace_root),
             root_label: config
                 .workspace_root
                 .canonicalize()
@@ -340,6 +343,18 @@ impl Engine {
         })
     }
 
+    /// The workspace root (as its host saw it) of a container whose work
+    /// in flight is recorded in another state store than this process's:
+    /// by the store's id when both know one, else by the resolved root.
+    fn elsewhere(&self, labels: &HashMap<String, String>) -> Option<String> {
+        let root = labels.get(label::WORKSPACE_ROOT)?;
+        let other = match (labels.get(label::STORE), &self.store_id) {
+            (Some(theirs), Some(ours)) => theirs != ours,
+            _ => *root != self.root_label,
+        };
+        other.then(|| root.clone())
+    }
+
     /// `container`, unless host processes of another workspace root manage
     /// it (their in-flight records are elsewhere: acting on it could kill
     /// their commands).
@@ -405,6 +420,9 @@ impl Engine {
             labels.insert(label::POLICY_DIGEST.to_owned(), digest);
         }
         labels.insert(label::WORKSPACE_ROOT.to_owned(), self.root_label.clone());
+        if let Some(id) = &self.store_id {
+            labels.insert(label::STORE.to_owned(), id.clone());
+        }
         labels.insert(label::PLAN.to_owned(), self.plan_digest().to_owned());
         let plan = ContainerPlan::new(&self.config, backend, path, self.workspaces.owner(), labels);
         let plan = match self.agent() {
@@ -477,9 +495,19 @@ impl Engine {
         let Err(e) = started else {
             return Ok(());
         };
-        // A container that cannot start (a network or runtime it names is
-        // gone, a setting was wrong) would fail every call until a destroy:
-        // it goes, its workspace stays, and the next call makes a new one.
+        // A container that can never start (a network or runtime it names
+        // is gone, a setting was wrong: the engine refuses with a 4xx) would
+        // fail every call until a destroy: it goes, its workspace stays, and
+        // the next call makes a new one. An engine that is slow or failing
+        // (a timeout, a 5xx) says nothing about the container: it stays.
+        let permanent = match &e {
+            ProviderError::NotFound(_) => true,
+            ProviderError::Failed(m) => m.starts_with('4'),
+            _ => false,
+        };
+        if !permanent || !matches!(owned.status, Status::Created | Status::Exited) {
+            return Err(e.into());
+        }
         let removed = self.remove(&owned.id, RemoveMode::UnlessBusy).await;
         tracing::warn!(
             container = owned.name,
@@ -592,11 +620,7 @@ impl Engine {
             created: record.created,
             agent: crate::dataplane::agent::AgentMode::of(&record.labels),
             outdated: self.outdated_because(&record.labels),
-            managed_elsewhere: record
-                .labels
-                .get(label::WORKSPACE_ROOT)
-                .filter(|root| **root != self.root_label)
-                .cloned(),
+            managed_elsewhere: self.elsewhere(&record.labels),
         })
     }
 

@@ -36,6 +36,9 @@ pub mod label {
     /// The resolved workspace root of the host that made the container:
     /// its in-flight records live in that root's state directory.
     pub const WORKSPACE_ROOT: &str = "sandbox.workspace-root";
+    /// The id of the state store of the host that made the container
+    /// (`state::store_id`): the same store, whatever path reached it.
+    pub const STORE: &str = "sandbox.store";
     /// The digest of the container's plan (`ContainerPlan::digest`).
     pub const PLAN: &str = "sandbox.plan";
 }

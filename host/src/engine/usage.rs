@@ -182,10 +182,12 @@ impl Usage {
             let file = match state::open_existing(&entry.path()) {
                 Ok(file) => file,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                // Another user's record (or a planted link): never evict on
-                // a guess.
-                Err(_) => {
-                    running += 1;
+                // Not this user's to lock (a record root made before its
+                // files were handed over), or a planted link: it proves
+                // nothing, and counting it would keep the container busy
+                // for good.
+                Err(e) => {
+                    tracing::warn!(path = %entry.path().display(), error = %e, "an in-flight record that cannot be locked is ignored");
                     continue;
                 }
             };

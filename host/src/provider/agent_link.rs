@@ -61,7 +61,8 @@ use bollard::query_parameters::AttachContainerOptionsBuilder;
 use bollard::Docker;
 use futures_util::{Stream, StreamExt};
 use sandbox_agent::protocol::{
-    Exec, ParseError, Reply, Request, AGENT_MOUNT, EXIT_TIMED_OUT, MAX_REPLY_LINE, PROTOCOL_VERSION,
+    Exec, ParseError, Reply, Request, AGENT_MOUNT, EXIT_KILLED, EXIT_TIMED_OUT, MAX_REPLY_LINE,
+    PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
@@ -69,7 +70,8 @@ use tokio::time::Instant;
 
 use super::ContainerRecord;
 use crate::dataplane::exec::{
-    ExecOutput, ExecRequest, ExecResponse, StreamKind, AGENT_GRACE, TIMEOUT_EXIT_CODE,
+    EndReason, ExecOutput, ExecRequest, ExecResponse, StreamKind, AGENT_GRACE, OUT_OF_MEMORY_NOTE,
+    TIMEOUT_EXIT_CODE,
 };
 
 /// How long the agent has to acknowledge a frame (or answer a ping).
@@ -155,7 +157,9 @@ pub enum LinkOutcome {
 
 enum Event {
     Output(StreamKind, Vec<u8>),
-    Exit(u8),
+    /// The call's status, the out-of-memory kills in the container while
+    /// it ran, and the background processes killed to end it.
+    Exit(u8, u32, u32),
 }
 
 /// What the reader task and the callers share.
@@ -546,10 +550,31 @@ impl Link {
                     }
                     output.push(kind, &data);
                 }
-                Ok(Some(Event::Exit(code))) => {
+                Ok(Some(Event::Exit(code, oom_kills, background_killed))) => {
                     // The agent's own deadline: 124 at or after the timeout.
                     let timed_out = code == EXIT_TIMED_OUT && start.elapsed() >= request.timeout;
+                    let out_of_memory = oom_kills > 0 && code == EXIT_KILLED;
+                    let note = if out_of_memory {
+                        Some(OUT_OF_MEMORY_NOTE.to_owned())
+                    } else if oom_kills > 0 && !timed_out {
+                        Some(format!(
+                            "[sandbox: the out-of-memory killer ended {oom_kills} process(es) in \
+                             this sandbox while the command ran]\n"
+                        ))
+                    } else {
+                        None
+                    };
+                    if let Some(note) = note {
+                        if let Some(sink) = sink.as_mut() {
+                            sink(StreamKind::Stderr, note.as_bytes());
+                        }
+                        output.push(StreamKind::Stderr, note.as_bytes());
+                    }
                     let mut response = output.finish(i64::from(code), timed_out);
+                    if out_of_memory && !timed_out {
+                        response.reason = Some(EndReason::OutOfMemory);
+                    }
+                    response.background_killed = background_killed;
                     response.via_agent = true;
                     return Ok(LinkOutcome::Done(response));
                 }
@@ -1046,8 +1071,14 @@ async fn dispatch(shared: &Shared, reply: Reply) -> bool {
         Reply::Stderr { id, data } => {
             deliver(shared, &id, Event::Output(StreamKind::Stderr, data)).await
         }
-        Reply::Exit { id, code } => {
-            let awaited = deliver(shared, &id, Event::Exit(code)).await;
+        Reply::Exit {
+            id,
+            code,
+            oom_kills,
+            background_killed,
+        } => {
+            let event = Event::Exit(code, oom_kills, background_killed);
+            let awaited = deliver(shared, &id, event).await;
             shared.calls.lock().unwrap().remove(&id);
             awaited
         }
@@ -1198,6 +1229,8 @@ mod tests {
                         Reply::Exit {
                             id: exec.id.clone(),
                             code: 0,
+                            oom_kills: 0,
+                            background_killed: 0,
                         },
                     ],
                     Request::Exec(_) => vec![],
@@ -1479,7 +1512,12 @@ mod tests {
         // read at about 100 a second, so writing it takes about 2 s...
         let t = std::time::Instant::now();
         for n in 0..200 {
-            send(if n % 3 == 0 { "exit zz 0" } else { "ack zz" }).await;
+            send(if n % 3 == 0 {
+                "exit zz 0 0 0"
+            } else {
+                "ack zz"
+            })
+            .await;
             if n % 10 == 0 {
                 send(output_line).await;
             }

@@ -49,6 +49,13 @@ pub struct GcOptions {
     /// orphan rules (stopped, dead, a backend label no backend can have,
     /// an outdated agent).
     pub other_policies: bool,
+    /// Also replace (remove while idle) the containers whose plan is not
+    /// this process's (see [`ManagedContainer::outdated`]). Off by default:
+    /// a process started with other settings than the service (a root
+    /// shell's default sandbox user, another config file) must not remove
+    /// the service's containers; the service's own maintenance replaces
+    /// them.
+    pub replace_outdated: bool,
 }
 
 /// What a gc did (or, in a dry run, would do).
@@ -62,6 +69,9 @@ pub struct GcReport {
     /// Containers of host processes with another workspace root, left
     /// alone (their work in flight is recorded there).
     pub elsewhere: Vec<ManagedContainer>,
+    /// Outdated containers left in place (without
+    /// [`GcOptions::replace_outdated`]), each with why.
+    pub outdated: Vec<ManagedContainer>,
     /// Removals `maintain` claimed that the engine does not show: the
     /// container is still there, or was never there.
     pub unconfirmed: Vec<Removal>,
@@ -153,6 +163,7 @@ impl Sandbox {
             max_age,
             dry_run,
             other_policies: false,
+            replace_outdated: false,
         };
         Ok(self.gc_with(options).await?.entries)
     }
@@ -200,9 +211,16 @@ impl Sandbox {
                 continue;
             }
             let here = self.inner.engine.made_here(&container);
-            let outdated = self.inner.engine.outdated(&container);
+            let outdated = self
+                .inner
+                .engine
+                .outdated(&container)
+                .filter(|_| options.replace_outdated);
             let Some(reason) = orphaned(&container, &running, here, &options, now).or(outdated)
             else {
+                if container.outdated.is_some() {
+                    report.outdated.push(container.clone());
+                }
                 if !here {
                     report.other_policies.push(container);
                 }
@@ -391,6 +409,7 @@ mod tests {
             max_age: max_age.map(Duration::from_secs),
             dry_run: false,
             other_policies,
+            replace_outdated: false,
         }
     }
 
