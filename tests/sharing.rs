@@ -360,9 +360,15 @@ async fn a_cancelled_fork_loop_dies_under_dash_too() {
     };
     wait_in_flight(&sandbox, 1).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(sandbox.cancel("z-1", "dash-kill-0001").unwrap());
+    // At the pids limit dash may give up ("Cannot fork") and exit first:
+    // the call then ends with the jobs still holding its output killed.
+    let cancelled = sandbox.cancel("z-1", "dash-kill-0001").unwrap();
     let r = running.await.unwrap().unwrap();
-    assert_eq!(r.reason, Some(EndReason::Cancelled), "{r:?}");
+    if cancelled {
+        assert_eq!(r.reason, Some(EndReason::Cancelled), "{r:?}");
+    } else {
+        assert!(r.background_killed > 0, "{r:?}");
+    }
     sandbox.settle().await;
     let left = b
         .execute("cat /proc/[0-9]*/cmdline | tr '\\0' ' '")

@@ -47,7 +47,7 @@ pub struct WorkspaceName(String);
 impl UserId {
     /// Checks `id` against the user id rules.
     pub fn parse(id: &str) -> Result<Self> {
-        check_user(id).map_err(|e| invalid(format!("user id {}: {e}", shown(id))))?;
+        check_user(id).map_err(|e| invalid(format!("user id {}: {e} ({USER_RULE})", shown(id))))?;
         Ok(UserId(id.to_owned()))
     }
 
@@ -62,6 +62,12 @@ impl UserId {
     }
 }
 
+/// What a user id may be, said with every refusal.
+const USER_RULE: &str = "a user id is 1-64 of a-z 0-9 _, starting with a letter or digit";
+/// What a thread id may be, said with every refusal.
+const THREAD_RULE: &str = "a thread id is USER or USER-REST: USER 1-64 of a-z 0-9 _, \
+     REST 1-128 of A-Z a-z 0-9 _ -, each starting with a letter or digit";
+
 impl ThreadId {
     /// Parses `{user}-{rest}`: the user is the prefix before the first `-`.
     pub fn parse(id: &str) -> Result<Self> {
@@ -69,12 +75,16 @@ impl ThreadId {
             Some((user, rest)) => (user, Some(rest)),
             None => (id, None),
         };
-        check_user(user).map_err(|e| invalid(format!("thread id {}: {e}", shown(id))))?;
+        check_user(user)
+            .map_err(|e| invalid(format!("thread id {}: {e} ({THREAD_RULE})", shown(id))))?;
         if let Some(rest) = rest {
             check_charset(rest, MAX_THREAD_REST_LEN, is_token_char)
                 .and_then(|()| first_alnum(rest))
                 .map_err(|e| {
-                    invalid(format!("thread id {}: part after the user {e}", shown(id)))
+                    invalid(format!(
+                        "thread id {}: part after the user {e} ({THREAD_RULE})",
+                        shown(id)
+                    ))
                 })?;
         }
         Ok(ThreadId {
@@ -266,10 +276,21 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_says_what_is_allowed() {
+        let err = ThreadId::parse("Alice-1").unwrap_err().to_string();
+        assert!(
+            err.contains("'A'") && err.contains("a thread id is USER or USER-REST"),
+            "{err}"
+        );
+        let err = UserId::parse("bob smith").unwrap_err().to_string();
+        assert!(err.contains("a user id is 1-64 of a-z 0-9 _"), "{err}");
+    }
+
+    #[test]
     fn error_messages_are_bounded_and_escaped() {
         let err = ThreadId::parse(&format!("a\n{}", "b".repeat(10_000))).unwrap_err();
         let text = err.to_string();
-        assert!(text.len() < 200, "{text}");
+        assert!(text.len() < 400, "{text}");
         assert!(!text.contains('\n'));
     }
 

@@ -13,6 +13,18 @@ use cli::{Cli, Command, EXIT_SANDBOX_ERROR};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Listing commands die quietly when their reader goes away (`sandbox ls
+    // | head`), as Unix tools do. `exec` and `serve` keep the write error
+    // instead: `exec` must still end its remote command, `serve` its peers.
+    if !matches!(cli.command, Command::Exec(_) | Command::Cp(_)) && !is_serve(&cli.command) {
+        // SAFETY: restoring the default disposition, before any thread.
+        unsafe {
+            let _ = nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            );
+        }
+    }
     // Generated from the definitions: no configuration needed.
     match &cli.command {
         Command::Completions(args) => return cli::completions::run(args),
@@ -37,6 +49,15 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_SANDBOX_ERROR)
         }
     }
+}
+
+fn is_serve(command: &Command) -> bool {
+    #[cfg(feature = "serve")]
+    if matches!(command, Command::Serve(_)) {
+        return true;
+    }
+    let _ = command;
+    false
 }
 
 fn init_logging(verbose: u8) {
@@ -74,7 +95,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Gc(args) => cli::gc::run(loaded.config, args).await,
         #[cfg(feature = "serve")]
         Command::Serve(args) => cli::serve::run(loaded.config, args).await,
-        Command::Demo => cli::demo::run(loaded.config).await,
+        Command::Demo => cli::demo::run(loaded.config, &cli.global).await,
         Command::Policy(command) => cli::policy::run(loaded.config, command).await,
         Command::Image(command) => cli::image::run(loaded.config, command).await,
         Command::Completions(_) | Command::Man => {

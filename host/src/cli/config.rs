@@ -10,6 +10,24 @@ pub struct ConfigArgs {
     pub json: bool,
 }
 
+/// What a key left unset means: its effective value where the host
+/// computes one.
+fn unset(key: &str, config: &sandbox_host::Config) -> String {
+    match key {
+        "sandbox_user" => {
+            let ids = config.sandbox_user();
+            format!("(unset: {}:{})", ids.uid, ids.gid)
+        }
+        "docker_host" => format!(
+            "(unset: {})",
+            std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
+        ),
+        "policy" => "(unset: the embedded per-user policy)".to_owned(),
+        "runtime" => "(unset: the engine's default)".to_owned(),
+        _ => "(unset)".to_owned(),
+    }
+}
+
 /// Every key, its value and where it came from.
 pub fn run(loaded: &Loaded, args: ConfigArgs) -> anyhow::Result<ExitCode> {
     let ConfigArgs { json } = args;
@@ -27,12 +45,23 @@ pub fn run(loaded: &Loaded, args: ConfigArgs) -> anyhow::Result<ExitCode> {
         .into_iter()
         .map(|(key, value, origin)| {
             let value = match value {
-                serde_json::Value::Null => "(unset)".to_owned(),
+                serde_json::Value::Null => unset(&key, &loaded.config),
                 value => value.to_string(),
             };
             (key, value, origin.to_string())
         })
         .collect();
+    match &loaded.file {
+        Some(path) => eprintln!("configuration file: {}", path.display()),
+        None => eprintln!(
+            "configuration file: none (looked for {})",
+            sandbox_host::config::default_files()
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
     let key_width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
     let value_width = rows.iter().map(|r| r.1.len()).max().unwrap_or(0);
     println!("{:<key_width$}  {:<value_width$}  SOURCE", "KEY", "VALUE");

@@ -14,9 +14,16 @@ use super::open;
 
 #[derive(clap::Args)]
 pub struct CpArgs {
+    /// A local file, `THREAD:PATH`, or `-` for this process's stdin.
     pub source: String,
+    /// A local file or directory, `THREAD:PATH`, or `-` for stdout.
     pub destination: String,
 }
+
+/// How to copy a directory, which `cp` does not (one file at a time).
+const DIRECTORY_HINT: &str = "sandbox cp copies one file; for a directory, stream a tar: \
+     `tar -C DIR -cf - . | sandbox exec -i THREAD -- sh -c 'mkdir -p DEST && tar -xf - -C DEST'` \
+     (and back: `sandbox exec THREAD -- tar -C DIR -cf - . | tar -xf -`)";
 
 pub async fn run(config: Config, args: CpArgs) -> anyhow::Result<ExitCode> {
     let CpArgs {
@@ -28,11 +35,37 @@ pub async fn run(config: Config, args: CpArgs) -> anyhow::Result<ExitCode> {
     match (from, to) {
         // Both directions stream: memory stays bounded whatever the
         // size; files over the cap fail before any byte moves.
+        (Operand::Local("-"), Operand::Remote { thread, path }) => {
+            let target = remote_target(path, "-")?;
+            let backend = sandbox.get_thread_backend(thread).await?;
+            let limits = backend.file_limits();
+            // The size is announced before any byte moves: stdin is spooled
+            // (bounded by the cap) to a temporary file first.
+            let (mut file, len) = spool_stdin(limits.max_file_bytes).await?;
+            let result = backend
+                .upload_from(&target, &mut file, len, Some(0o644), &limits)
+                .await?;
+            if let Some(error) = result.error {
+                bail!("{destination}: {}", file_error(error, &limits));
+            }
+        }
+        (Operand::Remote { thread, path }, Operand::Local("-")) => {
+            let backend = sandbox.get_thread_backend(thread).await?;
+            let limits = backend.file_limits();
+            let mut stdout = tokio::io::stdout();
+            if let Err(error) = backend.download_to(path, &mut stdout, &limits).await? {
+                bail!("{source}: {}", file_error(error, &limits));
+            }
+            tokio::io::AsyncWriteExt::flush(&mut stdout).await?;
+        }
         (Operand::Local(local), Operand::Remote { thread, path }) => {
             let mut file = tokio::fs::File::open(local)
                 .await
                 .with_context(|| format!("reading {local}"))?;
             let meta = file.metadata().await?;
+            if meta.is_dir() {
+                bail!("{local} is a directory: {DIRECTORY_HINT}");
+            }
             if !meta.is_file() {
                 bail!("{local}: not a regular file");
             }
@@ -108,6 +141,9 @@ fn remote_target(path: &str, local: &str) -> anyhow::Result<String> {
     if !(path.is_empty() || path.ends_with('/') || matches!(path, "." | "/workspace")) {
         return Ok(path.to_owned());
     }
+    if local == "-" {
+        bail!("stdin has no file name: name the file, THREAD:DIR/NAME");
+    }
     let name = Path::new(local)
         .file_name()
         .with_context(|| format!("{local:?} has no file name"))?;
@@ -122,9 +158,31 @@ fn remote_target(path: &str, local: &str) -> anyhow::Result<String> {
     })
 }
 
-/// A per-file error of `cp`, with the cap when it is the size.
+/// This process's stdin in a temporary file (removed when dropped), and
+/// its length; refused past `cap` bytes.
+async fn spool_stdin(cap: u64) -> anyhow::Result<(tokio::fs::File, u64)> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+    let spool =
+        tokio::fs::File::from_std(tempfile::tempfile().context("a temporary file for stdin")?);
+    let mut writer = spool.try_clone().await?;
+    let mut stdin = tokio::io::stdin().take(cap + 1);
+    let len = tokio::io::copy(&mut stdin, &mut writer)
+        .await
+        .context("reading stdin")?;
+    if len > cap {
+        bail!("stdin is over the {cap}-byte cap of one file");
+    }
+    writer.flush().await?;
+    let mut file = spool;
+    file.seek(std::io::SeekFrom::Start(0)).await?;
+    Ok((file, len))
+}
+
+/// A per-file error of `cp`, with the cap when it is the size, and how to
+/// copy a directory when it is one.
 fn file_error(error: FileError, limits: &FileLimits) -> String {
     match error {
+        FileError::IsDirectory => format!("{error}: {DIRECTORY_HINT}"),
         FileError::FileTooLarge => format!(
             "{error} (over the {}-byte cap; {} raises it)",
             limits.max_file_bytes,

@@ -4,11 +4,11 @@ use std::process::ExitCode;
 
 use sandbox_host::Config;
 
-use super::open;
+use super::{open, GlobalArgs};
 
 /// The README's first command: two threads of alice share one container and
 /// one workspace; bob gets his own.
-pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
+pub async fn run(config: Config, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let root = config.workspace_root.clone();
     let sandbox = open(config, true).await?;
     println!(
@@ -46,7 +46,8 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
         yes(shared),
         yes(apart)
     );
-    println!("clean up with: sandbox destroy --user alice && sandbox destroy --user bob");
+    let again = cleanup_command(global);
+    println!("clean up with: {again} destroy --user alice && {again} destroy --user bob");
     Ok(if shared && apart {
         ExitCode::SUCCESS
     } else {
@@ -59,5 +60,47 @@ fn yes(b: bool) -> &'static str {
         "yes"
     } else {
         "NO"
+    }
+}
+
+/// `sandbox` with the global flags this run was given, quoted for a shell:
+/// the cleanup hint must reach the same deployment (namespace, root).
+fn cleanup_command(global: &GlobalArgs) -> String {
+    let mut words = vec!["sandbox".to_owned()];
+    let path = |p: &std::path::PathBuf| p.display().to_string();
+    for (flag, value) in [
+        ("--config", global.config.as_ref().map(path)),
+        ("--policy", global.policy.as_ref().map(path)),
+        ("--image", global.image.clone()),
+        ("--workspace-root", global.workspace_root.as_ref().map(path)),
+        ("--namespace", global.namespace.clone()),
+    ] {
+        if let Some(value) = value {
+            words.push(flag.to_owned());
+            words.push(shlex::try_quote(&value).map_or(value.clone(), |q| q.into_owned()));
+        }
+    }
+    words.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cleanup_hint_keeps_the_flags_it_was_given() {
+        let global = GlobalArgs {
+            config: None,
+            no_config: false,
+            policy: None,
+            image: None,
+            workspace_root: Some("/srv/my ws".into()),
+            namespace: Some("trial".into()),
+            verbose: 0,
+        };
+        assert_eq!(
+            cleanup_command(&global),
+            "sandbox --workspace-root '/srv/my ws' --namespace trial"
+        );
     }
 }

@@ -11,6 +11,8 @@ use super::{open, timeout_arg, EXIT_SANDBOX_ERROR};
 
 #[derive(clap::Args)]
 pub struct ExecArgs {
+    /// The thread whose user's sandbox runs it: `{user}` or `{user}-{rest}`
+    /// (user: 1-64 of a-z 0-9 _; rest: 1-128 of A-Z a-z 0-9 _ -).
     pub thread_id: String,
     /// Wall-clock limit: 2s, 500ms, 1m30s, or plain seconds (2, 0.5); at
     /// most 24h (default: exec_timeout_secs).
@@ -25,8 +27,16 @@ pub struct ExecArgs {
     /// Pass this process's stdin to the command.
     #[arg(short, long)]
     pub interactive: bool,
-    /// The command: one argument is a shell string, several are quoted and joined.
-    #[arg(last = true, required = true)]
+    /// The command, after the thread id (as `docker exec CONTAINER CMD...`;
+    /// a `--` before it is allowed): one argument is a shell string, several
+    /// are quoted and joined.
+    #[arg(
+        required = true,
+        num_args = 1..,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
     pub command: Vec<String>,
 }
 
@@ -99,12 +109,6 @@ pub async fn run(config: Config, args: ExecArgs) -> anyhow::Result<ExitCode> {
         sandbox.settle().await;
         return Ok(ExitCode::from(130));
     };
-    if response.truncated {
-        eprintln!(
-            "[the returned output was truncated at {} bytes]",
-            sandbox.config().output_limit_bytes
-        );
-    }
     match response.reason {
         Some(EndReason::Timeout) => {
             eprintln!("[timed out: every process of the command was killed]")

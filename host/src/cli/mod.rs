@@ -41,10 +41,16 @@ pub struct Cli {
 }
 
 #[derive(Args)]
+#[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
     /// TOML configuration file (flags and SANDBOX_* variables override it).
+    /// Default: ~/.config/sandbox/config.toml, else /etc/sandbox/config.toml,
+    /// when one exists.
     #[arg(long, global = true, env = "SANDBOX_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Read no configuration file, not even a default one.
+    #[arg(long, global = true, conflicts_with = "config")]
+    pub no_config: bool,
     /// Policy component (.wasm) to load instead of the embedded per-user policy.
     #[arg(long, global = true)]
     pub policy: Option<PathBuf>,
@@ -106,7 +112,18 @@ pub enum Command {
 
 /// Defaults, the file, the environment, then these flags.
 pub fn load_config(global: &GlobalArgs) -> anyhow::Result<Loaded> {
-    let mut layers = Layers::from_process(global.config.as_deref())?;
+    let mut layers = if global.no_config {
+        let mut layers = Layers::from_process_with(None, &[])?;
+        layers.file = None;
+        layers
+    } else {
+        Layers::from_process(
+            global
+                .config
+                .as_deref()
+                .filter(|p| !p.as_os_str().is_empty()),
+        )?
+    };
     let path = |p: &PathBuf| p.to_string_lossy().into_owned();
     let flags = [
         ("--policy", "policy", global.policy.as_ref().map(path)),

@@ -8,8 +8,10 @@ use super::open;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
-    /// Address to listen on; anything but loopback requires --token.
-    #[arg(long, default_value = "127.0.0.1:8765")]
+    /// Address to listen on: IP:PORT, HOST:PORT (`localhost:8765`, the
+    /// first address it resolves to), or a bare PORT (on 127.0.0.1);
+    /// anything but loopback requires --token.
+    #[arg(long, default_value = "127.0.0.1:8765", value_parser = listen_arg)]
     pub listen: std::net::SocketAddr,
     /// Bearer token required on every request (but /healthz).
     #[arg(long, env = "SANDBOX_TOKEN", hide_env_values = true)]
@@ -56,4 +58,36 @@ pub async fn run(config: Config, args: ServeArgs) -> anyhow::Result<ExitCode> {
     drop(early_hangups);
     sandbox_host::serve::serve(sandbox, options).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--listen`: `IP:PORT`, `HOST:PORT` (resolved; loopback names stay
+/// loopback), or a bare port on 127.0.0.1.
+fn listen_arg(text: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let mut found = text
+        .to_socket_addrs()
+        .map_err(|e| format!("expected IP:PORT, HOST:PORT or a port: {e}"))?;
+    found
+        .next()
+        .ok_or_else(|| format!("{text} resolves to no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_takes_a_port_a_host_and_port_or_an_address() {
+        assert_eq!(listen_arg("18765").unwrap().to_string(), "127.0.0.1:18765");
+        assert_eq!(listen_arg("0.0.0.0:80").unwrap().to_string(), "0.0.0.0:80");
+        assert!(listen_arg("localhost:18765").unwrap().ip().is_loopback());
+        assert!(listen_arg("18765x").is_err());
+        assert!(listen_arg("localhost").is_err());
+    }
 }

@@ -50,8 +50,20 @@ pub struct Layers {
 }
 
 impl Layers {
-    /// This process's environment, and `file`, else `SANDBOX_CONFIG`.
+    /// This process's environment, and `file`, else `SANDBOX_CONFIG`, else
+    /// the first of [`default_files`] that exists. `SANDBOX_CONFIG` set to
+    /// the empty string (or `--no-config`, which passes no file and sets
+    /// `no_default`) reads no file at all.
     pub fn from_process(file: Option<&Path>) -> Result<Layers, ConfigError> {
+        Layers::from_process_with(file, &default_files())
+    }
+
+    /// [`Layers::from_process`] with the default files to look for (none:
+    /// `--no-config`).
+    pub fn from_process_with(
+        file: Option<&Path>,
+        defaults: &[PathBuf],
+    ) -> Result<Layers, ConfigError> {
         let mut env = BTreeMap::new();
         for (name, value) in std::env::vars_os() {
             let Ok(name) = name.into_string() else {
@@ -65,16 +77,46 @@ impl Layers {
             };
             env.insert(name, value);
         }
-        let file = file.map(Path::to_path_buf).or_else(|| {
-            env.get("SANDBOX_CONFIG")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        });
+        let file = choose_file(
+            file,
+            env.get("SANDBOX_CONFIG").map(String::as_str),
+            defaults,
+        );
         Ok(Layers {
             file,
             env,
             flags: Vec::new(),
         })
+    }
+}
+
+/// The configuration files read when none is named, first found wins:
+/// the user's (`$XDG_CONFIG_HOME/sandbox/config.toml`, else
+/// `~/.config/sandbox/config.toml`), then the machine's
+/// (`/etc/sandbox/config.toml`).
+pub fn default_files() -> Vec<PathBuf> {
+    let user = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".config")));
+    user.map(|dir| dir.join("sandbox/config.toml"))
+        .into_iter()
+        .chain([PathBuf::from("/etc/sandbox/config.toml")])
+        .collect()
+}
+
+/// The file to read: the one named (`--config`), else `SANDBOX_CONFIG`'s
+/// (none when it is empty), else the first of `defaults` that exists.
+pub fn choose_file(
+    named: Option<&Path>,
+    env: Option<&str>,
+    defaults: &[PathBuf],
+) -> Option<PathBuf> {
+    match (named, env) {
+        (Some(file), _) => Some(file.to_path_buf()),
+        (None, Some("")) => None,
+        (None, Some(file)) => Some(PathBuf::from(file)),
+        (None, None) => defaults.iter().find(|p| p.is_file()).cloned(),
     }
 }
 
@@ -291,6 +333,8 @@ pub struct Loaded {
     /// Unknown environment variables, one sentence each (also logged by
     /// [`Config::load`]).
     pub warnings: Vec<String>,
+    /// The configuration file read, if any.
+    pub file: Option<PathBuf>,
     figment: Figment,
 }
 
@@ -501,12 +545,25 @@ impl Config {
             };
             figment = figment.merge(Layer::value(&origin, &path, flag.value.clone().into()));
         }
-        let config: Config = figment
+        let mut config: Config = figment
             .extract_lossy()
             .map_err(|e| describe(e, layers.file.as_deref()))?;
+        // A relative `policy` in the file is the file's neighbour, wherever
+        // the command runs from.
+        if let (Some(policy), Some(Source::File(file))) = (
+            config.policy.as_ref().filter(|p| p.is_relative()),
+            figment
+                .find_metadata("policy")
+                .and_then(|m| m.source.clone()),
+        ) {
+            if let Some(dir) = file.parent() {
+                config.policy = Some(dir.join(policy));
+            }
+        }
         let loaded = Loaded {
             config,
             warnings,
+            file: layers.file.clone(),
             figment,
         };
         if let Err((key, message)) = loaded.config.check() {

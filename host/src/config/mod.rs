@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use serde::de::{self, Visitor};
 
-pub use layers::{Flag, Layers, Loaded, Origin};
+pub use layers::{default_files, Flag, Layers, Loaded, Origin};
 use serde::{Deserialize, Deserializer, Serialize};
 pub use validate::{validate_namespace, MAX_NAMESPACE_LEN};
 
@@ -62,6 +62,9 @@ pub const MAX_BATCH_BYTES: u64 = 64 << 20;
 /// variables, so the canonical spelling wins when both are set.
 pub const ENV_ALIASES: &[(&str, &str)] = &[
     ("DOCKER_HOST", "docker_host"),
+    // The manager this replaces read these two.
+    ("WORKSPACE_ROOT", "workspace_root"),
+    ("DOCKER_IMAGE", "image"),
     ("SANDBOX_USER", "sandbox_user"),
     ("SANDBOX_COMPONENT_CACHE", "component_cache_dir"),
 ];

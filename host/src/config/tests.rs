@@ -597,3 +597,70 @@ fn durations_that_are_not_finite_or_beyond_a_day_are_refused() {
     let off = load(&[("SANDBOX_MAINTENANCE_INTERVAL_SECS", "0")]).unwrap();
     assert_eq!(off.config.maintenance_interval_secs, 0.0);
 }
+
+#[test]
+fn a_default_file_is_read_unless_one_is_named_or_none_is_wanted() {
+    let dir = tempfile::tempdir().unwrap();
+    let user = dir.path().join("user.toml");
+    let machine = dir.path().join("machine.toml");
+    let defaults = [user.clone(), machine.clone()];
+    use super::layers::choose_file;
+    assert_eq!(choose_file(None, None, &defaults), None, "none exists");
+    std::fs::write(&machine, "").unwrap();
+    assert_eq!(choose_file(None, None, &defaults), Some(machine.clone()));
+    std::fs::write(&user, "").unwrap();
+    assert_eq!(
+        choose_file(None, None, &defaults),
+        Some(user.clone()),
+        "the user's first"
+    );
+    assert_eq!(
+        choose_file(None, Some(""), &defaults),
+        None,
+        "SANDBOX_CONFIG= reads none"
+    );
+    assert_eq!(
+        choose_file(None, Some("/x.toml"), &defaults),
+        Some("/x.toml".into())
+    );
+    assert_eq!(
+        choose_file(Some(Path::new("/y.toml")), Some("/x.toml"), &defaults),
+        Some("/y.toml".into())
+    );
+}
+
+#[test]
+fn a_relative_policy_in_the_file_is_the_files_neighbour() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, "policy = \"policies/mine.wasm\"\n").unwrap();
+    let loaded = Config::load_layers(&Layers {
+        file: Some(path),
+        ..Layers::default()
+    })
+    .unwrap();
+    assert_eq!(
+        loaded.config.policy,
+        Some(dir.path().join("policies/mine.wasm"))
+    );
+    // From the environment it stays as given (the working directory's).
+    let loaded = load(&[("SANDBOX_POLICY", "mine.wasm")]).unwrap();
+    assert_eq!(loaded.config.policy, Some("mine.wasm".into()));
+}
+
+#[test]
+fn the_replaced_managers_variables_are_honoured() {
+    let loaded = load(&[("WORKSPACE_ROOT", "/srv/old"), ("DOCKER_IMAGE", "old:1")]).unwrap();
+    assert_eq!(loaded.config.workspace_root, Path::new("/srv/old"));
+    assert_eq!(loaded.config.image, "old:1");
+    let loaded = load(&[
+        ("WORKSPACE_ROOT", "/srv/old"),
+        ("SANDBOX_WORKSPACE_ROOT", "/srv/new"),
+    ])
+    .unwrap();
+    assert_eq!(
+        loaded.config.workspace_root,
+        Path::new("/srv/new"),
+        "ours wins"
+    );
+}
