@@ -28,7 +28,7 @@ fn main() -> ExitCode {
     // Generated from the definitions: no configuration needed.
     match &cli.command {
         Command::Completions(args) => return cli::completions::run(args),
-        Command::Man => return cli::man::run(),
+        Command::Man(args) => return cli::man::run(args),
         _ => {}
     }
     init_logging(cli.global.verbose);
@@ -98,7 +98,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo => cli::demo::run(loaded.config, &cli.global).await,
         Command::Policy(command) => cli::policy::run(loaded.config, command).await,
         Command::Image(command) => cli::image::run(loaded.config, command).await,
-        Command::Completions(_) | Command::Man => {
+        Command::Completions(_) | Command::Man(_) => {
             unreachable!("handled before the configuration is loaded")
         }
     }

@@ -9,6 +9,7 @@ every failure into :class:`~sandbox_client.SandboxError`.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from typing import IO, Any, AsyncIterator, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -26,9 +27,15 @@ class _Settings:
     """What both clients share: where the server is, how long to wait, and
     how a call becomes a request and an answer becomes a result."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8765", token: Optional[str] = None, timeout: float = 900.0,
+    def __init__(self, base_url: Optional[str] = None, token: Optional[str] = None, timeout: float = 900.0,
                  *, connect_timeout: float = 10.0, write_timeout: float = 120.0, pool_timeout: float = 60.0,
                  retries: int = 3, max_connections: int = 100):
+        # Unset, the environment decides, as for the CLI: SANDBOX_URL and
+        # SANDBOX_TOKEN, else the server's default address.
+        if base_url is None:
+            base_url = os.environ.get("SANDBOX_URL") or "http://127.0.0.1:8765"
+        if token is None:
+            token = os.environ.get("SANDBOX_TOKEN") or None
         self.base_url = base_url.rstrip("/")
         self.token = token
         #: Seconds to wait for an answer (an execute waits for its own
@@ -84,13 +91,15 @@ class _Settings:
         return (api.exec_stream_call if stream else api.exec_call)(thread_id, body, read)
 
 
-def _transport_error(e: httpx.HTTPError) -> SandboxError:
-    """A failure with no (complete) answer from the server."""
+def _transport_error(e: httpx.HTTPError, base_url: str) -> SandboxError:
+    """A failure with no (complete) answer from the server at ``base_url``."""
     if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)):
-        return SandboxError(0, "unreachable", f"cannot reach the server: {type(e).__name__}: {e}")
+        return SandboxError(0, "unreachable",
+                            f"cannot reach the server at {base_url} ({type(e).__name__}: {e}); is "
+                            f"`sandbox serve` running there? SANDBOX_URL or base_url names another")
     if isinstance(e, httpx.TimeoutException):
-        return SandboxError(0, "timeout", f"no answer in time: {type(e).__name__}: {e}")
-    return SandboxError(0, "broken-transfer", f"{type(e).__name__}: {e}")
+        return SandboxError(0, "timeout", f"no answer in time from {base_url}: {type(e).__name__}: {e}")
+    return SandboxError(0, "broken-transfer", f"{base_url}: {type(e).__name__}: {e}")
 
 
 class SandboxClient(_Settings):
@@ -121,7 +130,7 @@ class SandboxClient(_Settings):
         try:
             response = self._http.request(**self._request(call))
         except httpx.HTTPError as e:
-            raise _transport_error(e) from None
+            raise _transport_error(e, self.base_url) from None
         return self._result(call, response)
 
     # -- threads and executes ----------------------------------------------
@@ -161,7 +170,7 @@ class SandboxClient(_Settings):
                     if line is not None:
                         yield line
         except httpx.HTTPError as e:
-            raise _transport_error(e) from None
+            raise _transport_error(e, self.base_url) from None
 
     def cancel(self, thread_id: str, execution_id: str) -> bool:
         """Kills a running execution's whole process tree; it then answers
@@ -216,7 +225,7 @@ class SandboxClient(_Settings):
                     out.write(chunk)
             return None
         except httpx.HTTPError as e:
-            raise _transport_error(e) from None
+            raise _transport_error(e, self.base_url) from None
 
     def download_files(self, thread_id: str, paths: Sequence[str]) -> List[Dict[str, Any]]:
         """deepagents' batch download: one ``{path, content, error}`` per
@@ -227,7 +236,7 @@ class SandboxClient(_Settings):
             try:
                 response = self._http.request(**self._request(call))
             except httpx.HTTPError as e:
-                raise _transport_error(e) from None
+                raise _transport_error(e, self.base_url) from None
             try:
                 if response.status_code >= 400:
                     self._result(call, response)
@@ -313,7 +322,7 @@ class AsyncSandboxClient(_Settings):
         try:
             response = await self._http().request(**self._request(call))
         except httpx.HTTPError as e:
-            raise _transport_error(e) from None
+            raise _transport_error(e, self.base_url) from None
         return self._result(call, response)
 
     async def thread_backend(self, thread_id: str) -> Dict[str, str]:
@@ -344,7 +353,7 @@ class AsyncSandboxClient(_Settings):
                     if line is not None:
                         yield line
         except httpx.HTTPError as e:
-            raise _transport_error(e) from None
+            raise _transport_error(e, self.base_url) from None
 
     async def cancel(self, thread_id: str, execution_id: str) -> bool:
         """See :meth:`SandboxClient.cancel`."""
@@ -379,7 +388,7 @@ class AsyncSandboxClient(_Settings):
             try:
                 response = await self._http().request(**self._request(call))
             except httpx.HTTPError as e:
-                raise _transport_error(e) from None
+                raise _transport_error(e, self.base_url) from None
             try:
                 if response.status_code >= 400:
                     self._result(call, response)

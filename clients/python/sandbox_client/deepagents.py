@@ -84,7 +84,12 @@ class SandboxBackend(BaseSandbox):
 
     @staticmethod
     def _response(result: ExecResult) -> ExecuteResponse:
-        return ExecuteResponse(output=result.output, exit_code=result.exit_code, truncated=result.truncated)
+        output = result.output
+        if result.exit_code == 127 and "python3" in output and "not found" in output:
+            # deepagents' file tools run python3 in the sandbox: say what to do.
+            output += ("\n[sandbox: this sandbox's image has no python3, which deepagents' file tools need: "
+                       "run the server with --image sandbox-python:latest (built by `sandbox image build --python`)]")
+        return ExecuteResponse(output=output, exit_code=result.exit_code, truncated=result.truncated)
 
     def execute(self, command: str, *, timeout: Optional[int] = None) -> ExecuteResponse:
         """Runs ``command`` with ``sh -c``: combined output (capped head and

@@ -77,6 +77,7 @@ def test_transport_failures_are_sandbox_errors():
     with pytest.raises(SandboxError) as e:
         SandboxClient(f"http://127.0.0.1:{port}", retries=1, connect_timeout=2).health()
     assert (e.value.status, e.value.kind) == (0, "unreachable")
+    assert f"127.0.0.1:{port}" in str(e.value) and "sandbox serve" in str(e.value), str(e.value)
     # It listens but never answers: a timeout, not a hang.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -384,3 +385,15 @@ def test_live_swap_from_rust_to_python_per_user_under_load_fails_no_request(serv
     # The Python policy adopted every user's container: still one per user.
     names = server.containers()
     assert sorted(names) == sorted(f"sandbox.{server.namespace}.{u}" for u in users), names
+
+
+def test_the_client_reads_its_address_and_token_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SANDBOX_URL", "http://127.0.0.1:9/")
+    monkeypatch.setenv("SANDBOX_TOKEN", "from-env")
+    client = SandboxClient()
+    assert (client.base_url, client.token) == ("http://127.0.0.1:9", "from-env")
+    explicit = SandboxClient("http://127.0.0.1:10", token="given")
+    assert (explicit.base_url, explicit.token) == ("http://127.0.0.1:10", "given")
+    monkeypatch.delenv("SANDBOX_URL")
+    monkeypatch.delenv("SANDBOX_TOKEN")
+    assert (SandboxClient().base_url, SandboxClient().token) == ("http://127.0.0.1:8765", None)

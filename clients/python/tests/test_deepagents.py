@@ -74,3 +74,14 @@ def test_a_deep_agent_in_two_threads_of_one_user(configured):
     assert "hello from /workspace" in second[1]["result"]
     assert "hello from" in second[2]["result"]
     sd.destroy_user_backend("alice")
+
+
+def test_a_missing_python3_says_which_image_to_use(configured):
+    # As on the busybox image, where deepagents' file tools fail with only
+    # "python3: not found".
+    backend = sd.get_thread_backend("dana-1")
+    response = backend.execute("PATH=/nonexistent python3 -c 'print(1)'")
+    assert response.exit_code == 127
+    assert "sandbox-python:latest" in response.output and "sandbox image build --python" in response.output
+    assert "python3" not in backend.execute("echo fine").output
+    sd.destroy_user_backend("dana")

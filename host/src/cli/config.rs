@@ -6,6 +6,7 @@ use sandbox_host::config::Loaded;
 
 #[derive(clap::Args)]
 pub struct ConfigArgs {
+    /// Print the configuration and each key's source as JSON.
     #[arg(long)]
     pub json: bool,
 }

@@ -9,8 +9,11 @@ use super::open;
 
 #[derive(clap::Args)]
 pub struct DestroyArgs {
+    /// The user whose backend goes (its container; the workspace stays).
     #[arg(long, conflicts_with = "thread", required_unless_present = "thread")]
     pub user: Option<String>,
+    /// The thread to destroy: the policy decides whether its backend's
+    /// container goes (by default it does, and so the whole user's).
     #[arg(long)]
     pub thread: Option<String>,
     /// Do not wait for commands in flight: kill them now.

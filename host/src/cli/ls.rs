@@ -8,6 +8,7 @@ use super::open;
 
 #[derive(clap::Args)]
 pub struct LsArgs {
+    /// Print the containers as JSON (the shape of `GET /v1/backends`).
     #[arg(long)]
     pub json: bool,
     /// Also memory and CPU time from the engine.

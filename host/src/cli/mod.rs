@@ -106,8 +106,9 @@ pub enum Command {
     /// Print a shell completion script (e.g. `sandbox completions bash >
     /// /etc/bash_completion.d/sandbox`).
     Completions(completions::CompletionsArgs),
-    /// Print the manual page (roff; `sandbox man | man -l -`).
-    Man,
+    /// Print a manual page (roff; `sandbox man exec | man -l -`), or write
+    /// them all with --dir.
+    Man(man::ManArgs),
 }
 
 /// Defaults, the file, the environment, then these flags.

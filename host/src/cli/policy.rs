@@ -11,9 +11,17 @@ use super::open;
 #[derive(clap::Subcommand)]
 pub enum PolicyCommand {
     /// Load a component, check it targets the `sandbox` world and passes the self-check.
-    Check { path: PathBuf },
+    Check {
+        /// The policy component (.wasm).
+        path: PathBuf,
+    },
     /// Write a built-in policy component (per-user, per-thread) to a file.
-    Export { name: String, output: PathBuf },
+    Export {
+        /// `per-user` or `per-thread`.
+        name: String,
+        /// Where to write the component.
+        output: PathBuf,
+    },
 }
 
 pub async fn run(config: Config, command: PolicyCommand) -> anyhow::Result<ExitCode> {

@@ -252,10 +252,16 @@ impl DockerProvider {
     }
 
     fn unavailable(&self, e: &BollardError) -> ProviderError {
+        let why = match e {
+            BollardError::DockerResponseServerError {
+                status_code,
+                message,
+            } => format!("status {status_code}: {}", engine_message(message)),
+            other => causes(other),
+        };
         ProviderError::Unavailable(format!(
-            "cannot reach the Docker engine at {}: {}",
-            self.endpoint(),
-            causes(e)
+            "cannot reach the Docker engine at {}: {why}",
+            self.endpoint()
         ))
     }
 }
@@ -288,12 +294,37 @@ fn docker_host() -> String {
     std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".to_owned())
 }
 
+/// What the engine said, as a message can show it: an HTML page (the
+/// endpoint is a web server, not a Docker engine) is named, not printed,
+/// and anything else is cut at 300 characters.
+fn engine_message(message: &str) -> String {
+    let start = message.trim_start().to_ascii_lowercase();
+    if start.starts_with("<!doctype html")
+        || start.starts_with("<html")
+        || start.starts_with("<?xml")
+    {
+        return format!(
+            "the endpoint answered with a web page, not the Docker engine's API: is {} a Docker \
+             engine? (DOCKER_HOST, SANDBOX_DOCKER_HOST or docker_host)",
+            docker_host()
+        );
+    }
+    const SHOWN: usize = 300;
+    match message.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{}... ({} bytes)", &message[..cut], message.len()),
+        None => message.to_owned(),
+    }
+}
+
 fn convert(e: &BollardError) -> ProviderError {
     match e {
         BollardError::DockerResponseServerError {
             status_code,
             message,
         } => match status_code {
+            _ if engine_message(message) != *message => {
+                ProviderError::Unavailable(format!("{status_code}: {}", engine_message(message)))
+            }
             404 if message.contains("image") => ProviderError::ImageMissing(message.clone()),
             404 => ProviderError::NotFound(message.clone()),
             409 => ProviderError::Conflict(message.clone()),
@@ -958,6 +989,22 @@ impl ContainerProvider for DockerProvider {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_web_page_from_the_endpoint_is_named_not_printed() {
+        let page = "<!DOCTYPE HTML>\n<html><head><title>Error response</title></head></html>";
+        let shown = super::engine_message(page);
+        assert!(
+            shown.contains("web page") && !shown.contains("<title>"),
+            "{shown}"
+        );
+        let long = "x".repeat(1000);
+        assert!(super::engine_message(&long).len() < 340);
+        assert_eq!(
+            super::engine_message("No such container: c1"),
+            "No such container: c1"
+        );
+    }
+
     use super::*;
     use crate::config::{Config, UserIds};
 
