@@ -559,13 +559,20 @@ python3 -c 'import base64, glob, json, os, sys; print(\"python\", sys.version.sp
 python -c 'pass'; \
 grep --version | head -n 1 | grep -q GNU; find --version | head -n 1 | grep -q GNU; \
 echo x > f; stat -c %s f >/dev/null; readlink -f f >/dev/null; \
-dd if=/dev/zero of=g bs=1k count=1 2>/dev/null; echo GNU grep, find, stat, readlink, dd: ok";
+dd if=/dev/zero of=g bs=1k count=1 2>/dev/null; echo GNU grep, find, stat, readlink, dd: ok; \
+ps -e >/dev/null; git --version; pip --version >/dev/null; python3 -m venv --help >/dev/null; \
+make --version | head -n 1; unzip -v | head -n 1; less --version | head -n 1; curl --version | head -n 1";
 
 /// Builds the Python image when it is missing, then checks it.
 fn python_image_step(root: &Path, image: &str) -> Result<(), String> {
-    if docker_image_present(image) {
-        println!("{image} is present");
+    let wanted = python_recipe(root)?;
+    let found = image_label(image, "sandbox.recipe");
+    if found.as_deref() == Some(wanted.as_str()) {
+        println!("{image} is present ({wanted})");
     } else {
+        if let Some(found) = found {
+            println!("{image} is of recipe {found:?}, not {wanted:?}: rebuilding it");
+        }
         if sh(Command::new("mmdebstrap")
             .arg("--version")
             .stdout(std::process::Stdio::null()))
@@ -589,6 +596,30 @@ fn python_image_step(root: &Path, image: &str) -> Result<(), String> {
         "-c",
         PYTHON_IMAGE_CHECK,
     ]))
+}
+
+/// The Python image's recipe label, as the host's recipe states it
+/// (`LABEL sandbox.recipe=...` in host/src/image/python.rs).
+fn python_recipe(root: &Path) -> Result<String, String> {
+    let path = root.join("host/src/image/python.rs");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    text.split("LABEL sandbox.recipe=")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .map(str::to_owned)
+        .ok_or_else(|| format!("{}: no `LABEL sandbox.recipe=`", path.display()))
+}
+
+/// A label of a local image; `None` when the image or the label is missing.
+fn image_label(image: &str, label: &str) -> Option<String> {
+    let out = Command::new("docker")
+        .args(["image", "inspect", "--format"])
+        .arg(format!("{{{{index .Config.Labels \"{label}\"}}}}"))
+        .arg(image)
+        .output()
+        .ok()?;
+    let value = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (out.status.success() && !value.is_empty() && value != "<no value>").then_some(value)
 }
 
 fn docker_image_present(image: &str) -> bool {

@@ -28,8 +28,22 @@ pub const MMDEBSTRAP: &str = "mmdebstrap";
 /// Packages on top of minbase: the interpreter; `python` as a name for it
 /// (`python-is-python3`, a symlink: commands written for `python:3-slim`
 /// and langchain's sandbox tests call `python`); ripgrep because agents
-/// reach for `rg` and it costs about 2 MB.
-pub const PYTHON_PACKAGES: [&str; 3] = ["python3", "python-is-python3", "ripgrep"];
+/// reach for `rg` and it costs about 2 MB; and what agents reach for next
+/// (`ps`, git, pip and venv, make, unzip, less, curl: an agent's scripted
+/// run hit `ps: not found`). No recommends (mmdebstrap's default).
+pub const PYTHON_PACKAGES: [&str; 11] = [
+    "python3",
+    "python-is-python3",
+    "ripgrep",
+    "procps",
+    "git",
+    "python3-pip",
+    "python3-venv",
+    "make",
+    "unzip",
+    "less",
+    "curl",
+];
 
 /// Where the machine's release is read (the first that exists).
 const OS_RELEASE: [&str; 2] = ["/etc/os-release", "/usr/lib/os-release"];
@@ -75,7 +89,9 @@ pub const IMAGE_CHANGES: [&str; 4] = [
     "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     // UTF-8 file names and contents in `python3 -c`, whatever the caller's locale.
     "ENV LANG=C.UTF-8",
-    "LABEL sandbox.recipe=mmdebstrap-python",
+    // Bumped with every change to what the image holds: the test command
+    // rebuilds an image whose label differs.
+    "LABEL sandbox.recipe=mmdebstrap-python-2",
     r#"CMD ["sleep", "infinity"]"#,
 ];
 
@@ -568,7 +584,8 @@ mod tests {
             [
                 "--variant=minbase",
                 "--format=tar",
-                "--include=python3,python-is-python3,ripgrep",
+                "--include=python3,python-is-python3,ripgrep,procps,git,python3-pip,python3-venv,\
+                 make,unzip,less,curl",
                 "--aptopt=Acquire::Languages \"none\"",
             ]
         );
