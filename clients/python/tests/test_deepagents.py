@@ -85,3 +85,94 @@ def test_a_missing_python3_says_which_image_to_use(configured):
     assert "sandbox-python:latest" in response.output and "sandbox image build --python" in response.output
     assert "python3" not in backend.execute("echo fine").output
     sd.destroy_user_backend("dana")
+
+
+def test_the_constructor_makes_no_call_and_ids_are_composed_for_any_langgraph_thread():
+    from sandbox_client import SandboxClient, SandboxError
+    from sandbox_client.deepagents import thread_id_for
+    nowhere = SandboxClient("http://127.0.0.1:9", retries=0, connect_timeout=1)
+    backend = SandboxBackend(nowhere, "alice-1")  # no server: no call, no error
+    assert (backend.thread_id, backend.user_id) == ("alice-1", "alice")
+    # An unreachable server is a failed command the model reads.
+    down = backend.execute("true")
+    assert down.exit_code == 125 and "could not run the command" in down.output and "127.0.0.1:9" in down.output
+    with pytest.raises(SandboxError) as refused:
+        SandboxBackend(nowhere, "Alice-1")
+    assert "a thread id is USER or USER-REST" in str(refused.value)
+    uuid_a, uuid_b = "7f3a9c1e-0000-4000-8000-000000000001", "7f3a9c1e-0000-4000-8000-000000000002"
+    a, b = SandboxBackend(nowhere, user_id="ana", thread_id=uuid_a), SandboxBackend(nowhere, user_id="ana", thread_id=uuid_b)
+    assert a.thread_id == f"ana-{uuid_a}" and a.thread_id != b.thread_id and a.user_id == "ana"
+    odd = thread_id_for("ana", "chat #1 (draft)")
+    assert odd.startswith("ana-chat__1__draft_-") and odd != thread_id_for("ana", "chat #1 (draft!)")
+    assert len(thread_id_for("ana", "x" * 500)) <= 4 + 128
+    with pytest.raises(SandboxError):
+        thread_id_for("Ana", uuid_a)
+
+
+def test_a_timeout_reaches_the_model_in_words(configured):
+    backend = sd.get_thread_backend("gus-1")
+    response = backend.execute("echo started; sleep 30", timeout=1)
+    assert response.exit_code == 124
+    assert "started" in response.output and "Command timed out after 1 seconds" in response.output, response.output
+    sd.destroy_user_backend("gus")
+
+
+def test_one_compiled_agent_serves_two_users_and_three_threads_at_once(configured):
+    """LangGraph-style: one agent, the user and thread in each run's config."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deepagents import create_deep_agent
+    from langchain_core.language_models.chat_models import BaseChatModel
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+    from langchain_core.outputs import ChatGeneration, ChatResult
+    from sandbox_client.deepagents import RunSandboxBackend
+
+    class StepModel(BaseChatModel):
+        """Writes a note named after the run, lists the workspace, answers."""
+
+        @property
+        def _llm_type(self) -> str:
+            return "steps"
+
+        def bind_tools(self, tools, **kwargs):
+            return self
+
+        def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+            name = next(m.content for m in messages if isinstance(m, HumanMessage))
+            done = sum(isinstance(m, ToolMessage) for m in messages)
+            steps = [
+                ("write_file", {"file_path": f"/workspace/{name}.txt", "content": name}),
+                ("execute", {"command": "ls /workspace; echo user=$(id -u)"}),
+            ]
+            if done < len(steps):
+                tool, args = steps[done]
+                message = AIMessage(content="", tool_calls=[
+                    {"name": tool, "args": args, "id": f"{name}-{done}", "type": "tool_call"}])
+            else:
+                message = AIMessage(content=f"{name} done")
+            return ChatResult(generations=[ChatGeneration(message=message)])
+
+    client, async_client = sd._default()
+    agent = create_deep_agent(model=StepModel(), backend=RunSandboxBackend(client, async_client=async_client))
+    runs = [("hal", "2b0c5e1a-1111-4000-8000-00000000000a", "hal_a"),
+            ("hal", "2b0c5e1a-1111-4000-8000-00000000000b", "hal_b"),
+            ("ivy", "2b0c5e1a-1111-4000-8000-00000000000a", "ivy_a")]  # same UUID, another user
+
+    def run(user, thread, name):
+        state = agent.invoke({"messages": [{"role": "user", "content": name}]},
+                             config={"configurable": {"thread_id": thread, "user_id": user}})
+        return [str(m.content) for m in state["messages"] if isinstance(m, ToolMessage)]
+
+    with ThreadPoolExecutor(3) as pool:
+        results = dict(zip([r[2] for r in runs], pool.map(lambda r: run(*r), runs)))
+    for name, tools in results.items():
+        print(name, tools)
+        assert f"{name}.txt" in tools[1], (name, tools)
+    # Each user has one workspace: hal's two threads share it, ivy's is apart.
+    hal = SandboxBackend(client, user_id="hal", thread_id="check")
+    ivy = SandboxBackend(client, user_id="ivy", thread_id="check")
+    assert set(hal.execute("ls /workspace").output.split()) >= {"hal_a.txt", "hal_b.txt"}
+    assert "hal_a.txt" not in ivy.execute("ls /workspace").output
+    assert (hal.id, ivy.id) == ("hal", "ivy")
+    sd.destroy_user_backend("hal")
+    sd.destroy_user_backend("ivy")
