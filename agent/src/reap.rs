@@ -103,17 +103,19 @@ pub fn main(args: &[String]) -> i32 {
     .into_iter()
     .flatten()
     .collect();
-    // Relayed until every holder of the pipes closes them.
+    // Relayed until every holder of the pipes closes them; each relay says
+    // on `ended` when its pipe is done.
+    let (ended_tx, ended) = std::sync::mpsc::channel();
     let relays = [
-        relay(child.stdout.take(), std::io::stdout()),
-        relay(child.stderr.take(), std::io::stderr()),
+        relay(child.stdout.take(), std::io::stdout(), ended_tx.clone()),
+        relay(child.stderr.take(), std::io::stderr(), ended_tx),
     ];
     if let Some(timeout) = timeout {
         watch(timeout, drop_to);
     }
     let status = wait_for(child.id() as libc::pid_t);
     let relays: Vec<_> = relays.into_iter().flatten().collect();
-    let background = end_background(&relays, &pipes, drop_to.map(|(user, _)| user));
+    let background = end_background(&relays, &ended, &pipes, drop_to.map(|(user, _)| user));
     for relay in relays {
         let _ = relay.join();
     }
@@ -230,9 +232,18 @@ fn watch(timeout: Duration, call: Option<(SandboxUser, libc::gid_t)>) {
 fn relay(
     from: Option<impl Read + Send + 'static>,
     mut to: impl Write + Send + 'static,
+    ended: std::sync::mpsc::Sender<()>,
 ) -> Option<std::thread::JoinHandle<()>> {
     let mut from = from?;
     Some(std::thread::spawn(move || {
+        // Said however the loop ends (the guard drops with the thread).
+        struct Ended(std::sync::mpsc::Sender<()>);
+        impl Drop for Ended {
+            fn drop(&mut self) {
+                let _ = self.0.send(());
+            }
+        }
+        let _ended = Ended(ended);
         let mut buf = [0u8; 16 * 1024];
         loop {
             match from.read(&mut buf) {
@@ -271,17 +282,20 @@ const OUTPUT_GRACE: Duration = Duration::from_millis(200);
 /// detached their output (`cmd >log 2>&1 &`) hold no pipe and live on.
 fn end_background(
     relays: &[std::thread::JoinHandle<()>],
+    ended: &std::sync::mpsc::Receiver<()>,
     pipes: &[u64],
     user: Option<SandboxUser>,
 ) -> Vec<String> {
     let settled = std::time::Instant::now() + OUTPUT_GRACE;
-    while relays.iter().any(|r| !r.is_finished()) {
-        if std::time::Instant::now() >= settled {
-            break;
+    let mut open = relays.len();
+    while open > 0 {
+        let left = settled.saturating_duration_since(std::time::Instant::now());
+        match ended.recv_timeout(left) {
+            Ok(()) => open -= 1,
+            Err(_) => break,
         }
-        std::thread::sleep(Duration::from_millis(2));
     }
-    if relays.iter().all(|r| r.is_finished()) || pipes.is_empty() {
+    if open == 0 || pipes.is_empty() {
         return Vec::new();
     }
     let me = std::process::id() as libc::pid_t;
