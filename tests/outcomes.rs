@@ -99,3 +99,47 @@ async fn out_of_memory_is_said_and_the_agent_survives_it() {
         "the workload is the OOM killer's first pick"
     );
 }
+
+/// Bug (deepagents 0.7): large tool results go to `/large_tool_results`,
+/// offloaded history to `/conversation_history`; the sandbox user cannot
+/// create directories at `/`, so a 1 MiB result stayed in the conversation.
+/// Each is a per-user directory of the host: writable under a read-only
+/// root, outside the workspace, kept when the container is recreated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agent_artifact_directories_are_writable_and_outlive_the_container() {
+    let h = Harness::new("artifacts");
+    let config = Config {
+        read_only_rootfs: true,
+        ..h.config()
+    };
+    let sandbox = h
+        .sandbox_with(config, PolicySource::Builtin("per-user".into()))
+        .await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    let r = b
+        .execute(
+            "echo result > /large_tool_results/call-1 && echo history > /conversation_history/s.md \
+             && mkdir -p /blobs/x && ls /workspace | wc -l",
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.exit_code, r.stdout.trim()), (0, "0"), "{r:?}");
+    let host = h
+        .root
+        .path()
+        .join(".artifacts/alice/large_tool_results/call-1");
+    assert_eq!(std::fs::read_to_string(&host).unwrap(), "result\n");
+    assert!(sandbox.destroy_user_backend("alice").await.unwrap());
+    let r = b
+        .execute("cat /large_tool_results/call-1 /conversation_history/s.md")
+        .await
+        .unwrap();
+    assert_eq!(
+        r.stdout, "result\nhistory\n",
+        "kept across the new container: {r:?}"
+    );
+    // Another user's are apart.
+    let bob = sandbox.get_thread_backend("bob-1").await.unwrap();
+    let r = bob.execute("ls /large_tool_results | wc -l").await.unwrap();
+    assert_eq!(r.stdout.trim(), "0");
+}

@@ -176,3 +176,32 @@ def test_one_compiled_agent_serves_two_users_and_three_threads_at_once(configure
     assert (hal.id, ivy.id) == ("hal", "ivy")
     sd.destroy_user_backend("hal")
     sd.destroy_user_backend("ivy")
+
+
+def test_a_large_tool_result_is_offloaded_into_the_sandbox(configured):
+    """deepagents writes a large result to /large_tool_results/{call id}
+    through the backend and keeps a preview in the conversation; the
+    sandbox user can, and the file holds the whole result."""
+    from deepagents import create_deep_agent
+    from langchain_core.messages import AIMessage, ToolMessage
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from deepagents_two_threads import ScriptedModel
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    backend = sd.get_thread_backend("kim-1")
+    script = [
+        AIMessage(content="", tool_calls=[{"name": "execute", "id": "call-big-1", "type": "tool_call",
+                                           "args": {"command": "head -c 1000000 /dev/zero | tr '\\0' a; echo"}}]),
+        AIMessage(content="done"),
+    ]
+    agent = create_deep_agent(model=ScriptedModel(messages=iter(script)), backend=backend)
+    state = agent.invoke({"messages": [{"role": "user", "content": "make a big output"}]})
+    tool = next(m for m in state["messages"] if isinstance(m, ToolMessage))
+    print(f"the conversation keeps {len(str(tool.content))} characters: {str(tool.content)[:300]!r}")
+    assert len(str(tool.content)) < 50_000, "the result stayed in the conversation whole"
+    assert "/large_tool_results/" in str(tool.content)
+    saved = backend.execute("wc -c < /large_tool_results/call-big-1; ls -ld /large_tool_results")
+    print(saved.output)
+    assert int(saved.output.split()[0]) >= 1_000_000, saved.output
+    sd.destroy_user_backend("kim")

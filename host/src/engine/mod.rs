@@ -334,7 +334,8 @@ impl Engine {
                 std::path::PathBuf::new(),
                 self.workspaces.owner(),
                 HashMap::new(),
-            );
+            )
+            .with_artifacts(std::path::PathBuf::new());
             match self.agent() {
                 Some(agent) => plan.with_agent(agent),
                 None => plan,
@@ -424,7 +425,11 @@ impl Engine {
             labels.insert(label::STORE.to_owned(), id.clone());
         }
         labels.insert(label::PLAN.to_owned(), self.plan_digest().to_owned());
-        let plan = ContainerPlan::new(&self.config, backend, path, self.workspaces.owner(), labels);
+        let artifacts = self
+            .workspaces
+            .prepare_artifacts(&workspace, &crate::provider::plan::ARTIFACT_DIRS)?;
+        let plan = ContainerPlan::new(&self.config, backend, path, self.workspaces.owner(), labels)
+            .with_artifacts(artifacts);
         let plan = match self.agent() {
             Some(agent) => plan.with_agent(agent),
             None => plan,

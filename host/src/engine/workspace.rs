@@ -74,6 +74,41 @@ impl Workspaces {
         self.owner
     }
 
+    /// The user's artifact directory, `{root}/.artifacts/{name}`, with one
+    /// subdirectory per entry of `mounts` (`/blobs` -> `blobs`), each the
+    /// sandbox user's; checked and created as workspaces are. Workspace
+    /// names cannot start with `.`, so it is never a workspace.
+    pub fn prepare_artifacts(
+        &self,
+        workspace: &WorkspaceName,
+        mounts: &[&str],
+    ) -> Result<PathBuf, SandboxError> {
+        self.ensure_root()?;
+        let artifacts = Workspaces {
+            root: self.root.join(".artifacts"),
+            owner: self.owner,
+            warned: Arc::new(AtomicBool::new(true)),
+        };
+        let dir = artifacts.prepare(workspace)?;
+        for mount in mounts {
+            let sub = dir.join(mount.trim_start_matches('/'));
+            match std::fs::DirBuilder::new().mode(0o700).create(&sub) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_error(&sub, e)),
+            }
+            let meta = std::fs::symlink_metadata(&sub).map_err(|e| io_error(&sub, e))?;
+            if !meta.is_dir() {
+                return Err(SandboxError::Refused(format!(
+                    "{} is not a directory",
+                    sub.display()
+                )));
+            }
+            self.fix_owner(&sub, &meta)?;
+        }
+        Ok(dir)
+    }
+
     /// The checked host path of a workspace; creates it when missing.
     pub fn prepare(&self, workspace: &WorkspaceName) -> Result<PathBuf, SandboxError> {
         let name = workspace.as_str();

@@ -469,6 +469,7 @@ pub fn create_body(plan: &ContainerPlan) -> ContainerCreateBody {
                         crate::dataplane::agent::AGENT_MOUNT
                     )
                 }))
+                .chain(plan.artifact_binds())
                 .collect(),
             ),
             cap_drop: Some(vec!["ALL".to_owned()]),

@@ -13,6 +13,14 @@ use crate::dataplane::agent::{self, AgentMode};
 /// (tini) is PID 1, so a stop is clean and zombies are reaped.
 pub const IDLE_COMMAND: [&str; 2] = ["sleep", "infinity"];
 
+/// Directories agent frameworks write their artifacts to at the root of the
+/// file system (deepagents: large tool results, offloaded conversation
+/// history, binary blobs), where the sandbox user cannot create anything.
+/// Each is a per-user host directory bind-mounted read-write: outside the
+/// workspace (no collision with the user's files), kept across container
+/// recreation, writable under a read-only root.
+pub const ARTIFACT_DIRS: [&str; 3] = ["/large_tool_results", "/conversation_history", "/blobs"];
+
 /// A container the host is about to create for a backend.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ContainerPlan {
@@ -43,6 +51,9 @@ pub struct ContainerPlan {
     pub agent: Option<PathBuf>,
     /// OCI runtime (`runsc`, ...); the engine's default when `None`.
     pub runtime: Option<String>,
+    /// Host directory holding the user's [`ARTIFACT_DIRS`] (one
+    /// subdirectory each, named without the `/`); none: not mounted.
+    pub artifacts: Option<PathBuf>,
 }
 
 impl ContainerPlan {
@@ -81,6 +92,7 @@ impl ContainerPlan {
             "runtime": self.runtime,
             "agent": agent,
             "agent_mode": self.labels.get(agent::AGENT_LABEL),
+            "artifacts": self.artifacts.is_some().then_some(ARTIFACT_DIRS),
         });
         let hex = hex::encode(Sha256::digest(settings.to_string().as_bytes()));
         format!("sha256:{}", &hex[..16])
@@ -113,7 +125,31 @@ impl ContainerPlan {
             network: config.network.clone(),
             agent: None,
             runtime: config.runtime.clone(),
+            artifacts: None,
         }
+    }
+
+    /// The plan with the user's artifact directories (prepared under
+    /// `host_dir`) mounted at [`ARTIFACT_DIRS`].
+    pub fn with_artifacts(mut self, host_dir: PathBuf) -> Self {
+        self.artifacts = Some(host_dir);
+        self
+    }
+
+    /// `HOST:CONTAINER:rw` binds of the artifact directories.
+    pub fn artifact_binds(&self) -> Vec<String> {
+        let Some(dir) = &self.artifacts else {
+            return Vec::new();
+        };
+        ARTIFACT_DIRS
+            .iter()
+            .map(|mount| {
+                format!(
+                    "{}:{mount}:rw",
+                    dir.join(mount.trim_start_matches('/')).display()
+                )
+            })
+            .collect()
     }
 }
 
