@@ -21,6 +21,36 @@ from sandbox_client import AsyncSandboxClient, SandboxClient  # noqa: E402
 
 TOKEN = "test-token-" + str(os.getpid())
 
+#: The standard suite's tests that assert deepagents 0.6's BaseSandbox
+#: (test_standard_suite.py): strict expected failures under 0.7.
+CHANGED_IN_DEEPAGENTS_07 = {
+    "test_write_existing_file_fails",
+    "test_glob",
+    "test_glob_basic_pattern",
+    "test_glob_with_directories",
+    "test_glob_hidden_files_explicitly",
+    "test_glob_with_character_class",
+    "test_glob_with_question_mark",
+}
+
+
+def pytest_collection_modifyitems(items):
+    """Marks the 7 as strict expected failures under deepagents 0.7, so the
+    run goes red the day upstream's suite catches up."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        minor = int(version("deepagents").split(".")[1])
+    except (PackageNotFoundError, ValueError, IndexError):
+        return
+    if minor < 7:
+        return
+    for item in items:
+        if item.fspath.basename == "test_standard_suite.py" and item.name.split("[")[0] in CHANGED_IN_DEEPAGENTS_07:
+            item.add_marker(pytest.mark.xfail(
+                strict=True,
+                reason="deepagents 0.7 changed write/glob; langchain-tests 1.1.9 asserts 0.6 "
+                       "(langchain issue 39948, PR 40283)"))
+
 
 def binary() -> pathlib.Path:
     path = pathlib.Path(os.environ.get("SANDBOX_BIN", ROOT / "target" / "debug" / "sandbox"))
