@@ -178,17 +178,21 @@ pub struct Config {
     /// Memory, CPU and process limits of every sandbox container.
     pub limits: Limits,
     /// Byte cap on the combined output of one `execute`.
+    #[serde(deserialize_with = "bytes")]
     pub output_limit_bytes: usize,
     /// Docker endpoint (`unix:///path`, `tcp://host:port`); default: the
     /// docker CLI's (`DOCKER_HOST`, else the local socket).
     pub docker_host: Option<String>,
     /// Default wall-clock limit of one `execute`, in seconds.
+    #[serde(deserialize_with = "secs")]
     pub exec_timeout_secs: f64,
     /// Bound on every single Docker API call, in seconds.
+    #[serde(deserialize_with = "secs")]
     pub docker_timeout_secs: f64,
     /// Guest CPU time one policy call may use (host calls excluded), in ms.
     pub policy_deadline_ms: u64,
     /// Linear memory one policy instance may grow to, in bytes.
+    #[serde(deserialize_with = "bytes")]
     pub policy_memory_bytes: usize,
     /// Wall-clock budget of one policy call, host imports (Docker calls,
     /// WASI sleeps) included, waits for a lifecycle slot excluded, in ms.
@@ -209,22 +213,27 @@ pub struct Config {
     /// pollables, streams; default 256).
     pub policy_resources: usize,
     /// The sum of every policy instance's memories and tables, in bytes.
+    #[serde(deserialize_with = "bytes")]
     pub policy_memory_total_bytes: usize,
     /// Memory the instance pool of the running policy may hold (linear
     /// memories and tables of its live instances, in bytes): the pool keeps
     /// as many instances as fit, measured per component at its self-check.
+    #[serde(deserialize_with = "bytes")]
     pub policy_pool_bytes: usize,
     /// Containers one backend may have created within a minute.
     pub max_creates_per_backend_per_minute: u32,
     /// How long a destroy waits for commands in flight on the backend's
     /// container before it removes the container (and so kills them), in
     /// seconds; `--force` does not wait.
+    #[serde(deserialize_with = "secs")]
     pub destroy_grace_secs: f64,
     /// Largest apparent size of one transferred file, either direction
     /// (a sparse file counts by its apparent size).
+    #[serde(deserialize_with = "bytes")]
     pub max_file_bytes: u64,
     /// Largest file content one in-memory download batch holds (the HTTP
     /// API's JSON batches); streamed transfers are bound by `max_file_bytes` only.
+    #[serde(deserialize_with = "bytes")]
     pub max_batch_bytes: u64,
     /// Mount the container's root filesystem read-only (with a writable
     /// tmpfs `/tmp`); `/workspace` stays writable.
@@ -250,6 +259,7 @@ pub struct Config {
     #[serde(deserialize_with = "string_map")]
     pub policy_config: BTreeMap<String, String>,
     /// How often the host calls the policy's `maintain`, in seconds (0: never).
+    #[serde(deserialize_with = "secs")]
     pub maintenance_interval_secs: f64,
     /// Container creations, starts and removals in flight at once; the
     /// rest queue (executes never do). Default: the number of CPUs (min 2).
@@ -264,6 +274,7 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Memory cap in bytes, swap included (so no swap); default 512 MiB.
+    #[serde(deserialize_with = "bytes")]
     pub memory_bytes: i64,
     /// CPUs, possibly fractional (`1.5`).
     pub cpus: f64,
@@ -519,4 +530,92 @@ fn default_component_cache_dir() -> Option<PathBuf> {
         return Some(PathBuf::from(xdg).join("sandbox/components"));
     }
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/sandbox/components"))
+}
+
+/// A number as TOML or the environment gives it, or a text with a unit.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Amount {
+    Whole(u64),
+    Signed(i64),
+    Real(f64),
+    Text(String),
+}
+
+/// Seconds: a number (`60`, `0.5`) or a duration with units, as on the
+/// command line (`60s`, `500ms`, `1m30s`).
+fn secs<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    match Amount::deserialize(d)? {
+        Amount::Whole(n) => Ok(n as f64),
+        Amount::Signed(n) => Ok(n as f64),
+        Amount::Real(x) => Ok(x),
+        Amount::Text(text) => parse_secs(&text).map_err(serde::de::Error::custom),
+    }
+}
+
+fn parse_secs(text: &str) -> Result<f64, String> {
+    let text = text.trim();
+    if let Ok(x) = text.parse::<f64>() {
+        return Ok(x);
+    }
+    humantime::parse_duration(text)
+        .map(|d| d.as_secs_f64())
+        .map_err(|e| {
+            format!("invalid duration {text:?}: expected seconds or a duration like 60s, 500ms, 1m30s ({e})")
+        })
+}
+
+/// Bytes: a number, or a number with a unit as the CLI and Docker take it:
+/// `512MiB`, `1GiB`, `64KiB` (binary), `512MB`, `1GB` (decimal), `512m`,
+/// `1g` (binary, as `docker run --memory`).
+fn bytes<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    let n = match Amount::deserialize(d)? {
+        Amount::Whole(n) => n,
+        Amount::Signed(n) => u64::try_from(n)
+            .map_err(|_| serde::de::Error::custom(format!("{n}: a size cannot be negative")))?,
+        Amount::Real(x) if x >= 0.0 && x.fract() == 0.0 && x < u64::MAX as f64 => x as u64,
+        Amount::Real(x) => {
+            return Err(serde::de::Error::custom(format!(
+                "{x}: expected a whole number of bytes"
+            )))
+        }
+        Amount::Text(text) => parse_bytes(&text).map_err(serde::de::Error::custom)?,
+    };
+    T::try_from(n).map_err(|_| serde::de::Error::custom(format!("{n} bytes is too large")))
+}
+
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let unit_of = |unit: &str| -> Option<u64> {
+        Some(match unit.trim() {
+            "" | "B" | "b" => 1,
+            "KiB" | "K" | "k" => 1 << 10,
+            "MiB" | "M" | "m" => 1 << 20,
+            "GiB" | "G" | "g" => 1 << 30,
+            "TiB" | "T" | "t" => 1 << 40,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            _ => return None,
+        })
+    };
+    let bad = || {
+        format!("invalid size {text:?}: expected bytes, or a size like 512MiB, 1GiB, 512MB, 512m")
+    };
+    let scale = unit_of(unit).ok_or_else(bad)?;
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    let total = value * scale as f64;
+    if !(total.is_finite() && total >= 0.0 && total < u64::MAX as f64) {
+        return Err(bad());
+    }
+    Ok(total.round() as u64)
 }

@@ -664,3 +664,45 @@ fn the_replaced_managers_variables_are_honoured() {
         "ours wins"
     );
 }
+
+#[test]
+fn sizes_and_durations_take_units_in_the_file_and_the_environment() {
+    let config = file(
+        "exec_timeout_secs = \"1m30s\"\ndestroy_grace_secs = 2.5\nmax_file_bytes = \"64MiB\"\n\
+         output_limit_bytes = \"512KB\"\n[limits]\nmemory_bytes = \"512m\"\n",
+    );
+    let loaded = Config::load_layers(&Layers {
+        file: Some(config.path().to_owned()),
+        ..env(&[
+            ("SANDBOX_DOCKER_TIMEOUT_SECS", "10s"),
+            ("SANDBOX_MAX_BATCH_BYTES", "1GiB"),
+        ])
+    })
+    .unwrap();
+    let c = &loaded.config;
+    assert_eq!(c.exec_timeout_secs, 90.0);
+    assert_eq!(c.destroy_grace_secs, 2.5);
+    assert_eq!(c.max_file_bytes, 64 << 20);
+    assert_eq!(c.output_limit_bytes, 512_000);
+    assert_eq!(c.limits.memory_bytes, 512 << 20);
+    assert_eq!(c.docker_timeout_secs, 10.0);
+    assert_eq!(c.max_batch_bytes, 1 << 30);
+    // Plain numbers still work, and a bad unit names the key and the forms.
+    assert_eq!(
+        load(&[("SANDBOX_EXEC_TIMEOUT_SECS", "60")])
+            .unwrap()
+            .config
+            .exec_timeout_secs,
+        60.0
+    );
+    let err = error(&[("SANDBOX_MAX_FILE_BYTES", "12 parsecs")]);
+    assert!(
+        err.contains("SANDBOX_MAX_FILE_BYTES") && err.contains("512MiB"),
+        "{err}"
+    );
+    let err = error(&[("SANDBOX_EXEC_TIMEOUT_SECS", "soon")]);
+    assert!(
+        err.contains("SANDBOX_EXEC_TIMEOUT_SECS") && err.contains("60s"),
+        "{err}"
+    );
+}

@@ -51,7 +51,7 @@ pub struct ContainerPlan {
     pub agent: Option<PathBuf>,
     /// OCI runtime (`runsc`, ...); the engine's default when `None`.
     pub runtime: Option<String>,
-    /// Host directory holding the user's [`ARTIFACT_DIRS`] (one
+    /// Host directory holding the user's `ARTIFACT_DIRS` (one
     /// subdirectory each, named without the `/`); none: not mounted.
     pub artifacts: Option<PathBuf>,
 }
@@ -130,7 +130,7 @@ impl ContainerPlan {
     }
 
     /// The plan with the user's artifact directories (prepared under
-    /// `host_dir`) mounted at [`ARTIFACT_DIRS`].
+    /// `host_dir`) mounted at `ARTIFACT_DIRS`.
     pub fn with_artifacts(mut self, host_dir: PathBuf) -> Self {
         self.artifacts = Some(host_dir);
         self
