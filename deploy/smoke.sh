@@ -239,4 +239,31 @@ docker stop -t 30 "$name" >/dev/null
 code=$(docker inspect -f '{{.State.ExitCode}}' "$name")
 [ "$code" = 0 ] || die "the server exited with $code on SIGTERM"
 say "SIGTERM: the server exited with 0"
+
+# --- 7. a workspace root mounted at another path is refused at start -----
+# The engine resolves the sandboxes' mounts on the host: with another path
+# inside, every sandbox would get an empty directory ("name conflict ... is
+# not running" every few seconds, as a user found).
+docker rm -f "$name" >/dev/null 2>&1
+docker run -d --name "$name" \
+    -v /var/run/docker.sock:/var/run/docker.sock \
+    -v "$root:/srv/elsewhere" \
+    -e SANDBOX_WORKSPACE_ROOT=/srv/elsewhere \
+    -e SANDBOX_NAMESPACE="$namespace" \
+    -e SANDBOX_IMAGE="$sandbox_image" \
+    -e SANDBOX_TOKEN="$token" \
+    "$tag" >/dev/null
+for _ in $(seq 1 60); do
+    [ "$(docker inspect -f '{{.State.Running}}' "$name" 2>/dev/null)" = true ] || break
+    sleep 0.5
+done
+code=$(docker inspect -f '{{.State.ExitCode}}' "$name")
+refusal=$(docker logs "$name" 2>&1 | tail -1)
+[ "$(docker inspect -f '{{.State.Running}}' "$name")" = false ] && [ "$code" != 0 ] ||
+    die "a server with its workspace root mounted elsewhere kept running: $refusal"
+case $refusal in
+    *"mount it at the same path"*"-v $root:$root"*) ;;
+    *) die "the refusal does not say which mount to use: $refusal" ;;
+esac
+say "workspace root mounted at another path: refused (exit $code): $refusal"
 result=PASS

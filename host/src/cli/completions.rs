@@ -8,6 +8,7 @@ use super::Cli;
 
 #[derive(clap::Args)]
 pub struct CompletionsArgs {
+    /// The shell: bash, zsh, fish, elvish or powershell.
     pub shell: clap_complete::Shell,
 }
 

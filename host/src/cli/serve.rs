@@ -50,6 +50,7 @@ pub async fn run(config: Config, args: ServeArgs) -> anyhow::Result<ExitCode> {
         grace: std::time::Duration::from_secs_f64(config.destroy_grace_secs),
     };
     options.check()?;
+    same_path_on_the_host(&config).await?;
     // A reload sent while the image is checked and the policy compiled
     // (systemd's `ExecReload` may come that early) must not end the
     // service: held until `serve` takes SIGHUP itself (then it reloads).
@@ -58,6 +59,45 @@ pub async fn run(config: Config, args: ServeArgs) -> anyhow::Result<ExitCode> {
     drop(early_hangups);
     sandbox_host::serve::serve(sandbox, options).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// In a container (the deployment image), the engine resolves the paths of
+/// the mounts the server asks for on the *host*: the workspace root must be
+/// mounted at the same path, or every sandbox gets an empty directory the
+/// engine makes (and the agent mounts nothing that runs). Refused at start,
+/// with the mount to use; unknown (the container cannot be inspected: a
+/// custom hostname) is a warning.
+async fn same_path_on_the_host(config: &Config) -> anyhow::Result<()> {
+    if !std::path::Path::new("/.dockerenv").exists() {
+        return Ok(());
+    }
+    let me = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let me = me.trim();
+    let root = config
+        .workspace_root
+        .canonicalize()
+        .unwrap_or_else(|_| config.workspace_root.clone());
+    let provider = sandbox_host::DockerProvider::from_config(config);
+    match provider.host_path_of(me, &root).await {
+        Ok(Some(host)) if host == root => Ok(()),
+        Ok(Some(host)) => anyhow::bail!(
+            "the workspace root {root} is mounted from {host} on the host, and the engine \
+             resolves the sandboxes' mounts on the host: mount it at the same path \
+             (-v {host}:{host} -e SANDBOX_WORKSPACE_ROOT={host})",
+            root = root.display(),
+            host = host.display()
+        ),
+        Ok(None) => anyhow::bail!(
+            "sandbox serve runs in a container, but its workspace root {root} is not mounted \
+             from the host: the engine would give every sandbox an empty directory. Mount it \
+             at the same path (-v {root}:{root})",
+            root = root.display()
+        ),
+        Err(e) => {
+            tracing::warn!(container = me, error = %e, "cannot check that the workspace root is mounted at the same path on the host");
+            Ok(())
+        }
+    }
 }
 
 /// `--listen`: `IP:PORT`, `HOST:PORT` (resolved; loopback names stay

@@ -148,6 +148,29 @@ impl DockerProvider {
             .with_exec_user(config.sandbox_user())
     }
 
+    /// Where `path` of `container` comes from on the engine's host: the
+    /// source of the mount that holds it, and the rest of the path below it;
+    /// `None` when no mount holds it (it is the container's own).
+    pub async fn host_path_of(
+        &self,
+        container: &str,
+        path: &std::path::Path,
+    ) -> ProviderResult<Option<std::path::PathBuf>> {
+        let docker = self.client().await?;
+        let inspected = self.call(docker.inspect_container(container, None)).await?;
+        let best = inspected
+            .mounts
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|m| Some((m.source?, m.destination?)))
+            .filter(|(_, dest)| path.starts_with(dest))
+            .max_by_key(|(_, dest)| dest.len());
+        Ok(best.map(|(source, dest)| {
+            let below = path.strip_prefix(&dest).unwrap_or(std::path::Path::new(""));
+            std::path::Path::new(&source).join(below)
+        }))
+    }
+
     /// The endpoint in use, for messages.
     pub fn endpoint(&self) -> String {
         self.endpoint.clone().unwrap_or_else(docker_host)
