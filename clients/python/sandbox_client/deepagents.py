@@ -261,6 +261,11 @@ class RunSandboxBackend(BaseSandbox):
                  async_client: Optional[AsyncSandboxClient] = None, user_key: str = "user_id"):
         if client is None:
             client, async_client = _default()
+        if async_client is None:
+            # One pool for every run's backend, not one each.
+            async_client = AsyncSandboxClient(
+                client.base_url, client.token, client.timeout, connect_timeout=client.connect_timeout,
+                write_timeout=client.write_timeout, pool_timeout=client.pool_timeout, retries=client.retries)
         self._client = client
         self._async = async_client
         self._user_key = user_key
