@@ -273,17 +273,25 @@ async fn the_container_is_hardened_and_runs_as_the_workspace_owner() {
     assert!(hc["PidsLimit"].as_i64().unwrap() > 0);
     assert!(hc["Memory"].as_i64().unwrap() > 0);
     assert!(hc["NanoCpus"].as_i64().unwrap() > 0);
-    let binds = hc["Binds"].as_array().unwrap();
-    // The workspace, read-write, and the host's agent, read-only: nothing else.
-    assert_eq!(
-        binds.len(),
-        2,
-        "only the workspace and the agent: {binds:?}"
-    );
-    assert!(binds[0].as_str().unwrap().ends_with("/alice:/workspace:rw"));
-    let agent = binds[1].as_str().unwrap();
+    let binds: Vec<&str> = hc["Binds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_str().unwrap())
+        .collect();
+    // The workspace, read-write, the host's agent, read-only, and the user's
+    // own artifact directories (deepagents offloads large results there):
+    // nothing else.
+    assert_eq!(binds.len(), 5, "{binds:?}");
+    assert!(binds[0].ends_with("/alice:/workspace:rw"), "{binds:?}");
+    let agent = binds[1];
     assert!(agent.ends_with(":/.sandbox/agent:ro"), "{agent}");
     assert!(agent.starts_with(&format!("{}/.sandbox/", h.root.path().display())));
+    let artifacts = h.root.path().join(".artifacts").join("alice");
+    for dir in ["large_tool_results", "conversation_history", "blobs"] {
+        let bind = format!("{}:/{dir}:rw", artifacts.join(dir).display());
+        assert!(binds[2..].contains(&bind.as_str()), "{bind} in {binds:?}");
+    }
     assert!(!inspect.contains("docker.sock"));
     // Root is the agent's; every command is given away to the sandbox user.
     assert_eq!(json[0]["Config"]["User"], "0:0");
