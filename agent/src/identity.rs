@@ -42,13 +42,64 @@ impl SandboxUser {
     }
 }
 
-/// The value of `--user` among `args` (the only option these verbs take
-/// before their own); an error for anything else.
+/// The options `init` and `serve` take: `--user UID:GID` (whom commands
+/// run as) and `--egress-port PORT` (the egress relay's port on loopback).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Options {
+    pub user: Option<SandboxUser>,
+    pub egress_port: Option<u16>,
+}
+
+impl Options {
+    /// As given on a command line (what `init` hands `serve`).
+    pub fn args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(user) = self.user {
+            args.extend(["--user".to_owned(), user.arg()]);
+        }
+        if let Some(port) = self.egress_port {
+            args.extend(["--egress-port".to_owned(), port.to_string()]);
+        }
+        args
+    }
+}
+
+/// The options among `args`; an error for anything else.
+pub fn options(args: &[String]) -> Result<Options, String> {
+    let mut options = Options::default();
+    let mut rest = args;
+    loop {
+        match rest {
+            [] => return Ok(options),
+            [flag, value, more @ ..] if flag == "--user" && options.user.is_none() => {
+                options.user = Some(SandboxUser::parse(value)?);
+                rest = more;
+            }
+            [flag, value, more @ ..]
+                if flag == "--egress-port" && options.egress_port.is_none() =>
+            {
+                let port = value
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| format!("--egress-port {value:?}: not a port"))?;
+                options.egress_port = Some(port);
+                rest = more;
+            }
+            other => return Err(format!("unexpected arguments {other:?}")),
+        }
+    }
+}
+
+/// The value of `--user` among `args`, which hold no other option.
+#[cfg(test)]
 pub fn user_option(args: &[String]) -> Result<Option<SandboxUser>, String> {
-    match args {
-        [] => Ok(None),
-        [flag, value] if flag == "--user" => SandboxUser::parse(value).map(Some),
-        other => Err(format!("unexpected arguments {other:?}")),
+    match options(args)? {
+        Options {
+            egress_port: Some(_),
+            ..
+        } => Err("unexpected --egress-port".into()),
+        options => Ok(options.user),
     }
 }
 
@@ -173,6 +224,11 @@ mod tests {
         assert!(user_option(&args(&["--user", "7:7"])).unwrap().is_some());
         assert!(user_option(&args(&["--user"])).is_err());
         assert!(user_option(&args(&["--uid", "7:7"])).is_err());
+        let both = options(&args(&["--user", "7:7", "--egress-port", "3128"])).unwrap();
+        assert_eq!(both.egress_port, Some(3128));
+        assert_eq!(options(&both.args()), Ok(both));
+        assert!(options(&args(&["--egress-port", "0"])).is_err());
+        assert!(options(&args(&["--user", "7:7", "--user", "8:8"])).is_err());
     }
 
     #[test]

@@ -16,7 +16,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::identity::user_option;
+use crate::identity::options;
 use crate::{procs, AGENT_FAILED};
 
 /// The pause before restarting a `serve` that lived long enough.
@@ -26,10 +26,13 @@ const MAX_RESTART_PAUSE: Duration = Duration::from_secs(2);
 
 /// Runs `serve` and keeps it running; never returns but on a setup error.
 pub fn init(args: &[String]) -> i32 {
-    let user = match user_option(args) {
-        Ok(user) => user,
+    let options = match options(args) {
+        Ok(options) => options,
         Err(e) => {
-            eprintln!("sandbox-agent init: {e}\nusage: sandbox-agent init [--user UID:GID]");
+            eprintln!(
+                "sandbox-agent init: {e}\nusage: sandbox-agent init [--user UID:GID] \
+                 [--egress-port PORT]"
+            );
             return AGENT_FAILED;
         }
     };
@@ -47,10 +50,7 @@ pub fn init(args: &[String]) -> i32 {
         }
     };
     let mut serve = Command::new(&exe);
-    serve.arg("serve");
-    if let Some(user) = user {
-        serve.args(["--user", &user.arg()]);
-    }
+    serve.arg("serve").args(options.args());
     let mut pause = RESTART_PAUSE;
     loop {
         let started = Instant::now();

@@ -4,8 +4,8 @@
 //! works).
 //!
 //! ```text
-//! sandbox-agent init [--user UID:GID]                    init.rs
-//! sandbox-agent serve [--user UID:GID]                   serve.rs
+//! sandbox-agent init [--user UID:GID] [--egress-port P]  init.rs
+//! sandbox-agent serve [--user UID:GID] [--egress-port P] serve.rs, relay.rs
 //! sandbox-agent respawn                                  respawn.rs
 //! sandbox-agent reap [--timeout-ms N] [--user UID:GID --group GID]
 //!                    [--report-fd FD] -- PROGRAM [ARGS...]   reap.rs
@@ -41,6 +41,7 @@ mod init;
 mod kill;
 mod procs;
 mod reap;
+mod relay;
 mod respawn;
 mod seccomp;
 mod serve;
@@ -48,7 +49,8 @@ mod serve;
 /// Exit status when the agent itself cannot run the call.
 const AGENT_FAILED: i32 = EXIT_AGENT_FAILED as i32;
 
-const USAGE: &str = "usage: sandbox-agent init [--user UID:GID] | serve [--user UID:GID] \
+const USAGE: &str = "usage: sandbox-agent init [--user UID:GID] [--egress-port PORT] \
+                     | serve [--user UID:GID] [--egress-port PORT] \
                      | respawn | kill MARKER \
                      | reap [--timeout-ms N] [--user UID:GID --group GID] -- PROGRAM [ARGS...]";
 

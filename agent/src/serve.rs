@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use sandbox_agent::protocol::{Exec, Reply, Request, EXEC_MARKER_VAR, MAX_REQUEST_LINE};
 
-use crate::identity::{user_option, CallGroups, SandboxUser};
+use crate::identity::{options, CallGroups, SandboxUser};
 use crate::kill::kill_marked;
 use crate::{procs, AGENT_FAILED};
 
@@ -30,13 +30,22 @@ const READ_BUFFER: usize = 64 * 1024;
 
 /// Serves requests until stdin ends, then lets the calls in flight finish.
 pub fn serve(args: &[String]) -> i32 {
-    let user = match user_option(args) {
-        Ok(user) => user,
+    let (user, egress_port) = match options(args) {
+        Ok(options) => (options.user, options.egress_port),
         Err(e) => {
-            eprintln!("sandbox-agent serve: {e}\nusage: sandbox-agent serve [--user UID:GID]");
+            eprintln!(
+                "sandbox-agent serve: {e}\nusage: sandbox-agent serve [--user UID:GID] \
+                 [--egress-port PORT]"
+            );
             return AGENT_FAILED;
         }
     };
+    if let Some(port) = egress_port {
+        // Without it the sandbox has no way out: said, and serve goes on.
+        if let Err(e) = crate::relay::start(port) {
+            eprintln!("sandbox-agent serve: the egress relay on 127.0.0.1:{port}: {e}");
+        }
+    }
     let server = Server {
         boot: boot_id(),
         replies: Replies::start(),

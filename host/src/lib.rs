@@ -57,6 +57,7 @@
 
 pub mod config;
 mod dataplane;
+mod egress;
 mod engine;
 mod error;
 mod policy;
@@ -70,6 +71,7 @@ pub mod image;
 pub mod serve;
 
 pub use config::Config;
+pub use egress::EgressCounts;
 pub use engine::clock::now_ms;
 pub use engine::ManagedContainer;
 pub use error::{policy_text, Result, SandboxError};

@@ -40,6 +40,11 @@ pub const PYTHON_IMAGE: &str = "sandbox-python:latest";
 /// The `network` value that gives sandboxes no network at all.
 pub const NETWORK_NONE: &str = "none";
 
+/// The `network` value that gives sandboxes no network of their own but an
+/// HTTP(S) proxy, served by the host, that reaches only `[egress] allow`
+/// (see `crate::egress`).
+pub const NETWORK_EGRESS: &str = "egress";
+
 /// Prefix of the environment variables that set configuration keys.
 pub const ENV_PREFIX: &str = "SANDBOX_";
 
@@ -238,10 +243,13 @@ pub struct Config {
     /// Mount the container's root filesystem read-only (with a writable
     /// tmpfs `/tmp`); `/workspace` stays writable.
     pub read_only_rootfs: bool,
-    /// Network of every sandbox container: `none` (no network at all), or
-    /// the name of a Docker network the operator created. The host decides
-    /// it; a policy cannot.
+    /// Network of every sandbox container: `none` (no network at all),
+    /// `egress` (no network of its own; an HTTP proxy on `127.0.0.1` inside
+    /// that reaches only `[egress] allow`), or the name of a Docker network
+    /// the operator created. The host decides it; a policy cannot.
     pub network: String,
+    /// What `network = "egress"` lets sandboxes reach.
+    pub egress: EgressConfig,
     /// OCI runtime for sandbox containers (for example `runsc`); the
     /// engine's default when unset.
     pub runtime: Option<String>,
@@ -267,6 +275,29 @@ pub struct Config {
     /// Most policy instances alive at once, whatever `policy_pool_bytes`
     /// would allow (calls borrow one each; a call that finds all busy waits).
     pub max_policy_instances: usize,
+}
+
+/// `[egress]`: the allow-list of the host's egress proxy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EgressConfig {
+    /// What sandboxes may reach through the proxy: names (`pypi.org`),
+    /// subdomain wildcards (`*.pythonhosted.org`), addresses (`10.1.2.3`,
+    /// `2001:db8::1`) and networks (`192.0.2.0/24`), each optionally with
+    /// `:PORT` (`[2001:db8::1]:443` for IPv6); without a port, any port.
+    /// A name whose address is private, loopback or link-local is refused
+    /// unless that address is listed too.
+    #[serde(deserialize_with = "list")]
+    pub allow: Vec<String>,
+    /// Names the proxy resolves to the given address instead of asking DNS
+    /// (hosts without DNS, tests). Resolution only: the name must still be
+    /// allowed, and a private address listed. In the environment:
+    /// `SANDBOX_EGRESS__HOSTS=name=address,name=address`.
+    #[serde(deserialize_with = "pairs")]
+    pub hosts: BTreeMap<String, String>,
+    /// Label the egress metrics by user (one series per user: only when
+    /// the number of users is bounded).
+    pub metrics_per_user: bool,
 }
 
 /// Resource limits of every sandbox container.
@@ -388,6 +419,35 @@ fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
 
 /// A map of strings whose values may also be numbers or booleans (TOML's
 /// `idle_ttl_secs = 900`), kept as their text.
+/// A table of strings, or one string of comma-separated `key=value` pairs.
+fn pairs<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    struct Pairs;
+    impl<'de> Visitor<'de> for Pairs {
+        type Value = BTreeMap<String, String>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a table of strings, or one string of comma-separated name=value pairs")
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            s.split(',')
+                .map(str::trim)
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, v)) => Ok((k.trim().to_owned(), v.trim().to_owned())),
+                    None => Err(E::custom(format!("{pair:?} is not name=value"))),
+                })
+                .collect()
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((k, v)) = map.next_entry::<String, String>()? {
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(Pairs)
+}
+
 fn string_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
     struct Text(String);
     impl<'de> Deserialize<'de> for Text {
@@ -472,6 +532,7 @@ impl Default for Config {
                 .unwrap_or(2),
             read_only_rootfs: false,
             network: NETWORK_NONE.to_owned(),
+            egress: EgressConfig::default(),
             runtime: None,
             allowed_images: Vec::new(),
         }

@@ -39,7 +39,28 @@ impl Config {
         self.check_container_limits()?;
         self.check_policy_limits()?;
         self.check_lifecycle()?;
-        check_network(&self.network).map_err(|message| ("network", message))
+        check_network(&self.network).map_err(|message| ("network", message))?;
+        self.check_egress()
+    }
+
+    /// The allow-list parses, every `hosts` entry is an address, and the
+    /// runtime can reach the host's proxy socket.
+    fn check_egress(&self) -> Checked {
+        crate::egress::Rules::new(&self.egress).map_err(|e| ("egress", e.to_string()))?;
+        let gvisor = self
+            .runtime
+            .as_deref()
+            .is_some_and(|runtime| runtime.contains("runsc"));
+        if self.network == super::NETWORK_EGRESS && gvisor {
+            return Err((
+                "network",
+                "network \"egress\" relays through a Unix socket of the host, which gVisor \
+                 (runtime runsc) refuses to connect to: use network \"none\" or a Docker \
+                 network under runsc"
+                    .to_owned(),
+            ));
+        }
+        Ok(())
     }
 
     /// The namespace, the image and the user the containers are named, made
@@ -197,7 +218,7 @@ fn seconds(key: &'static str, value: f64, zero_ok: bool) -> Checked {
     }
 }
 
-/// `none`, or a plausible Docker network name; never `host` (it would give
+/// `none`, `egress`, or a plausible Docker network name; never `host` (it would give
 /// every sandbox the host's own network stack).
 fn check_network(network: &str) -> Result<(), String> {
     let plausible = network.len() <= 128
@@ -207,7 +228,7 @@ fn check_network(network: &str) -> Result<(), String> {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
     if !plausible {
         return Err(format!(
-            "network {network:?} must be \"none\" or a Docker network name: 1-128 of \
+            "network {network:?} must be \"none\", \"egress\" or a Docker network name: 1-128 of \
              [A-Za-z0-9_.-], starting with a letter or digit"
         ));
     }

@@ -116,6 +116,8 @@ pub struct Engine {
     /// gc runs under way that show `maintain` only the running policy's
     /// containers.
     own_only: AtomicUsize,
+    /// The egress proxy's side in this process (`network = "egress"`).
+    egress: Option<Arc<crate::egress::Egress>>,
 }
 
 /// The policies this engine's host ran, as their labels name them.
@@ -163,7 +165,36 @@ impl Engine {
             created: AtomicU64::new(0),
             policies: Mutex::default(),
             own_only: AtomicUsize::new(0),
+            egress: (config.network == crate::config::NETWORK_EGRESS)
+                .then(|| {
+                    let state = crate::state::dir(&config.workspace_root);
+                    crate::egress::Egress::new(&state, &config.egress)
+                        .map_err(|e| tracing::error!(error = %e, "egress unusable"))
+                        .ok()
+                })
+                .flatten(),
             config,
+        }
+    }
+
+    /// The egress proxy of this process, with `network = "egress"`.
+    pub fn egress(&self) -> Option<&Arc<crate::egress::Egress>> {
+        self.egress.as_ref()
+    }
+
+    /// With egress, makes sure some host process serves the proxy socket
+    /// of `backend`'s user before its work runs. A failure costs that work
+    /// its egress (the relay says so), not the work: it is logged.
+    async fn serve_egress(&self, backend: &BackendId) {
+        let Some(egress) = &self.egress else {
+            return;
+        };
+        let Ok(user) = backend.user() else {
+            return;
+        };
+        let workspace = user.workspace();
+        if let Err(e) = egress.ensure(workspace.as_str()).await {
+            tracing::warn!(backend = backend.as_str(), error = %e, "egress proxy not served");
         }
     }
 
@@ -258,6 +289,7 @@ impl Engine {
     /// removal is refused because of this work, or the container goes and
     /// the ensure makes a new one); during a destroy it is refused.
     pub async fn begin_work(&self, backend: &BackendId) -> Result<Option<Work>> {
+        self.serve_egress(backend).await;
         let name = self.container_name(backend);
         let patience = tokio::time::Instant::now() + EVICTION_WAIT;
         loop {
@@ -336,9 +368,14 @@ impl Engine {
                 HashMap::new(),
             )
             .with_artifacts(std::path::PathBuf::new());
-            match self.agent() {
+            let plan = match self.agent() {
                 Some(agent) => plan.with_agent(agent),
                 None => plan,
+            };
+            if self.config.network == crate::config::NETWORK_EGRESS {
+                plan.with_egress(std::path::PathBuf::new())
+            } else {
+                plan
             }
             .digest()
         })
@@ -433,6 +470,20 @@ impl Engine {
         let plan = match self.agent() {
             Some(agent) => plan.with_agent(agent),
             None => plan,
+        };
+        let plan = if self.config.network == crate::config::NETWORK_EGRESS {
+            let (Some(egress), true) = (&self.egress, plan.agent.is_some()) else {
+                return Err(SandboxError::Refused(
+                    "network \"egress\" needs the host's egress proxy and the sandbox agent \
+                     (its relay), and one of them is unusable here: see the log"
+                        .to_owned(),
+                ));
+            };
+            let dir = egress.socket_dir(workspace.as_str())?;
+            self.serve_egress(backend).await;
+            plan.with_egress(dir)
+        } else {
+            plan
         };
         let created = {
             let _slot = self.slots.lifecycle().await;

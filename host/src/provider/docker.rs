@@ -476,9 +476,10 @@ pub fn create_body(plan: &ContainerPlan) -> ContainerCreateBody {
         labels: Some(plan.labels.clone()),
         user: Some(user),
         working_dir: Some(WORKSPACE_MOUNT.to_owned()),
-        env: Some(vec![format!("HOME={WORKSPACE_MOUNT}")]),
-        // Disabled outright when there is no network: also ~30 ms faster starts.
-        network_disabled: Some(plan.network == crate::config::NETWORK_NONE),
+        env: Some(plan.env()),
+        // Disabled outright when there is no network: also ~30 ms faster
+        // starts. Loopback stays (the egress relay listens on it).
+        network_disabled: Some(plan.network_mode() == crate::config::NETWORK_NONE),
         host_config: Some(HostConfig {
             binds: Some(
                 std::iter::once(format!(
@@ -493,6 +494,7 @@ pub fn create_body(plan: &ContainerPlan) -> ContainerCreateBody {
                     )
                 }))
                 .chain(plan.artifact_binds())
+                .chain(plan.egress_bind())
                 .collect(),
             ),
             cap_drop: Some(vec!["ALL".to_owned()]),
@@ -502,7 +504,7 @@ pub fn create_body(plan: &ContainerPlan) -> ContainerCreateBody {
             memory_swap: Some(plan.limits.memory_bytes),
             nano_cpus: Some((plan.limits.cpus * 1e9) as i64),
             pids_limit: Some(plan.limits.pids),
-            network_mode: Some(plan.network.clone()),
+            network_mode: Some(plan.network_mode().to_owned()),
             init: Some(!serves),
             readonly_rootfs: Some(plan.read_only_rootfs),
             tmpfs: plan.read_only_rootfs.then(|| {

@@ -54,6 +54,10 @@ pub struct ContainerPlan {
     /// Host directory holding the user's `ARTIFACT_DIRS` (one
     /// subdirectory each, named without the `/`); none: not mounted.
     pub artifacts: Option<PathBuf>,
+    /// Host directory of the user's egress proxy socket, mounted read-only
+    /// at `egress::SOCKET_MOUNT` (`network = "egress"`); the container's
+    /// own network is then `none`.
+    pub egress: Option<PathBuf>,
 }
 
 impl ContainerPlan {
@@ -93,6 +97,7 @@ impl ContainerPlan {
             "agent": agent,
             "agent_mode": self.labels.get(agent::AGENT_LABEL),
             "artifacts": self.artifacts.is_some().then_some(ARTIFACT_DIRS),
+            "egress": self.egress.is_some(),
         });
         let hex = hex::encode(Sha256::digest(settings.to_string().as_bytes()));
         format!("sha256:{}", &hex[..16])
@@ -126,6 +131,7 @@ impl ContainerPlan {
             agent: None,
             runtime: config.runtime.clone(),
             artifacts: None,
+            egress: None,
         }
     }
 
@@ -134,6 +140,46 @@ impl ContainerPlan {
     pub fn with_artifacts(mut self, host_dir: PathBuf) -> Self {
         self.artifacts = Some(host_dir);
         self
+    }
+
+    /// The plan with the user's egress socket directory (`host_dir`)
+    /// mounted, the proxy variables set, and the agent's relay listening.
+    /// Only with the agent: it is the relay.
+    pub fn with_egress(mut self, host_dir: PathBuf) -> Self {
+        if self.agent.is_some() {
+            self.command.extend([
+                "--egress-port".to_owned(),
+                crate::egress::RELAY_PORT.to_string(),
+            ]);
+        }
+        self.egress = Some(host_dir);
+        self
+    }
+
+    /// The container's network mode: `none` for egress (the relay is its
+    /// way out), else the configured one.
+    pub fn network_mode(&self) -> &str {
+        if self.network == crate::config::NETWORK_EGRESS {
+            crate::config::NETWORK_NONE
+        } else {
+            &self.network
+        }
+    }
+
+    /// The container's environment.
+    pub fn env(&self) -> Vec<String> {
+        let mut env = vec![format!("HOME={}", crate::dataplane::WORKSPACE_MOUNT)];
+        if self.egress.is_some() {
+            env.extend(crate::egress::proxy_env());
+        }
+        env
+    }
+
+    /// `HOST:CONTAINER:ro` bind of the egress socket directory, if any.
+    pub fn egress_bind(&self) -> Option<String> {
+        self.egress
+            .as_ref()
+            .map(|dir| format!("{}:{}:ro", dir.display(), crate::egress::SOCKET_MOUNT))
     }
 
     /// `HOST:CONTAINER:rw` binds of the artifact directories.

@@ -312,6 +312,16 @@ impl Sandbox {
         }
     }
 
+    /// What each user's sandbox moved through this process's egress proxy
+    /// (`network = "egress"`), by user id; empty otherwise.
+    pub fn egress_counts(&self) -> Vec<(String, crate::EgressCounts)> {
+        self.inner
+            .engine
+            .egress()
+            .map(|egress| egress.meters().snapshot())
+            .unwrap_or_default()
+    }
+
     /// Policy instances alive now (idle in the pool, or lent to a call).
     pub fn policy_instances(&self) -> usize {
         self.inner.policy.instances()

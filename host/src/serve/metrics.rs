@@ -51,6 +51,12 @@ pub struct Metrics {
     /// Managed containers, and the work in flight on them, at the scrape.
     containers: Gauge,
     in_flight: Gauge,
+    /// Egress through this process's proxy (`network = "egress"`): bytes by
+    /// `direction` (`in`: to the sandboxes), connections and refusals;
+    /// by `user` too when `[egress] metrics_per_user` is set.
+    egress_bytes: Family<Labels, Counter>,
+    egress_connections: Family<Labels, Counter>,
+    egress_refused: Family<Labels, Counter>,
 }
 
 /// What the engine holds at a scrape.
@@ -83,6 +89,9 @@ impl Metrics {
         let policy_traps = Counter::default();
         let containers = Gauge::default();
         let in_flight = Gauge::default();
+        let egress_bytes = Family::<Labels, Counter>::default();
+        let egress_connections = Family::<Labels, Counter>::default();
+        let egress_refused = Family::<Labels, Counter>::default();
         let mut registry = Registry::with_prefix("sandbox");
         registry.register("calls", "API operations, by op", calls.clone());
         registry.register("errors", "Failed operations, by error kind", errors.clone());
@@ -127,7 +136,25 @@ impl Metrics {
             "Commands and file transfers running on them, from any host process on this machine",
             in_flight.clone(),
         );
+        registry.register(
+            "egress_bytes",
+            "Bytes through the egress proxy, by direction (in: to the sandboxes)",
+            egress_bytes.clone(),
+        );
+        registry.register(
+            "egress_connections",
+            "Connections sandboxes opened to the egress proxy",
+            egress_connections.clone(),
+        );
+        registry.register(
+            "egress_refused",
+            "Egress requests refused by the allow-list",
+            egress_refused.clone(),
+        );
         Metrics {
+            egress_bytes,
+            egress_connections,
+            egress_refused,
             containers,
             in_flight,
             registry: Mutex::new(registry),
@@ -164,9 +191,54 @@ impl Metrics {
         let counters = sandbox.counters();
         sync(&self.containers_created, counters.containers_created);
         sync(&self.policy_traps, counters.policy_traps);
+        self.sync_egress(sandbox);
         let mut out = String::new();
         encode(&mut out, &self.registry.lock().unwrap())?;
         Ok(out)
+    }
+}
+
+impl Metrics {
+    /// Brings the egress families up to the library's counters: one
+    /// series per direction (and per user, when the operator asked).
+    fn sync_egress(&self, sandbox: &Sandbox) {
+        let per_user = sandbox.config().egress.metrics_per_user;
+        let mut totals: std::collections::BTreeMap<Option<String>, crate::EgressCounts> =
+            Default::default();
+        for (user, counts) in sandbox.egress_counts() {
+            *totals.entry(per_user.then_some(user)).or_default() += counts;
+        }
+        for (user, counts) in totals {
+            let labels = |extra: Option<(&str, &str)>| {
+                let mut labels: Labels = extra
+                    .map(|(k, v)| vec![(k.to_owned(), v.to_owned())])
+                    .unwrap_or_default();
+                if let Some(user) = &user {
+                    labels.push(("user".to_owned(), user.clone()));
+                }
+                labels
+            };
+            sync(
+                &self
+                    .egress_bytes
+                    .get_or_create(&labels(Some(("direction", "in")))),
+                counts.bytes_in,
+            );
+            sync(
+                &self
+                    .egress_bytes
+                    .get_or_create(&labels(Some(("direction", "out")))),
+                counts.bytes_out,
+            );
+            sync(
+                &self.egress_connections.get_or_create(&labels(None)),
+                counts.connections,
+            );
+            sync(
+                &self.egress_refused.get_or_create(&labels(None)),
+                counts.refused,
+            );
+        }
     }
 }
 
