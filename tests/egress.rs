@@ -1,0 +1,175 @@
+//! `network = "egress"` against the real engine: a sandbox with nothing but
+//! loopback reaches the allow-list through the host's proxy, and nothing
+//! else: not the upstream directly, not an unlisted name, not a listed name
+//! that resolves to a private or loopback address, not the host's own
+//! services, not the metadata address.
+
+mod support;
+
+use sandbox_host::config::EgressConfig;
+use support::{docker, require_engine, test_image, Harness};
+
+/// A bridge network with a web server on it (`hello-upstream` at `/`),
+/// removed on drop. Declared before the harness, so it outlives the
+/// sandboxes.
+struct Upstream {
+    network: String,
+    server: String,
+}
+
+impl Upstream {
+    fn start(tag: &str) -> Self {
+        require_engine();
+        let network = format!("sandbox-it-{tag}-{}", std::process::id());
+        let up = Upstream {
+            server: format!("{network}-web"),
+            network,
+        };
+        docker(&["network", "create", "--driver", "bridge", &up.network]);
+        docker(&[
+            "run",
+            "-d",
+            "--name",
+            &up.server,
+            "--network",
+            &up.network,
+            &test_image(),
+            "sh",
+            "-c",
+            "mkdir -p /tmp/www && echo hello-upstream > /tmp/www/index.html \
+             && exec httpd -f -p 80 -h /tmp/www",
+        ]);
+        up
+    }
+
+    fn ip(&self) -> String {
+        let format = format!(
+            "{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}",
+            self.network
+        );
+        let ip = docker(&["inspect", "--format", &format, &self.server])
+            .trim()
+            .to_owned();
+        assert!(!ip.is_empty(), "the upstream has no address");
+        ip
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker")
+            .args(["rm", "-f", &self.server])
+            .output();
+        let _ = std::process::Command::new("docker")
+            .args(["network", "rm", &self.network])
+            .output();
+    }
+}
+
+/// A raw request to the sandbox's proxy, as the workload sends it (busybox
+/// `nc` stops reading when its input ends: the input lasts a while).
+fn raw(request: &str) -> String {
+    format!("{{ printf '{request}'; sleep 1; }} | nc 127.0.0.1 3128")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sandbox_reaches_the_allow_list_through_the_proxy_and_nothing_else() {
+    let upstream = Upstream::start("egress");
+    let ip = upstream.ip();
+    // A service of the host's own, on its loopback.
+    let host_service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host_port = host_service.local_addr().unwrap().port();
+    let h = Harness::new("egress");
+    let mut config = h.config();
+    config.network = "egress".into();
+    config.egress = EgressConfig {
+        allow: vec![
+            "allowed.test".into(),
+            format!("{ip}:80"),
+            "private.test".into(),
+            "localhost".into(),
+        ],
+        hosts: [
+            ("allowed.test".to_owned(), ip.clone()),
+            ("other.test".to_owned(), ip.clone()),
+            ("private.test".to_owned(), "10.255.255.1".to_owned()),
+        ]
+        .into(),
+        metrics_per_user: false,
+    };
+    let sandbox = h
+        .sandbox_with(
+            config,
+            sandbox_host::PolicySource::Builtin("per-user".into()),
+        )
+        .await;
+    let alice = sandbox.get_thread_backend("alice-1").await.unwrap();
+    let run = |command: String| {
+        let alice = alice.clone();
+        async move { alice.execute(&command).await.unwrap() }
+    };
+
+    // Allowed: through the proxy variables, and through a CONNECT tunnel.
+    let r = run("wget -qO- http://allowed.test/".into()).await;
+    assert_eq!(r.output, "hello-upstream\n", "{r:?}");
+    let r = run(raw(
+        "CONNECT allowed.test:80 HTTP/1.1\\r\\nHost: allowed.test:80\\r\\n\\r\\nGET / HTTP/1.0\\r\\n\\r\\n",
+    ))
+    .await;
+    assert!(r.output.starts_with("HTTP/1.1 200"), "{r:?}");
+    assert!(r.output.contains("hello-upstream"), "{r:?}");
+
+    // Refused by the proxy, each saying why.
+    let refused = |target: &str, says: &[&str], out: &str| {
+        assert!(out.starts_with("HTTP/1.0 403"), "{target}: {out}");
+        for word in says {
+            assert!(out.contains(word), "{target}: {word:?} in {out}");
+        }
+    };
+    let get = |url: &str| raw(&format!("GET {url} HTTP/1.0\\r\\n\\r\\n"));
+    let out = run(get("http://other.test/")).await.output;
+    refused("unlisted", &["other.test:80", "[egress] allow"], &out);
+    let out = run(get("http://private.test/")).await.output;
+    refused(
+        "private",
+        &["10.255.255.1", "private", "list the address"],
+        &out,
+    );
+    let out = run(get(&format!("http://localhost:{host_port}/")))
+        .await
+        .output;
+    refused("loopback", &["127.0.0.1", "loopback"], &out);
+    let out = run(get(&format!("http://127.0.0.1:{host_port}/")))
+        .await
+        .output;
+    refused("host service", &[&format!("127.0.0.1:{host_port}")], &out);
+    let out = run(get("http://169.254.169.254/latest/meta-data/"))
+        .await
+        .output;
+    refused("metadata", &["169.254.169.254:80"], &out);
+    let out = run(get(&format!("http://{ip}:8080/"))).await.output;
+    refused("listed address, other port", &[&format!("{ip}:8080")], &out);
+
+    // Nothing but loopback: no direct way to the upstream, the host or the
+    // metadata address.
+    let r = run("grep : /proc/net/dev | cut -d: -f1 | tr -d ' '".into()).await;
+    assert_eq!(r.output, "lo\n", "{r:?}");
+    for target in [
+        format!("http://{ip}/"),
+        "http://169.254.169.254/".to_owned(),
+    ] {
+        let r = run(format!("http_proxy= wget -T 3 -qO- {target}")).await;
+        assert_ne!(r.exit_code, 0, "{target} reached directly: {r:?}");
+    }
+
+    // Counted, by user.
+    let counts = sandbox.egress_counts();
+    let (user, alice_counts) = counts.first().expect("alice's egress counted");
+    assert_eq!(user, "alice");
+    assert!(
+        alice_counts.bytes_in > 0 && alice_counts.bytes_out > 0,
+        "{alice_counts:?}"
+    );
+    assert!(alice_counts.refused >= 6, "{alice_counts:?}");
+    drop(host_service);
+}
