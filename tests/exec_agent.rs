@@ -58,7 +58,8 @@ async fn executes_go_through_the_agent_with_unchanged_semantics() {
     assert_eq!(r.stderr, "err\n");
 
     // The container: the agent is the main process, nothing is logged, and
-    // no path of the host is mounted but the workspace and the agent (ro).
+    // no path of the host is mounted but the workspace, the agent (ro) and
+    // the user's artifact directories (deepagents' offloads).
     let id = container_of(&h, "alice");
     let inspected = docker(&[
         "inspect",
@@ -75,7 +76,16 @@ async fn executes_go_through_the_agent_with_unchanged_semantics() {
     assert_eq!(fields[2], "true");
     let mut mounts: Vec<&str> = fields[3].split_whitespace().collect();
     mounts.sort();
-    assert_eq!(mounts, ["/.sandbox/agent:false", "/workspace:true"]);
+    assert_eq!(
+        mounts,
+        [
+            "/.sandbox/agent:false",
+            "/blobs:true",
+            "/conversation_history:true",
+            "/large_tool_results:true",
+            "/workspace:true"
+        ]
+    );
 
     // env, workdir, stdin (binary), the cap, streaming.
     let options = ExecOptions {
