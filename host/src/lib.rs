@@ -18,7 +18,7 @@
 //! layer reaches the others only through what the crate root publishes.
 //!
 //! 1. `base`: `error`, `config`, `state`
-//! 2. `wire`: `dataplane`
+//! 2. `wire`: `dataplane`, `egress`
 //! 3. `provider`: `provider`
 //! 4. `engine`: `engine`
 //! 5. `policy`: `policy`
@@ -31,6 +31,7 @@
 //!   host's state directory, checked before it is trusted;
 //! - `dataplane`: the wire into a container: exec requests and their bounded
 //!   output, the file transfer scripts and sinks, the in-container agent;
+//!   `egress`: the proxy sandboxes with `network = "egress"` reach out by;
 //! - `provider`: container engines (Docker via bollard; in-memory), and the
 //!   container plan they are handed;
 //! - `engine`: the host's own state and rules over its containers:

@@ -94,6 +94,10 @@ impl Sandbox {
         config
             .validate()
             .map_err(|e| SandboxError::Other(format!("{e:#}")))?;
+        // The allow-list is the egress layer's to parse: refused here, at
+        // start, rather than at the first container.
+        crate::egress::Rules::new(&config.egress)
+            .map_err(|e| SandboxError::Other(e.to_string()))?;
         crate::state::prepare(&config.workspace_root)?;
         let cache = config
             .component_cache_dir
