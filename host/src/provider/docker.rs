@@ -166,8 +166,13 @@ impl DockerProvider {
             .filter(|(_, dest)| path.starts_with(dest))
             .max_by_key(|(_, dest)| dest.len());
         Ok(best.map(|(source, dest)| {
-            let below = path.strip_prefix(&dest).unwrap_or(std::path::Path::new(""));
-            std::path::Path::new(&source).join(below)
+            // `join("")` would add a trailing `/` to the path users copy
+            // into their `-v` flag.
+            let source = std::path::PathBuf::from(source);
+            match path.strip_prefix(&dest) {
+                Ok(below) if !below.as_os_str().is_empty() => source.join(below),
+                _ => source,
+            }
         }))
     }
 
