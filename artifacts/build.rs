@@ -25,12 +25,13 @@ use sha2::Digest;
 
 /// The policy components: (package, shipped). Fixture bytes are never
 /// embedded; they appear as paths only.
-const COMPONENTS: [(&str, bool); 5] = [
+const COMPONENTS: [(&str, bool); 6] = [
     ("per-user", true),
     ("per-thread", true),
     ("hostile-policy", false),
     ("broken-policy", false),
     ("other-world", false),
+    ("policy-v03", false),
 ];
 
 const WASM_TARGET: &str = "wasm32-wasip2";

@@ -173,3 +173,88 @@ async fn a_sandbox_reaches_the_allow_list_through_the_proxy_and_nothing_else() {
     assert!(alice_counts.refused >= 6, "{alice_counts:?}");
     drop(host_service);
 }
+
+/// The policy picks each user's profile among the operator's: alice's
+/// `open` profile reaches the upstream through the proxy; bob, on the
+/// `default` profile (`network = "none"`), has no proxy at all, and never
+/// reaches alice's socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_policy_gives_alice_egress_and_bob_none() {
+    use sandbox_host::config::{ProfileConfig, ProfileEgress};
+    let upstream = Upstream::start("profiles");
+    let ip = upstream.ip();
+    let h = Harness::new("profiles");
+    let mut config = h.config();
+    config.network = "none".into();
+    config.egress.hosts = [("allowed.test".to_owned(), ip.clone())].into();
+    config.profiles.insert(
+        "open".into(),
+        ProfileConfig {
+            network: Some("egress".into()),
+            egress: Some(ProfileEgress {
+                allow: vec!["allowed.test:80".into(), format!("{ip}:80")],
+            }),
+            ..ProfileConfig::default()
+        },
+    );
+    config
+        .policy_config
+        .insert("profile.open".into(), "alice".into());
+    let sandbox = h
+        .sandbox_with(
+            config,
+            sandbox_host::PolicySource::Builtin("per-user".into()),
+        )
+        .await;
+    let alice = sandbox.get_thread_backend("alice-1").await.unwrap();
+    let bob = sandbox.get_thread_backend("bob-1").await.unwrap();
+
+    let r = alice
+        .execute("wget -qO- http://allowed.test/")
+        .await
+        .unwrap();
+    assert_eq!(r.output, "hello-upstream\n", "{r:?}");
+    let r = alice
+        .execute(&raw("GET http://other.test/ HTTP/1.0\\r\\n\\r\\n"))
+        .await
+        .unwrap();
+    assert!(r.output.starts_with("HTTP/1.0 403"), "{r:?}");
+
+    let r = bob
+        .execute(
+            "grep : /proc/net/dev | cut -d: -f1 | tr -d ' '; env | grep -ci proxy; ls /.sandbox",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.output, "lo\n0\nagent\n",
+        "bob: no interface, proxy or socket: {r:?}"
+    );
+    let r = bob
+        .execute("wget -T 3 -qO- http://allowed.test/ || echo failed")
+        .await
+        .unwrap();
+    assert!(r.output.ends_with("failed\n"), "{r:?}");
+    let r = bob
+        .execute("nc -w 2 127.0.0.1 3128 </dev/null; echo $?")
+        .await
+        .unwrap();
+    assert_ne!(r.output.trim(), "0", "no relay in bob's sandbox: {r:?}");
+
+    let profiles: Vec<(String, String)> = sandbox
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.backend_id.clone(), c.profile.clone()))
+        .collect();
+    assert!(
+        profiles.contains(&("alice".into(), "open".into())),
+        "{profiles:?}"
+    );
+    assert!(
+        profiles.contains(&("bob".into(), "default".into())),
+        "{profiles:?}"
+    );
+    drop(upstream);
+}

@@ -795,6 +795,32 @@ async fn a_policy_call_creates_at_most_its_own_backends_container() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_profile_the_operator_did_not_define_is_refused_bounded_and_creates_nothing() {
+    let h = Harness::new("profiled");
+    let sandbox = h.sandbox_with(h.config(), hostile()).await;
+    for (thread, says) in [
+        (
+            "ghostprofile-1",
+            "profile admin, which this host does not define",
+        ),
+        ("badprofile-1", "must be 1..=32 of [a-z0-9_-]"),
+        ("hugeprofile-1", "must be 1..=32 of [a-z0-9_-]"),
+    ] {
+        let backend = sandbox.get_thread_backend(thread).await.unwrap();
+        let err = backend.execute("true").await.unwrap_err();
+        assert!(matches!(err, SandboxError::Refused(_)), "{thread}: {err:?}");
+        let text = err.to_string();
+        assert!(text.contains(says), "{thread}: {text:.300}");
+        assert!(text.len() < 2000, "{thread}: bounded, {} bytes", text.len());
+        assert!(!text.contains('\n'), "{thread}: escaped");
+    }
+    assert!(h.containers().is_empty(), "{:?}", h.containers());
+    // Other users are served meanwhile, under the default profile.
+    let alice = sandbox.get_thread_backend("alice-1").await.unwrap();
+    assert_eq!(alice.execute("true").await.unwrap().exit_code, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn maintain_may_only_look_up_and_remove_and_its_error_is_bounded_and_escaped() {
     // The bug: maintain's 5 MB error was logged verbatim, with a forged line.
     let h = Harness::new("gremlin");

@@ -4,7 +4,7 @@
 //! - [`shipped`]: the policy components the host embeds (`per-user`,
 //!   `per-thread`): bytes, path and SHA-256;
 //! - [`fixtures`]: the test-only components of `tests/fixtures/` (the
-//!   hostile, broken and other-world policies): path and SHA-256 only, so
+//!   hostile, broken, other-world and 0.3-world policies): path and SHA-256 only, so
 //!   their bytes never reach a binary;
 //! - [`AGENT`]: `sandbox-agent`, static, for the target being built;
 //! - [`ALL`]: every one of them, with its kind.

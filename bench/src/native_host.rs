@@ -28,7 +28,11 @@ impl policy_core::Host for NativeHost<'_> {
         now(self.engine.list()).map(|v| v.into_iter().map(|c| c.container).collect())
     }
     fn create(&mut self, backend: &BackendId) -> Result<Container, Error> {
-        let created = now(self.engine.create(backend, "native"))?;
+        let created = now(self.engine.create(
+            backend,
+            "native",
+            &sandbox_host::config::ProfileName::default_profile(),
+        ))?;
         self.engine.hand_out(&created);
         Ok(created.container)
     }

@@ -23,6 +23,11 @@ class Placement(exports.Placement):
             raise Err(Error_InvalidId(f"{thread_id[:64]!r} has no user part"))
         return user
 
+    def profile(self, backend_id: str) -> str:
+        # The host's top-level settings for everyone; a policy could give
+        # some users a profile the operator defined ("trusted", say).
+        return "default"
+
     def ensure_container(self, backend_id: str) -> Container:
         found = containers.find(backend_id)
         if found is not None and found.status == ContainerStatus.RUNNING:

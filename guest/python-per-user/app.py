@@ -6,7 +6,8 @@ It behaves like the host's embedded Rust per-user policy
 its user's backend (id = user id), container and workspace; containers are
 created lazily, adopted from the host's labels on a cache miss, re-created
 when stopped or vanished; `idle_ttl_secs`, `max_containers` and
-`thread_destroy` come from the deployment's `[policy_config]`.
+`thread_destroy` come from the deployment's `[policy_config]`, and so do
+the users' profiles (`profile`, `profile.NAME`).
 
 This module only wires the exports: mapping.py holds the ids and the
 thread -> backend mapping, lifecycle.py the cache and every decision.
@@ -32,6 +33,9 @@ class Placement(exports.Placement):
 
     def backend_id(self, thread_id: str) -> str:
         return mapping.backend_id(thread_id)
+
+    def profile(self, backend_id: str) -> str:
+        return _POLICY.profile(backend_id)
 
     def ensure_container(self, backend_id: str) -> Container:
         return _POLICY.ensure_container(backend_id)

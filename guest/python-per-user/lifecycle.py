@@ -15,7 +15,7 @@ housekeeping is handled here (work started on the container since we looked).
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from componentize_py_types import Err
 from wit_world.imports import containers, store
@@ -55,13 +55,40 @@ class Settings:
     # "backend": release-thread removes the user's container (the default);
     # "release": only once no thread is left on it.
     thread_destroy: str = "backend"
+    # The operator's profile of each listed user (`profile.NAME = "alice,
+    # carol"`), and of everyone else (`profile`); the host's `default`
+    # without either. The host checks every name it is given.
+    profile_by_user: dict[str, str] = field(default_factory=dict)
+    profile_fallback: str | None = None
+
+    def profile_of(self, user: str) -> str:
+        return self.profile_by_user.get(user) or self.profile_fallback or "default"
 
     @classmethod
     def from_config(cls, pairs: list[tuple[str, str]]) -> "Settings":
         """Unknown keys are ignored; unusable values are logged and ignored,
         so a typo degrades to the default instead of breaking the policy."""
         idle_ttl_ms, max_containers, thread_destroy = None, None, "backend"
+        profile_by_user: dict[str, str] = {}
+        profile_fallback = None
         for key, value in pairs:
+            if key == "profile":
+                profile_fallback = value.strip()
+                continue
+            if key.startswith("profile."):
+                name = key.removeprefix("profile.")
+                for user in (u.strip() for u in value.split(",")):
+                    if not user:
+                        continue
+                    other = profile_by_user.get(user)
+                    if other is not None:
+                        log(
+                            Level.WARN,
+                            f"user {mapping.shown(user)} is listed in profile.{mapping.shown(other)} "
+                            f"and profile.{name}; using {name}",
+                        )
+                    profile_by_user[user] = name
+                continue
             match key:
                 case "idle_ttl_secs":
                     secs = _parse_float(value)
@@ -80,7 +107,9 @@ class Settings:
                 case _:
                     continue
             log(Level.WARN, f"ignoring {key} = {mapping.shown(value)}")
-        return cls(idle_ttl_ms, max_containers, thread_destroy)
+        return cls(
+            idle_ttl_ms, max_containers, thread_destroy, profile_by_user, profile_fallback
+        )
 
 
 # The two parsers accept what Rust's `str::parse` does, so one config means
@@ -129,6 +158,10 @@ class Policy:
         return self._settings
 
     # --- the exports -------------------------------------------------------
+
+    def profile(self, backend: str) -> str:
+        """The operator's profile of the backend's user (pure: config only)."""
+        return self.settings.profile_of(mapping.check_own_backend(backend))
 
     def ensure_container(self, backend: str) -> Container:
         """A running container for the backend: adopted when the host already

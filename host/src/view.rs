@@ -62,6 +62,7 @@ mod tests {
             policy_digest: None,
             created: Some(1_700_000_000),
             agent: Default::default(),
+            profile: "default".into(),
             outdated: None,
             managed_elsewhere: None,
         }
@@ -102,6 +103,7 @@ mod tests {
                 "last_used_ms",
                 "name",
                 "policy",
+                "profile",
                 "status",
                 "threads",
                 "workspace"

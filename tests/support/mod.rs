@@ -313,6 +313,7 @@ pub fn fixture(crate_name: &str) -> std::path::PathBuf {
         "hostile-policy" => fixtures::HOSTILE_POLICY_PATH,
         "broken-policy" => fixtures::BROKEN_POLICY_PATH,
         "other-world" => fixtures::OTHER_WORLD_PATH,
+        "policy-v03" => fixtures::POLICY_V03_PATH,
         other => panic!("no fixture component {other:?} in tests/fixtures"),
     };
     path.into()

@@ -534,13 +534,14 @@ fn inputs_digest(root: &Path, dirs: &[&str], requirement: &str) -> Result<String
 }
 
 /// The guest crates, linted for the target they are built for.
-const WASM_CRATES: [&str; 6] = [
+const WASM_CRATES: [&str; 7] = [
     "per-user",
     "per-thread",
     "policy-core",
     "hostile-policy",
     "broken-policy",
     "other-world",
+    "policy-v03",
 ];
 
 #[derive(Default)]

@@ -47,7 +47,9 @@ impl Bench {
                 raw_workspace.as_str(),
                 "raw-bollard",
             );
-            let plan = ContainerPlan::new(&self.config, &raw_backend, path, owner, labels);
+            let profile = self.config.default_profile();
+            let plan =
+                ContainerPlan::new(&self.config, &profile, &raw_backend, path, owner, labels);
             let docker = &self.docker;
             let (id, took) = timed(async {
                 let options = CreateContainerOptionsBuilder::default()

@@ -116,6 +116,11 @@ impl<P: Placement> Guest for Adapter<P> {
         Ok(backend.to_string())
     }
 
+    fn profile(backend_id: String) -> Result<String, wit::Error> {
+        let backend = BackendId::parse(&backend_id)?;
+        Ok(P::with_policy(|p| p.profile(&mut host::<P>(), &backend))?)
+    }
+
     fn ensure_container(backend_id: String) -> Result<wit::Container, wit::Error> {
         let backend = BackendId::parse(&backend_id)?;
         let container = P::with_policy(|p| p.ensure_container(&mut host::<P>(), &backend))?;

@@ -71,6 +71,55 @@ impl Lifecycle {
     }
 }
 
+/// Which of the operator's profiles each user's backends get, from the
+/// policy config: `profile` names the profile of every user not listed,
+/// and `profile.NAME = "alice,carol"` lists the users of profile NAME
+/// ("trusted users get pypi, others get nothing"). Without either, every
+/// backend gets `default` (the host's top-level settings). The host checks
+/// every name against the profiles the operator defined.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Profiles {
+    pub fallback: Option<String>,
+    pub by_user: BTreeMap<String, String>,
+}
+
+impl Profiles {
+    /// The host's name for the top-level settings.
+    pub const DEFAULT: &'static str = "default";
+
+    pub fn from_config(config: &[(String, String)], host: &mut impl Host) -> Self {
+        let mut profiles = Profiles::default();
+        for (key, value) in config {
+            if key == "profile" {
+                profiles.fallback = Some(value.trim().to_owned());
+            } else if let Some(name) = key.strip_prefix("profile.") {
+                for user in value.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+                    if let Some(other) = profiles.by_user.insert(user.to_owned(), name.to_owned()) {
+                        host.log(
+                            Level::Warn,
+                            &format!(
+                                "user {} is listed in profile.{} and profile.{name}; using {name}",
+                                shown(user),
+                                shown(&other)
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        profiles
+    }
+
+    /// The profile of `user`'s backends.
+    pub fn of(&self, user: &UserId) -> &str {
+        self.by_user
+            .get(user.as_str())
+            .or(self.fallback.as_ref())
+            .map(String::as_str)
+            .unwrap_or(Self::DEFAULT)
+    }
+}
+
 /// A policy: a mapping plus a cache of the containers it ensured.
 #[derive(Debug, Default)]
 pub struct Policy<M> {
@@ -79,6 +128,8 @@ pub struct Policy<M> {
     containers: BTreeMap<BackendId, String>,
     /// Read from the host's config on first use: fixed for an instance.
     lifecycle: Option<Lifecycle>,
+    /// Likewise.
+    profiles: Option<Profiles>,
 }
 
 impl<M: Mapping> Policy<M> {
@@ -87,6 +138,7 @@ impl<M: Mapping> Policy<M> {
             mapping,
             containers: BTreeMap::new(),
             lifecycle: None,
+            profiles: None,
         }
     }
 
@@ -102,6 +154,21 @@ impl<M: Mapping> Policy<M> {
     /// WIT `backend-id`: the pure mapping, no host call.
     pub fn backend_id(&self, thread: &ThreadId) -> Result<BackendId> {
         self.mapping.backend(thread)
+    }
+
+    /// WIT `profile`: the profile of the backend's user (see [`Profiles`]);
+    /// pure, reads only the config.
+    pub fn profile(&mut self, host: &mut impl Host, backend: &BackendId) -> Result<String> {
+        let user = backend.user()?;
+        if self.profiles.is_none() {
+            let config = host.config();
+            self.profiles = Some(Profiles::from_config(&config, host));
+        }
+        Ok(self
+            .profiles
+            .as_ref()
+            .map(|p| p.of(&user).to_owned())
+            .unwrap_or_else(|| Profiles::DEFAULT.to_owned()))
     }
 
     /// WIT `ensure-container`: a running container for the backend, adopted
@@ -429,6 +496,29 @@ mod tests {
 
     fn user(u: &str) -> UserId {
         UserId::parse(u).unwrap()
+    }
+
+    #[test]
+    fn profiles_follow_the_config_and_default_to_default() {
+        let mut host = FakeHost::default();
+        let mut p = Policy::new(PerUser);
+        assert_eq!(p.profile(&mut host, &backend("alice")).unwrap(), "default");
+        let mut host = FakeHost::with_config(&[
+            ("profile", "offline"),
+            ("profile.trusted", "alice, carol"),
+            ("profile.ops", "dave"),
+        ]);
+        let mut p = Policy::new(PerUser);
+        assert_eq!(p.profile(&mut host, &backend("alice")).unwrap(), "trusted");
+        assert_eq!(p.profile(&mut host, &backend("carol")).unwrap(), "trusted");
+        assert_eq!(p.profile(&mut host, &backend("dave")).unwrap(), "ops");
+        assert_eq!(p.profile(&mut host, &backend("bob")).unwrap(), "offline");
+        let mut p = Policy::new(PerThread);
+        assert_eq!(
+            p.profile(&mut host, &backend("alice-7f3a")).unwrap(),
+            "trusted",
+            "every backend of a user"
+        );
     }
 
     #[test]

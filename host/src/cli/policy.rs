@@ -36,12 +36,30 @@ pub async fn run(config: Config, command: PolicyCommand) -> anyhow::Result<ExitC
             )
             .await?;
             let backend = sandbox.backend_id("alice-1").await?;
-            println!(
-                "{}: ok, policy {:?} targets the sandbox world (alice-1 -> backend {backend})",
-                path.display(),
-                sandbox.policy_name()
-            );
             let report = sandbox.policy_report();
+            println!(
+                "{}: ok, policy {:?} targets the sandbox world {} (alice-1 -> backend {backend})",
+                path.display(),
+                sandbox.policy_name(),
+                report.world,
+            );
+            let defined: Vec<String> = sandbox
+                .config()
+                .profiles()
+                .into_iter()
+                .map(|p| p.name.to_string())
+                .collect();
+            let profile = match sandbox.profile_of("alice-1").await {
+                Ok(profile) if report.world == "0.3" => {
+                    format!("{profile} (a 0.3 policy cannot choose: every backend gets it)")
+                }
+                Ok(profile) => profile,
+                Err(e) => format!("refused: {e}"),
+            };
+            println!(
+                "  profiles:     backend {backend} gets {profile}; this host defines {}",
+                defined.join(", ")
+            );
             let cost = sandbox.policy_instance_cost(MEASURED_INSTANCES).await?;
             print!(
                 "{}",

@@ -15,6 +15,7 @@
 //! where each value comes from and loading; `validate` what is refused.
 
 mod layers;
+mod profile;
 #[cfg(test)]
 mod tests;
 mod validate;
@@ -27,6 +28,9 @@ use std::time::Duration;
 use serde::de::{self, Visitor};
 
 pub use layers::{default_files, Flag, Layers, Loaded, Origin};
+pub use profile::{
+    Profile, ProfileConfig, ProfileEgress, ProfileName, DEFAULT_PROFILE, MAX_PROFILE_NAME_LEN,
+};
 use serde::{Deserialize, Deserializer, Serialize};
 pub use validate::{validate_namespace, MAX_NAMESPACE_LEN};
 
@@ -253,6 +257,11 @@ pub struct Config {
     /// OCI runtime for sandbox containers (for example `runsc`); the
     /// engine's default when unset.
     pub runtime: Option<String>,
+    /// Named profiles the policy may choose per backend (WIT
+    /// `placement.profile`), each overriding some of `network`, `runtime`
+    /// and `[egress] allow`; the top-level settings are the profile
+    /// `default`. Configuration file only.
+    pub profiles: BTreeMap<String, ProfileConfig>,
     /// When not empty, the only images this deployment may run (a list, or
     /// one string of comma-separated images).
     #[serde(deserialize_with = "list")]
@@ -534,6 +543,7 @@ impl Default for Config {
             network: NETWORK_NONE.to_owned(),
             egress: EgressConfig::default(),
             runtime: None,
+            profiles: BTreeMap::new(),
             allowed_images: Vec::new(),
         }
     }

@@ -39,25 +39,53 @@ impl Config {
         self.check_container_limits()?;
         self.check_policy_limits()?;
         self.check_lifecycle()?;
-        check_network(&self.network).map_err(|message| ("network", message))?;
-        self.check_egress()
+        self.check_profiles()
     }
 
-    /// The runtime can reach the host's proxy socket. (The allow-list is
-    /// parsed by the egress layer, above this one, when the host starts.)
-    fn check_egress(&self) -> Checked {
-        let gvisor = self
-            .runtime
-            .as_deref()
-            .is_some_and(|runtime| runtime.contains("runsc"));
-        if self.network == super::NETWORK_EGRESS && gvisor {
-            return Err((
-                "network",
-                "network \"egress\" relays through a Unix socket of the host, which gVisor \
-                 (runtime runsc) refuses to connect to: use network \"none\" or a Docker \
-                 network under runsc"
-                    .to_owned(),
-            ));
+    /// Every profile: a valid name other than `default`, a valid network,
+    /// and a runtime that can reach the host's proxy socket when it has
+    /// egress. (Allow-lists are parsed by the egress layer, above this
+    /// one, when the host starts.)
+    fn check_profiles(&self) -> Checked {
+        for name in self.profiles.keys() {
+            super::ProfileName::parse(name).map_err(|e| ("profiles", e))?;
+            if name == super::DEFAULT_PROFILE {
+                return fail(
+                    "profiles",
+                    "[profiles.default] is not allowed: the top-level settings (network, \
+                     [egress], runtime) are the default profile",
+                );
+            }
+        }
+        for profile in self.profiles() {
+            let key = if profile.name.as_str() == super::DEFAULT_PROFILE {
+                "network"
+            } else {
+                "profiles"
+            };
+            let of = |message: String| {
+                if key == "network" {
+                    message
+                } else {
+                    format!("[profiles.{}]: {message}", profile.name)
+                }
+            };
+            check_network(&profile.network).map_err(|m| (key, of(m)))?;
+            let gvisor = profile
+                .runtime
+                .as_deref()
+                .is_some_and(|runtime| runtime.contains("runsc"));
+            if profile.has_egress() && gvisor {
+                return Err((
+                    key,
+                    of(
+                        "network \"egress\" relays through a Unix socket of the host, which \
+                        gVisor (runtime runsc) refuses to connect to: use network \"none\" or \
+                        a Docker network under runsc"
+                            .to_owned(),
+                    ),
+                ));
+            }
         }
         Ok(())
     }

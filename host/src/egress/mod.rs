@@ -4,17 +4,19 @@
 //! ```text
 //! workload --TCP 127.0.0.1:3128--> agent relay (root, in the container)
 //!          --Unix socket /.sandbox/egress/proxy.sock (a read-only bind of
-//!            {state}/egress/sockets/{user})--> this host process's proxy
+//!            {state}/egress/sockets/{backend})--> this host process's proxy
 //!          --TCP--> an allowed destination
 //! ```
 //!
 //! The container's network mode is `none`: its only interface is loopback,
 //! so nothing is reachable but the relay, whatever the engine's firewall
-//! does. The socket a container sees is its own user's, so the proxy knows
-//! whose traffic it carries without trusting anything the sandbox says.
+//! does. The socket a container sees is its own backend's, so the proxy
+//! knows whose traffic it carries, and under which profile's allow-list
+//! (the one the policy chose for the backend), without trusting anything
+//! the sandbox says.
 //!
 //! Every host process sharing a workspace root (`sandbox serve`, a `sandbox
-//! exec` beside it or alone) may serve a user's socket; one does at a time.
+//! exec` beside it or alone) may serve a backend's socket; one does at a time.
 //! A process that needs it ([`Egress::ensure`], before every command) checks
 //! under a lock that someone answers on it, and binds it itself (a fresh
 //! socket renamed over the old name) when no one does. A process that ends
@@ -26,7 +28,7 @@ mod meter;
 mod proxy;
 mod rules;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -40,8 +42,9 @@ use tokio::task::JoinHandle;
 pub use meter::{EgressCounts, Meters};
 pub use rules::Rules;
 
-use crate::config::EgressConfig;
+use crate::config::{Config, EgressConfig, ProfileName};
 use crate::error::SandboxError;
+use sandbox_contract::UserId;
 
 /// Where a sandbox finds its proxy socket (a read-only bind mount).
 pub const SOCKET_MOUNT: &str = "/.sandbox/egress";
@@ -74,38 +77,58 @@ pub fn proxy_env() -> Vec<String> {
     ]
 }
 
-/// This process's side of every user's egress.
+/// This process's side of every backend's egress.
 pub struct Egress {
-    /// `{state}/egress`: `sockets/{user}/proxy.sock` and `locks/{user}`.
+    /// `{state}/egress`: `sockets/{backend}/proxy.sock` and `locks/{backend}`.
     dir: PathBuf,
-    rules: Arc<Rules>,
+    /// The allow-list of every profile with egress.
+    rules: HashMap<ProfileName, Arc<Rules>>,
     meters: Arc<Meters>,
-    /// Sockets this process serves, by user.
+    /// Sockets this process serves, by backend.
     served: Mutex<HashMap<String, Served>>,
-    /// Users whose socket another process serves.
-    watched: Mutex<HashSet<String>>,
+    /// Backends whose socket another process serves (and whose it is).
+    watched: Mutex<HashMap<String, Owner>>,
     watchdog: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Whose traffic a backend's socket carries, and under which profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Owner {
+    user: UserId,
+    profile: ProfileName,
 }
 
 struct Served {
     /// The socket file this process bound: (device, inode).
     file: (u64, u64),
+    owner: Owner,
     accept: JoinHandle<()>,
 }
 
 impl Egress {
     /// The egress of the host processes whose state directory is
-    /// `state_dir`, with `config`'s rules.
-    pub fn new(state_dir: &Path, config: &EgressConfig) -> Result<Arc<Egress>, SandboxError> {
-        let rules = Rules::new(config).map_err(|e| SandboxError::Refused(e.to_string()))?;
-        if rules.is_empty() {
-            tracing::warn!(
-                "network \"egress\" with an empty [egress] allow: sandboxes reach nothing"
-            );
+    /// `state_dir`, with the rules of `config`'s profiles.
+    pub fn new(state_dir: &Path, config: &Config) -> Result<Arc<Egress>, SandboxError> {
+        let mut rules = HashMap::new();
+        for profile in config.profiles().into_iter().filter(|p| p.has_egress()) {
+            let list = EgressConfig {
+                allow: profile.allow.clone(),
+                hosts: config.egress.hosts.clone(),
+                metrics_per_user: config.egress.metrics_per_user,
+            };
+            let parsed = Rules::new(&list)
+                .map_err(|e| SandboxError::Refused(format!("profile {}: {e}", profile.name)))?;
+            if parsed.is_empty() {
+                tracing::warn!(
+                    profile = profile.name.as_str(),
+                    "network \"egress\" with an empty allow-list: sandboxes reach nothing"
+                );
+            }
+            rules.insert(profile.name, Arc::new(parsed));
         }
         Ok(Arc::new(Egress {
             dir: state_dir.join("egress"),
-            rules: Arc::new(rules),
+            rules,
             meters: Arc::default(),
             served: Mutex::default(),
             watched: Mutex::default(),
@@ -118,58 +141,86 @@ impl Egress {
         &self.meters
     }
 
-    /// The host directory mounted at [`SOCKET_MOUNT`] in `user`'s
-    /// containers, created when missing.
-    pub fn socket_dir(&self, user: &str) -> Result<PathBuf, SandboxError> {
+    /// The host directory mounted at [`SOCKET_MOUNT`] in `backend`'s
+    /// container, created when missing.
+    pub fn socket_dir(&self, backend: &str) -> Result<PathBuf, SandboxError> {
         let sockets = self.dir.join("sockets");
         for dir in [&self.dir, &sockets, &self.dir.join("locks")] {
             make_dir(dir, 0o700)?;
         }
-        let dir = sockets.join(user);
+        let dir = sockets.join(backend);
         // Searchable by the container's root, which has no capability to
         // bypass permissions: it connects on the workload's behalf.
         make_dir(&dir, 0o755)?;
         Ok(dir)
     }
 
-    /// Makes sure some host process answers on `user`'s socket: this one,
-    /// when none does.
-    pub async fn ensure(self: &Arc<Self>, user: &str) -> Result<(), SandboxError> {
+    /// Makes sure some host process answers on `backend`'s socket, for
+    /// `user` under `profile`: this one, when none does, or when this one
+    /// serves it under another profile (the policy changed its choice:
+    /// the new allow-list applies to the next connection).
+    pub async fn ensure(
+        self: &Arc<Self>,
+        backend: &str,
+        user: &UserId,
+        profile: &ProfileName,
+    ) -> Result<(), SandboxError> {
         self.start_watchdog();
-        if self.serves(user) {
-            return Ok(());
+        let owner = Owner {
+            user: user.clone(),
+            profile: profile.clone(),
+        };
+        let Some(rules) = self.rules.get(profile).cloned() else {
+            return Err(SandboxError::Refused(format!(
+                "profile {profile} has no egress"
+            )));
+        };
+        match self.serves(backend) {
+            Some(served) if served == owner => return Ok(()),
+            Some(_) => self.withdraw(backend),
+            None => {}
         }
-        let dir = self.socket_dir(user)?;
-        let lock = self.dir.join("locks").join(user);
+        let dir = self.socket_dir(backend)?;
+        let lock = self.dir.join("locks").join(backend);
         let this = self.clone();
-        let user = user.to_owned();
+        let key = backend.to_owned();
+        let watched_owner = owner.clone();
         // Blocking file locks and a short connect: off the async workers.
         let taken = tokio::task::spawn_blocking(move || {
             let _lock = lock_file(&lock)?;
             if probe(&dir) {
-                this.watched.lock().unwrap().insert(user);
+                this.watched.lock().unwrap().insert(key, watched_owner);
                 return Ok(None);
             }
-            bind(&dir).map(|bound| Some((user, bound)))
+            bind(&dir).map(Some)
         })
         .await
         .map_err(|e| SandboxError::Refused(format!("egress: {e}")))??;
-        if let Some((user, (listener, file))) = taken {
-            self.watched.lock().unwrap().remove(&user);
+        if let Some((listener, file)) = taken {
+            self.watched.lock().unwrap().remove(backend);
             let accept = tokio::spawn(accept_loop(
                 listener,
                 Arc::new(proxy::Context {
-                    user: user.clone(),
-                    rules: self.rules.clone(),
-                    meter: self.meters.of(&user),
+                    user: user.as_str().to_owned(),
+                    rules,
+                    meter: self.meters.of(user.as_str()),
                 }),
             ));
-            tracing::debug!(user, "serving the egress proxy socket");
+            tracing::debug!(
+                backend,
+                profile = profile.as_str(),
+                "serving the egress proxy socket"
+            );
+            let served = Served {
+                file,
+                owner,
+                accept,
+            };
             if let Some(old) = self
                 .served
                 .lock()
                 .unwrap()
-                .insert(user, Served { file, accept })
+                .insert(backend.to_owned(), served)
             {
                 old.accept.abort();
             }
@@ -177,22 +228,35 @@ impl Egress {
         Ok(())
     }
 
-    /// Whether this process serves `user`'s socket, and it is still the
-    /// one at the socket's path (another process may have replaced it after
-    /// finding it dead); forgets it otherwise.
-    fn serves(&self, user: &str) -> bool {
-        let path = self.dir.join("sockets").join(user).join(SOCKET_NAME);
-        let mut served = self.served.lock().unwrap();
-        let Some(ours) = served.get(user) else {
-            return false;
+    /// Stops serving `backend`'s socket (its profile has no egress now, or
+    /// another allow-list): this process's socket is removed, so the relay
+    /// answers that no one serves it until a process serves it again.
+    pub fn withdraw(&self, backend: &str) {
+        self.watched.lock().unwrap().remove(backend);
+        let Some(gone) = self.served.lock().unwrap().remove(backend) else {
+            return;
         };
-        if file_id(&path) == Some(ours.file) {
-            return true;
+        gone.accept.abort();
+        let path = self.dir.join("sockets").join(backend).join(SOCKET_NAME);
+        if file_id(&path) == Some(gone.file) {
+            let _ = std::fs::remove_file(&path);
         }
-        if let Some(gone) = served.remove(user) {
+    }
+
+    /// Whose traffic this process serves `backend`'s socket for, when it
+    /// does and its socket is still the one at the path (another process
+    /// may have replaced it after finding it dead); forgets it otherwise.
+    fn serves(&self, backend: &str) -> Option<Owner> {
+        let path = self.dir.join("sockets").join(backend).join(SOCKET_NAME);
+        let mut served = self.served.lock().unwrap();
+        let ours = served.get(backend)?;
+        if file_id(&path) == Some(ours.file) {
+            return Some(ours.owner.clone());
+        }
+        if let Some(gone) = served.remove(backend) {
             gone.accept.abort();
         }
-        false
+        None
     }
 
     /// Every [`WATCH_EVERY`], takes over the sockets whose server went away
@@ -210,11 +274,24 @@ impl Egress {
                 let Some(egress) = weak.upgrade() else {
                     return;
                 };
-                let users: Vec<String> = egress.watched.lock().unwrap().iter().cloned().collect();
-                let ours: Vec<String> = egress.served.lock().unwrap().keys().cloned().collect();
-                for user in users.iter().chain(&ours) {
-                    if let Err(e) = egress.ensure(user).await {
-                        tracing::warn!(user, error = %e, "egress socket not served");
+                let mut backends: Vec<(String, Owner)> = egress
+                    .watched
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|(b, o)| (b.clone(), o.clone()))
+                    .collect();
+                backends.extend(
+                    egress
+                        .served
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .map(|(b, s)| (b.clone(), s.owner.clone())),
+                );
+                for (backend, owner) in backends {
+                    if let Err(e) = egress.ensure(&backend, &owner.user, &owner.profile).await {
+                        tracing::warn!(backend, error = %e, "egress socket not served");
                     }
                 }
             }
@@ -229,9 +306,9 @@ impl Drop for Egress {
         if let Some(watchdog) = self.watchdog.get_mut().unwrap().take() {
             watchdog.abort();
         }
-        for (user, served) in self.served.get_mut().unwrap().drain() {
+        for (backend, served) in self.served.get_mut().unwrap().drain() {
             served.accept.abort();
-            let path = self.dir.join("sockets").join(&user).join(SOCKET_NAME);
+            let path = self.dir.join("sockets").join(&backend).join(SOCKET_NAME);
             if file_id(&path) == Some(served.file) {
                 let _ = std::fs::remove_file(&path);
             }

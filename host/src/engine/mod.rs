@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use sandbox_contract::{BackendId, Container, Status};
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Config, Profile, ProfileName};
 use crate::error::{Result, SandboxError};
 use crate::provider::plan::ContainerPlan;
 use crate::provider::{ContainerProvider, ContainerRecord, ProviderError};
@@ -33,6 +33,15 @@ use clock::excused_wait;
 use ownership::{label, Handouts, PolicyMark};
 use slots::Slots;
 use usage::{Closure, Usage, Work};
+
+/// The profile a container was made under: its label, `default` on
+/// containers of hosts before profiles.
+fn profile_label(labels: &HashMap<String, String>) -> &str {
+    labels
+        .get(label::PROFILE)
+        .map(String::as_str)
+        .unwrap_or(crate::config::DEFAULT_PROFILE)
+}
 
 /// How long new work waits for an idle removal of its container to decide.
 const EVICTION_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -62,6 +71,8 @@ pub struct ManagedContainer {
     /// What it has of `sandbox-agent`.
     #[serde(skip)]
     pub agent: crate::dataplane::agent::AgentMode,
+    /// The operator's profile it was made under (from the host's label).
+    pub profile: String,
     /// Why it is replaced when next idle (settings changed since it was
     /// made, or an older host made it); absent when it is current.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -102,9 +113,14 @@ pub struct Engine {
     /// `sandbox-agent` on the host, installed on the first create (`None`
     /// when that failed: containers then run without it).
     agent: OnceLock<Option<std::path::PathBuf>>,
-    /// The digest of the plan this host gives a new container (see
-    /// [`ContainerPlan::digest`]), known once the agent is.
-    plan_digest: OnceLock<String>,
+    /// The digest of the plan this host gives a new container of each
+    /// profile (see [`ContainerPlan::digest`]), known once the agent is.
+    plan_digests: Mutex<HashMap<ProfileName, String>>,
+    /// The profile the policy last chose for each backend (by backend id).
+    chosen: Mutex<HashMap<String, ProfileName>>,
+    /// The profile each container was made under, as last seen (by name):
+    /// a change of the chosen one is noticed without asking the engine.
+    made_under: Mutex<HashMap<String, String>>,
     /// The workspace root, resolved: the `sandbox.workspace-root` label.
     root_label: String,
     /// The state store's id (`sandbox.store`), read at start.
@@ -154,7 +170,9 @@ impl Engine {
                 config.max_creates_per_backend_per_minute as usize,
             ),
             agent: OnceLock::new(),
-            plan_digest: OnceLock::new(),
+            plan_digests: Mutex::default(),
+            chosen: Mutex::default(),
+            made_under: Mutex::default(),
             store_id: crate::state::read_store_id(&config.workspace_root),
             root_label: config
                 .workspace_root
@@ -165,10 +183,13 @@ impl Engine {
             created: AtomicU64::new(0),
             policies: Mutex::default(),
             own_only: AtomicUsize::new(0),
-            egress: (config.network == crate::config::NETWORK_EGRESS)
+            egress: config
+                .profiles()
+                .iter()
+                .any(Profile::has_egress)
                 .then(|| {
                     let state = crate::state::dir(&config.workspace_root);
-                    crate::egress::Egress::new(&state, &config.egress)
+                    crate::egress::Egress::new(&state, &config)
                         .map_err(|e| tracing::error!(error = %e, "egress unusable"))
                         .ok()
                 })
@@ -182,9 +203,11 @@ impl Engine {
         self.egress.as_ref()
     }
 
-    /// With egress, makes sure some host process serves the proxy socket
-    /// of `backend`'s user before its work runs. A failure costs that work
-    /// its egress (the relay says so), not the work: it is logged.
+    /// Makes sure some host process serves the proxy socket of `backend`
+    /// before its work runs, with the rules of the profile chosen for it;
+    /// this process stops serving it when that profile has no egress. A
+    /// failure costs that work its egress (the relay says so), not the
+    /// work: it is logged.
     async fn serve_egress(&self, backend: &BackendId) {
         let Some(egress) = &self.egress else {
             return;
@@ -192,10 +215,49 @@ impl Engine {
         let Ok(user) = backend.user() else {
             return;
         };
-        let workspace = user.workspace();
-        if let Err(e) = egress.ensure(workspace.as_str()).await {
+        let profile = self.chosen_profile(backend);
+        let has_egress = self
+            .config
+            .profile(&profile)
+            .is_some_and(|p| p.has_egress());
+        if !has_egress {
+            egress.withdraw(backend.as_str());
+            return;
+        }
+        if let Err(e) = egress.ensure(backend.as_str(), &user, &profile).await {
             tracing::warn!(backend = backend.as_str(), error = %e, "egress proxy not served");
         }
+    }
+
+    /// Records the profile the policy chose for `backend` (checked against
+    /// the operator's list by the policy client).
+    pub fn choose_profile(&self, backend: &BackendId, profile: &ProfileName) {
+        self.chosen
+            .lock()
+            .unwrap()
+            .insert(backend.as_str().to_owned(), profile.clone());
+    }
+
+    /// The profile last chosen for `backend`; `default` before any choice.
+    pub fn chosen_profile(&self, backend: &BackendId) -> ProfileName {
+        self.chosen
+            .lock()
+            .unwrap()
+            .get(backend.as_str())
+            .cloned()
+            .unwrap_or_else(ProfileName::default_profile)
+    }
+
+    /// The profile `backend`'s container was made under, when this host
+    /// saw it and it is not the one chosen for the backend now.
+    pub fn profile_changed(&self, backend: &BackendId) -> Option<String> {
+        let made = self
+            .made_under
+            .lock()
+            .unwrap()
+            .get(&self.container_name(backend))
+            .cloned()?;
+        (made != self.chosen_profile(backend).as_str()).then_some(made)
     }
 
     /// Records that the policy `name` (sanitised) runs now, its component
@@ -334,15 +396,37 @@ impl Engine {
     /// every command through `docker exec`), one without a plan digest (an
     /// older host's), or one whose plan digest is not this host's (the
     /// image, network, limits, user, runtime or agent changed since).
+    ///
+    /// Or one whose profile is no longer defined, or not the one the policy
+    /// chose for its backend since.
     fn outdated_because(&self, labels: &HashMap<String, String>) -> Option<String> {
         let agent = crate::dataplane::agent::AgentMode::of(labels);
         if agent == crate::dataplane::agent::AgentMode::Mounted && self.agent().is_some() {
             return Some("made by an older host: its agent is outdated".to_owned());
         }
-        let current = self.plan_digest();
+        let made_under = profile_label(labels);
+        let Some(profile) = ProfileName::parse(made_under)
+            .ok()
+            .and_then(|name| self.config.profile(&name))
+        else {
+            return Some(format!(
+                "its profile {} is no longer defined",
+                sandbox_contract::shown(made_under)
+            ));
+        };
+        let chosen = labels
+            .get(label::BACKEND)
+            .and_then(|b| BackendId::parse(b).ok())
+            .map(|b| self.chosen_profile(&b));
+        if let Some(chosen) = chosen.filter(|c| c.as_str() != made_under) {
+            return Some(format!(
+                "the policy now chooses profile {chosen} for its backend (made under {made_under})"
+            ));
+        }
+        let current = self.plan_digest(&profile);
         match labels.get(label::PLAN) {
             None => Some("made by an older host: it has no plan digest".to_owned()),
-            Some(made) if made != current => Some(format!(
+            Some(made) if *made != current => Some(format!(
                 "its plan changed (image, network, limits, user, runtime or agent): \
                  made as {made}, now {current}"
             )),
@@ -356,29 +440,36 @@ impl Engine {
         container.outdated.clone()
     }
 
-    /// The digest of the plan this host gives a new container.
-    fn plan_digest(&self) -> &str {
-        self.plan_digest.get_or_init(|| {
-            let sample = BackendId::parse("plan-digest").expect("a valid backend id");
-            let plan = ContainerPlan::new(
-                &self.config,
-                &sample,
-                std::path::PathBuf::new(),
-                self.workspaces.owner(),
-                HashMap::new(),
-            )
-            .with_artifacts(std::path::PathBuf::new());
-            let plan = match self.agent() {
-                Some(agent) => plan.with_agent(agent),
-                None => plan,
-            };
-            if self.config.network == crate::config::NETWORK_EGRESS {
-                plan.with_egress(std::path::PathBuf::new())
-            } else {
-                plan
-            }
-            .digest()
-        })
+    /// The digest of the plan this host gives a new container of `profile`.
+    fn plan_digest(&self, profile: &Profile) -> String {
+        if let Some(digest) = self.plan_digests.lock().unwrap().get(&profile.name) {
+            return digest.clone();
+        }
+        let sample = BackendId::parse("plan-digest").expect("a valid backend id");
+        let plan = ContainerPlan::new(
+            &self.config,
+            profile,
+            &sample,
+            std::path::PathBuf::new(),
+            self.workspaces.owner(),
+            HashMap::new(),
+        )
+        .with_artifacts(std::path::PathBuf::new());
+        let plan = match self.agent() {
+            Some(agent) => plan.with_agent(agent),
+            None => plan,
+        };
+        let digest = if profile.has_egress() {
+            plan.with_egress(std::path::PathBuf::new())
+        } else {
+            plan
+        }
+        .digest();
+        self.plan_digests
+            .lock()
+            .unwrap()
+            .insert(profile.name.clone(), digest.clone());
+        digest
     }
 
     /// The workspace root (as its host saw it) of a container whose work
@@ -443,8 +534,16 @@ impl Engine {
     /// Creates the container of `backend`, with its user's workspace
     /// (prepared first); adopts it when another host won the race for the
     /// name.
-    pub async fn create(&self, backend: &BackendId, policy: &str) -> Result<ManagedContainer> {
+    pub async fn create(
+        &self,
+        backend: &BackendId,
+        policy: &str,
+        profile: &ProfileName,
+    ) -> Result<ManagedContainer> {
         let workspace = backend.user()?.workspace();
+        let profile = self.config.profile(profile).ok_or_else(|| {
+            SandboxError::Refused(format!("profile {profile} is not defined on this host"))
+        })?;
         self.slots.admit_create(backend.as_str())?;
         let path = self.workspaces.prepare(&workspace)?;
         let mut labels = ownership::ownership_labels(
@@ -461,17 +560,25 @@ impl Engine {
         if let Some(id) = &self.store_id {
             labels.insert(label::STORE.to_owned(), id.clone());
         }
-        labels.insert(label::PLAN.to_owned(), self.plan_digest().to_owned());
+        labels.insert(label::PLAN.to_owned(), self.plan_digest(&profile));
+        labels.insert(label::PROFILE.to_owned(), profile.name.to_string());
         let artifacts = self
             .workspaces
             .prepare_artifacts(&workspace, &crate::provider::plan::ARTIFACT_DIRS)?;
-        let plan = ContainerPlan::new(&self.config, backend, path, self.workspaces.owner(), labels)
-            .with_artifacts(artifacts);
+        let plan = ContainerPlan::new(
+            &self.config,
+            &profile,
+            backend,
+            path,
+            self.workspaces.owner(),
+            labels,
+        )
+        .with_artifacts(artifacts);
         let plan = match self.agent() {
             Some(agent) => plan.with_agent(agent),
             None => plan,
         };
-        let plan = if self.config.network == crate::config::NETWORK_EGRESS {
+        let plan = if profile.has_egress() {
             let (Some(egress), true) = (&self.egress, plan.agent.is_some()) else {
                 return Err(SandboxError::Refused(
                     "network \"egress\" needs the host's egress proxy and the sandbox agent \
@@ -479,7 +586,8 @@ impl Engine {
                         .to_owned(),
                 ));
             };
-            let dir = egress.socket_dir(workspace.as_str())?;
+            let dir = egress.socket_dir(backend.as_str())?;
+            self.choose_profile(backend, &profile.name);
             self.serve_egress(backend).await;
             plan.with_egress(dir)
         } else {
@@ -660,6 +768,11 @@ impl Engine {
                 .unwrap_or_else(now_ms)
         };
         let threads = self.usage.threads(&record.name);
+        let profile = profile_label(&record.labels).to_owned();
+        self.made_under
+            .lock()
+            .unwrap()
+            .insert(record.name.clone(), profile.clone());
         Ok(ManagedContainer {
             container: Container {
                 backend_id: get(label::BACKEND),
@@ -675,6 +788,7 @@ impl Engine {
             policy_digest: record.labels.get(label::POLICY_DIGEST).cloned(),
             created: record.created,
             agent: crate::dataplane::agent::AgentMode::of(&record.labels),
+            profile,
             outdated: self.outdated_because(&record.labels),
             managed_elsewhere: self.elsewhere(&record.labels),
         })
@@ -758,13 +872,19 @@ mod tests {
                 .running_policy()
                 .made(&c.policy, c.policy_digest.as_deref())
         };
-        let old = engine.create(&alice, "per-user").await.unwrap();
+        let old = engine
+            .create(&alice, "per-user", &ProfileName::default_profile())
+            .await
+            .unwrap();
         assert_eq!(old.policy_digest, None, "no policy recorded: no digest");
         assert!(!by_running(&old), "no policy recorded yet");
         let digest = ownership::policy_digest(b"v1");
         engine.record_policy("per-user", &digest);
         let bob = BackendId::parse("bob").unwrap();
-        let made = engine.create(&bob, "per-user").await.unwrap();
+        let made = engine
+            .create(&bob, "per-user", &ProfileName::default_profile())
+            .await
+            .unwrap();
         assert_eq!(made.policy_digest.as_deref(), Some(digest.as_str()));
         assert!(by_running(&made));
         assert!(by_running(&old), "by name, when unlabelled");
@@ -792,8 +912,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (engine, provider) = engine(dir.path());
         let alice = BackendId::parse("alice").unwrap();
-        let a = engine.create(&alice, "per-user").await.unwrap();
-        let b = engine.create(&alice, "per-user").await.unwrap();
+        let a = engine
+            .create(&alice, "per-user", &ProfileName::default_profile())
+            .await
+            .unwrap();
+        let b = engine
+            .create(&alice, "per-user", &ProfileName::default_profile())
+            .await
+            .unwrap();
         assert_eq!(a.id, b.id);
         assert_eq!(provider.len(), 1);
     }
@@ -803,7 +929,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (engine, provider) = engine(dir.path());
         let alice = BackendId::parse("alice").unwrap();
-        let c = engine.create(&alice, "per-user").await.unwrap();
+        let c = engine
+            .create(&alice, "per-user", &ProfileName::default_profile())
+            .await
+            .unwrap();
         provider.start(&c.id).await.unwrap();
         let work = engine.begin_work(&alice).await.unwrap();
         assert!(matches!(
@@ -821,7 +950,10 @@ mod tests {
         let (engine, provider) = engine(dir.path());
         let engine = Arc::new(engine);
         let alice = BackendId::parse("alice").unwrap();
-        let c = engine.create(&alice, "per-user").await.unwrap();
+        let c = engine
+            .create(&alice, "per-user", &ProfileName::default_profile())
+            .await
+            .unwrap();
         provider.start(&c.id).await.unwrap();
         let work = engine.begin_work(&alice).await.unwrap();
         let started = tokio::time::Instant::now();

@@ -41,6 +41,9 @@ pub mod label {
     pub const STORE: &str = "sandbox.store";
     /// The digest of the container's plan (`ContainerPlan::digest`).
     pub const PLAN: &str = "sandbox.plan";
+    /// The operator's profile the container was made under (absent on
+    /// containers of older hosts: `default`).
+    pub const PROFILE: &str = "sandbox.profile";
 }
 
 /// Hex digits of the component's SHA-256 kept in the digest label.

@@ -25,6 +25,23 @@ pub fn backend_of_thread(thread: &ThreadId, answered: &str) -> Result<BackendId>
     Ok(backend)
 }
 
+/// A `profile` answer for `backend`: the name of a profile the operator
+/// defined (`None`, from a policy of the 0.3 world: `default`). An unknown
+/// name fails the call: never a wider profile in its place.
+pub fn profile(
+    config: &crate::config::Config,
+    backend: &BackendId,
+    answered: Option<String>,
+) -> Result<crate::config::ProfileName> {
+    let Some(answered) = answered else {
+        return Ok(crate::config::ProfileName::default_profile());
+    };
+    config
+        .chosen_profile(&answered)
+        .map(|p| p.name)
+        .map_err(|why| SandboxError::Refused(format!("profile({backend}): {}", policy_text(&why))))
+}
+
 /// The identity rule of `backend-id`: on one of its own outputs that is
 /// also a thread id, it answers that output again. `again` is the answer
 /// for `backend` taken as a thread id.

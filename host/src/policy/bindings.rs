@@ -1,21 +1,44 @@
-//! Host bindings of the `sandbox` world (wit/sandbox.wit), private to the
-//! policy layer. The WIT `types` interface is the contract crate's own
-//! types (`with:` below), so no second copy exists; import errors are the
-//! host's [`SandboxError`](crate::error::SandboxError), converted once at
-//! the boundary (`convert_error` in `imports.rs`).
+//! Host bindings of the `sandbox` world, private to the policy layer: the
+//! current world (`wit/sandbox.wit`, 0.4) and the previous one
+//! (`wit/v0.3`, frozen), so policies built for either load. The WIT `types`
+//! interface of both is the contract crate's own types (`with:` below), so
+//! no second copy exists; import errors are the host's
+//! [`SandboxError`](crate::error::SandboxError), converted once at the
+//! boundary (`convert_error` in `imports.rs`).
 
-wasmtime::component::bindgen!({
-    world: "sandbox",
-    path: "../wit",
-    imports: { default: async | trappable },
-    exports: { default: async },
-    with: {
-        "sandbox:policy/types": contract_types,
-    },
-    trappable_error_type: {
-        "sandbox:policy/types.error" => crate::error::SandboxError,
-    },
-});
+/// `sandbox:policy@0.4.0`.
+pub mod v0_4 {
+    wasmtime::component::bindgen!({
+        world: "sandbox:policy/sandbox@0.4.0",
+        path: "../wit",
+        imports: { default: async | trappable },
+        exports: { default: async },
+        with: {
+            "sandbox:policy/types": super::contract_types,
+        },
+        trappable_error_type: {
+            "sandbox:policy/types.error" => crate::error::SandboxError,
+        },
+    });
+}
+
+/// `sandbox:policy@0.3.0`: the same imports (linked under their 0.3
+/// names, served by the same code) and the exports without `profile`.
+pub mod v0_3 {
+    wasmtime::component::bindgen!({
+        world: "sandbox:policy/sandbox@0.3.0",
+        path: ["../wit/deps/config", "../wit/deps/logging", "../wit/v0.3"],
+        imports: { default: async | trappable },
+        exports: { default: async },
+        with: {
+            "sandbox:policy/types": super::contract_types,
+            "wasi:logging/logging": super::v0_4::wasi::logging::logging,
+        },
+        trappable_error_type: {
+            "sandbox:policy/types.error" => crate::error::SandboxError,
+        },
+    });
+}
 
 /// The WIT `types` interface, as bindgen would have generated it, but made
 /// of the contract crate's types (they carry wasmtime's component traits).
@@ -55,3 +78,60 @@ pub mod contract_types {
         }
     }
 }
+
+/// The exports of a policy instance, of whichever world it was built for.
+pub enum Placement {
+    V0_4(v0_4::Sandbox),
+    V0_3(v0_3::Sandbox),
+}
+
+/// A policy component linked and checked against one of the worlds.
+pub enum PlacementPre<T: 'static> {
+    V0_4(v0_4::SandboxPre<T>),
+    V0_3(v0_3::SandboxPre<T>),
+}
+
+impl<T: Send + 'static> PlacementPre<T> {
+    /// The world's version, for reports.
+    pub fn version(&self) -> &'static str {
+        match self {
+            PlacementPre::V0_4(_) => "0.4",
+            PlacementPre::V0_3(_) => "0.3",
+        }
+    }
+
+    pub fn engine(&self) -> &wasmtime::Engine {
+        match self {
+            PlacementPre::V0_4(p) => p.engine(),
+            PlacementPre::V0_3(p) => p.engine(),
+        }
+    }
+
+    pub async fn instantiate_async(
+        &self,
+        store: &mut wasmtime::Store<T>,
+    ) -> wasmtime::Result<Placement> {
+        Ok(match self {
+            PlacementPre::V0_4(p) => Placement::V0_4(p.instantiate_async(store).await?),
+            PlacementPre::V0_3(p) => Placement::V0_3(p.instantiate_async(store).await?),
+        })
+    }
+}
+
+/// Calls the same export on either world's bindings (their signatures are
+/// the same: the `types` of both are the contract crate's).
+macro_rules! placement_call {
+    ($bindings:expr, |$p:ident| $call:expr) => {
+        match $bindings {
+            $crate::policy::bindings::Placement::V0_4(b) => {
+                let $p = b.sandbox_policy_placement();
+                $call.await
+            }
+            $crate::policy::bindings::Placement::V0_3(b) => {
+                let $p = b.sandbox_policy_placement();
+                $call.await
+            }
+        }
+    };
+}
+pub(crate) use placement_call;

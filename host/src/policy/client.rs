@@ -2,13 +2,15 @@
 //! answer is verified ([`super::answers`]) before the host acts on it. The
 //! rest of the host gets verified types only.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use sandbox_contract::{BackendId, Removal, ThreadId, UserId};
 
 use super::lanes::Lanes;
 use super::{answers, CompiledPolicy, PolicyEngine};
+use crate::config::ProfileName;
 use crate::dataplane::agent::AgentMode;
 use crate::engine::Engine;
 use crate::error::Result;
@@ -32,11 +34,18 @@ pub struct VerifiedContainer {
     pub(crate) agent: AgentMode,
 }
 
+/// Backends whose profile the client remembers; past it, the memory
+/// starts over (an answer is cheap to ask again).
+const MAX_REMEMBERED_PROFILES: usize = 100_000;
+
 /// The running policy, behind its checks.
 pub struct PolicyClient {
     engine: PolicyEngine,
     host: Arc<Engine>,
     lanes: Lanes,
+    /// The running policy's (pure) `profile` answers, checked, by backend;
+    /// forgotten on a swap.
+    profiles: Mutex<HashMap<String, ProfileName>>,
 }
 
 impl PolicyClient {
@@ -58,6 +67,7 @@ impl PolicyClient {
             engine,
             host,
             lanes,
+            profiles: Mutex::default(),
         })
     }
 
@@ -66,6 +76,7 @@ impl PolicyClient {
     pub async fn swap(&self, bytes: &[u8], source: &str) -> Result<()> {
         let compiled = CompiledPolicy::load(&self.engine, bytes, source, &self.host).await?;
         self.lanes.swap_policy(Arc::new(compiled));
+        self.profiles.lock().unwrap().clear();
         Ok(())
     }
 
@@ -111,13 +122,41 @@ impl PolicyClient {
         answers::backend_of_thread(thread, &answered)
     }
 
-    /// A running container for `backend`, in its lane; the answer must be
-    /// the container the host handed out for that backend.
+    /// The operator's profile the policy chooses for `backend`, checked to
+    /// be one the operator defined (`default` for a policy of the 0.3
+    /// world), and recorded with the engine. Asked once per backend while
+    /// the policy runs: the answer is pure.
+    pub async fn profile_of(&self, backend: &BackendId) -> Result<ProfileName> {
+        let known = self.profiles.lock().unwrap().get(backend.as_str()).cloned();
+        let profile = match known {
+            Some(profile) => profile,
+            None => {
+                let answered = self
+                    .lanes
+                    .route(backend.as_str(), async |p| p.profile(backend).await)
+                    .await?;
+                let profile = answers::profile(self.host.config(), backend, answered)?;
+                let mut profiles = self.profiles.lock().unwrap();
+                if profiles.len() >= MAX_REMEMBERED_PROFILES {
+                    profiles.clear();
+                }
+                profiles.insert(backend.as_str().to_owned(), profile.clone());
+                profile
+            }
+        };
+        self.host.choose_profile(backend, &profile);
+        Ok(profile)
+    }
+
+    /// A running container for `backend`, in its lane, under the profile
+    /// the policy chooses for it; the answer must be the container the
+    /// host handed out for that backend.
     pub async fn ensure(&self, backend: &BackendId) -> Result<VerifiedContainer> {
+        let profile = self.profile_of(backend).await?;
         let c = self
             .lanes
             .call(backend.as_str(), async |p| {
-                p.ensure_container(backend).await
+                p.ensure_container(backend, &profile).await
             })
             .await?;
         let agent = self.host.handouts().check_serves(&c.id, backend.as_str())?;

@@ -21,8 +21,9 @@ use sandbox_contract::{BackendId, Container, UserId};
 use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
 
 use super::bindings::contract_types as types;
-use super::bindings::sandbox::policy::containers;
-use super::bindings::wasi::logging::logging;
+use super::bindings::v0_3::sandbox::policy::containers as containers_v0_3;
+use super::bindings::v0_4::sandbox::policy::containers;
+use super::bindings::v0_4::wasi::logging::logging;
 use crate::engine::{Engine, ManagedContainer, RemoveMode};
 use crate::error::SandboxError;
 
@@ -43,11 +44,15 @@ impl CallClock {
 /// What the running export may ask of the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
-    /// `name`, `backend-id`: pure, no container operation.
+    /// `name`, `backend-id`, `profile`: pure, no container operation.
     Pure,
-    /// `ensure-container` of this backend: look up, create and start this
-    /// backend's container only; remove (an eviction) only what is idle.
-    Ensure(BackendId),
+    /// `ensure-container` of this backend: look up, create (under the
+    /// profile the host validated for it) and start this backend's
+    /// container only; remove (an eviction) only what is idle.
+    Ensure {
+        backend: BackendId,
+        profile: crate::config::ProfileName,
+    },
     /// `release-thread` and `destroy-user` for this user: look up, and
     /// remove this user's containers only, draining each until `deadline`.
     Destroy {
@@ -326,8 +331,8 @@ impl tokio::io::AsyncWrite for GuestStderr {
 
 fn describe(scope: &Scope) -> String {
     match scope {
-        Scope::Pure => "a pure export (name, backend-id)".into(),
-        Scope::Ensure(backend) => format!("ensure-container of backend {backend}"),
+        Scope::Pure => "a pure export (name, backend-id, profile)".into(),
+        Scope::Ensure { backend, .. } => format!("ensure-container of backend {backend}"),
         Scope::Destroy { user, .. } => {
             format!("release-thread or destroy-user of user {user} (which may only look up and remove that user's containers)")
         }
@@ -395,7 +400,7 @@ impl containers::Host for InstanceState {
         // a bounded number of times per call.
         self.admit(
             "create",
-            |scope| matches!(scope, Scope::Ensure(b) if b.as_str() == backend_id),
+            |scope| matches!(scope, Scope::Ensure { backend, .. } if backend.as_str() == backend_id),
         )?;
         self.call.creates += 1;
         if self.call.creates > CREATES_PER_CALL {
@@ -403,17 +408,21 @@ impl containers::Host for InstanceState {
                 "a policy call may create at most {CREATES_PER_CALL} containers"
             )));
         }
-        let backend = BackendId::parse(&backend_id)?;
+        let Scope::Ensure { backend, profile } = self.call.scope.clone() else {
+            unreachable!("admitted only in ensure-container")
+        };
         let engine = self.engine.clone();
         let policy = self.policy_name.clone();
-        let created = self.host(engine.create(&backend, &policy)).await?;
+        let created = self
+            .host(engine.create(&backend, &policy, &profile))
+            .await?;
         self.hand_out(&[&created]);
         Ok(created.container)
     }
 
     async fn start(&mut self, container_id: String) -> Result<(), SandboxError> {
         let backend = match &self.call.scope {
-            Scope::Ensure(b) => Some(b.clone()),
+            Scope::Ensure { backend, .. } => Some(backend.clone()),
             _ => None,
         };
         self.admit("start", |_| backend.is_some())?;
@@ -437,7 +446,7 @@ impl containers::Host for InstanceState {
         })?;
         let how = match &self.call.scope {
             // Idle and capacity decisions never kill running work.
-            Scope::Ensure(_) | Scope::Maintain { .. } => RemoveMode::UnlessBusy,
+            Scope::Ensure { .. } | Scope::Maintain { .. } => RemoveMode::UnlessBusy,
             Scope::Destroy { deadline, .. } => RemoveMode::Drain(*deadline),
             Scope::Pure => unreachable!("refused by admit"),
         };
@@ -471,6 +480,34 @@ impl containers::Host for InstanceState {
         }
         let engine = self.engine.clone();
         self.host(engine.remove(&container_id, how)).await
+    }
+}
+
+/// The 0.3 world's `containers`: the same functions, linked under their
+/// 0.3 name.
+impl containers_v0_3::Host for InstanceState {
+    async fn find(&mut self, backend_id: String) -> Result<Option<Container>, SandboxError> {
+        containers::Host::find(self, backend_id).await
+    }
+
+    async fn list(&mut self) -> Result<Vec<Container>, SandboxError> {
+        containers::Host::list(self).await
+    }
+
+    async fn create(&mut self, backend_id: String) -> Result<Container, SandboxError> {
+        containers::Host::create(self, backend_id).await
+    }
+
+    async fn start(&mut self, container_id: String) -> Result<(), SandboxError> {
+        containers::Host::start(self, container_id).await
+    }
+
+    async fn inspect(&mut self, container_id: String) -> Result<Option<Container>, SandboxError> {
+        containers::Host::inspect(self, container_id).await
+    }
+
+    async fn remove(&mut self, container_id: String) -> Result<bool, SandboxError> {
+        containers::Host::remove(self, container_id).await
     }
 }
 

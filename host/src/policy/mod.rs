@@ -36,7 +36,7 @@ use sandbox_contract::{Container, Removal, ThreadId, UserId};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine as WasmEngine, Store, UpdateDeadline};
 
-use bindings::{Sandbox, SandboxPre};
+use bindings::{placement_call, Placement, PlacementPre};
 use containment::{ComponentNeeds, InstanceLimits, MemoryPool, PolicyLimiter};
 pub use imports::{InstanceState, Scope};
 use ticker::EpochTicker;
@@ -84,11 +84,17 @@ impl PolicyEngine {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         wasmtime_wasi_config::add_to_linker(&mut linker, imports::config_view)?;
-        bindings::sandbox::policy::containers::add_to_linker::<_, HasSelf<InstanceState>>(
+        // Both worlds' `containers` (0.3 and 0.4 are different instance
+        // names); `wasi:logging` is the same for both.
+        bindings::v0_4::sandbox::policy::containers::add_to_linker::<_, HasSelf<InstanceState>>(
             &mut linker,
             |s| s,
         )?;
-        bindings::wasi::logging::logging::add_to_linker::<_, HasSelf<InstanceState>>(
+        bindings::v0_3::sandbox::policy::containers::add_to_linker::<_, HasSelf<InstanceState>>(
+            &mut linker,
+            |s| s,
+        )?;
+        bindings::v0_4::wasi::logging::logging::add_to_linker::<_, HasSelf<InstanceState>>(
             &mut linker,
             |s| s,
         )?;
@@ -135,11 +141,19 @@ impl PolicyEngine {
                 "does not fit the `sandbox` world's imports (a component for another world?): {e:#}"
             ))
         })?;
-        let pre = SandboxPre::new(pre).map_err(|e| {
-            refuse(format!(
-                "does not export the `sandbox:policy/placement` interface of the `sandbox` world (a policy for an older version of the world?): {e:#}"
-            ))
-        })?;
+        let pre = match bindings::v0_4::SandboxPre::new(pre.clone()) {
+            Ok(pre) => PlacementPre::V0_4(pre),
+            Err(current) => match bindings::v0_3::SandboxPre::new(pre) {
+                Ok(pre) => PlacementPre::V0_3(pre),
+                Err(_) => {
+                    return Err(refuse(format!(
+                        "does not export the `sandbox:policy/placement` interface of the \
+                         `sandbox` world, 0.4 or 0.3 (a policy for an older version of the \
+                         world, or for another world?): {current:#}"
+                    )))
+                }
+            },
+        };
         Ok(Compiled {
             pre,
             needs,
@@ -151,7 +165,7 @@ impl PolicyEngine {
 
 /// A component compiled and linked, not yet instantiated.
 pub struct Compiled {
-    pre: SandboxPre<InstanceState>,
+    pre: PlacementPre<InstanceState>,
     /// What it declares it needs.
     pub needs: ComponentNeeds,
     /// Compiling it, or reading it from the component cache.
@@ -164,6 +178,8 @@ pub struct Compiled {
 /// and sizing the instance pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoadReport {
+    /// The version of the `sandbox` world it was built for (`0.4`, `0.3`).
+    pub world: &'static str,
     /// What the component declares it needs.
     pub needs: ComponentNeeds,
     /// Compiling it, or reading it from the component cache.
@@ -181,7 +197,7 @@ pub struct LoadReport {
 
 /// A compiled, self-checked policy, ready to instantiate.
 pub struct CompiledPolicy {
-    pre: SandboxPre<InstanceState>,
+    pre: PlacementPre<InstanceState>,
     name: String,
     source: String,
     deadline: Duration,
@@ -209,6 +225,7 @@ impl CompiledPolicy {
         let limits = ceilings
             .sized(&compiled.needs)
             .map_err(|why| SandboxError::PolicyLoad(format!("{source}: refused: {why}")))?;
+        let world = compiled.pre.version();
         let mut policy = CompiledPolicy {
             pre: compiled.pre,
             name: String::from("unnamed"),
@@ -219,6 +236,7 @@ impl CompiledPolicy {
             limits,
             pool: engine.memory.clone(),
             report: LoadReport {
+                world,
                 needs: compiled.needs,
                 compile_time: compiled.compile_time,
                 cached: compiled.cached,
@@ -342,7 +360,7 @@ impl CompiledPolicy {
 /// One instance of a policy: its store serialises the calls made on it.
 pub struct PolicyInstance {
     store: Store<InstanceState>,
-    bindings: Sandbox,
+    bindings: Placement,
     call_timeout: Duration,
     /// A call started and did not finish (trapped, overran, or its future
     /// was dropped): the store may be mid-call and must not be entered again.
@@ -415,28 +433,49 @@ impl PolicyInstance {
 
     pub async fn name(&mut self) -> Result<String, SandboxError> {
         policy_call!(self, Scope::Pure, "name", |b, s| async {
-            b.sandbox_policy_placement().call_name(s).await.map(Ok)
+            placement_call!(b, |p| p.call_name(&mut *s)).map(Ok)
         })
     }
 
     pub async fn backend_id(&mut self, thread_id: &str) -> Result<String, SandboxError> {
-        policy_call!(self, Scope::Pure, "backend-id", |b, s| b
-            .sandbox_policy_placement()
-            .call_backend_id(s, thread_id))
+        policy_call!(self, Scope::Pure, "backend-id", |b, s| async {
+            placement_call!(b, |p| p.call_backend_id(&mut *s, thread_id))
+        })
+    }
+
+    /// The profile the policy names for `backend` (unchecked); a policy of
+    /// the 0.3 world cannot name one: `None`, without a call.
+    pub async fn profile(
+        &mut self,
+        backend: &sandbox_contract::BackendId,
+    ) -> Result<Option<String>, SandboxError> {
+        if matches!(self.bindings, Placement::V0_3(_)) {
+            return Ok(None);
+        }
+        policy_call!(self, Scope::Pure, "profile", |b, s| async {
+            match b {
+                Placement::V0_4(b) => b
+                    .sandbox_policy_placement()
+                    .call_profile(&mut *s, backend.as_str())
+                    .await
+                    .map(|r| r.map(Some)),
+                Placement::V0_3(_) => Ok(Ok(None)),
+            }
+        })
     }
 
     pub async fn ensure_container(
         &mut self,
         backend: &sandbox_contract::BackendId,
+        profile: &crate::config::ProfileName,
     ) -> Result<Container, SandboxError> {
-        policy_call!(
-            self,
-            Scope::Ensure(backend.clone()),
-            "ensure-container",
-            |b, s| b
-                .sandbox_policy_placement()
-                .call_ensure_container(s, backend.as_str())
-        )
+        let scope = Scope::Ensure {
+            backend: backend.clone(),
+            profile: profile.clone(),
+        };
+        policy_call!(self, scope, "ensure-container", |b, s| async {
+            placement_call!(b, |p| p.call_ensure_container(&mut *s, backend.as_str()))
+        })
     }
 
     /// Removals in it drain until `deadline`.
@@ -449,9 +488,9 @@ impl PolicyInstance {
             user: thread.user(),
             deadline,
         };
-        policy_call!(self, scope, "release-thread", |b, s| b
-            .sandbox_policy_placement()
-            .call_release_thread(s, thread.as_str()))
+        policy_call!(self, scope, "release-thread", |b, s| async {
+            placement_call!(b, |p| p.call_release_thread(&mut *s, thread.as_str()))
+        })
     }
 
     /// Removals in it drain until `deadline`.
@@ -464,14 +503,17 @@ impl PolicyInstance {
             user: user.clone(),
             deadline,
         };
-        policy_call!(self, scope, "destroy-user", |b, s| b
-            .sandbox_policy_placement()
-            .call_destroy_user(s, user.as_str()))
+        policy_call!(self, scope, "destroy-user", |b, s| async {
+            placement_call!(b, |p| p.call_destroy_user(&mut *s, user.as_str()))
+        })
     }
 
     pub async fn maintain(&mut self, dry_run: bool) -> Result<Vec<Removal>, SandboxError> {
-        policy_call!(self, Scope::Maintain { dry_run }, "maintain", |b, s| b
-            .sandbox_policy_placement()
-            .call_maintain(s, dry_run))
+        policy_call!(
+            self,
+            Scope::Maintain { dry_run },
+            "maintain",
+            |b, s| async { placement_call!(b, |p| p.call_maintain(&mut *s, dry_run)) }
+        )
     }
 }

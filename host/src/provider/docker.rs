@@ -1084,6 +1084,7 @@ mod tests {
         let config = Config::default();
         let plan = ContainerPlan::new(
             &config,
+            &config.default_profile(),
             &sandbox_contract::BackendId::parse("alice").unwrap(),
             "/ws/alice".into(),
             UserIds {
@@ -1113,6 +1114,7 @@ mod tests {
     fn where_the_agent_serves_it_alone_is_root_with_three_capabilities() {
         let plan = ContainerPlan::new(
             &Config::default(),
+            &Config::default().default_profile(),
             &sandbox_contract::BackendId::parse("alice").unwrap(),
             "/ws/alice".into(),
             UserIds {
@@ -1144,6 +1146,7 @@ mod tests {
         };
         let plan = ContainerPlan::new(
             &config,
+            &config.default_profile(),
             &sandbox_contract::BackendId::parse("a").unwrap(),
             "/ws/a".into(),
             UserIds { uid: 1, gid: 1 },

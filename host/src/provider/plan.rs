@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use sandbox_contract::BackendId;
 
-use crate::config::{Config, Limits, UserIds};
+use crate::config::{Config, Limits, Profile, UserIds};
 use crate::dataplane::agent::{self, AgentMode};
 
 /// The idle command that keeps a sandbox alive between executes. `init`
@@ -44,7 +44,8 @@ pub struct ContainerPlan {
     pub command: Vec<String>,
     /// Root filesystem read-only, with a writable tmpfs `/tmp`.
     pub read_only_rootfs: bool,
-    /// `none`, or the Docker network the operator configured.
+    /// `none`, `egress`, or the Docker network the operator configured
+    /// (the profile's).
     pub network: String,
     /// Host path of `sandbox-agent`, bind-mounted read-only at
     /// `/.sandbox/agent` (see [`ContainerPlan::with_agent`]).
@@ -108,11 +109,12 @@ impl ContainerPlan {
         AgentMode::of(&self.labels) == AgentMode::Serves
     }
 
-    /// The plan for `backend_id`, whose workspace was prepared at
+    /// The plan for `backend_id` under `profile`, whose workspace was prepared at
     /// `workspace_path`, carrying the owner's `labels` (the engine's
     /// ownership labels: the provider never decides who owns a container).
     pub fn new(
         config: &Config,
+        profile: &Profile,
         backend_id: &BackendId,
         workspace_path: PathBuf,
         user: UserIds,
@@ -127,9 +129,9 @@ impl ContainerPlan {
             limits: config.limits.clone(),
             command: IDLE_COMMAND.iter().map(|s| s.to_string()).collect(),
             read_only_rootfs: config.read_only_rootfs,
-            network: config.network.clone(),
+            network: profile.network.clone(),
             agent: None,
-            runtime: config.runtime.clone(),
+            runtime: profile.runtime.clone(),
             artifacts: None,
             egress: None,
         }
@@ -212,6 +214,7 @@ mod tests {
         };
         ContainerPlan::new(
             config,
+            &config.default_profile(),
             &backend,
             PathBuf::from(format!("/ws/{user}")),
             ids,

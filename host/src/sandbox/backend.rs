@@ -110,6 +110,12 @@ impl Backend {
         &self,
         backend: &BackendId,
     ) -> Result<(VerifiedContainer, Option<Work>)> {
+        let profile = self.sandbox.inner.policy.profile_of(backend).await?;
+        if let Some(made) = self.engine().profile_changed(backend) {
+            self.sandbox
+                .retire_reprofiled(backend, &made, &profile)
+                .await?;
+        }
         let work = self.sandbox.inner.engine.begin_work(backend).await?;
         let container = self.ensure_as(backend).await?;
         Ok((container, work))

@@ -243,7 +243,7 @@ impl Sandbox {
 
     /// Removes one orphan through its backend's lane (never beside a
     /// running ensure), unless work is in flight on it.
-    async fn collect(
+    pub(super) async fn collect(
         &self,
         container: &ManagedContainer,
         reason: String,
@@ -272,6 +272,29 @@ impl Sandbox {
 }
 
 impl Sandbox {
+    /// Removes `backend`'s container, made under profile `made`, when the
+    /// policy now chooses `profile` for it and nothing runs on it: the
+    /// ensure that follows makes one under the new profile. While work
+    /// runs it stays (and is replaced when next idle).
+    pub(super) async fn retire_reprofiled(
+        &self,
+        backend: &BackendId,
+        made: &str,
+        profile: &crate::config::ProfileName,
+    ) -> Result<()> {
+        // Not found, or not this process's to touch: the ensure decides.
+        let Ok(Some(container)) = self.inner.engine.find(backend).await else {
+            return Ok(());
+        };
+        if container.profile == profile.as_str() {
+            return Ok(());
+        }
+        let why = format!("the policy now chooses profile {profile} (made under {made})");
+        let (why, removed) = self.collect(&container, why).await?;
+        tracing::info!(container = container.name, why, removed, "profile changed");
+        Ok(())
+    }
+
     /// Removes the outdated containers (made by an older host, or before
     /// the settings changed: see [`ManagedContainer::outdated`]) that have
     /// no work in flight, each through its backend's lane: their next use
@@ -392,6 +415,7 @@ mod tests {
             policy_digest: Some(format!("sha256:{policy}")),
             created: Some(created),
             agent: Default::default(),
+            profile: "default".into(),
             outdated: None,
             managed_elsewhere: None,
         }

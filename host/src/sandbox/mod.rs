@@ -165,6 +165,21 @@ impl Sandbox {
             .to_owned())
     }
 
+    /// The operator's profile the policy chooses for a thread's backend
+    /// (checked against the profiles defined; `default` for a policy of
+    /// the 0.3 world). Pure: creates nothing.
+    pub async fn profile_of(&self, thread_id: &str) -> Result<String> {
+        let thread = ThreadId::parse(thread_id)?;
+        let backend = self.inner.policy.backend_of(&thread).await?;
+        Ok(self
+            .inner
+            .policy
+            .profile_of(&backend)
+            .await?
+            .as_str()
+            .to_owned())
+    }
+
     /// What serves a thread, without side effects: its backend id, user and
     /// workspace by the policy's pure mapping, and the backend's container
     /// if one exists. Creates no workspace and no container (for HTTP GET).

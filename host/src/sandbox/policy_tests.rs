@@ -309,3 +309,113 @@ async fn a_pool_of_one_serves_every_key_in_turn() {
     }
     assert_eq!(sandbox.policy_instances(), 1);
 }
+
+fn profiled(c: &mut Config) {
+    use crate::config::ProfileConfig;
+    c.profiles.insert(
+        "trusted".into(),
+        ProfileConfig {
+            network: Some("agents".into()),
+            ..ProfileConfig::default()
+        },
+    );
+    c.policy_config
+        .insert("profile.trusted".into(), "alice,carol".into());
+}
+
+async fn profiles_of(sandbox: &Sandbox) -> Vec<(String, String)> {
+    let mut found: Vec<_> = sandbox
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.backend_id.clone(), c.profile.clone()))
+        .collect();
+    found.sort();
+    found
+}
+
+#[tokio::test]
+async fn the_policy_chooses_each_users_profile_among_the_operators() {
+    let root = tempfile::tempdir().unwrap();
+    let sandbox = sandbox_with(root.path(), profiled).await.unwrap();
+    assert_eq!(sandbox.policy_report().world, "0.4");
+    for thread in ["alice-1", "bob-1", "carol-1"] {
+        let backend = sandbox.get_thread_backend(thread).await.unwrap();
+        assert_eq!(backend.execute("true").await.unwrap().exit_code, 0);
+    }
+    assert_eq!(
+        profiles_of(&sandbox).await,
+        [
+            ("alice".to_owned(), "trusted".to_owned()),
+            ("bob".to_owned(), "default".to_owned()),
+            ("carol".to_owned(), "trusted".to_owned())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_profile_the_operator_did_not_define_fails_the_call_and_creates_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let sandbox = sandbox_with(root.path(), |c| {
+        profiled(c);
+        c.policy_config
+            .insert("profile.admin".into(), "mallory".into());
+    })
+    .await
+    .unwrap();
+    let backend = sandbox.get_thread_backend("mallory-1").await.unwrap();
+    let err = backend.execute("true").await.unwrap_err();
+    assert!(matches!(err, SandboxError::Refused(_)), "{err:?}");
+    let shown = err.to_string();
+    assert!(shown.contains("profile admin"), "{shown}");
+    assert!(shown.contains("default, trusted"), "{shown}");
+    assert!(sandbox.list().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_policy_of_the_0_3_world_loads_and_gets_the_default_profile() {
+    let root = tempfile::tempdir().unwrap();
+    let sandbox = Sandbox::with_provider(
+        {
+            let mut c = config(root.path());
+            profiled(&mut c);
+            c
+        },
+        Arc::new(MemoryProvider::new()),
+        file(fixtures::POLICY_V03_PATH),
+    )
+    .await
+    .unwrap();
+    assert_eq!(sandbox.policy_report().world, "0.3");
+    assert_eq!(sandbox.policy_name(), "v03-per-user");
+    let backend = sandbox.get_thread_backend("alice-1").await.unwrap();
+    assert_eq!(backend.execute("true").await.unwrap().exit_code, 0);
+    assert_eq!(
+        profiles_of(&sandbox).await,
+        [("alice".to_owned(), "default".to_owned())]
+    );
+}
+
+#[tokio::test]
+async fn when_the_policy_changes_a_users_profile_the_idle_container_is_replaced() {
+    let root = tempfile::tempdir().unwrap();
+    let sandbox = sandbox_with(root.path(), profiled).await.unwrap();
+    let backend = sandbox.get_thread_backend("alice-1").await.unwrap();
+    backend.execute("true").await.unwrap();
+    let first = sandbox.list().await.unwrap();
+    assert_eq!(first[0].profile, "trusted");
+    // A 0.3 policy cannot choose: alice's backend gets `default` now.
+    sandbox
+        .swap_policy(file(fixtures::POLICY_V03_PATH))
+        .await
+        .unwrap();
+    let listed = sandbox.list().await.unwrap();
+    assert_eq!(listed[0].id, first[0].id, "left alone until used");
+    backend.execute("true").await.unwrap();
+    let second = sandbox.list().await.unwrap();
+    assert_eq!(second.len(), 1);
+    assert_ne!(second[0].id, first[0].id, "replaced");
+    assert_eq!(second[0].profile, "default");
+    assert_eq!(second[0].outdated, None);
+}

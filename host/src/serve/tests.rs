@@ -1443,6 +1443,7 @@ async fn backends_lists_each_container_with_its_idle_time_and_the_policy() {
                 "last_used_ms",
                 "name",
                 "policy",
+                "profile",
                 "status",
                 "threads",
                 "workspace"
