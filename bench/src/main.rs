@@ -122,7 +122,12 @@ async fn main() -> anyhow::Result<()> {
 /// Removes every container the bench's namespaces created.
 async fn cleanup(bench: &Bench) {
     let ns = &bench.config.namespace;
-    for namespace in [ns.clone(), format!("{ns}-user"), format!("{ns}-thread")] {
+    for namespace in [
+        ns.clone(),
+        format!("{ns}-user"),
+        format!("{ns}-thread"),
+        format!("{ns}-egress"),
+    ] {
         let mut filters = std::collections::HashMap::new();
         filters.insert("label", vec![format!("sandbox.namespace={namespace}")]);
         let options = bollard::query_parameters::ListContainersOptionsBuilder::default()

@@ -60,8 +60,18 @@ class Settings:
     # without either. The host checks every name it is given.
     profile_by_user: dict[str, str] = field(default_factory=dict)
     profile_fallback: str | None = None
+    # Users listed under two profiles get neither: their calls fail.
+    profile_conflicts: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def profile_of(self, user: str) -> str:
+        if user in self.profile_conflicts:
+            a, b = self.profile_conflicts[user]
+            raise Err(
+                Error_Refused(
+                    f"user {user} is listed in profile.{mapping.shown(a)} and "
+                    f"profile.{mapping.shown(b)} of the policy config"
+                )
+            )
         return self.profile_by_user.get(user) or self.profile_fallback or "default"
 
     @classmethod
@@ -70,6 +80,7 @@ class Settings:
         so a typo degrades to the default instead of breaking the policy."""
         idle_ttl_ms, max_containers, thread_destroy = None, None, "backend"
         profile_by_user: dict[str, str] = {}
+        profile_conflicts: dict[str, tuple[str, str]] = {}
         profile_fallback = None
         for key, value in pairs:
             if key == "profile":
@@ -83,10 +94,11 @@ class Settings:
                     other = profile_by_user.get(user)
                     if other is not None:
                         log(
-                            Level.WARN,
+                            Level.ERROR,
                             f"user {mapping.shown(user)} is listed in profile.{mapping.shown(other)} "
-                            f"and profile.{name}; using {name}",
+                            f"and profile.{mapping.shown(name)}: their calls fail until one goes",
                         )
+                        profile_conflicts[user] = (other, name)
                     profile_by_user[user] = name
                 continue
             match key:
@@ -108,7 +120,12 @@ class Settings:
                     continue
             log(Level.WARN, f"ignoring {key} = {mapping.shown(value)}")
         return cls(
-            idle_ttl_ms, max_containers, thread_destroy, profile_by_user, profile_fallback
+            idle_ttl_ms,
+            max_containers,
+            thread_destroy,
+            profile_by_user,
+            profile_fallback,
+            profile_conflicts,
         )
 
 

@@ -13,6 +13,7 @@ mod cli_process;
 mod cold_start;
 mod concurrency;
 pub(crate) mod containment;
+mod egress;
 mod file_transfer;
 mod footprint;
 mod head_of_line;
@@ -73,6 +74,9 @@ pub(crate) async fn run(bench: &mut Bench) -> anyhow::Result<()> {
     }
     if wanted(10, bench) {
         bench.policy_pool(exec_median).await.context("case 10")?;
+    }
+    if wanted(11, bench) {
+        bench.egress().await.context("case 11")?;
     }
     Ok(())
 }

@@ -76,11 +76,15 @@ impl Lifecycle {
 /// and `profile.NAME = "alice,carol"` lists the users of profile NAME
 /// ("trusted users get pypi, others get nothing"). Without either, every
 /// backend gets `default` (the host's top-level settings). The host checks
-/// every name against the profiles the operator defined.
+/// every name against the profiles the operator defined. A user listed
+/// under two profiles gets neither: their calls fail, naming both, rather
+/// than the policy guessing which the operator meant.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Profiles {
     pub fallback: Option<String>,
     pub by_user: BTreeMap<String, String>,
+    /// Users listed under two profiles, with both names.
+    pub conflicts: BTreeMap<String, (String, String)>,
 }
 
 impl Profiles {
@@ -96,13 +100,17 @@ impl Profiles {
                 for user in value.split(',').map(str::trim).filter(|u| !u.is_empty()) {
                     if let Some(other) = profiles.by_user.insert(user.to_owned(), name.to_owned()) {
                         host.log(
-                            Level::Warn,
+                            Level::Error,
                             &format!(
-                                "user {} is listed in profile.{} and profile.{name}; using {name}",
+                                "user {} is listed in profile.{} and profile.{}: their calls fail until one goes",
                                 shown(user),
-                                shown(&other)
+                                shown(&other),
+                                shown(name)
                             ),
                         );
+                        profiles
+                            .conflicts
+                            .insert(user.to_owned(), (other, name.to_owned()));
                     }
                 }
             }
@@ -111,12 +119,20 @@ impl Profiles {
     }
 
     /// The profile of `user`'s backends.
-    pub fn of(&self, user: &UserId) -> &str {
-        self.by_user
+    pub fn of(&self, user: &UserId) -> Result<&str> {
+        if let Some((a, b)) = self.conflicts.get(user.as_str()) {
+            return Err(Error::Refused(format!(
+                "user {user} is listed in profile.{} and profile.{} of the policy config",
+                shown(a),
+                shown(b)
+            )));
+        }
+        Ok(self
+            .by_user
             .get(user.as_str())
             .or(self.fallback.as_ref())
             .map(String::as_str)
-            .unwrap_or(Self::DEFAULT)
+            .unwrap_or(Self::DEFAULT))
     }
 }
 
@@ -164,11 +180,10 @@ impl<M: Mapping> Policy<M> {
             let config = host.config();
             self.profiles = Some(Profiles::from_config(&config, host));
         }
-        Ok(self
-            .profiles
-            .as_ref()
-            .map(|p| p.of(&user).to_owned())
-            .unwrap_or_else(|| Profiles::DEFAULT.to_owned()))
+        match &self.profiles {
+            Some(p) => p.of(&user).map(str::to_owned),
+            None => Ok(Profiles::DEFAULT.to_owned()),
+        }
     }
 
     /// WIT `ensure-container`: a running container for the backend, adopted
@@ -519,6 +534,15 @@ mod tests {
             "trusted",
             "every backend of a user"
         );
+        let mut host =
+            FakeHost::with_config(&[("profile.open", "alice"), ("profile.closed", "bob,alice")]);
+        let mut p = Policy::new(PerUser);
+        let err = p.profile(&mut host, &backend("alice")).unwrap_err();
+        assert!(
+            err.to_string().contains(r#"profile."open" and profile."closed""#),
+            "{err}"
+        );
+        assert_eq!(p.profile(&mut host, &backend("bob")).unwrap(), "closed");
     }
 
     #[test]

@@ -4,16 +4,17 @@
 //! ```text
 //! workload --TCP 127.0.0.1:3128--> agent relay (root, in the container)
 //!          --Unix socket /.sandbox/egress/proxy.sock (a read-only bind of
-//!            {state}/egress/sockets/{backend})--> this host process's proxy
+//!            {state}/egress/sockets/{backend}.{profile})--> this host
+//!            process's proxy
 //!          --TCP--> an allowed destination
 //! ```
 //!
 //! The container's network mode is `none`: its only interface is loopback,
 //! so nothing is reachable but the relay, whatever the engine's firewall
-//! does. The socket a container sees is its own backend's, so the proxy
-//! knows whose traffic it carries, and under which profile's allow-list
-//! (the one the policy chose for the backend), without trusting anything
-//! the sandbox says.
+//! does. The socket a container sees is its own backend's, for the profile
+//! it was made under (fixed by its mount), so the proxy knows whose traffic
+//! it carries and which allow-list applies without trusting anything the
+//! sandbox says, whichever host process serves it.
 //!
 //! Every host process sharing a workspace root (`sandbox serve`, a `sandbox
 //! exec` beside it or alone) may serve a backend's socket; one does at a time.
@@ -79,23 +80,32 @@ pub fn proxy_env() -> Vec<String> {
 
 /// This process's side of every backend's egress.
 pub struct Egress {
-    /// `{state}/egress`: `sockets/{backend}/proxy.sock` and `locks/{backend}`.
+    /// `{state}/egress`: `sockets/{key}/proxy.sock` and `locks/{key}`,
+    /// where the key is `{backend}.{profile}` (`.` is in neither).
     dir: PathBuf,
     /// The allow-list of every profile with egress.
     rules: HashMap<ProfileName, Arc<Rules>>,
     meters: Arc<Meters>,
-    /// Sockets this process serves, by backend.
+    /// Sockets this process serves, by key.
     served: Mutex<HashMap<String, Served>>,
-    /// Backends whose socket another process serves (and whose it is).
+    /// Sockets another process serves (and whose they are), by key.
     watched: Mutex<HashMap<String, Owner>>,
+    /// Each user's connections at once, over all their sockets.
+    slots: Mutex<HashMap<String, Arc<Semaphore>>>,
     watchdog: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// Whose traffic a backend's socket carries, and under which profile.
+/// Whose traffic a socket carries, and under which profile.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Owner {
+    backend: String,
     user: UserId,
     profile: ProfileName,
+}
+
+/// The name of the socket of `backend`'s containers made under `profile`.
+fn socket_key(backend: &str, profile: &ProfileName) -> String {
+    format!("{backend}.{profile}")
 }
 
 struct Served {
@@ -109,29 +119,13 @@ impl Egress {
     /// The egress of the host processes whose state directory is
     /// `state_dir`, with the rules of `config`'s profiles.
     pub fn new(state_dir: &Path, config: &Config) -> Result<Arc<Egress>, SandboxError> {
-        let mut rules = HashMap::new();
-        for profile in config.profiles().into_iter().filter(|p| p.has_egress()) {
-            let list = EgressConfig {
-                allow: profile.allow.clone(),
-                hosts: config.egress.hosts.clone(),
-                metrics_per_user: config.egress.metrics_per_user,
-            };
-            let parsed = Rules::new(&list)
-                .map_err(|e| SandboxError::Refused(format!("profile {}: {e}", profile.name)))?;
-            if parsed.is_empty() {
-                tracing::warn!(
-                    profile = profile.name.as_str(),
-                    "network \"egress\" with an empty allow-list: sandboxes reach nothing"
-                );
-            }
-            rules.insert(profile.name, Arc::new(parsed));
-        }
         Ok(Arc::new(Egress {
             dir: state_dir.join("egress"),
-            rules,
+            rules: profile_rules(config)?,
             meters: Arc::default(),
             served: Mutex::default(),
             watched: Mutex::default(),
+            slots: Mutex::default(),
             watchdog: Mutex::default(),
         }))
     }
@@ -142,23 +136,25 @@ impl Egress {
     }
 
     /// The host directory mounted at [`SOCKET_MOUNT`] in `backend`'s
-    /// container, created when missing.
-    pub fn socket_dir(&self, backend: &str) -> Result<PathBuf, SandboxError> {
+    /// container made under `profile`, created when missing.
+    pub fn socket_dir(
+        &self,
+        backend: &str,
+        profile: &ProfileName,
+    ) -> Result<PathBuf, SandboxError> {
         let sockets = self.dir.join("sockets");
         for dir in [&self.dir, &sockets, &self.dir.join("locks")] {
             make_dir(dir, 0o700)?;
         }
-        let dir = sockets.join(backend);
+        let dir = sockets.join(socket_key(backend, profile));
         // Searchable by the container's root, which has no capability to
         // bypass permissions: it connects on the workload's behalf.
         make_dir(&dir, 0o755)?;
         Ok(dir)
     }
 
-    /// Makes sure some host process answers on `backend`'s socket, for
-    /// `user` under `profile`: this one, when none does, or when this one
-    /// serves it under another profile (the policy changed its choice:
-    /// the new allow-list applies to the next connection).
+    /// Makes sure some host process answers on the socket of `backend`'s
+    /// container made under `profile`, for `user`: this one, when none does.
     pub async fn ensure(
         self: &Arc<Self>,
         backend: &str,
@@ -167,29 +163,32 @@ impl Egress {
     ) -> Result<(), SandboxError> {
         self.start_watchdog();
         let owner = Owner {
+            backend: backend.to_owned(),
             user: user.clone(),
             profile: profile.clone(),
         };
+        let key = socket_key(backend, profile);
         let Some(rules) = self.rules.get(profile).cloned() else {
             return Err(SandboxError::Refused(format!(
                 "profile {profile} has no egress"
             )));
         };
-        match self.serves(backend) {
-            Some(served) if served == owner => return Ok(()),
-            Some(_) => self.withdraw(backend),
-            None => {}
+        if self.serves(&key) {
+            return Ok(());
         }
-        let dir = self.socket_dir(backend)?;
-        let lock = self.dir.join("locks").join(backend);
+        let dir = self.socket_dir(backend, profile)?;
+        let lock = self.dir.join("locks").join(&key);
         let this = self.clone();
-        let key = backend.to_owned();
+        let watched_key = key.clone();
         let watched_owner = owner.clone();
         // Blocking file locks and a short connect: off the async workers.
         let taken = tokio::task::spawn_blocking(move || {
             let _lock = lock_file(&lock)?;
             if probe(&dir) {
-                this.watched.lock().unwrap().insert(key, watched_owner);
+                this.watched
+                    .lock()
+                    .unwrap()
+                    .insert(watched_key, watched_owner);
                 return Ok(None);
             }
             bind(&dir).map(Some)
@@ -197,7 +196,14 @@ impl Egress {
         .await
         .map_err(|e| SandboxError::Refused(format!("egress: {e}")))??;
         if let Some((listener, file)) = taken {
-            self.watched.lock().unwrap().remove(backend);
+            self.watched.lock().unwrap().remove(&key);
+            let slots = self
+                .slots
+                .lock()
+                .unwrap()
+                .entry(user.as_str().to_owned())
+                .or_insert_with(|| Arc::new(Semaphore::new(MAX_CONNECTIONS_PER_USER)))
+                .clone();
             let accept = tokio::spawn(accept_loop(
                 listener,
                 Arc::new(proxy::Context {
@@ -205,6 +211,7 @@ impl Egress {
                     rules,
                     meter: self.meters.of(user.as_str()),
                 }),
+                slots,
             ));
             tracing::debug!(
                 backend,
@@ -216,47 +223,48 @@ impl Egress {
                 owner,
                 accept,
             };
-            if let Some(old) = self
-                .served
-                .lock()
-                .unwrap()
-                .insert(backend.to_owned(), served)
-            {
+            if let Some(old) = self.served.lock().unwrap().insert(key, served) {
                 old.accept.abort();
             }
         }
         Ok(())
     }
 
-    /// Stops serving `backend`'s socket (its profile has no egress now, or
-    /// another allow-list): this process's socket is removed, so the relay
-    /// answers that no one serves it until a process serves it again.
-    pub fn withdraw(&self, backend: &str) {
-        self.watched.lock().unwrap().remove(backend);
-        let Some(gone) = self.served.lock().unwrap().remove(backend) else {
+    /// Stops serving (and watching) the socket of `backend`'s container
+    /// made under `profile`: the container was removed. This process's
+    /// socket file goes with it; connections already open end with it.
+    pub fn withdraw(&self, backend: &str, profile: &str) {
+        let Ok(profile) = ProfileName::parse(profile) else {
+            return;
+        };
+        let key = socket_key(backend, &profile);
+        self.watched.lock().unwrap().remove(&key);
+        let Some(gone) = self.served.lock().unwrap().remove(&key) else {
             return;
         };
         gone.accept.abort();
-        let path = self.dir.join("sockets").join(backend).join(SOCKET_NAME);
+        let path = self.dir.join("sockets").join(&key).join(SOCKET_NAME);
         if file_id(&path) == Some(gone.file) {
             let _ = std::fs::remove_file(&path);
         }
     }
 
-    /// Whose traffic this process serves `backend`'s socket for, when it
-    /// does and its socket is still the one at the path (another process
-    /// may have replaced it after finding it dead); forgets it otherwise.
-    fn serves(&self, backend: &str) -> Option<Owner> {
-        let path = self.dir.join("sockets").join(backend).join(SOCKET_NAME);
+    /// Whether this process serves the socket `key`, and it is still the
+    /// one at the socket's path (another process may have replaced it
+    /// after finding it dead); forgets it otherwise.
+    fn serves(&self, key: &str) -> bool {
+        let path = self.dir.join("sockets").join(key).join(SOCKET_NAME);
         let mut served = self.served.lock().unwrap();
-        let ours = served.get(backend)?;
+        let Some(ours) = served.get(key) else {
+            return false;
+        };
         if file_id(&path) == Some(ours.file) {
-            return Some(ours.owner.clone());
+            return true;
         }
-        if let Some(gone) = served.remove(backend) {
+        if let Some(gone) = served.remove(key) {
             gone.accept.abort();
         }
-        None
+        false
     }
 
     /// Every [`WATCH_EVERY`], takes over the sockets whose server went away
@@ -274,29 +282,47 @@ impl Egress {
                 let Some(egress) = weak.upgrade() else {
                     return;
                 };
-                let mut backends: Vec<(String, Owner)> = egress
-                    .watched
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .map(|(b, o)| (b.clone(), o.clone()))
-                    .collect();
-                backends.extend(
+                let mut owners: Vec<Owner> =
+                    egress.watched.lock().unwrap().values().cloned().collect();
+                owners.extend(
                     egress
                         .served
                         .lock()
                         .unwrap()
-                        .iter()
-                        .map(|(b, s)| (b.clone(), s.owner.clone())),
+                        .values()
+                        .map(|s| s.owner.clone()),
                 );
-                for (backend, owner) in backends {
-                    if let Err(e) = egress.ensure(&backend, &owner.user, &owner.profile).await {
-                        tracing::warn!(backend, error = %e, "egress socket not served");
+                for o in owners {
+                    if let Err(e) = egress.ensure(&o.backend, &o.user, &o.profile).await {
+                        tracing::warn!(backend = o.backend, error = %e, "egress socket not served");
                     }
                 }
             }
         }));
     }
+}
+
+/// The allow-list of every profile of `config` with egress, parsed: an
+/// unusable entry is refused (when the host starts) naming its profile.
+pub fn profile_rules(config: &Config) -> Result<HashMap<ProfileName, Arc<Rules>>, SandboxError> {
+    let mut rules = HashMap::new();
+    for profile in config.profiles().into_iter().filter(|p| p.has_egress()) {
+        let list = EgressConfig {
+            allow: profile.allow.clone(),
+            hosts: config.egress.hosts.clone(),
+            metrics_per_user: config.egress.metrics_per_user,
+        };
+        let parsed = Rules::new(&list)
+            .map_err(|e| SandboxError::Refused(format!("profile {}: {e}", profile.name)))?;
+        if parsed.is_empty() {
+            tracing::warn!(
+                profile = profile.name.as_str(),
+                "network \"egress\" with an empty allow-list: sandboxes reach nothing"
+            );
+        }
+        rules.insert(profile.name, Arc::new(parsed));
+    }
+    Ok(rules)
 }
 
 impl Drop for Egress {
@@ -306,9 +332,9 @@ impl Drop for Egress {
         if let Some(watchdog) = self.watchdog.get_mut().unwrap().take() {
             watchdog.abort();
         }
-        for (backend, served) in self.served.get_mut().unwrap().drain() {
+        for (key, served) in self.served.get_mut().unwrap().drain() {
             served.accept.abort();
-            let path = self.dir.join("sockets").join(&backend).join(SOCKET_NAME);
+            let path = self.dir.join("sockets").join(&key).join(SOCKET_NAME);
             if file_id(&path) == Some(served.file) {
                 let _ = std::fs::remove_file(&path);
             }
@@ -316,10 +342,10 @@ impl Drop for Egress {
     }
 }
 
-/// Accepts the relay's connections for one user, at most
-/// [`MAX_CONNECTIONS_PER_USER`] at once.
-async fn accept_loop(listener: UnixListener, cx: Arc<proxy::Context>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS_PER_USER));
+/// Accepts the relay's connections on one socket; `slots` bounds the
+/// user's connections over all their sockets
+/// ([`MAX_CONNECTIONS_PER_USER`]).
+async fn accept_loop(listener: UnixListener, cx: Arc<proxy::Context>, slots: Arc<Semaphore>) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,

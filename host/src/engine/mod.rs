@@ -43,6 +43,10 @@ fn profile_label(labels: &HashMap<String, String>) -> &str {
         .unwrap_or(crate::config::DEFAULT_PROFILE)
 }
 
+/// Backends whose chosen profile the engine remembers; past it, the memory
+/// starts over (the policy client asks again).
+const MAX_REMEMBERED_CHOICES: usize = 100_000;
+
 /// How long new work waits for an idle removal of its container to decide.
 const EVICTION_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 use workspace::Workspaces;
@@ -116,11 +120,9 @@ pub struct Engine {
     /// The digest of the plan this host gives a new container of each
     /// profile (see [`ContainerPlan::digest`]), known once the agent is.
     plan_digests: Mutex<HashMap<ProfileName, String>>,
-    /// The profile the policy last chose for each backend (by backend id).
+    /// The profile the running policy chose for each backend (by backend
+    /// id), as far as this process asked; cleared on a swap.
     chosen: Mutex<HashMap<String, ProfileName>>,
-    /// The profile each container was made under, as last seen (by name):
-    /// a change of the chosen one is noticed without asking the engine.
-    made_under: Mutex<HashMap<String, String>>,
     /// The workspace root, resolved: the `sandbox.workspace-root` label.
     root_label: String,
     /// The state store's id (`sandbox.store`), read at start.
@@ -172,7 +174,6 @@ impl Engine {
             agent: OnceLock::new(),
             plan_digests: Mutex::default(),
             chosen: Mutex::default(),
-            made_under: Mutex::default(),
             store_id: crate::state::read_store_id(&config.workspace_root),
             root_label: config
                 .workspace_root
@@ -203,25 +204,23 @@ impl Engine {
         self.egress.as_ref()
     }
 
-    /// Makes sure some host process serves the proxy socket of `backend`
-    /// before its work runs, with the rules of the profile chosen for it;
-    /// this process stops serving it when that profile has no egress. A
-    /// failure costs that work its egress (the relay says so), not the
-    /// work: it is logged.
-    async fn serve_egress(&self, backend: &BackendId) {
+    /// Makes sure some host process serves the proxy socket of
+    /// `backend`'s container, made under `profile`, with that profile's
+    /// allow-list, before its work runs (nothing when the profile has no
+    /// egress). A failure costs that work its egress (the relay says so),
+    /// not the work: it is logged.
+    pub async fn serve_egress(&self, backend: &BackendId, profile: &str) {
         let Some(egress) = &self.egress else {
             return;
         };
-        let Ok(user) = backend.user() else {
+        let (Ok(user), Ok(profile)) = (backend.user(), ProfileName::parse(profile)) else {
             return;
         };
-        let profile = self.chosen_profile(backend);
-        let has_egress = self
+        if !self
             .config
             .profile(&profile)
-            .is_some_and(|p| p.has_egress());
-        if !has_egress {
-            egress.withdraw(backend.as_str());
+            .is_some_and(|p| p.has_egress())
+        {
             return;
         }
         if let Err(e) = egress.ensure(backend.as_str(), &user, &profile).await {
@@ -232,32 +231,22 @@ impl Engine {
     /// Records the profile the policy chose for `backend` (checked against
     /// the operator's list by the policy client).
     pub fn choose_profile(&self, backend: &BackendId, profile: &ProfileName) {
-        self.chosen
-            .lock()
-            .unwrap()
-            .insert(backend.as_str().to_owned(), profile.clone());
+        let mut chosen = self.chosen.lock().unwrap();
+        if chosen.len() >= MAX_REMEMBERED_CHOICES {
+            chosen.clear();
+        }
+        chosen.insert(backend.as_str().to_owned(), profile.clone());
     }
 
-    /// The profile last chosen for `backend`; `default` before any choice.
-    pub fn chosen_profile(&self, backend: &BackendId) -> ProfileName {
-        self.chosen
-            .lock()
-            .unwrap()
-            .get(backend.as_str())
-            .cloned()
-            .unwrap_or_else(ProfileName::default_profile)
+    /// Forgets every choice (the policy was swapped).
+    pub fn forget_profiles(&self) {
+        self.chosen.lock().unwrap().clear();
     }
 
-    /// The profile `backend`'s container was made under, when this host
-    /// saw it and it is not the one chosen for the backend now.
-    pub fn profile_changed(&self, backend: &BackendId) -> Option<String> {
-        let made = self
-            .made_under
-            .lock()
-            .unwrap()
-            .get(&self.container_name(backend))
-            .cloned()?;
-        (made != self.chosen_profile(backend).as_str()).then_some(made)
+    /// The profile the running policy chose for `backend`, if this process
+    /// asked it.
+    fn chosen_profile(&self, backend: &BackendId) -> Option<ProfileName> {
+        self.chosen.lock().unwrap().get(backend.as_str()).cloned()
     }
 
     /// Records that the policy `name` (sanitised) runs now, its component
@@ -351,7 +340,6 @@ impl Engine {
     /// removal is refused because of this work, or the container goes and
     /// the ensure makes a new one); during a destroy it is refused.
     pub async fn begin_work(&self, backend: &BackendId) -> Result<Option<Work>> {
-        self.serve_egress(backend).await;
         let name = self.container_name(backend);
         let patience = tokio::time::Instant::now() + EVICTION_WAIT;
         loop {
@@ -417,7 +405,7 @@ impl Engine {
         let chosen = labels
             .get(label::BACKEND)
             .and_then(|b| BackendId::parse(b).ok())
-            .map(|b| self.chosen_profile(&b));
+            .and_then(|b| self.chosen_profile(&b));
         if let Some(chosen) = chosen.filter(|c| c.as_str() != made_under) {
             return Some(format!(
                 "the policy now chooses profile {chosen} for its backend (made under {made_under})"
@@ -586,10 +574,7 @@ impl Engine {
                         .to_owned(),
                 ));
             };
-            let dir = egress.socket_dir(backend.as_str())?;
-            self.choose_profile(backend, &profile.name);
-            self.serve_egress(backend).await;
-            plan.with_egress(dir)
+            plan.with_egress(egress.socket_dir(backend.as_str(), &profile.name)?)
         } else {
             plan
         };
@@ -732,6 +717,9 @@ impl Engine {
             self.provider.remove(&owned.id).await?
         };
         self.handouts.forget(&owned.id);
+        if let Some(egress) = &self.egress {
+            egress.withdraw(&owned.backend_id, &owned.profile);
+        }
         self.usage.forget(&owned.name);
         self.usage.forget_link(&owned.id);
         if matches!(how, RemoveMode::Drain(_)) {
@@ -769,10 +757,6 @@ impl Engine {
         };
         let threads = self.usage.threads(&record.name);
         let profile = profile_label(&record.labels).to_owned();
-        self.made_under
-            .lock()
-            .unwrap()
-            .insert(record.name.clone(), profile.clone());
         Ok(ManagedContainer {
             container: Container {
                 backend_id: get(label::BACKEND),
@@ -797,8 +781,12 @@ impl Engine {
     /// Records that `container` is given to a policy, which may then return
     /// it from `ensure-container` for its backend.
     pub fn hand_out(&self, container: &ManagedContainer) {
-        self.handouts
-            .record(&container.id, &container.backend_id, container.agent);
+        self.handouts.record(
+            &container.id,
+            &container.backend_id,
+            container.agent,
+            &container.profile,
+        );
     }
 }
 

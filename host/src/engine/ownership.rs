@@ -120,15 +120,21 @@ pub fn sanitize_policy_name(name: &str) -> String {
 pub struct Handouts {
     backends: Mutex<HashMap<String, String>>,
     with_agent: Mutex<HashMap<String, AgentMode>>,
+    /// The profile each container was made under (its label).
+    profiles: Mutex<HashMap<String, String>>,
 }
 
 impl Handouts {
     /// Records that the container `id` of `backend` was given to a policy.
-    pub fn record(&self, id: &str, backend: &str, agent: AgentMode) {
+    pub fn record(&self, id: &str, backend: &str, agent: AgentMode, profile: &str) {
         self.backends
             .lock()
             .unwrap()
             .insert(id.to_owned(), backend.to_owned());
+        self.profiles
+            .lock()
+            .unwrap()
+            .insert(id.to_owned(), profile.to_owned());
         if agent != AgentMode::Absent {
             self.with_agent.lock().unwrap().insert(id.to_owned(), agent);
         }
@@ -137,6 +143,7 @@ impl Handouts {
     /// Forgets a removed container.
     pub fn forget(&self, id: &str) {
         self.backends.lock().unwrap().remove(id);
+        self.profiles.lock().unwrap().remove(id);
         self.with_agent.lock().unwrap().remove(id);
     }
 
@@ -153,6 +160,11 @@ impl Handouts {
     /// Checks that a container a policy returned for `backend` is one this
     /// host handed out for that backend (never a forged id or another
     /// backend's container), and tells what it has of `sandbox-agent`.
+    /// The profile the handed-out container `id` was made under.
+    pub fn profile(&self, id: &str) -> Option<String> {
+        self.profiles.lock().unwrap().get(id).cloned()
+    }
+
     pub fn check_serves(&self, id: &str, backend: &str) -> Result<AgentMode> {
         match self.backends.lock().unwrap().get(id) {
             Some(owner) if owner == backend => Ok(self.agent(id)),
@@ -195,7 +207,7 @@ mod tests {
     #[test]
     fn a_container_is_only_served_to_the_backend_it_was_handed_to() {
         let handouts = Handouts::default();
-        handouts.record("c1", "alice", AgentMode::Absent);
+        handouts.record("c1", "alice", AgentMode::Absent, "default");
         assert!(handouts.check_serves("c1", "alice").is_ok());
         assert!(handouts.check_serves("c1", "bob").is_err());
         assert!(handouts.check_serves("forged", "alice").is_err());

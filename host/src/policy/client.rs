@@ -32,6 +32,9 @@ pub struct VerifiedContainer {
     /// What it has of `sandbox-agent` (from the host's label when it was
     /// handed out): how executes reach it.
     pub(crate) agent: AgentMode,
+    /// The profile it was made under (from the host's label when it was
+    /// handed out).
+    pub profile: String,
 }
 
 /// Backends whose profile the client remembers; past it, the memory
@@ -45,7 +48,15 @@ pub struct PolicyClient {
     lanes: Lanes,
     /// The running policy's (pure) `profile` answers, checked, by backend;
     /// forgotten on a swap.
-    profiles: Mutex<HashMap<String, ProfileName>>,
+    profiles: Mutex<ProfileAnswers>,
+}
+
+/// Answers of one policy: a swap starts a new generation, and an answer
+/// asked before it is not kept (it may come from the policy swapped out).
+#[derive(Default)]
+struct ProfileAnswers {
+    generation: u64,
+    by_backend: HashMap<String, ProfileName>,
 }
 
 impl PolicyClient {
@@ -75,8 +86,13 @@ impl PolicyClient {
     /// running policy stays.
     pub async fn swap(&self, bytes: &[u8], source: &str) -> Result<()> {
         let compiled = CompiledPolicy::load(&self.engine, bytes, source, &self.host).await?;
-        self.lanes.swap_policy(Arc::new(compiled));
-        self.profiles.lock().unwrap().clear();
+        {
+            let mut answers = self.profiles.lock().unwrap();
+            self.lanes.swap_policy(Arc::new(compiled));
+            answers.generation += 1;
+            answers.by_backend.clear();
+            self.host.forget_profiles();
+        }
         Ok(())
     }
 
@@ -127,24 +143,29 @@ impl PolicyClient {
     /// world), and recorded with the engine. Asked once per backend while
     /// the policy runs: the answer is pure.
     pub async fn profile_of(&self, backend: &BackendId) -> Result<ProfileName> {
-        let known = self.profiles.lock().unwrap().get(backend.as_str()).cloned();
-        let profile = match known {
-            Some(profile) => profile,
-            None => {
-                let answered = self
-                    .lanes
-                    .route(backend.as_str(), async |p| p.profile(backend).await)
-                    .await?;
-                let profile = answers::profile(self.host.config(), backend, answered)?;
-                let mut profiles = self.profiles.lock().unwrap();
-                if profiles.len() >= MAX_REMEMBERED_PROFILES {
-                    profiles.clear();
-                }
-                profiles.insert(backend.as_str().to_owned(), profile.clone());
-                profile
-            }
+        let (known, generation) = {
+            let answers = self.profiles.lock().unwrap();
+            let known = answers.by_backend.get(backend.as_str()).cloned();
+            (known, answers.generation)
         };
-        self.host.choose_profile(backend, &profile);
+        if let Some(profile) = known {
+            return Ok(profile);
+        }
+        let answered = self
+            .lanes
+            .route(backend.as_str(), async |p| p.profile(backend).await)
+            .await?;
+        let profile = answers::profile(self.host.config(), backend, answered)?;
+        let mut answers = self.profiles.lock().unwrap();
+        if answers.generation == generation {
+            if answers.by_backend.len() >= MAX_REMEMBERED_PROFILES {
+                answers.by_backend.clear();
+            }
+            answers
+                .by_backend
+                .insert(backend.as_str().to_owned(), profile.clone());
+            self.host.choose_profile(backend, &profile);
+        }
         Ok(profile)
     }
 
@@ -160,10 +181,12 @@ impl PolicyClient {
             })
             .await?;
         let agent = self.host.handouts().check_serves(&c.id, backend.as_str())?;
+        let made_under = self.host.handouts().profile(&c.id).unwrap_or_default();
         Ok(VerifiedContainer {
             id: c.id,
             name: c.name,
             agent,
+            profile: made_under,
         })
     }
 

@@ -145,11 +145,11 @@ impl PolicyEngine {
             Ok(pre) => PlacementPre::V0_4(pre),
             Err(current) => match bindings::v0_3::SandboxPre::new(pre) {
                 Ok(pre) => PlacementPre::V0_3(pre),
-                Err(_) => {
+                Err(previous) => {
                     return Err(refuse(format!(
                         "does not export the `sandbox:policy/placement` interface of the \
                          `sandbox` world, 0.4 or 0.3 (a policy for an older version of the \
-                         world, or for another world?): {current:#}"
+                         world, or for another world?): as 0.4: {current:#}; as 0.3: {previous:#}"
                     )))
                 }
             },

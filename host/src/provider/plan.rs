@@ -98,7 +98,8 @@ impl ContainerPlan {
             "agent": agent,
             "agent_mode": self.labels.get(agent::AGENT_LABEL),
             "artifacts": self.artifacts.is_some().then_some(ARTIFACT_DIRS),
-            "egress": self.egress.is_some(),
+            // 2: one socket per backend and profile (1 was one per user).
+            "egress": self.egress.is_some().then_some(2),
         });
         let hex = hex::encode(Sha256::digest(settings.to_string().as_bytes()));
         format!("sha256:{}", &hex[..16])

@@ -111,13 +111,22 @@ impl Backend {
         backend: &BackendId,
     ) -> Result<(VerifiedContainer, Option<Work>)> {
         let profile = self.sandbox.inner.policy.profile_of(backend).await?;
-        if let Some(made) = self.engine().profile_changed(backend) {
+        let mut work = self.sandbox.inner.engine.begin_work(backend).await?;
+        let mut container = self.ensure_as(backend).await?;
+        if container.profile != profile.as_str() {
+            // Made under another profile (before a swap, a restart, or by
+            // another process): replaced now when nothing else runs on it,
+            // else it serves on, under its own profile, until next idle.
+            drop(work);
             self.sandbox
-                .retire_reprofiled(backend, &made, &profile)
+                .retire_reprofiled(backend, &container.profile, &profile)
                 .await?;
+            work = self.sandbox.inner.engine.begin_work(backend).await?;
+            container = self.ensure_as(backend).await?;
         }
-        let work = self.sandbox.inner.engine.begin_work(backend).await?;
-        let container = self.ensure_as(backend).await?;
+        self.engine()
+            .serve_egress(backend, &container.profile)
+            .await;
         Ok((container, work))
     }
 

@@ -98,6 +98,7 @@ impl Sandbox {
         // start, rather than at the first container.
         crate::egress::Rules::new(&config.egress)
             .map_err(|e| SandboxError::Other(e.to_string()))?;
+        crate::egress::profile_rules(&config).map_err(|e| SandboxError::Other(e.to_string()))?;
         crate::state::prepare(&config.workspace_root)?;
         let cache = config
             .component_cache_dir
