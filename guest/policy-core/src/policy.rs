@@ -539,7 +539,8 @@ mod tests {
         let mut p = Policy::new(PerUser);
         let err = p.profile(&mut host, &backend("alice")).unwrap_err();
         assert!(
-            err.to_string().contains(r#"profile."open" and profile."closed""#),
+            err.to_string()
+                .contains(r#"profile."open" and profile."closed""#),
             "{err}"
         );
         assert_eq!(p.profile(&mut host, &backend("bob")).unwrap(), "closed");
