@@ -260,3 +260,55 @@ async fn the_policy_gives_alice_egress_and_bob_none() {
     );
     drop(upstream);
 }
+
+/// `sandbox exec` run alone (no server): the CLI process serves the proxy
+/// socket while it runs, removes it when it ends, and the next `exec`
+/// serves it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_exec_alone_serves_its_own_egress() {
+    let upstream = Upstream::start("cli");
+    let ip = upstream.ip();
+    let h = Harness::new("egresscli");
+    let exec = |command: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sandbox"))
+            .arg("--workspace-root")
+            .arg(h.root.path())
+            .args([
+                "--namespace",
+                &h.namespace,
+                "--image",
+                &support::test_image(),
+            ])
+            .env_remove("SANDBOX_CONFIG")
+            .env("SANDBOX_NETWORK", "egress")
+            .env("SANDBOX_EGRESS__ALLOW", format!("allowed.test:80,{ip}:80"))
+            .env("SANDBOX_EGRESS__HOSTS", format!("allowed.test={ip}"))
+            .args(["exec", "alice-1", "--", "sh", "-c", command])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for round in 0..2 {
+        let (code, stdout, stderr) = exec("wget -qO- http://allowed.test/");
+        assert_eq!(code, Some(0), "round {round}: {stdout} {stderr}");
+        assert_eq!(stdout, "hello-upstream\n", "round {round}: {stderr}");
+    }
+    let (_, stdout, _) = exec(&raw("GET http://other.test/ HTTP/1.0\\r\\n\\r\\n"));
+    assert!(stdout.starts_with("HTTP/1.0 403"), "{stdout}");
+    // Between the two, no process served it: the socket was removed.
+    let sockets = h.root.path().join(".sandbox/egress/sockets");
+    let served: Vec<_> = std::fs::read_dir(&sockets)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().join("proxy.sock").exists())
+                .map(|e| e.file_name())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(served.is_empty(), "sockets left served: {served:?}");
+    drop(upstream);
+}
