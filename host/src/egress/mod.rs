@@ -231,22 +231,22 @@ impl Egress {
     }
 
     /// Stops serving (and watching) the socket of `backend`'s container
-    /// made under `profile`: the container was removed. This process's
-    /// socket file goes with it; connections already open end with it.
+    /// made under `profile`, and removes it and its directory: the
+    /// container was removed (by this process). Connections already open
+    /// end with their tunnels; a process serving it elsewhere finds its
+    /// directory gone at its next watch and stops too.
     pub fn withdraw(&self, backend: &str, profile: &str) {
         let Ok(profile) = ProfileName::parse(profile) else {
             return;
         };
         let key = socket_key(backend, &profile);
         self.watched.lock().unwrap().remove(&key);
-        let Some(gone) = self.served.lock().unwrap().remove(&key) else {
-            return;
-        };
-        gone.accept.abort();
-        let path = self.dir.join("sockets").join(&key).join(SOCKET_NAME);
-        if file_id(&path) == Some(gone.file) {
-            let _ = std::fs::remove_file(&path);
+        if let Some(gone) = self.served.lock().unwrap().remove(&key) {
+            gone.accept.abort();
         }
+        let dir = self.dir.join("sockets").join(&key);
+        let _ = std::fs::remove_file(dir.join(SOCKET_NAME));
+        let _ = std::fs::remove_dir(&dir);
     }
 
     /// Whether this process serves the socket `key`, and it is still the
@@ -293,6 +293,15 @@ impl Egress {
                         .map(|s| s.owner.clone()),
                 );
                 for o in owners {
+                    let key = socket_key(&o.backend, &o.profile);
+                    if !egress.dir.join("sockets").join(&key).is_dir() {
+                        // Its container was removed (by whichever process).
+                        egress.watched.lock().unwrap().remove(&key);
+                        if let Some(gone) = egress.served.lock().unwrap().remove(&key) {
+                            gone.accept.abort();
+                        }
+                        continue;
+                    }
                     if let Err(e) = egress.ensure(&o.backend, &o.user, &o.profile).await {
                         tracing::warn!(backend = o.backend, error = %e, "egress socket not served");
                     }
