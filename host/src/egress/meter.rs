@@ -91,7 +91,7 @@ impl Meters {
 
 /// The bytes one upstream connection moved, read after it ended.
 #[derive(Debug, Clone, Default)]
-pub(super) struct Counted(Arc<(AtomicU64, AtomicU64)>);
+pub(super) struct Counted(pub(super) Arc<(AtomicU64, AtomicU64)>);
 
 impl Counted {
     /// (in, out).

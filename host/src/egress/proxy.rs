@@ -34,6 +34,11 @@ use super::rules::{Host, Refusal, Rules};
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long resolving a name and connecting to it may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A tunnel that moves no byte either way for this long is closed: idle
+/// tunnels would otherwise hold the user's connection slots for ever.
+const TUNNEL_IDLE: Duration = Duration::from_secs(300);
+/// How often a tunnel's idleness is checked.
+const IDLE_CHECK: Duration = Duration::from_secs(15);
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -188,7 +193,13 @@ fn tunnel(
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
                 let mut client = TokioIo::new(upgraded);
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                let counter = upstream.counter();
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                    _ = idle(counter, TUNNEL_IDLE) => {
+                        tracing::debug!(user = cx.user.as_str(), "egress tunnel idle: closed");
+                    }
+                }
             }
             Err(e) => tracing::debug!(error = %e, "egress tunnel not upgraded"),
         }
@@ -305,6 +316,22 @@ fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
     }
 }
 
+/// Returns once `counter` stayed still for `limit`.
+async fn idle(counter: super::meter::Counted, limit: Duration) {
+    let mut last = counter.get();
+    let mut still_since = Instant::now();
+    loop {
+        tokio::time::sleep(IDLE_CHECK.min(limit)).await;
+        let now = counter.get();
+        if now != last {
+            last = now;
+            still_since = Instant::now();
+        } else if still_since.elapsed() >= limit {
+            return;
+        }
+    }
+}
+
 fn log(
     cx: &Context,
     method: &Method,
@@ -345,4 +372,35 @@ fn text(status: StatusCode, body: String) -> Response<Body> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[tokio::test]
+    async fn a_tunnel_is_idle_only_once_no_byte_moved_for_the_whole_limit() {
+        let counter = super::super::meter::Counted::default();
+        let limit = Duration::from_millis(200);
+        let started = Instant::now();
+        idle(counter.clone(), limit).await;
+        assert!(started.elapsed() >= limit, "{:?}", started.elapsed());
+
+        let busy = counter.clone();
+        let mover = tokio::spawn(async move {
+            for _ in 0..12 {
+                busy.0 .0.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let started = Instant::now();
+        idle(counter, limit).await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(600),
+            "closed while bytes moved: {:?}",
+            started.elapsed()
+        );
+        mover.await.unwrap();
+    }
 }
