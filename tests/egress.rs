@@ -312,3 +312,76 @@ async fn sandbox_exec_alone_serves_its_own_egress() {
     assert!(served.is_empty(), "sockets left served: {served:?}");
     drop(upstream);
 }
+
+/// The bug (an attack): CONNECT tunnels opened straight on the proxy
+/// socket were not counted against the user's 64 connections, so one
+/// sandbox could open thousands and exhaust the host process's file
+/// descriptors, taking egress (and the API) from every user. Each tunnel
+/// now holds its slot until it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tunnels_count_against_the_users_connection_cap() {
+    let upstream = Upstream::start("tunnels");
+    let ip = upstream.ip();
+    let h = Harness::new("tunnels");
+    let mut config = h.config();
+    config.image = support::python_image();
+    config.network = "egress".into();
+    config.egress = EgressConfig {
+        allow: vec!["allowed.test:80".into(), format!("{ip}:80")],
+        hosts: [("allowed.test".to_owned(), ip.clone())].into(),
+        metrics_per_user: false,
+    };
+    let sandbox = h
+        .sandbox_with(
+            config,
+            sandbox_host::PolicySource::Builtin("per-user".into()),
+        )
+        .await;
+    let alice = sandbox.get_thread_backend("alice-1").await.unwrap();
+    let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    alice.execute("true").await.unwrap();
+    let before = fds();
+    // 200 tunnels on the socket itself (not through the relay's 32), each
+    // established, then held while the host's descriptors are counted.
+    let program = r#"
+import socket, time
+held = []
+for _ in range(200):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect("/.sandbox/egress/proxy.sock")
+        s.sendall(b"CONNECT allowed.test:80 HTTP/1.1\r\nHost: allowed.test:80\r\n\r\n")
+        s.settimeout(2)
+        ok = s.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        ok = False
+    if ok:
+        held.append(s)
+print(len(held), flush=True)
+open("/tmp/held", "w").write(str(len(held)))
+time.sleep(8)
+"#;
+    let run = alice.execute_with(
+        "python3 -",
+        sandbox_host::ExecOptions {
+            stdin: Some(program.as_bytes().to_vec()),
+            ..Default::default()
+        },
+    );
+    let watch = async {
+        // While the tunnels are held: the host's descriptors grew by at
+        // most two per allowed connection (the sandbox's, the upstream's).
+        tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+        fds()
+    };
+    let (r, during) = tokio::join!(run, watch);
+    let r = r.unwrap();
+    assert_eq!(r.stdout.trim(), "64", "{r:?}");
+    assert!(
+        during <= before + 2 * 64 + 16,
+        "the host's descriptors grew from {before} to {during}"
+    );
+    let counts = sandbox.egress_counts();
+    assert!(counts[0].1.refused >= 100, "{counts:?}");
+    drop(upstream);
+}

@@ -23,6 +23,11 @@ const MAX_CONNECTIONS: usize = 32;
 /// Each copying thread's stack: it holds one buffer.
 const STACK: usize = 64 * 1024;
 const BUFFER: usize = 32 * 1024;
+/// Refusals answered at once (each on its own short-lived thread).
+const MAX_REFUSING: usize = 8;
+/// How long, and how much of, a refused request is read before closing.
+const REFUSE_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
+const REFUSE_DRAIN_BYTES: usize = 64 * 1024;
 
 /// Binds the port and relays on a thread of its own.
 pub fn start(port: u16) -> std::io::Result<()> {
@@ -101,8 +106,28 @@ fn copy(mut from: impl Read, mut to: impl Write) {
 }
 
 /// Answers a connection the relay cannot carry with an HTTP error the
-/// workload's tools print (every client of the port speaks HTTP to a proxy).
-fn refuse(mut client: TcpStream, status: &str, why: &str) {
+/// workload's tools print (every client of the port speaks HTTP to a
+/// proxy), on a thread of its own: a client that trickles its request must
+/// not hold up the accept loop. At most [`MAX_REFUSING`] at once; past
+/// that the connection just closes.
+fn refuse(client: TcpStream, status: &'static str, why: &'static str) {
+    static REFUSING: AtomicUsize = AtomicUsize::new(0);
+    if REFUSING.fetch_add(1, Ordering::SeqCst) >= MAX_REFUSING {
+        REFUSING.fetch_sub(1, Ordering::SeqCst);
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .stack_size(STACK)
+        .spawn(move || {
+            answer(client, status, why);
+            REFUSING.fetch_sub(1, Ordering::SeqCst);
+        });
+    if spawned.is_err() {
+        REFUSING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn answer(mut client: TcpStream, status: &str, why: &str) {
     let body = format!("sandbox egress: {why}\n");
     let _ = write!(
         client,
@@ -111,8 +136,16 @@ fn refuse(mut client: TcpStream, status: &str, why: &str) {
         body.len()
     );
     // Closing with the request unread would reset the connection and lose
-    // the answer: read it (briefly) first.
+    // the answer: read it first, briefly (bounded in time and bytes).
     let _ = client.shutdown(Shutdown::Write);
     let _ = client.set_read_timeout(Some(std::time::Duration::from_millis(200)));
-    let _ = std::io::copy(&mut client, &mut std::io::sink());
+    let until = std::time::Instant::now() + REFUSE_DRAIN;
+    let mut buffer = [0u8; 4096];
+    let mut drained = 0;
+    while std::time::Instant::now() < until && drained < REFUSE_DRAIN_BYTES {
+        match client.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
 }

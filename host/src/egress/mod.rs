@@ -53,9 +53,14 @@ pub const SOCKET_MOUNT: &str = "/.sandbox/egress";
 pub const SOCKET_NAME: &str = "proxy.sock";
 /// The port of the agent's relay on the sandbox's loopback.
 pub const RELAY_PORT: u16 = 3128;
-/// Connections one user's sandbox holds open to the proxy at once; more
-/// are closed as they arrive.
+/// Connections one user's sandboxes hold open to the proxy at once (a
+/// CONNECT tunnel counts until it ends); more are closed as they arrive.
 pub const MAX_CONNECTIONS_PER_USER: usize = 64;
+/// Connections this process carries at once, for every user together: a
+/// bound on its file descriptors whatever the number of users.
+pub const MAX_CONNECTIONS: usize = 2048;
+/// A socket's refusals and accept failures are logged at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 /// How often a process checks the sockets another process serves (and
 /// takes over those whose server went away).
 const WATCH_EVERY: Duration = Duration::from_secs(2);
@@ -92,6 +97,8 @@ pub struct Egress {
     watched: Mutex<HashMap<String, Owner>>,
     /// Each user's connections at once, over all their sockets.
     slots: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Every user's connections at once.
+    all_slots: Arc<Semaphore>,
     watchdog: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -126,6 +133,7 @@ impl Egress {
             served: Mutex::default(),
             watched: Mutex::default(),
             slots: Mutex::default(),
+            all_slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             watchdog: Mutex::default(),
         }))
     }
@@ -211,7 +219,7 @@ impl Egress {
                     rules,
                     meter: self.meters.of(user.as_str()),
                 }),
-                slots,
+                [slots, self.all_slots.clone()],
             ));
             tracing::debug!(
                 backend,
@@ -351,32 +359,52 @@ impl Drop for Egress {
     }
 }
 
-/// Accepts the relay's connections on one socket; `slots` bounds the
+/// Accepts the relay's connections on one socket; `[user, all]` bound the
 /// user's connections over all their sockets
-/// ([`MAX_CONNECTIONS_PER_USER`]).
-async fn accept_loop(listener: UnixListener, cx: Arc<proxy::Context>, slots: Arc<Semaphore>) {
+/// ([`MAX_CONNECTIONS_PER_USER`]) and this process's
+/// ([`MAX_CONNECTIONS`]). A connection holds its slots until it ends, and
+/// a CONNECT tunnel until the tunnel ends.
+async fn accept_loop(listener: UnixListener, cx: Arc<proxy::Context>, slots: [Arc<Semaphore>; 2]) {
+    let [user_slots, all_slots] = slots;
+    let mut warned: Option<tokio::time::Instant> = None;
+    let mut warn = |what: &dyn Fn()| {
+        if warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+            what();
+            warned = Some(tokio::time::Instant::now());
+        }
+    };
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                tracing::warn!(user = cx.user.as_str(), error = %e, "egress accept failed");
+                warn(
+                    &|| tracing::warn!(user = cx.user.as_str(), error = %e, "egress accept failed"),
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(
-                user = cx.user.as_str(),
-                "egress: {MAX_CONNECTIONS_PER_USER} connections open; closing a new one"
-            );
+        let (Ok(user_slot), Ok(all_slot)) = (
+            user_slots.clone().try_acquire_owned(),
+            all_slots.clone().try_acquire_owned(),
+        ) else {
+            warn(&|| {
+                tracing::warn!(
+                    user = cx.user.as_str(),
+                    "egress: {MAX_CONNECTIONS_PER_USER} connections of this user or \
+                     {MAX_CONNECTIONS} in all are open; closing new ones"
+                )
+            });
+            cx.meter.refused();
             continue;
         };
         cx.meter.connected();
         let cx = cx.clone();
-        tokio::spawn(async move {
-            proxy::serve_connection(stream, cx).await;
-            drop(slot);
-        });
+        tokio::spawn(proxy::serve_connection(
+            stream,
+            cx,
+            Arc::new((user_slot, all_slot)),
+        ));
     }
 }
 

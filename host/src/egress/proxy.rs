@@ -26,6 +26,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::meter::{Metered, UserMeter};
 use super::rules::{Host, Refusal, Rules};
@@ -49,14 +50,18 @@ pub(super) struct Context {
     pub meter: Arc<UserMeter>,
 }
 
+/// The connection slots a connection holds (its user's, the process's):
+/// released when the connection and any tunnel it became have ended.
+pub(super) type Slots = Arc<(OwnedSemaphorePermit, OwnedSemaphorePermit)>;
+
 /// Serves one accepted connection until the sandbox closes it.
-pub(super) async fn serve_connection<S>(io: S, cx: Arc<Context>)
+pub(super) async fn serve_connection<S>(io: S, cx: Arc<Context>, slots: Slots)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req| {
-        let cx = cx.clone();
-        async move { Ok::<_, Infallible>(handle(req, cx).await) }
+        let (cx, slots) = (cx.clone(), slots.clone());
+        async move { Ok::<_, Infallible>(handle(req, cx, slots).await) }
     });
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -69,7 +74,7 @@ where
     }
 }
 
-async fn handle(req: Request<Incoming>, cx: Arc<Context>) -> Response<Body> {
+async fn handle(req: Request<Incoming>, cx: Arc<Context>, slots: Slots) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
     let Some((host, port)) = destination(&req) else {
@@ -96,7 +101,7 @@ async fn handle(req: Request<Incoming>, cx: Arc<Context>) -> Response<Body> {
         }
     };
     if method == Method::CONNECT {
-        tunnel(req, upstream, cx, host, port, started)
+        tunnel(req, upstream, cx, host, port, started, slots)
     } else {
         forward(req, upstream, cx, host, port, started).await
     }
@@ -188,8 +193,11 @@ fn tunnel(
     host: Host,
     port: u16,
     started: Instant,
+    slots: Slots,
 ) -> Response<Body> {
     tokio::spawn(async move {
+        // The tunnel outlives the connection's service: it holds the slots.
+        let _slots = slots;
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
                 let mut client = TokioIo::new(upgraded);
@@ -234,7 +242,11 @@ async fn forward(
         .map_or("/", |pq| pq.as_str())
         .parse()
         .unwrap_or_else(|_| hyper::Uri::from_static("/"));
-    let authority = req.uri().authority().map(|a| a.to_string());
+    // Host and port only: never userinfo (`http://user:pw@host/`).
+    let authority = req.uri().authority().map(|a| match a.port() {
+        Some(port) => format!("{}:{}", a.host(), port.as_str()),
+        None => a.host().to_owned(),
+    });
     *req.uri_mut() = origin_form;
     strip_hop_by_hop(req.headers_mut());
     if let Some(authority) = authority {
