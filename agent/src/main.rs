@@ -10,6 +10,7 @@
 //! sandbox-agent reap [--timeout-ms N] [--user UID:GID --group GID]
 //!                    [--report-fd FD] -- PROGRAM [ARGS...]   reap.rs
 //! sandbox-agent kill MARKER                              kill.rs
+//! sandbox-agent connect PORT                             connect.rs
 //! ```
 //!
 //! `init` is the container's main process (pid 1 and root, with `--user`;
@@ -36,6 +37,7 @@
 
 use sandbox_agent::protocol::EXIT_AGENT_FAILED;
 
+mod connect;
 mod identity;
 mod init;
 mod kill;
@@ -51,7 +53,7 @@ const AGENT_FAILED: i32 = EXIT_AGENT_FAILED as i32;
 
 const USAGE: &str = "usage: sandbox-agent init [--user UID:GID] [--egress-port PORT] \
                      | serve [--user UID:GID] [--egress-port PORT] \
-                     | respawn | kill MARKER \
+                     | respawn | kill MARKER | connect PORT \
                      | reap [--timeout-ms N] [--user UID:GID --group GID] -- PROGRAM [ARGS...]";
 
 fn main() {
@@ -63,6 +65,7 @@ fn main() {
         (Some("serve"), _) => serve::serve(rest),
         (Some("respawn"), true) => respawn::respawn(),
         (Some("kill"), _) => kill::main(rest),
+        (Some("connect"), _) => connect::main(rest),
         (Some("reap"), _) => reap::main(rest),
         _ => {
             eprintln!("{USAGE}");

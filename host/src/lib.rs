@@ -88,7 +88,9 @@ pub use provider::{
     ContainerPlan, ContainerProvider, ContainerRecord, ContainerStats, ExecIo, ProviderError,
     ProviderResult,
 };
-pub use sandbox::{Backend, Counters, GcEntry, GcOptions, GcReport, Sandbox, ThreadInfo};
+pub use sandbox::{
+    Backend, Counters, GcEntry, GcOptions, GcReport, PortConnection, Sandbox, ThreadInfo,
+};
 pub use sandbox_contract::{BackendId, Removal, Status, ThreadId, UserId};
 pub use view::BackendView;
 

@@ -92,6 +92,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cp(args) => cli::cp::run(loaded.config, args).await,
         Command::Destroy(args) => cli::destroy::run(loaded.config, args).await,
         Command::Ls(args) => cli::ls::run(loaded.config, args).await,
+        Command::PortForward(args) => cli::port_forward::run(loaded.config, args).await,
         Command::Gc(args) => cli::gc::run(loaded.config, args).await,
         #[cfg(feature = "serve")]
         Command::Serve(args) => cli::serve::run(loaded.config, args).await,

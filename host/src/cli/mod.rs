@@ -20,6 +20,7 @@ pub mod image;
 pub mod ls;
 pub mod man;
 pub mod policy;
+pub mod port_forward;
 #[cfg(feature = "serve")]
 pub mod serve;
 mod stdin;
@@ -87,6 +88,9 @@ pub enum Command {
     Destroy(destroy::DestroyArgs),
     /// List the containers this namespace manages.
     Ls(ls::LsArgs),
+    /// Reach a port inside a thread's sandbox from a local port (a dev
+    /// server to open in a browser); the sandbox needs no network.
+    PortForward(port_forward::PortForwardArgs),
     /// Remove managed containers no backend owns any more (never unlabelled ones).
     Gc(gc::GcArgs),
     /// Serve the JSON HTTP API (see host/openapi.json) until SIGTERM.

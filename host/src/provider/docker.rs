@@ -1016,7 +1016,98 @@ impl ContainerProvider for DockerProvider {
         let docker = self.client().await?;
         self.call(docker.ping()).await.map(drop)
     }
+
+    async fn connect_port(&self, id: &str, port: u16) -> ProviderResult<super::PortStream> {
+        let docker = self.client().await?;
+        let config = ExecConfig {
+            cmd: Some(vec![
+                crate::dataplane::agent::AGENT_MOUNT.to_owned(),
+                "connect".to_owned(),
+                port.to_string(),
+            ]),
+            attach_stdin: Some(true),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            user: Some(self.exec_user.clone()),
+            ..Default::default()
+        };
+        let exec = self.call(docker.create_exec(id, config)).await?;
+        let started = self
+            .call(docker.start_exec(&exec.id, None::<StartExecOptions>))
+            .await?;
+        let StartExecResults::Attached {
+            mut output,
+            mut input,
+        } = started
+        else {
+            return Err(ProviderError::Failed(
+                "the engine did not attach to the exec".into(),
+            ));
+        };
+        // The agent says it connected (or why not) on stderr first.
+        let mut said = Vec::new();
+        let connected = self
+            .bounded(async {
+                while let Some(frame) = output.next().await {
+                    match frame? {
+                        LogOutput::StdErr { message } => {
+                            said.extend_from_slice(&message);
+                            // Bounded: the workload (the same user) may
+                            // write into this process's stderr.
+                            if said.ends_with(b"\n") || said.len() > 4096 {
+                                break;
+                            }
+                        }
+                        LogOutput::StdOut { .. } => break,
+                        _ => {}
+                    }
+                }
+                Ok(())
+            })
+            .await;
+        let said = String::from_utf8_lossy(&said).trim().to_owned();
+        connected?;
+        if said != PORT_CONNECTED {
+            let why = if said.is_empty() {
+                format!("nothing answered on port {port} (no sandbox agent in the container?)")
+            } else {
+                crate::error::policy_text(&said)
+            };
+            return Err(ProviderError::NotFound(why));
+        }
+        let (ours, theirs) = tokio::io::duplex(PORT_BUFFER);
+        let (mut from_client, mut to_client) = tokio::io::split(theirs);
+        tokio::spawn(async move {
+            let to_container = async {
+                let _ = tokio::io::copy(&mut from_client, &mut input).await;
+                let _ = input.shutdown().await;
+                std::future::pending::<()>().await
+            };
+            let from_container = async {
+                while let Some(Ok(frame)) = output.next().await {
+                    if let LogOutput::StdOut { message } = frame {
+                        if to_client.write_all(&message).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                let _ = to_client.shutdown().await;
+            };
+            // The server closing ends the connection; the client closing
+            // ends only its half (the response may still come).
+            tokio::select! {
+                () = to_container => {}
+                () = from_container => {}
+            }
+        });
+        Ok(ours)
+    }
 }
+
+/// What `sandbox-agent connect` says once connected (agent/src/connect.rs).
+const PORT_CONNECTED: &str = "sandbox-agent: connected";
+/// Bytes buffered each way of a port connection.
+const PORT_BUFFER: usize = 64 * 1024;
 
 #[cfg(test)]
 mod tests {

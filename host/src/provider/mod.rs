@@ -101,6 +101,10 @@ pub struct ExecIo<'a> {
     pub sink: Option<OutputSink<'a>>,
 }
 
+/// One connection to a port inside a container: both directions, closed
+/// by dropping it.
+pub type PortStream = tokio::io::DuplexStream;
+
 /// What the host asks of a container engine.
 #[async_trait]
 pub trait ContainerProvider: Send + Sync + 'static {
@@ -140,6 +144,16 @@ pub trait ContainerProvider: Send + Sync + 'static {
     ) -> ProviderResult<ExecResponse>;
     /// Resource usage right now.
     async fn stats(&self, id: &str) -> ProviderResult<ContainerStats>;
+    /// A TCP connection to `127.0.0.1:port` inside a running container,
+    /// made there by the sandbox user (`sandbox-agent connect`) and carried
+    /// by the engine: the container needs no network. An error names why
+    /// nothing accepted it.
+    async fn connect_port(&self, id: &str, port: u16) -> ProviderResult<PortStream> {
+        let _ = (id, port);
+        Err(ProviderError::Failed(
+            "this engine cannot reach a container's ports".into(),
+        ))
+    }
     /// Waits (bounded) for the kills of abandoned calls to finish: a process
     /// about to exit calls it so a cancelled command does not outlive it.
     async fn settle(&self) {}

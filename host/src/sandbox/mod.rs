@@ -14,9 +14,11 @@ mod files;
 mod lifecycle;
 #[cfg(test)]
 mod policy_tests;
+mod ports;
 
 pub use backend::Backend;
 pub use lifecycle::{GcEntry, GcOptions, GcReport};
+pub use ports::PortConnection;
 
 use std::sync::Arc;
 use std::time::Duration;
