@@ -11,7 +11,7 @@ use axum::extract::{
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{any, delete, get, post};
 use axum::{Json, RequestExt, Router};
 use serde::Deserialize;
 use tokio::io::DuplexStream;
@@ -53,6 +53,18 @@ pub fn router(state: Shared, body_limit: usize) -> Router {
         )
         .route("/v1/users/{user_id}", delete(destroy_user))
         .route(
+            "/v1/threads/{thread_id}/ports/{port}",
+            any(super::ports::preview),
+        )
+        .route(
+            "/v1/threads/{thread_id}/ports/{port}/",
+            any(super::ports::preview),
+        )
+        .route(
+            "/v1/threads/{thread_id}/ports/{port}/{*path}",
+            any(super::ports::preview),
+        )
+        .route(
             "/v1/threads/{thread_id}/executions/{execution_id}",
             delete(cancel_execution),
         )
@@ -74,7 +86,14 @@ pub fn router(state: Shared, body_limit: usize) -> Router {
     // or an unknown path.
     Router::new()
         .fallback_service(routes)
-        .layer(middleware::from_fn_with_state(state, guard_tokenless))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard_tokenless,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state,
+            super::ports::refuse_opaque_origins,
+        ))
         .layer(middleware::from_fn(close_after_refused_body))
         // Outermost, so every answer is logged, refusals (401, 403, 413)
         // included.

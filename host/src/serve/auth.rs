@@ -58,7 +58,16 @@ fn tokenless_refusal(request: &Request, allowed: &[String]) -> Option<ApiError> 
              host names (loopback by default; see --allowed-host)",
         ));
     }
-    if !origin_allowed(request.headers().get(header::ORIGIN), allowed) {
+    // A previewed page (`Origin: null`, see `ports.rs`) may load its own
+    // module scripts and call its own server; nothing else of the API. (Any
+    // site could send the same blind requests to a dev server on this
+    // machine's loopback: no more than a local dev server already takes.)
+    let own_preview = request
+        .headers()
+        .get(header::ORIGIN)
+        .is_some_and(|o| o.as_bytes().eq_ignore_ascii_case(b"null"))
+        && super::ports::is_preview(request.uri().path());
+    if !own_preview && !origin_allowed(request.headers().get(header::ORIGIN), allowed) {
         return Some(ApiError::new(
             StatusCode::FORBIDDEN,
             ErrorKind::ForbiddenOrigin,

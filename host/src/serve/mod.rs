@@ -24,6 +24,7 @@ mod budget;
 mod conn;
 mod error;
 mod metrics;
+mod ports;
 mod replies;
 mod requests;
 mod stream;

@@ -909,3 +909,56 @@ async fn a_download_reads_through_a_running_container_and_never_restarts_a_stopp
         "not restarted"
     );
 }
+
+/// A dev server in a sandbox whose network is `none`, previewed through
+/// the ports route: its answer with the sandboxing CSP (what the server is
+/// sent is `ports.rs`'s unit test); no server on the port is 502; a previewed page (`Origin: null`) may call
+/// its own server but not the API.
+#[tokio::test]
+async fn a_dev_server_in_a_sandbox_is_previewed_through_the_ports_route() {
+    let app = EngineApp::default().await;
+    let started = app
+        .send(exec(
+            "alice-1",
+            "mkdir -p www && echo hello-preview > www/index.html && \
+             (httpd -f -p 127.0.0.1:8080 -h www >/dev/null 2>&1 &) && \
+             sleep 0.3",
+        ))
+        .await;
+    assert_eq!(started.status, StatusCode::OK, "{}", started.text());
+
+    for uri in [
+        "/v1/threads/alice-1/ports/8080/index.html",
+        "/v1/threads/alice-1/ports/8080/",
+        "/v1/threads/alice-2/ports/8080/index.html?x=1",
+    ] {
+        let reply = app.send(get(uri)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{uri}: {}", reply.text());
+        assert_eq!(reply.text(), "hello-preview\n", "{uri}");
+        assert_eq!(
+            reply.headers["content-security-policy"],
+            "sandbox allow-scripts allow-forms allow-popups",
+            "{uri}"
+        );
+    }
+
+    let reply = app.send(get("/v1/threads/alice-1/ports/9/")).await;
+    assert_eq!(reply.error().0, 502, "{}", reply.text());
+    assert!(reply.text().contains("port 9"), "{}", reply.text());
+    let reply = app.send(get("/v1/threads/alice-1/ports/0/")).await;
+    assert_eq!(reply.error(), (400, "bad-request".into()));
+
+    let from_preview = |uri: &str| {
+        let mut request = get(uri);
+        request
+            .headers_mut()
+            .insert(axum::http::header::ORIGIN, "null".parse().unwrap());
+        request
+    };
+    let reply = app.send(from_preview("/v1/backends")).await;
+    assert_eq!(reply.error(), (403, "forbidden-origin".into()));
+    let reply = app
+        .send(from_preview("/v1/threads/alice-1/ports/8080/index.html"))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+}

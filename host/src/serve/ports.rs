@@ -1,0 +1,200 @@
+//! `ANY /v1/threads/{thread_id}/ports/{port}/{path}`: a server the workload
+//! runs in its sandbox (a dev server), previewed through `sandbox serve`.
+//! Each request goes over one connection made inside the sandbox by the
+//! sandbox user ([`Backend::connect_port`]), so the sandbox's network stays
+//! `none`; the API's token is never passed on.
+//!
+//! A previewed page must not script the API that serves it (same origin):
+//! every proxied answer carries `Content-Security-Policy: sandbox ...`,
+//! which gives the page an opaque origin, and the API refuses requests
+//! whose `Origin` is `null` on every route but this one
+//! ([`refuse_opaque_origins`]).
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode, Uri};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::TokioIo;
+
+use super::error::{ApiError, ApiResult, ErrorKind};
+use super::Shared;
+use crate::SandboxError;
+
+/// The policy every proxied answer carries: scripts and forms run, in an
+/// opaque origin (no cookie, storage or same-origin request of the API's).
+pub const PREVIEW_CSP: &str = "sandbox allow-scripts allow-forms allow-popups";
+
+/// The path prefix of the preview route, for the origin guard.
+const PORTS_SEGMENT: &str = "/ports/";
+
+/// `/v1/threads/{thread_id}/ports/{port}` with or without a path.
+pub(super) async fn preview(
+    State(state): State<Shared>,
+    Path(params): Path<Vec<(String, String)>>,
+    request: Request,
+) -> ApiResult<Response> {
+    let get = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let thread_id = get("thread_id").unwrap_or_default();
+    let port: u16 = get("port")
+        .and_then(|p| p.parse().ok())
+        .filter(|p| *p > 0)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
+                "the port must be 1..=65535",
+            )
+        })?;
+    let path = get("path").unwrap_or_default();
+    let backend = state.sandbox.get_thread_backend(&thread_id).await?;
+    let connection = backend.connect_port(port).await.map_err(|e| match e {
+        SandboxError::NotFound(why) => {
+            ApiError::new(StatusCode::BAD_GATEWAY, ErrorKind::NotFound, why)
+        }
+        other => other.into(),
+    })?;
+    let (mut parts, body) = request.into_parts();
+    for_the_server(&mut parts, &path, port)?;
+    let (mut sender, link) = hyper::client::conn::http1::handshake(TokioIo::new(connection))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                ErrorKind::Other,
+                format!("port {port}: {e}"),
+            )
+        })?;
+    tokio::spawn(async move {
+        let _ = link.await;
+    });
+    let answer = sender
+        .send_request(axum::http::Request::from_parts(parts, body))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                ErrorKind::Other,
+                format!("port {port} did not answer over HTTP: {e}"),
+            )
+        })?;
+    let (mut parts, body) = answer.into_parts();
+    crate::egress::strip_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(PREVIEW_CSP),
+    );
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// Turns the API's request into the server's: the path on the server (the
+/// query kept), HTTP/1.1, no hop-by-hop headers, no `Authorization` (the
+/// API's credentials stay here), and `Host: localhost:PORT` (dev servers
+/// check it).
+fn for_the_server(parts: &mut axum::http::request::Parts, path: &str, port: u16) -> ApiResult<()> {
+    let target = match parts.uri.query() {
+        Some(query) => format!("/{path}?{query}"),
+        None => format!("/{path}"),
+    };
+    parts.uri = target.parse::<Uri>().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::BadRequest,
+            "the path is not a valid request target",
+        )
+    })?;
+    parts.version = axum::http::Version::HTTP_11;
+    crate::egress::strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::AUTHORIZATION);
+    parts.headers.remove(header::PROXY_AUTHORIZATION);
+    if let Ok(host) = HeaderValue::from_str(&format!("localhost:{port}")) {
+        parts.headers.insert(header::HOST, host);
+    }
+    Ok(())
+}
+
+/// Whether `path` is one of the preview route's.
+pub(super) fn is_preview(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix("/v1/threads/") else {
+        return false;
+    };
+    rest.split_once('/')
+        .is_some_and(|(_, after)| after.starts_with(&PORTS_SEGMENT[1..]))
+}
+
+/// Refuses (403) a request whose `Origin` is `null` (a sandboxed page, a
+/// previewed one included), on every route but the preview route itself:
+/// a previewed page must not call the API, token or none.
+pub(super) async fn refuse_opaque_origins(
+    State(state): State<Shared>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let opaque = request
+        .headers()
+        .get(header::ORIGIN)
+        .is_some_and(|o| o.as_bytes().eq_ignore_ascii_case(b"null"));
+    if opaque && !is_preview(request.uri().path()) {
+        state
+            .metrics
+            .count_error(ErrorKind::ForbiddenOrigin.as_str());
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorKind::ForbiddenOrigin,
+            "requests from an opaque origin (Origin: null: a sandboxed or previewed page) \
+             may not call the API",
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_gets_its_path_and_query_as_localhost_without_the_apis_token() {
+        let request = axum::http::Request::builder()
+            .uri("/v1/threads/alice-1/ports/5173/src/main.ts?t=1&x=%20")
+            .header(header::AUTHORIZATION, "Bearer t0ken")
+            .header(header::HOST, "sandbox.example:8765")
+            .header(header::CONNECTION, "keep-alive, x-hop")
+            .header("x-hop", "1")
+            .header(header::COOKIE, "app=1")
+            .body(())
+            .unwrap();
+        let (mut parts, ()) = request.into_parts();
+        assert!(for_the_server(&mut parts, "src/main.ts", 5173).is_ok());
+        assert_eq!(parts.uri, "/src/main.ts?t=1&x=%20");
+        assert_eq!(parts.headers[header::HOST], "localhost:5173");
+        assert!(parts.headers.get(header::AUTHORIZATION).is_none());
+        assert!(parts.headers.get("x-hop").is_none());
+        assert!(parts.headers.get(header::CONNECTION).is_none());
+        assert_eq!(parts.headers[header::COOKIE], "app=1");
+    }
+
+    #[test]
+    fn only_the_preview_routes_are_previews() {
+        for path in [
+            "/v1/threads/alice-1/ports/8080",
+            "/v1/threads/alice-1/ports/8080/x",
+        ] {
+            assert!(is_preview(path), "{path}");
+        }
+        for path in [
+            "/v1/backends",
+            "/v1/threads/alice-1/exec",
+            "/v1/threads/alice-1/files/raw",
+            "/v1/threads/alice-1/exec/ports/1",
+            "/ports/1",
+        ] {
+            assert!(!is_preview(path), "{path}");
+        }
+    }
+}
