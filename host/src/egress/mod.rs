@@ -41,7 +41,6 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 pub use meter::{EgressCounts, Meters};
-pub(crate) use proxy::strip_hop_by_hop;
 pub use rules::Rules;
 
 use crate::config::{Config, EgressConfig, ProfileName};

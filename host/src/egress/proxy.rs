@@ -302,7 +302,7 @@ async fn forward(
 
 /// Removes the headers that describe one connection, not the message
 /// (RFC 9110 section 7.6.1), and the proxy's own.
-pub(crate) fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
+fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
     let named: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()

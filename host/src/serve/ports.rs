@@ -84,7 +84,7 @@ pub(super) async fn preview(
             )
         })?;
     let (mut parts, body) = answer.into_parts();
-    crate::egress::strip_hop_by_hop(&mut parts.headers);
+    hop_by_hop_removed(&mut parts.headers);
     parts.headers.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(PREVIEW_CSP),
@@ -109,13 +109,39 @@ fn for_the_server(parts: &mut axum::http::request::Parts, path: &str, port: u16)
         )
     })?;
     parts.version = axum::http::Version::HTTP_11;
-    crate::egress::strip_hop_by_hop(&mut parts.headers);
+    hop_by_hop_removed(&mut parts.headers);
     parts.headers.remove(header::AUTHORIZATION);
     parts.headers.remove(header::PROXY_AUTHORIZATION);
     if let Ok(host) = HeaderValue::from_str(&format!("localhost:{port}")) {
         parts.headers.insert(header::HOST, host);
     }
     Ok(())
+}
+
+/// Removes the headers that belong to one connection (those `Connection`
+/// names, and the standard ones): each side of the preview has its own.
+fn hop_by_hop_removed(headers: &mut axum::http::HeaderMap) {
+    let named: Vec<axum::http::HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| name.trim().parse().ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(name);
+    }
 }
 
 /// Whether `path` is one of the preview route's.
