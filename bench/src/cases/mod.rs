@@ -20,6 +20,7 @@ mod head_of_line;
 mod http_load;
 mod policy_cost;
 pub(crate) mod policy_pool;
+mod preview;
 mod warm_exec;
 
 /// What every case shares: the library under test (per-user policy, Docker
@@ -77,6 +78,9 @@ pub(crate) async fn run(bench: &mut Bench) -> anyhow::Result<()> {
     }
     if wanted(11, bench) {
         bench.egress().await.context("case 11")?;
+    }
+    if wanted(12, bench) {
+        bench.preview().await.context("case 12")?;
     }
     Ok(())
 }
