@@ -112,3 +112,89 @@ async fn sandbox_port_forward_serves_a_local_port() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// An upgrade (a WebSocket's handshake) through `sandbox serve`'s preview
+/// route: the server's 101 comes back and the two connections are joined,
+/// both ways. The server is a few lines of Python that switch to echoing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upgrade_through_the_preview_route_is_joined_both_ways() {
+    let h = Harness::new("upgrade");
+    let config = sandbox_host::Config {
+        image: support::python_image(),
+        ..h.config()
+    };
+    let sandbox = h
+        .sandbox_with(
+            config,
+            sandbox_host::PolicySource::Builtin("per-user".into()),
+        )
+        .await;
+    let alice = sandbox.get_thread_backend("alice-1").await.unwrap();
+    let server = r#"
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 8090))
+s.listen(4)
+while True:
+    c, _ = s.accept()
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += c.recv(1024)
+    ok = b"upgrade: echo" in head.lower() and b"authorization" not in head.lower()
+    c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n" if ok
+              else b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    while ok:
+        data = c.recv(1024)
+        if not data:
+            break
+        c.sendall(data)
+    c.close()
+"#;
+    alice
+        .upload_files(vec![sandbox_host::files::Upload {
+            path: "echo.py".into(),
+            content: server.as_bytes().to_vec(),
+            mode: None,
+        }])
+        .await
+        .unwrap();
+    let r = alice
+        .execute("(python3 echo.py >/dev/null 2>&1 &); sleep 0.5")
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, 0, "{r:?}");
+
+    let state = std::sync::Arc::new(sandbox_host::serve::AppState::new(
+        sandbox.clone(),
+        Some("t0ken".into()),
+    ));
+    let app = sandbox_host::serve::router(state, 1 << 20);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let served = tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+    client
+        .write_all(
+            b"GET /v1/threads/alice-1/ports/8090/ws HTTP/1.1\r\nHost: localhost\r\n\
+              Authorization: Bearer t0ken\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(client.read(&mut byte).await.unwrap(), 1, "{head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    for message in [&b"ping"[..], b"second message"] {
+        client.write_all(message).await.unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        client.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(echoed, message);
+    }
+    served.abort();
+}

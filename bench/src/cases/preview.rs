@@ -19,7 +19,10 @@ impl Bench {
         use hyper_util::rt::TokioExecutor;
 
         let user = self.fresh_user("preview");
-        let b = self.sandbox.get_thread_backend(&format!("{user}-1")).await?;
+        let b = self
+            .sandbox
+            .get_thread_backend(&format!("{user}-1"))
+            .await?;
         let r = b
             .execute(
                 "mkdir -p www && echo hello-preview > www/index.html && \

@@ -32,8 +32,12 @@ const PORTS_SEGMENT: &str = "/ports/";
 pub(super) async fn preview(
     State(state): State<Shared>,
     Path(params): Path<Vec<(String, String)>>,
-    request: Request,
+    mut request: Request,
 ) -> ApiResult<Response> {
+    // A WebSocket (any `Upgrade`): the two upgraded connections are joined
+    // once the server answers 101.
+    let upgrade = request.headers().get(header::UPGRADE).cloned();
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
     let get = |name: &str| {
         params
             .iter()
@@ -61,6 +65,12 @@ pub(super) async fn preview(
     })?;
     let (mut parts, body) = request.into_parts();
     for_the_server(&mut parts, &path, port)?;
+    if let Some(upgrade) = upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, upgrade);
+    }
     let (mut sender, link) = hyper::client::conn::http1::handshake(TokioIo::new(connection))
         .await
         .map_err(|e| {
@@ -71,7 +81,7 @@ pub(super) async fn preview(
             )
         })?;
     tokio::spawn(async move {
-        let _ = link.await;
+        let _ = link.with_upgrades().await;
     });
     let answer = sender
         .send_request(axum::http::Request::from_parts(parts, body))
@@ -83,8 +93,21 @@ pub(super) async fn preview(
                 format!("port {port} did not answer over HTTP: {e}"),
             )
         })?;
+    let mut answer = answer;
+    let switched = answer.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if let (true, Some(client_upgrade)) = (switched, client_upgrade) {
+        let server_upgrade = hyper::upgrade::on(&mut answer);
+        tokio::spawn(async move {
+            if let (Ok(client), Ok(server)) = tokio::join!(client_upgrade, server_upgrade) {
+                let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            }
+        });
+    }
     let (mut parts, body) = answer.into_parts();
-    hop_by_hop_removed(&mut parts.headers);
+    if !switched {
+        hop_by_hop_removed(&mut parts.headers);
+    }
     parts.headers.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(PREVIEW_CSP),
