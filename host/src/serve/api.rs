@@ -64,6 +64,13 @@ pub fn router(state: Shared, body_limit: usize) -> Router {
             "/v1/threads/{thread_id}/ports/{port}/{*path}",
             any(super::ports::preview),
         )
+        .route("/v1/previews", post(super::ports::create_link))
+        .route("/v1/previews/{link}", any(super::ports::preview_link))
+        .route("/v1/previews/{link}/", any(super::ports::preview_link))
+        .route(
+            "/v1/previews/{link}/{*path}",
+            any(super::ports::preview_link),
+        )
         .route(
             "/v1/threads/{thread_id}/executions/{execution_id}",
             delete(cancel_execution),

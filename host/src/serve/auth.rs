@@ -88,7 +88,8 @@ pub(super) async fn authenticate(
     let Some(expected) = state.token.as_deref() else {
         return next.run(request).await;
     };
-    if request.uri().path() == OPEN_PATH {
+    // Liveness, and preview links (each is its own credential).
+    if request.uri().path() == OPEN_PATH || super::ports::is_link(request.uri().path()) {
         return next.run(request).await;
     }
     let given = bearer(&request).unwrap_or("");

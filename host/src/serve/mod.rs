@@ -23,6 +23,7 @@ mod auth;
 mod budget;
 mod conn;
 mod error;
+mod links;
 mod metrics;
 mod ports;
 mod replies;
@@ -74,6 +75,9 @@ pub enum ServeError {
     /// The listening socket failed.
     #[error("serving")]
     Serve(#[source] std::io::Error),
+    /// No key for the preview links (`/dev/urandom` unreadable).
+    #[error("drawing the preview links' key from /dev/urandom")]
+    LinkKey(#[source] std::io::Error),
 }
 
 /// How `sandbox serve` runs.
@@ -119,6 +123,8 @@ pub struct AppState {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// The memory budget of the JSON file transfers in flight.
     pub budget: Arc<TransferBudget>,
+    /// The key preview links are signed with (drawn at start).
+    links: links::LinkKey,
 }
 
 impl AppState {
@@ -132,6 +138,7 @@ impl AppState {
             allowed_hosts: LOOPBACK_HOSTS.iter().map(|h| h.to_string()).collect(),
             shutdown: tokio::sync::watch::channel(false).1,
             budget: Arc::new(TransferBudget::new(DEFAULT_TRANSFER_BUDGET)),
+            links: links::LinkKey::new().expect("/dev/urandom for the preview links' key"),
         }
     }
 }
@@ -183,6 +190,7 @@ pub async fn serve(sandbox: Sandbox, options: ServeOptions) -> Result<(), ServeE
         allowed_hosts,
         shutdown,
         budget: Arc::new(TransferBudget::new(DEFAULT_TRANSFER_BUDGET)),
+        links: links::LinkKey::new().map_err(ServeError::LinkKey)?,
     });
     let source = match &options.policy_path {
         Some(path) => PolicySource::File(path.clone()),

@@ -32,31 +32,122 @@ const PORTS_SEGMENT: &str = "/ports/";
 pub(super) async fn preview(
     State(state): State<Shared>,
     Path(params): Path<Vec<(String, String)>>,
-    mut request: Request,
+    request: Request,
 ) -> ApiResult<Response> {
-    // A WebSocket (any `Upgrade`): the two upgraded connections are joined
-    // once the server answers 101.
-    let upgrade = request.headers().get(header::UPGRADE).cloned();
-    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
     let get = |name: &str| {
         params
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone())
     };
-    let thread_id = get("thread_id").unwrap_or_default();
     let port: u16 = get("port")
         .and_then(|p| p.parse().ok())
         .filter(|p| *p > 0)
+        .ok_or_else(bad_port)?;
+    let thread_id = get("thread_id").unwrap_or_default();
+    let path = get("path").unwrap_or_default();
+    proxy(&state, &thread_id, port, &path, request).await
+}
+
+/// `/v1/previews/{link}` with or without a path: what the link grants,
+/// without the API's token (see `links.rs`).
+pub(super) async fn preview_link(
+    State(state): State<Shared>,
+    Path(params): Path<Vec<(String, String)>>,
+    request: Request,
+) -> ApiResult<Response> {
+    let get = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let now = crate::now_ms() / 1000;
+    let grant = get("link")
+        .and_then(|link| state.links.verify(&link, now))
         .ok_or_else(|| {
             ApiError::new(
-                StatusCode::BAD_REQUEST,
-                ErrorKind::BadRequest,
-                "the port must be 1..=65535",
+                StatusCode::FORBIDDEN,
+                ErrorKind::Refused,
+                "this preview link is invalid or has expired: ask POST /v1/previews for a new one",
             )
         })?;
     let path = get("path").unwrap_or_default();
-    let backend = state.sandbox.get_thread_backend(&thread_id).await?;
+    proxy(&state, &grant.thread_id, grant.port, &path, request).await
+}
+
+/// `POST /v1/previews`: a link to one thread's port that a browser can
+/// open without the API's token, for `ttl_secs` (default an hour, at most
+/// a day).
+pub(super) async fn create_link(
+    State(state): State<Shared>,
+    body: Result<axum::Json<LinkBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<axum::Json<LinkReply>> {
+    let axum::Json(body) = body?;
+    if body.port == 0 {
+        return Err(bad_port());
+    }
+    // The thread must be a valid one of a user the policy maps.
+    state.sandbox.backend_id(&body.thread_id).await?;
+    let ttl = body.ttl_secs.unwrap_or(super::links::DEFAULT_LINK_SECS);
+    if ttl == 0 || ttl > super::links::MAX_LINK_SECS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::BadRequest,
+            format!("ttl_secs must be 1..={}", super::links::MAX_LINK_SECS),
+        ));
+    }
+    let expires_at = crate::now_ms() / 1000 + ttl;
+    let link = state.links.sign(&super::links::Grant {
+        thread_id: body.thread_id,
+        port: body.port,
+        expires_at,
+    });
+    Ok(axum::Json(LinkReply {
+        url: format!("/v1/previews/{link}/"),
+        expires_at,
+    }))
+}
+
+/// The body of `POST /v1/previews`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct LinkBody {
+    thread_id: String,
+    port: u16,
+    ttl_secs: Option<u64>,
+}
+
+/// The answer of `POST /v1/previews`.
+#[derive(serde::Serialize)]
+pub(super) struct LinkReply {
+    /// The path to open (on this server), ending in `/`.
+    url: String,
+    /// Unix seconds.
+    expires_at: u64,
+}
+
+fn bad_port() -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        ErrorKind::BadRequest,
+        "the port must be 1..=65535",
+    )
+}
+
+/// One request to `port` in `thread_id`'s sandbox, and its answer.
+async fn proxy(
+    state: &super::AppState,
+    thread_id: &str,
+    port: u16,
+    path: &str,
+    mut request: Request,
+) -> ApiResult<Response> {
+    // A WebSocket (any `Upgrade`): the two upgraded connections are joined
+    // once the server answers 101.
+    let upgrade = request.headers().get(header::UPGRADE).cloned();
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
+    let backend = state.sandbox.get_thread_backend(thread_id).await?;
     let connection = backend.connect_port(port).await.map_err(|e| match e {
         SandboxError::NotFound(why) => {
             ApiError::new(StatusCode::BAD_GATEWAY, ErrorKind::NotFound, why)
@@ -64,7 +155,7 @@ pub(super) async fn preview(
         other => other.into(),
     })?;
     let (mut parts, body) = request.into_parts();
-    for_the_server(&mut parts, &path, port)?;
+    for_the_server(&mut parts, path, port)?;
     if let Some(upgrade) = upgrade {
         parts
             .headers
@@ -167,13 +258,24 @@ fn hop_by_hop_removed(headers: &mut axum::http::HeaderMap) {
     }
 }
 
-/// Whether `path` is one of the preview route's.
+/// Whether `path` is one of the preview routes' (by thread and port, or by
+/// link).
 pub(super) fn is_preview(path: &str) -> bool {
+    if is_link(path) {
+        return true;
+    }
     let Some(rest) = path.strip_prefix("/v1/threads/") else {
         return false;
     };
     rest.split_once('/')
         .is_some_and(|(_, after)| after.starts_with(&PORTS_SEGMENT[1..]))
+}
+
+/// Whether `path` is a preview link's (its link is its credential: no
+/// bearer token).
+pub(super) fn is_link(path: &str) -> bool {
+    path.strip_prefix("/v1/previews/")
+        .is_some_and(|rest| !rest.is_empty())
 }
 
 /// Refuses (403) a request whose `Origin` is `null` (a sandboxed page, a

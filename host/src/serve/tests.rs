@@ -32,7 +32,7 @@ const TOKEN: &str = "t0ken";
 const BODY_LIMIT: usize = 1 << 20;
 
 /// Every route the router serves, as `openapi.json` names it.
-const ROUTES: [(&str, &str); 19] = [
+const ROUTES: [(&str, &str); 21] = [
     ("POST", "/v1/threads/{thread_id}/exec"),
     ("POST", "/v1/threads/{thread_id}/exec/stream"),
     ("PUT", "/v1/threads/{thread_id}/files"),
@@ -55,6 +55,8 @@ const ROUTES: [(&str, &str); 19] = [
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
     ("GET", "/v1/threads/{thread_id}/ports/{port}/{path}"),
+    ("POST", "/v1/previews"),
+    ("GET", "/v1/previews/{link}/{path}"),
 ];
 
 // ---------------------------------------------------------------------------
@@ -382,6 +384,7 @@ fn sample(method: &str, route: &str, thread: &str, user: &str) -> Request<Body> 
         .replace("{user_id}", user)
         .replace("{execution_id}", "no-such-execution")
         .replace("{port}", "8080")
+        .replace("{link}", "no-such-link")
         .replace("{path}", "index.html");
     match (method, route) {
         ("POST", r) if r.ends_with("/exec") || r.ends_with("/exec/stream") => {
@@ -392,6 +395,11 @@ fn sample(method: &str, route: &str, thread: &str, user: &str) -> Request<Body> 
             get(&format!("{uri}?path=a.txt"))
         }
         ("PUT", r) if r.ends_with("/files/raw") => put_raw(&format!("{uri}?path=a.txt"), vec![]),
+        ("POST", "/v1/previews") => json_request(
+            method,
+            &uri,
+            format!(r#"{{"thread_id":"{thread}","port":8080}}"#),
+        ),
         ("POST", "/v1/policy") => authed(method, &uri)
             .header(header::CONTENT_TYPE, "application/wasm")
             .body(Body::from(&b"not a component"[..]))
@@ -541,7 +549,11 @@ async fn a_known_route_with_another_method_is_405() {
 #[tokio::test]
 async fn with_a_token_every_route_but_healthz_answers_401_without_it() {
     let app = App::memory().await;
-    for (method, route) in ROUTES.iter().filter(|(_, r)| *r != "/healthz") {
+    // Not /healthz, nor a preview link (the link is its credential).
+    let guarded = ROUTES
+        .iter()
+        .filter(|(_, r)| *r != "/healthz" && !r.starts_with("/v1/previews/"));
+    for (method, route) in guarded {
         for (authorization, message) in [
             (None, "missing bearer token"),
             (Some("Bearer "), "missing bearer token"),
@@ -749,9 +761,13 @@ async fn without_a_token_a_request_from_another_sites_page_is_refused_before_rou
         for (method, route) in ROUTES {
             let request = from_origin(sample(method, route, "alice-1", "alice"), origin);
             let reply = app.send(request).await;
-            if origin == "null" && route.contains("/ports/") {
+            if origin == "null" && (route.contains("/ports/") || route.contains("{link}")) {
                 // A previewed page calls its own server (ports.rs).
-                assert_ne!(reply.status, StatusCode::FORBIDDEN, "{method} {route}");
+                assert!(
+                    !reply.text().contains("forbidden-origin"),
+                    "{method} {route}: {}",
+                    reply.text()
+                );
                 continue;
             }
             assert_eq!(
@@ -794,8 +810,8 @@ async fn without_a_token_a_request_from_another_sites_page_is_refused_before_rou
     );
     assert_eq!(
         series(&metrics, r#"sandbox_errors_total{kind="forbidden-origin"}"#),
-        // The preview route from `null` went through.
-        Some((9 * (ROUTES.len() + 3) - 1) as f64),
+        // The preview routes from `null` went through.
+        Some((9 * (ROUTES.len() + 3) - 2) as f64),
         "{metrics}"
     );
 }

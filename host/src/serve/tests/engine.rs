@@ -961,4 +961,39 @@ async fn a_dev_server_in_a_sandbox_is_previewed_through_the_ports_route() {
         .send(from_preview("/v1/threads/alice-1/ports/8080/index.html"))
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+
+    // A link a browser opens without the token, until it expires.
+    let made = app
+        .send(post_json(
+            "/v1/previews",
+            json!({"thread_id": "alice-1", "port": 8080, "ttl_secs": 2}).to_string(),
+        ))
+        .await;
+    assert_eq!(made.status, StatusCode::OK, "{}", made.text());
+    let url = made.json()["url"].as_str().unwrap().to_owned();
+    assert!(
+        url.starts_with("/v1/previews/") && url.ends_with('/'),
+        "{url}"
+    );
+    let bare = |uri: &str| Request::builder().uri(uri).body(Body::empty()).unwrap();
+    let reply = app.send(bare(&format!("{url}index.html"))).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.text(), "hello-preview\n");
+    let tampered = url.replacen("/v1/previews/", "/v1/previews/x", 1);
+    let reply = app.send(bare(&format!("{tampered}index.html"))).await;
+    assert_eq!(reply.error().0, 403, "{}", reply.text());
+    for (body, why) in [
+        (json!({"thread_id": "alice-1", "port": 0}), "port"),
+        (
+            json!({"thread_id": "alice-1", "port": 80, "ttl_secs": 0}),
+            "ttl",
+        ),
+        (json!({"thread_id": "Alice-1", "port": 80}), "thread"),
+    ] {
+        let reply = app.send(post_json("/v1/previews", body.to_string())).await;
+        assert_eq!(reply.error().0, 400, "{why}: {}", reply.text());
+    }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let reply = app.send(bare(&format!("{url}index.html"))).await;
+    assert_eq!(reply.error().0, 403, "expired: {}", reply.text());
 }
