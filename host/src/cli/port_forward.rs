@@ -38,9 +38,18 @@ pub async fn run(config: Config, args: PortForwardArgs) -> anyhow::Result<ExitCo
     }
     let mut shutdown = std::pin::pin!(tokio::signal::ctrl_c());
     loop {
-        let (mut client, from) = tokio::select! {
-            accepted = listener.accept() => accepted?,
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
             _ = &mut shutdown => return Ok(ExitCode::SUCCESS),
+        };
+        let (mut client, from) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors, say: the forward goes on.
+                eprintln!("port-forward: accepting a connection: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
+            }
         };
         let backend = backend.clone();
         let port = args.port;

@@ -1081,7 +1081,9 @@ impl ContainerProvider for DockerProvider {
             let to_container = async {
                 let _ = tokio::io::copy(&mut from_client, &mut input).await;
                 let _ = input.shutdown().await;
-                std::future::pending::<()>().await
+                // The client is done: the server has a while to finish its
+                // answer, then the exec goes (a silent server holds nothing).
+                tokio::time::sleep(PORT_LINGER).await;
             };
             let from_container = async {
                 while let Some(Ok(frame)) = output.next().await {
@@ -1108,6 +1110,8 @@ impl ContainerProvider for DockerProvider {
 const PORT_CONNECTED: &str = "sandbox-agent: connected";
 /// Bytes buffered each way of a port connection.
 const PORT_BUFFER: usize = 64 * 1024;
+/// How long a port connection stays after its client closed its side.
+const PORT_LINGER: Duration = Duration::from_secs(60);
 
 #[cfg(test)]
 mod tests {

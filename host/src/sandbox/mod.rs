@@ -60,6 +60,8 @@ pub(crate) struct Inner {
     /// Executions running through this sandbox, by their thread's user and
     /// id, to cancel them: one user's ids tell nothing about another's.
     executions: std::sync::Mutex<std::collections::HashMap<ExecutionKey, CancellationToken>>,
+    /// Connections to ports inside sandboxes open now (see `ports.rs`).
+    pub(crate) ports: ports::PortSlots,
 }
 
 /// An execution's key: its thread's user, and its id.
@@ -118,6 +120,7 @@ impl Sandbox {
                 engine,
                 policy,
                 executions: Default::default(),
+                ports: Default::default(),
             }),
         };
         sandbox.start_maintenance();

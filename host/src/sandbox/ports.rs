@@ -5,21 +5,68 @@
 //! work in flight on the container: it counts as use, holds off idle
 //! removal, and a destroy gives it the grace of a command.
 
+use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::Backend;
 use crate::engine::usage::Work;
 use crate::error::{Result, SandboxError};
 use crate::provider::PortStream;
 
+/// Connections to ports one user's sandboxes hold open at once (each is
+/// an engine exec and a process in the sandbox).
+pub const MAX_PORT_CONNECTIONS_PER_USER: usize = 32;
+/// Connections to ports this process holds open at once, every user's.
+pub const MAX_PORT_CONNECTIONS: usize = 256;
+
+/// The bounds on open port connections.
+pub(crate) struct PortSlots {
+    by_user: Mutex<HashMap<String, Arc<Semaphore>>>,
+    all: Arc<Semaphore>,
+}
+
+impl Default for PortSlots {
+    fn default() -> Self {
+        PortSlots {
+            by_user: Mutex::default(),
+            all: Arc::new(Semaphore::new(MAX_PORT_CONNECTIONS)),
+        }
+    }
+}
+
+impl PortSlots {
+    fn take(&self, user: &str) -> Result<[OwnedSemaphorePermit; 2]> {
+        let mine = self
+            .by_user
+            .lock()
+            .unwrap()
+            .entry(user.to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(MAX_PORT_CONNECTIONS_PER_USER)))
+            .clone();
+        match (
+            mine.try_acquire_owned(),
+            self.all.clone().try_acquire_owned(),
+        ) {
+            (Ok(a), Ok(b)) => Ok([a, b]),
+            _ => Err(SandboxError::Refused(format!(
+                "{MAX_PORT_CONNECTIONS_PER_USER} connections to the ports of user {user}'s \
+                 sandboxes (or {MAX_PORT_CONNECTIONS} in all) are open: close some first"
+            ))),
+        }
+    }
+}
+
 /// One connection to a port inside a backend's container; closed when
 /// dropped.
 pub struct PortConnection {
     stream: PortStream,
     _work: Option<Work>,
+    _slots: [OwnedSemaphorePermit; 2],
 }
 
 impl Backend {
@@ -30,6 +77,7 @@ impl Backend {
         if port == 0 {
             return Err(SandboxError::Refused("port must be 1..=65535".into()));
         }
+        let slots = self.sandbox.inner.ports.take(self.user_id())?;
         let (container, work) = self.ensure_for_work().await?;
         let stream = self
             .engine()
@@ -39,6 +87,7 @@ impl Backend {
         Ok(PortConnection {
             stream,
             _work: work,
+            _slots: slots,
         })
     }
 }

@@ -41,7 +41,7 @@ pub(super) async fn guard_tokenless(
     if state.token.is_some() {
         return next.run(request).await;
     }
-    let Some(refusal) = tokenless_refusal(&request, &state.allowed_hosts) else {
+    let Some(refusal) = tokenless_refusal(&request, &state.allowed_hosts, state.listen_port) else {
         return next.run(request).await;
     };
     state.metrics.count_error(refusal.kind());
@@ -49,7 +49,7 @@ pub(super) async fn guard_tokenless(
 }
 
 /// Why a server without a token refuses `request`, if it does.
-fn tokenless_refusal(request: &Request, allowed: &[String]) -> Option<ApiError> {
+fn tokenless_refusal(request: &Request, allowed: &[String], port: Option<u16>) -> Option<ApiError> {
     if request.uri().path() != OPEN_PATH && !host_allowed(request, allowed) {
         return Some(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -58,16 +58,15 @@ fn tokenless_refusal(request: &Request, allowed: &[String]) -> Option<ApiError> 
              host names (loopback by default; see --allowed-host)",
         ));
     }
-    // A previewed page (`Origin: null`, see `ports.rs`) may load its own
-    // module scripts and call its own server; nothing else of the API. (Any
-    // site could send the same blind requests to a dev server on this
-    // machine's loopback: no more than a local dev server already takes.)
-    let own_preview = request
+    // A page opened through a preview link (`Origin: null`, see
+    // `ports.rs`) may load its own module scripts and call its own server
+    // through the link (its credential); nothing else.
+    let through_link = request
         .headers()
         .get(header::ORIGIN)
         .is_some_and(|o| o.as_bytes().eq_ignore_ascii_case(b"null"))
-        && super::ports::is_preview(request.uri().path());
-    if !own_preview && !origin_allowed(request.headers().get(header::ORIGIN), allowed) {
+        && super::ports::is_link(request.uri().path());
+    if !through_link && !origin_allowed(request.headers().get(header::ORIGIN), allowed, port) {
         return Some(ApiError::new(
             StatusCode::FORBIDDEN,
             ErrorKind::ForbiddenOrigin,
@@ -144,18 +143,36 @@ fn host_allowed(request: &Request, allowed: &[String]) -> bool {
 /// Whether an `Origin` (when there is one) names an allowed host:
 /// `scheme://host[:port]`, nothing else. `null` (a sandboxed frame, a
 /// `file:` page, a redirect across sites) and anything malformed are
-/// refused. The scheme and the port do not matter: a page served from an
-/// allowed name is local software, as trusted as a local process.
-fn origin_allowed(origin: Option<&HeaderValue>, allowed: &[String]) -> bool {
+/// refused. With `port` (the server's own, known when it listens), the
+/// origin's port must be it: a page on another port of this machine may
+/// be a sandbox's own (`sandbox port-forward`), not this server's.
+fn origin_allowed(origin: Option<&HeaderValue>, allowed: &[String], port: Option<u16>) -> bool {
     let Some(origin) = origin else {
         return true;
     };
-    let Some((_scheme, authority)) = origin.to_str().ok().and_then(|o| o.split_once("://")) else {
+    let Some((scheme, authority)) = origin.to_str().ok().and_then(|o| o.split_once("://")) else {
         return false;
     };
-    !authority.is_empty()
-        && !authority.contains(['/', '@', '?', '#'])
-        && name_allowed(authority, allowed)
+    if authority.is_empty()
+        || authority.contains(['/', '@', '?', '#'])
+        || !name_allowed(authority, allowed)
+    {
+        return false;
+    }
+    let Some(port) = port else {
+        return true;
+    };
+    let given = match authority.rsplit_once(':') {
+        Some((name, p)) if !name.ends_with(':') && p.chars().all(|c| c.is_ascii_digit()) => {
+            p.parse::<u16>().ok()
+        }
+        _ => match scheme {
+            "http" => Some(80),
+            "https" => Some(443),
+            _ => None,
+        },
+    };
+    given == Some(port)
 }
 
 /// Whether `host[:port]` names an allowed host.
@@ -169,4 +186,51 @@ fn name_allowed(authority: &str, allowed: &[String]) -> bool {
         _ => authority,
     };
     allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+}
+
+#[cfg(test)]
+mod origin_tests {
+    use super::*;
+
+    #[test]
+    fn with_its_port_known_a_tokenless_server_takes_only_its_own_origin() {
+        let allowed: Vec<String> = super::super::LOOPBACK_HOSTS
+            .iter()
+            .map(|h| h.to_string())
+            .collect();
+        let origin = |o: &str| HeaderValue::from_str(o).unwrap();
+        for ok in [
+            "http://localhost:8765",
+            "http://127.0.0.1:8765",
+            "http://[::1]:8765",
+        ] {
+            assert!(
+                origin_allowed(Some(&origin(ok)), &allowed, Some(8765)),
+                "{ok}"
+            );
+        }
+        // A page `sandbox port-forward` serves on another local port is a
+        // sandbox's, not this server's.
+        for refused in [
+            "http://localhost:9000",
+            "http://127.0.0.1",
+            "https://localhost",
+            "http://localhost:87650",
+            "null",
+        ] {
+            assert!(
+                !origin_allowed(Some(&origin(refused)), &allowed, Some(8765)),
+                "{refused}"
+            );
+        }
+        assert!(origin_allowed(
+            Some(&origin("http://localhost")),
+            &allowed,
+            Some(80)
+        ));
+        assert!(
+            origin_allowed(None, &allowed, Some(8765)),
+            "no Origin: not a page"
+        );
+    }
 }

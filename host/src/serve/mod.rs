@@ -125,6 +125,9 @@ pub struct AppState {
     pub budget: Arc<TransferBudget>,
     /// The key preview links are signed with (drawn at start).
     links: links::LinkKey,
+    /// The port this server listens on, when it does (not embedded): the
+    /// only port a tokenless server's browser `Origin` may name.
+    pub listen_port: Option<u16>,
 }
 
 impl AppState {
@@ -139,6 +142,7 @@ impl AppState {
             shutdown: tokio::sync::watch::channel(false).1,
             budget: Arc::new(TransferBudget::new(DEFAULT_TRANSFER_BUDGET)),
             links: links::LinkKey::new().expect("/dev/urandom for the preview links' key"),
+            listen_port: None,
         }
     }
 }
@@ -191,6 +195,7 @@ pub async fn serve(sandbox: Sandbox, options: ServeOptions) -> Result<(), ServeE
         shutdown,
         budget: Arc::new(TransferBudget::new(DEFAULT_TRANSFER_BUDGET)),
         links: links::LinkKey::new().map_err(ServeError::LinkKey)?,
+        listen_port: Some(addr.port()),
     });
     let source = match &options.policy_path {
         Some(path) => PolicySource::File(path.clone()),

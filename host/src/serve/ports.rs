@@ -25,6 +25,64 @@ use crate::SandboxError;
 /// opaque origin (no cookie, storage or same-origin request of the API's).
 pub const PREVIEW_CSP: &str = "sandbox allow-scripts allow-forms allow-popups";
 
+/// How long a sandbox's server has to start its answer.
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// An upgraded connection (a WebSocket) that moves nothing for this long
+/// is closed.
+const TUNNEL_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
+/// Answer headers of a sandbox's server that would act on the API's whole
+/// origin: dropped.
+const ORIGIN_WIDE_HEADERS: &[&str] = &[
+    "set-cookie",
+    "set-cookie2",
+    "clear-site-data",
+    "strict-transport-security",
+    "alt-svc",
+    "public-key-pins",
+    "origin-agent-cluster",
+    "service-worker-allowed",
+];
+
+/// Copies both ways until both sides end, or nothing moved for `idle`.
+async fn join_until_idle<A, B>(a: A, b: B, idle: std::time::Duration)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut a_read, mut a_write) = tokio::io::split(a);
+    let (mut b_read, mut b_write) = tokio::io::split(b);
+    let (mut from_a, mut from_b) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    let (mut a_open, mut b_open) = (true, true);
+    while a_open || b_open {
+        tokio::select! {
+            r = a_read.read(&mut from_a), if a_open => match r {
+                Ok(n) if n > 0 => {
+                    if b_write.write_all(&from_a[..n]).await.is_err() {
+                        return;
+                    }
+                }
+                _ => {
+                    a_open = false;
+                    let _ = b_write.shutdown().await;
+                }
+            },
+            r = b_read.read(&mut from_b), if b_open => match r {
+                Ok(n) if n > 0 => {
+                    if a_write.write_all(&from_b[..n]).await.is_err() {
+                        return;
+                    }
+                }
+                _ => {
+                    b_open = false;
+                    let _ = a_write.shutdown().await;
+                }
+            },
+            () = tokio::time::sleep(idle) => return,
+        }
+    }
+}
+
 /// The path prefix of the preview route, for the origin guard.
 const PORTS_SEGMENT: &str = "/ports/";
 
@@ -45,7 +103,7 @@ pub(super) async fn preview(
         .filter(|p| *p > 0)
         .ok_or_else(bad_port)?;
     let thread_id = get("thread_id").unwrap_or_default();
-    let path = get("path").unwrap_or_default();
+    let path = raw_rest(request.uri().path(), "/ports/");
     proxy(&state, &thread_id, port, &path, request).await
 }
 
@@ -72,7 +130,7 @@ pub(super) async fn preview_link(
                 "this preview link is invalid or has expired: ask POST /v1/previews for a new one",
             )
         })?;
-    let path = get("path").unwrap_or_default();
+    let path = raw_rest(request.uri().path(), "/v1/previews/");
     proxy(&state, &grant.thread_id, grant.port, &path, request).await
 }
 
@@ -135,6 +193,15 @@ fn bad_port() -> ApiError {
     )
 }
 
+/// The path after `marker` and the segment that follows it (the port, or
+/// the link), as the client sent it: not percent-decoded, so `%2F` and
+/// `%3F` reach the server as they were written.
+fn raw_rest(path: &str, marker: &str) -> String {
+    let after = path.split_once(marker).map_or("", |(_, rest)| rest);
+    let rest = after.split_once('/').map_or("", |(_, rest)| rest);
+    rest.to_owned()
+}
+
 /// One request to `port` in `thread_id`'s sandbox, and its answer.
 async fn proxy(
     state: &super::AppState,
@@ -147,6 +214,23 @@ async fn proxy(
     // once the server answers 101.
     let upgrade = request.headers().get(header::UPGRADE).cloned();
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
+    // A preview creates nothing (a GET, from any page): the server runs in
+    // a sandbox that is running already.
+    let running = state
+        .sandbox
+        .describe_thread(thread_id)
+        .await?
+        .container
+        .is_some_and(|c| c.status == crate::Status::Running);
+    if !running {
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            ErrorKind::NotFound,
+            format!(
+                "thread {thread_id} has no running sandbox: start its server with an execute first"
+            ),
+        ));
+    }
     let backend = state.sandbox.get_thread_backend(thread_id).await?;
     let connection = backend.connect_port(port).await.map_err(|e| match e {
         SandboxError::NotFound(why) => {
@@ -174,30 +258,55 @@ async fn proxy(
     tokio::spawn(async move {
         let _ = link.with_upgrades().await;
     });
-    let answer = sender
-        .send_request(axum::http::Request::from_parts(parts, body))
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                ErrorKind::Other,
-                format!("port {port} did not answer over HTTP: {e}"),
-            )
-        })?;
+    let answer = tokio::time::timeout(
+        ANSWER_TIMEOUT,
+        sender.send_request(axum::http::Request::from_parts(parts, body)),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Other,
+            format!(
+                "port {port} did not answer within {} s",
+                ANSWER_TIMEOUT.as_secs()
+            ),
+        )
+    })?
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            ErrorKind::Other,
+            format!("port {port} did not answer over HTTP: {e}"),
+        )
+    })?;
     let mut answer = answer;
     let switched = answer.status() == StatusCode::SWITCHING_PROTOCOLS;
     if let (true, Some(client_upgrade)) = (switched, client_upgrade) {
         let server_upgrade = hyper::upgrade::on(&mut answer);
         tokio::spawn(async move {
             if let (Ok(client), Ok(server)) = tokio::join!(client_upgrade, server_upgrade) {
-                let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                join_until_idle(TokioIo::new(client), TokioIo::new(server), TUNNEL_IDLE).await;
             }
         });
     }
     let (mut parts, body) = answer.into_parts();
     if !switched {
         hop_by_hop_removed(&mut parts.headers);
+    }
+    // What a sandbox's server may not set for the API's origin (and, for
+    // cookies, every port of its host).
+    for name in ORIGIN_WIDE_HEADERS {
+        parts.headers.remove(*name);
+    }
+    let cors: Vec<_> = parts
+        .headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("access-control-"))
+        .cloned()
+        .collect();
+    for name in cors {
+        parts.headers.remove(name);
     }
     parts.headers.insert(
         header::CONTENT_SECURITY_POLICY,
@@ -224,8 +333,11 @@ fn for_the_server(parts: &mut axum::http::request::Parts, path: &str, port: u16)
     })?;
     parts.version = axum::http::Version::HTTP_11;
     hop_by_hop_removed(&mut parts.headers);
+    // The API's credentials, and the browser's cookies of this host (of
+    // every port: other local apps' too), stay here.
     parts.headers.remove(header::AUTHORIZATION);
     parts.headers.remove(header::PROXY_AUTHORIZATION);
+    parts.headers.remove(header::COOKIE);
     if let Ok(host) = HeaderValue::from_str(&format!("localhost:{port}")) {
         parts.headers.insert(header::HOST, host);
     }
@@ -327,7 +439,25 @@ mod tests {
         assert!(parts.headers.get(header::AUTHORIZATION).is_none());
         assert!(parts.headers.get("x-hop").is_none());
         assert!(parts.headers.get(header::CONNECTION).is_none());
-        assert_eq!(parts.headers[header::COOKIE], "app=1");
+        assert!(parts.headers.get(header::COOKIE).is_none());
+    }
+
+    #[test]
+    fn the_path_is_passed_on_as_written() {
+        let cases = [
+            ("/v1/threads/alice-1/ports/8080", "/ports/", ""),
+            ("/v1/threads/alice-1/ports/8080/", "/ports/", ""),
+            (
+                "/v1/threads/alice-1/ports/8080/a%3Fb/c%2Fd",
+                "/ports/",
+                "a%3Fb/c%2Fd",
+            ),
+            ("/v1/previews/LINK.TAG/x/%20y", "/v1/previews/", "x/%20y"),
+            ("/v1/previews/LINK.TAG", "/v1/previews/", ""),
+        ];
+        for (path, marker, rest) in cases {
+            assert_eq!(raw_rest(path, marker), rest, "{path}");
+        }
     }
 
     #[test]

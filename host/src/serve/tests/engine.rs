@@ -942,6 +942,14 @@ async fn a_dev_server_in_a_sandbox_is_previewed_through_the_ports_route() {
         );
     }
 
+    // A thread without a running sandbox: nothing is created for it.
+    let reply = app.send(get("/v1/threads/carol-1/ports/8080/")).await;
+    assert_eq!(reply.error().0, 502, "{}", reply.text());
+    assert!(
+        reply.text().contains("no running sandbox"),
+        "{}",
+        reply.text()
+    );
     let reply = app.send(get("/v1/threads/alice-1/ports/9/")).await;
     assert_eq!(reply.error().0, 502, "{}", reply.text());
     assert!(reply.text().contains("port 9"), "{}", reply.text());
