@@ -897,7 +897,7 @@ async fn a_download_whose_reader_went_away_leaves_flight_within_seconds() {
     let mut buf = vec![0u8; 64 * 1024];
     let first = reader.read(&mut buf).await.unwrap();
     assert!(first > 0);
-    support::docker(&["pause", &container]);
+    support::pause(&container);
     // What was under way before the freeze arrives; then nothing does.
     let mut drained = first;
     while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(2), reader.read(&mut buf)).await

@@ -418,7 +418,7 @@ async fn killed_and_paused_containers_are_recovered_with_the_workspace() {
     docker(&["kill", &first]);
     assert_eq!(b.execute("cat k").await.unwrap().output, "kept\n");
     let second = b.ensure_container().await.unwrap().id;
-    docker(&["pause", &second]);
+    support::pause(&second);
     assert_eq!(b.execute("cat k").await.unwrap().output, "kept\n");
     let containers = h.containers();
     assert_eq!(containers.len(), 1, "{containers:?}");

@@ -291,6 +291,28 @@ impl Drop for Harness {
     }
 }
 
+/// `docker pause`, tried again while the kernel cannot freeze the
+/// container yet ("unable to freeze": a task in an uninterruptible sleep,
+/// seen under load), for up to 5 s.
+pub fn pause(container: &str) {
+    for _ in 0..25 {
+        let out = Command::new("docker")
+            .args(["pause", container])
+            .output()
+            .expect("running the docker CLI");
+        if out.status.success() {
+            return;
+        }
+        let why = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            why.contains("unable to freeze"),
+            "docker pause {container} failed: {why}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    panic!("docker pause {container}: the kernel could not freeze it for 5 s");
+}
+
 /// Runs the docker CLI (to act behind the sandbox's back) and returns stdout.
 pub fn docker(args: &[&str]) -> String {
     let out = Command::new("docker")
