@@ -208,6 +208,21 @@ def backends() -> Call:
     return Call("GET", "/v1/backends")
 
 
+def preview_link(thread_id: str, port: int, ttl_secs: Optional[int]) -> Call:
+    body: Dict[str, Any] = {"thread_id": thread_id, "port": port}
+    if ttl_secs is not None:
+        body["ttl_secs"] = ttl_secs
+    return Call("POST", "/v1/previews", json=body)
+
+
+def preview(thread_id: str, port: int, path: str) -> Call:
+    return Call(
+        "GET",
+        f"/v1/threads/{_seg(thread_id)}/ports/{int(port)}/{path.lstrip('/')}",
+        json_answer=False,
+    )
+
+
 def gc(dry_run: bool) -> Call:
     return Call("POST", "/v1/gc", params=[("dry_run", "true" if dry_run else "false")])
 

@@ -258,6 +258,19 @@ class SandboxClient(_Settings):
     def backends(self) -> Dict[str, Any]:
         return self._send(api.backends())
 
+    def preview_link(
+        self, thread_id: str, port: int, ttl_secs: Optional[int] = None
+    ) -> Dict[str, Any]:
+        """A short-lived link (``{"url": "/v1/previews/.../", "expires_at":
+        ...}``, the url relative to this server) to a server the thread's
+        sandbox runs on ``port``, that a browser opens without the token."""
+        return self._send(api.preview_link(thread_id, port, ttl_secs))
+
+    def preview(self, thread_id: str, port: int, path: str = "") -> str:
+        """A page of a server the thread's running sandbox serves on
+        ``port`` (on its loopback; the sandbox needs no network)."""
+        return self._send(api.preview(thread_id, port, path))
+
     def gc(self, dry_run: bool = False) -> Dict[str, Any]:
         return self._send(api.gc(dry_run))
 
@@ -407,6 +420,16 @@ class AsyncSandboxClient(_Settings):
 
     async def backends(self) -> Dict[str, Any]:
         return await self._send(api.backends())
+
+    async def preview_link(
+        self, thread_id: str, port: int, ttl_secs: Optional[int] = None
+    ) -> Dict[str, Any]:
+        """See :meth:`SandboxClient.preview_link`."""
+        return await self._send(api.preview_link(thread_id, port, ttl_secs))
+
+    async def preview(self, thread_id: str, port: int, path: str = "") -> str:
+        """See :meth:`SandboxClient.preview`."""
+        return await self._send(api.preview(thread_id, port, path))
 
     async def health(self) -> Dict[str, Any]:
         return await self._send(api.health())

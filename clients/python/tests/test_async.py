@@ -37,3 +37,18 @@ def test_one_async_client_serves_several_event_loops_and_forgets_closed_ones(ser
         assert asyncio.run(c.exec("alice-1", "echo ok")).output == "ok\n"
     # One client per loop, and those of closed loops are let go.
     assert len(c._clients) == 1
+
+
+async def test_async_preview_and_link(server):
+    c = server.async_client()
+    await c.exec(
+        "alice-1",
+        "mkdir -p www && echo hi > www/index.html && "
+        "(httpd -f -p 127.0.0.1:8081 -h www >/dev/null 2>&1 &) && sleep 0.3",
+    )
+    assert await c.preview("alice-1", 8081, "/index.html") == "hi\n"
+    link = await c.preview_link("alice-1", 8081)
+    assert link["url"].startswith("/v1/previews/")
+    with pytest.raises(SandboxError) as e:
+        await c.preview_link("alice-1", 0)
+    assert (e.value.status, e.value.kind) == (400, "bad-request")

@@ -397,3 +397,24 @@ def test_the_client_reads_its_address_and_token_from_the_environment(monkeypatch
     monkeypatch.delenv("SANDBOX_URL")
     monkeypatch.delenv("SANDBOX_TOKEN")
     assert (SandboxClient().base_url, SandboxClient().token) == ("http://127.0.0.1:8765", None)
+
+
+def test_a_dev_server_in_a_sandbox_is_previewed_and_linked_for_a_browser(client, server):
+    started = client.exec(
+        "alice-1",
+        "mkdir -p www && echo hello-preview > www/index.html && "
+        "(httpd -f -p 127.0.0.1:8080 -h www >/dev/null 2>&1 &) && sleep 0.3",
+    )
+    assert started.exit_code == 0, started
+    assert client.preview("alice-1", 8080, "index.html") == "hello-preview\n"
+    link = client.preview_link("alice-1", 8080, ttl_secs=60)
+    assert link["url"].startswith("/v1/previews/") and link["url"].endswith("/"), link
+    assert link["expires_at"] > time.time()
+    # As a browser opens it: no token.
+    with urllib.request.urlopen(server.url + link["url"] + "index.html") as page:
+        assert page.status == 200
+        assert page.read() == b"hello-preview\n"
+        assert page.headers["Content-Security-Policy"].startswith("sandbox ")
+    with pytest.raises(SandboxError) as nothing:
+        client.preview("alice-1", 9)
+    assert (nothing.value.status, nothing.value.kind) == (502, "not-found")
