@@ -183,9 +183,22 @@ impl Server {
         // exec'd (so carries its marker) before this returns.
         let group = self.calls.cancel(&marker);
         let (replies, kill_id, user) = (self.replies.clone(), id.clone(), self.user);
+        let calls = self.calls.clone();
         let spawned = std::thread::Builder::new().spawn(move || {
             let all_gone = match group {
-                Some(group) => procs::kill_group(group, user),
+                Some(group) => {
+                    let mut gone = procs::kill_group(group, user);
+                    // A call that was starting has a child that joins its
+                    // group only after `reap` exec'd: sweep again until the
+                    // call has ended (its `reap` exits once its tree is
+                    // gone), within a bound.
+                    let until = std::time::Instant::now() + KILL_SETTLE;
+                    while calls.is_running(&marker) && std::time::Instant::now() < until {
+                        std::thread::sleep(procs::SWEEP_PAUSE * 4);
+                        gone = procs::kill_group(group, user);
+                    }
+                    gone
+                }
                 None => kill_marked(&marker) == 0,
             };
             replies.say(Reply::Killed {
@@ -252,6 +265,10 @@ fn read_line(input: &mut impl BufRead, line: &mut Vec<u8>) -> std::io::Result<Li
     }
 }
 
+/// How long a kill keeps sweeping a call's group while the call is still
+/// running (it was starting when the kill came).
+const KILL_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Groups of calls that ended, remembered so that a kill arriving after its
 /// call's exit still ends what the call left running: at most this many.
 const ENDED_GROUPS: usize = 4096;
@@ -316,6 +333,11 @@ impl Calls {
             }
             calls.ended.push_back((marker.to_owned(), group));
         }
+    }
+
+    /// Whether the call `marker` still runs (its `reap` has not exited).
+    fn is_running(&self, marker: &str) -> bool {
+        self.0.lock().unwrap().running.contains_key(marker)
     }
 
     /// Holds the registry (a kill's `cancel` waits) while `f` runs with
