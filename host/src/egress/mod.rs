@@ -138,6 +138,11 @@ impl Egress {
         }))
     }
 
+    /// Whether `profile` is one with egress (its allow-list is parsed).
+    pub fn has_profile(&self, profile: &ProfileName) -> bool {
+        self.rules.contains_key(profile)
+    }
+
     /// The counters of every user this process carried traffic for.
     pub fn meters(&self) -> &Meters {
         &self.meters

@@ -216,11 +216,7 @@ impl Engine {
         let (Ok(user), Ok(profile)) = (backend.user(), ProfileName::parse(profile)) else {
             return;
         };
-        if !self
-            .config
-            .profile(&profile)
-            .is_some_and(|p| p.has_egress())
-        {
+        if !egress.has_profile(&profile) {
             return;
         }
         if let Err(e) = egress.ensure(backend.as_str(), &user, &profile).await {

@@ -10,6 +10,8 @@
 //! whose `Origin` is `null` on every route but this one
 //! ([`refuse_opaque_origins`]).
 
+use std::collections::HashMap;
+
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderValue, StatusCode, Uri};
@@ -89,20 +91,15 @@ const PORTS_SEGMENT: &str = "/ports/";
 /// `/v1/threads/{thread_id}/ports/{port}` with or without a path.
 pub(super) async fn preview(
     State(state): State<Shared>,
-    Path(params): Path<Vec<(String, String)>>,
+    Path(params): Path<HashMap<String, String>>,
     request: Request,
 ) -> ApiResult<Response> {
-    let get = |name: &str| {
-        params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-    };
-    let port: u16 = get("port")
+    let port: u16 = params
+        .get("port")
         .and_then(|p| p.parse().ok())
         .filter(|p| *p > 0)
         .ok_or_else(bad_port)?;
-    let thread_id = get("thread_id").unwrap_or_default();
+    let thread_id = params.get("thread_id").cloned().unwrap_or_default();
     let path = raw_rest(request.uri().path(), "/ports/");
     proxy(&state, &thread_id, port, &path, request).await
 }
@@ -111,18 +108,13 @@ pub(super) async fn preview(
 /// without the API's token (see `links.rs`).
 pub(super) async fn preview_link(
     State(state): State<Shared>,
-    Path(params): Path<Vec<(String, String)>>,
+    Path(params): Path<HashMap<String, String>>,
     request: Request,
 ) -> ApiResult<Response> {
-    let get = |name: &str| {
-        params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-    };
     let now = crate::now_ms() / 1000;
-    let grant = get("link")
-        .and_then(|link| state.links.verify(&link, now))
+    let grant = params
+        .get("link")
+        .and_then(|link| state.links.verify(link, now))
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::FORBIDDEN,
