@@ -1588,9 +1588,10 @@ async fn a_container_of_an_older_host_is_recreated_when_next_idle() {
             "{{index .Config.Labels \"sandbox.agent\"}}",
             &now,
         ]);
-        if agent_label.trim() != "serve-v3" {
+        let current = format!("serve-v{}", sandbox_agent::protocol::PROTOCOL_VERSION);
+        if agent_label.trim() != current {
             wrong.push(format!(
-                "{user} ({label}): the new container is labelled {:?}, not serve-v3",
+                "{user} ({label}): the new container is labelled {:?}, not {current}",
                 agent_label.trim()
             ));
         }

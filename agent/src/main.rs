@@ -7,7 +7,7 @@
 //! sandbox-agent init [--user UID:GID] [--egress-port P]  init.rs
 //! sandbox-agent serve [--user UID:GID] [--egress-port P] serve.rs, relay.rs
 //! sandbox-agent respawn                                  respawn.rs
-//! sandbox-agent reap [--timeout-ms N] [--user UID:GID --group GID]
+//! sandbox-agent reap [--timeout-ms N] [--user UID:GID --group GID] [--tty]
 //!                    [--report-fd FD] -- PROGRAM [ARGS...]   reap.rs
 //! sandbox-agent kill MARKER                              kill.rs
 //! sandbox-agent connect PORT                             connect.rs
@@ -54,7 +54,7 @@ const AGENT_FAILED: i32 = EXIT_AGENT_FAILED as i32;
 const USAGE: &str = "usage: sandbox-agent init [--user UID:GID] [--egress-port PORT] \
                      | serve [--user UID:GID] [--egress-port PORT] \
                      | respawn | kill MARKER | connect PORT \
-                     | reap [--timeout-ms N] [--user UID:GID --group GID] -- PROGRAM [ARGS...]";
+                     | reap [--timeout-ms N] [--user UID:GID --group GID] [--tty] -- PROGRAM [ARGS...]";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

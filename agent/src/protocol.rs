@@ -66,7 +66,10 @@ use base64::Engine as _;
 /// out-of-memory killer ended while the call ran, and `BG`, how many
 /// background processes kept the call's output open after its command
 /// exited and were killed so the call could end.
-pub const PROTOCOL_VERSION: u32 = 3;
+///
+/// 4: background processes and terminals (`spawn`, `procs`, `read`,
+/// `write`, `signal`, `resize`, `forget`; `proc`, `chunk`, `done`).
+pub const PROTOCOL_VERSION: u32 = 4;
 /// The version of the agents before versions, whose `hello` and `pong` state
 /// none.
 pub const UNVERSIONED: u32 = 0;
@@ -108,6 +111,22 @@ pub const CHUNK: usize = 16 * 1024;
 pub const MAX_REPLY_LINE: usize = CHUNK / 3 * 4 + 256;
 /// The longest token (ids, nonces, markers, boot ids).
 pub const MAX_TOKEN: usize = 64;
+/// Processes an agent keeps (running, or ended and not yet forgotten): a
+/// spawn past it forgets the oldest ended one, or is refused (`full`).
+pub const MAX_PROCESSES: usize = 32;
+/// Bytes of each output stream a process keeps from its start.
+pub const PROC_HEAD: usize = 16 * 1024;
+/// Bytes of each output stream a process keeps from its end.
+pub const PROC_TAIL: usize = 256 * 1024;
+/// Bytes of output one `read` answers at most.
+pub const MAX_READ: usize = 256 * 1024;
+/// The longest a `read` waits for output.
+pub const MAX_READ_WAIT_MS: u64 = 30_000;
+/// Bytes of a process's command a `proc` frame shows.
+pub const SHOWN_COMMAND: usize = 4096;
+/// The signals a `signal` may send (by number): HUP, INT, QUIT, KILL,
+/// USR1, USR2, TERM, CONT, STOP, WINCH.
+pub const SIGNALS: [u8; 10] = [1, 2, 3, 9, 10, 12, 15, 18, 19, 28];
 
 /// What the host asks of the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +137,121 @@ pub enum Request {
     Exec(Exec),
     /// Ends every process carrying [`EXEC_MARKER_VAR`]`=marker`.
     Kill { id: String, marker: String },
+    /// Starts a background process or terminal (see [`Spawn`]).
+    Spawn(Spawn),
+    /// Lists the processes kept: a `proc` frame each.
+    Procs { id: String },
+    /// The output of `proc` past the offsets, waiting up to `wait_ms` for
+    /// some (or its end): `chunk` frames, then its `proc` frame.
+    Read {
+        id: String,
+        proc: String,
+        out_at: u64,
+        err_at: u64,
+        wait_ms: u64,
+    },
+    /// Bytes for the process's stdin (its terminal's input); `None` closes
+    /// it (not a terminal's).
+    Write {
+        id: String,
+        proc: String,
+        data: Option<Vec<u8>>,
+    },
+    /// Sends one of [`SIGNALS`] to every process of `proc`'s tree.
+    Signal {
+        id: String,
+        proc: String,
+        signal: u8,
+    },
+    /// Sets a terminal's size.
+    Resize {
+        id: String,
+        proc: String,
+        rows: u16,
+        cols: u16,
+    },
+    /// Kills `proc`'s tree if it runs, and forgets it.
+    Forget { id: String, proc: String },
+}
+
+/// `sh -c command` in the background under `reap`, as an exec's, kept by
+/// the agent under the host's id `proc`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spawn {
+    pub id: String,
+    pub proc: String,
+    /// Unix ms by the host's clock: not started when read later.
+    pub start_by_ms: u64,
+    /// 0: no deadline.
+    pub timeout_ms: u64,
+    /// A terminal of these rows and columns; `None`: pipes.
+    pub tty: Option<(u16, u16)>,
+    pub env: Vec<String>,
+    pub command: String,
+}
+
+/// A process as a `proc` frame shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcInfo {
+    pub proc: String,
+    pub started_ms: u64,
+    /// `None` while it runs.
+    pub status: Option<u8>,
+    pub tty: bool,
+    /// Bytes written to each stream so far.
+    pub out_total: u64,
+    pub err_total: u64,
+    /// At most [`SHOWN_COMMAND`] bytes of it.
+    pub command: String,
+}
+
+/// How a process request ended (`done ID STATUS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DoneStatus {
+    Ok,
+    /// No process of that id.
+    Unknown,
+    /// A process of that id exists already (a spawn is never run twice).
+    Exists,
+    /// [`MAX_PROCESSES`] run already.
+    Full,
+    /// The process has ended.
+    Ended,
+    /// Its stdin is closed.
+    Closed,
+    /// Too much at once (reads waiting, writes queued): try again.
+    Busy,
+    /// A request that does not apply (a resize of pipes, a signal not
+    /// allowed).
+    Invalid,
+}
+
+impl DoneStatus {
+    const ALL: [(DoneStatus, &'static str); 8] = [
+        (DoneStatus::Ok, "ok"),
+        (DoneStatus::Unknown, "unknown"),
+        (DoneStatus::Exists, "exists"),
+        (DoneStatus::Full, "full"),
+        (DoneStatus::Ended, "ended"),
+        (DoneStatus::Closed, "closed"),
+        (DoneStatus::Busy, "busy"),
+        (DoneStatus::Invalid, "invalid"),
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(s, _)| *s == self)
+            .map_or("ok", |(_, t)| t)
+    }
+
+    fn parse(token: Option<&str>) -> Result<Self, ParseError> {
+        Self::ALL
+            .iter()
+            .find(|(_, t)| Some(*t) == token)
+            .map(|(s, _)| *s)
+            .ok_or_else(|| bad("status"))
+    }
 }
 
 /// `sh -c command` under `reap` (its own subreaper and deadline).
@@ -183,6 +317,23 @@ pub enum Reply {
     /// A request line that did not parse; it was dropped.
     Bad {
         reason: String,
+    },
+    /// One process (an answer to `procs` or `read`).
+    Proc {
+        id: String,
+        info: ProcInfo,
+    },
+    /// Output of a process from offset `at` of its stream.
+    Chunk {
+        id: String,
+        stderr: bool,
+        at: u64,
+        data: Vec<u8>,
+    },
+    /// The end of the answer to a process request.
+    Done {
+        id: String,
+        status: DoneStatus,
     },
 }
 
@@ -283,6 +434,66 @@ fn encode(data: &[u8]) -> String {
     STANDARD.encode(data)
 }
 
+/// A process id: a plain token.
+fn proc_id(field: Option<&str>) -> Result<String, ParseError> {
+    token(field, "proc")
+}
+
+/// `KEY=value` entries joined by NUL.
+fn env_field(field: Option<&str>) -> Result<Vec<String>, ParseError> {
+    let env = String::from_utf8(bytes(field, "env")?).map_err(|_| bad("env"))?;
+    let env: Vec<String> = if env.is_empty() {
+        Vec::new()
+    } else {
+        env.split('\0').map(str::to_owned).collect()
+    };
+    if env
+        .iter()
+        .any(|kv| !kv.contains('=') || kv.starts_with('='))
+    {
+        return Err(bad("env"));
+    }
+    Ok(env)
+}
+
+fn command_field(field: Option<&str>) -> Result<String, ParseError> {
+    let command = String::from_utf8(bytes(field, "command")?).map_err(|_| bad("command"))?;
+    if command.contains('\0') {
+        return Err(bad("command"));
+    }
+    Ok(command)
+}
+
+/// A terminal size: 1 to 4 digits, 1..=9999.
+fn dimension(field: Option<&str>) -> Result<u16, ParseError> {
+    field
+        .filter(|d| (1..=4).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|d| d.parse().ok())
+        .filter(|d| *d > 0)
+        .ok_or_else(|| bad("size"))
+}
+
+fn tty_field(field: Option<&str>) -> Result<Option<(u16, u16)>, ParseError> {
+    match field {
+        Some("-") => Ok(None),
+        Some(size) => {
+            let (rows, cols) = size.split_once('x').ok_or_else(|| bad("tty"))?;
+            Ok(Some((dimension(Some(rows))?, dimension(Some(cols))?)))
+        }
+        None => Err(bad("tty")),
+    }
+}
+
+/// The longest prefix of `command` of at most [`SHOWN_COMMAND`] bytes that
+/// ends on a character boundary.
+pub fn shown_command(command: &str) -> &str {
+    let mut end = command.len().min(SHOWN_COMMAND);
+    while !command.is_char_boundary(end) {
+        end -= 1;
+    }
+    &command[..end]
+}
+
 /// Splits a line (without its newline, at most `max` bytes) into fields,
 /// refusing anything but printable ASCII separated by single spaces.
 fn fields(line: &[u8], max: usize) -> Result<std::str::Split<'_, char>, ParseError> {
@@ -305,6 +516,22 @@ fn end(mut rest: std::str::Split<'_, char>) -> Result<(), ParseError> {
 }
 
 impl Request {
+    /// The frame's id (a ping's nonce).
+    pub fn id(&self) -> &str {
+        match self {
+            Request::Ping { nonce: id }
+            | Request::Exec(Exec { id, .. })
+            | Request::Kill { id, .. }
+            | Request::Spawn(Spawn { id, .. })
+            | Request::Procs { id }
+            | Request::Read { id, .. }
+            | Request::Write { id, .. }
+            | Request::Signal { id, .. }
+            | Request::Resize { id, .. }
+            | Request::Forget { id, .. } => id,
+        }
+    }
+
     /// The line: a newline (see the module doc), the frame, a newline.
     pub fn encode(&self) -> String {
         match self {
@@ -323,6 +550,40 @@ impl Request {
                 stdin.as_deref().map_or_else(|| "-".to_owned(), encode)
             ),
             Request::Kill { id, marker } => format!("\nkill {id} {marker}\n"),
+            Request::Spawn(Spawn {
+                id,
+                proc,
+                start_by_ms,
+                timeout_ms,
+                tty,
+                env,
+                command,
+            }) => format!(
+                "\nspawn {id} {proc} {start_by_ms} {timeout_ms} {} {} {}\n",
+                tty.map_or_else(|| "-".to_owned(), |(r, c)| format!("{r}x{c}")),
+                encode(env.join("\0").as_bytes()),
+                encode(command.as_bytes()),
+            ),
+            Request::Procs { id } => format!("\nprocs {id}\n"),
+            Request::Read {
+                id,
+                proc,
+                out_at,
+                err_at,
+                wait_ms,
+            } => format!("\nread {id} {proc} {out_at} {err_at} {wait_ms}\n"),
+            Request::Write { id, proc, data } => format!(
+                "\nwrite {id} {proc} {}\n",
+                data.as_deref().map_or_else(|| "-".to_owned(), encode)
+            ),
+            Request::Signal { id, proc, signal } => format!("\nsignal {id} {proc} {signal}\n"),
+            Request::Resize {
+                id,
+                proc,
+                rows,
+                cols,
+            } => format!("\nresize {id} {proc} {rows} {cols}\n"),
+            Request::Forget { id, proc } => format!("\nforget {id} {proc}\n"),
         }
     }
 
@@ -337,23 +598,8 @@ impl Request {
                 let id = token(f.next(), "id")?;
                 let start_by_ms = number(f.next(), "start-by")?;
                 let timeout_ms = number(f.next(), "timeout")?;
-                let env = String::from_utf8(bytes(f.next(), "env")?).map_err(|_| bad("env"))?;
-                let env: Vec<String> = if env.is_empty() {
-                    Vec::new()
-                } else {
-                    env.split('\0').map(str::to_owned).collect()
-                };
-                if env
-                    .iter()
-                    .any(|kv| !kv.contains('=') || kv.starts_with('='))
-                {
-                    return Err(bad("env"));
-                }
-                let command =
-                    String::from_utf8(bytes(f.next(), "command")?).map_err(|_| bad("command"))?;
-                if command.contains('\0') {
-                    return Err(bad("command"));
-                }
+                let env = env_field(f.next())?;
+                let command = command_field(f.next())?;
                 let stdin = match f.next() {
                     Some("-") => None,
                     other => {
@@ -376,6 +622,57 @@ impl Request {
             Some("kill") => Request::Kill {
                 id: token(f.next(), "id")?,
                 marker: token(f.next(), "marker")?,
+            },
+            Some("spawn") => Request::Spawn(Spawn {
+                id: token(f.next(), "id")?,
+                proc: proc_id(f.next())?,
+                start_by_ms: number(f.next(), "start-by")?,
+                timeout_ms: number(f.next(), "timeout")?,
+                tty: tty_field(f.next())?,
+                env: env_field(f.next())?,
+                command: command_field(f.next())?,
+            }),
+            Some("procs") => Request::Procs {
+                id: token(f.next(), "id")?,
+            },
+            Some("read") => Request::Read {
+                id: token(f.next(), "id")?,
+                proc: proc_id(f.next())?,
+                out_at: number(f.next(), "offset")?,
+                err_at: number(f.next(), "offset")?,
+                wait_ms: number(f.next(), "wait")?.min(MAX_READ_WAIT_MS),
+            },
+            Some("write") => {
+                let id = token(f.next(), "id")?;
+                let proc = proc_id(f.next())?;
+                let data = match f.next() {
+                    Some("-") => None,
+                    other => {
+                        let data = bytes(other, "data")?;
+                        if data.is_empty() || data.len() > MAX_INLINE_STDIN {
+                            return Err(bad("data"));
+                        }
+                        Some(data)
+                    }
+                };
+                Request::Write { id, proc, data }
+            }
+            Some("signal") => Request::Signal {
+                id: token(f.next(), "id")?,
+                proc: proc_id(f.next())?,
+                signal: count(f.next())
+                    .and_then(|s| u8::try_from(s).ok())
+                    .ok_or_else(|| bad("signal"))?,
+            },
+            Some("resize") => Request::Resize {
+                id: token(f.next(), "id")?,
+                proc: proc_id(f.next())?,
+                rows: dimension(f.next())?,
+                cols: dimension(f.next())?,
+            },
+            Some("forget") => Request::Forget {
+                id: token(f.next(), "id")?,
+                proc: proc_id(f.next())?,
             },
             _ => return Err(bad("unknown verb")),
         };
@@ -406,6 +703,28 @@ impl Reply {
             } => format!("exit {id} {code} {oom_kills} {background_killed}\n"),
             Reply::Killed { id, all_gone } => format!("killed {id} {}\n", u8::from(*all_gone)),
             Reply::Bad { reason } => format!("bad {reason}\n"),
+            Reply::Proc { id, info } => format!(
+                "proc {id} {} {} {} {} {} {} {}\n",
+                info.proc,
+                info.started_ms,
+                info.status
+                    .map_or_else(|| "-".to_owned(), |c| c.to_string()),
+                u8::from(info.tty),
+                info.out_total,
+                info.err_total,
+                encode(shown_command(&info.command).as_bytes()),
+            ),
+            Reply::Chunk {
+                id,
+                stderr,
+                at,
+                data,
+            } => format!(
+                "chunk {id} {} {at} {}\n",
+                if *stderr { "e" } else { "o" },
+                encode(data)
+            ),
+            Reply::Done { id, status } => format!("done {id} {}\n", status.as_str()),
         }
     }
 
@@ -469,6 +788,66 @@ impl Reply {
             },
             Some("bad") => Reply::Bad {
                 reason: token(f.next(), "reason")?,
+            },
+            Some("proc") => {
+                let id = token(f.next(), "id")?;
+                let proc = proc_id(f.next())?;
+                let started_ms = number(f.next(), "started")?;
+                let status = match f.next() {
+                    Some("-") => None,
+                    c => Some(
+                        c.filter(|c| c.len() <= 3 && c.bytes().all(|b| b.is_ascii_digit()))
+                            .and_then(|c| c.parse().ok())
+                            .ok_or_else(|| bad("state"))?,
+                    ),
+                };
+                let tty = match f.next() {
+                    Some("0") => false,
+                    Some("1") => true,
+                    _ => return Err(bad("tty")),
+                };
+                let out_total = number(f.next(), "out")?;
+                let err_total = number(f.next(), "err")?;
+                let command =
+                    String::from_utf8(bytes(f.next(), "command")?).map_err(|_| bad("command"))?;
+                if command.len() > SHOWN_COMMAND {
+                    return Err(bad("command"));
+                }
+                Reply::Proc {
+                    id,
+                    info: ProcInfo {
+                        proc,
+                        started_ms,
+                        status,
+                        tty,
+                        out_total,
+                        err_total,
+                        command,
+                    },
+                }
+            }
+            Some("chunk") => {
+                let id = token(f.next(), "id")?;
+                let stderr = match f.next() {
+                    Some("o") => false,
+                    Some("e") => true,
+                    _ => return Err(bad("stream")),
+                };
+                let at = number(f.next(), "offset")?;
+                let data = bytes(f.next(), "data")?;
+                if data.is_empty() || data.len() > CHUNK {
+                    return Err(bad("data"));
+                }
+                Reply::Chunk {
+                    id,
+                    stderr,
+                    at,
+                    data,
+                }
+            }
+            Some("done") => Reply::Done {
+                id: token(f.next(), "id")?,
+                status: DoneStatus::parse(f.next())?,
             },
             _ => return Err(bad("unknown verb")),
         };
@@ -588,6 +967,135 @@ mod tests {
         assert!(Reply::parse(oversized.as_bytes()).is_err());
         let id = "x".repeat(MAX_TOKEN + 1);
         assert!(Reply::parse(format!("ack {id}").as_bytes()).is_err());
+    }
+
+    #[test]
+    fn process_frames_round_trip() {
+        let requests = [
+            Request::Spawn(Spawn {
+                id: "s-1".into(),
+                proc: "0123456789abcdef0123456789abcdef".into(),
+                start_by_ms: 1_800_000_000_000,
+                timeout_ms: 0,
+                tty: Some((24, 80)),
+                env: vec!["A=1".into()],
+                command: "busybox httpd -f -p 8080".into(),
+            }),
+            Request::Spawn(Spawn {
+                id: "s-2".into(),
+                proc: "p".into(),
+                start_by_ms: 1,
+                timeout_ms: 5,
+                tty: None,
+                env: vec![],
+                command: "x".into(),
+            }),
+            Request::Procs { id: "l".into() },
+            Request::Read {
+                id: "r".into(),
+                proc: "p".into(),
+                out_at: 5,
+                err_at: 0,
+                wait_ms: 1000,
+            },
+            Request::Write {
+                id: "w".into(),
+                proc: "p".into(),
+                data: Some(b"\x03".to_vec()),
+            },
+            Request::Write {
+                id: "w".into(),
+                proc: "p".into(),
+                data: None,
+            },
+            Request::Signal {
+                id: "k".into(),
+                proc: "p".into(),
+                signal: 15,
+            },
+            Request::Resize {
+                id: "z".into(),
+                proc: "p".into(),
+                rows: 50,
+                cols: 200,
+            },
+            Request::Forget {
+                id: "f".into(),
+                proc: "p".into(),
+            },
+        ];
+        for r in requests {
+            assert_eq!(Request::parse(line(&r.encode())), Ok(r.clone()), "{r:?}");
+        }
+        let replies = [
+            Reply::Proc {
+                id: "l".into(),
+                info: ProcInfo {
+                    proc: "p".into(),
+                    started_ms: 7,
+                    status: Some(137),
+                    tty: true,
+                    out_total: 1 << 40,
+                    err_total: 0,
+                    command: "é".repeat(SHOWN_COMMAND / 2),
+                },
+            },
+            Reply::Proc {
+                id: "l".into(),
+                info: ProcInfo {
+                    proc: "p".into(),
+                    started_ms: 7,
+                    status: None,
+                    tty: false,
+                    out_total: 1,
+                    err_total: 2,
+                    command: String::new(),
+                },
+            },
+            Reply::Chunk {
+                id: "r".into(),
+                stderr: true,
+                at: 99,
+                data: vec![7; CHUNK],
+            },
+            Reply::Done {
+                id: "r".into(),
+                status: DoneStatus::Busy,
+            },
+        ];
+        for r in replies {
+            let encoded = r.encode();
+            assert!(encoded.len() <= MAX_REPLY_LINE + 1);
+            assert_eq!(Reply::parse(line(&encoded)), Ok(r.clone()), "{r:?}");
+        }
+        for s in DoneStatus::ALL.map(|(s, _)| s) {
+            let done = Reply::Done {
+                id: "d".into(),
+                status: s,
+            };
+            assert_eq!(Reply::parse(line(&done.encode())), Ok(done));
+        }
+        // Past the bounds: no size 0, no tty without x, no unknown status,
+        // a read's wait capped.
+        for garbage in [
+            "spawn a p 1 0 0x80 AA== AA==",
+            "spawn a p 1 0 24 AA== AA==",
+            "resize a p 0 80",
+            "resize a p 10000 80",
+            "signal a p 1000",
+            "write a p ",
+        ] {
+            assert!(Request::parse(garbage.as_bytes()).is_err(), "{garbage:?}");
+        }
+        assert!(Reply::parse(b"done a maybe").is_err());
+        assert!(Reply::parse(b"chunk a x 0 AAAA").is_err());
+        assert!(Reply::parse(b"proc a p 1 256 0 0 0 AA==").is_err());
+        let read = Request::parse(b"read a p 0 0 999999999").unwrap();
+        assert!(matches!(read, Request::Read { wait_ms, .. } if wait_ms == MAX_READ_WAIT_MS));
+        assert_eq!(
+            shown_command(&"é".repeat(SHOWN_COMMAND)).len(),
+            SHOWN_COMMAND
+        );
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `sandbox-agent reap [--timeout-ms N] [--user UID:GID --group GID]
+//! `sandbox-agent reap [--timeout-ms N] [--user UID:GID --group GID] [--tty]
 //! [--report-fd FD] -- PROGRAM [ARGS...]`: one call.
 //!
 //! With `--user` and `--group` (serve's calls: this runs as root) PROGRAM
@@ -40,13 +40,14 @@ pub fn main(args: &[String]) -> i32 {
         timeout,
         drop_to,
         report_fd,
+        tty,
         program,
     } = match parse(args) {
         Ok(parsed) => parsed,
         Err(e) => {
             eprintln!(
                 "sandbox-agent: {e}\nusage: sandbox-agent reap [--timeout-ms N] \
-                 [--user UID:GID --group GID] [--report-fd FD] -- PROGRAM [ARGS...]"
+                 [--user UID:GID --group GID] [--report-fd FD] [--tty] -- PROGRAM [ARGS...]"
             );
             return AGENT_FAILED;
         }
@@ -59,10 +60,14 @@ pub fn main(args: &[String]) -> i32 {
         }
     }
     let mut command = Command::new(&program[0]);
-    command
-        .args(&program[1..])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    command.args(&program[1..]);
+    if tty {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setpgid, signal and tcsetpgrp only, between fork and exec.
+        unsafe { command.pre_exec(foreground) };
+    } else {
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    }
     match drop_to {
         Some((user, group)) if identity::can_drop() => {
             use std::os::unix::process::CommandExt;
@@ -146,6 +151,25 @@ pub fn main(args: &[String]) -> i32 {
     status
 }
 
+/// In the child about to exec PROGRAM on a terminal: a process group of
+/// its own, made the terminal's foreground group (SIGTTOU, which a
+/// background group's `tcsetpgrp` raises, is ignored for the call only).
+fn foreground() -> std::io::Result<()> {
+    // SAFETY: async-signal-safe calls with integer arguments.
+    unsafe {
+        if libc::setpgid(0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let before = libc::signal(libc::SIGTTOU, libc::SIG_IGN);
+        let set = libc::tcsetpgrp(0, libc::getpid());
+        libc::signal(libc::SIGTTOU, before);
+        if set != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// One call, as its command line gives it.
 #[derive(Debug)]
 struct Reap {
@@ -155,14 +179,18 @@ struct Reap {
     drop_to: Option<(SandboxUser, libc::gid_t)>,
     /// Where `serve` reads how many background processes were killed.
     report_fd: Option<libc::c_int>,
+    /// PROGRAM runs on this process's terminal (see the module doc).
+    tty: bool,
     program: Vec<String>,
 }
 
 fn parse(args: &[String]) -> Result<Reap, String> {
     let mut it = args.iter();
     let (mut timeout, mut user, mut group, mut report_fd) = (None, None, None, None);
+    let mut tty = false;
     loop {
         match it.next().map(String::as_str) {
+            Some("--tty") => tty = true,
             Some("--timeout-ms") => {
                 let ms: u64 = it
                     .next()
@@ -208,6 +236,7 @@ fn parse(args: &[String]) -> Result<Reap, String> {
         timeout,
         drop_to,
         report_fd,
+        tty,
         program,
     })
 }

@@ -21,6 +21,7 @@ use crate::identity::{options, CallGroups, SandboxUser};
 use crate::kill::kill_marked;
 use crate::{procs, AGENT_FAILED};
 
+mod background;
 mod call;
 
 /// Reply lines queued for stdout before a sender waits.
@@ -52,6 +53,7 @@ pub fn serve(args: &[String]) -> i32 {
         calls: Calls::default(),
         user,
         groups: CallGroups::new(),
+        background: background::Background::new(user),
     };
     server.replies.say(Reply::Hello {
         boot: server.boot.clone(),
@@ -104,6 +106,8 @@ struct Server {
     /// Whom calls run as (none: as this process).
     user: Option<SandboxUser>,
     groups: CallGroups,
+    /// Background processes and terminals.
+    background: background::Background,
 }
 
 impl Server {
@@ -131,12 +135,62 @@ impl Server {
             Ok(Request::Ping { nonce }) => self.pong(nonce),
             Ok(Request::Exec(exec)) => self.exec(exec),
             Ok(Request::Kill { id, marker }) => self.kill(id, marker),
+            Ok(Request::Spawn(spawn)) => {
+                if now_ms() > spawn.start_by_ms {
+                    self.replies.say(Reply::Stale { id: spawn.id });
+                    return;
+                }
+                self.ack(&spawn.id);
+                self.background.spawn(spawn, &self.groups, &self.replies);
+            }
+            Ok(Request::Procs { id }) => {
+                self.ack(&id);
+                self.background.list(id, &self.replies);
+            }
+            Ok(Request::Read {
+                id,
+                proc,
+                out_at,
+                err_at,
+                wait_ms,
+            }) => {
+                self.ack(&id);
+                let wait = std::time::Duration::from_millis(wait_ms);
+                self.background
+                    .read(id, proc, (out_at, err_at), wait, &self.replies);
+            }
+            Ok(Request::Write { id, proc, data }) => {
+                self.ack(&id);
+                self.background.write(id, proc, data, &self.replies);
+            }
+            Ok(Request::Signal { id, proc, signal }) => {
+                self.ack(&id);
+                self.background.signal(id, proc, signal, &self.replies);
+            }
+            Ok(Request::Resize {
+                id,
+                proc,
+                rows,
+                cols,
+            }) => {
+                self.ack(&id);
+                self.background
+                    .resize(id, proc, (rows, cols), &self.replies);
+            }
+            Ok(Request::Forget { id, proc }) => {
+                self.ack(&id);
+                self.background.forget(id, proc, &self.replies);
+            }
             Err(e) => {
                 self.replies.say(Reply::Bad {
                     reason: e.to_string().replace(' ', "-"),
                 });
             }
         }
+    }
+
+    fn ack(&self, id: &str) {
+        self.replies.say(Reply::Ack { id: id.to_owned() });
     }
 
     fn pong(&self, nonce: String) {

@@ -110,6 +110,17 @@ pub mod files {
     };
 }
 
+/// Background processes and terminals: how to start one, and what it is.
+pub mod processes {
+    pub use crate::dataplane::processes::{
+        OutputChunk, ProcessId, ProcessInfo, ProcessOptions, ProcessOutput, Signal, TerminalSize,
+        LOGIN_SHELL,
+    };
+    pub use sandbox_agent::protocol::{
+        MAX_INLINE_STDIN as MAX_STDIN_WRITE, MAX_PROCESSES, MAX_READ_WAIT_MS, PROC_HEAD, PROC_TAIL,
+    };
+}
+
 /// The embedded policy components (per-user, the default; per-thread).
 pub mod policies {
     pub use crate::policy::embedded::*;

@@ -16,7 +16,11 @@ fn main() -> ExitCode {
     // Listing commands die quietly when their reader goes away (`sandbox ls
     // | head`), as Unix tools do. `exec` and `serve` keep the write error
     // instead: `exec` must still end its remote command, `serve` its peers.
-    if !matches!(cli.command, Command::Exec(_) | Command::Cp(_)) && !is_serve(&cli.command) {
+    if !matches!(
+        cli.command,
+        Command::Exec(_) | Command::Cp(_) | Command::Shell(_) | Command::Logs(_)
+    ) && !is_serve(&cli.command)
+    {
         // SAFETY: restoring the default disposition, before any thread.
         unsafe {
             let _ = nix::sys::signal::signal(
@@ -89,6 +93,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Config(args) => cli::config::run(&loaded, args),
         Command::Exec(args) => cli::exec::run(loaded.config, args).await,
+        Command::Ps(args) => cli::processes::ps(loaded.config, args).await,
+        Command::Logs(args) => cli::processes::logs(loaded.config, args).await,
+        Command::Kill(args) => cli::processes::kill(loaded.config, args).await,
+        Command::Shell(args) => cli::shell::run(loaded.config, args).await,
         Command::Cp(args) => cli::cp::run(loaded.config, args).await,
         Command::Destroy(args) => cli::destroy::run(loaded.config, args).await,
         Command::Ls(args) => cli::ls::run(loaded.config, args).await,

@@ -215,7 +215,7 @@ fn oom_kills() -> Option<u64> {
 }
 
 /// `reap`'s status as the shell-style status of the frame.
-fn status_of(waited: std::io::Result<ExitStatus>) -> u8 {
+pub(crate) fn status_of(waited: std::io::Result<ExitStatus>) -> u8 {
     use std::os::unix::process::ExitStatusExt;
     let code = match waited {
         Ok(status) => status

@@ -223,6 +223,95 @@ def preview(thread_id: str, port: int, path: str) -> Call:
     )
 
 
+def start_process(thread_id: str, command: str, env: Optional[Mapping[str, str]], workdir: Optional[str],
+                  timeout: Optional[float], terminal: Optional[Tuple[int, int]]) -> Call:
+    body: Dict[str, Any] = {"command": command}
+    if env:
+        body["env"] = dict(env)
+    if workdir is not None:
+        body["workdir"] = workdir
+    if timeout is not None:
+        body["timeout_secs"] = timeout
+    if terminal is not None:
+        body["terminal"] = {"rows": int(terminal[0]), "cols": int(terminal[1])}
+    return Call("POST", f"/v1/threads/{_seg(thread_id)}/processes", json=body)
+
+
+def processes(thread_id: str) -> Call:
+    return Call("GET", f"/v1/threads/{_seg(thread_id)}/processes", parse=lambda b: b["processes"])
+
+
+def _process_path(thread_id: str, process_id: str, rest: str = "") -> str:
+    return f"/v1/threads/{_seg(thread_id)}/processes/{_seg(process_id)}{rest}"
+
+
+def process_chunks(body: Mapping[str, Any]) -> Dict[str, Any]:
+    """Decodes the chunks of a process's output to bytes (``data``)."""
+    out = dict(body)
+    out["chunks"] = [process_chunk(c) for c in body.get("chunks", [])]
+    return out
+
+
+def process_chunk(chunk: Mapping[str, Any]) -> Dict[str, Any]:
+    c = dict(chunk)
+    c["data"] = base64.b64decode(c.pop("data_b64", "") or "")
+    return c
+
+
+def process_output(thread_id: str, process_id: str, stdout_offset: int, stderr_offset: int,
+                   wait: float) -> Call:
+    params = [("stdout_offset", str(int(stdout_offset))), ("stderr_offset", str(int(stderr_offset))),
+              ("wait_secs", str(float(wait))), ("encoding", "base64")]
+    return Call("GET", _process_path(thread_id, process_id), params=params, parse=process_chunks,
+                read_timeout=wait + EXEC_READ_MARGIN_SECS)
+
+
+def follow_process(thread_id: str, process_id: str, stdout_offset: int, stderr_offset: int) -> Call:
+    params = [("stdout_offset", str(int(stdout_offset))), ("stderr_offset", str(int(stderr_offset))),
+              ("follow", "true"), ("encoding", "base64")]
+    # Each read waits up to 25 s server-side, so a line comes at least that often.
+    return Call("GET", _process_path(thread_id, process_id), params=params, read_timeout=60.0)
+
+
+def process_line(raw: Union[str, bytes]) -> Optional[Dict[str, Any]]:
+    """One NDJSON line of a followed process (``output`` with ``data`` as
+    bytes, then ``exit`` with ``process``, or ``error``); ``None`` for a blank line."""
+    if not raw.strip():
+        return None
+    line = json.loads(raw)
+    if line.get("type") == "output":
+        line = process_chunk(line)
+    return line
+
+
+def _no_content(_: str) -> None:
+    return None
+
+
+def write_process(thread_id: str, process_id: str, data: Optional[Union[str, bytes]], close: bool) -> Call:
+    body: Dict[str, Any] = {"close": bool(close)}
+    if isinstance(data, (bytes, bytearray)):
+        body["data_b64"] = base64.b64encode(data).decode()
+    elif data is not None:
+        body["data"] = data
+    return Call("POST", _process_path(thread_id, process_id, "/stdin"), json=body, json_answer=False,
+                parse=_no_content)
+
+
+def signal_process(thread_id: str, process_id: str, signal: str) -> Call:
+    return Call("POST", _process_path(thread_id, process_id, "/signal"), json={"signal": str(signal)},
+                json_answer=False, parse=_no_content)
+
+
+def resize_process(thread_id: str, process_id: str, rows: int, cols: int) -> Call:
+    return Call("POST", _process_path(thread_id, process_id, "/resize"), json={"rows": int(rows), "cols": int(cols)},
+                json_answer=False, parse=_no_content)
+
+
+def remove_process(thread_id: str, process_id: str) -> Call:
+    return Call("DELETE", _process_path(thread_id, process_id), json_answer=False, parse=_no_content)
+
+
 def gc(dry_run: bool) -> Call:
     return Call("POST", "/v1/gc", params=[("dry_run", "true" if dry_run else "false")])
 

@@ -271,6 +271,63 @@ class SandboxClient(_Settings):
         ``port`` (on its loopback; the sandbox needs no network)."""
         return self._send(api.preview(thread_id, port, path))
 
+    # -- background processes and terminals --------------------------------
+
+    def start_process(self, thread_id: str, command: str, env: Optional[Mapping[str, str]] = None,
+                      workdir: Optional[str] = None, timeout: Optional[float] = None,
+                      terminal: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
+        """Starts ``command`` in the background of the thread's sandbox (on a
+        terminal of ``(rows, cols)`` when given) and returns the process:
+        ``id``, ``running``, ``exit_code``, ``stdout_bytes``... It outlives
+        this client; the sandbox's agent keeps its output (the first 16 KiB
+        and the last 256 KiB of each stream)."""
+        return self._send(api.start_process(thread_id, command, env, workdir, timeout, terminal))
+
+    def processes(self, thread_id: str) -> List[Dict[str, Any]]:
+        """The background processes of the thread's sandbox, oldest first."""
+        return self._send(api.processes(thread_id))
+
+    def process_output(self, thread_id: str, process_id: str, stdout_offset: int = 0,
+                       stderr_offset: int = 0, wait: float = 0.0) -> Dict[str, Any]:
+        """Output past the offsets (waiting up to ``wait`` seconds, at most
+        30, for some): ``chunks`` (``stream``, ``offset``, ``data`` bytes),
+        ``process``, and the next ``stdout_offset`` and ``stderr_offset``."""
+        return self._send(api.process_output(thread_id, process_id, stdout_offset, stderr_offset, wait))
+
+    def follow_process(self, thread_id: str, process_id: str, stdout_offset: int = 0,
+                       stderr_offset: int = 0) -> Iterator[Dict[str, Any]]:
+        """Yields ``output`` lines (``stream``, ``offset``, ``data`` bytes) as
+        the process writes, then ``exit`` (with ``process``) once it ended."""
+        call = api.follow_process(thread_id, process_id, stdout_offset, stderr_offset)
+        try:
+            with self._http.stream(**self._request(call)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._result(call, response)
+                for raw in response.iter_lines():
+                    line = api.process_line(raw)
+                    if line is not None:
+                        yield line
+        except httpx.HTTPError as e:
+            raise _transport_error(e, self.base_url) from None
+
+    def write_process(self, thread_id: str, process_id: str, data: Optional[Union[str, bytes]] = None,
+                      close: bool = False) -> None:
+        """Writes to the process's stdin (a terminal's input: ``"\\x03"`` is
+        Ctrl-C); ``close`` closes it afterwards."""
+        self._send(api.write_process(thread_id, process_id, data, close))
+
+    def signal_process(self, thread_id: str, process_id: str, signal: str = "TERM") -> None:
+        """Sends ``signal`` (``TERM``, ``INT``, ``KILL``...) to its whole tree."""
+        self._send(api.signal_process(thread_id, process_id, signal))
+
+    def resize_process(self, thread_id: str, process_id: str, rows: int, cols: int) -> None:
+        self._send(api.resize_process(thread_id, process_id, rows, cols))
+
+    def remove_process(self, thread_id: str, process_id: str) -> None:
+        """Kills the process (its whole tree) if it runs, and forgets it."""
+        self._send(api.remove_process(thread_id, process_id))
+
     def gc(self, dry_run: bool = False) -> Dict[str, Any]:
         return self._send(api.gc(dry_run))
 
@@ -430,6 +487,51 @@ class AsyncSandboxClient(_Settings):
     async def preview(self, thread_id: str, port: int, path: str = "") -> str:
         """See :meth:`SandboxClient.preview`."""
         return await self._send(api.preview(thread_id, port, path))
+
+    # -- background processes and terminals --------------------------------
+
+    async def start_process(self, thread_id: str, command: str, env: Optional[Mapping[str, str]] = None,
+                            workdir: Optional[str] = None, timeout: Optional[float] = None,
+                            terminal: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
+        """See :meth:`SandboxClient.start_process`."""
+        return await self._send(api.start_process(thread_id, command, env, workdir, timeout, terminal))
+
+    async def processes(self, thread_id: str) -> List[Dict[str, Any]]:
+        return await self._send(api.processes(thread_id))
+
+    async def process_output(self, thread_id: str, process_id: str, stdout_offset: int = 0,
+                             stderr_offset: int = 0, wait: float = 0.0) -> Dict[str, Any]:
+        """See :meth:`SandboxClient.process_output`."""
+        return await self._send(api.process_output(thread_id, process_id, stdout_offset, stderr_offset, wait))
+
+    async def follow_process(self, thread_id: str, process_id: str, stdout_offset: int = 0,
+                             stderr_offset: int = 0) -> AsyncIterator[Dict[str, Any]]:
+        """See :meth:`SandboxClient.follow_process`."""
+        call = api.follow_process(thread_id, process_id, stdout_offset, stderr_offset)
+        try:
+            async with self._http().stream(**self._request(call)) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    self._result(call, response)
+                async for raw in response.aiter_lines():
+                    line = api.process_line(raw)
+                    if line is not None:
+                        yield line
+        except httpx.HTTPError as e:
+            raise _transport_error(e, self.base_url) from None
+
+    async def write_process(self, thread_id: str, process_id: str, data: Optional[Union[str, bytes]] = None,
+                            close: bool = False) -> None:
+        await self._send(api.write_process(thread_id, process_id, data, close))
+
+    async def signal_process(self, thread_id: str, process_id: str, signal: str = "TERM") -> None:
+        await self._send(api.signal_process(thread_id, process_id, signal))
+
+    async def resize_process(self, thread_id: str, process_id: str, rows: int, cols: int) -> None:
+        await self._send(api.resize_process(thread_id, process_id, rows, cols))
+
+    async def remove_process(self, thread_id: str, process_id: str) -> None:
+        await self._send(api.remove_process(thread_id, process_id))
 
     async def health(self) -> Dict[str, Any]:
         return await self._send(api.health())

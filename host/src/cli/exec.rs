@@ -25,8 +25,13 @@ pub struct ExecArgs {
     #[arg(short, long)]
     pub workdir: Option<String>,
     /// Pass this process's stdin to the command.
-    #[arg(short, long)]
+    #[arg(short, long, conflicts_with = "detach")]
     pub interactive: bool,
+    /// Start it in the background, print its id and exit: it runs on in
+    /// the sandbox (see `sandbox ps`, `logs`, `kill`); --timeout then
+    /// bounds it (none by default).
+    #[arg(short, long)]
+    pub detach: bool,
     /// The command, after the thread id (as `docker exec CONTAINER CMD...`;
     /// a `--` before it is allowed): one argument is a shell string, several
     /// are quoted and joined.
@@ -47,6 +52,7 @@ pub async fn run(config: Config, args: ExecArgs) -> anyhow::Result<ExitCode> {
         env,
         workdir,
         interactive,
+        detach,
         command,
     } = args;
     let command = match command.as_slice() {
@@ -61,6 +67,15 @@ pub async fn run(config: Config, args: ExecArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("--env {kv:?}: expected KEY=VALUE"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    if detach {
+        let options = sandbox_host::processes::ProcessOptions {
+            env,
+            workdir,
+            timeout,
+            terminal: None,
+        };
+        return super::processes::detach(config, &thread_id, &command, options).await;
+    }
     // Streamed, not buffered: input of any size costs a few chunks.
     let mut stdin = interactive.then(|| super::stdin::blocking_reader(std::io::stdin()));
     let options = ExecOptions {

@@ -21,8 +21,10 @@ pub mod ls;
 pub mod man;
 pub mod policy;
 pub mod port_forward;
+pub mod processes;
 #[cfg(feature = "serve")]
 pub mod serve;
+pub mod shell;
 mod stdin;
 
 /// Exit code for failures of the sandbox itself (as `docker exec` does).
@@ -73,8 +75,17 @@ pub struct GlobalArgs {
 // commands' help texts.
 #[derive(Subcommand)]
 pub enum Command {
-    /// Run a command in the thread's sandbox; exits with the command's code.
+    /// Run a command in the thread's sandbox; exits with the command's code
+    /// (with -d: starts it in the background and prints its id).
     Exec(exec::ExecArgs),
+    /// List the background processes and terminals of a thread's sandbox.
+    Ps(processes::PsArgs),
+    /// Print a background process's output (-f: follow it to its end).
+    Logs(processes::LogsArgs),
+    /// Signal a background process's whole tree (default KILL); --rm forgets it.
+    Kill(processes::KillArgs),
+    /// Open a terminal in a thread's sandbox (like `docker exec -it`).
+    Shell(shell::ShellArgs),
     /// Copy a file into or out of a thread's workspace: `cp LOCAL THREAD:PATH`
     /// or `cp THREAD:PATH LOCAL` (PATH absolute anywhere the sandbox user may go, or relative to /workspace).
     ///

@@ -236,6 +236,13 @@ pub struct Config {
     /// seconds; `--force` does not wait.
     #[serde(deserialize_with = "secs")]
     pub destroy_grace_secs: f64,
+    /// Running background processes and terminals count as use: their
+    /// container is not removed for being idle until this long after its
+    /// last request, in seconds (0: they do not count). They hold off the
+    /// replacement of a container whose plan changed for 10 minutes at
+    /// most.
+    #[serde(deserialize_with = "secs")]
+    pub process_keep_alive_secs: f64,
     /// Largest apparent size of one transferred file, either direction
     /// (a sparse file counts by its apparent size).
     #[serde(deserialize_with = "bytes")]
@@ -528,6 +535,7 @@ impl Default for Config {
             policy_pool_bytes: 256 * 1024 * 1024,
             max_creates_per_backend_per_minute: 10,
             destroy_grace_secs: 10.0,
+            process_keep_alive_secs: 3600.0,
             max_file_bytes: MAX_FILE_BYTES,
             max_batch_bytes: MAX_BATCH_BYTES,
             // Idle instances hold ~1 MiB of the host-wide pool each: this

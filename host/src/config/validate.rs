@@ -136,6 +136,11 @@ impl Config {
         seconds("exec_timeout_secs", self.exec_timeout_secs, false)?;
         seconds("destroy_grace_secs", self.destroy_grace_secs, true)?;
         seconds(
+            "process_keep_alive_secs",
+            self.process_keep_alive_secs,
+            true,
+        )?;
+        seconds(
             "maintenance_interval_secs",
             self.maintenance_interval_secs,
             true,

@@ -25,7 +25,7 @@ pub const AGENT_LABEL: &str = "sandbox.agent";
 /// the wire of [`sandbox_agent::protocol::PROTOCOL_VERSION`]: `serve-v` and
 /// the version. A container keeps the agent it was created with, so the
 /// label tells, before any attach, whether this host speaks its wire.
-pub const AGENT_SERVES: &str = "serve-v3";
+pub const AGENT_SERVES: &str = "serve-v4";
 
 /// What a container has of the agent, from its label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -205,6 +205,7 @@ mod tests {
             "serve-v0",
             "serve-v1",
             "serve-v2",
+            "serve-v3",
             "serve-v10",
             "mounted",
             "",

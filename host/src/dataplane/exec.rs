@@ -18,6 +18,27 @@ use crate::error::SandboxError;
 /// the agent's [`EXIT_TIMED_OUT`], as the host's `i64` exit codes.
 pub const TIMEOUT_EXIT_CODE: i64 = EXIT_TIMED_OUT as i64;
 
+/// Caller-given environment variables as `KEY=value` entries: names of
+/// `[A-Za-z_][A-Za-z0-9_]*` (never the marker's), values without NUL.
+pub fn checked_env(env: Vec<(String, String)>) -> Result<Vec<String>, SandboxError> {
+    env.into_iter()
+        .map(|(key, value)| {
+            let valid_key = key
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid_key || key == EXEC_MARKER_VAR || value.contains('\0') {
+                return Err(SandboxError::Refused(format!(
+                    "environment variable {} is not allowed",
+                    sandbox_contract::shown(&key)
+                )));
+            }
+            Ok(format!("{key}={value}"))
+        })
+        .collect()
+}
+
 /// Exit code reported for a call the host cancelled (128 + SIGINT): the
 /// host's own, which the agent never reports.
 const CANCELLED_EXIT_CODE: i64 = 130;
@@ -115,20 +136,7 @@ impl ExecRequest {
             None => new_marker(),
         };
         let mut env = vec![format!("{EXEC_MARKER_VAR}={marker}")];
-        for (key, value) in options.env {
-            let valid_key = key
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !valid_key || key == EXEC_MARKER_VAR || value.contains('\0') {
-                return Err(SandboxError::Refused(format!(
-                    "environment variable {} is not allowed",
-                    sandbox_contract::shown(&key)
-                )));
-            }
-            env.push(format!("{key}={value}"));
-        }
+        env.extend(checked_env(options.env)?);
         let workdir = resolve_workdir(options.workdir.as_deref())?;
         let command = if workdir == WORKSPACE_MOUNT {
             command.to_owned()

@@ -13,6 +13,7 @@
 //! not labelled for this host's namespace.
 
 pub mod clock;
+mod keep_alive;
 pub mod ownership;
 pub mod slots;
 pub mod usage;
@@ -136,6 +137,8 @@ pub struct Engine {
     own_only: AtomicUsize,
     /// The egress proxy's side in this process (`network = "egress"`).
     egress: Option<Arc<crate::egress::Egress>>,
+    /// Containers whose background processes hold off their removal.
+    holds: keep_alive::Holds,
 }
 
 /// The policies this engine's host ran, as their labels name them.
@@ -184,6 +187,7 @@ impl Engine {
             created: AtomicU64::new(0),
             policies: Mutex::default(),
             own_only: AtomicUsize::new(0),
+            holds: keep_alive::Holds::default(),
             egress: config
                 .profiles()
                 .iter()
@@ -689,6 +693,9 @@ impl Engine {
                         owned.name, in_flight
                     )));
                 }
+                if let Some(why) = self.held_by_processes(&owned).await {
+                    return Err(SandboxError::Refused(why));
+                }
                 closing
             }
             RemoveMode::Drain(deadline) => {
@@ -696,7 +703,14 @@ impl Engine {
                 // The grace period is the host's, not the policy's doing: not
                 // charged to the call's wall-clock budget (bounded by the
                 // destroy's one deadline).
-                let left = excused_wait(self.usage.drain(&owned.name, deadline)).await;
+                // Background processes get the same grace (SIGTERM first).
+                let (left, ()) = excused_wait(async {
+                    tokio::join!(
+                        self.usage.drain(&owned.name, deadline),
+                        self.stop_processes(&owned, deadline)
+                    )
+                })
+                .await;
                 if left > 0 {
                     tracing::warn!(
                         container = owned.name,

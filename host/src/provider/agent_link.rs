@@ -61,8 +61,8 @@ use bollard::query_parameters::AttachContainerOptionsBuilder;
 use bollard::Docker;
 use futures_util::{Stream, StreamExt};
 use sandbox_agent::protocol::{
-    Exec, ParseError, Reply, Request, AGENT_MOUNT, EXIT_KILLED, EXIT_TIMED_OUT, MAX_REPLY_LINE,
-    PROTOCOL_VERSION,
+    DoneStatus, Exec, ParseError, ProcInfo, Reply, Request, Spawn, AGENT_MOUNT, EXIT_KILLED,
+    EXIT_TIMED_OUT, MAX_REPLY_LINE, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
@@ -73,6 +73,7 @@ use crate::dataplane::exec::{
     EndReason, ExecOutput, ExecRequest, ExecResponse, StreamKind, AGENT_GRACE, OUT_OF_MEMORY_NOTE,
     TIMEOUT_EXIT_CODE,
 };
+use crate::dataplane::processes::{OutputChunk, ProcessAnswer, ProcessOp};
 
 /// How long the agent has to acknowledge a frame (or answer a ping).
 const ACK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -160,6 +161,12 @@ enum Event {
     /// The call's status, the out-of-memory kills in the container while
     /// it ran, and the background processes killed to end it.
     Exit(u8, u32, u32),
+    /// A process, in the answer to a process request.
+    Proc(ProcInfo),
+    /// Output of a process from an offset of a stream.
+    Chunk(StreamKind, u64, Vec<u8>),
+    /// The end of the answer to a process request.
+    Done(DoneStatus),
 }
 
 /// What the reader task and the callers share.
@@ -578,6 +585,13 @@ impl Link {
                     response.via_agent = true;
                     return Ok(LinkOutcome::Done(response));
                 }
+                // Frames of a process request under an exec's id.
+                Ok(Some(Event::Proc(_) | Event::Chunk(..) | Event::Done(_))) => {
+                    return Err(LinkError::Lost(
+                        "the sandbox agent answered the command with frames of another request"
+                            .into(),
+                    ));
+                }
                 Ok(None) => {
                     let why = self.shared.lost.lock().unwrap().clone();
                     return Err(LinkError::Lost(format!(
@@ -592,6 +606,135 @@ impl Link {
             }
         }
     }
+}
+
+impl Link {
+    /// Carries out `op` through this link's agent: every `proc` and `chunk`
+    /// frame of its answer, and how it ended. The frame is taken (or
+    /// refused as stale) within [`ACK_TIMEOUT`]; the answer then has
+    /// [`PROCESS_PATIENCE`] more than the read's own wait.
+    async fn process(&self, op: &ProcessOp) -> Result<(ProcessAnswer, DoneStatus), LinkError> {
+        let id = self.ids.next();
+        let (tx, mut rx) = mpsc::channel(CALL_BUFFER);
+        self.shared.calls.lock().unwrap().insert(id.clone(), tx);
+        let _registered = Unregister(&self.shared, &id);
+        let (ack_tx, ack_rx) = oneshot::channel();
+        let _ack = Pending::new(&self.shared.acks, &id, ack_tx);
+        let writing = self
+            .write(|| process_frame(&id, op, unix_ms()), ACK_TIMEOUT)
+            .await
+            .map_err(|e| LinkError::NotSent(e.why().to_owned()))?;
+        match answered(ack_rx, START_WINDOW + ACK_SLACK).await {
+            Ok(true) => {}
+            Ok(false) => return Err(LinkError::NotSent("the agent read it too late".into())),
+            Err(e) => {
+                self.shared.silent.store(true, Ordering::SeqCst);
+                return Err(LinkError::Lost(format!(
+                    "the sandbox agent did not take the request ({})",
+                    e.why()
+                )));
+            }
+        }
+        drop(writing);
+        let wait = match op {
+            ProcessOp::Read { wait, .. } => *wait,
+            _ => Duration::ZERO,
+        };
+        let deadline = Instant::now() + wait + PROCESS_PATIENCE;
+        let mut answer = ProcessAnswer::default();
+        let mut bytes = 0usize;
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(Event::Proc(info))) if answer.procs.len() < MAX_PROCS_ANSWERED => {
+                    answer.push_proc(info);
+                }
+                Ok(Some(Event::Chunk(stream, offset, data)))
+                    if bytes + data.len() <= sandbox_agent::protocol::MAX_READ =>
+                {
+                    bytes += data.len();
+                    answer.chunks.push(OutputChunk {
+                        stream,
+                        offset,
+                        data,
+                    });
+                }
+                Ok(Some(Event::Done(status))) => return Ok((answer, status)),
+                Ok(Some(_)) => {
+                    return Err(LinkError::Lost(
+                        "the sandbox agent answered past its bounds".into(),
+                    ))
+                }
+                Ok(None) => {
+                    let why = self.shared.lost.lock().unwrap().clone();
+                    return Err(LinkError::Lost(format!("the answer was lost: {why}")));
+                }
+                Err(_) => {
+                    return Err(LinkError::Lost(
+                        "the sandbox agent did not answer in time".into(),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// How long past a read's own wait the agent has to finish an answer about
+/// processes (a kill's sweep takes up to a few seconds).
+const PROCESS_PATIENCE: Duration = Duration::from_secs(15);
+/// `proc` frames one answer may carry (a listing: every process kept).
+const MAX_PROCS_ANSWERED: usize = sandbox_agent::protocol::MAX_PROCESSES;
+
+/// The frame of `op` under `id`, built at `now_ms` by the host's clock (a
+/// spawn's start-by time, as an exec's).
+fn process_frame(id: &str, op: &ProcessOp, now_ms: u64) -> String {
+    let id = id.to_owned();
+    let request = match op {
+        ProcessOp::Spawn(spawn) => Request::Spawn(Spawn {
+            id,
+            proc: spawn.id.to_string(),
+            start_by_ms: now_ms.saturating_add(START_WINDOW.as_millis() as u64),
+            timeout_ms: spawn
+                .timeout
+                .map_or(0, |t| t.as_millis().clamp(1, 999_999_999_999_999) as u64),
+            tty: spawn.terminal.map(|t| (t.rows, t.cols)),
+            env: spawn.env.clone(),
+            command: spawn.command.clone(),
+        }),
+        ProcessOp::List => Request::Procs { id },
+        ProcessOp::Read {
+            id: proc,
+            stdout_at,
+            stderr_at,
+            wait,
+        } => Request::Read {
+            id,
+            proc: proc.to_string(),
+            out_at: *stdout_at,
+            err_at: *stderr_at,
+            wait_ms: wait.as_millis().min(u128::from(u64::MAX)) as u64,
+        },
+        ProcessOp::Write { id: proc, data } => Request::Write {
+            id,
+            proc: proc.to_string(),
+            data: data.clone(),
+        },
+        ProcessOp::Signal { id: proc, signal } => Request::Signal {
+            id,
+            proc: proc.to_string(),
+            signal: signal.number(),
+        },
+        ProcessOp::Resize { id: proc, size } => Request::Resize {
+            id,
+            proc: proc.to_string(),
+            rows: size.rows,
+            cols: size.cols,
+        },
+        ProcessOp::Forget { id: proc } => Request::Forget {
+            id,
+            proc: proc.to_string(),
+        },
+    };
+    request.encode()
 }
 
 fn kill_frame(id: &str, marker: &str) -> String {
@@ -808,6 +951,20 @@ impl AgentLinks {
             .filter(|l| l.shared.usable())
             .ok_or("no live agent link")?;
         link.kill(marker, ACK_TIMEOUT, KILL_WAIT).await
+    }
+
+    /// Carries out `op` through the agent of `container`.
+    pub async fn process(
+        &self,
+        docker: &Docker,
+        container: &str,
+        op: &ProcessOp,
+    ) -> Result<(ProcessAnswer, DoneStatus), LinkError> {
+        let link = self
+            .link(docker, container)
+            .await
+            .ok_or(LinkError::Unavailable)?;
+        link.process(op).await
     }
 
     /// Runs `request` through the agent of `container`.
@@ -1083,6 +1240,25 @@ async fn dispatch(shared: &Shared, reply: Reply) -> bool {
             awaited
         }
         Reply::Killed { id, all_gone } => answer(&shared.kills, &id, all_gone),
+        Reply::Proc { id, info } => deliver(shared, &id, Event::Proc(info)).await,
+        Reply::Chunk {
+            id,
+            stderr,
+            at,
+            data,
+        } => {
+            let stream = if stderr {
+                StreamKind::Stderr
+            } else {
+                StreamKind::Stdout
+            };
+            deliver(shared, &id, Event::Chunk(stream, at, data)).await
+        }
+        Reply::Done { id, status } => {
+            let awaited = deliver(shared, &id, Event::Done(status)).await;
+            shared.calls.lock().unwrap().remove(&id);
+            awaited
+        }
         Reply::Bad { reason } => {
             tracing::debug!(reason, "the agent refused a frame");
             false
@@ -1241,6 +1417,15 @@ mod tests {
                             all_gone: true,
                         },
                     ],
+                    other => vec![
+                        Reply::Ack {
+                            id: other.id().to_owned(),
+                        },
+                        Reply::Done {
+                            id: other.id().to_owned(),
+                            status: DoneStatus::Ok,
+                        },
+                    ],
                 };
                 let _ = seen_tx.send(request);
                 for reply in answers {
@@ -1282,11 +1467,7 @@ mod tests {
     }
 
     fn frame_id(request: &Request) -> &str {
-        match request {
-            Request::Ping { nonce } => nonce,
-            Request::Exec(exec) => &exec.id,
-            Request::Kill { id, .. } => id,
-        }
+        request.id()
     }
 
     /// Each link counts its own frames under its own random prefix: what

@@ -25,11 +25,14 @@ use tokio::sync::OnceCell;
 
 use super::agent_link::{AgentLinks, LinkError, LinkOutcome, Sink};
 use super::plan::ContainerPlan;
-use super::{ContainerProvider, ContainerRecord, ExecIo, ProviderError, ProviderResult, Status};
+use super::{
+    ContainerProvider, ContainerRecord, DoneStatus, ExecIo, ProviderError, ProviderResult, Status,
+};
 use crate::dataplane::agent::AgentMode;
 use crate::dataplane::exec::{
     ExecOutput, ExecRequest, ExecResponse, StreamKind, KILL_SCRIPT, TIMEOUT_EXIT_CODE,
 };
+use crate::dataplane::processes::{ProcessAnswer, ProcessOp};
 use crate::dataplane::WORKSPACE_MOUNT;
 
 /// Docker through bollard, honouring `DOCKER_HOST` like the docker CLI.
@@ -1015,6 +1018,36 @@ impl ContainerProvider for DockerProvider {
     async fn ping(&self) -> ProviderResult<()> {
         let docker = self.client().await?;
         self.call(docker.ping()).await.map(drop)
+    }
+
+    async fn process(
+        &self,
+        id: &str,
+        op: &ProcessOp,
+    ) -> ProviderResult<(ProcessAnswer, DoneStatus)> {
+        // Only over the agent's link (the caller checked that the agent
+        // serves): processes live in the agent, no `docker exec` keeps them.
+        let docker = self.client().await?;
+        match self.links.process(docker, id, op).await {
+            Ok(answered) => Ok(answered),
+            Err(LinkError::Unavailable) => Err(ProviderError::Failed(
+                "the sandbox's agent does not answer: try again in a few seconds".into(),
+            )),
+            Err(LinkError::NotSent(why)) => Err(ProviderError::Failed(format!(
+                "the request did not reach the sandbox's agent: {why}"
+            ))),
+            Err(LinkError::Lost(why)) => {
+                if let ProcessOp::Spawn(spawn) = op {
+                    // Whether it started is unknown: never left running
+                    // unknown to the caller.
+                    let forget = ProcessOp::Forget {
+                        id: spawn.id.clone(),
+                    };
+                    let _ = self.links.process(docker, id, &forget).await;
+                }
+                Err(ProviderError::Failed(why))
+            }
+        }
     }
 
     async fn connect_port(&self, id: &str, port: u16) -> ProviderResult<super::PortStream> {

@@ -15,8 +15,10 @@ use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::dataplane::exec::{ExecRequest, ExecResponse, OutputSink};
+use crate::dataplane::processes::{ProcessAnswer, ProcessOp};
 use crate::error::SandboxError;
 pub use plan::ContainerPlan;
+pub use sandbox_agent::protocol::DoneStatus;
 
 pub use sandbox_contract::Status;
 
@@ -152,6 +154,19 @@ pub trait ContainerProvider: Send + Sync + 'static {
         let _ = (id, port);
         Err(ProviderError::Failed(
             "this engine cannot reach a container's ports".into(),
+        ))
+    }
+    /// Carries out `op` on the background processes and terminals of a
+    /// running container, which its agent keeps: the frames it answered
+    /// and how it ended (anything but `Ok`: it was not carried out).
+    async fn process(
+        &self,
+        id: &str,
+        op: &ProcessOp,
+    ) -> ProviderResult<(ProcessAnswer, DoneStatus)> {
+        let _ = (id, op);
+        Err(ProviderError::Failed(
+            "this engine cannot run background processes".into(),
         ))
     }
     /// Waits (bounded) for the kills of abandoned calls to finish: a process

@@ -43,6 +43,10 @@ impl Backend {
         self.id.as_str()
     }
 
+    pub(super) fn backend_id(&self) -> &BackendId {
+        &self.id
+    }
+
     /// The user owning the thread (and the backend).
     pub fn user_id(&self) -> &str {
         self.user.as_str()

@@ -15,6 +15,7 @@ mod lifecycle;
 #[cfg(test)]
 mod policy_tests;
 mod ports;
+mod processes;
 
 pub use backend::Backend;
 pub use lifecycle::{GcEntry, GcOptions, GcReport};

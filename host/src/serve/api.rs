@@ -64,6 +64,27 @@ pub fn router(state: Shared, body_limit: usize) -> Router {
             "/v1/threads/{thread_id}/ports/{port}/{*path}",
             any(super::ports::preview),
         )
+        .route(
+            "/v1/threads/{thread_id}/processes",
+            post(super::processes::start).get(super::processes::list),
+        )
+        .route(
+            "/v1/threads/{thread_id}/processes/{process_id}",
+            get(super::processes::output).delete(super::processes::remove),
+        )
+        .route(
+            "/v1/threads/{thread_id}/processes/{process_id}/stdin",
+            post(super::processes::write_stdin),
+        )
+        .route(
+            "/v1/threads/{thread_id}/processes/{process_id}/signal",
+            post(super::processes::signal),
+        )
+        .route(
+            "/v1/threads/{thread_id}/processes/{process_id}/resize",
+            post(super::processes::resize),
+        )
+        .route("/v1/threads/{thread_id}/pty", get(super::processes::pty))
         .route("/v1/previews", post(super::ports::create_link))
         .route("/v1/previews/{link}", any(super::ports::preview_link))
         .route("/v1/previews/{link}/", any(super::ports::preview_link))

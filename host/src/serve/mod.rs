@@ -26,6 +26,7 @@ mod error;
 mod links;
 mod metrics;
 mod ports;
+mod processes;
 mod replies;
 mod requests;
 mod stream;

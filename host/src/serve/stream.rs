@@ -45,6 +45,13 @@ impl NdjsonSender {
         let _ = self.0.send(encode(line)).await;
     }
 
+    /// Queues any serializable line, waiting for room.
+    pub(super) async fn send_json<T: serde::Serialize>(&self, line: &T) {
+        let mut v = serde_json::to_vec(line).unwrap_or_default();
+        v.push(b'\n');
+        let _ = self.0.send(Bytes::from(v)).await;
+    }
+
     /// Resolves when the client has gone away (the body was dropped).
     pub(super) async fn closed(&self) {
         self.0.closed().await

@@ -32,7 +32,7 @@ const TOKEN: &str = "t0ken";
 const BODY_LIMIT: usize = 1 << 20;
 
 /// Every route the router serves, as `openapi.json` names it.
-const ROUTES: [(&str, &str); 21] = [
+const ROUTES: [(&str, &str); 29] = [
     ("POST", "/v1/threads/{thread_id}/exec"),
     ("POST", "/v1/threads/{thread_id}/exec/stream"),
     ("PUT", "/v1/threads/{thread_id}/files"),
@@ -57,6 +57,23 @@ const ROUTES: [(&str, &str); 21] = [
     ("GET", "/v1/threads/{thread_id}/ports/{port}/{path}"),
     ("POST", "/v1/previews"),
     ("GET", "/v1/previews/{link}/{path}"),
+    ("POST", "/v1/threads/{thread_id}/processes"),
+    ("GET", "/v1/threads/{thread_id}/processes"),
+    ("GET", "/v1/threads/{thread_id}/processes/{process_id}"),
+    ("DELETE", "/v1/threads/{thread_id}/processes/{process_id}"),
+    (
+        "POST",
+        "/v1/threads/{thread_id}/processes/{process_id}/stdin",
+    ),
+    (
+        "POST",
+        "/v1/threads/{thread_id}/processes/{process_id}/signal",
+    ),
+    (
+        "POST",
+        "/v1/threads/{thread_id}/processes/{process_id}/resize",
+    ),
+    ("GET", "/v1/threads/{thread_id}/pty"),
 ];
 
 // ---------------------------------------------------------------------------
@@ -385,10 +402,19 @@ fn sample(method: &str, route: &str, thread: &str, user: &str) -> Request<Body> 
         .replace("{execution_id}", "no-such-execution")
         .replace("{port}", "8080")
         .replace("{link}", "no-such-link")
+        .replace("{process_id}", "0123456789abcdef0123456789abcdef")
         .replace("{path}", "index.html");
     match (method, route) {
         ("POST", r) if r.ends_with("/exec") || r.ends_with("/exec/stream") => {
             json_request(method, &uri, r#"{"command":"true"}"#)
+        }
+        ("POST", r) if r.ends_with("/processes") => {
+            json_request(method, &uri, r#"{"command":"true"}"#)
+        }
+        ("POST", r) if r.ends_with("/stdin") => json_request(method, &uri, r#"{"data":"x"}"#),
+        ("POST", r) if r.ends_with("/signal") => json_request(method, &uri, r#"{"signal":"TERM"}"#),
+        ("POST", r) if r.ends_with("/resize") => {
+            json_request(method, &uri, r#"{"rows":24,"cols":80}"#)
         }
         ("PUT", r) if r.ends_with("/files") => json_request(method, &uri, r#"{"files":[]}"#),
         ("GET", r) if r.ends_with("/files") || r.ends_with("/files/raw") => {

@@ -18,6 +18,9 @@ use schemars::generate::{Contract, SchemaGenerator, SchemaSettings};
 use serde_json::{Map, Value};
 
 use crate::serve::error::ErrorReply;
+use crate::serve::processes::{
+    OutputReply, ProcessBody, ProcessLine, ProcessList, SignalBody, StdinBody,
+};
 use crate::serve::replies::{
     Backends, Cancelled, Collected, Destroyed, Downloaded, ExecReply, Health, PolicyName,
     StreamLine, Uploaded, Written,
@@ -54,12 +57,19 @@ fn generated_components() -> Map<String, Value> {
     replies.subschema_for::<Collected>();
     replies.subschema_for::<PolicyName>();
     replies.subschema_for::<Health>();
+    replies.subschema_for::<crate::processes::ProcessInfo>();
+    replies.subschema_for::<ProcessList>();
+    replies.subschema_for::<OutputReply>();
+    replies.subschema_for::<ProcessLine>();
     let mut requests = settings
         .with(|s| s.contract = Contract::Deserialize)
         .into_generator();
     requests.subschema_for::<ExecBody>();
     requests.subschema_for::<UploadBody>();
     requests.subschema_for::<GcBody>();
+    requests.subschema_for::<ProcessBody>();
+    requests.subschema_for::<StdinBody>();
+    requests.subschema_for::<SignalBody>();
 
     let mut components = Map::new();
     for generator in [&mut replies, &mut requests] {
