@@ -486,3 +486,44 @@ where
         }
     }
 }
+
+/// `sandbox shell` under a real PTY (`script`): raw keys reach the
+/// sandbox's terminal, its size is this terminal's, Ctrl-C ends the
+/// sandbox's foreground command (not the CLI), and the exit code comes back.
+#[test]
+fn sandbox_shell_under_a_real_terminal() {
+    let h = Harness::new("shellcli");
+    let cli = format!(
+        "stty rows 33 cols 111; exec {} --no-config --workspace-root {} --namespace {} --image {} \
+         shell alice-1",
+        env!("CARGO_BIN_EXE_sandbox"),
+        h.root.path().display(),
+        h.namespace,
+        support::test_image(),
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &cli, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let typed = [
+        "stty size\n",
+        "sleep 1000\n",
+        "\x03",
+        "echo after-$?\n",
+        "exit 3\n",
+    ];
+    for (i, keys) in typed.iter().enumerate() {
+        // The first keys wait for the sandbox to start; then a beat each.
+        std::thread::sleep(Duration::from_millis(if i == 0 { 3000 } else { 700 }));
+        std::io::Write::write_all(&mut stdin, keys.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(screen.contains("33 111"), "{screen}");
+    assert!(screen.contains("after-130"), "{screen}");
+    assert_eq!(out.status.code(), Some(3), "{screen}");
+    drop(stdin);
+}

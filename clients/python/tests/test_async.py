@@ -52,3 +52,20 @@ async def test_async_preview_and_link(server):
     with pytest.raises(SandboxError) as e:
         await c.preview_link("alice-1", 0)
     assert (e.value.status, e.value.kind) == (400, "bad-request")
+
+
+async def test_async_background_process_and_terminal(server):
+    c = server.async_client()
+    shell = await c.start_process("alice-1", "sh -i", terminal=(30, 100))
+    assert shell["terminal"], shell
+    await c.write_process("alice-1", shell["id"], "stty size; exit 4\n")
+    seen = b""
+    async for line in c.follow_process("alice-1", shell["id"]):
+        if line["type"] == "output":
+            seen += line["data"]
+        else:
+            last = line
+    assert b"30 100" in seen, seen
+    assert last["type"] == "exit" and last["process"]["exit_code"] == 4, last
+    assert any(p["id"] == shell["id"] for p in await c.processes("alice-1"))
+    await c.remove_process("alice-1", shell["id"])

@@ -418,3 +418,41 @@ def test_a_dev_server_in_a_sandbox_is_previewed_and_linked_for_a_browser(client,
     with pytest.raises(SandboxError) as nothing:
         client.preview("alice-1", 9)
     assert (nothing.value.status, nothing.value.kind) == (502, "not-found")
+
+
+def test_background_processes_run_on_after_their_request(client):
+    started = client.start_process("alice-1", "mkdir -p www && echo bg-page > www/index.html && "
+                                              "exec httpd -f -v -p 127.0.0.1:8082 -h www")
+    pid = started["id"]
+    assert len(pid) == 32 and started["running"], started
+    for _ in range(50):
+        try:
+            assert client.preview("alice-1", 8082, "index.html") == "bg-page\n"
+            break
+        except SandboxError:
+            time.sleep(0.1)
+    else:
+        pytest.fail("the background server never answered")
+    assert pid in [p["id"] for p in client.processes("alice-1")]
+    # Its access log (httpd -v logs to stderr), read past an offset.
+    out = client.process_output("alice-1", pid, wait=5)
+    assert any(c["stream"] == "stderr" and b"GET /index.html" in c["data"] for c in out["chunks"]), out
+    assert out["stderr_offset"] == out["process"]["stderr_bytes"]
+    client.signal_process("alice-1", pid, "TERM")
+    lines = list(client.follow_process("alice-1", pid, out["stdout_offset"], out["stderr_offset"]))
+    assert lines[-1]["type"] == "exit" and not lines[-1]["process"]["running"], lines
+    # stdin, and the whole output followed from the start.
+    cat = client.start_process("alice-1", "tr a-z A-Z")
+    client.write_process("alice-1", cat["id"], b"shout\n", close=True)
+    lines = list(client.follow_process("alice-1", cat["id"]))
+    assert b"".join(l["data"] for l in lines if l["type"] == "output") == b"SHOUT\n"
+    assert lines[-1]["process"]["exit_code"] == 0
+    client.remove_process("alice-1", cat["id"])
+    with pytest.raises(SandboxError) as gone:
+        client.process_output("alice-1", cat["id"])
+    assert (gone.value.status, gone.value.kind) == (404, "not-found")
+    # Another user's sandbox has none of them.
+    assert client.processes("bob-1") == []
+    with pytest.raises(SandboxError) as other:
+        client.signal_process("bob-1", pid, "KILL")
+    assert other.value.status == 404
