@@ -190,6 +190,17 @@ async fn background_processes_are_listed_followed_fed_and_killed() {
     let err = bob.signal_process(&cat_id, Signal::KILL).await.unwrap_err();
     assert!(matches!(err, SandboxError::NotFound(_)), "{err:?}");
 
+    // A process removed right after its start (a client gone at once)
+    // takes its whole tree with it, though its children were starting.
+    let quick = alice
+        .start_process("sleep 2001 & sleep 2002", ProcessOptions::default())
+        .await
+        .unwrap();
+    alice.remove_process(&id(&quick)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = alice.execute("ps -o args | grep -c '^sleep 200'").await.unwrap();
+    assert_eq!(r.output.trim(), "0", "no sleep left: {r:?}");
+
     // A new host process (a restarted server, another CLI) finds them.
     let again = h.sandbox().await;
     let alice_again = again.get_thread_backend("alice-2").await.unwrap();
@@ -255,6 +266,28 @@ async fn a_terminal_has_a_pty_that_resizes_and_takes_ctrl_c() {
         .unwrap();
     let (_, last) = read_until(&alice, &shell_id, |_| false).await;
     assert_eq!(last.info.exit_code, Some(7), "{last:?}");
+    // A paste bigger than a terminal's input buffer, into a program busy
+    // elsewhere: the write is queued, not waited for, and all of it arrives.
+    let busy = alice
+        .start_process(
+            "stty -echo; sleep 2; head -c 100000 >/dev/null; echo got-all",
+            ProcessOptions {
+                terminal: Some(TerminalSize { rows: 24, cols: 80 }),
+                ..ProcessOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    let line = format!("{}\n", "p".repeat(999));
+    let started = Instant::now();
+    alice
+        .write_process(&id(&busy), Some(line.repeat(100).into_bytes()))
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    let (out, last) = read_until(&alice, &id(&busy), |o| o.contains("got-all")).await;
+    assert!(out.contains("got-all"), "{out}");
+    assert!(!last.info.running || out.contains("got-all"));
     // Pipes cannot be resized.
     let plain = alice
         .start_process("sleep 5", ProcessOptions::default())

@@ -182,6 +182,10 @@ pub fn holding_pipes(
 /// [`Freeze`]): a member that forks and exits in a loop (a pid hopper)
 /// cannot outrun the `/proc` walk. Without a user, or when the freeze
 /// fails, members are stopped before any is killed, round after round.
+///
+/// It reaps nothing: in `serve`, a `waitpid(-1)` would take the exit status
+/// of another call's `reap` from the thread waiting for it (members that
+/// died are zombies of their own subreaper, and the sweep skips zombies).
 pub fn kill_group(gid: libc::gid_t, user: Option<SandboxUser>) -> bool {
     let me = std::process::id() as libc::pid_t;
     let _frozen = user.and_then(Freeze::start);
@@ -191,7 +195,6 @@ pub fn kill_group(gid: libc::gid_t, user: Option<SandboxUser>) -> bool {
             return true;
         }
         stop_then_kill(&members);
-        reap_zombies();
         std::thread::sleep(SWEEP_PAUSE);
     }
     false

@@ -63,6 +63,13 @@ pub fn main(args: &[String]) -> i32 {
     command.args(&program[1..]);
     if tty {
         use std::os::unix::process::CommandExt;
+        // The workload may make this process's group the terminal's
+        // foreground group (same session): the keys' signals are ignored
+        // here, and set back to their defaults in PROGRAM.
+        for signal in TERMINAL_SIGNALS {
+            // SAFETY: setting a disposition, before any thread.
+            unsafe { libc::signal(signal, libc::SIG_IGN) };
+        }
         // SAFETY: setpgid, signal and tcsetpgrp only, between fork and exec.
         unsafe { command.pre_exec(foreground) };
     } else {
@@ -151,12 +158,24 @@ pub fn main(args: &[String]) -> i32 {
     status
 }
 
+/// The signals a terminal's keys send (and its background-group checks).
+const TERMINAL_SIGNALS: [libc::c_int; 5] = [
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGTSTP,
+    libc::SIGTTIN,
+    libc::SIGTTOU,
+];
+
 /// In the child about to exec PROGRAM on a terminal: a process group of
 /// its own, made the terminal's foreground group (SIGTTOU, which a
 /// background group's `tcsetpgrp` raises, is ignored for the call only).
 fn foreground() -> std::io::Result<()> {
     // SAFETY: async-signal-safe calls with integer arguments.
     unsafe {
+        for signal in TERMINAL_SIGNALS {
+            libc::signal(signal, libc::SIG_DFL);
+        }
         if libc::setpgid(0, 0) != 0 {
             return Err(std::io::Error::last_os_error());
         }

@@ -20,6 +20,7 @@ use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -35,8 +36,16 @@ use crate::procs;
 
 /// Reads waiting for output at once, over all processes.
 const MAX_READERS: usize = 64;
-/// Writes queued for one process's stdin.
-const STDIN_QUEUE: usize = 16;
+/// Writes queued for one process's stdin (each up to 512 KiB).
+const STDIN_QUEUE: usize = 8;
+/// How long a kill keeps sweeping a process that is starting.
+const KILL_SETTLE: Duration = Duration::from_secs(2);
+/// How long after `reap` exited its output may stay open (a terminal held
+/// by something outside its group): then its status is set all the same,
+/// and the readers stop.
+const OUTPUT_GRACE: Duration = Duration::from_secs(1);
+/// How often a reader looks whether it should stop.
+const READ_POLL_MS: libc::c_int = 200;
 
 /// The processes of one serve process.
 #[derive(Clone)]
@@ -61,6 +70,8 @@ struct Proc {
     group: Option<libc::gid_t>,
     /// `reap`'s pid, to find its tree when there is no group.
     pid: Option<libc::pid_t>,
+    /// `reap` was waited for (its pid may be reused from then on).
+    reaped: AtomicBool,
     state: Mutex<State>,
     changed: Condvar,
     stdin: Mutex<Option<SyncSender<Input>>>,
@@ -122,13 +133,16 @@ impl Kept {
 }
 
 enum Input {
-    Data(String, Vec<u8>),
-    Close(String),
+    Data(Vec<u8>),
+    Close,
 }
 
 impl Proc {
     fn info(&self) -> ProcInfo {
-        let state = self.state.lock().unwrap();
+        self.info_of(&self.state.lock().unwrap())
+    }
+
+    fn info_of(&self, state: &State) -> ProcInfo {
         ProcInfo {
             proc: self.id.clone(),
             started_ms: self.started_ms,
@@ -162,31 +176,40 @@ impl Proc {
         !members.is_empty()
     }
 
-    /// Ends its whole tree.
+    /// Ends its whole tree. A process that is starting has a child that
+    /// joins the group only once `reap` exec'd: the group is swept again
+    /// while `reap` runs, for [`KILL_SETTLE`] at most.
     fn kill(&self, user: Option<SandboxUser>) {
         let me = std::process::id() as libc::pid_t;
-        match (self.group, self.pid) {
-            // Stopping the workload to kill (see `kill_group`) only when
-            // there is something to kill.
-            (Some(group), _) if procs::in_group(group, me).is_empty() => {}
-            (Some(group), _) => {
-                procs::kill_group(group, user);
-            }
-            (None, Some(pid)) => {
-                for _ in 0..procs::SWEEPS {
-                    let mut tree = procs::descendants(pid);
-                    if self.running() {
-                        tree.push(pid);
+        let until = Instant::now() + KILL_SETTLE;
+        loop {
+            match (self.group, self.pid) {
+                (Some(group), _) => {
+                    // The workload is stopped to kill (see `kill_group`)
+                    // only when there is something to kill.
+                    if !procs::in_group(group, me).is_empty() {
+                        procs::kill_group(group, user);
                     }
-                    if tree.is_empty() {
-                        return;
-                    }
-                    procs::stop_then_kill(&tree);
-                    std::thread::sleep(procs::SWEEP_PAUSE);
                 }
+                // Only while `reap` has not been waited for: its pid is
+                // not reused before.
+                (None, Some(pid)) if !self.reaped.load(Ordering::SeqCst) => {
+                    let mut tree = procs::descendants(pid);
+                    tree.push(pid);
+                    procs::stop_then_kill(&tree);
+                }
+                _ => return,
             }
-            (None, None) => {}
+            if !self.reap_running() || Instant::now() >= until {
+                return;
+            }
+            std::thread::sleep(procs::SWEEP_PAUSE * 4);
         }
+    }
+
+    /// Whether its `reap` has not exited yet.
+    fn reap_running(&self) -> bool {
+        self.pid.is_some() && !self.reaped.load(Ordering::SeqCst)
     }
 }
 
@@ -228,7 +251,7 @@ impl Background {
         let proc = match start(&spawn, self.user, group) {
             Ok((child, master, proc)) => {
                 let proc = Arc::new(proc);
-                if let Err(e) = watch(proc.clone(), child, master, self.user, replies) {
+                if let Err(e) = watch(proc.clone(), child, master, self.user) {
                     cannot_start(&proc, &e);
                 }
                 proc
@@ -290,12 +313,17 @@ impl Background {
             table.readers += 1;
         }
         let table = self.table.clone();
+        let (reader_id, reader_replies) = (id.clone(), replies.clone());
         let reader = move || {
-            answer_read(&proc, &id, at, wait, &replies);
+            answer_read(&proc, &reader_id, at, wait, &reader_replies);
             table.lock().unwrap().readers -= 1;
         };
         if std::thread::Builder::new().spawn(reader).is_err() {
             self.table.lock().unwrap().readers -= 1;
+            replies.say(Reply::Done {
+                id,
+                status: DoneStatus::Busy,
+            });
         }
     }
 
@@ -309,12 +337,11 @@ impl Background {
             Some(proc) => {
                 let mut stdin = proc.stdin.lock().unwrap();
                 let input = match data {
-                    Some(data) => Input::Data(id.clone(), data),
-                    None => Input::Close(id.clone()),
+                    Some(data) => Input::Data(data),
+                    None => Input::Close,
                 };
                 match stdin.as_ref().map(|tx| tx.try_send(input)) {
-                    // Its writer says `done` once written.
-                    Some(Ok(())) => return,
+                    Some(Ok(())) => DoneStatus::Ok,
                     Some(Err(TrySendError::Full(_))) => DoneStatus::Busy,
                     Some(Err(TrySendError::Disconnected(_))) | None => {
                         *stdin = None;
@@ -384,7 +411,7 @@ impl Background {
             return;
         };
         let (user, replies) = (self.user, replies.clone());
-        let _ = std::thread::Builder::new().spawn(move || {
+        let forget = move || {
             if proc.running() {
                 proc.kill(user);
             }
@@ -392,7 +419,20 @@ impl Background {
                 id,
                 status: DoneStatus::Ok,
             });
+        };
+        // No thread to spare (the pids limit): killed here, in line.
+        let forget = std::sync::Arc::new(Mutex::new(Some(forget)));
+        let spare = forget.clone();
+        let spawned = std::thread::Builder::new().spawn(move || {
+            if let Some(f) = spare.lock().unwrap().take() {
+                f();
+            }
         });
+        if spawned.is_err() {
+            if let Some(f) = forget.lock().unwrap().take() {
+                f();
+            }
+        }
     }
 }
 
@@ -427,13 +467,16 @@ fn answer_read(proc: &Proc, id: &str, at: (u64, u64), wait: Duration, replies: &
             });
         }
     }
+    // Described from the same state as the chunks: an end seen here comes
+    // after all of its output.
+    let info = proc.info_of(&state);
     drop(state);
     for chunk in chunks {
         replies.say(chunk);
     }
     replies.say(Reply::Proc {
         id: id.to_owned(),
-        info: proc.info(),
+        info,
     });
     replies.say(Reply::Done {
         id: id.to_owned(),
@@ -449,6 +492,7 @@ fn unstarted(spawn: &Spawn) -> Proc {
         tty: spawn.tty.is_some(),
         group: None,
         pid: None,
+        reaped: AtomicBool::new(false),
         state: Mutex::default(),
         changed: Condvar::new(),
         stdin: Mutex::new(None),
@@ -532,17 +576,21 @@ fn start(
     Ok((child, master, proc))
 }
 
+/// A stream to read from that `poll` can watch.
+trait Source: Read + AsRawFd + Send {}
+impl<T: Read + AsRawFd + Send> Source for T {}
+
 /// An output stream to keep: whether it is stderr, and its reading end.
-type Output = (bool, Box<dyn Read + Send>);
+type Output = (bool, Box<dyn Source>);
 
 /// Starts the threads that feed a started process's stdin, keep its output
-/// and its status: its writer, one reader per stream, its waiter.
+/// and its status: its writer, one reader per stream, its waiter. On an
+/// error the process is killed and waited for.
 fn watch(
     proc: Arc<Proc>,
     mut child: Child,
     master: Option<OwnedFd>,
     user: Option<SandboxUser>,
-    replies: &Replies,
 ) -> std::io::Result<()> {
     let (stdin, outputs): (Box<dyn Write + Send>, Vec<Output>) = match master {
         Some(master) => {
@@ -556,6 +604,7 @@ fn watch(
             let (Some(stdin), Some(out), Some(err)) =
                 (child.stdin.take(), child.stdout.take(), child.stderr.take())
             else {
+                kill_started(&mut child, &proc, user);
                 return Err(std::io::Error::other("no pipes"));
             };
             (
@@ -566,77 +615,103 @@ fn watch(
     };
     let (tx, rx) = sync_channel::<Input>(STDIN_QUEUE);
     *proc.stdin.lock().unwrap() = Some(tx);
-    let writer_replies = replies.clone();
+    // Writes are answered when queued: one the process does not read yet
+    // waits here, not the host.
     let spawned = std::thread::Builder::new().spawn(move || {
         let mut stdin = Some(stdin);
         for input in rx {
-            let (id, status) = match input {
-                Input::Data(id, data) => {
+            match input {
+                Input::Data(data) => {
                     let written = stdin.as_mut().is_some_and(|pipe| {
                         pipe.write_all(&data).and_then(|()| pipe.flush()).is_ok()
                     });
-                    (
-                        id,
-                        if written {
-                            DoneStatus::Ok
-                        } else {
-                            DoneStatus::Closed
-                        },
-                    )
+                    if !written {
+                        stdin = None;
+                    }
                 }
-                Input::Close(id) => {
-                    stdin = None;
-                    (id, DoneStatus::Ok)
-                }
-            };
-            writer_replies.say(Reply::Done { id, status });
+                Input::Close => stdin = None,
+            }
         }
     });
     if let Err(e) = spawned {
         kill_started(&mut child, &proc, user);
         return Err(e);
     }
-    let mut readers = Vec::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ended_tx, ended) = std::sync::mpsc::channel::<()>();
+    let readers = outputs.len();
     for (stderr, from) in outputs {
-        let keeper = proc.clone();
-        match std::thread::Builder::new().spawn(move || keep(&keeper, stderr, from)) {
-            Ok(reader) => readers.push(reader),
-            Err(e) => {
-                kill_started(&mut child, &proc, user);
-                return Err(e);
-            }
+        let (keeper, stopped, ended_tx) = (proc.clone(), stop.clone(), ended_tx.clone());
+        let reader = move || {
+            keep(&keeper, stderr, from, &stopped);
+            let _ = ended_tx.send(());
+        };
+        if let Err(e) = std::thread::Builder::new().spawn(reader) {
+            stop.store(true, Ordering::SeqCst);
+            kill_started(&mut child, &proc, user);
+            return Err(e);
         }
     }
     let waiter_proc = proc.clone();
     let waiter = move || {
         let code = super::call::status_of(child.wait());
+        waiter_proc.reaped.store(true, Ordering::SeqCst);
         if waiter_proc.tty {
-            // Whatever it left holds the terminal open (the reader would
-            // never see its end): a hang-up ends them.
+            // What it left holds the terminal open: ended with it.
             waiter_proc.kill(user);
         }
-        for reader in readers {
-            let _ = reader.join();
+        // Output still open after `reap` (a terminal held from outside
+        // its group) is read for a moment more, then left.
+        let until = Instant::now() + OUTPUT_GRACE;
+        for _ in 0..readers {
+            let left = until.saturating_duration_since(Instant::now());
+            if ended.recv_timeout(left).is_err() {
+                break;
+            }
         }
+        stop.store(true, Ordering::SeqCst);
         *waiter_proc.stdin.lock().unwrap() = None;
         let mut state = waiter_proc.state.lock().unwrap();
         state.status = Some(code);
         waiter_proc.changed.notify_all();
     };
-    std::thread::Builder::new().spawn(waiter).map(drop)
+    // The waiter is moved into the thread only if it starts; else the
+    // closure (and the child in it) is handed back through the error.
+    match std::thread::Builder::new().spawn(waiter) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            // The child went with the closure: kill its tree by group.
+            proc.kill(user);
+            Err(e)
+        }
+    }
 }
 
 fn kill_started(child: &mut Child, proc: &Proc, user: Option<SandboxUser>) {
     let _ = child.kill();
     proc.kill(user);
     let _ = child.wait();
+    proc.reaped.store(true, Ordering::SeqCst);
 }
 
 /// Keeps what `from` says until it ends (a terminal's controlling end
-/// reads EIO once nothing holds the terminal).
-fn keep(proc: &Proc, stderr: bool, mut from: Box<dyn Read + Send>) {
+/// reads EIO once nothing holds the terminal) or `stop` is set.
+fn keep(proc: &Proc, stderr: bool, mut from: Box<dyn Source>, stop: &AtomicBool) {
     let mut buf = vec![0u8; CHUNK];
     loop {
+        let mut ready = libc::pollfd {
+            fd: from.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one pollfd that lives across the call.
+        let polled = unsafe { libc::poll(&mut ready, 1, READ_POLL_MS) };
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        if polled == 0 {
+            continue;
+        }
         match from.read(&mut buf) {
             Ok(0) => return,
             Ok(n) => {

@@ -133,7 +133,7 @@ async fn session(
         tokio::select! {
             code = &mut output => return code,
             key = keys.recv(), if input_open => match key.flatten() {
-                Some(bytes) => backend.write_process(id, Some(bytes)).await?,
+                Some(bytes) => type_keys(backend, id, bytes).await?,
                 None => {
                     // End of input: Ctrl-D, once, as a terminal would.
                     input_open = false;
@@ -148,4 +148,24 @@ async fn session(
             _ = interrupted.recv(), if !raw => return Ok(130),
         }
     }
+}
+
+/// Types `bytes` into the terminal, waiting while its input queue is full
+/// (a paste into a busy program); only a terminal that is gone ends it.
+async fn type_keys(
+    backend: &sandbox_host::Backend,
+    id: &ProcessId,
+    bytes: Vec<u8>,
+) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        match backend.write_process(id, Some(bytes.clone())).await {
+            Err(sandbox_host::SandboxError::Refused(why)) if why.contains("try again") => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e @ sandbox_host::SandboxError::NotFound(_)) => return Err(e.into()),
+            // Ended: the output loop sees it and returns the exit code.
+            Err(_) | Ok(()) => return Ok(()),
+        }
+    }
+    Ok(())
 }

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use sandbox_agent::protocol::{DoneStatus, ProcInfo, EXEC_MARKER_VAR, MAX_PROCESSES};
+use sandbox_agent::protocol::{
+    DoneStatus, ProcInfo, EXEC_MARKER_VAR, MAX_PROCESSES, MAX_REQUEST_LINE,
+};
 
 use super::exec::{enter_workdir, resolve_workdir, StreamKind};
 use super::WORKSPACE_MOUNT;
@@ -147,6 +149,16 @@ impl ProcessRequest {
         if options.terminal.is_some() {
             env.push("TERM=xterm-256color".to_owned());
         }
+        // One request line carries it all (base64 of the command and the
+        // environment): past it, a clear refusal rather than a lost frame.
+        let payload = command.len() + env.iter().map(|e| e.len() + 1).sum::<usize>() + 64;
+        if payload.div_ceil(3) * 4 + 256 > MAX_REQUEST_LINE {
+            return Err(SandboxError::Refused(format!(
+                "the command and its environment take {payload} bytes: a background process \
+                 takes at most {} (write a script to the workspace and run that)",
+                (MAX_REQUEST_LINE - 256) / 4 * 3 - 64
+            )));
+        }
         let workdir = resolve_workdir(options.workdir.as_deref())?;
         // The agent starts every call in `/workspace`.
         let command = if workdir == WORKSPACE_MOUNT {
@@ -181,6 +193,8 @@ impl Signal {
         ("STOP", 19),
         ("WINCH", 28),
     ];
+    /// SIGHUP.
+    pub const HUP: Signal = Signal(1);
     /// SIGKILL.
     pub const KILL: Signal = Signal(9);
     /// SIGTERM.
@@ -448,6 +462,9 @@ mod tests {
         };
         assert!(ProcessRequest::new("x", bad).is_err());
         assert!(ProcessRequest::new("a\0b", ProcessOptions::default()).is_err());
+        let huge = "x".repeat(MAX_REQUEST_LINE);
+        let err = ProcessRequest::new(&huge, ProcessOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("write a script"), "{err}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use sandbox_agent::protocol::DoneStatus;
 use super::clock::now_ms;
 use super::{Engine, ManagedContainer};
 use crate::dataplane::agent::AgentMode;
-use crate::dataplane::processes::ProcessOp;
+use crate::dataplane::processes::{ProcessId, ProcessOp, Signal};
 use crate::provider::Status;
 
 /// The longest background processes hold off the replacement of a
@@ -52,19 +52,10 @@ impl Engine {
             Ok(Ok((answer, DoneStatus::Ok))) => answer.procs.iter().filter(|p| p.running).count(),
             _ => 0,
         };
-        let first_held = {
-            let mut holds = self.holds.0.lock().unwrap();
-            if running == 0 {
-                holds.remove(&container.id);
-                return None;
-            }
-            if holds.len() >= MAX_HOLDS {
-                holds.clear();
-            }
-            *holds
-                .entry(container.id.clone())
-                .or_insert_with(Instant::now)
-        };
+        if running == 0 {
+            self.holds.0.lock().unwrap().remove(&container.id);
+            return None;
+        }
         let replacing = container.outdated.clone().or_else(|| {
             let chosen = self.chosen.lock().unwrap();
             chosen
@@ -74,6 +65,17 @@ impl Engine {
         });
         match replacing {
             Some(why) => {
+                // Counted from the first replacement held off, not from an
+                // idle hold before the plan changed.
+                let first_held = {
+                    let mut holds = self.holds.0.lock().unwrap();
+                    if holds.len() >= MAX_HOLDS {
+                        holds.clear();
+                    }
+                    *holds
+                        .entry(container.id.clone())
+                        .or_insert_with(Instant::now)
+                };
                 let held = first_held.elapsed();
                 if held >= REPLACE_HOLD.min(keep_alive) {
                     tracing::warn!(
@@ -125,8 +127,9 @@ impl Engine {
 
 impl Engine {
     /// A destroy's grace for background processes: SIGTERM to each running
-    /// one, then until `deadline` for them to end (the container's removal
-    /// kills what is left).
+    /// one (SIGHUP to a terminal: an interactive shell ignores SIGTERM), then
+    /// until `deadline` for them to end; the container's removal kills what
+    /// is left. Never past `deadline`.
     pub(super) async fn stop_processes(
         &self,
         container: &ManagedContainer,
@@ -135,35 +138,35 @@ impl Engine {
         if container.status != Status::Running || container.agent != AgentMode::Serves {
             return;
         }
+        let _ = tokio::time::timeout_at(deadline, self.ask_to_stop(container)).await;
+    }
+
+    async fn ask_to_stop(&self, container: &ManagedContainer) {
         let provider = &self.provider;
         let running = || async {
-            match tokio::time::timeout(
-                ASK_PATIENCE,
-                provider.process(&container.id, &ProcessOp::List),
-            )
-            .await
-            {
-                Ok(Ok((answer, DoneStatus::Ok))) => answer
+            match provider.process(&container.id, &ProcessOp::List).await {
+                Ok((answer, DoneStatus::Ok)) => answer
                     .procs
                     .into_iter()
                     .filter(|p| p.running)
-                    .filter_map(|p| p.id.parse().ok())
+                    .filter_map(|p| Some((p.id.parse::<ProcessId>().ok()?, p.terminal)))
                     .collect(),
                 _ => Vec::new(),
             }
         };
-        let first: Vec<crate::dataplane::processes::ProcessId> = running().await;
+        let first: Vec<(ProcessId, bool)> = running().await;
         if first.is_empty() {
             return;
         }
-        for id in first {
-            let signal = ProcessOp::Signal {
-                id,
-                signal: crate::dataplane::processes::Signal::TERM,
-            };
-            let _ = provider.process(&container.id, &signal).await;
-        }
-        while tokio::time::Instant::now() < deadline {
+        let signals = first.into_iter().map(|(id, terminal)| {
+            let signal = if terminal { Signal::HUP } else { Signal::TERM };
+            let op = ProcessOp::Signal { id, signal };
+            async move {
+                let _ = provider.process(&container.id, &op).await;
+            }
+        });
+        futures_util::future::join_all(signals).await;
+        loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
             if running().await.is_empty() {
                 return;

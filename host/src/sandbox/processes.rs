@@ -24,6 +24,13 @@ const OLDER_AGENT: &str = "this sandbox's container was made by an older host, w
                            keeps no background processes: it is replaced when next idle \
                            (or destroy it now)";
 
+/// Whether a request counts as a use of the sandbox (for its idle time).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    Counts,
+    Not,
+}
+
 impl Backend {
     /// Starts `command` in the background (or on a terminal, see
     /// [`ProcessOptions::terminal`]) in this backend's container, ensured
@@ -50,7 +57,7 @@ impl Backend {
     /// The processes kept in this backend's container (none when it does
     /// not run), oldest first.
     pub async fn processes(&self) -> Result<Vec<ProcessInfo>> {
-        let Some(container) = self.running_container().await? else {
+        let Some(container) = self.running_container(Use::Counts).await? else {
             return Ok(Vec::new());
         };
         Ok(self.carry_out(&container, ProcessOp::List).await?.procs)
@@ -64,14 +71,15 @@ impl Backend {
         offsets: (u64, u64),
         wait: Duration,
     ) -> Result<ProcessOutput> {
-        let container = self.container_of(id).await?;
+        // Not a use: a follower's reads would keep an idle sandbox forever.
+        let container = self.container_of(id, Use::Not).await?;
         self.read_in(&container, id, offsets, wait).await
     }
 
     /// Writes `data` to the process's stdin (its terminal's input: `\x03`
     /// is Ctrl-C); `None` closes its stdin.
     pub async fn write_process(&self, id: &ProcessId, data: Option<Vec<u8>>) -> Result<()> {
-        let container = self.container_of(id).await?;
+        let container = self.container_of(id, Use::Counts).await?;
         let op = ProcessOp::Write {
             id: id.clone(),
             data,
@@ -81,7 +89,7 @@ impl Backend {
 
     /// Sends `signal` to every process of its tree.
     pub async fn signal_process(&self, id: &ProcessId, signal: Signal) -> Result<()> {
-        let container = self.container_of(id).await?;
+        let container = self.container_of(id, Use::Counts).await?;
         let op = ProcessOp::Signal {
             id: id.clone(),
             signal,
@@ -91,7 +99,7 @@ impl Backend {
 
     /// Sets the size of the process's terminal.
     pub async fn resize_process(&self, id: &ProcessId, size: TerminalSize) -> Result<()> {
-        let container = self.container_of(id).await?;
+        let container = self.container_of(id, Use::Counts).await?;
         let op = ProcessOp::Resize {
             id: id.clone(),
             size: size.check()?,
@@ -101,7 +109,7 @@ impl Backend {
 
     /// Kills the process's tree if it runs, and forgets it.
     pub async fn remove_process(&self, id: &ProcessId) -> Result<()> {
-        let container = self.container_of(id).await?;
+        let container = self.container_of(id, Use::Counts).await?;
         let op = ProcessOp::Forget { id: id.clone() };
         self.carry_out(&container, op).await.map(drop)
     }
@@ -123,8 +131,8 @@ impl Backend {
     }
 
     /// The running container's id, which processes need.
-    async fn container_of(&self, id: &ProcessId) -> Result<String> {
-        self.running_container().await?.ok_or_else(|| {
+    async fn container_of(&self, id: &ProcessId, counts: Use) -> Result<String> {
+        self.running_container(counts).await?.ok_or_else(|| {
             SandboxError::NotFound(format!(
                 "no process {id}: thread {}'s sandbox is not running",
                 self.thread_id()
@@ -133,8 +141,8 @@ impl Backend {
     }
 
     /// This backend's container if it runs and its agent keeps processes;
-    /// a use of it.
-    async fn running_container(&self) -> Result<Option<String>> {
+    /// a use of it unless `counts` says not.
+    async fn running_container(&self, counts: Use) -> Result<Option<String>> {
         let engine = self.engine();
         let Some(container) = engine.find(self.backend_id()).await? else {
             return Ok(None);
@@ -145,7 +153,9 @@ impl Backend {
         if container.agent != AgentMode::Serves {
             return Err(SandboxError::Refused(OLDER_AGENT.into()));
         }
-        engine.usage().touch(&container.name);
+        if counts == Use::Counts {
+            engine.usage().touch(&container.name);
+        }
         Ok(Some(container.id.clone()))
     }
 

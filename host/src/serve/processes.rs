@@ -398,7 +398,16 @@ pub(super) async fn pty(
     };
     let info = backend.start_process(&command, options).await?;
     let id = process_id(&info.id)?;
-    Ok(upgrade.on_upgrade(move |socket| terminal(backend, id, socket)))
+    // A client gone before the upgrade completed leaves no shell behind.
+    let (failed_backend, failed_id) = (backend.clone(), id.clone());
+    Ok(upgrade
+        .on_failed_upgrade(move |e| {
+            tracing::debug!(error = %e, process = %failed_id, "a terminal's upgrade failed");
+            tokio::spawn(async move {
+                let _ = failed_backend.remove_process(&failed_id).await;
+            });
+        })
+        .on_upgrade(move |socket| terminal(backend, id, socket)))
 }
 
 /// What a terminal's client may say in a text message.
@@ -422,6 +431,17 @@ async fn terminal(backend: Backend, id: ProcessId, socket: WebSocket) {
                 .await?;
             offset = read.next_offsets((offset, 0)).0;
             let drained = read.chunks.is_empty();
+            // A quiet terminal pings its client: one that vanished is
+            // noticed (its socket errors), and the terminal ends.
+            if drained
+                && read.info.running
+                && to_client
+                    .send(Message::Ping(Default::default()))
+                    .await
+                    .is_err()
+            {
+                return Ok(());
+            }
             for chunk in read.chunks {
                 if to_client
                     .send(Message::Binary(chunk.data.into()))
@@ -458,8 +478,12 @@ async fn terminal(backend: Backend, id: ProcessId, socket: WebSocket) {
                 Message::Close(_) => return,
                 Message::Ping(_) | Message::Pong(_) => Ok(()),
             };
-            if done.is_err() {
-                return;
+            match done {
+                // The terminal is gone (ended and forgotten, or its sandbox).
+                Err(crate::SandboxError::NotFound(_)) => return,
+                // A bad resize, a full input queue: said, the session goes on.
+                Err(e) => tracing::debug!(error = %e, process = %id, "terminal input"),
+                Ok(()) => {}
             }
         }
     };
@@ -476,9 +500,25 @@ async fn terminal(backend: Backend, id: ProcessId, socket: WebSocket) {
     }
 }
 
+/// Types `bytes` into the terminal, waiting (bounded) while its input
+/// queue is full.
 async fn write_chunks(backend: &Backend, id: &ProcessId, bytes: &[u8]) -> crate::Result<()> {
     for piece in bytes.chunks(crate::processes::MAX_STDIN_WRITE) {
-        backend.write_process(id, Some(piece.to_vec())).await?;
+        let mut tries = 0;
+        loop {
+            match backend.write_process(id, Some(piece.to_vec())).await {
+                Err(crate::SandboxError::Refused(why))
+                    if why.contains("try again") && tries < 100 =>
+                {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => {
+                    other?;
+                    break;
+                }
+            }
+        }
     }
     Ok(())
 }
