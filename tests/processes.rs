@@ -198,7 +198,10 @@ async fn background_processes_are_listed_followed_fed_and_killed() {
         .unwrap();
     alice.remove_process(&id(&quick)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let r = alice.execute("ps -o args | grep -c '^sleep 200'").await.unwrap();
+    let r = alice
+        .execute("ps -o args | grep -c '^sleep 200'")
+        .await
+        .unwrap();
     assert_eq!(r.output.trim(), "0", "no sleep left: {r:?}");
 
     // A new host process (a restarted server, another CLI) finds them.
@@ -284,7 +287,11 @@ async fn a_terminal_has_a_pty_that_resizes_and_takes_ctrl_c() {
         .write_process(&id(&busy), Some(line.repeat(100).into_bytes()))
         .await
         .unwrap();
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
     let (out, last) = read_until(&alice, &id(&busy), |o| o.contains("got-all")).await;
     assert!(out.contains("got-all"), "{out}");
     assert!(!last.info.running || out.contains("got-all"));

@@ -12,13 +12,32 @@ pub fn respawn() -> i32 {
         return AGENT_FAILED;
     };
     for pid in pids {
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe"));
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let is_serve = cmdline.split(|&b| b == 0).nth(1) == Some(b"serve");
-        if exe.is_ok_and(|e| e == me) && is_serve {
+        let mut args = cmdline.split(|&b| b == 0);
+        let program = args.next().unwrap_or_default();
+        let is_serve = args.next() == Some(b"serve");
+        let runs_me = match std::fs::read_link(format!("/proc/{pid}/exe")) {
+            Ok(exe) => exe == me,
+            // gVisor lets no one but a tracer read another process's exe:
+            // then a root process that names this binary (the workload is
+            // never root, so it cannot pose as one).
+            Err(_) => program == me.as_os_str().as_encoded_bytes() && owner_is_root(pid),
+        };
+        if runs_me && is_serve {
             // SAFETY: signalling a pid; a stale one fails harmlessly.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
     0
+}
+
+/// Whether `pid` runs as root (its real uid, from /proc).
+fn owner_is_root(pid: libc::pid_t) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().next())
+            == Some("0")
+    })
 }

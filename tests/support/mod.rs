@@ -71,6 +71,14 @@ pub fn python_image() -> String {
     image
 }
 
+/// The OCI runtime the suites run their containers on (`SANDBOX_TEST_RUNTIME`;
+/// the engine's default when unset).
+pub fn test_runtime() -> Option<String> {
+    std::env::var("SANDBOX_TEST_RUNTIME")
+        .ok()
+        .filter(|r| !r.is_empty())
+}
+
 pub fn test_image() -> String {
     std::env::var("SANDBOX_TEST_IMAGE").unwrap_or_else(|_| DEFAULT_IMAGE.to_owned())
 }
@@ -130,11 +138,14 @@ impl Harness {
         }
     }
 
+    /// The test configuration; under `SANDBOX_TEST_RUNTIME` (`runsc`: the
+    /// gVisor pass of `cargo test-all`) its containers run on that runtime.
     pub fn config(&self) -> Config {
         Config {
             workspace_root: self.root.path().to_owned(),
             namespace: self.namespace.clone(),
             image: test_image(),
+            runtime: test_runtime(),
             ..Config::default()
         }
     }

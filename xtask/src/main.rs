@@ -18,9 +18,14 @@
 //!    overrides) when it is missing: `sandbox image build --python`, which
 //!    needs Debian's `mmdebstrap` (installed, test-only, when missing); then
 //!    a check that it runs python3 and the GNU tools as uid 1000;
-//! 6. unit, integration and doc tests (they find the above through
+//! 6. gVisor's `runsc` registered with the engine (Debian's package
+//!    installed, test-only, when missing; /etc/docker/daemon.json gains
+//!    `runtimes.runsc` and the engine a SIGHUP, never a restart); then unit,
+//!    integration and doc tests (they find the above through
 //!    `SANDBOX_PYTHON_IMAGE`, `SANDBOX_PYTHON_POLICY`,
-//!    `SANDBOX_PYTHON_FAILING_POLICY` and `SANDBOX_PYTHON_MINIMAL_POLICY`);
+//!    `SANDBOX_PYTHON_FAILING_POLICY` and `SANDBOX_PYTHON_MINIMAL_POLICY`),
+//!    and the agent, file and process suites again under gVisor
+//!    (`SANDBOX_TEST_RUNTIME=runsc`);
 //! 7. a virtualenv under `target/xtask/venv` with the Python client's test
 //!    and deepagents dependencies (installs Debian's `python3-venv` when
 //!    `venv` is missing), and the Python suite against `sandbox serve`;
@@ -225,10 +230,27 @@ fn test(options: &Options) -> Result<Vec<(String, f64)>, String> {
         })?;
     }
     if options.runs("rust") {
+        steps.run("gVisor (runsc) registered with the engine", gvisor_step)?;
         steps.run("rust tests (unit, integration against Docker, doc)", || {
             let cargo_bin = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
             sh(Command::new(cargo_bin)
                 .args(["test", "--workspace", "--locked"])
+                .env("SANDBOX_PYTHON_IMAGE", &python_image)
+                .envs(policy_env()))
+        })?;
+        steps.run("the agent and file suites again, under gVisor", || {
+            let cargo_bin = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            sh(Command::new(cargo_bin)
+                .args(["test", "--locked", "-p", "sandbox-host"])
+                .args([
+                    "--test",
+                    "exec_agent",
+                    "--test",
+                    "files",
+                    "--test",
+                    "processes",
+                ])
+                .env("SANDBOX_TEST_RUNTIME", "runsc")
                 .env("SANDBOX_PYTHON_IMAGE", &python_image)
                 .envs(policy_env()))
         })?;
@@ -614,6 +636,75 @@ fn python_image_step(root: &Path, image: &str) -> Result<(), String> {
         PYTHON_IMAGE_CHECK,
     ]))
 }
+
+/// gVisor's `runsc` as an engine runtime, for tests/isolation.rs and the
+/// gVisor pass: Debian's package installed when missing (test-only), added
+/// to /etc/docker/daemon.json when the engine does not list it, and the
+/// engine reloaded with SIGHUP (never restarted). `--network=none`: the
+/// sandboxes have none, and runsc refuses to build one from a network
+/// namespace it cannot enter on some engines.
+fn gvisor_step() -> Result<(), String> {
+    let listed = || {
+        Command::new("docker")
+            .args(["info", "--format", "{{json .Runtimes}}"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("\"runsc\""))
+    };
+    if !listed() {
+        if !Path::new(RUNSC).exists() {
+            println!("installing Debian's runsc (gVisor; test-only system package)");
+            apt_install(&["runsc"])?;
+        }
+        println!("registering runsc in {DAEMON_JSON} and reloading the engine (SIGHUP)");
+        sh(Command::new("python3").args(["-c", REGISTER_RUNSC, DAEMON_JSON, RUNSC]))?;
+        let pid = Command::new("pidof")
+            .arg("dockerd")
+            .output()
+            .map_err(|e| format!("pidof dockerd: {e}"))?;
+        let pid = String::from_utf8_lossy(&pid.stdout).trim().to_owned();
+        if pid.is_empty() {
+            return Err(format!(
+                "runsc is in {DAEMON_JSON} but no dockerd runs here to reload: reload the engine \
+                 yourself"
+            ));
+        }
+        sh(Command::new("kill").args(["-HUP", &pid]))?;
+        let until = Instant::now() + std::time::Duration::from_secs(10);
+        while !listed() {
+            if Instant::now() > until {
+                return Err("the engine does not list runsc 10 s after its reload".into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+    sh(Command::new("docker").args([
+        "run",
+        "--rm",
+        "--runtime=runsc",
+        "--network",
+        "none",
+        "sandbox-busybox:latest",
+        "sh",
+        "-c",
+        "dmesg | grep -q gVisor",
+    ]))
+    .map_err(|e| format!("{e}: runsc is registered but does not run a container"))
+}
+
+const RUNSC: &str = "/usr/bin/runsc";
+const DAEMON_JSON: &str = "/etc/docker/daemon.json";
+/// Adds `runtimes.runsc` to the engine's daemon.json (created when
+/// missing), keeping everything else.
+const REGISTER_RUNSC: &str = r#"
+import json, os, sys
+path, runsc = sys.argv[1], sys.argv[2]
+conf = json.load(open(path)) if os.path.exists(path) else {}
+conf.setdefault("runtimes", {})["runsc"] = {"path": runsc, "runtimeArgs": ["--network=none"]}
+tmp = path + ".sandbox-tmp"
+with open(tmp, "w") as f:
+    json.dump(conf, f, indent=2)
+os.replace(tmp, path)
+"#;
 
 /// The Python image's recipe label, as the host's recipe states it
 /// (`LABEL sandbox.recipe=...` in host/src/image/python.rs).

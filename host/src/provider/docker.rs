@@ -1020,6 +1020,12 @@ impl ContainerProvider for DockerProvider {
         self.call(docker.ping()).await.map(drop)
     }
 
+    async fn runtimes(&self) -> ProviderResult<Option<Vec<String>>> {
+        let docker = self.client().await?;
+        let info = self.call(docker.info()).await?;
+        Ok(info.runtimes.map(|r| r.into_keys().collect()))
+    }
+
     async fn process(
         &self,
         id: &str,

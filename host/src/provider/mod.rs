@@ -169,6 +169,11 @@ pub trait ContainerProvider: Send + Sync + 'static {
             "this engine cannot run background processes".into(),
         ))
     }
+    /// The OCI runtimes the engine lists (`runc`, `runsc`...); `None` when
+    /// this engine does not say.
+    async fn runtimes(&self) -> ProviderResult<Option<Vec<String>>> {
+        Ok(None)
+    }
     /// Waits (bounded) for the kills of abandoned calls to finish: a process
     /// about to exit calls it so a cancelled command does not outlive it.
     async fn settle(&self) {}

@@ -81,6 +81,52 @@ impl Drop for Running<'_> {
     }
 }
 
+/// Refuses a configured runtime (top level or a profile's) the engine does
+/// not list, saying how to register it. An engine that cannot be asked now
+/// is not held against the start: its first call says why.
+async fn check_runtimes(config: &Config, provider: &dyn ContainerProvider) -> Result<()> {
+    let wanted: std::collections::BTreeSet<String> = config
+        .profiles()
+        .into_iter()
+        .filter_map(|p| p.runtime)
+        .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let Ok(Some(listed)) = provider.runtimes().await else {
+        return Ok(());
+    };
+    match wanted.iter().find(|r| !listed.contains(r)) {
+        None => Ok(()),
+        Some(missing) => {
+            let mut listed = listed;
+            listed.sort();
+            Err(SandboxError::Refused(runtime_missing(missing, &listed)))
+        }
+    }
+}
+
+/// How to register `runtime` with the engine (gVisor's `runsc` spelled out).
+fn runtime_missing(runtime: &str, listed: &[String]) -> String {
+    let how = if runtime == "runsc" {
+        "install gVisor (Debian: `apt-get install runsc`), add it to the engine's \
+         /etc/docker/daemon.json as \
+         \"runtimes\": {\"runsc\": {\"path\": \"/usr/bin/runsc\", \"runtimeArgs\": \
+         [\"--network=none\"]}}, and reload the engine: `kill -HUP $(pidof dockerd)` \
+         (no restart needed)"
+            .to_owned()
+    } else {
+        "add it to the engine's /etc/docker/daemon.json under \"runtimes\" and reload the \
+         engine: `kill -HUP $(pidof dockerd)`"
+            .to_owned()
+    };
+    format!(
+        "the OCI runtime {runtime:?} is configured (runtime, or a profile's) but the Docker \
+         engine lists only {}: {how}",
+        listed.join(", ")
+    )
+}
+
 impl Sandbox {
     /// A sandbox on the Docker engine (`DOCKER_HOST` honoured) with the
     /// configured policy.
@@ -105,6 +151,7 @@ impl Sandbox {
             .map_err(|e| SandboxError::Other(e.to_string()))?;
         crate::egress::profile_rules(&config).map_err(|e| SandboxError::Other(e.to_string()))?;
         crate::state::prepare(&config.workspace_root)?;
+        check_runtimes(&config, provider.as_ref()).await?;
         let cache = config
             .component_cache_dir
             .clone()

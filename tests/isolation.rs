@@ -1,0 +1,157 @@
+//! Isolation tiers against the real engine: gVisor (`runsc`) as a runtime
+//! the operator sets or a policy chooses per backend. Needs `runsc`
+//! registered with the engine (`cargo test-all` does it; see the README).
+
+mod support;
+
+use std::time::Duration;
+
+use sandbox_host::processes::ProcessOptions;
+use support::{docker, Harness};
+
+fn runtime_of(container: &str) -> String {
+    docker(&["inspect", "--format", "{{.HostConfig.Runtime}}", container])
+        .trim()
+        .to_owned()
+}
+
+/// The agent, executes, timeouts, cancels, files and background processes
+/// all work under gVisor, whose kernel the sandbox sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sandbox_under_runsc_runs_on_gvisor_and_everything_works() {
+    let h = Harness::new("gvisor");
+    let config = sandbox_host::Config {
+        runtime: Some("runsc".into()),
+        ..h.config()
+    };
+    let sandbox = h
+        .sandbox_with(
+            config,
+            sandbox_host::PolicySource::Builtin("per-user".into()),
+        )
+        .await;
+    let alice = sandbox.get_thread_backend("alice-1").await.unwrap();
+    let r = alice.execute("dmesg | head -1; id -u").await.unwrap();
+    assert!(r.output.contains("gVisor"), "{r:?}");
+    assert!(r.via_agent, "through the agent: {r:?}");
+    assert_eq!(runtime_of(&h.container_of("alice")), "runsc");
+
+    // A timeout ends the whole tree.
+    let options = sandbox_host::ExecOptions {
+        timeout: Some(Duration::from_millis(800)),
+        ..Default::default()
+    };
+    let r = alice
+        .execute_with("sleep 1000 & sleep 1001", options)
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, 124, "{r:?}");
+    let r = alice
+        .execute("ps -o args | grep -c '^sleep 100'")
+        .await
+        .unwrap();
+    assert_eq!(r.output.trim(), "0", "{r:?}");
+
+    // Files both ways.
+    let content: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    alice
+        .upload_files(vec![sandbox_host::files::Upload {
+            path: "blob.bin".into(),
+            content: content.clone(),
+            mode: None,
+        }])
+        .await
+        .unwrap();
+    let down = alice
+        .download_files(&["blob.bin".to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(down[0].content.as_deref(), Some(&content[..]));
+
+    // A background process and a terminal.
+    let p = alice
+        .start_process(
+            "stty size",
+            ProcessOptions {
+                terminal: Some(sandbox_host::processes::TerminalSize { rows: 21, cols: 77 }),
+                ..ProcessOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    let id: sandbox_host::processes::ProcessId = p.id.parse().unwrap();
+    let mut text = String::new();
+    for _ in 0..50 {
+        let out = alice
+            .process_output(&id, (0, 0), Duration::from_millis(200))
+            .await
+            .unwrap();
+        text = out
+            .chunks
+            .iter()
+            .map(|c| String::from_utf8_lossy(&c.data).into_owned())
+            .collect();
+        if !out.info.running {
+            assert_eq!(out.info.exit_code, Some(0), "{text}");
+            break;
+        }
+    }
+    assert!(text.contains("21 77"), "{text:?}");
+}
+
+/// The policy chooses the tier per backend: alice's profile runs on gVisor,
+/// bob stays on the engine's default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_policy_puts_alice_under_gvisor_and_bob_under_runc() {
+    use sandbox_host::config::ProfileConfig;
+    let h = Harness::new("tiers");
+    let mut config = h.config();
+    config.runtime = None;
+    config.profiles.insert(
+        "gvisor".into(),
+        ProfileConfig {
+            runtime: Some("runsc".into()),
+            ..ProfileConfig::default()
+        },
+    );
+    config
+        .policy_config
+        .insert("profile.gvisor".into(), "alice".into());
+    let sandbox = h
+        .sandbox_with(
+            config,
+            sandbox_host::PolicySource::Builtin("per-user".into()),
+        )
+        .await;
+    let alice = sandbox.get_thread_backend("alice-1").await.unwrap();
+    let bob = sandbox.get_thread_backend("bob-1").await.unwrap();
+    let a = alice.execute("dmesg 2>&1 | head -1").await.unwrap();
+    let b = bob.execute("dmesg 2>&1 | head -1").await.unwrap();
+    assert!(a.output.contains("gVisor"), "{a:?}");
+    assert!(!b.output.contains("gVisor"), "{b:?}");
+    assert_eq!(runtime_of(&h.container_of("alice")), "runsc");
+    assert_eq!(runtime_of(&h.container_of("bob")), "runc");
+}
+
+/// A runtime the engine does not list is refused at start, with how to
+/// register it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unregistered_runtime_is_refused_at_start() {
+    let h = Harness::new("noruntime");
+    let config = sandbox_host::Config {
+        runtime: Some("no-such-runtime".into()),
+        ..h.config()
+    };
+    let provider = std::sync::Arc::new(sandbox_host::DockerProvider::from_config(&config));
+    let err = sandbox_host::Sandbox::with_provider(
+        config,
+        provider,
+        sandbox_host::PolicySource::Builtin("per-user".into()),
+    )
+    .await
+    .err()
+    .expect("refused");
+    let text = err.to_string();
+    assert!(text.contains("\"no-such-runtime\""), "{text}");
+    assert!(text.contains("kill -HUP"), "{text}");
+}
