@@ -155,3 +155,148 @@ async fn an_unregistered_runtime_is_refused_at_start() {
     assert!(text.contains("\"no-such-runtime\""), "{text}");
     assert!(text.contains("kill -HUP"), "{text}");
 }
+
+/// Lazily unmounts every filesystem mounted under `root` when dropped (the
+/// quota tests' workspaces), so the temporary root can go.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let root = self.0.to_string_lossy().into_owned();
+        for point in table.lines().filter_map(|l| l.split(' ').nth(4)) {
+            if point.starts_with(&root) {
+                let _ = std::process::Command::new("umount")
+                    .args(["-l", point])
+                    .status();
+            }
+        }
+    }
+}
+
+fn free_bytes(path: &std::path::Path) -> u64 {
+    let s = nix::sys::statvfs::statvfs(path).unwrap();
+    s.blocks_available() as u64 * s.fragment_size() as u64
+}
+
+/// `dd` past the quota stops at it, in /workspace and in /tmp; what was
+/// written before stays; the host's disk loses no more than the quota;
+/// another user is unaffected; the root filesystem is read-only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_workspace_quota_stops_writes_at_the_quota_and_spares_the_host() {
+    let h = Harness::new("quota");
+    let _unmount = Unmount(h.root.path().canonicalize().unwrap());
+    let quota: u64 = 32 << 20;
+    let config = sandbox_host::Config {
+        workspace_quota: quota,
+        tmp_quota: 8 << 20,
+        ..h.config()
+    };
+    let sandbox = h
+        .sandbox_with(
+            config,
+            sandbox_host::PolicySource::Builtin("per-user".into()),
+        )
+        .await;
+    let alice = sandbox.get_thread_backend("alice-1").await.unwrap();
+    let r = alice
+        .execute("echo keep-me > note.txt; ls -A")
+        .await
+        .unwrap();
+    assert_eq!(r.output, "note.txt\n", "no lost+found, no image: {r:?}");
+    let before = free_bytes(h.root.path());
+    let r = alice
+        .execute("dd if=/dev/zero of=big bs=1M count=100 2>&1; echo rc=$?; cat note.txt")
+        .await
+        .unwrap();
+    assert!(r.output.contains("No space left on device"), "{r:?}");
+    assert!(!r.output.contains("rc=0"), "{r:?}");
+    assert!(r.output.ends_with("keep-me\n"), "{r:?}");
+    let written = std::fs::metadata(h.root.path().join("alice/big"))
+        .unwrap()
+        .len();
+    assert!(written <= quota && written > quota / 2, "{written}");
+    let after = free_bytes(h.root.path());
+    let dropped = before.saturating_sub(after);
+    assert!(
+        dropped <= quota + (2 << 20),
+        "the host's disk lost {dropped} bytes for a {quota}-byte quota"
+    );
+    let r = alice
+        .execute("dd if=/dev/zero of=/tmp/big bs=1M count=100 2>&1; echo rc=$?")
+        .await
+        .unwrap();
+    assert!(r.output.contains("No space left on device"), "{r:?}");
+    let r = alice.execute("du -k /tmp/big | cut -f1").await.unwrap();
+    let tmp_kib: u64 = r.output.trim().parse().unwrap();
+    assert!(tmp_kib <= 8 * 1024, "{r:?}");
+    let r = alice
+        .execute("touch /etc/x /home/x /var/x 2>&1; echo rc=$?")
+        .await
+        .unwrap();
+    assert!(r.output.contains("Read-only file system"), "{r:?}");
+    // Making room works again.
+    let r = alice
+        .execute("rm big && echo again > more.txt && cat more.txt")
+        .await
+        .unwrap();
+    assert_eq!(r.output, "again\n", "{r:?}");
+    // Bob has his own bound, untouched by alice's.
+    let bob = sandbox.get_thread_backend("bob-1").await.unwrap();
+    let r = bob
+        .execute("dd if=/dev/zero of=f bs=1M count=4 2>&1 >/dev/null; echo rc=$?")
+        .await
+        .unwrap();
+    assert!(r.output.contains("rc=0"), "{r:?}");
+    // The images live in the state directory, not in any workspace.
+    let images: Vec<String> = std::fs::read_dir(h.root.path().join(".sandbox/quota"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".img"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(images.len(), 2, "{images:?}");
+}
+
+/// A workspace that held files before the quota was turned on keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn turning_the_quota_on_keeps_an_existing_workspace() {
+    let h = Harness::new("quotaon");
+    let _unmount = Unmount(h.root.path().canonicalize().unwrap());
+    {
+        let sandbox = h.sandbox().await;
+        let alice = sandbox.get_thread_backend("alice-1").await.unwrap();
+        let r = alice
+            .execute("mkdir -p src && echo fn main > src/main.rs && ln -s src link && ls -A")
+            .await
+            .unwrap();
+        assert_eq!(r.exit_code, 0, "{r:?}");
+        assert!(sandbox.destroy_user_backend("alice").await.unwrap());
+    }
+    let config = sandbox_host::Config {
+        workspace_quota: 32 << 20,
+        ..h.config()
+    };
+    let sandbox = h
+        .sandbox_with(
+            config,
+            sandbox_host::PolicySource::Builtin("per-user".into()),
+        )
+        .await;
+    let alice = sandbox.get_thread_backend("alice-1").await.unwrap();
+    let r = alice
+        .execute("cat link/main.rs; ls -A; df -k /workspace | tail -1")
+        .await
+        .unwrap();
+    assert!(r.output.starts_with("fn main\nlink\nsrc\n"), "{r:?}");
+    let size_kib: u64 = r
+        .output
+        .lines()
+        .last()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(size_kib <= 32 * 1024, "{r:?}");
+}

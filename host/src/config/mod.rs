@@ -59,6 +59,9 @@ pub const ENV_NESTING: &str = "__";
 /// typo, and keeps `Duration` arithmetic far from overflowing.
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// The smallest `workspace_quota`: ext4's own structures take a few MiB.
+pub const MIN_WORKSPACE_QUOTA: u64 = 16 << 20;
+
 /// Default cap on one file's apparent size, either direction: 256 MiB.
 pub const MAX_FILE_BYTES: u64 = 256 << 20;
 
@@ -243,6 +246,15 @@ pub struct Config {
     /// most.
     #[serde(deserialize_with = "secs")]
     pub process_keep_alive_secs: f64,
+    /// Bytes each workspace may hold, enforced by the kernel (a filesystem
+    /// image per workspace, loop-mounted; needs root or CAP_SYS_ADMIN); 0:
+    /// unbounded. With it the container's root is read-only too.
+    #[serde(deserialize_with = "bytes")]
+    pub workspace_quota: u64,
+    /// Size of the writable `/tmp` (a tmpfs, counted in the container's
+    /// memory) when the root is read-only.
+    #[serde(deserialize_with = "bytes")]
+    pub tmp_quota: u64,
     /// Largest apparent size of one transferred file, either direction
     /// (a sparse file counts by its apparent size).
     #[serde(deserialize_with = "bytes")]
@@ -536,6 +548,8 @@ impl Default for Config {
             max_creates_per_backend_per_minute: 10,
             destroy_grace_secs: 10.0,
             process_keep_alive_secs: 3600.0,
+            workspace_quota: 0,
+            tmp_quota: 64 << 20,
             max_file_bytes: MAX_FILE_BYTES,
             max_batch_bytes: MAX_BATCH_BYTES,
             // Idle instances hold ~1 MiB of the host-wide pool each: this

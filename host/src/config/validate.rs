@@ -135,6 +135,15 @@ impl Config {
         seconds("docker_timeout_secs", self.docker_timeout_secs, false)?;
         seconds("exec_timeout_secs", self.exec_timeout_secs, false)?;
         seconds("destroy_grace_secs", self.destroy_grace_secs, true)?;
+        if self.workspace_quota != 0 && self.workspace_quota < super::MIN_WORKSPACE_QUOTA {
+            return fail(
+                "workspace_quota",
+                "workspace_quota must be 0 (unbounded) or at least 16MiB",
+            );
+        }
+        if self.tmp_quota < 1 << 20 {
+            return fail("tmp_quota", "tmp_quota must be at least 1MiB");
+        }
         seconds(
             "process_keep_alive_secs",
             self.process_keep_alive_secs,

@@ -15,6 +15,7 @@
 pub mod clock;
 mod keep_alive;
 pub mod ownership;
+pub mod quota;
 pub mod slots;
 pub mod usage;
 pub mod workspace;
@@ -139,6 +140,8 @@ pub struct Engine {
     egress: Option<Arc<crate::egress::Egress>>,
     /// Containers whose background processes hold off their removal.
     holds: keep_alive::Holds,
+    /// Bounded workspaces, with `workspace_quota`.
+    quotas: Option<quota::Quotas>,
 }
 
 /// The policies this engine's host ran, as their labels name them.
@@ -188,6 +191,13 @@ impl Engine {
             policies: Mutex::default(),
             own_only: AtomicUsize::new(0),
             holds: keep_alive::Holds::default(),
+            quotas: (config.workspace_quota > 0).then(|| {
+                quota::Quotas::new(
+                    config.workspace_quota,
+                    &crate::state::dir(&config.workspace_root),
+                    config.sandbox_user(),
+                )
+            }),
             egress: config
                 .profiles()
                 .iter()
@@ -534,6 +544,13 @@ impl Engine {
         })?;
         self.slots.admit_create(backend.as_str())?;
         let path = self.workspaces.prepare(&workspace)?;
+        if let Some(quotas) = self.quotas.clone() {
+            // Files and mounts: off the runtime's threads.
+            let (name, at) = (workspace.as_str().to_owned(), path.clone());
+            tokio::task::spawn_blocking(move || quotas.attach(&name, &at))
+                .await
+                .map_err(|e| SandboxError::Other(format!("workspace quota: {e}")))??;
+        }
         let mut labels = ownership::ownership_labels(
             self.namespace(),
             backend.as_str(),

@@ -518,7 +518,7 @@ pub fn create_body(plan: &ContainerPlan) -> ContainerCreateBody {
             tmpfs: plan.read_only_rootfs.then(|| {
                 HashMap::from([(
                     "/tmp".to_owned(),
-                    "rw,nosuid,nodev,size=64m,mode=1777".to_owned(),
+                    format!("rw,nosuid,nodev,size={},mode=1777", plan.tmp_bytes),
                 )])
             }),
             runtime: plan.runtime.clone(),

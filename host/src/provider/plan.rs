@@ -42,8 +42,14 @@ pub struct ContainerPlan {
     /// The container's main command: `sandbox-agent init` with the agent,
     /// else `sleep infinity`.
     pub command: Vec<String>,
-    /// Root filesystem read-only, with a writable tmpfs `/tmp`.
+    /// Root filesystem read-only, with a writable tmpfs `/tmp` of
+    /// `tmp_bytes`.
     pub read_only_rootfs: bool,
+    /// Size of that `/tmp`.
+    pub tmp_bytes: u64,
+    /// The workspace's bound (its own filesystem, mounted by the engine
+    /// layer before the create); 0: none.
+    pub workspace_quota: u64,
     /// `none`, `egress`, or the Docker network the operator configured
     /// (the profile's).
     pub network: String,
@@ -98,6 +104,9 @@ impl ContainerPlan {
             "agent": agent,
             "agent_mode": self.labels.get(agent::AGENT_LABEL),
             "artifacts": self.artifacts.is_some().then_some(ARTIFACT_DIRS),
+            // Only when set: containers of hosts without them stay current.
+            "tmp_bytes": (self.read_only_rootfs && self.tmp_bytes != 64 << 20).then_some(self.tmp_bytes),
+            "workspace_quota": (self.workspace_quota > 0).then_some(self.workspace_quota),
             // 2: one socket per backend and profile (1 was one per user).
             "egress": self.egress.is_some().then_some(2),
         });
@@ -129,7 +138,10 @@ impl ContainerPlan {
             user,
             limits: config.limits.clone(),
             command: IDLE_COMMAND.iter().map(|s| s.to_string()).collect(),
-            read_only_rootfs: config.read_only_rootfs,
+            // A bounded workspace needs a bounded writable layer too.
+            read_only_rootfs: config.read_only_rootfs || config.workspace_quota > 0,
+            tmp_bytes: config.tmp_quota,
+            workspace_quota: config.workspace_quota,
             network: profile.network.clone(),
             agent: None,
             runtime: profile.runtime.clone(),
