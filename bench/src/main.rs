@@ -127,6 +127,10 @@ async fn cleanup(bench: &Bench) {
         format!("{ns}-user"),
         format!("{ns}-thread"),
         format!("{ns}-egress"),
+        format!("{ns}-runsc"),
+        format!("{ns}-runc"),
+        format!("{ns}-quota"),
+        format!("{ns}-plain"),
     ] {
         let mut filters = std::collections::HashMap::new();
         filters.insert("label", vec![format!("sandbox.namespace={namespace}")]);

@@ -18,6 +18,7 @@ mod file_transfer;
 mod footprint;
 mod head_of_line;
 mod http_load;
+mod isolation;
 mod policy_cost;
 pub(crate) mod policy_pool;
 mod preview;
@@ -81,6 +82,12 @@ pub(crate) async fn run(bench: &mut Bench) -> anyhow::Result<()> {
     }
     if wanted(12, bench) {
         bench.preview().await.context("case 12")?;
+    }
+    if wanted(13, bench) {
+        bench.isolation_tiers().await.context("case 13")?;
+    }
+    if wanted(14, bench) {
+        bench.quota_cost().await.context("case 14")?;
     }
     Ok(())
 }
