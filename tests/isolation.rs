@@ -300,3 +300,57 @@ async fn turning_the_quota_on_keeps_an_existing_workspace() {
         .unwrap();
     assert!(size_kib <= 32 * 1024, "{r:?}");
 }
+
+/// A container that dies during an engine exec (gVisor's sandbox can crash
+/// under load) ends the call at once with the reason, not at its timeout:
+/// the engine never closes such an exec's stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_whose_container_dies_ends_at_once() {
+    let h = Harness::new("diesmid");
+    // Under gVisor the engine does not close the exec's stream of a dead
+    // sandbox (under runc it does).
+    let config = sandbox_host::Config {
+        runtime: Some("runsc".into()),
+        ..h.config()
+    };
+    let sandbox = h
+        .sandbox_with(
+            config,
+            sandbox_host::PolicySource::Builtin("per-user".into()),
+        )
+        .await;
+    let alice = sandbox.get_thread_backend("alice-1").await.unwrap();
+    alice.execute("true").await.unwrap();
+    let id = h.container_of("alice");
+    let runner = alice.clone();
+    let call = tokio::spawn(async move {
+        // Streamed stdin: through `docker exec`, not the agent.
+        let mut stdin = tokio::io::empty();
+        let options = sandbox_host::ExecOptions {
+            timeout: Some(Duration::from_secs(120)),
+            ..Default::default()
+        };
+        runner
+            .execute_streaming_stdin("sleep 100", options, &mut stdin, |_, _| {})
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = std::time::Instant::now();
+    // gVisor's sandbox process dies (as when it panics): the engine then
+    // never ends the exec (a plain `docker kill` would).
+    let sandbox_pid = docker(&["inspect", "--format", "{{.State.Pid}}", &id]);
+    let killed = std::process::Command::new("kill")
+        .args(["-9", sandbox_pid.trim()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let result = tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("the call ended soon after its container died")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(20));
+    match result {
+        Err(e) => assert!(e.to_string().contains("stopped"), "{e}"),
+        Ok(r) => assert_ne!(r.exit_code, 0, "{r:?}"),
+    }
+}

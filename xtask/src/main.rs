@@ -250,9 +250,6 @@ fn test(options: &Options) -> Result<Vec<(String, f64)>, String> {
                     "--test",
                     "processes",
                 ])
-                // Known under gVisor, under investigation: a download racing
-                // a FIFO swap can stall until the transfer's idle timeout.
-                .args(["--", "--skip", "a_file_swapped_for_a_fifo_before_its_open"])
                 .env("SANDBOX_TEST_RUNTIME", "runsc")
                 .env("SANDBOX_PYTHON_IMAGE", &python_image)
                 .envs(policy_env()))

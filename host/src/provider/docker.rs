@@ -511,7 +511,7 @@ pub fn create_body(plan: &ContainerPlan) -> ContainerCreateBody {
             memory: Some(plan.limits.memory_bytes),
             memory_swap: Some(plan.limits.memory_bytes),
             nano_cpus: Some((plan.limits.cpus * 1e9) as i64),
-            pids_limit: Some(plan.limits.pids),
+            pids_limit: Some(pids_limit(plan)),
             network_mode: Some(plan.network_mode().to_owned()),
             init: Some(!serves),
             readonly_rootfs: Some(plan.read_only_rootfs),
@@ -625,7 +625,18 @@ impl DockerProvider {
         let outcome = {
             let fed = feed(&mut input, stdin, request.stdin.as_deref(), &clock);
             let drained = drain(&mut stream, &clock, stdout, sink, &mut output);
-            pump(fed, drained, feeds).await
+            // A container that dies during the call (gVisor's sandbox can)
+            // never ends the exec's stream: noticed here, not at the
+            // call's timeout.
+            tokio::select! {
+                outcome = pump(fed, drained, feeds) => outcome,
+                () = container_stopped(docker, id) => {
+                    cancel.armed = false;
+                    return Err(ProviderError::Failed(
+                        "the container stopped during the call".into(),
+                    ));
+                }
+            }
         };
         // Close the whole attach connection (both halves): a half-open one
         // keeps the engine from starting any other exec in this container.
@@ -659,6 +670,35 @@ impl DockerProvider {
         };
         self.kill_call(id, marker).await;
         ProviderError::Failed(why)
+    }
+}
+
+/// Host tasks gVisor's sandbox itself takes beyond the workload's (its
+/// sentry's threads and, on the ptrace platform, a helper process per
+/// address space): about 100 idle, more with churn. Without them in the
+/// limit, a busy workload's sandbox crashes (found in review: a `ln` loop
+/// took it to 256 and gVisor panicked).
+const RUNSC_PIDS_OVERHEAD: i64 = 1024;
+
+/// The container's pids limit: the workload's, plus gVisor's own tasks
+/// under runsc (which counts them on the host).
+fn pids_limit(plan: &ContainerPlan) -> i64 {
+    match plan.runtime.as_deref() {
+        Some(runtime) if runtime.contains("runsc") => plan.limits.pids + RUNSC_PIDS_OVERHEAD,
+        _ => plan.limits.pids,
+    }
+}
+
+/// Resolves once the container `id` is not running (never, when the engine
+/// cannot be asked: the call's own bounds apply then).
+async fn container_stopped(docker: &Docker, id: &str) {
+    let options = bollard::query_parameters::WaitContainerOptionsBuilder::default()
+        .condition("not-running")
+        .build();
+    let mut waits = std::pin::pin!(docker.wait_container(id, Some(options)));
+    match waits.next().await {
+        Some(Ok(_)) | Some(Err(BollardError::DockerContainerWaitError { .. })) => {}
+        _ => std::future::pending().await,
     }
 }
 
@@ -1288,7 +1328,23 @@ mod tests {
         );
         let host = create_body(&plan).host_config.unwrap();
         assert_eq!(host.readonly_rootfs, Some(true));
-        assert!(host.tmpfs.unwrap().contains_key("/tmp"));
+        assert_eq!(
+            host.tmpfs.unwrap()["/tmp"],
+            format!("rw,nosuid,nodev,size={},mode=1777", 64 << 20)
+        );
         assert_eq!(host.runtime.as_deref(), Some("runsc"));
+        // gVisor's own tasks count on the host: headroom above the workload's.
+        assert_eq!(
+            host.pids_limit,
+            Some(config.limits.pids + RUNSC_PIDS_OVERHEAD)
+        );
+        let runc = ContainerPlan {
+            runtime: None,
+            ..plan
+        };
+        assert_eq!(
+            create_body(&runc).host_config.unwrap().pids_limit,
+            Some(config.limits.pids)
+        );
     }
 }
