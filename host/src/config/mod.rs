@@ -92,8 +92,9 @@ pub const ENV_NOT_CONFIG: &[&str] = &[
     sandbox_agent::protocol::EXEC_MARKER_VAR,
     // The Python client's tests: the binary to start.
     "SANDBOX_BIN",
-    // The integration tests: the image to run.
+    // The integration tests: the image to run, and the runtime (gVisor pass).
     "SANDBOX_TEST_IMAGE",
+    "SANDBOX_TEST_RUNTIME",
     // deploy/build-image.sh: the cargo profile of the server binary.
     "SANDBOX_BUILD_PROFILE",
     // The Python client's tests: the Python-ready image to run.

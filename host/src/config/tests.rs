@@ -120,6 +120,8 @@ fn every_key_is_settable_from_the_environment() {
             }
             // An absolute path: a relative one is refused.
             _ if key == "workspace_root" => vars.push((var, "/srv/7".to_owned())),
+            // 0 (unbounded) or at least 16 MiB.
+            _ if key == "workspace_quota" => vars.push((var, "32MiB".to_owned())),
             value => vars.push((var, other(value))),
         }
     }
