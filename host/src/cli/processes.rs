@@ -108,7 +108,8 @@ fn short_age(age: Duration) -> String {
 }
 
 fn one_line(command: &str) -> String {
-    let line: String = command.replace('\n', "; ");
+    // Whitespace runs (newlines of a script included) as one space.
+    let line = command.split_whitespace().collect::<Vec<_>>().join(" ");
     if line.chars().count() > 80 {
         format!("{}...", line.chars().take(77).collect::<String>())
     } else {
