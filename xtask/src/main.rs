@@ -25,7 +25,7 @@
 //!    `SANDBOX_PYTHON_IMAGE`, `SANDBOX_PYTHON_POLICY`,
 //!    `SANDBOX_PYTHON_FAILING_POLICY` and `SANDBOX_PYTHON_MINIMAL_POLICY`),
 //!    and the agent, file and process suites again under gVisor
-//!    (`SANDBOX_TEST_RUNTIME=runsc`);
+//!    (`SANDBOX_TEST_RUNTIME=runsc`), in the background beside step 7;
 //! 7. a virtualenv under `target/xtask/venv` with the Python client's test
 //!    and deepagents dependencies (installs Debian's `python3-venv` when
 //!    `venv` is missing), and the Python suite against `sandbox serve`;
@@ -229,6 +229,7 @@ fn test(options: &Options) -> Result<Vec<(String, f64)>, String> {
             python_image_step(&root, &python_image)
         })?;
     }
+    let mut gvisor_pass: Option<Background> = None;
     if options.runs("rust") {
         steps.run("gVisor (runsc) registered with the engine", gvisor_step)?;
         steps.run("rust tests (unit, integration against Docker, doc)", || {
@@ -238,22 +239,26 @@ fn test(options: &Options) -> Result<Vec<(String, f64)>, String> {
                 .env("SANDBOX_PYTHON_IMAGE", &python_image)
                 .envs(policy_env()))
         })?;
-        steps.run("the agent and file suites again, under gVisor", || {
-            let cargo_bin = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            sh(Command::new(cargo_bin)
-                .args(["test", "--locked", "-p", "sandbox-host"])
-                .args([
-                    "--test",
-                    "exec_agent",
-                    "--test",
-                    "files",
-                    "--test",
-                    "processes",
-                ])
-                .env("SANDBOX_TEST_RUNTIME", "runsc")
-                .env("SANDBOX_PYTHON_IMAGE", &python_image)
-                .envs(policy_env()))
-        })?;
+        // Its binaries are built: it runs beside the Python steps (which
+        // use no cargo), and is waited for before the benchmark's build.
+        let cargo_bin = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut pass = Command::new(cargo_bin);
+        pass.args(["test", "--locked", "-p", "sandbox-host"])
+            .args([
+                "--test",
+                "exec_agent",
+                "--test",
+                "files",
+                "--test",
+                "processes",
+            ])
+            .env("SANDBOX_TEST_RUNTIME", "runsc")
+            .env("SANDBOX_PYTHON_IMAGE", &python_image)
+            .envs(policy_env());
+        gvisor_pass = Some(steps.run(
+            "the agent, file and process suites under gVisor: start them in the background",
+            || Background::start(&root, "gvisor-pass", pass),
+        )?);
     }
     if options.runs("python") {
         let python = steps.run("python virtualenv", || {
@@ -298,6 +303,15 @@ fn test(options: &Options) -> Result<Vec<(String, f64)>, String> {
                 },
             )?;
         }
+    }
+    if let Some(pass) = gvisor_pass.take() {
+        let took = steps.run(
+            "the agent, file and process suites under gVisor: wait for them",
+            || pass.wait(),
+        )?;
+        steps
+            .timings
+            .push(("  (the gVisor pass itself)".to_owned(), took));
     }
     if options.runs("bench") {
         steps.run("benchmark smoke run", || {
@@ -422,6 +436,64 @@ impl DeployBuild {
 
 impl Drop for DeployBuild {
     /// A failed step before the deploy step ends the background build too.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A suite run in the background beside other steps, its output in
+/// `target/xtask/NAME.log` (shown when it fails), killed if a step before
+/// its wait fails.
+struct Background {
+    child: std::process::Child,
+    log: PathBuf,
+    started: Instant,
+}
+
+impl Background {
+    fn start(root: &Path, name: &str, mut cmd: Command) -> Result<Background, String> {
+        let log = root.join(format!("target/xtask/{name}.log"));
+        std::fs::create_dir_all(root.join("target/xtask")).map_err(|e| e.to_string())?;
+        let out = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("starting {name}: {e}"))?;
+        println!("running in the background: {}", log.display());
+        Ok(Background {
+            child,
+            log,
+            started: Instant::now(),
+        })
+    }
+
+    /// Waits for it: its output, and how long it took from its start.
+    fn wait(mut self) -> Result<f64, String> {
+        let status = self.child.wait().map_err(|e| e.to_string())?;
+        let took = self.started.elapsed().as_secs_f64();
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let shown: Vec<&str> = log
+            .lines()
+            .filter(|l| l.starts_with("test ") || l.contains("test result") || !status.success())
+            .collect();
+        for line in shown.iter().rev().take(400).rev() {
+            println!("{line}");
+        }
+        if status.success() {
+            Ok(took)
+        } else {
+            Err(format!("failed ({status}); log: {}", self.log.display()))
+        }
+    }
+}
+
+impl Drop for Background {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
