@@ -257,7 +257,14 @@ async fn a_workspace_quota_stops_writes_at_the_quota_and_spares_the_host() {
                 .collect()
         })
         .unwrap_or_default();
-    assert_eq!(images.len(), 2, "{images:?}");
+    // Each workspace and its artifact directories: four images.
+    assert_eq!(images.len(), 4, "{images:?}");
+    // The artifact directories (outside /workspace) are bounded too.
+    let r = alice
+        .execute("dd if=/dev/zero of=/blobs/big bs=1M count=100 2>&1; echo rc=$?")
+        .await
+        .unwrap();
+    assert!(r.output.contains("No space left on device"), "{r:?}");
 }
 
 /// A workspace that held files before the quota was turned on keeps them.

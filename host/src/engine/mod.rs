@@ -543,14 +543,7 @@ impl Engine {
             SandboxError::Refused(format!("profile {profile} is not defined on this host"))
         })?;
         self.slots.admit_create(backend.as_str())?;
-        let path = self.workspaces.prepare(&workspace)?;
-        if let Some(quotas) = self.quotas.clone() {
-            // Files and mounts: off the runtime's threads.
-            let (name, at) = (workspace.as_str().to_owned(), path.clone());
-            tokio::task::spawn_blocking(move || quotas.attach(&name, &at))
-                .await
-                .map_err(|e| SandboxError::Other(format!("workspace quota: {e}")))??;
-        }
+        let (path, artifacts) = self.bounded_workspace(&workspace).await?;
         let mut labels = ownership::ownership_labels(
             self.namespace(),
             backend.as_str(),
@@ -567,9 +560,6 @@ impl Engine {
         }
         labels.insert(label::PLAN.to_owned(), self.plan_digest(&profile));
         labels.insert(label::PROFILE.to_owned(), profile.name.to_string());
-        let artifacts = self
-            .workspaces
-            .prepare_artifacts(&workspace, &crate::provider::plan::ARTIFACT_DIRS)?;
         let plan = ContainerPlan::new(
             &self.config,
             &profile,
@@ -653,6 +643,13 @@ impl Engine {
                     owned.name, owned.backend_id
                 )));
             }
+        }
+        if self.quotas.is_some() {
+            // A container made before a reboot (its workspace's mount
+            // gone) must not start on the bare directory.
+            let workspace = sandbox_contract::WorkspaceName::parse(&owned.workspace)
+                .map_err(|e| SandboxError::Refused(e.to_string()))?;
+            self.bounded_workspace(&workspace).await?;
         }
         let started = {
             let _slot = self.slots.lifecycle().await;

@@ -31,6 +31,8 @@ pub struct Quotas {
     bytes: u64,
     images: PathBuf,
     owner: UserIds,
+    /// Whether this process shares the engine's mount namespace.
+    checked: std::sync::Arc<std::sync::OnceLock<Result<(), String>>>,
 }
 
 impl Quotas {
@@ -40,6 +42,7 @@ impl Quotas {
             bytes,
             images: state.join("quota"),
             owner,
+            checked: Default::default(),
         }
     }
 
@@ -48,37 +51,39 @@ impl Quotas {
         self.images.join(format!("{workspace}.img"))
     }
 
-    /// Makes `path` (the prepared workspace directory of `workspace`) the
-    /// mount point of its bounded filesystem: created, data moved in, or
-    /// grown, as needed. Serialized per workspace across host processes.
-    pub fn attach(&self, workspace: &str, path: &Path) -> Result<(), SandboxError> {
+    /// Makes `path` the mount point of the bounded filesystem `name` (a
+    /// workspace, or `{workspace}.artifacts` for its artifact directories):
+    /// created, data moved in, or grown, as needed. Serialized per name
+    /// across host processes.
+    pub fn attach(&self, name: &str, path: &Path) -> Result<(), SandboxError> {
+        self.same_mounts_as_the_engine()?;
         crate::state::create_dir(&self.images).map_err(|e| fail(&self.images, e))?;
-        let lock_path = self.images.join(format!("{workspace}.lock"));
+        let lock_path = self.images.join(format!("{name}.lock"));
         let lock = crate::state::open(&lock_path, crate::state::Create::OrOpen)
             .map_err(|e| fail(&lock_path, e))?;
         let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, e)| fail(&lock_path, e.into()))?;
-        let image = self.image(workspace);
+        let image = self.image(name);
         if let Some(device) = mounted_from(path)? {
             return self.grow(&image, &device);
         }
-        let fresh = !image.exists();
-        if fresh {
-            self.make(&image)?;
-        }
-        let holds_data = std::fs::read_dir(path)
-            .map_err(|e| fail(path, e))?
-            .next()
-            .is_some();
-        if holds_data && fresh {
-            self.move_in(workspace, &image, path)?;
-        } else if holds_data {
+        self.clear_leftovers(name)?;
+        if !image.exists() {
+            // Built aside and renamed once whole: a crash mid-copy leaves
+            // no image that looks finished.
+            let partial = self.images.join(format!("{name}.partial"));
+            self.make(&partial)?;
+            if holds_data(path)? {
+                self.move_in(name, &partial, path)?;
+            }
+            std::fs::rename(&partial, &image).map_err(|e| fail(&image, e))?;
+        } else if holds_data(path)? {
             // An image exists, yet files were written beside it (its mount
             // was lost while a container wrote the bare directory): kept
             // aside, never merged over what the image holds.
-            let aside = self.set_aside(workspace, path)?;
+            let aside = self.set_aside(name, path)?;
             tracing::warn!(
-                workspace,
+                workspace = name,
                 kept = %aside.display(),
                 "a workspace directory held files while its bounded filesystem was not mounted: \
                  they are kept aside"
@@ -86,19 +91,76 @@ impl Quotas {
         }
         mount(&image, path)?;
         self.own_root(path)?;
-        if !fresh {
-            let device = mounted_from(path)?.unwrap_or_default();
-            self.grow(&image, &device)?;
+        let device = mounted_from(path)?.unwrap_or_default();
+        self.grow(&image, &device)
+    }
+
+    /// Whether `path` is a mount point now.
+    pub fn is_mounted(path: &Path) -> Result<bool, SandboxError> {
+        Ok(mounted_from(path)?.is_some())
+    }
+
+    /// A staging mount or partial image a crashed attach left.
+    fn clear_leftovers(&self, name: &str) -> Result<(), SandboxError> {
+        let staging = self.images.join(format!("{name}.staging"));
+        if mounted_from(&staging)?.is_some() {
+            unmount(&staging)?;
         }
+        let _ = std::fs::remove_dir(&staging);
+        let _ = std::fs::remove_file(self.images.join(format!("{name}.partial")));
         Ok(())
     }
 
-    /// A sparse image of the quota's size with an empty ext4 in it, its
-    /// root owned by the sandbox user, no space reserved for root.
+    /// Mounts made here reach the sandboxes only when this process shares
+    /// the engine's mount namespace (not a container, nor a service with a
+    /// private one): checked against `dockerd`'s, once.
+    fn same_mounts_as_the_engine(&self) -> Result<(), SandboxError> {
+        self.checked
+            .get_or_init(|| {
+                let mine = std::fs::read_link("/proc/self/ns/mnt").map_err(|e| e.to_string())?;
+                let out = Command::new("pidof")
+                    .arg("dockerd")
+                    .output()
+                    .map_err(|e| format!("pidof dockerd: {e}"))?;
+                let pids = String::from_utf8_lossy(&out.stdout).into_owned();
+                let pid = pids.split_whitespace().next().ok_or(
+                    "no dockerd is visible from this process, so its mounts cannot be checked \
+                     to reach the sandboxes",
+                )?;
+                let engine = std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
+                    .map_err(|e| format!("dockerd's mount namespace: {e}"))?;
+                if engine == mine {
+                    Ok(())
+                } else {
+                    Err(
+                        "this process runs in another mount namespace than dockerd (a \
+                         container, or a service with PrivateTmp, ProtectSystem or ProtectHome): \
+                         its mounts would not reach the sandboxes"
+                            .to_owned(),
+                    )
+                }
+            })
+            .clone()
+            .map_err(|why| {
+                SandboxError::Refused(format!(
+                    "workspace_quota needs the host process beside the engine: {why}"
+                ))
+            })
+    }
+
+    /// A sparse image of the quota's size at `image`, with an empty ext4 in
+    /// it, its root owned by the sandbox user, no space reserved for root,
+    /// readable by its owner only.
     fn make(&self, image: &Path) -> Result<(), SandboxError> {
-        let partial = image.with_extension("partial");
-        let file = std::fs::File::create(&partial).map_err(|e| fail(&partial, e))?;
-        file.set_len(self.bytes).map_err(|e| fail(&partial, e))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(image)
+            .map_err(|e| fail(image, e))?;
+        file.set_len(self.bytes).map_err(|e| fail(image, e))?;
         drop(file);
         run(Command::new("mkfs.ext4")
             .args(["-q", "-F", "-m", "0", "-E"])
@@ -106,11 +168,10 @@ impl Quotas {
                 "root_owner={}:{},lazy_itable_init=1,nodiscard",
                 self.owner.uid, self.owner.gid
             ))
-            .arg(&partial))
+            .arg(image))
         .inspect_err(|_| {
-            let _ = std::fs::remove_file(&partial);
-        })?;
-        std::fs::rename(&partial, image).map_err(|e| fail(image, e))
+            let _ = std::fs::remove_file(image);
+        })
     }
 
     /// Copies what `path` holds into the image (mounted aside for it), then
@@ -121,15 +182,17 @@ impl Quotas {
         let staging = self.images.join(format!("{workspace}.staging"));
         std::fs::create_dir_all(&staging).map_err(|e| fail(&staging, e))?;
         mount(image, &staging)?;
-        let copied = run(Command::new("cp")
-            .arg("-a")
+        // No container of the workspace runs (the engine checked), so
+        // nothing changes it under the copy; bounded all the same.
+        let copied = run(Command::new("timeout")
+            .args(["-k", "10", COPY_LIMIT, "cp", "-a"])
             .arg(path.join("."))
             .arg(&staging));
         let unmounted = unmount(&staging);
         let _ = std::fs::remove_dir(&staging);
         if let Err(e) = copied {
             let _ = std::fs::remove_file(image);
-            let held = run_output(Command::new("du").args(["-sh"]).arg(path))
+            let held = run_output(Command::new("timeout").args(["60", "du", "-sh"]).arg(path))
                 .ok()
                 .and_then(|out| out.split_whitespace().next().map(str::to_owned))
                 .unwrap_or_else(|| "more".to_owned());
@@ -198,6 +261,23 @@ impl Quotas {
         tracing::info!(image = %image.display(), quota = self.bytes, "workspace filesystem grown");
         Ok(())
     }
+}
+
+/// How long moving a workspace into its filesystem may take.
+const COPY_LIMIT: &str = "1800";
+
+/// Whether `path` holds anything but empty directories (which a host
+/// process recreates on a bare directory: nothing to keep).
+fn holds_data(path: &Path) -> Result<bool, SandboxError> {
+    for entry in std::fs::read_dir(path).map_err(|e| fail(path, e))? {
+        let entry = entry.map_err(|e| fail(path, e))?;
+        let empty_dir = entry.file_type().is_ok_and(|t| t.is_dir())
+            && std::fs::read_dir(entry.path()).is_ok_and(|mut d| d.next().is_none());
+        if !empty_dir {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The device mounted at `path`, if something is (from the kernel's mount
@@ -269,6 +349,62 @@ fn run_output(cmd: &mut Command) -> Result<String, SandboxError> {
 
 fn fail(path: &Path, e: io::Error) -> SandboxError {
     SandboxError::Other(format!("workspace quota, {}: {e}", path.display()))
+}
+
+impl super::Engine {
+    /// The workspace `workspace` and its artifact directories, prepared,
+    /// and each its own bounded filesystem when `workspace_quota` is set:
+    /// their host paths. Moving data in is refused while a container of the
+    /// workspace runs (another thread's, under a per-thread policy, or one
+    /// made before the quota): it could change the files under the copy, or
+    /// go on writing into the directory set aside.
+    pub(super) async fn bounded_workspace(
+        &self,
+        workspace: &sandbox_contract::WorkspaceName,
+    ) -> Result<(PathBuf, PathBuf), SandboxError> {
+        let dirs = crate::provider::plan::ARTIFACT_DIRS;
+        let path = self.workspaces.prepare(workspace)?;
+        let artifacts = self.workspaces.prepare_artifacts(workspace, &dirs)?;
+        let Some(quotas) = self.quotas.clone() else {
+            return Ok((path, artifacts));
+        };
+        if !Quotas::is_mounted(&path)? || !Quotas::is_mounted(&artifacts)? {
+            let running = self
+                .provider
+                .list(&[
+                    (super::label::MANAGED, "true"),
+                    (super::label::NAMESPACE, self.namespace()),
+                    (super::label::WORKSPACE, workspace.as_str()),
+                ])
+                .await?
+                .into_iter()
+                .filter(|c| c.status == crate::provider::Status::Running)
+                .count();
+            if running > 0 {
+                return Err(SandboxError::Refused(format!(
+                    "workspace {} is to move into its bounded filesystem (workspace_quota), but \
+                     {running} container(s) made before still use it: it moves once they are \
+                     gone (replaced when idle, or destroy them)",
+                    workspace.as_str()
+                )));
+            }
+        }
+        // Files and mounts: off the runtime's threads.
+        let (name, at, stash) = (
+            workspace.as_str().to_owned(),
+            path.clone(),
+            artifacts.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            quotas.attach(&name, &at)?;
+            quotas.attach(&format!("{name}.artifacts"), &stash)
+        })
+        .await
+        .map_err(|e| SandboxError::Other(format!("workspace quota: {e}")))??;
+        // The artifact directories on the mounted filesystem.
+        let artifacts = self.workspaces.prepare_artifacts(workspace, &dirs)?;
+        Ok((path, artifacts))
+    }
 }
 
 #[cfg(test)]

@@ -629,6 +629,8 @@ impl DockerProvider {
             // never ends the exec's stream: noticed here, not at the
             // call's timeout.
             tokio::select! {
+                // The call's own end first, when both are ready.
+                biased;
                 outcome = pump(fed, drained, feeds) => outcome,
                 () = container_stopped(docker, id) => {
                     cancel.armed = false;

@@ -107,6 +107,8 @@ impl ContainerPlan {
             // Only when set: containers of hosts without them stay current.
             "tmp_bytes": (self.read_only_rootfs && self.tmp_bytes != 64 << 20).then_some(self.tmp_bytes),
             "workspace_quota": (self.workspace_quota > 0).then_some(self.workspace_quota),
+            // 1: gVisor's own tasks get pids headroom (see create_body).
+            "runsc_pids": self.runtime.as_deref().is_some_and(|r| r.contains("runsc")).then_some(1),
             // 2: one socket per backend and profile (1 was one per user).
             "egress": self.egress.is_some().then_some(2),
         });
