@@ -24,12 +24,7 @@ async fn a_sandbox_under_runsc_runs_on_gvisor_and_everything_works() {
         runtime: Some("runsc".into()),
         ..h.config()
     };
-    let sandbox = h
-        .sandbox_with(
-            config,
-            sandbox_host::PolicySource::Builtin("per-user".into()),
-        )
-        .await;
+    let sandbox = h.sandbox_of(config).await;
     let alice = sandbox.get_thread_backend("alice-1").await.unwrap();
     let r = alice.execute("dmesg | head -1; id -u").await.unwrap();
     assert!(r.output.contains("gVisor"), "{r:?}");
@@ -117,12 +112,7 @@ async fn the_policy_puts_alice_under_gvisor_and_bob_under_runc() {
     config
         .policy_config
         .insert("profile.gvisor".into(), "alice".into());
-    let sandbox = h
-        .sandbox_with(
-            config,
-            sandbox_host::PolicySource::Builtin("per-user".into()),
-        )
-        .await;
+    let sandbox = h.sandbox_of(config).await;
     let alice = sandbox.get_thread_backend("alice-1").await.unwrap();
     let bob = sandbox.get_thread_backend("bob-1").await.unwrap();
     let a = alice.execute("dmesg 2>&1 | head -1").await.unwrap();
@@ -192,12 +182,7 @@ async fn a_workspace_quota_stops_writes_at_the_quota_and_spares_the_host() {
         tmp_quota: 8 << 20,
         ..h.config()
     };
-    let sandbox = h
-        .sandbox_with(
-            config,
-            sandbox_host::PolicySource::Builtin("per-user".into()),
-        )
-        .await;
+    let sandbox = h.sandbox_of(config).await;
     let alice = sandbox.get_thread_backend("alice-1").await.unwrap();
     let r = alice
         .execute("echo keep-me > note.txt; ls -A")
@@ -286,12 +271,7 @@ async fn turning_the_quota_on_keeps_an_existing_workspace() {
         workspace_quota: 32 << 20,
         ..h.config()
     };
-    let sandbox = h
-        .sandbox_with(
-            config,
-            sandbox_host::PolicySource::Builtin("per-user".into()),
-        )
-        .await;
+    let sandbox = h.sandbox_of(config).await;
     let alice = sandbox.get_thread_backend("alice-1").await.unwrap();
     let r = alice
         .execute("cat link/main.rs; ls -A; df -k /workspace | tail -1")
@@ -320,12 +300,7 @@ async fn a_call_whose_container_dies_ends_at_once() {
         runtime: Some("runsc".into()),
         ..h.config()
     };
-    let sandbox = h
-        .sandbox_with(
-            config,
-            sandbox_host::PolicySource::Builtin("per-user".into()),
-        )
-        .await;
+    let sandbox = h.sandbox_of(config).await;
     let alice = sandbox.get_thread_backend("alice-1").await.unwrap();
     alice.execute("true").await.unwrap();
     let id = h.container_of("alice");

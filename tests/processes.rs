@@ -327,12 +327,7 @@ async fn a_running_process_spares_an_idle_sandbox_for_the_keep_alive_only() {
         .policy_config
         .insert("idle_ttl_secs".into(), "1".into());
     config.process_keep_alive_secs = 4.0;
-    let sandbox = h
-        .sandbox_with(
-            config,
-            sandbox_host::PolicySource::Builtin("per-user".into()),
-        )
-        .await;
+    let sandbox = h.sandbox_of(config).await;
     let alice = sandbox.get_thread_backend("alice-1").await.unwrap();
     alice
         .start_process("sleep 1000", ProcessOptions::default())

@@ -155,6 +155,12 @@ impl Harness {
             .await
     }
 
+    /// A sandbox of `config` with the embedded per-user policy.
+    pub async fn sandbox_of(&self, config: Config) -> Sandbox {
+        self.sandbox_with(config, PolicySource::Builtin("per-user".into()))
+            .await
+    }
+
     pub async fn sandbox_with(&self, config: Config, policy: PolicySource) -> Sandbox {
         let provider = Arc::new(DockerProvider::from_config(&config));
         Sandbox::with_provider(config, provider, policy)

@@ -160,13 +160,17 @@ class SandboxClient(_Settings):
         ``exit`` (with ``result``, an :class:`ExecResult`) or ``error``.
         Leaving the loop early cancels the command."""
         call = self._exec(thread_id, command, timeout, env, workdir, stdin, execution_id, binary, True)
+        yield from self._lines(call, api.stream_line)
+
+    def _lines(self, call: Call, parse: Any) -> Iterator[Dict[str, Any]]:
+        """The NDJSON lines of ``call``'s answer, each through ``parse``."""
         try:
             with self._http.stream(**self._request(call)) as response:
                 if response.status_code >= 400:
                     response.read()
                     self._result(call, response)
                 for raw in response.iter_lines():
-                    line = api.stream_line(raw)
+                    line = parse(raw)
                     if line is not None:
                         yield line
         except httpx.HTTPError as e:
@@ -299,17 +303,7 @@ class SandboxClient(_Settings):
         """Yields ``output`` lines (``stream``, ``offset``, ``data`` bytes) as
         the process writes, then ``exit`` (with ``process``) once it ended."""
         call = api.follow_process(thread_id, process_id, stdout_offset, stderr_offset)
-        try:
-            with self._http.stream(**self._request(call)) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    self._result(call, response)
-                for raw in response.iter_lines():
-                    line = api.process_line(raw)
-                    if line is not None:
-                        yield line
-        except httpx.HTTPError as e:
-            raise _transport_error(e, self.base_url) from None
+        yield from self._lines(call, api.process_line)
 
     def write_process(self, thread_id: str, process_id: str, data: Optional[Union[str, bytes]] = None,
                       close: bool = False) -> None:
@@ -413,13 +407,18 @@ class AsyncSandboxClient(_Settings):
                           binary: bool = False) -> AsyncIterator[Dict[str, Any]]:
         """See :meth:`SandboxClient.exec_stream`."""
         call = self._exec(thread_id, command, timeout, env, workdir, stdin, execution_id, binary, True)
+        async for line in self._lines(call, api.stream_line):
+            yield line
+
+    async def _lines(self, call: Call, parse: Any) -> AsyncIterator[Dict[str, Any]]:
+        """See :meth:`SandboxClient._lines`."""
         try:
             async with self._http().stream(**self._request(call)) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     self._result(call, response)
                 async for raw in response.aiter_lines():
-                    line = api.stream_line(raw)
+                    line = parse(raw)
                     if line is not None:
                         yield line
         except httpx.HTTPError as e:
@@ -508,17 +507,8 @@ class AsyncSandboxClient(_Settings):
                              stderr_offset: int = 0) -> AsyncIterator[Dict[str, Any]]:
         """See :meth:`SandboxClient.follow_process`."""
         call = api.follow_process(thread_id, process_id, stdout_offset, stderr_offset)
-        try:
-            async with self._http().stream(**self._request(call)) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    self._result(call, response)
-                async for raw in response.aiter_lines():
-                    line = api.process_line(raw)
-                    if line is not None:
-                        yield line
-        except httpx.HTTPError as e:
-            raise _transport_error(e, self.base_url) from None
+        async for line in self._lines(call, api.process_line):
+            yield line
 
     async def write_process(self, thread_id: str, process_id: str, data: Optional[Union[str, bytes]] = None,
                             close: bool = False) -> None:

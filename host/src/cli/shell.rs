@@ -150,22 +150,16 @@ async fn session(
     }
 }
 
-/// Types `bytes` into the terminal, waiting while its input queue is full
-/// (a paste into a busy program); only a terminal that is gone ends it.
+/// Types `bytes` into the terminal (the backend waits, bounded, while its
+/// input queue is full); only a terminal that is gone ends the session.
 async fn type_keys(
     backend: &sandbox_host::Backend,
     id: &ProcessId,
     bytes: Vec<u8>,
 ) -> anyhow::Result<()> {
-    for _ in 0..200 {
-        match backend.write_process(id, Some(bytes.clone())).await {
-            Err(sandbox_host::SandboxError::Refused(why)) if why.contains("try again") => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e @ sandbox_host::SandboxError::NotFound(_)) => return Err(e.into()),
-            // Ended: the output loop sees it and returns the exit code.
-            Err(_) | Ok(()) => return Ok(()),
-        }
+    match backend.write_process(id, Some(bytes)).await {
+        Err(e @ sandbox_host::SandboxError::NotFound(_)) => Err(e.into()),
+        // Ended: the output loop sees it and returns the exit code.
+        Err(_) | Ok(()) => Ok(()),
     }
-    Ok(())
 }

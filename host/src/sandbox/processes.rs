@@ -24,6 +24,9 @@ const OLDER_AGENT: &str = "this sandbox's container was made by an older host, w
                            keeps no background processes: it is replaced when next idle \
                            (or destroy it now)";
 
+/// How long a write waits for room in a process's input queue.
+const WRITE_PATIENCE: Duration = Duration::from_secs(5);
+
 /// Whether a request counts as a use of the sandbox (for its idle time).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Use {
@@ -78,13 +81,25 @@ impl Backend {
 
     /// Writes `data` to the process's stdin (its terminal's input: `\x03`
     /// is Ctrl-C); `None` closes its stdin.
+    /// While its input queue is full (a paste into a program busy
+    /// elsewhere) the write is tried again, for [`WRITE_PATIENCE`] at most.
     pub async fn write_process(&self, id: &ProcessId, data: Option<Vec<u8>>) -> Result<()> {
         let container = self.container_of(id, Use::Counts).await?;
         let op = ProcessOp::Write {
             id: id.clone(),
             data,
         };
-        self.carry_out(&container, op).await.map(drop)
+        let give_up = tokio::time::Instant::now() + WRITE_PATIENCE;
+        loop {
+            let (_, status) = self.engine().provider().process(&container, &op).await?;
+            match status {
+                DoneStatus::Ok => return Ok(()),
+                DoneStatus::Busy if tokio::time::Instant::now() < give_up => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                refused => return Err(refusal(refused, &op)),
+            }
+        }
     }
 
     /// Sends `signal` to every process of its tree.

@@ -500,25 +500,11 @@ async fn terminal(backend: Backend, id: ProcessId, socket: WebSocket) {
     }
 }
 
-/// Types `bytes` into the terminal, waiting (bounded) while its input
-/// queue is full.
+/// Types `bytes` into the terminal (the backend waits, bounded, while its
+/// input queue is full).
 async fn write_chunks(backend: &Backend, id: &ProcessId, bytes: &[u8]) -> crate::Result<()> {
     for piece in bytes.chunks(crate::processes::MAX_STDIN_WRITE) {
-        let mut tries = 0;
-        loop {
-            match backend.write_process(id, Some(piece.to_vec())).await {
-                Err(crate::SandboxError::Refused(why))
-                    if why.contains("try again") && tries < 100 =>
-                {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                other => {
-                    other?;
-                    break;
-                }
-            }
-        }
+        backend.write_process(id, Some(piece.to_vec())).await?;
     }
     Ok(())
 }
