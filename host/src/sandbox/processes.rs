@@ -82,7 +82,7 @@ impl Backend {
     /// Writes `data` to the process's stdin (its terminal's input: `\x03`
     /// is Ctrl-C); `None` closes its stdin.
     /// While its input queue is full (a paste into a program busy
-    /// elsewhere) the write is tried again, for [`WRITE_PATIENCE`] at most.
+    /// elsewhere) the write is tried again, for 5 s at most.
     pub async fn write_process(&self, id: &ProcessId, data: Option<Vec<u8>>) -> Result<()> {
         let container = self.container_of(id, Use::Counts).await?;
         let op = ProcessOp::Write {
