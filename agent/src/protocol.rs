@@ -77,6 +77,15 @@ pub const UNVERSIONED: u32 = 0;
 /// Where the host mounts the agent inside every container (read-only).
 pub const AGENT_MOUNT: &str = "/.sandbox/agent";
 
+/// Where the host mounts the container's plane directory (read-only): each
+/// host process that talks to the agent binds a socket there, named
+/// `NAME` + [`PLANE_SOCKET_SUFFIX`], and the agent connects to it. The
+/// wire on it is this one, as on the attach stream.
+pub const PLANE_MOUNT: &str = "/.sandbox/plane";
+/// The ending of a socket the agent connects to in [`PLANE_MOUNT`] (a
+/// socket being set up has another).
+pub const PLANE_SOCKET_SUFFIX: &str = ".sock";
+
 /// The environment variable carrying a call's id (its marker) into every
 /// process it starts: `sandbox-agent kill MARKER` and the host's kill script
 /// find a call's processes by it.

@@ -1,7 +1,10 @@
 //! `sandbox-agent serve`: the host's data plane.
 //!
-//! `serve` reads request lines from stdin and writes reply lines to stdout
-//! (see `sandbox_agent::protocol`; it says `hello BOOT VERSION` first). Each
+//! `serve` reads request lines and writes reply lines (see
+//! `sandbox_agent::protocol`; it says `hello BOOT VERSION` first) on each
+//! of its sessions: stdin and stdout (the container's attach stream, through
+//! the engine), and every socket a host process offers in the plane
+//! directory (`plane.rs`, straight to the host). Each
 //! exec runs as `sandbox-agent reap --timeout-ms N -- sh -c COMMAND` (see
 //! `call.rs`), so it has the same deadline and exit status as an exec
 //! through the engine. With `--user` (serve is root) every call runs as
@@ -23,6 +26,7 @@ use crate::{procs, AGENT_FAILED};
 
 mod background;
 mod call;
+mod plane;
 
 /// Reply lines queued for stdout before a sender waits.
 const REPLY_QUEUE: usize = 256;
@@ -47,37 +51,36 @@ pub fn serve(args: &[String]) -> i32 {
             eprintln!("sandbox-agent serve: the egress relay on 127.0.0.1:{port}: {e}");
         }
     }
-    let server = Server {
+    let server = Arc::new(Server {
         boot: boot_id(),
-        replies: Replies::start(),
         calls: Calls::default(),
         user,
         groups: CallGroups::new(),
         background: background::Background::new(user),
-    };
-    server.replies.say(Reply::Hello {
-        boot: server.boot.clone(),
     });
-    server.run(&mut BufReader::with_capacity(
-        READ_BUFFER,
-        std::io::stdin().lock(),
-    ));
+    plane::start(server.clone());
+    let replies = Replies::start(std::io::stdout());
+    server.hello(&replies);
+    server.run(
+        &mut BufReader::with_capacity(READ_BUFFER, std::io::stdin().lock()),
+        &replies,
+    );
     // No one can ask anything more; calls in flight still finish.
     loop {
         std::thread::park();
     }
 }
 
-/// The reply lines, sent to the one writer of stdout, so each leaves whole.
+/// The reply lines of one session, sent to its one writer, so each leaves
+/// whole.
 #[derive(Clone)]
 pub(crate) struct Replies(SyncSender<String>);
 
 impl Replies {
-    /// Starts the writer.
-    fn start() -> Self {
+    /// Starts the writer of `out` (stdout, or a plane socket).
+    fn start(mut out: impl Write + Send + 'static) -> Self {
         let (tx, rx) = sync_channel::<String>(REPLY_QUEUE);
         std::thread::spawn(move || {
-            let mut out = std::io::stdout().lock();
             for line in rx {
                 if out
                     .write_all(line.as_bytes())
@@ -97,11 +100,10 @@ impl Replies {
     }
 }
 
-/// One serve process: what answers every request.
+/// One serve process: what answers every request, on every session.
 struct Server {
     /// Tells the host that a new serve process answers.
     boot: String,
-    replies: Replies,
     calls: Calls,
     /// Whom calls run as (none: as this process).
     user: Option<SandboxUser>,
@@ -111,17 +113,24 @@ struct Server {
 }
 
 impl Server {
-    /// Handles request lines until `input` ends.
-    fn run(&self, input: &mut impl BufRead) {
+    /// Says `hello` first on a session.
+    fn hello(&self, replies: &Replies) {
+        replies.say(Reply::Hello {
+            boot: self.boot.clone(),
+        });
+    }
+
+    /// Handles request lines until `input` ends, answering on `replies`.
+    fn run(&self, input: &mut impl BufRead, replies: &Replies) {
         let mut line = Vec::new();
         loop {
             line.clear();
             match read_line(input, &mut line) {
                 // The newline every frame starts with.
                 Ok(Line::Whole) if line.is_empty() => {}
-                Ok(Line::Whole) => self.handle(&line),
+                Ok(Line::Whole) => self.handle(&line, replies),
                 Ok(Line::TooLong) => {
-                    self.replies.say(Reply::Bad {
+                    replies.say(Reply::Bad {
                         reason: "too-long".into(),
                     });
                 }
@@ -130,22 +139,22 @@ impl Server {
         }
     }
 
-    fn handle(&self, line: &[u8]) {
+    fn handle(&self, line: &[u8], replies: &Replies) {
         match Request::parse(line) {
-            Ok(Request::Ping { nonce }) => self.pong(nonce),
-            Ok(Request::Exec(exec)) => self.exec(exec),
-            Ok(Request::Kill { id, marker }) => self.kill(id, marker),
+            Ok(Request::Ping { nonce }) => self.pong(nonce, replies),
+            Ok(Request::Exec(exec)) => self.exec(exec, replies),
+            Ok(Request::Kill { id, marker }) => self.kill(id, marker, replies),
             Ok(Request::Spawn(spawn)) => {
                 if now_ms() > spawn.start_by_ms {
-                    self.replies.say(Reply::Stale { id: spawn.id });
+                    replies.say(Reply::Stale { id: spawn.id });
                     return;
                 }
-                self.ack(&spawn.id);
-                self.background.spawn(spawn, &self.groups, &self.replies);
+                ack(replies, &spawn.id);
+                self.background.spawn(spawn, &self.groups, replies);
             }
             Ok(Request::Procs { id }) => {
-                self.ack(&id);
-                self.background.list(id, &self.replies);
+                ack(replies, &id);
+                self.background.list(id, replies);
             }
             Ok(Request::Read {
                 id,
@@ -154,18 +163,18 @@ impl Server {
                 err_at,
                 wait_ms,
             }) => {
-                self.ack(&id);
+                ack(replies, &id);
                 let wait = std::time::Duration::from_millis(wait_ms);
                 self.background
-                    .read(id, proc, (out_at, err_at), wait, &self.replies);
+                    .read(id, proc, (out_at, err_at), wait, replies);
             }
             Ok(Request::Write { id, proc, data }) => {
-                self.ack(&id);
-                self.background.write(id, proc, data, &self.replies);
+                ack(replies, &id);
+                self.background.write(id, proc, data, replies);
             }
             Ok(Request::Signal { id, proc, signal }) => {
-                self.ack(&id);
-                self.background.signal(id, proc, signal, &self.replies);
+                ack(replies, &id);
+                self.background.signal(id, proc, signal, replies);
             }
             Ok(Request::Resize {
                 id,
@@ -173,28 +182,23 @@ impl Server {
                 rows,
                 cols,
             }) => {
-                self.ack(&id);
-                self.background
-                    .resize(id, proc, (rows, cols), &self.replies);
+                ack(replies, &id);
+                self.background.resize(id, proc, (rows, cols), replies);
             }
             Ok(Request::Forget { id, proc }) => {
-                self.ack(&id);
-                self.background.forget(id, proc, &self.replies);
+                ack(replies, &id);
+                self.background.forget(id, proc, replies);
             }
             Err(e) => {
-                self.replies.say(Reply::Bad {
+                replies.say(Reply::Bad {
                     reason: e.to_string().replace(' ', "-"),
                 });
             }
         }
     }
 
-    fn ack(&self, id: &str) {
-        self.replies.say(Reply::Ack { id: id.to_owned() });
-    }
-
-    fn pong(&self, nonce: String) {
-        self.replies.say(Reply::Pong {
+    fn pong(&self, nonce: String, replies: &Replies) {
+        replies.say(Reply::Pong {
             nonce,
             boot: self.boot.clone(),
             now_ms: now_ms(),
@@ -203,19 +207,19 @@ impl Server {
 
     /// Acknowledges `exec` and starts it on a thread of its own, unless it
     /// was read after its start-by time.
-    fn exec(&self, exec: Exec) {
+    fn exec(&self, exec: Exec, replies: &Replies) {
         let id = exec.id.clone();
         if now_ms() > exec.start_by_ms {
             // The host gave up waiting for this one and said so.
-            self.replies.say(Reply::Stale { id });
+            replies.say(Reply::Stale { id });
             return;
         }
         let marker = marker_of(&exec.env);
         let run_as = self.user.map(|user| (user, self.groups.next()));
         self.calls.register(&marker, run_as.map(|(_, group)| group));
-        self.replies.say(Reply::Ack { id: id.clone() });
+        replies.say(Reply::Ack { id: id.clone() });
         let call = call::Call {
-            replies: self.replies.clone(),
+            replies: replies.clone(),
             exec,
             marker: marker.clone(),
             calls: self.calls.clone(),
@@ -225,18 +229,18 @@ impl Server {
         // to spare: that call fails, serve goes on.
         if let Err(e) = std::thread::Builder::new().spawn(move || call.run()) {
             self.calls.end(&marker);
-            call::cannot_start(&self.replies, id, &e);
+            call::cannot_start(replies, id, &e);
         }
     }
 
     /// Acknowledges the kill, then ends the call's processes on a thread of
     /// its own and says whether any survived.
-    fn kill(&self, id: String, marker: String) {
-        self.replies.say(Reply::Ack { id: id.clone() });
+    fn kill(&self, id: String, marker: String, replies: &Replies) {
+        replies.say(Reply::Ack { id: id.clone() });
         // A call not started yet never starts; one that is starting has
         // exec'd (so carries its marker) before this returns.
         let group = self.calls.cancel(&marker);
-        let (replies, kill_id, user) = (self.replies.clone(), id.clone(), self.user);
+        let (killed, kill_id, user) = (replies.clone(), id.clone(), self.user);
         let calls = self.calls.clone();
         let spawned = std::thread::Builder::new().spawn(move || {
             let all_gone = match group {
@@ -255,18 +259,22 @@ impl Server {
                 }
                 None => kill_marked(&marker) == 0,
             };
-            replies.say(Reply::Killed {
+            killed.say(Reply::Killed {
                 id: kill_id,
                 all_gone,
             });
         });
         if spawned.is_err() {
-            self.replies.say(Reply::Killed {
+            replies.say(Reply::Killed {
                 id,
                 all_gone: false,
             });
         }
     }
+}
+
+fn ack(replies: &Replies, id: &str) {
+    replies.say(Reply::Ack { id: id.to_owned() });
 }
 
 fn now_ms() -> u64 {

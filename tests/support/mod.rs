@@ -198,7 +198,13 @@ impl Harness {
         let mut labels: std::collections::BTreeMap<String, String> =
             serde_json::from_str(fields[2]).unwrap();
         labels.insert("sandbox.agent".into(), agent_label.into());
-        let mounts: Vec<&str> = fields[3].split_whitespace().collect();
+        // An older host made no plane (nor does the stand-in agent `cmd`
+        // connect to one).
+        labels.remove("sandbox.plane");
+        let mounts: Vec<&str> = fields[3]
+            .split_whitespace()
+            .filter(|m| !m.contains(":/.sandbox/plane:"))
+            .collect();
         // Labelled with this host's version: made as this host makes them
         // (root for the agent, with its three capabilities).
         let current =

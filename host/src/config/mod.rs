@@ -267,6 +267,12 @@ pub struct Config {
     /// Mount the container's root filesystem read-only (with a writable
     /// tmpfs `/tmp`); `/workspace` stays writable.
     pub read_only_rootfs: bool,
+    /// Talk to each sandbox's agent on a socket of the host's mounted into
+    /// its container (the plane: no engine in between), falling back to
+    /// the engine's attach stream; false: the attach stream only (an
+    /// engine with user namespaces remapped, where the agent is not uid 0
+    /// to this host). Not under gVisor, which refuses host sockets.
+    pub agent_plane: bool,
     /// Network of every sandbox container: `none` (no network at all),
     /// `egress` (no network of its own; an HTTP proxy on `127.0.0.1` inside
     /// that reaches only `[egress] allow`), or the name of a Docker network
@@ -563,6 +569,7 @@ impl Default for Config {
                 .map(|n| n.get().max(2))
                 .unwrap_or(2),
             read_only_rootfs: false,
+            agent_plane: true,
             network: NETWORK_NONE.to_owned(),
             egress: EgressConfig::default(),
             runtime: None,

@@ -142,6 +142,8 @@ pub struct Engine {
     holds: keep_alive::Holds,
     /// Bounded workspaces, with `workspace_quota`.
     quotas: Option<quota::Quotas>,
+    /// The plane directories of containers (`agent_plane`).
+    planes: Option<crate::provider::plane::Planes>,
 }
 
 /// The policies this engine's host ran, as their labels name them.
@@ -197,6 +199,9 @@ impl Engine {
                     &crate::state::dir(&config.workspace_root),
                     config.sandbox_user(),
                 )
+            }),
+            planes: config.agent_plane.then(|| {
+                crate::provider::plane::Planes::new(&crate::state::dir(&config.workspace_root))
             }),
             egress: config
                 .profiles()
@@ -457,10 +462,14 @@ impl Engine {
             Some(agent) => plan.with_agent(agent),
             None => plan,
         };
-        let digest = if profile.has_egress() {
+        let plan = if profile.has_egress() {
             plan.with_egress(std::path::PathBuf::new())
         } else {
             plan
+        };
+        let digest = match &self.planes {
+            Some(_) => plan.with_plane(std::path::PathBuf::new()),
+            None => plan,
         }
         .digest();
         self.plan_digests
@@ -584,6 +593,13 @@ impl Engine {
             plan.with_egress(egress.socket_dir(backend.as_str(), &profile.name)?)
         } else {
             plan
+        };
+        let plan = match &self.planes {
+            Some(planes) if plan.plane_possible() => {
+                let dir = planes.prepare(&plan.name)?;
+                plan.with_plane(dir)
+            }
+            _ => plan,
         };
         let created = {
             let _slot = self.slots.lifecycle().await;
@@ -743,6 +759,9 @@ impl Engine {
         self.handouts.forget(&owned.id);
         if let Some(egress) = &self.egress {
             egress.withdraw(&owned.backend_id, &owned.profile);
+        }
+        if let Some(planes) = &self.planes {
+            planes.remove(&owned.name);
         }
         self.usage.forget(&owned.name);
         self.usage.forget_link(&owned.id);

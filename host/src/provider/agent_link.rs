@@ -104,9 +104,13 @@ const RESPAWN_AFTER: u32 = 2;
 /// How long restarting `serve` (a `docker exec` of `sandbox-agent
 /// respawn`) may take.
 const RESPAWN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Links held open at once per host process (each is a connection to the
-/// engine and a file descriptor); past it the least recently used closes.
-const MAX_LINKS: usize = 256;
+/// Links held open at once per host process at the least: each is a file
+/// descriptor and, when attached, a connection to the engine; past the
+/// bound ([`max_links`]) the least recently used closes.
+const MIN_LINKS: usize = 256;
+/// How long links open on the attach stream after the agent did not take a
+/// plane socket.
+const PLANE_REST: Duration = Duration::from_secs(30);
 /// Containers remembered (a record each) before those without a link go.
 const MAX_SLOTS: usize = 4096;
 /// Output frames buffered per call before the reader waits for the caller.
@@ -274,8 +278,18 @@ struct Link {
     reader: tokio::task::JoinHandle<()>,
     ids: FrameIds,
     /// Where the container's writer lock file is (none: this process is
-    /// the only writer it knows of).
+    /// the only writer it knows of, as on the plane).
     lock_dir: Option<PathBuf>,
+    transport: Transport,
+}
+
+/// What a link runs over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// A socket of the host's, straight to the agent (`provider::plane`).
+    Plane,
+    /// The container's attach stream, through the engine.
+    Attach,
 }
 
 impl Drop for Link {
@@ -314,6 +328,7 @@ impl Link {
         output: Output,
         lock_dir: Option<PathBuf>,
         budget: FloodBudget,
+        transport: Transport,
     ) -> Arc<Link> {
         let shared = Arc::new(Shared::default());
         shared.alive.store(true, Ordering::SeqCst);
@@ -330,6 +345,7 @@ impl Link {
             reader,
             ids: FrameIds::new(),
             lock_dir,
+            transport,
         })
     }
 
@@ -782,24 +798,122 @@ struct Slot {
     used: AtomicU64,
     /// Failed opens in a row.
     failures: std::sync::atomic::AtomicU32,
+    /// Until when links open on the attach stream without offering a plane
+    /// socket first (the agent did not take the last one).
+    plane_down_until: Mutex<Option<Instant>>,
+    /// The event stream's epoch + 1 when an inspection last saw the
+    /// container running and no event of it came since (0: not vouched).
+    vouched: AtomicU64,
+}
+
+/// The engine's event stream as this process follows it.
+#[derive(Default)]
+struct Events {
+    started: AtomicBool,
+    /// Subscribed, and no error since.
+    healthy: AtomicBool,
+    /// Counts subscriptions and losses: what was vouched for under an
+    /// earlier epoch may have missed an event.
+    epoch: AtomicU64,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// The engine's events that end a vouch: the container no longer runs
+/// commands (`pause`), or no longer runs (`die`, `stop`, `destroy`).
+const DISTRUSTING_EVENTS: [&str; 4] = ["pause", "die", "stop", "destroy"];
+/// The pause before subscribing again after the event stream failed.
+const EVENTS_RETRY: Duration = Duration::from_secs(1);
+
+/// Follows the engine's events of containers whose agent serves, for as
+/// long as `links` lives.
+async fn follow_events(links: std::sync::Weak<AgentLinks>, docker: Docker) {
+    use crate::dataplane::agent::{AGENT_LABEL, AGENT_SERVES};
+    let filters: HashMap<&str, Vec<String>> = HashMap::from([
+        ("type", vec!["container".to_owned()]),
+        (
+            "event",
+            DISTRUSTING_EVENTS.iter().map(|e| (*e).to_owned()).collect(),
+        ),
+        ("label", vec![format!("{AGENT_LABEL}={AGENT_SERVES}")]),
+    ]);
+    loop {
+        let Some(events) = links.upgrade().map(|l| l.events_handle()) else {
+            return;
+        };
+        // From a second before subscribing: the engine replays what came
+        // since, so nothing between this moment and the subscription's
+        // taking effect is missed.
+        let since = (unix_ms() / 1000).saturating_sub(1).to_string();
+        let options = bollard::query_parameters::EventsOptionsBuilder::default()
+            .since(&since)
+            .filters(&filters)
+            .build();
+        let mut stream = docker.events(Some(options));
+        events.epoch.fetch_add(1, Ordering::SeqCst);
+        events.healthy.store(true, Ordering::SeqCst);
+        let why = loop {
+            match stream.next().await {
+                Some(Ok(message)) => {
+                    let Some(links) = links.upgrade() else {
+                        return;
+                    };
+                    if let Some(actor) = message.actor {
+                        let name = actor
+                            .attributes
+                            .as_ref()
+                            .and_then(|a| a.get("name").cloned())
+                            .unwrap_or_default();
+                        let id = actor.id.unwrap_or_default();
+                        links.distrust(&[&id, &name]);
+                    }
+                }
+                Some(Err(e)) => break e.to_string(),
+                None => break "the engine ended it".to_owned(),
+            }
+        };
+        events.healthy.store(false, Ordering::SeqCst);
+        events.epoch.fetch_add(1, Ordering::SeqCst);
+        tracing::debug!(
+            why,
+            "the engine's event stream was lost: links ping until it is back"
+        );
+        tokio::time::sleep(EVENTS_RETRY).await;
+    }
 }
 
 /// The links of one host process, by container id.
 pub struct AgentLinks {
     slots: Mutex<HashMap<String, Arc<Slot>>>,
+    events: Arc<Events>,
     lock_dir: Option<PathBuf>,
+    /// The plane directories (none: every link is attached).
+    planes: Option<super::plane::Planes>,
     epoch: Instant,
 }
 
 impl AgentLinks {
-    /// Links whose writers lock files in `lock_dir` (the host's state
-    /// directory; none: this process is the only writer it knows of).
-    pub fn new(lock_dir: Option<PathBuf>) -> Self {
+    /// Links whose attached writers lock files in `{state_dir}/links` and
+    /// that offer plane sockets in `{state_dir}/plane` (none: every link is
+    /// attached, and this process is the only writer it knows of).
+    pub fn new(state_dir: Option<&std::path::Path>) -> Self {
         AgentLinks {
             slots: Mutex::default(),
-            lock_dir,
+            lock_dir: state_dir.map(|dir| dir.join("links")),
+            planes: state_dir.map(super::plane::Planes::new),
+            events: Arc::default(),
             epoch: Instant::now(),
         }
+    }
+
+    fn events_handle(&self) -> Arc<Events> {
+        self.events.clone()
+    }
+
+    /// What the live link to `container` runs over, if one is open.
+    pub fn transport(&self, container: &str) -> Option<Transport> {
+        let slot = self.slots.lock().unwrap().get(container)?.clone();
+        let link = slot.link.lock().unwrap().clone()?;
+        link.shared.usable().then_some(link.transport)
     }
 
     fn slot(&self, container: &str) -> Arc<Slot> {
@@ -817,26 +931,46 @@ impl AgentLinks {
             .values()
             .filter(|s| s.link.lock().unwrap().is_some())
             .collect();
-        if open.len() <= MAX_LINKS {
+        let most = max_links();
+        if open.len() <= most {
             return;
         }
         open.sort_by_key(|s| s.used.load(Ordering::Relaxed));
-        for slot in &open[..open.len() - MAX_LINKS] {
+        for slot in &open[..open.len() - most] {
             slot.link.lock().unwrap().take();
         }
     }
 
     /// Remembers an inspected container whose agent serves, so that while
-    /// its link lives the per-exec check needs no engine call.
+    /// its link lives the per-exec check needs no engine call; the engine
+    /// just said it runs, so the event stream vouches for it from now on.
     pub fn remember(&self, record: &ContainerRecord) {
-        *self.slot(&record.id).record.lock().unwrap() = Some(record.clone());
+        let slot = self.slot(&record.id);
+        *slot.record.lock().unwrap() = Some(record.clone());
+        slot.vouched.store(
+            self.events.epoch.load(Ordering::SeqCst) + 1,
+            Ordering::SeqCst,
+        );
     }
 
-    /// The container as last inspected, if its agent answers a ping now:
-    /// the per-exec check, moved off the engine. A stopped or removed
-    /// container ends the attach stream, and a paused one cannot answer; in
-    /// both cases (and when no link is open) the engine is asked instead.
-    pub async fn live(&self, container: &str) -> Option<ContainerRecord> {
+    /// The container as last inspected, if it still runs by what this
+    /// process knows without asking the engine: the per-exec check, moved
+    /// off the engine. It runs while its link is open (a stopped or removed
+    /// container ends its agent's connection) and the engine's event
+    /// stream has said nothing of it (a pause, a stop, a death) since an
+    /// inspection saw it running. With no event stream (not yet, or lost),
+    /// the agent answering a ping on the link says so instead. `None`: ask
+    /// the engine (which vouches again through [`AgentLinks::remember`]).
+    ///
+    /// An event arrives a moment after what it tells: a command sent in
+    /// between is never run late (the agent refuses it past its start-by
+    /// time) nor twice (an unacknowledged command is killed, and reported
+    /// lost).
+    pub async fn live(
+        self: &Arc<Self>,
+        docker: &Docker,
+        container: &str,
+    ) -> Option<ContainerRecord> {
         let slot = self.slots.lock().unwrap().get(container)?.clone();
         let record = slot.record.lock().unwrap().clone()?;
         let link = slot
@@ -845,11 +979,38 @@ impl AgentLinks {
             .unwrap()
             .clone()
             .filter(|l| l.shared.usable())?;
-        link.ping(PROBE_TIMEOUT).await.ok()?;
-        Some(ContainerRecord {
+        self.watch_events(docker);
+        let running = ContainerRecord {
             status: super::Status::Running,
             ..record
-        })
+        };
+        if self.events.healthy.load(Ordering::SeqCst) {
+            let epoch = self.events.epoch.load(Ordering::SeqCst);
+            return (slot.vouched.load(Ordering::SeqCst) == epoch + 1).then_some(running);
+        }
+        link.ping(PROBE_TIMEOUT).await.ok()?;
+        Some(running)
+    }
+
+    /// Starts following the engine's events for containers whose agent
+    /// serves, once per process (see [`AgentLinks::live`]).
+    fn watch_events(self: &Arc<Self>, docker: &Docker) {
+        if self.events.started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let task = tokio::spawn(follow_events(Arc::downgrade(self), docker.clone()));
+        *self.events.task.lock().unwrap() = Some(task);
+    }
+
+    /// An event of the engine about `container` (id or name): whatever it
+    /// says, the container is no longer vouched for.
+    fn distrust(&self, keys: &[&str]) {
+        let slots = self.slots.lock().unwrap();
+        for key in keys {
+            if let Some(slot) = slots.get(*key) {
+                slot.vouched.store(0, Ordering::SeqCst);
+            }
+        }
     }
 
     /// Drops a removed container's link.
@@ -871,6 +1032,9 @@ impl AgentLinks {
         slot.used
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         if let Some(link) = current(&slot) {
+            if link.transport == Transport::Attach {
+                self.upgrade_later(&slot, container);
+            }
             return Some(link);
         }
         let _opening = slot.opening.lock().await;
@@ -885,7 +1049,7 @@ impl AgentLinks {
         {
             return None;
         }
-        match self.open(docker, container).await {
+        match self.open(docker, container, &slot).await {
             Ok(link) => {
                 slot.failures.store(0, Ordering::Relaxed);
                 *slot.link.lock().unwrap() = Some(link.clone());
@@ -912,8 +1076,133 @@ impl AgentLinks {
         }
     }
 
-    /// A link whose agent answered a ping, in this host's protocol version.
-    async fn open(&self, docker: &Docker, container: &str) -> Result<Arc<Link>, OpenError> {
+    /// A link whose agent answered a ping, in this host's protocol version:
+    /// on the plane when the container has one (and its agent took the
+    /// last socket offered), else on the attach stream.
+    async fn open(
+        &self,
+        docker: &Docker,
+        container: &str,
+        slot: &Slot,
+    ) -> Result<Arc<Link>, OpenError> {
+        if let Some(dir) = self.plane_dir(docker, container, slot).await {
+            match open_plane(container, &dir).await {
+                Ok(link) => return Ok(link),
+                Err(why) => {
+                    tracing::warn!(
+                        container,
+                        why,
+                        "no plane link: this process's link goes through the engine's attach \
+                         stream for a while"
+                    );
+                    *slot.plane_down_until.lock().unwrap() = Some(Instant::now() + PLANE_REST);
+                }
+            }
+        }
+        self.open_attached(docker, container).await
+    }
+
+    /// The plane directory of `container` (in `slot`), when it has one and
+    /// the plane is not resting. Its name and labels are the last
+    /// inspection's, or the engine's now (once per link opened).
+    async fn plane_dir(&self, docker: &Docker, container: &str, slot: &Slot) -> Option<PathBuf> {
+        let planes = self.planes.as_ref()?;
+        if slot
+            .plane_down_until
+            .lock()
+            .unwrap()
+            .is_some_and(|t| Instant::now() < t)
+        {
+            return None;
+        }
+        let known = slot
+            .record
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|r| (r.name.clone(), r.labels.clone()));
+        let (name, labels) = match known {
+            Some(known) => known,
+            None => {
+                let inspected =
+                    tokio::time::timeout(ACK_TIMEOUT, docker.inspect_container(container, None))
+                        .await
+                        .ok()?
+                        .ok()?;
+                let name = inspected.name?.trim_start_matches('/').to_owned();
+                (name, inspected.config?.labels?)
+            }
+        };
+        (labels.get(super::plane::PLANE_LABEL).map(String::as_str) == Some(super::plane::PLANE_V1))
+            .then(|| planes.dir(&name))
+    }
+
+    /// Offers the agent of the container in `slot` a plane socket again, in
+    /// the background, once the rest after a failed offer is over; its
+    /// link moves there when it connects (calls in flight on the attached
+    /// link finish on it).
+    fn upgrade_later(&self, slot: &Arc<Slot>, container: &str) {
+        let Some(planes) = &self.planes else {
+            return;
+        };
+        let dir = {
+            let mut down = slot.plane_down_until.lock().unwrap();
+            // Only a container whose plane failed before has a rest set.
+            if !down.is_some_and(|t| Instant::now() >= t) {
+                return;
+            }
+            let record = slot.record.lock().unwrap();
+            let Some(record) = record.as_ref().filter(|r| {
+                r.labels.get(super::plane::PLANE_LABEL).map(String::as_str)
+                    == Some(super::plane::PLANE_V1)
+            }) else {
+                return;
+            };
+            *down = Some(Instant::now() + PLANE_REST);
+            planes.dir(&record.name)
+        };
+        let (slot, container) = (slot.clone(), container.to_owned());
+        tokio::spawn(async move {
+            match open_plane(&container, &dir).await {
+                Ok(link) => {
+                    *slot.link.lock().unwrap() = Some(link);
+                    *slot.plane_down_until.lock().unwrap() = None;
+                    tracing::debug!(container, "the agent link moved to the plane");
+                }
+                Err(why) => tracing::debug!(container, why, "the plane is still refused"),
+            }
+        });
+    }
+}
+
+/// A link on a socket offered in `dir`, once the agent connected and
+/// answered a ping.
+async fn open_plane(container: &str, dir: &std::path::Path) -> Result<Arc<Link>, String> {
+    let stream = super::plane::rendezvous(dir, ACK_TIMEOUT).await?;
+    let (read, write) = stream.into_split();
+    let link = Link::start(
+        container,
+        Box::pin(write),
+        Box::pin(super::plane::output_of(read)),
+        // Nobody else writes on this socket: no lock.
+        None,
+        FloodBudget::new(FLOOD_RATE, FLOOD_BURST, Instant::now()),
+        Transport::Plane,
+    );
+    link.handshake().await.map_err(|e| match e {
+        OpenError::Version(theirs) => format!("the agent speaks protocol version {theirs}"),
+        OpenError::Attach(why) | OpenError::Silent(why) => why,
+    })?;
+    Ok(link)
+}
+
+impl AgentLinks {
+    /// A link on the container's attach stream.
+    async fn open_attached(
+        &self,
+        docker: &Docker,
+        container: &str,
+    ) -> Result<Arc<Link>, OpenError> {
         let options = AttachContainerOptionsBuilder::default()
             .stdin(true)
             .stdout(true)
@@ -934,6 +1223,7 @@ impl AgentLinks {
             attached.output,
             self.lock_dir.clone(),
             FloodBudget::new(FLOOD_RATE, FLOOD_BURST, Instant::now()),
+            Transport::Attach,
         );
         link.handshake().await?;
         Ok(link)
@@ -980,6 +1270,39 @@ impl AgentLinks {
             .await
             .ok_or(LinkError::Unavailable)?;
         link.exec(request, sink).await
+    }
+}
+
+/// How many links this process holds open at once: half its file
+/// descriptors (each link takes one, and a plane link's rendezvous one
+/// more for a moment), at least [`MIN_LINKS`]. Raised to the hard limit
+/// at start (`raise_file_limit`), so that a live user costs no reopening
+/// until the machine's own bound.
+fn max_links() -> usize {
+    static MOST: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MOST.get_or_init(|| {
+        let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(0, |(soft, _)| soft);
+        (usize::try_from(soft).unwrap_or(usize::MAX) / 2).max(MIN_LINKS)
+    })
+}
+
+/// Raises this process's soft limit on open files to its hard limit (one
+/// per live link, one per connection served). Best effort.
+pub fn raise_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
+impl Drop for AgentLinks {
+    fn drop(&mut self) {
+        if let Some(task) = self.events.task.lock().unwrap().take() {
+            task.abort();
+        }
     }
 }
 
@@ -1383,7 +1706,14 @@ mod tests {
         let output = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         });
-        let link = Link::start("fake", Box::pin(host_end), Box::pin(output), None, budget);
+        let link = Link::start(
+            "fake",
+            Box::pin(host_end),
+            Box::pin(output),
+            None,
+            budget,
+            Transport::Attach,
+        );
         let (seen_tx, seen) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             let mut lines = tokio::io::BufReader::new(agent_end).lines();
@@ -1656,6 +1986,7 @@ mod tests {
             Box::pin(output),
             None,
             FloodBudget::new(rate, burst, Instant::now()),
+            Transport::Attach,
         );
         let (call_tx, mut call_rx) = mpsc::channel(100_000);
         link.shared

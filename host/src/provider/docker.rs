@@ -124,11 +124,19 @@ impl DockerProvider {
         self
     }
 
-    /// Agent-link writers lock files under `state_dir` (the host's state
-    /// directory), so host processes sharing it never interleave frames.
-    pub fn with_link_locks(mut self, state_dir: &std::path::Path) -> Self {
-        self.links = Arc::new(AgentLinks::new(Some(state_dir.join("links"))));
+    /// Agent links under `state_dir` (the host's state directory): plane
+    /// sockets offered in its `plane` directories, and, on the attach
+    /// stream, writers locking files in `links` so that host processes
+    /// sharing it never interleave frames.
+    pub fn with_state_dir(mut self, state_dir: &std::path::Path) -> Self {
+        self.links = Arc::new(AgentLinks::new(Some(state_dir)));
         self
+    }
+
+    /// What the live agent link to `container` runs over, if one is open
+    /// in this process.
+    pub fn link_transport(&self, container: &str) -> Option<super::agent_link::Transport> {
+        self.links.transport(container)
     }
 
     /// A provider for an explicit endpoint: `unix:///path`, a socket path,
@@ -142,12 +150,15 @@ impl DockerProvider {
 
     /// The provider a configuration asks for.
     pub fn from_config(config: &crate::config::Config) -> Self {
+        // A live link is a file descriptor: this process may hold as many
+        // as the machine lets it.
+        super::agent_link::raise_file_limit();
         let provider = match &config.docker_host {
             Some(endpoint) => Self::with_endpoint(endpoint.clone(), config.docker_timeout()),
             None => Self::new(config.docker_timeout()),
         };
         provider
-            .with_link_locks(&crate::state::dir(&config.workspace_root))
+            .with_state_dir(&crate::state::dir(&config.workspace_root))
             .with_exec_user(config.sandbox_user())
     }
 
@@ -503,6 +514,7 @@ pub fn create_body(plan: &ContainerPlan) -> ContainerCreateBody {
                 }))
                 .chain(plan.artifact_binds())
                 .chain(plan.egress_bind())
+                .chain(plan.plane_bind())
                 .collect(),
             ),
             cap_drop: Some(vec!["ALL".to_owned()]),
@@ -959,10 +971,10 @@ impl ContainerProvider for DockerProvider {
     async fn inspect(&self, id: &str) -> ProviderResult<Option<ContainerRecord>> {
         // The per-exec check, off the engine: a live agent link is a
         // running container (its attach stream ends when it stops).
-        if let Some(record) = self.links.live(id).await {
+        let docker = self.client().await?;
+        if let Some(record) = self.links.live(docker, id).await {
             return Ok(Some(record));
         }
-        let docker = self.client().await?;
         match self.call(docker.inspect_container(id, None)).await {
             Ok(c) => {
                 let config = c.config.unwrap_or_default();

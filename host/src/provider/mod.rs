@@ -8,6 +8,7 @@ pub mod agent_link;
 pub mod docker;
 pub mod memory;
 pub mod plan;
+pub mod plane;
 
 use std::collections::HashMap;
 

@@ -65,6 +65,9 @@ pub struct ContainerPlan {
     /// at `egress::SOCKET_MOUNT` (`network = "egress"`); the container's
     /// own network is then `none`.
     pub egress: Option<PathBuf>,
+    /// Host directory where host processes offer the agent their sockets,
+    /// mounted read-only at `plane::PLANE_MOUNT` (see `provider::plane`).
+    pub plane: Option<PathBuf>,
 }
 
 impl ContainerPlan {
@@ -111,6 +114,8 @@ impl ContainerPlan {
             "runsc_pids": self.runtime.as_deref().is_some_and(|r| r.contains("runsc")).then_some(1),
             // 2: one socket per backend and profile (1 was one per user).
             "egress": self.egress.is_some().then_some(2),
+            // 1: the agent takes the host's sockets at /.sandbox/plane.
+            "plane": self.plane.is_some().then_some(1),
         });
         let hex = hex::encode(Sha256::digest(settings.to_string().as_bytes()));
         format!("sha256:{}", &hex[..16])
@@ -149,7 +154,35 @@ impl ContainerPlan {
             runtime: profile.runtime.clone(),
             artifacts: None,
             egress: None,
+            plane: None,
         }
+    }
+
+    /// Whether the container may have a plane: its agent serves, and its
+    /// runtime connects to host sockets (gVisor does not: see
+    /// `provider::plane`).
+    pub fn plane_possible(&self) -> bool {
+        self.agent_serves() && !self.runtime.as_deref().is_some_and(|r| r.contains("runsc"))
+    }
+
+    /// The plan with the plane directory `host_dir` mounted (where
+    /// [`ContainerPlan::plane_possible`]), and labelled so.
+    pub fn with_plane(mut self, host_dir: PathBuf) -> Self {
+        if self.plane_possible() {
+            self.labels.insert(
+                super::plane::PLANE_LABEL.to_owned(),
+                super::plane::PLANE_V1.to_owned(),
+            );
+            self.plane = Some(host_dir);
+        }
+        self
+    }
+
+    /// `HOST:CONTAINER:ro` bind of the plane directory, if any.
+    pub fn plane_bind(&self) -> Option<String> {
+        self.plane
+            .as_ref()
+            .map(|dir| format!("{}:{}:ro", dir.display(), super::plane::PLANE_MOUNT))
     }
 
     /// The plan with the user's artifact directories (prepared under

@@ -1,0 +1,230 @@
+//! The plane: a link to a container's agent that bypasses the engine.
+//!
+//! Each container whose agent serves gets a directory of the host's state,
+//! `{state}/plane/{container name}`, bind-mounted read-only at
+//! [`PLANE_MOUNT`]. A host process that needs a link binds a fresh socket
+//! in it ([`rendezvous`]): under a temporary name, renamed to `RANDOM.sock`
+//! once it listens. The agent's `serve` (root in the container) watches the
+//! directory and connects; the host accepts one peer whose uid is 0, takes
+//! the socket's name away, and speaks the same wire as on the attach
+//! stream, with no engine in between: no dockerd copy per frame, no
+//! connection through dockerd per live container.
+//!
+//! Who can do what:
+//! - The workload (another uid, no capability) cannot write the directory
+//!   (a read-only mount of a host directory), so it can neither bind,
+//!   replace nor remove a socket there. Where the host runs as root the
+//!   directory is 0700 and each socket 0600, root's: the workload cannot
+//!   even look in, let alone connect. Where it does not (a service user),
+//!   the agent, root without `CAP_DAC_OVERRIDE`, connects as "other": the
+//!   directory is 0755 and the socket 0666, and the host refuses every
+//!   peer whose uid is not 0 ([`rendezvous`] goes on waiting for the
+//!   agent).
+//! - The host never follows a path the workload can write: the directory
+//!   and everything in it are the host's, opened through a handle that
+//!   does not follow links.
+//! - A socket is used once: after the agent connected, its name goes, so a
+//!   restarted agent, or anything else, finds nothing to connect to until
+//!   the host offers a new one.
+//!
+//! gVisor refuses connections to host sockets unless the runtime is told
+//! to allow them (`--host-uds`), which would let every gVisor sandbox of
+//! the engine reach any host socket mounted into it. The host does not ask
+//! for that: containers under runsc get no plane, and their links stay on
+//! the attach stream.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bollard::container::LogOutput;
+use futures_util::StreamExt;
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixStream;
+
+pub use sandbox_agent::protocol::PLANE_MOUNT;
+use sandbox_agent::protocol::PLANE_SOCKET_SUFFIX;
+
+use crate::error::SandboxError;
+
+/// The label of a container created with a plane directory mounted.
+pub const PLANE_LABEL: &str = "sandbox.plane";
+/// Its value: the layout described above.
+pub const PLANE_V1: &str = "1";
+
+/// How much of the agent's output one read takes.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// The planes of the host processes whose state directory is `state_dir`.
+#[derive(Debug, Clone)]
+pub struct Planes {
+    root: PathBuf,
+}
+
+impl Planes {
+    pub fn new(state_dir: &Path) -> Self {
+        Planes {
+            root: state_dir.join("plane"),
+        }
+    }
+
+    /// The directory of container `name` (not created).
+    pub fn dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Creates the (empty) directory of container `name`, about to be
+    /// created: what an earlier container of that name left is cleared.
+    pub fn prepare(&self, name: &str) -> Result<PathBuf, SandboxError> {
+        make_dir(&self.root, 0o700)?;
+        let dir = self.dir(name);
+        let root = nix::unistd::geteuid().is_root();
+        make_dir(&dir, if root { 0o700 } else { 0o755 })?;
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(dir)
+    }
+
+    /// Removes the directory of container `name` (it was removed).
+    pub fn remove(&self, name: &str) {
+        let dir = self.dir(name);
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+}
+
+/// Creates `dir` with `mode`, or checks that it is a directory of this
+/// process's user (never a link) and sets `mode`.
+fn make_dir(dir: &Path, mode: u32) -> Result<(), SandboxError> {
+    let error = |e: std::io::Error| SandboxError::Other(format!("{}: {e}", dir.display()));
+    match std::fs::DirBuilder::new().mode(mode).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let meta = std::fs::symlink_metadata(dir).map_err(error)?;
+            if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() {
+                return Err(SandboxError::Other(format!(
+                    "{} is not a directory of this process's user",
+                    dir.display()
+                )));
+            }
+        }
+        Err(e) => return Err(error(e)),
+    }
+    // The umask may have taken bits away.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(error)
+}
+
+/// Offers a socket in `dir` (a container's plane directory) and waits up to
+/// `patience` for its agent to connect: the connection, or why none came.
+pub async fn rendezvous(dir: &Path, patience: Duration) -> Result<UnixStream, String> {
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_flags())
+        .open(dir)
+        .map_err(|e| format!("the plane directory {}: {e}", dir.display()))?;
+    let meta = handle
+        .metadata()
+        .map_err(|e| format!("the plane directory {}: {e}", dir.display()))?;
+    if meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(format!(
+            "the plane directory {} is not this process's user's",
+            dir.display()
+        ));
+    }
+    // Through the handle: no link on the way is followed, and the address
+    // stays short whatever the state directory's path.
+    let at = |name: &str| PathBuf::from(format!("/proc/self/fd/{}/{name}", handle.as_raw_fd()));
+    let token = &crate::dataplane::exec::new_execution_id()[..24];
+    let (binding, offered) = (
+        format!(".{token}.tmp"),
+        format!("{token}{PLANE_SOCKET_SUFFIX}"),
+    );
+    let listener = std::os::unix::net::UnixListener::bind(at(&binding))
+        .map_err(|e| format!("binding a plane socket in {}: {e}", dir.display()))?;
+    let _gone = Remove(vec![at(&binding), at(&offered)]);
+    let mode = if nix::unistd::geteuid().is_root() {
+        0o600
+    } else {
+        0o666
+    };
+    std::fs::set_permissions(at(&binding), std::fs::Permissions::from_mode(mode))
+        .and_then(|()| std::fs::rename(at(&binding), at(&offered)))
+        .and_then(|()| listener.set_nonblocking(true))
+        .map_err(|e| format!("offering a plane socket in {}: {e}", dir.display()))?;
+    let listener = tokio::net::UnixListener::from_std(listener)
+        .map_err(|e| format!("offering a plane socket: {e}"))?;
+    let accepted = tokio::time::timeout(patience, async {
+        loop {
+            let (stream, _) = listener.accept().await?;
+            match stream.peer_cred() {
+                Ok(peer) if peer.uid() == 0 => return Ok::<_, std::io::Error>(stream),
+                peer => {
+                    tracing::warn!(
+                        dir = %dir.display(),
+                        peer = ?peer.map(|p| (p.uid(), p.pid())),
+                        "a peer other than the sandbox agent connected to its plane socket: refused"
+                    );
+                    // A flood of them costs a pause each.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    })
+    .await;
+    match accepted {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(format!("accepting on the plane socket: {e}")),
+        Err(_) => Err(format!(
+            "the sandbox agent did not connect to the plane socket within {} ms",
+            patience.as_millis()
+        )),
+    }
+}
+
+fn libc_flags() -> i32 {
+    nix::libc::O_PATH | nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW
+}
+
+/// Removes its paths when dropped (whichever name the socket has by then).
+struct Remove(Vec<PathBuf>);
+
+impl Drop for Remove {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// What the agent writes on `read`, as the attach stream's output items (so
+/// one reader serves both kinds of link).
+pub fn output_of(
+    read: tokio::net::unix::OwnedReadHalf,
+) -> impl futures_util::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send {
+    futures_util::stream::unfold(Some(read), |read| async move {
+        let mut read = read?;
+        let mut buffer = vec![0u8; READ_CHUNK];
+        match read.read(&mut buffer).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buffer.truncate(n);
+                Some((
+                    Ok(LogOutput::StdOut {
+                        message: buffer.into(),
+                    }),
+                    Some(read),
+                ))
+            }
+            Err(err) => Some((Err(bollard::errors::Error::IOError { err }), None)),
+        }
+    })
+    .fuse()
+}
