@@ -228,3 +228,114 @@ pub fn output_of(
     })
     .fuse()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The socket offered in `dir`, once there.
+    async fn offered(dir: &Path) -> PathBuf {
+        for _ in 0..200 {
+            let found = std::fs::read_dir(dir).unwrap().flatten().find(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .ends_with(PLANE_SOCKET_SUFFIX)
+            });
+            if let Some(entry) = found {
+                return entry.path();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("no socket offered in {}", dir.display());
+    }
+
+    /// Connects to `path` as `uid` from a child process (its `pre_exec`
+    /// runs after the uid change); whether the connect succeeded.
+    fn connect_as(uid: u32, path: &Path) -> bool {
+        let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let mut command = std::process::Command::new("/bin/true");
+        command.uid(uid).gid(uid);
+        // SAFETY: only async-signal-safe calls on memory made before the fork.
+        unsafe {
+            command.pre_exec(move || {
+                let fd = nix::libc::socket(nix::libc::AF_UNIX, nix::libc::SOCK_STREAM, 0);
+                let mut address: nix::libc::sockaddr_un = std::mem::zeroed();
+                address.sun_family = nix::libc::AF_UNIX as nix::libc::sa_family_t;
+                for (i, b) in path.as_bytes().iter().enumerate() {
+                    address.sun_path[i] = *b as nix::libc::c_char;
+                }
+                let connected = nix::libc::connect(
+                    fd,
+                    std::ptr::addr_of!(address).cast(),
+                    std::mem::size_of::<nix::libc::sockaddr_un>() as u32,
+                );
+                nix::libc::_exit(if connected == 0 { 0 } else { 1 });
+            });
+        }
+        command.status().unwrap().success()
+    }
+
+    #[tokio::test]
+    async fn only_a_root_peer_is_taken_and_the_socket_is_used_once() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (to connect as another uid)");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let planes = Planes::new(root.path());
+        let dir = planes.prepare("c1").unwrap();
+        assert_eq!(
+            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        let waiting = tokio::spawn({
+            let dir = dir.clone();
+            async move { rendezvous(&dir, Duration::from_secs(5)).await }
+        });
+        let socket = offered(&dir).await;
+        assert_eq!(
+            std::fs::symlink_metadata(&socket)
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        // Another uid cannot reach the directory...
+        assert!(!connect_as(1000, &socket));
+        // ...and were it let in (a host that is not root makes the socket
+        // 0666 and the directory 0755), its connection is refused.
+        for open in [root.path().join("plane"), dir.clone()] {
+            std::fs::set_permissions(open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(connect_as(1000, &socket));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished());
+        // The agent (root) is taken, and the name goes.
+        let mut agent = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        let mut host = waiting.await.unwrap().unwrap();
+        agent.write_all(b"hello\n").await.unwrap();
+        let mut line = [0u8; 6];
+        host.read_exact(&mut line).await.unwrap();
+        assert_eq!(&line, b"hello\n");
+        assert!(std::fs::symlink_metadata(&socket).is_err());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        // No one connecting: a bounded wait, and nothing left behind.
+        let err = rendezvous(&dir, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(err.contains("did not connect"), "{err}");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        // A link planted where the directory should be is not followed.
+        planes.remove("c1");
+        std::os::unix::fs::symlink("/tmp", planes.dir("c1")).unwrap();
+        assert!(rendezvous(&planes.dir("c1"), Duration::from_millis(100))
+            .await
+            .is_err());
+        assert!(planes.prepare("c1").is_err());
+    }
+}
