@@ -48,6 +48,10 @@ struct Args {
     containment: Option<PathBuf>,
     #[arg(long, default_value_t = 200)]
     users: usize,
+    /// Live users case 15 grows to (fewer when this machine's memory
+    /// cannot hold them: the table says how many).
+    #[arg(long, default_value_t = 1000)]
+    scale_users: usize,
     /// Instead of the table: serve `--users` users once each with POLICY
     /// (`per-user` or a component path) on the in-memory provider and print
     /// the process's peak RSS in bytes (case 10 runs this as a child).
@@ -111,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
         table: Table::default(),
         user_seq: 0,
         only: args.cases,
+        scale_users: args.scale_users,
     };
     let result = cases::run(&mut bench).await;
     cleanup(&bench).await;

@@ -113,7 +113,7 @@ impl Bench {
             crate::report::med_p95(&one),
             crate::report::med_p95(&cli),
             format!("{:.3}", crate::report::ratio(&one, &cli)),
-            "<= 0.25",
+            "<= 0.06",
         );
         server.abort();
         let best = |runs: &[(f64, Vec<Duration>)]| {

@@ -22,6 +22,7 @@ mod isolation;
 mod policy_cost;
 pub(crate) mod policy_pool;
 mod preview;
+mod scale;
 mod warm_exec;
 
 /// What every case shares: the library under test (per-user policy, Docker
@@ -36,6 +37,8 @@ pub(crate) struct Bench {
     pub(crate) user_seq: usize,
     /// The cases to run; all when empty.
     pub(crate) only: Vec<u32>,
+    /// Live users case 15 grows to.
+    pub(crate) scale_users: usize,
 }
 
 impl Bench {
@@ -88,6 +91,9 @@ pub(crate) async fn run(bench: &mut Bench) -> anyhow::Result<()> {
     }
     if wanted(14, bench) {
         bench.quota_cost().await.context("case 14")?;
+    }
+    if wanted(15, bench) {
+        bench.scale().await.context("case 15")?;
     }
     Ok(())
 }

@@ -33,7 +33,7 @@ impl Bench {
             med_p95(&ours),
             med_p95(&raw),
             format!("{:.3}", ratio(&ours, &raw)),
-            "median <= 0.15",
+            "median <= 0.05",
         );
         self.table.add(
             &format!("{case} vs `docker exec C true`"),

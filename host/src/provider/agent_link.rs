@@ -1462,8 +1462,8 @@ async fn read_replies(
                 throttle(&container, &mut budget).await;
                 continue;
             }
-            Some(Err(e)) => break format!("the attach stream failed: {e}"),
-            None => break "the attach stream ended (the container stopped)".to_owned(),
+            Some(Err(e)) => break format!("the link failed: {e}"),
+            None => break "the link ended (the agent or its container stopped)".to_owned(),
         };
         pending.extend_from_slice(&chunk);
         let mut used = 0;
