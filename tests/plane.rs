@@ -13,8 +13,11 @@ mod support;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use sandbox_host::files::Upload;
+use sandbox_host::processes::ProcessOptions;
 use sandbox_host::Backend;
 use support::{docker, Harness};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn gvisor() -> bool {
     support::test_runtime().is_some_and(|r| r.contains("runsc"))
@@ -86,8 +89,53 @@ async fn warm_calls_reach_the_agent_without_the_engine() {
         assert_eq!((r.exit_code, r.output.clone()), (0, format!("{i}\n")));
         assert!(r.via_agent);
     }
+    // A file up and back down (its bytes on a pipe of their own).
+    let content: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let up = b
+        .upload_files(vec![Upload {
+            path: "www/big.bin".into(),
+            content: content.clone(),
+            mode: None,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(up[0].error, None);
+    let down = b.download_files(&["www/big.bin".to_owned()]).await.unwrap();
+    assert_eq!(down[0].content.as_deref(), Some(&content[..]));
+    // A background server, and a connection to it.
+    let httpd = b
+        .start_process(
+            "busybox httpd -f -p 127.0.0.1:8080 -h www",
+            ProcessOptions::default(),
+        )
+        .await
+        .unwrap();
     let listed = b.processes().await.unwrap();
-    assert!(listed.is_empty(), "{listed:?}");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let mut reply = String::new();
+    for _ in 0..50 {
+        match b.connect_port(8080).await {
+            Ok(mut conn) => {
+                conn.write_all(b"GET /big.bin HTTP/1.0\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut bytes = Vec::new();
+                conn.read_to_end(&mut bytes).await.unwrap();
+                reply = String::from_utf8_lossy(&bytes[..12.min(bytes.len())]).into_owned();
+                assert!(bytes.ends_with(&content[content.len() - 1000..]));
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let err = b.connect_port(9).await.err().expect("nothing on port 9");
+    assert!(
+        err.to_string()
+            .contains("nothing accepts connections on port 9"),
+        "{err}"
+    );
+    b.remove_process(&httpd.id.parse().unwrap()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let events = events_between(&id, &since, &engine_now());
     assert!(

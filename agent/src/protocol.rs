@@ -68,7 +68,11 @@ use base64::Engine as _;
 /// exited and were killed so the call could end.
 ///
 /// 4: background processes and terminals (`spawn`, `procs`, `read`,
-/// `write`, `signal`, `resize`, `forget`; `proc`, `chunk`, `done`).
+/// `write`, `signal`, `resize`, `forget`; `proc`, `chunk`, `done`). On the
+/// plane (a session of a host's socket, [`PLANE_MOUNT`]), also an exec
+/// whose stdin and stdout are a plane pipe (`@NAME` for its stdin) and
+/// `port`: only hosts that mount the plane send them, to agents of the
+/// same build.
 pub const PROTOCOL_VERSION: u32 = 4;
 /// The version of the agents before versions, whose `hello` and `pong` state
 /// none.
@@ -85,6 +89,10 @@ pub const PLANE_MOUNT: &str = "/.sandbox/plane";
 /// The ending of a socket the agent connects to in [`PLANE_MOUNT`] (a
 /// socket being set up has another).
 pub const PLANE_SOCKET_SUFFIX: &str = ".sock";
+/// The ending of a socket offered for one call's bytes (an exec's stdin and
+/// stdout, a port's connection): the agent connects to it when a request
+/// names it, never on its own.
+pub const PLANE_PIPE_SUFFIX: &str = ".pipe";
 
 /// The environment variable carrying a call's id (its marker) into every
 /// process it starts: `sandbox-agent kill MARKER` and the host's kill script
@@ -181,6 +189,11 @@ pub enum Request {
     },
     /// Kills `proc`'s tree if it runs, and forgets it.
     Forget { id: String, proc: String },
+    /// Connects to `127.0.0.1:port` (or `[::1]`) as the sandbox user and
+    /// carries the connection on the plane socket `pipe` (+
+    /// [`PLANE_PIPE_SUFFIX`]): `done ID ok` once connected, else a `stderr`
+    /// frame saying why and `done ID invalid`.
+    Port { id: String, pipe: String, port: u16 },
 }
 
 /// `sh -c command` in the background under `reap`, as an exec's, kept by
@@ -274,6 +287,10 @@ pub struct Exec {
     pub env: Vec<String>,
     pub command: String,
     pub stdin: Option<Vec<u8>>,
+    /// The plane socket `NAME` + [`PLANE_PIPE_SUFFIX`] that is the
+    /// command's stdin and stdout, raw (its stderr and status come as
+    /// frames): encoded as `@NAME` in place of the stdin field.
+    pub pipe: Option<String>,
 }
 
 /// What the agent says.
@@ -537,7 +554,8 @@ impl Request {
             | Request::Write { id, .. }
             | Request::Signal { id, .. }
             | Request::Resize { id, .. }
-            | Request::Forget { id, .. } => id,
+            | Request::Forget { id, .. }
+            | Request::Port { id, .. } => id,
         }
     }
 
@@ -552,11 +570,16 @@ impl Request {
                 env,
                 command,
                 stdin,
+                pipe,
             }) => format!(
                 "\nexec {id} {start_by_ms} {timeout_ms} {} {} {}\n",
                 encode(env.join("\0").as_bytes()),
                 encode(command.as_bytes()),
-                stdin.as_deref().map_or_else(|| "-".to_owned(), encode)
+                match (pipe, stdin) {
+                    (Some(pipe), _) => format!("@{pipe}"),
+                    (None, Some(stdin)) => encode(stdin),
+                    (None, None) => "-".to_owned(),
+                }
             ),
             Request::Kill { id, marker } => format!("\nkill {id} {marker}\n"),
             Request::Spawn(Spawn {
@@ -593,6 +616,7 @@ impl Request {
                 cols,
             } => format!("\nresize {id} {proc} {rows} {cols}\n"),
             Request::Forget { id, proc } => format!("\nforget {id} {proc}\n"),
+            Request::Port { id, pipe, port } => format!("\nport {id} {pipe} {port}\n"),
         }
     }
 
@@ -609,14 +633,17 @@ impl Request {
                 let timeout_ms = number(f.next(), "timeout")?;
                 let env = env_field(f.next())?;
                 let command = command_field(f.next())?;
-                let stdin = match f.next() {
-                    Some("-") => None,
+                let (stdin, pipe) = match f.next() {
+                    Some("-") => (None, None),
+                    Some(named) if named.starts_with('@') => {
+                        (None, Some(token(named.get(1..), "pipe")?))
+                    }
                     other => {
                         let data = bytes(other, "stdin")?;
                         if data.len() > MAX_INLINE_STDIN {
                             return Err(bad("stdin"));
                         }
-                        Some(data)
+                        (Some(data), None)
                     }
                 };
                 Request::Exec(Exec {
@@ -626,6 +653,7 @@ impl Request {
                     env,
                     command,
                     stdin,
+                    pipe,
                 })
             }
             Some("kill") => Request::Kill {
@@ -682,6 +710,15 @@ impl Request {
             Some("forget") => Request::Forget {
                 id: token(f.next(), "id")?,
                 proc: proc_id(f.next())?,
+            },
+            Some("port") => Request::Port {
+                id: token(f.next(), "id")?,
+                pipe: token(f.next(), "pipe")?,
+                port: f
+                    .next()
+                    .and_then(|p| p.parse::<u16>().ok())
+                    .filter(|p| *p > 0 && count(Some(&p.to_string())).is_some())
+                    .ok_or_else(|| bad("port"))?,
             },
             _ => return Err(bad("unknown verb")),
         };
@@ -885,6 +922,7 @@ mod tests {
                 env: vec![format!("{EXEC_MARKER_VAR}=abcdefgh"), "X=a b=c".into()],
                 command: "echo 'hi'\nexit 3".into(),
                 stdin: Some(b"\x00\xff".to_vec()),
+                pipe: None,
             }),
             Request::Exec(Exec {
                 id: "a-2".into(),
@@ -893,7 +931,22 @@ mod tests {
                 env: vec![],
                 command: String::new(),
                 stdin: None,
+                pipe: None,
             }),
+            Request::Exec(Exec {
+                id: "a-3".into(),
+                start_by_ms: 1,
+                timeout_ms: 2,
+                env: vec![],
+                command: "cat".into(),
+                stdin: None,
+                pipe: Some("0123abcd".into()),
+            }),
+            Request::Port {
+                id: "p-1".into(),
+                pipe: "0123abcd".into(),
+                port: 8080,
+            },
             Request::Kill {
                 id: "k".into(),
                 marker: "abcdefgh".into(),

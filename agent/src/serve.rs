@@ -27,6 +27,7 @@ use crate::{procs, AGENT_FAILED};
 mod background;
 mod call;
 mod plane;
+mod port;
 
 /// Reply lines queued for stdout before a sender waits.
 const REPLY_QUEUE: usize = 256;
@@ -188,6 +189,16 @@ impl Server {
             Ok(Request::Forget { id, proc }) => {
                 ack(replies, &id);
                 self.background.forget(id, proc, replies);
+            }
+            Ok(Request::Port { id, pipe, port }) => {
+                ack(replies, &id);
+                port::start(
+                    id,
+                    pipe,
+                    port,
+                    self.user.map(|u| (u, &self.groups)),
+                    replies,
+                );
             }
             Err(e) => {
                 replies.say(Reply::Bad {

@@ -101,6 +101,7 @@ fn exec(id: &str, command: &str, env: &[&str], stdin: Option<&[u8]>, timeout_ms:
         env: env.iter().map(|s| s.to_string()).collect(),
         command: command.into(),
         stdin: stdin.map(<[u8]>::to_vec),
+        pipe: None,
     })
     .encode()
 }
@@ -147,6 +148,7 @@ fn a_request_read_after_its_start_by_time_never_runs() {
         env: vec![],
         command: "echo ran".into(),
         stdin: None,
+        pipe: None,
     });
     serve.send(&stale.encode());
     assert!(matches!(serve.next(), Reply::Stale { id } if id == "late"));

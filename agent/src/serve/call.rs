@@ -5,7 +5,9 @@ use std::io::{Read, Write};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 
-use sandbox_agent::protocol::{Exec, Reply, AGENT_MOUNT, CHUNK, EXIT_CANNOT_RUN, EXIT_KILLED};
+use sandbox_agent::protocol::{
+    Exec, Reply, AGENT_MOUNT, CHUNK, EXIT_CANNOT_RUN, EXIT_KILLED, PLANE_MOUNT, PLANE_PIPE_SUFFIX,
+};
 
 use super::{now_ms, Calls, Replies};
 use crate::identity::SandboxUser;
@@ -96,7 +98,30 @@ impl Call {
             );
             EXIT_CANNOT_RUN
         })?;
-        let mut cmd = command(&self.exec, self.run_as, report_write);
+        // An exec whose stdin and stdout are a plane pipe: connected before
+        // anything starts (the host offered it with the request).
+        let pipe = match &self.exec.pipe {
+            None => None,
+            Some(name) => match connect_pipe(name) {
+                Ok(stream) => Some(stream),
+                Err(e) => {
+                    say_stderr(
+                        &self.replies,
+                        &self.exec.id,
+                        &format!("cannot start the command: the host's pipe: {e}"),
+                    );
+                    return Err(EXIT_CANNOT_RUN);
+                }
+            },
+        };
+        let mut cmd = command(&self.exec, self.run_as, report_write, pipe).map_err(|e| {
+            say_stderr(
+                &self.replies,
+                &self.exec.id,
+                &format!("cannot start the command: {e}"),
+            );
+            EXIT_CANNOT_RUN
+        })?;
         // Held through the spawn, which returns once `reap` has exec'd (so
         // carries the marker): a kill either sees it or stops it.
         let spawned = self.calls.while_held(&self.marker, |cancelled| {
@@ -146,13 +171,26 @@ impl Call {
     }
 }
 
+/// Connects to the plane pipe `name` the host offered for a call.
+pub(crate) fn connect_pipe(name: &str) -> std::io::Result<std::os::unix::net::UnixStream> {
+    if !sandbox_agent::protocol::valid_token(name) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a pipe name",
+        ));
+    }
+    std::os::unix::net::UnixStream::connect(format!("{PLANE_MOUNT}/{name}{PLANE_PIPE_SUFFIX}"))
+}
+
 /// `sandbox-agent reap --timeout-ms N [--user U:G --group G] -- sh -c
-/// COMMAND` with the call's environment and pipes.
+/// COMMAND` with the call's environment and pipes (stdin and stdout the
+/// plane `pipe` when there is one).
 fn command(
     exec: &Exec,
     run_as: Option<(SandboxUser, libc::gid_t)>,
     report: std::os::fd::OwnedFd,
-) -> Command {
+    pipe: Option<std::os::unix::net::UnixStream>,
+) -> std::io::Result<Command> {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().unwrap_or_else(|_| AGENT_MOUNT.into());
@@ -180,19 +218,28 @@ fn command(
         cmd.args(["--user", &user.arg(), "--group", &group.to_string()]);
     }
     cmd.args(["--", "sh", "-c", &exec.command])
-        .stdin(if exec.stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    match pipe {
+        Some(pipe) => {
+            let output = pipe.try_clone()?;
+            cmd.stdin(Stdio::from(std::os::fd::OwnedFd::from(pipe)))
+                .stdout(Stdio::from(std::os::fd::OwnedFd::from(output)));
+        }
+        None => {
+            cmd.stdin(if exec.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped());
+        }
+    }
     for kv in &exec.env {
         if let Some((key, value)) = kv.split_once('=') {
             cmd.env(key, value);
         }
     }
-    cmd
+    Ok(cmd)
 }
 
 /// Where `reap` writes how many background processes it killed.

@@ -83,8 +83,7 @@ impl Bench {
         self.add_live_users(&mut users, few).await?;
         let host_few = rss_kib();
         let engine_few = engine_rss_kib();
-        let per_user_engine =
-            engine_few.saturating_sub(engine_before) as f64 / few as f64 * 1024.0;
+        let per_user_engine = engine_few.saturating_sub(engine_before) as f64 / few as f64 * 1024.0;
         // As many more as this machine's memory holds, at the engine's cost
         // per user just measured and half of what is available.
         let available = available_bytes();
@@ -110,7 +109,10 @@ impl Bench {
             )
         };
         let why = if many < wanted {
-            format!(" ({wanted} asked; {} MiB available held {many})", available >> 20)
+            format!(
+                " ({wanted} asked; {} MiB available held {many})",
+                available >> 20
+            )
         } else {
             String::new()
         };
@@ -158,7 +160,11 @@ impl Bench {
 
     /// Adds users until `users` holds `total`, each with a first (cold)
     /// execute, so each is live: a running container and a link.
-    async fn add_live_users(&mut self, users: &mut Vec<String>, total: usize) -> anyhow::Result<()> {
+    async fn add_live_users(
+        &mut self,
+        users: &mut Vec<String>,
+        total: usize,
+    ) -> anyhow::Result<()> {
         let fresh: Vec<String> = (users.len()..total)
             .map(|_| self.fresh_user("scale"))
             .collect();
@@ -184,7 +190,10 @@ impl Bench {
 
     /// The agent's resident memory in `user`'s container (init + serve).
     pub(crate) async fn agent_rss_kib(&self, user: &str) -> anyhow::Result<u64> {
-        let b = self.sandbox.get_thread_backend(&format!("{user}-1")).await?;
+        let b = self
+            .sandbox
+            .get_thread_backend(&format!("{user}-1"))
+            .await?;
         let rss = b
             .execute(
                 "for p in /proc/[0-9]*; do c=$(tr '\\0' ' ' < $p/cmdline 2>/dev/null); \

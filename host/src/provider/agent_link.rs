@@ -281,6 +281,9 @@ struct Link {
     /// the only writer it knows of, as on the plane).
     lock_dir: Option<PathBuf>,
     transport: Transport,
+    /// The plane directory, for a link on the plane: where a call's pipe
+    /// is offered.
+    plane: std::sync::OnceLock<PathBuf>,
 }
 
 /// What a link runs over.
@@ -346,6 +349,7 @@ impl Link {
             ids: FrameIds::new(),
             lock_dir,
             transport,
+            plane: std::sync::OnceLock::new(),
         })
     }
 
@@ -544,7 +548,7 @@ impl Link {
         let _ack = Pending::new(&self.shared.acks, &id, ack_tx);
         let start = Instant::now();
         let writing = self
-            .write(|| exec_frame(&id, request, unix_ms()), ACK_TIMEOUT)
+            .write(|| exec_frame(&id, request, unix_ms(), None), ACK_TIMEOUT)
             .await
             .map_err(|e| LinkError::NotSent(e.why().to_owned()))?;
         match answered(ack_rx, START_WINDOW + ACK_SLACK).await {
@@ -574,31 +578,8 @@ impl Link {
                     output.push(kind, &data);
                 }
                 Ok(Some(Event::Exit(code, oom_kills, background_killed))) => {
-                    // The agent's own deadline: 124 at or after the timeout.
-                    let timed_out = code == EXIT_TIMED_OUT && start.elapsed() >= request.timeout;
-                    let out_of_memory = oom_kills > 0 && code == EXIT_KILLED;
-                    let note = if out_of_memory {
-                        Some(OUT_OF_MEMORY_NOTE.to_owned())
-                    } else if oom_kills > 0 && !timed_out {
-                        Some(format!(
-                            "[sandbox: the out-of-memory killer ended {oom_kills} process(es) in \
-                             this sandbox while the command ran]\n"
-                        ))
-                    } else {
-                        None
-                    };
-                    if let Some(note) = note {
-                        if let Some(sink) = sink.as_mut() {
-                            sink(StreamKind::Stderr, note.as_bytes());
-                        }
-                        output.push(StreamKind::Stderr, note.as_bytes());
-                    }
-                    let mut response = output.finish(i64::from(code), timed_out);
-                    if out_of_memory && !timed_out {
-                        response.reason = Some(EndReason::OutOfMemory);
-                    }
-                    response.background_killed = background_killed;
-                    response.via_agent = true;
+                    let exit = (code, oom_kills, background_killed);
+                    let response = exit_response(output, exit, start, request, sink.as_mut());
                     return Ok(LinkOutcome::Done(response));
                 }
                 // Frames of a process request under an exec's id.
@@ -694,6 +675,302 @@ impl Link {
     }
 }
 
+/// The response of a call whose `exit` frame said `(code, oom_kills,
+/// background_killed)`, with its output so far: the agent's own deadline
+/// (124 at or after the timeout) is a timeout, and the out-of-memory
+/// killer's part is noted.
+fn exit_response(
+    mut output: ExecOutput,
+    (code, oom_kills, background_killed): (u8, u32, u32),
+    start: Instant,
+    request: &ExecRequest,
+    sink: Option<&mut Sink<'_, '_>>,
+) -> ExecResponse {
+    let timed_out = code == EXIT_TIMED_OUT && start.elapsed() >= request.timeout;
+    let out_of_memory = oom_kills > 0 && code == EXIT_KILLED;
+    let note = if out_of_memory {
+        Some(OUT_OF_MEMORY_NOTE.to_owned())
+    } else if oom_kills > 0 && !timed_out {
+        Some(format!(
+            "[sandbox: the out-of-memory killer ended {oom_kills} process(es) in \
+             this sandbox while the command ran]\n"
+        ))
+    } else {
+        None
+    };
+    if let Some(note) = note {
+        if let Some(sink) = sink {
+            sink(StreamKind::Stderr, note.as_bytes());
+        }
+        output.push(StreamKind::Stderr, note.as_bytes());
+    }
+    let mut response = output.finish(i64::from(code), timed_out);
+    if out_of_memory && !timed_out {
+        response.reason = Some(EndReason::OutOfMemory);
+    }
+    response.background_killed = background_killed;
+    response.via_agent = true;
+    response
+}
+
+/// The longest an agent-side deadline may be (an idle-bounded call's: the
+/// host ends it when it stalls).
+const NO_AGENT_DEADLINE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// What one read of a call's pipe takes at most.
+const PIPE_CHUNK: usize = 64 * 1024;
+
+impl Link {
+    /// Runs `request` through this link's agent with its stdin and stdout
+    /// on a pipe of their own (a plane socket offered for this call): bytes
+    /// raw both ways, no frame and no engine between; its stderr and status
+    /// come as frames on the link. Only on the plane.
+    async fn exec_piped<'d>(
+        &self,
+        request: &ExecRequest,
+        mut stdin: Option<&mut (dyn tokio::io::AsyncRead + Send + Unpin)>,
+        mut stdout: Option<&mut (dyn AsyncWrite + Send + Unpin)>,
+        mut sink: Option<Sink<'_, 'd>>,
+    ) -> Result<LinkOutcome, LinkError> {
+        use tokio::io::AsyncReadExt;
+        let dir = self.plane.get().ok_or(LinkError::Unavailable)?;
+        let offer = super::plane::offer(dir, super::plane::PLANE_PIPE_SUFFIX)
+            .map_err(LinkError::NotSent)?;
+        let mut sent = request.clone();
+        if request.idle_timeout {
+            // Bounded by its progress, on the host's side.
+            sent.timeout = NO_AGENT_DEADLINE;
+        }
+        let id = self.ids.next();
+        let (tx, mut rx) = mpsc::channel(CALL_BUFFER);
+        self.shared.calls.lock().unwrap().insert(id.clone(), tx);
+        let _registered = Unregister(&self.shared, &id);
+        let (ack_tx, ack_rx) = oneshot::channel();
+        let _ack = Pending::new(&self.shared.acks, &id, ack_tx);
+        let start = Instant::now();
+        let name = offer.name().to_owned();
+        let writing = self
+            .write(
+                || exec_frame(&id, &sent, unix_ms(), Some(&name)),
+                ACK_TIMEOUT,
+            )
+            .await
+            .map_err(|e| LinkError::NotSent(e.why().to_owned()))?;
+        match answered(ack_rx, START_WINDOW + ACK_SLACK).await {
+            Ok(true) => {}
+            Ok(false) => return Err(LinkError::NotSent("the agent read it too late".into())),
+            Err(e) => {
+                self.shared.silent.store(true, Ordering::SeqCst);
+                self.cancel_unacknowledged(writing, &request.marker).await;
+                return Err(LinkError::Lost(format!(
+                    "the sandbox agent did not take the command ({}); whether it \
+                     started is unknown, so it is not run again and its processes are killed",
+                    e.why()
+                )));
+            }
+        }
+        drop(writing);
+        let mut output = ExecOutput::new(request.output_limit);
+        // The agent connects before it starts the command; one that cannot
+        // says so and exits 126.
+        let accepting = offer.accept(ACK_TIMEOUT);
+        tokio::pin!(accepting);
+        let pipe = loop {
+            tokio::select! {
+                accepted = &mut accepting => match accepted {
+                    Ok(pipe) => break pipe,
+                    Err(why) => return Err(LinkError::Lost(format!(
+                        "the command's pipe: {why}"
+                    ))),
+                },
+                event = rx.recv() => match event {
+                    Some(Event::Output(kind, data)) => output.push(kind, &data),
+                    Some(Event::Exit(code, oom, bg)) => {
+                        let response = exit_response(output, (code, oom, bg), start, request, sink.as_mut());
+                        return Ok(LinkOutcome::Done(response));
+                    }
+                    Some(_) => return Err(LinkError::Lost(
+                        "the sandbox agent answered the command with frames of another request".into(),
+                    )),
+                    None => {
+                        let why = self.shared.lost.lock().unwrap().clone();
+                        return Err(LinkError::Lost(format!("the command's result was lost: {why}")));
+                    }
+                },
+            }
+        };
+        let (mut from, mut into) = pipe.into_split();
+        // Fed beside the output, so a command that prints before it reads
+        // cannot deadlock against the host.
+        let inline = request.stdin.clone();
+        let moved = std::sync::atomic::AtomicU64::new(0);
+        let mark = || moved.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let feed = async {
+            if let Some(reader) = stdin.as_mut() {
+                let mut buffer = vec![0u8; PIPE_CHUNK];
+                loop {
+                    let n = reader.read(&mut buffer).await.map_err(|e| {
+                        LinkError::Lost(format!("reading the command's input: {e}"))
+                    })?;
+                    if n == 0 {
+                        break;
+                    }
+                    // The command may exit without reading it all.
+                    if into.write_all(&buffer[..n]).await.is_err() {
+                        return Ok(());
+                    }
+                    mark();
+                }
+            } else if let Some(bytes) = inline {
+                let _ = into.write_all(&bytes).await;
+            }
+            let _ = into.shutdown().await;
+            Ok::<(), LinkError>(())
+        };
+        tokio::pin!(feed);
+        let (mut feeding, mut draining) = (true, true);
+        let mut exit = None;
+        let mut buffer = vec![0u8; PIPE_CHUNK];
+        let deadline = || {
+            if request.idle_timeout {
+                start + Duration::from_millis(moved.load(Ordering::Relaxed)) + request.timeout
+            } else {
+                start + request.timeout + AGENT_GRACE
+            }
+        };
+        loop {
+            if !draining {
+                if let Some(exit) = exit {
+                    let response = exit_response(output, exit, start, request, sink.as_mut());
+                    return Ok(LinkOutcome::Done(response));
+                }
+            }
+            tokio::select! {
+                fed = &mut feed, if feeding => {
+                    feeding = false;
+                    fed?;
+                }
+                read = from.read(&mut buffer), if draining => match read {
+                    Ok(0) | Err(_) => draining = false,
+                    Ok(n) => {
+                        mark();
+                        let bytes = &buffer[..n];
+                        match stdout.as_mut() {
+                            Some(writer) => writer.write_all(bytes).await.map_err(|e| {
+                                LinkError::Lost(format!("the command's output was refused: {e}"))
+                            })?,
+                            None => {
+                                if let Some(sink) = sink.as_mut() {
+                                    sink(StreamKind::Stdout, bytes);
+                                }
+                                output.push(StreamKind::Stdout, bytes);
+                            }
+                        }
+                    }
+                },
+                event = rx.recv(), if exit.is_none() => match event {
+                    Some(Event::Output(kind, data)) => {
+                        mark();
+                        if let Some(sink) = sink.as_mut() {
+                            sink(kind, &data);
+                        }
+                        output.push(kind, &data);
+                    }
+                    Some(Event::Exit(code, oom, bg)) => exit = Some((code, oom, bg)),
+                    Some(_) => return Err(LinkError::Lost(
+                        "the sandbox agent answered the command with frames of another request".into(),
+                    )),
+                    None => {
+                        let why = self.shared.lost.lock().unwrap().clone();
+                        return Err(LinkError::Lost(format!("the command's result was lost: {why}")));
+                    }
+                },
+                () = tokio::time::sleep_until(deadline()) => {
+                    // Idle: something may have moved meanwhile.
+                    if Instant::now() < deadline() {
+                        continue;
+                    }
+                    let mut response = output.finish(TIMEOUT_EXIT_CODE, true);
+                    response.via_agent = true;
+                    return Ok(LinkOutcome::Deadline(response));
+                }
+            }
+        }
+    }
+}
+
+/// Why a port could not be carried on the plane.
+#[derive(Debug)]
+pub enum PortError {
+    /// Not through the plane (no plane link, or the request was lost): the
+    /// engine's way is tried.
+    Unavailable(String),
+    /// Nothing accepts connections on the port: the agent's words.
+    Refused(String),
+}
+
+impl Link {
+    /// A connection to `port` on the sandbox's loopback, carried on a pipe
+    /// of its own (a plane socket offered for it). Only on the plane.
+    async fn port(&self, port: u16) -> Result<tokio::net::UnixStream, PortError> {
+        let unavailable = |why: String| PortError::Unavailable(why);
+        let dir = self
+            .plane
+            .get()
+            .ok_or_else(|| unavailable("not a plane link".into()))?;
+        let offer =
+            super::plane::offer(dir, super::plane::PLANE_PIPE_SUFFIX).map_err(unavailable)?;
+        let id = self.ids.next();
+        let (tx, mut rx) = mpsc::channel(CALL_BUFFER);
+        self.shared.calls.lock().unwrap().insert(id.clone(), tx);
+        let _registered = Unregister(&self.shared, &id);
+        let (ack_tx, ack_rx) = oneshot::channel();
+        let _ack = Pending::new(&self.shared.acks, &id, ack_tx);
+        let frame = || {
+            Request::Port {
+                id: id.clone(),
+                pipe: offer.name().to_owned(),
+                port,
+            }
+            .encode()
+        };
+        self.write_until(frame, ack_rx, ACK_TIMEOUT, START_WINDOW + ACK_SLACK)
+            .await
+            .map_err(|e| unavailable(e.why().to_owned()))?;
+        let accepting = offer.accept(ACK_TIMEOUT);
+        tokio::pin!(accepting);
+        let (mut pipe, mut said) = (None, Vec::new());
+        let deadline = Instant::now() + PORT_PATIENCE;
+        loop {
+            tokio::select! {
+                accepted = &mut accepting, if pipe.is_none() => {
+                    pipe = Some(accepted.map_err(unavailable)?);
+                }
+                event = tokio::time::timeout_at(deadline, rx.recv()) => match event {
+                    Ok(Some(Event::Output(_, data))) if said.len() < 4096 => {
+                        said.extend_from_slice(&data);
+                    }
+                    Ok(Some(Event::Done(DoneStatus::Ok))) => {
+                        return pipe.ok_or_else(|| unavailable("connected, but no pipe".into()));
+                    }
+                    Ok(Some(Event::Done(_))) => {
+                        let said = String::from_utf8_lossy(&said).trim().to_owned();
+                        return Err(PortError::Refused(said));
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Err(unavailable("the link closed".into())),
+                    Err(_) => {
+                        return Err(unavailable("the sandbox agent did not connect in time".into()))
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// How long connecting to a port through the plane may take (the agent's
+/// own connect is bounded at 5 s).
+const PORT_PATIENCE: Duration = Duration::from_secs(8);
+
 /// How long past a read's own wait the agent has to finish an answer about
 /// processes (a kill's sweep takes up to a few seconds).
 const PROCESS_PATIENCE: Duration = Duration::from_secs(15);
@@ -774,14 +1051,15 @@ async fn swept(killed: oneshot::Receiver<bool>, sweep: Duration) -> Result<bool,
 /// wall clock: the agent starts it only if it reads it by `now_ms` +
 /// [`START_WINDOW`]. The agent shares that clock (the host kernel's), and
 /// nothing the container says moves it.
-fn exec_frame(id: &str, request: &ExecRequest, now_ms: u64) -> String {
+fn exec_frame(id: &str, request: &ExecRequest, now_ms: u64, pipe: Option<&str>) -> String {
     Request::Exec(Exec {
         id: id.to_owned(),
         start_by_ms: now_ms.saturating_add(START_WINDOW.as_millis() as u64),
         timeout_ms: request.timeout.as_millis().try_into().unwrap_or(u64::MAX),
         env: request.env.clone(),
         command: request.command.clone(),
-        stdin: request.stdin.clone(),
+        stdin: request.stdin.clone().filter(|_| pipe.is_none()),
+        pipe: pipe.map(str::to_owned),
     })
     .encode()
 }
@@ -1189,6 +1467,7 @@ async fn open_plane(container: &str, dir: &std::path::Path) -> Result<Arc<Link>,
         FloodBudget::new(FLOOD_RATE, FLOOD_BURST, Instant::now()),
         Transport::Plane,
     );
+    let _ = link.plane.set(dir.to_owned());
     link.handshake().await.map_err(|e| match e {
         OpenError::Version(theirs) => format!("the agent speaks protocol version {theirs}"),
         OpenError::Attach(why) | OpenError::Silent(why) => why,
@@ -1255,6 +1534,47 @@ impl AgentLinks {
             .await
             .ok_or(LinkError::Unavailable)?;
         link.process(op).await
+    }
+
+    /// The live plane link to `container`, opening one if needed; `None`
+    /// when it would not be on the plane.
+    async fn plane_link(&self, docker: &Docker, container: &str) -> Option<Arc<Link>> {
+        self.link(docker, container)
+            .await
+            .filter(|l| l.transport == Transport::Plane)
+    }
+
+    /// Runs `request` through the agent of `container` with its stdin and
+    /// stdout on a pipe of their own; `Unavailable` unless its link is on
+    /// the plane.
+    pub async fn exec_piped<'d>(
+        &self,
+        docker: &Docker,
+        container: &str,
+        request: &ExecRequest,
+        stdin: Option<&mut (dyn tokio::io::AsyncRead + Send + Unpin)>,
+        stdout: Option<&mut (dyn AsyncWrite + Send + Unpin)>,
+        sink: Option<Sink<'_, 'd>>,
+    ) -> Result<LinkOutcome, LinkError> {
+        let link = self
+            .plane_link(docker, container)
+            .await
+            .ok_or(LinkError::Unavailable)?;
+        link.exec_piped(request, stdin, stdout, sink).await
+    }
+
+    /// A connection to `port` in `container`, on the plane.
+    pub async fn port(
+        &self,
+        docker: &Docker,
+        container: &str,
+        port: u16,
+    ) -> Result<tokio::net::UnixStream, PortError> {
+        let link = self
+            .plane_link(docker, container)
+            .await
+            .ok_or_else(|| PortError::Unavailable("no plane link".into()))?;
+        link.port(port).await
     }
 
     /// Runs `request` through the agent of `container`.
@@ -1884,7 +2204,7 @@ mod tests {
             );
         }
         // And the frame alone: built at `now`, to be started by now + window.
-        let frame = exec_frame("x-1", &request("frame-marker"), 1_000);
+        let frame = exec_frame("x-1", &request("frame-marker"), 1_000, None);
         let Ok(Request::Exec(exec)) = Request::parse(frame.trim().as_bytes()) else {
             panic!("{frame:?}");
         };

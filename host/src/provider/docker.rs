@@ -23,7 +23,7 @@ use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
-use super::agent_link::{AgentLinks, LinkError, LinkOutcome, Sink};
+use super::agent_link::{AgentLinks, LinkError, LinkOutcome, PortError, Sink};
 use super::plan::ContainerPlan;
 use super::{
     ContainerProvider, ContainerRecord, DoneStatus, ExecIo, ProviderError, ProviderResult, Status,
@@ -602,6 +602,64 @@ impl DockerProvider {
         }
     }
 
+    /// Whether a call that streams its stdin or stdout may go over a plane
+    /// pipe: a file transfer (bounded by its progress) where the agent
+    /// serves, as the sandbox user (as every call through the agent runs).
+    /// An execute with streamed stdin keeps `docker exec` (its own `reap`
+    /// as root, a call group: the engine path the agent-reach tests pin).
+    fn pipe_may_run(&self, request: &ExecRequest) -> bool {
+        request.agent_serves
+            && request.idle_timeout
+            && request.user.as_deref().is_none_or(|u| u == self.exec_user)
+            && super::agent_link::fits(request)
+    }
+
+    /// Runs `request` with its stdin and stdout on a plane pipe: the call's
+    /// result, or `None` when it never reached the agent (no plane link),
+    /// for the engine to run it. Nothing of `io` is read or written before
+    /// the agent took the call.
+    async fn exec_via_pipe(
+        &self,
+        docker: &Docker,
+        id: &str,
+        request: &ExecRequest,
+        io: &mut ExecIo<'_>,
+    ) -> Option<ProviderResult<ExecResponse>> {
+        let mut cancel = self.cancel_on_drop(docker, id, &request.marker, true);
+        let outcome = self
+            .links
+            .exec_piped(
+                docker,
+                id,
+                request,
+                io.stdin
+                    .as_mut()
+                    .map(|s| &mut **s as &mut (dyn tokio::io::AsyncRead + Send + Unpin)),
+                io.stdout
+                    .as_mut()
+                    .map(|s| &mut **s as &mut (dyn tokio::io::AsyncWrite + Send + Unpin)),
+                io.sink.as_deref_mut(),
+            )
+            .await;
+        cancel.armed = false;
+        match outcome {
+            Ok(LinkOutcome::Done(response)) => Some(Ok(response)),
+            Ok(LinkOutcome::Deadline(response)) => {
+                self.kill_call(id, &request.marker).await;
+                Some(Ok(response))
+            }
+            Err(LinkError::Unavailable) => None,
+            Err(LinkError::NotSent(why)) => {
+                tracing::warn!(container = id, why, "falling back to docker exec");
+                None
+            }
+            Err(LinkError::Lost(why)) => {
+                self.kill_call(id, &request.marker).await;
+                Some(Err(ProviderError::Failed(why)))
+            }
+        }
+    }
+
     /// Runs `request` with `docker exec` (under `reap` where the agent is
     /// mounted), feeding its stdin and draining its output through `io`.
     async fn exec_via_engine(
@@ -1029,6 +1087,10 @@ impl ContainerProvider for DockerProvider {
             {
                 return done;
             }
+        } else if self.pipe_may_run(request) {
+            if let Some(done) = self.exec_via_pipe(docker, id, request, &mut io).await {
+                return done;
+            }
         }
         self.exec_via_engine(docker, id, request, io).await
     }
@@ -1112,6 +1174,21 @@ impl ContainerProvider for DockerProvider {
 
     async fn connect_port(&self, id: &str, port: u16) -> ProviderResult<super::PortStream> {
         let docker = self.client().await?;
+        match self.links.port(docker, id, port).await {
+            Ok(pipe) => return Ok(bridge(pipe)),
+            Err(PortError::Refused(said)) => {
+                let why = if said.is_empty() {
+                    format!("nothing answered on port {port}")
+                } else {
+                    crate::error::policy_text(&said)
+                };
+                return Err(ProviderError::NotFound(why));
+            }
+            // The engine's way, below.
+            Err(PortError::Unavailable(why)) => {
+                tracing::debug!(container = id, why, "a port through docker exec");
+            }
+        }
         let config = ExecConfig {
             cmd: Some(vec![
                 crate::dataplane::agent::AGENT_MOUNT.to_owned(),
@@ -1197,6 +1274,31 @@ impl ContainerProvider for DockerProvider {
         });
         Ok(ours)
     }
+}
+
+/// A plane pipe carrying a port's connection, as the stream callers get:
+/// the server closing ends it; the client closing ends its half, and the
+/// server has [`PORT_LINGER`] to finish its answer.
+fn bridge(pipe: tokio::net::UnixStream) -> super::PortStream {
+    let (ours, theirs) = tokio::io::duplex(PORT_BUFFER);
+    let (mut from_client, mut to_client) = tokio::io::split(theirs);
+    let (mut from_server, mut to_server) = pipe.into_split();
+    tokio::spawn(async move {
+        let to_container = async {
+            let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
+            let _ = to_server.shutdown().await;
+            tokio::time::sleep(PORT_LINGER).await;
+        };
+        let from_container = async {
+            let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+            let _ = to_client.shutdown().await;
+        };
+        tokio::select! {
+            () = to_container => {}
+            () = from_container => {}
+        }
+    });
+    ours
 }
 
 /// What `sandbox-agent connect` says once connected (agent/src/connect.rs).

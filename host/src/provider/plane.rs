@@ -44,7 +44,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 
 pub use sandbox_agent::protocol::PLANE_MOUNT;
-use sandbox_agent::protocol::PLANE_SOCKET_SUFFIX;
+pub use sandbox_agent::protocol::{PLANE_PIPE_SUFFIX, PLANE_SOCKET_SUFFIX};
 
 use crate::error::SandboxError;
 
@@ -125,6 +125,23 @@ fn make_dir(dir: &Path, mode: u32) -> Result<(), SandboxError> {
 /// Offers a socket in `dir` (a container's plane directory) and waits up to
 /// `patience` for its agent to connect: the connection, or why none came.
 pub async fn rendezvous(dir: &Path, patience: Duration) -> Result<UnixStream, String> {
+    offer(dir, PLANE_SOCKET_SUFFIX)?.accept(patience).await
+}
+
+/// A socket offered in a plane directory, listening under its name until
+/// accepted or dropped (the name goes either way).
+pub struct Offer {
+    listener: tokio::net::UnixListener,
+    /// The name the agent is told (without the suffix).
+    name: String,
+    dir: PathBuf,
+    _gone: Remove,
+}
+
+/// Binds a fresh socket in `dir` under a temporary name and renames it to
+/// `RANDOM` + `suffix` once it listens ([`PLANE_SOCKET_SUFFIX`]: for the
+/// agent's watch; a pipe's, for the request that names it).
+pub fn offer(dir: &Path, suffix: &str) -> Result<Offer, String> {
     let handle = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc_flags())
@@ -142,14 +159,12 @@ pub async fn rendezvous(dir: &Path, patience: Duration) -> Result<UnixStream, St
     // Through the handle: no link on the way is followed, and the address
     // stays short whatever the state directory's path.
     let at = |name: &str| PathBuf::from(format!("/proc/self/fd/{}/{name}", handle.as_raw_fd()));
-    let token = &crate::dataplane::exec::new_execution_id()[..24];
-    let (binding, offered) = (
-        format!(".{token}.tmp"),
-        format!("{token}{PLANE_SOCKET_SUFFIX}"),
-    );
+    let name = crate::dataplane::exec::new_execution_id()[..24].to_owned();
+    let (binding, offered) = (format!(".{name}.tmp"), format!("{name}{suffix}"));
     let listener = std::os::unix::net::UnixListener::bind(at(&binding))
         .map_err(|e| format!("binding a plane socket in {}: {e}", dir.display()))?;
-    let _gone = Remove(vec![at(&binding), at(&offered)]);
+    // By their full paths: the handle closes when this returns.
+    let gone = Remove(vec![dir.join(&binding), dir.join(&offered)]);
     let mode = if nix::unistd::geteuid().is_root() {
         0o600
     } else {
@@ -161,31 +176,50 @@ pub async fn rendezvous(dir: &Path, patience: Duration) -> Result<UnixStream, St
         .map_err(|e| format!("offering a plane socket in {}: {e}", dir.display()))?;
     let listener = tokio::net::UnixListener::from_std(listener)
         .map_err(|e| format!("offering a plane socket: {e}"))?;
-    let accepted = tokio::time::timeout(patience, async {
-        loop {
-            let (stream, _) = listener.accept().await?;
-            match stream.peer_cred() {
-                Ok(peer) if peer.uid() == 0 => return Ok::<_, std::io::Error>(stream),
-                peer => {
-                    tracing::warn!(
-                        dir = %dir.display(),
-                        peer = ?peer.map(|p| (p.uid(), p.pid())),
-                        "a peer other than the sandbox agent connected to its plane socket: refused"
-                    );
-                    // A flood of them costs a pause each.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+    Ok(Offer {
+        listener,
+        name,
+        dir: dir.to_owned(),
+        _gone: gone,
+    })
+}
+
+impl Offer {
+    /// The name a request gives the agent.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The agent's connection, taken within `patience` (any other peer is
+    /// refused); the socket's name goes.
+    pub async fn accept(self, patience: Duration) -> Result<UnixStream, String> {
+        let dir = &self.dir;
+        let accepted = tokio::time::timeout(patience, async {
+            loop {
+                let (stream, _) = self.listener.accept().await?;
+                match stream.peer_cred() {
+                    Ok(peer) if peer.uid() == 0 => return Ok::<_, std::io::Error>(stream),
+                    peer => {
+                        tracing::warn!(
+                            dir = %dir.display(),
+                            peer = ?peer.map(|p| (p.uid(), p.pid())),
+                            "a peer other than the sandbox agent connected to its plane socket: refused"
+                        );
+                        // A flood of them costs a pause each.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
                 }
             }
+        })
+        .await;
+        match accepted {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(format!("accepting on the plane socket: {e}")),
+            Err(_) => Err(format!(
+                "the sandbox agent did not connect to the plane socket within {} ms",
+                patience.as_millis()
+            )),
         }
-    })
-    .await;
-    match accepted {
-        Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(e)) => Err(format!("accepting on the plane socket: {e}")),
-        Err(_) => Err(format!(
-            "the sandbox agent did not connect to the plane socket within {} ms",
-            patience.as_millis()
-        )),
     }
 }
 

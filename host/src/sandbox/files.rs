@@ -14,12 +14,14 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::Backend;
+use crate::dataplane::agent::AgentMode;
 use crate::dataplane::exec::{ExecOptions, ExecRequest};
 use crate::dataplane::files::{
     self, DownloadResult, DownloadSink, FileError, FileInfo, FileLimits, HostFile, Upload,
     UploadResult,
 };
 use crate::error::{policy_text, Result, SandboxError};
+use crate::policy::client::VerifiedContainer;
 use crate::provider::ExecIo;
 
 impl Backend {
@@ -51,7 +53,7 @@ impl Backend {
             let mut content = &upload.content[..];
             let error = self
                 .upload_one(
-                    &container.id,
+                    &container,
                     &upload.path,
                     &mut content,
                     len,
@@ -79,7 +81,7 @@ impl Backend {
     ) -> Result<UploadResult> {
         let (container, _work) = self.ensure_for_work().await?;
         let error = self
-            .upload_one(&container.id, path, reader, len, mode, limits)
+            .upload_one(&container, path, reader, len, mode, limits)
             .await?;
         Ok(UploadResult {
             path: path.to_owned(),
@@ -110,7 +112,7 @@ impl Backend {
             let mut content = Vec::new();
             let cap = limits.max_file_bytes.min(budget);
             let sink = DownloadSink::in_memory(&mut content, cap);
-            let got = self.download_one(&container.id, path, sink, cap).await?;
+            let got = self.download_one(&container, path, sink, cap).await?;
             results.push(match got {
                 Ok(info) => {
                     budget -= info.size.min(budget);
@@ -168,7 +170,7 @@ impl Backend {
         let (container, _work) = self.ensure_for_work().await?;
         let cap = limits.max_file_bytes;
         let sink = DownloadSink::new(writer, cap);
-        self.download_one(&container.id, path, sink, cap).await
+        self.download_one(&container, path, sink, cap).await
     }
 
     /// Downloads one file to `local` on the host (a file, or an existing
@@ -204,7 +206,7 @@ impl Backend {
     /// sandbox user with the content on its stdin.
     async fn upload_one(
         &self,
-        container_id: &str,
+        container: &VerifiedContainer,
         path: &str,
         reader: &mut (dyn AsyncRead + Send + Unpin),
         len: u64,
@@ -219,14 +221,15 @@ impl Backend {
             return Ok(Some(FileError::FileTooLarge));
         }
 
-        let request = self.transfer_request(&files::upload_command(&resolved, mode, len))?;
+        let request =
+            self.transfer_request(&files::upload_command(&resolved, mode, len), container)?;
         let mut content = reader.take(len);
         let io = ExecIo {
             stdin: Some(&mut content),
             ..ExecIo::default()
         };
         let provider = self.engine().provider();
-        let response = provider.exec_io(container_id, &request, io).await?;
+        let response = provider.exec_io(&container.id, &request, io).await?;
         if response.timed_out {
             return Err(stalled(path, &request));
         }
@@ -238,7 +241,7 @@ impl Backend {
     /// as the sandbox user, its stdout checked by the sink.
     async fn download_one(
         &self,
-        container_id: &str,
+        container: &VerifiedContainer,
         path: &str,
         mut sink: DownloadSink<'_>,
         cap: u64,
@@ -247,13 +250,13 @@ impl Backend {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
-        let request = self.transfer_request(&files::download_command(&resolved, cap))?;
+        let request = self.transfer_request(&files::download_command(&resolved, cap), container)?;
         let io = ExecIo {
             stdout: Some(&mut sink),
             ..ExecIo::default()
         };
         let provider = self.engine().provider();
-        let response = provider.exec_io(container_id, &request, io).await;
+        let response = provider.exec_io(&container.id, &request, io).await;
         let shown = policy_text(path);
         match response {
             // The sink refused (over the cap): the transfer was aborted.
@@ -274,7 +277,11 @@ impl Backend {
 
     /// A transfer exec: as the sandbox user, stalled after the exec timeout
     /// without progress, stderr dropped.
-    fn transfer_request(&self, command: &str) -> Result<ExecRequest> {
+    fn transfer_request(
+        &self,
+        command: &str,
+        container: &VerifiedContainer,
+    ) -> Result<ExecRequest> {
         let config = self.sandbox.config();
         let mut request = ExecRequest::new(
             command,
@@ -285,6 +292,10 @@ impl Backend {
         let user = config.sandbox_user();
         request.user = Some(format!("{}:{}", user.uid, user.gid));
         request.idle_timeout = true;
+        // Where the agent serves, its bytes take a plane pipe when there is
+        // one (else `docker exec`, under `reap`).
+        request.agent = container.agent != AgentMode::Absent;
+        request.agent_serves = container.agent == AgentMode::Serves;
         Ok(request)
     }
 }
