@@ -307,6 +307,13 @@ pub struct Config {
     /// Container creations, starts and removals in flight at once; the
     /// rest queue (executes never do). Default: the number of CPUs (min 2).
     pub max_concurrent_lifecycle_ops: usize,
+    /// CPU weight of every sandbox container together against the engine's
+    /// own processes (cgroup v1 `cpu.shares`; 1024 is one busy process's):
+    /// containers go under the cgroup parent `/sandbox` with this weight,
+    /// so that warm commands keep their CPU while the engine works through
+    /// cold starts. 0: the engine's default parent. Applied where the
+    /// engine uses cgroupfs on cgroup v1 and this process may write it.
+    pub sandbox_cpu_shares: u64,
     /// Most policy instances alive at once, whatever `policy_pool_bytes`
     /// would allow (calls borrow one each; a call that finds all busy waits).
     pub max_policy_instances: usize,
@@ -565,6 +572,7 @@ impl Default for Config {
             component_cache_dir: default_component_cache_dir(),
             policy_config: Default::default(),
             maintenance_interval_secs: 30.0,
+            sandbox_cpu_shares: 8192,
             max_concurrent_lifecycle_ops: std::thread::available_parallelism()
                 .map(|n| n.get().max(2))
                 .unwrap_or(2),

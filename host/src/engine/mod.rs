@@ -594,6 +594,11 @@ impl Engine {
         } else {
             plan
         };
+        let parent = self.provider.cgroup_parent(plan.cpu_shares).await;
+        let plan = ContainerPlan {
+            cgroup_parent: parent,
+            ..plan
+        };
         let plan = match &self.planes {
             Some(planes) if plan.plane_possible() => {
                 let dir = planes.prepare(&plan.name)?;

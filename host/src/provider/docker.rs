@@ -49,6 +49,8 @@ pub struct DockerProvider {
     /// the sandbox user, named explicitly because a container whose agent
     /// serves runs its main process as root.
     exec_user: String,
+    /// The sandbox containers' cgroup parent, once decided.
+    cgroup_parent: OnceCell<Option<String>>,
 }
 
 /// Kills a call's processes if its future is dropped before the call ended:
@@ -114,6 +116,7 @@ impl DockerProvider {
             cancels: Default::default(),
             links: Arc::new(AgentLinks::new(None)),
             exec_user: user_arg(crate::config::Config::default().sandbox_user()),
+            cgroup_parent: OnceCell::new(),
         }
     }
 
@@ -534,6 +537,7 @@ pub fn create_body(plan: &ContainerPlan) -> ContainerCreateBody {
                 )])
             }),
             runtime: plan.runtime.clone(),
+            cgroup_parent: plan.cgroup_parent.clone(),
             log_config: serves.then(|| bollard::models::HostConfigLogConfig {
                 typ: Some("none".to_owned()),
                 config: None,
@@ -743,6 +747,34 @@ impl DockerProvider {
         self.kill_call(id, marker).await;
         ProviderError::Failed(why)
     }
+}
+
+/// The cgroup parent of sandbox containers, under each controller's root.
+const CGROUP_PARENT: &str = "/sandbox";
+
+/// Makes [`CGROUP_PARENT`] weigh `shares` against the engine's processes,
+/// where the engine manages cgroups itself (cgroupfs) on cgroup v1: under
+/// v1 every container of the engine's default parent together weighs as
+/// much as one busy engine thread, so a storm of cold starts takes the CPU
+/// from warm commands (measured: bench case 5). Returns the parent.
+fn prepare_cgroup_parent(
+    driver: Option<&str>,
+    version: Option<&str>,
+    shares: u64,
+) -> Result<&'static str, String> {
+    if driver != Some("cgroupfs") || version != Some("1") {
+        return Err(format!(
+            "the engine's cgroups are {} on cgroup v{} (applied on cgroupfs, v1)",
+            driver.unwrap_or("unknown"),
+            version.unwrap_or("?")
+        ));
+    }
+    let dir =
+        std::path::Path::new("/sys/fs/cgroup/cpu").join(CGROUP_PARENT.trim_start_matches('/'));
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(dir.join("cpu.shares"), shares.to_string()))
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(CGROUP_PARENT)
 }
 
 /// Host tasks gVisor's sandbox itself takes beyond the workload's (its
@@ -1129,6 +1161,35 @@ impl ContainerProvider for DockerProvider {
                 / 1e9,
             pids: stats.pids_stats.and_then(|p| p.current).unwrap_or(0),
         })
+    }
+
+    async fn cgroup_parent(&self, shares: u64) -> Option<String> {
+        if shares == 0 {
+            return None;
+        }
+        self.cgroup_parent
+            .get_or_init(|| async {
+                let docker = self.client().await.ok()?;
+                let info = self.call(docker.info()).await.ok()?;
+                let driver = info.cgroup_driver.map(|d| d.to_string());
+                let version = info.cgroup_version.map(|v| v.to_string());
+                match prepare_cgroup_parent(driver.as_deref(), version.as_deref(), shares) {
+                    Ok(parent) => {
+                        tracing::debug!(parent, shares, "sandbox containers weigh together");
+                        Some(parent.to_owned())
+                    }
+                    Err(why) => {
+                        tracing::info!(
+                            why,
+                            "sandbox_cpu_shares not applied: containers stay under the engine's \
+                             default cgroup parent"
+                        );
+                        None
+                    }
+                }
+            })
+            .await
+            .clone()
     }
 
     async fn ping(&self) -> ProviderResult<()> {

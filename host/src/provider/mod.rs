@@ -178,6 +178,13 @@ pub trait ContainerProvider: Send + Sync + 'static {
     /// Waits (bounded) for the kills of abandoned calls to finish: a process
     /// about to exit calls it so a cancelled command does not outlive it.
     async fn settle(&self) {}
+
+    /// The cgroup parent under which sandbox containers together weigh
+    /// `shares` against the engine's own processes, once made; `None` where
+    /// the engine cannot have one (the engine's default parent then).
+    async fn cgroup_parent(&self, _shares: u64) -> Option<String> {
+        None
+    }
     /// Whether the engine answers.
     async fn ping(&self) -> ProviderResult<()>;
 }

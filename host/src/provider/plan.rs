@@ -68,6 +68,12 @@ pub struct ContainerPlan {
     /// Host directory where host processes offer the agent their sockets,
     /// mounted read-only at `plane::PLANE_MOUNT` (see `provider::plane`).
     pub plane: Option<PathBuf>,
+    /// The configured weight of sandbox containers together
+    /// (`sandbox_cpu_shares`; 0: none).
+    pub cpu_shares: u64,
+    /// The cgroup parent that carries that weight, where the engine can
+    /// have one (the provider says: `ContainerProvider::cgroup_parent`).
+    pub cgroup_parent: Option<String>,
 }
 
 impl ContainerPlan {
@@ -116,6 +122,7 @@ impl ContainerPlan {
             "egress": self.egress.is_some().then_some(2),
             // 1: the agent takes the host's sockets at /.sandbox/plane.
             "plane": self.plane.is_some().then_some(1),
+            "cpu_shares": (self.cpu_shares > 0).then_some(self.cpu_shares),
         });
         let hex = hex::encode(Sha256::digest(settings.to_string().as_bytes()));
         format!("sha256:{}", &hex[..16])
@@ -155,6 +162,8 @@ impl ContainerPlan {
             artifacts: None,
             egress: None,
             plane: None,
+            cpu_shares: config.sandbox_cpu_shares,
+            cgroup_parent: None,
         }
     }
 
