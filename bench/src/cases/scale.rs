@@ -84,10 +84,13 @@ impl Bench {
         let host_few = rss_kib();
         let engine_few = engine_rss_kib();
         let per_user_engine = engine_few.saturating_sub(engine_before) as f64 / few as f64 * 1024.0;
-        // As many more as this machine's memory holds, at the engine's cost
-        // per user just measured and half of what is available.
+        // As many more as this machine's memory holds: at the engine's cost
+        // per user just measured, plus the agent's and a margin for the
+        // kernel's share, within 80 % of what is available.
         let available = available_bytes();
-        let fits = ((available as f64 * 0.5) / per_user_engine.max(1.0)) as usize + few;
+        let agent_bytes = self.agent_rss_kib(&users[0]).await? as f64 * 1024.0;
+        let per_user = per_user_engine + agent_bytes + 2.0 * 1024.0 * 1024.0;
+        let fits = ((available as f64 * 0.8) / per_user.max(1.0)) as usize + few;
         let many = wanted.min(fits).max(few);
         let few_run = load(users.clone()).await;
         let started = Instant::now();
