@@ -279,9 +279,16 @@ async fn the_container_is_hardened_and_runs_as_the_workspace_owner() {
         .iter()
         .map(|b| b.as_str().unwrap())
         .collect();
-    // The workspace, read-write, the host's agent, read-only, and the user's
-    // own artifact directories (deepagents offloads large results there):
+    // The workspace, read-write, the host's agent, read-only, the user's
+    // own artifact directories (deepagents offloads large results there),
+    // and the container's plane directory, read-only (not under gVisor):
     // nothing else.
+    let mut binds = binds;
+    if support::test_runtime().is_none_or(|r| !r.contains("runsc")) {
+        let plane = binds.pop().unwrap();
+        assert!(plane.ends_with(":/.sandbox/plane:ro"), "{plane}");
+        assert!(plane.starts_with(&format!("{}/.sandbox/plane/", h.root.path().display())));
+    }
     assert_eq!(binds.len(), 5, "{binds:?}");
     assert!(binds[0].ends_with("/alice:/workspace:rw"), "{binds:?}");
     let agent = binds[1];

@@ -169,11 +169,17 @@ async fn a_plane_broken_mid_command_loses_that_command_once_and_the_attach_strea
     let b = sandbox.get_thread_backend("alice-1").await.unwrap();
     warm(&b).await;
     let id = h.container_of("alice");
+    let nonce = docker(&[
+        "inspect",
+        "--format",
+        "{{index .Config.Labels \"sandbox.plane\"}}",
+        &id,
+    ]);
     let dir = h
         .config()
         .workspace_root
         .join(".sandbox/plane")
-        .join(name_of(&id));
+        .join(format!("{}.{}", name_of(&id), nonce.trim()));
     assert!(dir.is_dir(), "{}", dir.display());
     let away = dir.with_extension("away");
 

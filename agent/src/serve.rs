@@ -60,7 +60,13 @@ pub fn serve(args: &[String]) -> i32 {
         background: background::Background::new(user),
     });
     plane::start(server.clone());
-    let replies = Replies::start(std::io::stdout());
+    let replies = match Replies::start(std::io::stdout()) {
+        Ok(replies) => replies,
+        Err(e) => {
+            eprintln!("sandbox-agent serve: the reply writer: {e}");
+            return AGENT_FAILED;
+        }
+    };
     server.hello(&replies);
     server.run(
         &mut BufReader::with_capacity(READ_BUFFER, std::io::stdin().lock()),
@@ -78,10 +84,11 @@ pub fn serve(args: &[String]) -> i32 {
 pub(crate) struct Replies(SyncSender<String>);
 
 impl Replies {
-    /// Starts the writer of `out` (stdout, or a plane socket).
-    fn start(mut out: impl Write + Send + 'static) -> Self {
+    /// Starts the writer of `out` (stdout, or a plane socket); an error
+    /// when no thread can start (the workload spent the pids limit).
+    fn start(mut out: impl Write + Send + 'static) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel::<String>(REPLY_QUEUE);
-        std::thread::spawn(move || {
+        std::thread::Builder::new().spawn(move || {
             for line in rx {
                 if out
                     .write_all(line.as_bytes())
@@ -91,8 +98,8 @@ impl Replies {
                     return;
                 }
             }
-        });
-        Replies(tx)
+        })?;
+        Ok(Replies(tx))
     }
 
     /// Queues `reply`; false once the writer is gone (stdout closed).

@@ -65,6 +65,7 @@ mod tests {
             profile: "default".into(),
             outdated: None,
             managed_elsewhere: None,
+            plane: None,
         }
     }
 

@@ -94,7 +94,17 @@ fn session(server: Arc<Server>, stream: UnixStream, open: Arc<AtomicUsize>) {
     let reader = std::thread::Builder::new()
         .name("session".into())
         .spawn(move || {
-            let replies = Replies::start(writer);
+            // However the session ends (a panic included), it is counted out.
+            struct Ended(Arc<AtomicUsize>);
+            impl Drop for Ended {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            let _ended = Ended(ended);
+            let Ok(replies) = Replies::start(writer) else {
+                return;
+            };
             server.hello(&replies);
             server.run(
                 &mut BufReader::with_capacity(READ_BUFFER, &stream),
@@ -103,7 +113,6 @@ fn session(server: Arc<Server>, stream: UnixStream, open: Arc<AtomicUsize>) {
             // The host closed its end: so does this one (the writer's next
             // line fails; calls in flight still finish).
             let _ = stream.shutdown(std::net::Shutdown::Both);
-            ended.fetch_sub(1, Ordering::SeqCst);
         });
     if reader.is_err() {
         open.fetch_sub(1, Ordering::SeqCst);

@@ -98,7 +98,7 @@ fn carry(
         };
         refuse(replies, id, &why);
     }
-    // Whatever it says later is not read; it ends with its connection.
-    drop(said);
+    // It ends with its connection; its stderr stays open until then.
     let _ = child.wait();
+    drop(said);
 }

@@ -88,6 +88,9 @@ pub struct ManagedContainer {
     /// process's, so this process never acts on it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub managed_elsewhere: Option<String>,
+    /// Its plane directory's nonce (`provider::plane::PLANE_LABEL`).
+    #[serde(skip)]
+    pub plane: Option<String>,
 }
 
 impl std::ops::Deref for ManagedContainer {
@@ -468,7 +471,7 @@ impl Engine {
             plan
         };
         let digest = match &self.planes {
-            Some(_) => plan.with_plane(std::path::PathBuf::new()),
+            Some(_) => plan.with_plane(std::path::PathBuf::new(), ""),
             None => plan,
         }
         .digest();
@@ -509,21 +512,23 @@ impl Engine {
 
     /// The container this host labelled for `backend`, if any.
     pub async fn find(&self, backend: &BackendId) -> Result<Option<ManagedContainer>> {
-        let found = self
-            .provider
-            .list(&[
-                (label::MANAGED, "true"),
-                (label::NAMESPACE, self.namespace()),
-                (label::BACKEND, backend.as_str()),
-            ])
-            .await?;
-        // Names are unique per backend, so there is at most one; prefer a
-        // running one should an older engine have let two through.
-        found
-            .into_iter()
-            .max_by_key(|c| c.status == Status::Running)
-            .map(|c| self.managed(c).and_then(|c| self.here(c)))
-            .transpose()
+        // By its name, which the host derives from the backend and the
+        // engine keeps unique: one inspect (answered without the engine
+        // while the container's agent link vouches for it), not a labelled
+        // list that costs the engine a scan of every container (a policy
+        // re-adopting its users' containers, one per call, at 1000 users).
+        let name = backend.container_name(self.namespace());
+        let Some(record) = self.provider.inspect(&name).await? else {
+            return Ok(None);
+        };
+        // A container of that name this host did not label for the backend
+        // is not the backend's (a create then conflicts, and says so).
+        if !ownership::is_owned(&record.labels, self.namespace())
+            || record.labels.get(label::BACKEND).map(String::as_str) != Some(backend.as_str())
+        {
+            return Ok(None);
+        }
+        self.managed(record).and_then(|c| self.here(c)).map(Some)
     }
 
     /// Every container this host labelled in its namespace.
@@ -601,8 +606,8 @@ impl Engine {
         };
         let plan = match &self.planes {
             Some(planes) if plan.plane_possible() => {
-                let dir = planes.prepare(&plan.name)?;
-                plan.with_plane(dir)
+                let (dir, nonce) = planes.prepare(&plan.name)?;
+                plan.with_plane(dir, &nonce)
             }
             _ => plan,
         };
@@ -765,8 +770,8 @@ impl Engine {
         if let Some(egress) = &self.egress {
             egress.withdraw(&owned.backend_id, &owned.profile);
         }
-        if let Some(planes) = &self.planes {
-            planes.remove(&owned.name);
+        if let (Some(planes), Some(nonce)) = (&self.planes, &owned.plane) {
+            planes.remove(&owned.name, nonce);
         }
         self.usage.forget(&owned.name);
         self.usage.forget_link(&owned.id);
@@ -823,6 +828,10 @@ impl Engine {
             profile,
             outdated: self.outdated_because(&record.labels),
             managed_elsewhere: self.elsewhere(&record.labels),
+            plane: record
+                .labels
+                .get(crate::provider::plane::PLANE_LABEL)
+                .cloned(),
         })
     }
 

@@ -284,6 +284,9 @@ struct Link {
     /// The plane directory, for a link on the plane: where a call's pipe
     /// is offered.
     plane: std::sync::OnceLock<PathBuf>,
+    /// The plane socket (valid while the link lives: its halves hold it),
+    /// to see at no cost whether the agent's end closed.
+    socket: std::sync::OnceLock<std::os::fd::RawFd>,
 }
 
 /// What a link runs over.
@@ -350,7 +353,25 @@ impl Link {
             lock_dir,
             transport,
             plane: std::sync::OnceLock::new(),
+            socket: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Whether the agent's end of a plane link is still open, by a poll of
+    /// the socket that waits for nothing (attached links: never vouched
+    /// for this way, they ping).
+    fn peer_open(&self) -> bool {
+        let Some(&fd) = self.socket.get() else {
+            return false;
+        };
+        let mut poll = nix::libc::pollfd {
+            fd,
+            events: nix::libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one pollfd on a socket this link holds open; no wait.
+        let ready = unsafe { nix::libc::poll(&mut poll, 1, 0) };
+        ready == 0
     }
 
     /// Pings a freshly opened link: its agent answered, in this host's
@@ -713,9 +734,9 @@ fn exit_response(
     response
 }
 
-/// The longest an agent-side deadline may be (an idle-bounded call's: the
-/// host ends it when it stalls).
-const NO_AGENT_DEADLINE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// The agent-side deadline of a call bounded by its progress (the host ends
+/// it when it stalls): a backstop, should the host go away mid-transfer.
+const NO_AGENT_DEADLINE: Duration = Duration::from_secs(24 * 3600);
 /// What one read of a call's pipe takes at most.
 const PIPE_CHUNK: usize = 64 * 1024;
 
@@ -829,6 +850,7 @@ impl Link {
         tokio::pin!(feed);
         let (mut feeding, mut draining) = (true, true);
         let mut exit = None;
+        let mut unread = 0usize;
         let mut buffer = vec![0u8; PIPE_CHUNK];
         let deadline = || {
             if request.idle_timeout {
@@ -855,10 +877,35 @@ impl Link {
                         mark();
                         let bytes = &buffer[..n];
                         match stdout.as_mut() {
-                            Some(writer) => writer.write_all(bytes).await.map_err(|e| {
-                                LinkError::Lost(format!("the command's output was refused: {e}"))
-                            })?,
+                            // A reader that takes nothing is a stall, as a
+                            // command that prints nothing is.
+                            Some(writer) => match tokio::time::timeout_at(
+                                deadline(),
+                                writer.write_all(bytes),
+                            )
+                            .await
+                            {
+                                Ok(written) => written.map_err(|e| {
+                                    LinkError::Lost(format!(
+                                        "the command's output was refused: {e}"
+                                    ))
+                                })?,
+                                Err(_) => {
+                                    let mut response = output.finish(TIMEOUT_EXIT_CODE, true);
+                                    response.via_agent = true;
+                                    return Ok(LinkOutcome::Deadline(response));
+                                }
+                            },
                             None => {
+                                // Kept head and tail only; past the bound,
+                                // more is no progress (an endless stream
+                                // must not keep a transfer alive).
+                                unread += n;
+                                if unread > request.output_limit.saturating_mul(2) {
+                                    return Err(LinkError::Lost(
+                                        "the command's output passed its bound".into(),
+                                    ));
+                                }
                                 if let Some(sink) = sink.as_mut() {
                                     sink(StreamKind::Stdout, bytes);
                                 }
@@ -950,7 +997,15 @@ impl Link {
                         said.extend_from_slice(&data);
                     }
                     Ok(Some(Event::Done(DoneStatus::Ok))) => {
-                        return pipe.ok_or_else(|| unavailable("connected, but no pipe".into()));
+                        // Connected: the pipe is the agent's by now, or
+                        // about to be taken.
+                        return match pipe {
+                            Some(pipe) => Ok(pipe),
+                            None => tokio::time::timeout_at(deadline, &mut accepting)
+                                .await
+                                .map_err(|_| unavailable("connected, but no pipe".into()))?
+                                .map_err(unavailable),
+                        };
                     }
                     Ok(Some(Event::Done(_))) => {
                         let said = String::from_utf8_lossy(&said).trim().to_owned();
@@ -1079,9 +1134,11 @@ struct Slot {
     /// Until when links open on the attach stream without offering a plane
     /// socket first (the agent did not take the last one).
     plane_down_until: Mutex<Option<Instant>>,
-    /// The event stream's epoch + 1 when an inspection last saw the
-    /// container running and no event of it came since (0: not vouched).
+    /// The event stream's epoch + 1 when its agent last answered a ping
+    /// and no event of it came since (0: not vouched).
     vouched: AtomicU64,
+    /// Events of the container seen (each ends a vouch).
+    events: AtomicU64,
 }
 
 /// The engine's event stream as this process follows it.
@@ -1162,6 +1219,8 @@ async fn follow_events(links: std::sync::Weak<AgentLinks>, docker: Docker) {
 /// The links of one host process, by container id.
 pub struct AgentLinks {
     slots: Mutex<HashMap<String, Arc<Slot>>>,
+    /// Container names to the id they last named here (a lookup by name).
+    names: Mutex<HashMap<String, String>>,
     events: Arc<Events>,
     lock_dir: Option<PathBuf>,
     /// The plane directories (none: every link is attached).
@@ -1176,6 +1235,7 @@ impl AgentLinks {
     pub fn new(state_dir: Option<&std::path::Path>) -> Self {
         AgentLinks {
             slots: Mutex::default(),
+            names: Mutex::default(),
             lock_dir: state_dir.map(|dir| dir.join("links")),
             planes: state_dir.map(super::plane::Planes::new),
             events: Arc::default(),
@@ -1220,25 +1280,23 @@ impl AgentLinks {
     }
 
     /// Remembers an inspected container whose agent serves, so that while
-    /// its link lives the per-exec check needs no engine call; the engine
-    /// just said it runs, so the event stream vouches for it from now on.
+    /// its link lives the per-exec check needs no engine call.
     pub fn remember(&self, record: &ContainerRecord) {
-        let slot = self.slot(&record.id);
-        *slot.record.lock().unwrap() = Some(record.clone());
-        slot.vouched.store(
-            self.events.epoch.load(Ordering::SeqCst) + 1,
-            Ordering::SeqCst,
-        );
+        *self.slot(&record.id).record.lock().unwrap() = Some(record.clone());
+        let mut names = self.names.lock().unwrap();
+        if names.len() >= MAX_SLOTS {
+            names.clear();
+        }
+        names.insert(record.name.clone(), record.id.clone());
     }
 
     /// The container as last inspected, if it still runs by what this
     /// process knows without asking the engine: the per-exec check, moved
     /// off the engine. It runs while its link is open (a stopped or removed
     /// container ends its agent's connection) and the engine's event
-    /// stream has said nothing of it (a pause, a stop, a death) since an
-    /// inspection saw it running. With no event stream (not yet, or lost),
-    /// the agent answering a ping on the link says so instead. `None`: ask
-    /// the engine (which vouches again through [`AgentLinks::remember`]).
+    /// stream has said nothing of it (a pause, a stop, a death) since its
+    /// agent last answered a ping on the link; otherwise a ping decides
+    /// (and vouches again). `None`: ask the engine.
     ///
     /// An event arrives a moment after what it tells: a command sent in
     /// between is never run late (the agent refuses it past its start-by
@@ -1249,8 +1307,21 @@ impl AgentLinks {
         docker: &Docker,
         container: &str,
     ) -> Option<ContainerRecord> {
-        let slot = self.slots.lock().unwrap().get(container)?.clone();
+        // By id, or by name (the container the name last named here).
+        let slot = {
+            let slots = self.slots.lock().unwrap();
+            match slots.get(container) {
+                Some(slot) => slot.clone(),
+                None => {
+                    let id = self.names.lock().unwrap().get(container).cloned()?;
+                    slots.get(&id)?.clone()
+                }
+            }
+        };
         let record = slot.record.lock().unwrap().clone()?;
+        if record.id != container && record.name != container {
+            return None;
+        }
         let link = slot
             .link
             .lock()
@@ -1262,11 +1333,21 @@ impl AgentLinks {
             status: super::Status::Running,
             ..record
         };
-        if self.events.healthy.load(Ordering::SeqCst) {
-            let epoch = self.events.epoch.load(Ordering::SeqCst);
-            return (slot.vouched.load(Ordering::SeqCst) == epoch + 1).then_some(running);
+        let epoch = self.events.epoch.load(Ordering::SeqCst);
+        let healthy = self.events.healthy.load(Ordering::SeqCst);
+        // A stopped container's agent closed its end of the plane: the
+        // kernel says so at once, before the link's reader has run.
+        if healthy && slot.vouched.load(Ordering::SeqCst) == epoch + 1 && link.peer_open() {
+            return Some(running);
         }
+        // The agent answering proves the container runs now (a paused one
+        // cannot): from then on, the event stream vouches for it, unless
+        // an event of it came in the meantime.
+        let generation = slot.events.load(Ordering::SeqCst);
         link.ping(PROBE_TIMEOUT).await.ok()?;
+        if healthy && slot.events.load(Ordering::SeqCst) == generation {
+            slot.vouched.store(epoch + 1, Ordering::SeqCst);
+        }
         Some(running)
     }
 
@@ -1286,6 +1367,7 @@ impl AgentLinks {
         let slots = self.slots.lock().unwrap();
         for key in keys {
             if let Some(slot) = slots.get(*key) {
+                slot.events.fetch_add(1, Ordering::SeqCst);
                 slot.vouched.store(0, Ordering::SeqCst);
             }
         }
@@ -1411,8 +1493,7 @@ impl AgentLinks {
                 (name, inspected.config?.labels?)
             }
         };
-        (labels.get(super::plane::PLANE_LABEL).map(String::as_str) == Some(super::plane::PLANE_V1))
-            .then(|| planes.dir(&name))
+        planes.dir(&name, labels.get(super::plane::PLANE_LABEL)?)
     }
 
     /// Offers the agent of the container in `slot` a plane socket again, in
@@ -1430,14 +1511,14 @@ impl AgentLinks {
                 return;
             }
             let record = slot.record.lock().unwrap();
-            let Some(record) = record.as_ref().filter(|r| {
-                r.labels.get(super::plane::PLANE_LABEL).map(String::as_str)
-                    == Some(super::plane::PLANE_V1)
-            }) else {
+            let Some(dir) = record
+                .as_ref()
+                .and_then(|r| planes.dir(&r.name, r.labels.get(super::plane::PLANE_LABEL)?))
+            else {
                 return;
             };
             *down = Some(Instant::now() + PLANE_REST);
-            planes.dir(&record.name)
+            dir
         };
         let (slot, container) = (slot.clone(), container.to_owned());
         tokio::spawn(async move {
@@ -1457,6 +1538,7 @@ impl AgentLinks {
 /// answered a ping.
 async fn open_plane(container: &str, dir: &std::path::Path) -> Result<Arc<Link>, String> {
     let stream = super::plane::rendezvous(dir, ACK_TIMEOUT).await?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let (read, write) = stream.into_split();
     let link = Link::start(
         container,
@@ -1468,6 +1550,7 @@ async fn open_plane(container: &str, dir: &std::path::Path) -> Result<Arc<Link>,
         Transport::Plane,
     );
     let _ = link.plane.set(dir.to_owned());
+    let _ = link.socket.set(fd);
     link.handshake().await.map_err(|e| match e {
         OpenError::Version(theirs) => format!("the agent speaks protocol version {theirs}"),
         OpenError::Attach(why) | OpenError::Silent(why) => why,

@@ -175,13 +175,11 @@ impl ContainerPlan {
     }
 
     /// The plan with the plane directory `host_dir` mounted (where
-    /// [`ContainerPlan::plane_possible`]), and labelled so.
-    pub fn with_plane(mut self, host_dir: PathBuf) -> Self {
+    /// [`ContainerPlan::plane_possible`]), labelled with its `nonce`.
+    pub fn with_plane(mut self, host_dir: PathBuf, nonce: &str) -> Self {
         if self.plane_possible() {
-            self.labels.insert(
-                super::plane::PLANE_LABEL.to_owned(),
-                super::plane::PLANE_V1.to_owned(),
-            );
+            self.labels
+                .insert(super::plane::PLANE_LABEL.to_owned(), nonce.to_owned());
             self.plane = Some(host_dir);
         }
         self

@@ -48,10 +48,12 @@ pub use sandbox_agent::protocol::{PLANE_PIPE_SUFFIX, PLANE_SOCKET_SUFFIX};
 
 use crate::error::SandboxError;
 
-/// The label of a container created with a plane directory mounted.
+/// The label of a container created with a plane directory mounted: the
+/// directory's nonce. Each container has a directory of its own,
+/// `{name}.{nonce}`: a container made again under the same name never
+/// shares one with its predecessor (nor with a host process still
+/// opening a link to that one).
 pub const PLANE_LABEL: &str = "sandbox.plane";
-/// Its value: the layout described above.
-pub const PLANE_V1: &str = "1";
 
 /// How much of the agent's output one read takes.
 const READ_CHUNK: usize = 64 * 1024;
@@ -69,29 +71,33 @@ impl Planes {
         }
     }
 
-    /// The directory of container `name` (not created).
-    pub fn dir(&self, name: &str) -> PathBuf {
-        self.root.join(name)
+    /// The directory of container `name` whose [`PLANE_LABEL`] is `nonce`
+    /// (not created); `None` for a label this host never writes.
+    pub fn dir(&self, name: &str, nonce: &str) -> Option<PathBuf> {
+        let valid = nonce.len() == NONCE_LEN && nonce.bytes().all(|b| b.is_ascii_hexdigit());
+        (valid && !name.is_empty() && !name.contains('/') && !name.starts_with('.'))
+            .then(|| self.root.join(format!("{name}.{nonce}")))
     }
 
-    /// Creates the (empty) directory of container `name`, about to be
-    /// created: what an earlier container of that name left is cleared.
-    pub fn prepare(&self, name: &str) -> Result<PathBuf, SandboxError> {
+    /// Creates a fresh directory for container `name`, about to be
+    /// created: its path and nonce (the container's [`PLANE_LABEL`]).
+    pub fn prepare(&self, name: &str) -> Result<(PathBuf, String), SandboxError> {
         make_dir(&self.root, 0o700)?;
-        let dir = self.dir(name);
+        let nonce = crate::dataplane::exec::new_execution_id()[..NONCE_LEN].to_owned();
+        let dir = self
+            .dir(name, &nonce)
+            .ok_or_else(|| SandboxError::Other(format!("no plane for container {name:?}")))?;
         let root = nix::unistd::geteuid().is_root();
         make_dir(&dir, if root { 0o700 } else { 0o755 })?;
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for entry in entries.flatten() {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-        Ok(dir)
+        Ok((dir, nonce))
     }
 
-    /// Removes the directory of container `name` (it was removed).
-    pub fn remove(&self, name: &str) {
-        let dir = self.dir(name);
+    /// Removes the directory of container `name` (it was removed) whose
+    /// label was `nonce`.
+    pub fn remove(&self, name: &str, nonce: &str) {
+        let Some(dir) = self.dir(name, nonce) else {
+            return;
+        };
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for entry in entries.flatten() {
                 let _ = std::fs::remove_file(entry.path());
@@ -100,6 +106,9 @@ impl Planes {
         let _ = std::fs::remove_dir(&dir);
     }
 }
+
+/// Hex digits of a plane directory's nonce.
+const NONCE_LEN: usize = 24;
 
 /// Creates `dir` with `mode`, or checks that it is a directory of this
 /// process's user (never a link) and sets `mode`.
@@ -195,16 +204,22 @@ impl Offer {
     pub async fn accept(self, patience: Duration) -> Result<UnixStream, String> {
         let dir = &self.dir;
         let accepted = tokio::time::timeout(patience, async {
+            let mut refused = 0u32;
             loop {
                 let (stream, _) = self.listener.accept().await?;
                 match stream.peer_cred() {
                     Ok(peer) if peer.uid() == 0 => return Ok::<_, std::io::Error>(stream),
                     peer => {
-                        tracing::warn!(
-                            dir = %dir.display(),
-                            peer = ?peer.map(|p| (p.uid(), p.pid())),
-                            "a peer other than the sandbox agent connected to its plane socket: refused"
-                        );
+                        refused += 1;
+                        // Said once per socket: a flood costs no log.
+                        if refused == 1 {
+                            tracing::warn!(
+                                dir = %dir.display(),
+                                peer = ?peer.map(|p| (p.uid(), p.pid())),
+                                "a peer other than the sandbox agent connected to its plane \
+                                 socket: refused"
+                            );
+                        }
                         // A flood of them costs a pause each.
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
@@ -320,7 +335,9 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let planes = Planes::new(root.path());
-        let dir = planes.prepare("c1").unwrap();
+        let (dir, nonce) = planes.prepare("c1").unwrap();
+        assert_eq!(planes.dir("c1", &nonce), Some(dir.clone()));
+        assert_eq!(planes.dir("c1", "../x"), None);
         assert_eq!(
             std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
             0o700
@@ -365,11 +382,9 @@ mod tests {
         assert!(err.contains("did not connect"), "{err}");
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
         // A link planted where the directory should be is not followed.
-        planes.remove("c1");
-        std::os::unix::fs::symlink("/tmp", planes.dir("c1")).unwrap();
-        assert!(rendezvous(&planes.dir("c1"), Duration::from_millis(100))
-            .await
-            .is_err());
-        assert!(planes.prepare("c1").is_err());
+        planes.remove("c1", &nonce);
+        assert!(!dir.exists());
+        std::os::unix::fs::symlink("/tmp", &dir).unwrap();
+        assert!(rendezvous(&dir, Duration::from_millis(100)).await.is_err());
     }
 }

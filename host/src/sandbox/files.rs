@@ -233,8 +233,20 @@ impl Backend {
         if response.timed_out {
             return Err(stalled(path, &request));
         }
-        files::parse_upload_answer(&response.output)
-            .map_err(|m| SandboxError::Other(format!("uploading {}: {m}", policy_text(path))))
+        files::parse_upload_answer(&response.output).map_err(|m| {
+            // The script answers on stdout; anything else (it could not
+            // start, it was killed) is in its exit code and stderr.
+            SandboxError::Other(format!(
+                "uploading {}: {m} (exit code {}{})",
+                policy_text(path),
+                response.exit_code,
+                if response.stderr.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", policy_text(response.stderr.trim()))
+                }
+            ))
+        })
     }
 
     /// One download into `sink`: lexical check, then the download script

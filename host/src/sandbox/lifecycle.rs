@@ -418,6 +418,7 @@ mod tests {
             profile: "default".into(),
             outdated: None,
             managed_elsewhere: None,
+            plane: None,
         }
     }
 
