@@ -795,20 +795,26 @@ impl Link {
         // says so and exits 126.
         let accepting = offer.accept(ACK_TIMEOUT);
         tokio::pin!(accepting);
+        // Its status may come before the pipe is taken (a command that
+        // answers and exits at once): its output is still in the pipe.
+        let mut exit = None;
         let pipe = loop {
             tokio::select! {
                 accepted = &mut accepting => match accepted {
                     Ok(pipe) => break pipe,
+                    // It could not connect, and said so.
+                    Err(_) if exit.is_some() => {
+                        let exit = exit.expect("checked");
+                        let response = exit_response(output, exit, start, request, sink.as_mut());
+                        return Ok(LinkOutcome::Done(response));
+                    }
                     Err(why) => return Err(LinkError::Lost(format!(
                         "the command's pipe: {why}"
                     ))),
                 },
-                event = rx.recv() => match event {
+                event = rx.recv(), if exit.is_none() => match event {
                     Some(Event::Output(kind, data)) => output.push(kind, &data),
-                    Some(Event::Exit(code, oom, bg)) => {
-                        let response = exit_response(output, (code, oom, bg), start, request, sink.as_mut());
-                        return Ok(LinkOutcome::Done(response));
-                    }
+                    Some(Event::Exit(code, oom, bg)) => exit = Some((code, oom, bg)),
                     Some(_) => return Err(LinkError::Lost(
                         "the sandbox agent answered the command with frames of another request".into(),
                     )),
@@ -849,7 +855,6 @@ impl Link {
         };
         tokio::pin!(feed);
         let (mut feeding, mut draining) = (true, true);
-        let mut exit = None;
         let mut unread = 0usize;
         let mut buffer = vec![0u8; PIPE_CHUNK];
         let deadline = || {
@@ -872,7 +877,11 @@ impl Link {
                     fed?;
                 }
                 read = from.read(&mut buffer), if draining => match read {
-                    Ok(0) | Err(_) => draining = false,
+                    Ok(0) => draining = false,
+                    Err(e) => {
+                        tracing::debug!(container = self.container, error = %e, unread, "a pipe's output ended in an error");
+                        draining = false;
+                    }
                     Ok(n) => {
                         mark();
                         let bytes = &buffer[..n];
