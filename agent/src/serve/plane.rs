@@ -5,7 +5,7 @@
 //! temporary name, renamed to `NAME.sock` once it listens) and waits for
 //! this process to connect. `serve` watches the directory (inotify: a host
 //! bind shows up at once; a scan every [`RESCAN`] as well, should a watch
-//! miss it) and connects to each new socket once, as root: the host accepts
+//! miss it, every 2 s where none can be set) and connects to each new socket once, as root: the host accepts
 //! only a peer of uid 0, and the workload, another uid, can neither search
 //! the directory nor write the socket when the host is root. Each
 //! connection is a session like the attach stream: `hello` first, then
@@ -30,8 +30,10 @@ use super::{Replies, Server, READ_BUFFER};
 /// Sessions open at once (each is two threads); a socket offered past it
 /// is left for a later scan.
 const MAX_SESSIONS: usize = 16;
-/// How often the directory is scanned whatever the watch says.
-const RESCAN: Duration = Duration::from_secs(2);
+/// How often the directory is scanned whatever the watch says (a safety
+/// net: the watch wakes the watcher at once; an idle sandbox should cost
+/// nothing, and a thousand of them wake rarely).
+const RESCAN: Duration = Duration::from_secs(30);
 /// The watcher's stack: it holds a small buffer and a set of names.
 const STACK: usize = 128 * 1024;
 
@@ -146,7 +148,7 @@ impl Watch {
     /// Waits for a change in the directory, or `most`.
     fn wait(&self, most: Duration) {
         let Some(fd) = self.0 else {
-            std::thread::sleep(most);
+            std::thread::sleep(most.min(Duration::from_secs(2)));
             return;
         };
         let mut poll = libc::pollfd {
