@@ -1164,7 +1164,9 @@ impl ContainerProvider for DockerProvider {
     }
 
     async fn cgroup_parent(&self, shares: u64) -> Option<String> {
-        if shares == 0 {
+        // This machine's cgroups are the engine's only when it is local.
+        let endpoint = self.endpoint();
+        if shares == 0 || !(endpoint.starts_with("unix://") || endpoint.starts_with('/')) {
             return None;
         }
         self.cgroup_parent
