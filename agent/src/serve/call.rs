@@ -179,7 +179,13 @@ pub(crate) fn connect_pipe(name: &str) -> std::io::Result<std::os::unix::net::Un
             "not a pipe name",
         ));
     }
-    std::os::unix::net::UnixStream::connect(format!("{PLANE_MOUNT}/{name}{PLANE_PIPE_SUFFIX}"))
+    let Some(dir) = super::plane::dir() else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no plane at {PLANE_MOUNT}"),
+        ));
+    };
+    std::os::unix::net::UnixStream::connect(format!("{dir}/{name}{PLANE_PIPE_SUFFIX}"))
 }
 
 /// `sandbox-agent reap --timeout-ms N [--user U:G --group G] -- sh -c

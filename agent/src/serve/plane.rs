@@ -37,9 +37,29 @@ const RESCAN: Duration = Duration::from_secs(30);
 /// The watcher's stack: it holds a small buffer and a set of names.
 const STACK: usize = 128 * 1024;
 
-/// Watches the plane directory, when mounted, on a thread of its own.
+/// The plane directory as opened when `serve` started: `/proc/self/fd/N`
+/// of a handle to it. Every later lookup goes through the handle, so a
+/// workload that could rename a directory on the way (an image with a
+/// writable `/.sandbox`) cannot put a directory of its own in its place.
+static DIR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The plane directory's path through its handle, if it is mounted.
+pub(crate) fn dir() -> Option<&'static str> {
+    DIR.get().map(String::as_str)
+}
+
+/// Opens the plane directory, when mounted, and watches it on a thread of
+/// its own.
 pub(super) fn start(server: Arc<Server>) {
-    if !std::path::Path::new(PLANE_MOUNT).is_dir() {
+    let path = std::ffi::CString::new(PLANE_MOUNT).expect("no NUL in the mount path");
+    // SAFETY: open with a static path; the descriptor is kept for good.
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 || DIR.set(format!("/proc/self/fd/{fd}")).is_err() {
         return;
     }
     let spawned = std::thread::Builder::new()
@@ -58,7 +78,10 @@ fn watch(server: Arc<Server>) {
     let watch = Watch::new();
     let mut tried: HashSet<String> = HashSet::new();
     loop {
-        let Ok(entries) = std::fs::read_dir(PLANE_MOUNT) else {
+        let Some(dir) = dir() else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
             std::thread::sleep(RESCAN);
             continue;
         };
@@ -135,7 +158,11 @@ impl Watch {
             if fd < 0 {
                 return Watch(None);
             }
-            let path = std::ffi::CString::new(PLANE_MOUNT).expect("no NUL in the mount path");
+            let Some(dir) = dir() else {
+                libc::close(fd);
+                return Watch(None);
+            };
+            let path = std::ffi::CString::new(dir).expect("no NUL in a descriptor path");
             let mask = libc::IN_CREATE | libc::IN_MOVED_TO;
             if libc::inotify_add_watch(fd, path.as_ptr(), mask) < 0 {
                 libc::close(fd);
