@@ -226,8 +226,10 @@ async fn the_policy_gives_alice_egress_and_bob_none() {
         )
         .await
         .unwrap();
+    // No egress directory: the agent, and its plane (the host's link to
+    // the agent, no way out).
     assert_eq!(
-        r.output, "lo\n0\nagent\n",
+        r.output, "lo\n0\nagent\nplane\n",
         "bob: no interface, proxy or socket: {r:?}"
     );
     let r = bob
