@@ -241,11 +241,13 @@ async fn the_state_store_is_checked_before_it_is_trusted() {
     alice.execute("true").await.unwrap();
     assert!(!target.exists(), "nothing created through the link");
 
-    // The link lock goes with its container.
-    let locks = || std::fs::read_dir(store.join("links")).map_or(0, |d| d.count());
-    assert_eq!(locks(), 1, "the agent link took its lock");
+    // The link's state in the store goes with its container: its plane
+    // directory, or (on the attach stream: gVisor) its writer lock.
+    let count = |sub: &str| std::fs::read_dir(store.join(sub)).map_or(0, |d| d.count());
+    let links = || count("links") + count("plane");
+    assert_eq!(links(), 1, "the agent link's plane directory or lock");
     assert!(sandbox.destroy_user_backend("alice").await.unwrap());
-    assert_eq!(locks(), 0, "lock file removed with the container");
+    assert_eq!(links(), 0, "removed with the container");
     let mode = std::fs::metadata(&store).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700);
 }

@@ -370,7 +370,13 @@ fn convert(e: &BollardError) -> ProviderError {
             _ if engine_message(message) != *message => {
                 ProviderError::Unavailable(format!("{status_code}: {}", engine_message(message)))
             }
-            404 if message.contains("image") => ProviderError::ImageMissing(message.clone()),
+            // "No such image: NAME" (not a container's 404 whose name holds
+            // the word: "No such container: sandbox.noimage.alice").
+            404 if !message.starts_with("No such container")
+                && message.to_ascii_lowercase().contains("image") =>
+            {
+                ProviderError::ImageMissing(message.clone())
+            }
             404 => ProviderError::NotFound(message.clone()),
             409 => ProviderError::Conflict(message.clone()),
             _ => ProviderError::Failed(format!("{status_code}: {message}")),
