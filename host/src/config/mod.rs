@@ -311,8 +311,10 @@ pub struct Config {
     /// own processes (cgroup v1 `cpu.shares`; 1024 is one busy process's):
     /// containers go under the cgroup parent `/sandbox` with this weight,
     /// so that warm commands keep their CPU while the engine works through
-    /// cold starts. 0: the engine's default parent. Applied where the
-    /// engine uses cgroupfs on cgroup v1 and this process may write it.
+    /// cold starts. 0 (the default): the engine's default parent. Applied
+    /// where the engine uses cgroupfs on cgroup v1 and this process may
+    /// write it. A trade: under heavy warm load the engine's own work
+    /// (creates, starts) gets less CPU in turn.
     pub sandbox_cpu_shares: u64,
     /// Most policy instances alive at once, whatever `policy_pool_bytes`
     /// would allow (calls borrow one each; a call that finds all busy waits).
@@ -572,7 +574,7 @@ impl Default for Config {
             component_cache_dir: default_component_cache_dir(),
             policy_config: Default::default(),
             maintenance_interval_secs: 30.0,
-            sandbox_cpu_shares: 8192,
+            sandbox_cpu_shares: 0,
             max_concurrent_lifecycle_ops: std::thread::available_parallelism()
                 .map(|n| n.get().max(2))
                 .unwrap_or(2),
