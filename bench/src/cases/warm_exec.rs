@@ -44,22 +44,11 @@ impl Bench {
         );
         // The agent's resident memory in this container: init and serve
         // (root, out of the workload's reach, but their status is readable).
-        let rss = backend
-            .execute(
-                "for p in /proc/[0-9]*; do c=$(tr '\\0' ' ' < $p/cmdline 2>/dev/null); \
-                 case \"$c\" in '/.sandbox/agent init '*|'/.sandbox/agent serve '*) \
-                 grep VmRSS $p/status;; esac; done",
-            )
-            .await?;
-        let kib: u64 = rss
-            .stdout
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .sum();
+        let kib = self.agent_rss_kib("warm").await?;
         self.table.add(
             "1. the agent's memory per container (init + serve, resident)",
             format!("{:.2} MiB", kib as f64 / 1024.0),
-            format!("{} processes", rss.stdout.lines().count()),
+            "init + serve".to_owned(),
             String::new(),
             "report",
         );

@@ -593,10 +593,22 @@ impl DockerProvider {
         let mut cancel = self.cancel_on_drop(docker, id, &request.marker, true);
         let outcome = self.links.exec(docker, id, request, sink).await;
         cancel.armed = false;
+        self.call_outcome(id, &request.marker, outcome).await
+    }
+
+    /// What a call through the agent came to: its response (killed first
+    /// when the host's deadline passed or its result was lost), or `None`
+    /// when it never reached the agent, for the engine to run it.
+    async fn call_outcome(
+        &self,
+        id: &str,
+        marker: &str,
+        outcome: Result<LinkOutcome, LinkError>,
+    ) -> Option<ProviderResult<ExecResponse>> {
         match outcome {
             Ok(LinkOutcome::Done(response)) => Some(Ok(response)),
             Ok(LinkOutcome::Deadline(response)) => {
-                self.kill_call(id, &request.marker).await;
+                self.kill_call(id, marker).await;
                 Some(Ok(response))
             }
             // The link logged why (and restarts a stuck serve).
@@ -606,7 +618,7 @@ impl DockerProvider {
                 None
             }
             Err(LinkError::Lost(why)) => {
-                self.kill_call(id, &request.marker).await;
+                self.kill_call(id, marker).await;
                 Some(Err(ProviderError::Failed(why)))
             }
         }
@@ -652,22 +664,7 @@ impl DockerProvider {
             )
             .await;
         cancel.armed = false;
-        match outcome {
-            Ok(LinkOutcome::Done(response)) => Some(Ok(response)),
-            Ok(LinkOutcome::Deadline(response)) => {
-                self.kill_call(id, &request.marker).await;
-                Some(Ok(response))
-            }
-            Err(LinkError::Unavailable) => None,
-            Err(LinkError::NotSent(why)) => {
-                tracing::warn!(container = id, why, "falling back to docker exec");
-                None
-            }
-            Err(LinkError::Lost(why)) => {
-                self.kill_call(id, &request.marker).await;
-                Some(Err(ProviderError::Failed(why)))
-            }
-        }
+        self.call_outcome(id, &request.marker, outcome).await
     }
 
     /// Runs `request` with `docker exec` (under `reap` where the agent is
