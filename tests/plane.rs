@@ -186,7 +186,17 @@ async fn a_plane_broken_mid_command_loses_that_command_once_and_the_attach_strea
     let runner = b.clone();
     let running = tokio::spawn(async move {
         runner
-            .execute("echo run >> /workspace/runs; sleep 3; echo late >> /workspace/runs")
+            .execute(
+                // The escapee clears its environment (no marker), leaves
+                // the tree (an orphan of init), the session and its
+                // output: only the call's group,
+                // which `kill` derives from the marker once serve is gone,
+                // still finds it.
+                "echo run >> /workspace/runs; \
+                 (env -i setsid sh -c 'sleep 3; echo escaped >> /workspace/runs' \
+                     </dev/null >/dev/null 2>&1 &); \
+                 sleep 3; echo late >> /workspace/runs",
+            )
             .await
     });
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -220,6 +230,7 @@ async fn a_plane_broken_mid_command_loses_that_command_once_and_the_attach_strea
     // The lost command ran once, and was killed: no second run, no `late`.
     assert!(r.stdout.starts_with("run\n"), "{}", r.output);
     assert!(!r.stdout.contains("late"), "{}", r.output);
+    assert!(!r.stdout.contains("escaped"), "{}", r.output);
     assert!(!r.stdout.contains("sleep 3"), "leftovers: {}", r.output);
     let events = events_between(&id, &since, &engine_now());
     assert!(events.iter().any(|e| e == "attach"), "{events:?}");

@@ -109,24 +109,46 @@ const GROUP_BASE: u32 = 1 << 30;
 /// How many ids call groups are drawn from.
 const GROUP_SPAN: u32 = 1 << 29;
 
-/// Whether `gid` is one [`CallGroups`] hands out.
+/// Whether `gid` is a call group ([`CallGroups`] or [`marker_group`]).
 pub fn is_call_group(gid: libc::gid_t) -> bool {
     (GROUP_BASE..GROUP_BASE + GROUP_SPAN).contains(&gid)
 }
 
-/// Hands out call groups: a random start per serve process (a restarted
-/// serve never reuses the groups of calls its predecessor left running),
-/// then one after the other.
+/// The lower half of the span: [`CallGroups`]; the upper: [`marker_group`].
+const HALF_SPAN: u32 = GROUP_SPAN / 2;
+
+/// The group of the calls marked `marker`, derived from the marker alone:
+/// `sandbox-agent kill MARKER` finds the processes of a call `serve` ran
+/// itself without asking `serve` (which may be gone), wherever they went
+/// and whatever they did to their environment. `None` for a call without
+/// a valid marker (nothing can kill it by marker). Calls that share a
+/// marker share a group, as a kill by that marker ends them all.
+pub fn marker_group(marker: &str) -> Option<libc::gid_t> {
+    if !sandbox_agent::protocol::valid_marker(marker) {
+        return None;
+    }
+    // FNV-1a: stable across builds (the `kill` that derives it again may
+    // be another process of this binary, never another binary).
+    let hash = marker.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    Some(GROUP_BASE + HALF_SPAN + (hash % u64::from(HALF_SPAN)) as u32)
+}
+
+/// Hands out call groups for calls without a marker group (background
+/// processes, ports): a random start per serve process (a restarted serve
+/// never reuses the groups of calls its predecessor left running), then
+/// one after the other.
 pub struct CallGroups(AtomicU32);
 
 impl CallGroups {
     pub fn new() -> Self {
-        CallGroups(AtomicU32::new(random_u32() % GROUP_SPAN))
+        CallGroups(AtomicU32::new(random_u32() % HALF_SPAN))
     }
 
     /// A group no call of this serve had.
     pub fn next(&self) -> libc::gid_t {
-        GROUP_BASE + self.0.fetch_add(1, Ordering::Relaxed) % GROUP_SPAN
+        GROUP_BASE + self.0.fetch_add(1, Ordering::Relaxed) % HALF_SPAN
     }
 }
 
@@ -238,6 +260,13 @@ mod tests {
         let b = groups.next();
         assert_ne!(a, b);
         assert!(is_call_group(a) && is_call_group(b));
+        let marked = marker_group("marker-0001").unwrap();
+        assert!(is_call_group(marked));
+        assert_eq!(marker_group("marker-0001"), Some(marked));
+        assert_ne!(marker_group("marker-0002"), Some(marked));
+        assert!(a < GROUP_BASE + HALF_SPAN && marked >= GROUP_BASE + HALF_SPAN);
+        assert_eq!(marker_group(""), None);
+        assert_eq!(marker_group("bad marker"), None);
         assert!(!is_call_group(0) && !is_call_group(1000) && !is_call_group(GROUP_BASE - 1));
     }
 }

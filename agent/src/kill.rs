@@ -3,7 +3,9 @@
 //! its environment, and their descendants, without forking. Run as root it
 //! also ends the group of each `reap --group` carrying the marker (a call
 //! serve ran as the sandbox user): the workload's own environments are then
-//! out of its reach, but its group is not.
+//! out of its reach, but its group is not: the group named by its `reap
+//! --group`, or, for a call `serve` ran without `reap`, the group derived
+//! from the marker itself (`identity::marker_group`).
 
 use sandbox_agent::protocol::{valid_marker, EXEC_MARKER_VAR};
 
@@ -32,7 +34,15 @@ pub fn kill_marked(marker: &str) -> i32 {
     let entry = format!("{EXEC_MARKER_VAR}={marker}");
     let me = std::process::id() as libc::pid_t;
     let mut all_gone = true;
-    for (group, user) in call_groups(&marked(entry.as_bytes(), me)) {
+    let mut groups = call_groups(&marked(entry.as_bytes(), me));
+    // A call `serve` ran itself has no `reap`: its group is the marker's.
+    if let Some(group) = crate::identity::marker_group(marker) {
+        let user = procs::in_group(group, me)
+            .first()
+            .and_then(|&pid| procs::user_of(pid));
+        groups.push((group, user));
+    }
+    for (group, user) in groups {
         all_gone &= procs::kill_group(group, user);
     }
     for _ in 0..procs::SWEEPS {

@@ -16,10 +16,12 @@
 //! `init` is the container's main process (pid 1 and root, with `--user`;
 //! see `identity.rs` for who runs what): it keeps `serve`
 //! running, which takes the host's requests on the container's attach
-//! stream (`sandbox_agent::protocol`) and runs each exec under `reap`.
+//! stream and the plane (`sandbox_agent::protocol`) and runs each exec as
+//! the sandbox user, supervising it itself (`serve/supervise.rs`).
 //! `respawn` kills a `serve` that stopped answering, for `init` to start
 //! anew. `reap` runs one call as its own subreaper and ends its whole
-//! process tree at the deadline; `kill` ends a call the host gave up on.
+//! process tree at the deadline (the host's `docker exec` fallback, and
+//! background processes); `kill` ends a call the host gave up on.
 //! The `/proc` walk they share is `procs.rs`.
 //!
 //! The command line is an interface too: a container keeps the agent it was

@@ -135,6 +135,23 @@ pub fn in_group(gid: libc::gid_t, me: libc::pid_t) -> Vec<libc::pid_t> {
         .collect()
 }
 
+/// The user `pid` runs as (its real ids), when not root: the sandbox user
+/// of a call's group, whose members all run as it.
+pub fn user_of(pid: libc::pid_t) -> Option<SandboxUser> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let real = |key: &str| -> Option<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    let (uid, gid) = (real("Uid:")?, real("Gid:")?);
+    (uid != 0).then_some(SandboxUser { uid, gid })
+}
+
 /// Live processes (not `me`) with a descriptor on one of the pipes whose
 /// inodes are `pipes`. With `user`, the calling thread looks as that user
 /// (its filesystem ids): the agent, root without `CAP_SYS_PTRACE`, may not
@@ -173,6 +190,61 @@ pub fn holding_pipes(
         })
         .filter(|&pid| is_live(pid))
         .collect()
+}
+
+/// How long a call's output may stay open after its command exited: what
+/// its last children still write in that time is kept.
+pub const OUTPUT_GRACE: Duration = Duration::from_millis(200);
+
+/// Ends the processes (not `me`) that still hold one of a call's output
+/// `pipes` after its command exited and [`OUTPUT_GRACE`] passed: jobs left
+/// in the background (`npm run dev &`) that would keep the call open until
+/// its deadline. With the workload stopped first when its `user` is known
+/// (see [`Freeze`]). Their names, as the call's stderr tells them.
+pub fn end_pipe_holders(pipes: &[u64], me: libc::pid_t, user: Option<SandboxUser>) -> Vec<String> {
+    let _frozen = user.and_then(Freeze::start);
+    let mut killed = Vec::new();
+    for _ in 0..SWEEPS {
+        let holders = holding_pipes(pipes, me, user);
+        if holders.is_empty() {
+            break;
+        }
+        for &pid in &holders {
+            let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let name = format!("{} (pid {pid})", name.trim());
+            if !killed.contains(&name) {
+                killed.push(name);
+            }
+        }
+        // It reaps nothing (see `kill_group`): a killed holder is a zombie,
+        // which holds no descriptor.
+        stop_then_kill(&holders);
+        std::thread::sleep(SWEEP_PAUSE);
+    }
+    killed
+}
+
+/// What a call's stderr says after [`end_pipe_holders`] killed `names`.
+pub fn background_notice(names: &[String]) -> String {
+    const NAMED: usize = 5;
+    let mut named = names[..names.len().min(NAMED)].join(", ");
+    if names.len() > NAMED {
+        named.push_str(&format!(" and {} more", names.len() - NAMED));
+    }
+    format!(
+        "[sandbox: the command exited, but {} background process(es) still held its output \
+         and were killed so that it could end ({named}). To keep a job running after the \
+         command, detach its output: `cmd >/tmp/cmd.log 2>&1 &`]\n",
+        names.len(),
+    )
+}
+
+/// The inode of a pipe end, to find the processes holding its other end.
+pub fn pipe_inode(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fstat into a zeroed local.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    (unsafe { libc::fstat(fd.as_raw_fd(), &mut stat) } == 0).then_some(stat.st_ino)
 }
 
 /// Stops, then kills, every process of the group `gid` until none is left.

@@ -132,17 +132,7 @@ pub fn main(args: &[String]) -> i32 {
         let _ = relay.join();
     }
     if !background.is_empty() && !EXPIRED.load(Ordering::SeqCst) {
-        const NAMED: usize = 5;
-        let mut names = background[..background.len().min(NAMED)].join(", ");
-        if background.len() > NAMED {
-            names.push_str(&format!(" and {} more", background.len() - NAMED));
-        }
-        eprintln!(
-            "[sandbox: the command exited, but {} background process(es) still held its output \
-             and were killed so that it could end ({names}). To keep a job running after the \
-             command, detach its output: `cmd >/tmp/cmd.log 2>&1 &`]",
-            background.len(),
-        );
+        eprint!("{}", procs::background_notice(&background));
     }
     if let Some(fd) = report_fd {
         let report = format!("{}\n", background.len());
@@ -318,23 +308,18 @@ fn wait_for(child: libc::pid_t) -> i32 {
     }
 }
 
-/// How long the output may stay open after the command exited: what its
-/// last children still write in that time is kept.
-const OUTPUT_GRACE: Duration = Duration::from_millis(200);
-
 /// The call ends when its command exits. Processes it left in the
 /// background that still hold its output (`npm run dev &`) would keep it
-/// open until the timeout: after [`OUTPUT_GRACE`] they are killed (with
-/// the workload stopped first when its user is known, see
-/// [`procs::kill_group`]), and their names returned. Processes that
-/// detached their output (`cmd >log 2>&1 &`) hold no pipe and live on.
+/// open until the timeout: after [`procs::OUTPUT_GRACE`] they are killed,
+/// and their names returned. Processes that detached their output
+/// (`cmd >log 2>&1 &`) hold no pipe and live on.
 fn end_background(
     relays: &[std::thread::JoinHandle<()>],
     ended: &std::sync::mpsc::Receiver<()>,
     pipes: &[u64],
     user: Option<SandboxUser>,
 ) -> Vec<String> {
-    let settled = std::time::Instant::now() + OUTPUT_GRACE;
+    let settled = std::time::Instant::now() + procs::OUTPUT_GRACE;
     let mut open = relays.len();
     while open > 0 {
         let left = settled.saturating_duration_since(std::time::Instant::now());
@@ -346,34 +331,14 @@ fn end_background(
     if open == 0 || pipes.is_empty() {
         return Vec::new();
     }
-    let me = std::process::id() as libc::pid_t;
-    let _frozen = user.and_then(procs::Freeze::start);
-    let mut killed = Vec::new();
-    for _ in 0..procs::SWEEPS {
-        let holders = procs::holding_pipes(pipes, me, user);
-        if holders.is_empty() {
-            break;
-        }
-        for &pid in &holders {
-            let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            let name = format!("{} (pid {pid})", name.trim());
-            if !killed.contains(&name) {
-                killed.push(name);
-            }
-        }
-        procs::stop_then_kill(&holders);
-        procs::reap_zombies();
-        std::thread::sleep(procs::SWEEP_PAUSE);
-    }
+    let killed = procs::end_pipe_holders(pipes, std::process::id() as libc::pid_t, user);
+    procs::reap_zombies();
     killed
 }
 
 /// The inode of a pipe end, to find the processes holding its other end.
-fn pipe_inode(pipe: Option<&impl std::os::fd::AsRawFd>) -> Option<u64> {
-    let fd = pipe?.as_raw_fd();
-    // SAFETY: fstat into a zeroed local.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    (unsafe { libc::fstat(fd, &mut stat) } == 0).then_some(stat.st_ino)
+fn pipe_inode(pipe: Option<&impl std::os::fd::AsFd>) -> Option<u64> {
+    procs::pipe_inode(pipe?.as_fd())
 }
 
 /// Stops, then kills, every live descendant of `root`, until none is left.

@@ -4,14 +4,15 @@
 //! `sandbox_agent::protocol`; it says `hello BOOT VERSION` first) on each
 //! of its sessions: stdin and stdout (the container's attach stream, through
 //! the engine), and every socket a host process offers in the plane
-//! directory (`plane.rs`, straight to the host). Each
-//! exec runs as `sandbox-agent reap --timeout-ms N -- sh -c COMMAND` (see
-//! `call.rs`), so it has the same deadline and exit status as an exec
-//! through the engine. With `--user` (serve is root) every call runs as
+//! directory (`plane.rs`, straight to the host). Each exec runs `sh -c
+//! COMMAND` with the same deadline and exit status as an exec through the
+//! engine (see `call.rs`). With `--user` (serve is root) every call runs as
 //! that user in a group of its own, which a kill ends whole (see
-//! `identity.rs`); the workload can neither write into this process's
-//! stdout nor read its memory. Without it serve runs as the sandbox user,
-//! like the workload, as in containers of older hosts.
+//! `identity.rs`), supervised by serve itself (`supervise.rs`); the
+//! workload can neither write into this process's stdout nor read its
+//! memory. Without it serve runs as the sandbox user, like the workload,
+//! as in containers of older hosts, and each call runs under
+//! `sandbox-agent reap`.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -28,6 +29,7 @@ mod background;
 mod call;
 mod plane;
 mod port;
+mod supervise;
 
 /// Reply lines queued for stdout before a sender waits.
 const REPLY_QUEUE: usize = 256;
@@ -105,6 +107,27 @@ impl Replies {
     /// Queues `reply`; false once the writer is gone (stdout closed).
     pub(crate) fn say(&self, reply: Reply) -> bool {
         self.0.send(reply.encode()).is_ok()
+    }
+
+    /// Queues `reply`, waiting for room until `deadline` at most: a session
+    /// whose reader stalls must not hold a call past its deadline (the
+    /// reply is dropped then). False once the writer is gone.
+    pub(crate) fn say_by(&self, reply: Reply, deadline: std::time::Instant) -> bool {
+        use std::sync::mpsc::TrySendError;
+        let mut line = reply.encode();
+        loop {
+            match self.0.try_send(line) {
+                Ok(()) => return true,
+                Err(TrySendError::Disconnected(_)) => return false,
+                Err(TrySendError::Full(back)) => {
+                    if std::time::Instant::now() >= deadline {
+                        return true;
+                    }
+                    line = back;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        }
     }
 }
 
@@ -233,7 +256,11 @@ impl Server {
             return;
         }
         let marker = marker_of(&exec.env);
-        let run_as = self.user.map(|user| (user, self.groups.next()));
+        // The marker's own group: `kill MARKER` finds it without serve.
+        let run_as = self.user.map(|user| {
+            let group = crate::identity::marker_group(&marker);
+            (user, group.unwrap_or_else(|| self.groups.next()))
+        });
         self.calls.register(&marker, run_as.map(|(_, group)| group));
         replies.say(Reply::Ack { id: id.clone() });
         let call = call::Call {

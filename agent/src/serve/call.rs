@@ -1,12 +1,18 @@
-//! One exec of `serve`: `sandbox-agent reap` with the call's environment,
-//! its output relayed as frames, then its status.
+//! One exec of `serve`: `sh -c COMMAND` with the call's environment, its
+//! output relayed as frames, then its status. Run as the sandbox user (serve
+//! is root), `serve` supervises the command itself (`supervise.rs`);
+//! otherwise (serve runs as the workload's user, in containers of older
+//! hosts) under `sandbox-agent reap`, which makes itself the call's
+//! subreaper.
 
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 
 use sandbox_agent::protocol::{
-    Exec, Reply, AGENT_MOUNT, CHUNK, EXIT_CANNOT_RUN, EXIT_KILLED, PLANE_MOUNT, PLANE_PIPE_SUFFIX,
+    Exec, Reply, AGENT_MOUNT, CHUNK, EXIT_CANNOT_RUN, EXIT_KILLED, EXIT_NOT_FOUND, PLANE_MOUNT,
+    PLANE_PIPE_SUFFIX,
 };
 
 use super::{now_ms, Calls, Replies};
@@ -49,9 +55,53 @@ impl Call {
 
     /// The call's status: its own, 137 when cancelled before it started,
     /// 126 when it could not start (or would start past its start-by time);
-    /// and how many background processes `reap` killed to end it.
-    fn start_and_wait(mut self) -> (u8, u32) {
-        let (mut child, report) = match self.start() {
+    /// and how many background processes were killed to end it.
+    fn start_and_wait(self) -> (u8, u32) {
+        match self.run_as {
+            Some(run_as) => self.supervised(run_as),
+            None => self.under_reap(),
+        }
+    }
+
+    /// As the sandbox user in the call's group, supervised by this thread.
+    fn supervised(mut self, (user, group): (SandboxUser, libc::gid_t)) -> (u8, u32) {
+        let pipe = match self.plane_pipe() {
+            Ok(pipe) => pipe,
+            Err(code) => return (code, 0),
+        };
+        // By its path: a search of PATH costs a failed exec per directory
+        // before it, each a lookup in the image's filesystem (a round trip
+        // to the engine's fuse-overlayfs on some hosts, 0.15 ms each).
+        let mut cmd = Command::new(SHELL);
+        cmd.arg0("sh").args(["-c", &self.exec.command]);
+        if let Err(e) = connect_io(&mut cmd, &self.exec, pipe) {
+            self.say_cannot_start(&e.to_string());
+            return (EXIT_CANNOT_RUN, 0);
+        }
+        let filter = sandbox_filter();
+        // SAFETY: drop_to makes async-signal-safe syscalls only.
+        unsafe { cmd.pre_exec(move || crate::identity::drop_to(user, group, filter)) };
+        let child = match self.spawn_unless_cancelled(&mut cmd) {
+            Ok(child) => child,
+            Err(code) => return (code, 0),
+        };
+        // The plane pipe's copies went with `cmd`: only the command holds it.
+        drop(cmd);
+        let timeout = std::time::Duration::from_millis(self.exec.timeout_ms);
+        let ended = super::supervise::supervise(
+            child,
+            self.exec.stdin.take(),
+            timeout,
+            (user, group),
+            &self.replies,
+            &self.exec.id,
+        );
+        (ended.code, ended.background_killed)
+    }
+
+    /// Under `sandbox-agent reap`, which reports back on a pipe.
+    fn under_reap(mut self) -> (u8, u32) {
+        let (mut child, report) = match self.start_reap() {
             Ok(started) => started,
             Err(code) => return (code, 0),
         };
@@ -59,20 +109,9 @@ impl Call {
             // No thread to spare (the pids limit): rather than run it half
             // connected, end it as one that could not start.
             let _ = child.kill();
-            match self.run_as {
-                Some((user, group)) => {
-                    procs::kill_group(group, Some(user));
-                }
-                None => {
-                    kill_marked(&self.marker);
-                }
-            }
+            kill_marked(&self.marker);
             let _ = child.wait();
-            say_stderr(
-                &self.replies,
-                &self.exec.id,
-                "cannot start the command: no thread to spare",
-            );
+            self.say_cannot_start("no thread to spare");
             return (EXIT_CANNOT_RUN, 0);
         };
         for relay in relays.into_iter().flatten() {
@@ -87,43 +126,25 @@ impl Call {
         (code, text.trim().parse().unwrap_or(0))
     }
 
-    /// Starts `reap` unless the call was cancelled or is past its start-by
-    /// time; the status to report when it does not start.
-    fn start(&self) -> Result<(Child, std::os::fd::OwnedFd), u8> {
-        let (report, report_write) = procs::pipe().ok_or_else(|| {
-            say_stderr(
-                &self.replies,
-                &self.exec.id,
-                "cannot start the command: no pipe",
-            );
-            EXIT_CANNOT_RUN
-        })?;
-        // An exec whose stdin and stdout are a plane pipe: connected before
-        // anything starts (the host offered it with the request).
-        let pipe = match &self.exec.pipe {
-            None => None,
-            Some(name) => match connect_pipe(name) {
-                Ok(stream) => Some(stream),
-                Err(e) => {
-                    say_stderr(
-                        &self.replies,
-                        &self.exec.id,
-                        &format!("cannot start the command: the host's pipe: {e}"),
-                    );
-                    return Err(EXIT_CANNOT_RUN);
-                }
-            },
+    /// The plane pipe the host offered with the request, connected before
+    /// anything starts (an exec whose stdin and stdout it is).
+    fn plane_pipe(&self) -> Result<Option<std::os::unix::net::UnixStream>, u8> {
+        let Some(name) = &self.exec.pipe else {
+            return Ok(None);
         };
-        let mut cmd = command(&self.exec, self.run_as, report_write, pipe).map_err(|e| {
-            say_stderr(
-                &self.replies,
-                &self.exec.id,
-                &format!("cannot start the command: {e}"),
-            );
+        connect_pipe(name).map(Some).map_err(|e| {
+            self.say_cannot_start(&format!("the host's pipe: {e}"));
             EXIT_CANNOT_RUN
-        })?;
-        // Held through the spawn, which returns once `reap` has exec'd (so
-        // carries the marker): a kill either sees it or stops it.
+        })
+    }
+
+    /// Spawns `cmd` unless the call was cancelled or is past its start-by
+    /// time; the status to report when it does not start.
+    ///
+    /// Held through the spawn, which returns once the child has exec'd (so
+    /// is in the call's group and carries the marker): a kill either sees
+    /// it or stops it.
+    fn spawn_unless_cancelled(&self, cmd: &mut Command) -> Result<Child, u8> {
         let spawned = self.calls.while_held(&self.marker, |cancelled| {
             if cancelled {
                 return Err(EXIT_KILLED);
@@ -133,17 +154,41 @@ impl Call {
             }
             Ok(cmd.spawn())
         })?;
+        spawned.map_err(|e| {
+            self.say_cannot_start(&e.to_string());
+            if e.kind() == std::io::ErrorKind::NotFound {
+                EXIT_NOT_FOUND
+            } else {
+                EXIT_CANNOT_RUN
+            }
+        })
+    }
+
+    /// Starts `reap` unless the call was cancelled or is past its start-by
+    /// time; the status to report when it does not start.
+    fn start_reap(&self) -> Result<(Child, std::os::fd::OwnedFd), u8> {
+        let (report, report_write) = procs::pipe().ok_or_else(|| {
+            self.say_cannot_start("no pipe");
+            EXIT_CANNOT_RUN
+        })?;
+        let pipe = self.plane_pipe()?;
+        let mut cmd = reap_command(&self.exec, report_write, pipe).map_err(|e| {
+            self.say_cannot_start(&e.to_string());
+            EXIT_CANNOT_RUN
+        })?;
+        let child = self.spawn_unless_cancelled(&mut cmd)?;
         // The parent's copy of the write end went with `cmd` (dropped here):
         // the read end sees its end when `reap` exits.
         drop(cmd);
-        spawned.map(|child| (child, report)).map_err(|e| {
-            say_stderr(
-                &self.replies,
-                &self.exec.id,
-                &format!("cannot start the command: {e}"),
-            );
-            EXIT_CANNOT_RUN
-        })
+        Ok((child, report))
+    }
+
+    fn say_cannot_start(&self, why: &str) {
+        say_stderr(
+            &self.replies,
+            &self.exec.id,
+            &format!("cannot start the command: {why}"),
+        );
     }
 
     /// Feeds the call's stdin and relays its output, each on a thread of its
@@ -188,17 +233,25 @@ pub(crate) fn connect_pipe(name: &str) -> std::io::Result<std::os::unix::net::Un
     std::os::unix::net::UnixStream::connect(format!("{dir}/{name}{PLANE_PIPE_SUFFIX}"))
 }
 
-/// `sandbox-agent reap --timeout-ms N [--user U:G --group G] -- sh -c
-/// COMMAND` with the call's environment and pipes (stdin and stdout the
-/// plane `pipe` when there is one).
-fn command(
+/// The shell every call runs in: any image with `/bin/sh` works.
+const SHELL: &str = "/bin/sh";
+
+/// The seccomp filter every command of the sandbox user runs under, built
+/// once.
+fn sandbox_filter() -> &'static crate::seccomp::Filter {
+    static FILTER: std::sync::OnceLock<crate::seccomp::Filter> = std::sync::OnceLock::new();
+    FILTER.get_or_init(crate::seccomp::Filter::new)
+}
+
+/// `sandbox-agent reap --timeout-ms N -- sh -c COMMAND` with the call's
+/// environment and pipes (stdin and stdout the plane `pipe` when there is
+/// one).
+fn reap_command(
     exec: &Exec,
-    run_as: Option<(SandboxUser, libc::gid_t)>,
     report: std::os::fd::OwnedFd,
     pipe: Option<std::os::unix::net::UnixStream>,
 ) -> std::io::Result<Command> {
     use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().unwrap_or_else(|_| AGENT_MOUNT.into());
     let mut cmd = Command::new(exe);
     cmd.args(["reap", "--timeout-ms", &exec.timeout_ms.to_string()]);
@@ -220,11 +273,20 @@ fn command(
             Ok(())
         })
     };
-    if let Some((user, group)) = run_as {
-        cmd.args(["--user", &user.arg(), "--group", &group.to_string()]);
-    }
-    cmd.args(["--", "sh", "-c", &exec.command])
-        .stderr(Stdio::piped());
+    cmd.args(["--", "sh", "-c", &exec.command]);
+    connect_io(&mut cmd, exec, pipe)?;
+    Ok(cmd)
+}
+
+/// The call's environment and pipes: stdin and stdout the plane `pipe`
+/// when there is one, else pipes (stdin only when the call has bytes for
+/// it); stderr a pipe.
+fn connect_io(
+    cmd: &mut Command,
+    exec: &Exec,
+    pipe: Option<std::os::unix::net::UnixStream>,
+) -> std::io::Result<()> {
+    cmd.stderr(Stdio::piped());
     match pipe {
         Some(pipe) => {
             let output = pipe.try_clone()?;
@@ -245,26 +307,34 @@ fn command(
             cmd.env(key, value);
         }
     }
-    Ok(cmd)
+    Ok(())
 }
 
 /// Where `reap` writes how many background processes it killed.
 const REPORT_FD: libc::c_int = 3;
 
 /// Processes of this container the out-of-memory killer ended so far (the
-/// memory cgroup's counter, v1 or v2), if the container shows it.
+/// memory cgroup's counter, v1 or v2), if the container shows it. The file
+/// stays open: each call reads it twice, and a read at offset 0 of a
+/// cgroup file renders it anew.
 fn oom_kills() -> Option<u64> {
-    [
-        "/sys/fs/cgroup/memory/memory.oom_control",
-        "/sys/fs/cgroup/memory.events",
-    ]
-    .iter()
-    .find_map(|path| std::fs::read_to_string(path).ok())
-    .and_then(|text| {
-        text.lines()
-            .find_map(|l| l.strip_prefix("oom_kill "))
-            .and_then(|n| n.trim().parse().ok())
-    })
+    use std::os::unix::fs::FileExt;
+    static COUNTER: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+    let file = COUNTER.get_or_init(|| {
+        [
+            "/sys/fs/cgroup/memory/memory.oom_control",
+            "/sys/fs/cgroup/memory.events",
+        ]
+        .iter()
+        .find_map(|path| std::fs::File::open(path).ok())
+    });
+    let mut buf = [0u8; 512];
+    let n = file.as_ref()?.read_at(&mut buf, 0).ok()?;
+    std::str::from_utf8(&buf[..n])
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 /// `reap`'s status as the shell-style status of the frame.

@@ -9,6 +9,9 @@ use crate::baseline::{docker_cli, raw_exec};
 use crate::measure::timed;
 use crate::report::{med_p95, percentile, ratio};
 
+/// The pause before each timed call.
+const SETTLE: Duration = Duration::from_millis(20);
+
 impl Bench {
     /// (1) warm execute("true").
     pub(crate) async fn warm_exec(&mut self) -> anyhow::Result<Duration> {
@@ -18,10 +21,17 @@ impl Bench {
         let (mut ours, mut raw, mut cli) = (vec![], vec![], vec![]);
         let mut via_agent = 0;
         for _ in 0..self.iterations {
+            // Each timed call starts on a machine at rest: what the engine
+            // does after an exec returned (the shim's and dockerd's
+            // clean-up) must not land in the next call's time, whichever
+            // kind it is.
+            tokio::time::sleep(SETTLE).await;
             let (r, took) = timed(async { Ok(backend.execute("true").await?) }).await?;
             via_agent += usize::from(r.via_agent);
             ours.push(took);
+            tokio::time::sleep(SETTLE).await;
             raw.push(timed(raw_exec(&self.docker, &container)).await?.1);
+            tokio::time::sleep(SETTLE).await;
             cli.push(timed(docker_cli(&["exec", &container, "true"])).await?.1);
         }
         let case = format!(
