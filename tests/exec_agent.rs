@@ -231,7 +231,7 @@ async fn a_stalled_agent_means_docker_exec_until_the_host_restarts_it() {
         &id,
         "sh",
         "-c",
-        "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -q '^/.sandbox/agent serve' && echo ${p#/proc/}; done",
+        "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -q '^/.sandbox/agent serve' && echo ${p#/proc/}; done; true",
     ]);
     let serve = serve.trim().to_owned();
     assert!(!serve.is_empty());

@@ -30,6 +30,7 @@ mod call;
 mod plane;
 mod port;
 mod supervise;
+mod workers;
 
 /// Reply lines queued for stdout before a sender waits.
 const REPLY_QUEUE: usize = 256;
@@ -60,6 +61,7 @@ pub fn serve(args: &[String]) -> i32 {
         user,
         groups: CallGroups::new(),
         background: background::Background::new(user),
+        workers: workers::Workers::default(),
     });
     plane::start(server.clone());
     let replies = match Replies::start(std::io::stdout()) {
@@ -141,6 +143,8 @@ struct Server {
     groups: CallGroups,
     /// Background processes and terminals.
     background: background::Background,
+    /// The threads calls run on.
+    workers: workers::Workers,
 }
 
 impl Server {
@@ -272,7 +276,7 @@ impl Server {
         };
         // A workload that spent the container's pids limit leaves no thread
         // to spare: that call fails, serve goes on.
-        if let Err(e) = std::thread::Builder::new().spawn(move || call.run()) {
+        if let Err(e) = self.workers.run(move || call.run()) {
             self.calls.end(&marker);
             call::cannot_start(replies, id, &e);
         }

@@ -91,6 +91,8 @@ impl Bench {
         let url = format!("http://{addr}/v1/threads/{}-1/exec", batch[0]);
         let (mut one, mut cli) = (Vec::new(), Vec::new());
         for _ in 0..self.iterations {
+            // As in case 1: each timed call starts on a machine at rest.
+            tokio::time::sleep(super::warm_exec::SETTLE).await;
             let t = Instant::now();
             let req = hyper::Request::post(&url)
                 .header("authorization", format!("Bearer {token}"))
@@ -102,6 +104,7 @@ impl Bench {
             anyhow::ensure!(resp.status().is_success(), "status {}", resp.status());
             resp.into_body().collect().await?;
             one.push(t.elapsed());
+            tokio::time::sleep(super::warm_exec::SETTLE).await;
             cli.push(
                 crate::measure::timed(crate::baseline::docker_cli(&["exec", &container, "true"]))
                     .await?

@@ -10,7 +10,7 @@ use crate::measure::timed;
 use crate::report::{med_p95, percentile, ratio};
 
 /// The pause before each timed call.
-const SETTLE: Duration = Duration::from_millis(20);
+pub(super) const SETTLE: Duration = Duration::from_millis(20);
 
 impl Bench {
     /// (1) warm execute("true").
