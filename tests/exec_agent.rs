@@ -94,6 +94,33 @@ async fn executes_go_through_the_agent_with_unchanged_semantics() {
         ]
     );
 
+    // `serve` forks the command itself: it inherits nothing of serve's (the
+    // link, plane sockets, its files) but its own stdio, with or without
+    // stdin, on a fresh thread of serve's or a kept one.
+    for stdin in [None, Some(b"in".to_vec()), None] {
+        let r = b
+            .execute_with(
+                // The shell's fds, seen by a child (`; true`: the shell
+                // cannot exec it in its place; no pipeline, whose pipes
+                // the shell would hold).
+                "ls /proc/$$/fd; true",
+                ExecOptions {
+                    stdin,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert!(r.via_agent);
+        let mut fds: Vec<u32> = r
+            .stdout
+            .split_whitespace()
+            .map(|fd| fd.parse().unwrap())
+            .collect();
+        fds.sort();
+        assert_eq!(fds, [0, 1, 2], "the command's fds: {r:?}");
+    }
+
     // env, workdir, stdin (binary), the cap, streaming.
     let options = ExecOptions {
         env: vec![("GREETING".into(), "a b".into())],
