@@ -204,6 +204,12 @@ pub fn drop_to(
         if libc::setuid(0) == 0 {
             return Err(std::io::Error::from_raw_os_error(libc::EPERM));
         }
+        // Until its exec this process is a copy of the agent: the workload
+        // must not trace it or read its memory, whatever the host's
+        // `fs.suid_dumpable` made of the uid change (the exec resets it).
+        if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
     }
     // Last: nor can it shed the group through a user namespace of its own.
     filter.install()

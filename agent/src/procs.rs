@@ -373,7 +373,10 @@ unsafe fn freeze_helper(user: SandboxUser, groups: &[libc::gid_t; 1], keep: [lib
     let became = libc::syscall(libc::SYS_setgroups, 1, groups.as_ptr()) == 0
         && libc::syscall(libc::SYS_setgid, user.gid) == 0
         && libc::syscall(libc::SYS_setuid, user.uid) == 0
-        && libc::syscall(libc::SYS_getuid) == user.uid as libc::c_long;
+        && libc::syscall(libc::SYS_getuid) == user.uid as libc::c_long
+        // A copy of the agent's memory that never execs: not the
+        // workload's to trace, whatever `fs.suid_dumpable` says.
+        && libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) == 0;
     if !became {
         libc::_exit(1);
     }

@@ -286,8 +286,10 @@ impl Server {
     /// its own and says whether any survived.
     fn kill(&self, id: String, marker: String, replies: &Replies) {
         replies.say(Reply::Ack { id: id.clone() });
-        // A call not started yet never starts; one that is starting has
-        // exec'd (so carries its marker) before this returns.
+        // A call not started yet never starts; one that is starting is
+        // swept below while it runs, and sees the cancel once its spawn
+        // returns (`reap`: has exec'd, so carries its marker, before this
+        // returns).
         let group = self.calls.cancel(&marker);
         let (killed, kill_id, user) = (replies.clone(), id.clone(), self.user);
         let calls = self.calls.clone();

@@ -81,7 +81,7 @@ impl Call {
         let filter = sandbox_filter();
         // SAFETY: drop_to makes async-signal-safe syscalls only.
         unsafe { cmd.pre_exec(move || crate::identity::drop_to(user, group, filter)) };
-        let child = match self.spawn_unless_cancelled(&mut cmd) {
+        let child = match self.spawn_as_user(&mut cmd, (user, group)) {
             Ok(child) => child,
             Err(code) => return (code, 0),
         };
@@ -143,7 +143,8 @@ impl Call {
     ///
     /// Held through the spawn, which returns once the child has exec'd (so
     /// is in the call's group and carries the marker): a kill either sees
-    /// it or stops it.
+    /// it or stops it. For `reap`, which is root until it execs (the
+    /// workload cannot stop it on the way).
     fn spawn_unless_cancelled(&self, cmd: &mut Command) -> Result<Child, u8> {
         let spawned = self.calls.while_held(&self.marker, |cancelled| {
             if cancelled {
@@ -162,6 +163,46 @@ impl Call {
                 EXIT_CANNOT_RUN
             }
         })
+    }
+
+    /// Spawns `cmd`, which becomes the sandbox user before it execs, unless
+    /// the call was cancelled or is past its start-by time; the status to
+    /// report when it does not start, or was cancelled while starting.
+    ///
+    /// Not under the registry's lock, unlike [`Self::spawn_unless_cancelled`]:
+    /// between its privilege drop and its exec the child is the workload's
+    /// to stop, and a spawn waits for the exec. Held through it, the lock
+    /// would stall every call and kill of this serve; so a kill read
+    /// meanwhile is seen here afterwards, and ends the child's group.
+    fn spawn_as_user(
+        &self,
+        cmd: &mut Command,
+        (user, group): (SandboxUser, libc::gid_t),
+    ) -> Result<Child, u8> {
+        self.calls.while_held(&self.marker, |cancelled| {
+            if cancelled {
+                Err(EXIT_KILLED)
+            } else if now_ms() > self.exec.start_by_ms {
+                Err(EXIT_CANNOT_RUN)
+            } else {
+                Ok(())
+            }
+        })?;
+        let mut child = cmd.spawn().map_err(|e| {
+            self.say_cannot_start(&e.to_string());
+            if e.kind() == std::io::ErrorKind::NotFound {
+                EXIT_NOT_FOUND
+            } else {
+                EXIT_CANNOT_RUN
+            }
+        })?;
+        if self.calls.while_held(&self.marker, |cancelled| cancelled) {
+            let _ = child.kill();
+            procs::kill_group(group, Some(user));
+            let _ = child.wait();
+            return Err(EXIT_KILLED);
+        }
+        Ok(child)
     }
 
     /// Starts `reap` unless the call was cancelled or is past its start-by

@@ -34,14 +34,15 @@ impl Workers {
     /// thread can start.
     pub(crate) fn run(&self, job: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
         let mut job: Job = Box::new(job);
-        loop {
-            let Some((_, worker)) = self.0.lock().unwrap().waiting.pop() else {
-                break;
-            };
-            // A worker that timed out meanwhile gives the job back.
-            match worker.send(job) {
-                Ok(()) => return Ok(()),
-                Err(back) => job = back.0,
+        {
+            // Popped and sent under the lock that a worker giving up holds
+            // while it drains and drops its receiver: a job sent is run.
+            let mut idle = self.0.lock().unwrap();
+            while let Some((_, worker)) = idle.waiting.pop() {
+                match worker.send(job) {
+                    Ok(()) => return Ok(()),
+                    Err(back) => job = back.0,
+                }
             }
         }
         let workers = self.clone();
@@ -70,15 +71,53 @@ impl Workers {
             match rx.recv_timeout(IDLE) {
                 Ok(next) => job = next,
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
-                    // Leave the list. A job sent before that is run; one
-                    // sent after `rx` is gone goes back to its sender.
-                    self.0.lock().unwrap().waiting.retain(|(n, _)| *n != me);
+                    // Leave the list, and take a job sent before that, all
+                    // under the lock senders hold: none comes after.
+                    let mut idle = self.0.lock().unwrap();
+                    idle.waiting.retain(|(n, _)| *n != me);
                     match rx.try_recv() {
                         Ok(next) => job = next,
-                        Err(_) => return,
+                        Err(_) => {
+                            drop(rx);
+                            return;
+                        }
                     }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_job_runs_once_whoever_hands_it_out() {
+        let workers = Workers::default();
+        let (done, finished) = channel();
+        let senders: Vec<_> = (0..4)
+            .map(|t| {
+                let (workers, done) = (workers.clone(), done.clone());
+                std::thread::spawn(move || {
+                    for i in 0..100 {
+                        let done = done.clone();
+                        workers
+                            .run(move || done.send(t * 100 + i).unwrap())
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for sender in senders {
+            sender.join().unwrap();
+        }
+        let mut seen: Vec<i32> = (0..400)
+            .map(|_| finished.recv_timeout(Duration::from_secs(10)).unwrap())
+            .collect();
+        seen.sort();
+        assert_eq!(seen, (0..400).collect::<Vec<_>>());
+        // Threads kept for the next jobs, at most MAX_IDLE.
+        assert!(workers.0.lock().unwrap().waiting.len() <= MAX_IDLE);
     }
 }
