@@ -146,23 +146,33 @@ impl Call {
     /// it or stops it. For `reap`, which is root until it execs (the
     /// workload cannot stop it on the way).
     fn spawn_unless_cancelled(&self, cmd: &mut Command) -> Result<Child, u8> {
-        let spawned = self.calls.while_held(&self.marker, |cancelled| {
-            if cancelled {
-                return Err(EXIT_KILLED);
-            }
-            if now_ms() > self.exec.start_by_ms {
-                return Err(EXIT_CANNOT_RUN);
-            }
-            Ok(cmd.spawn())
-        })?;
-        spawned.map_err(|e| {
-            self.say_cannot_start(&e.to_string());
-            if e.kind() == std::io::ErrorKind::NotFound {
-                EXIT_NOT_FOUND
-            } else {
-                EXIT_CANNOT_RUN
-            }
-        })
+        self.calls
+            .while_held(&self.marker, |cancelled| {
+                self.may_start(cancelled).map(|()| cmd.spawn())
+            })?
+            .map_err(|e| self.spawn_failed(e))
+    }
+
+    /// Whether the call may start: not cancelled, not past its start-by
+    /// time; else the status to report.
+    fn may_start(&self, cancelled: bool) -> Result<(), u8> {
+        if cancelled {
+            Err(EXIT_KILLED)
+        } else if now_ms() > self.exec.start_by_ms {
+            Err(EXIT_CANNOT_RUN)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Says why a spawn failed; the status to report.
+    fn spawn_failed(&self, e: std::io::Error) -> u8 {
+        self.say_cannot_start(&e.to_string());
+        if e.kind() == std::io::ErrorKind::NotFound {
+            EXIT_NOT_FOUND
+        } else {
+            EXIT_CANNOT_RUN
+        }
     }
 
     /// Spawns `cmd`, which becomes the sandbox user before it execs, unless
@@ -179,23 +189,9 @@ impl Call {
         cmd: &mut Command,
         (user, group): (SandboxUser, libc::gid_t),
     ) -> Result<Child, u8> {
-        self.calls.while_held(&self.marker, |cancelled| {
-            if cancelled {
-                Err(EXIT_KILLED)
-            } else if now_ms() > self.exec.start_by_ms {
-                Err(EXIT_CANNOT_RUN)
-            } else {
-                Ok(())
-            }
-        })?;
-        let mut child = cmd.spawn().map_err(|e| {
-            self.say_cannot_start(&e.to_string());
-            if e.kind() == std::io::ErrorKind::NotFound {
-                EXIT_NOT_FOUND
-            } else {
-                EXIT_CANNOT_RUN
-            }
-        })?;
+        self.calls
+            .while_held(&self.marker, |cancelled| self.may_start(cancelled))?;
+        let mut child = cmd.spawn().map_err(|e| self.spawn_failed(e))?;
         if self.calls.while_held(&self.marker, |cancelled| cancelled) {
             let _ = child.kill();
             procs::kill_group(group, Some(user));
