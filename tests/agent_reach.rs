@@ -982,6 +982,56 @@ async fn a_workload_stopping_everything_cannot_hang_a_timeout() {
     );
 }
 
+/// A background process of the workload stops every process of its user,
+/// all the time, while calls time out. The host's kills through the engine
+/// run as root where the agent serves: a `docker exec` as the sandbox user
+/// starts as that user (its `runc init`), the loop stopped it before its
+/// exec, and the engine then held its lock on the container for good:
+/// inspect, every later call, a destroy, even `docker rm -f` hung.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_background_stopper_cannot_wedge_the_engine_on_its_container() {
+    use sandbox_host::processes::ProcessOptions;
+    let h = Harness::new("rch-wedge");
+    let sandbox = h.sandbox().await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    warm(&b).await;
+    let id = h.container_of("alice");
+    b.start_process(
+        "while :; do kill -STOP -1 2>/dev/null; done",
+        ProcessOptions::default(),
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        // Each times out (stopped by the loop, or not) and is killed.
+        let r = tokio::time::timeout(
+            Duration::from_secs(30),
+            b.execute_with("sleep 5", with_timeout(1.0)),
+        )
+        .await
+        .expect("a call hangs on the wedged engine")
+        .unwrap();
+        assert!(r.timed_out, "{}", brief(&r));
+    }
+    // The engine still answers for the container, and it goes.
+    let inspect = std::process::Command::new("timeout")
+        .args(["10", "docker", "inspect", "-f", "{{.State.Status}}", &id])
+        .output()
+        .unwrap();
+    assert!(
+        inspect.status.success(),
+        "the engine hangs on the container: {}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    let destroyed = tokio::time::timeout(
+        Duration::from_secs(30),
+        sandbox.destroy_user_backend("alice"),
+    )
+    .await
+    .expect("the destroy hangs on the wedged engine");
+    assert!(destroyed.unwrap());
+}
+
 // ----------------------------------------- 3. timeouts and cancels kill all
 
 /// The escape attempts: what, the marker number its escapees carry in

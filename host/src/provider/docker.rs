@@ -59,8 +59,9 @@ struct CancelOnDrop {
     docker: Docker,
     container: String,
     marker: String,
-    /// The sandbox user, whom the engine-side kill runs as.
-    user: String,
+    /// The sandbox user, whom the engine-side kill also runs as (none:
+    /// root alone, see [`DockerProvider::kill_user`]).
+    user: Option<String>,
     cancels: Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
     /// Tried first: a kill through the container's agent link.
     links: Option<Arc<AgentLinks>>,
@@ -91,7 +92,7 @@ impl Drop for CancelOnDrop {
             }
             let killed = tokio::time::timeout(
                 CANCEL_TIMEOUT,
-                run_kill(&docker, &container, &marker, &user),
+                run_kill(&docker, &container, &marker, user.as_deref()),
             )
             .await;
             if !matches!(killed, Ok(Ok(ref r)) if r.exit_code == Some(0)) {
@@ -256,29 +257,41 @@ impl DockerProvider {
         &self,
         docker: &Docker,
         container: &str,
-        marker: &str,
+        request: &ExecRequest,
         through_link: bool,
     ) -> CancelOnDrop {
         CancelOnDrop {
             docker: docker.clone(),
             container: container.to_owned(),
-            marker: marker.to_owned(),
-            user: self.exec_user.clone(),
+            marker: request.marker.clone(),
+            user: self.kill_user(request),
             cancels: self.cancels.clone(),
             links: through_link.then(|| self.links.clone()),
             armed: true,
         }
     }
 
+    /// Whom a kill of `request`'s processes runs as through the engine
+    /// besides root: none where the agent serves and the call ran as the
+    /// sandbox user, in a call group root's `sandbox-agent kill` finds.
+    /// A `docker exec` as the sandbox user is the workload's to stop
+    /// before it execs (its `runc init` runs as that user), and a stopped
+    /// one holds the engine's lock on the container: inspect, exec and even
+    /// `docker rm -f` of it then hang.
+    fn kill_user(&self, request: &ExecRequest) -> Option<String> {
+        (!given_away(request, &self.exec_user)).then(|| self.exec_user.clone())
+    }
+
     /// Kills every process of a timed-out call (see [`KILL_SCRIPT`]).
-    async fn kill_call(&self, container: &str, marker: &str) {
+    async fn kill_call(&self, container: &str, request: &ExecRequest) {
+        let (marker, user) = (&request.marker, self.kill_user(request));
         let Ok(docker) = self.client().await else {
             return;
         };
         // The call may hold every pid of the container for a moment: retry.
         for attempt in 1..=3u64 {
             match self
-                .bounded(run_kill(docker, container, marker, &self.exec_user))
+                .bounded(run_kill(docker, container, marker, user.as_deref()))
                 .await
             {
                 Ok(r) if r.exit_code == Some(0) => {
@@ -409,7 +422,7 @@ async fn run_kill(
     docker: &Docker,
     container: &str,
     marker: &str,
-    user: &str,
+    user: Option<&str>,
 ) -> Result<bollard::models::ExecInspectResponse, BollardError> {
     let agent = vec![
         crate::dataplane::agent::AGENT_MOUNT.to_owned(),
@@ -417,6 +430,9 @@ async fn run_kill(
         marker.to_owned(),
     ];
     let as_root = run_kill_with(docker, container, ROOT, agent.clone()).await;
+    let Some(user) = user else {
+        return as_root;
+    };
     match run_kill_with(docker, container, user, agent).await {
         Ok(r) if r.exit_code == Some(0) => {
             return match as_root {
@@ -590,10 +606,10 @@ impl DockerProvider {
         request: &ExecRequest,
         sink: Option<Sink<'_, 'd>>,
     ) -> Option<ProviderResult<ExecResponse>> {
-        let mut cancel = self.cancel_on_drop(docker, id, &request.marker, true);
+        let mut cancel = self.cancel_on_drop(docker, id, request, true);
         let outcome = self.links.exec(docker, id, request, sink).await;
         cancel.armed = false;
-        self.call_outcome(id, &request.marker, outcome).await
+        self.call_outcome(id, request, outcome).await
     }
 
     /// What a call through the agent came to: its response (killed first
@@ -602,13 +618,13 @@ impl DockerProvider {
     async fn call_outcome(
         &self,
         id: &str,
-        marker: &str,
+        request: &ExecRequest,
         outcome: Result<LinkOutcome, LinkError>,
     ) -> Option<ProviderResult<ExecResponse>> {
         match outcome {
             Ok(LinkOutcome::Done(response)) => Some(Ok(response)),
             Ok(LinkOutcome::Deadline(response)) => {
-                self.kill_call(id, marker).await;
+                self.kill_call(id, request).await;
                 Some(Ok(response))
             }
             // The link logged why (and restarts a stuck serve).
@@ -618,7 +634,7 @@ impl DockerProvider {
                 None
             }
             Err(LinkError::Lost(why)) => {
-                self.kill_call(id, marker).await;
+                self.kill_call(id, request).await;
                 Some(Err(ProviderError::Failed(why)))
             }
         }
@@ -630,9 +646,8 @@ impl DockerProvider {
     /// An execute with streamed stdin keeps `docker exec` (its own `reap`
     /// as root, a call group: the engine path the agent-reach tests pin).
     fn pipe_may_run(&self, request: &ExecRequest) -> bool {
-        request.agent_serves
+        given_away(request, &self.exec_user)
             && request.idle_timeout
-            && request.user.as_deref().is_none_or(|u| u == self.exec_user)
             && super::agent_link::fits(request)
     }
 
@@ -647,7 +662,7 @@ impl DockerProvider {
         request: &ExecRequest,
         io: &mut ExecIo<'_>,
     ) -> Option<ProviderResult<ExecResponse>> {
-        let mut cancel = self.cancel_on_drop(docker, id, &request.marker, true);
+        let mut cancel = self.cancel_on_drop(docker, id, request, true);
         let outcome = self
             .links
             .exec_piped(
@@ -664,7 +679,7 @@ impl DockerProvider {
             )
             .await;
         cancel.armed = false;
-        self.call_outcome(id, &request.marker, outcome).await
+        self.call_outcome(id, request, outcome).await
     }
 
     /// Runs `request` with `docker exec` (under `reap` where the agent is
@@ -684,7 +699,7 @@ impl DockerProvider {
         let feeds = stdin.is_some() || request.stdin.is_some();
         let config = engine_exec_config(request, feeds, &self.exec_user);
         let exec = self.call(docker.create_exec(id, config)).await?;
-        let mut cancel = self.cancel_on_drop(docker, id, &request.marker, false);
+        let mut cancel = self.cancel_on_drop(docker, id, request, false);
         let started = self
             .call(docker.start_exec(&exec.id, None::<StartExecOptions>))
             .await?;
@@ -725,10 +740,10 @@ impl DockerProvider {
         cancel.armed = false;
         let timed_out = match outcome {
             Ok(timed_out) => timed_out,
-            Err(abort) => return Err(self.aborted(id, &request.marker, abort).await),
+            Err(abort) => return Err(self.aborted(id, request, abort).await),
         };
         if timed_out {
-            self.kill_call(id, &request.marker).await;
+            self.kill_call(id, request).await;
             return Ok(output.finish(TIMEOUT_EXIT_CODE, true));
         }
         let inspected = self.call(docker.inspect_exec(&exec.id)).await?;
@@ -741,13 +756,13 @@ impl DockerProvider {
 
     /// The error of an engine exec that stopped before its output ended;
     /// its processes are killed unless the engine itself failed.
-    async fn aborted(&self, id: &str, marker: &str, abort: Abort) -> ProviderError {
+    async fn aborted(&self, id: &str, request: &ExecRequest, abort: Abort) -> ProviderError {
         let why = match abort {
             Abort::Engine(e) => return e,
             Abort::Source(e) => format!("reading the command's input: {e}"),
             Abort::Consumer(e) => format!("the command's output was refused: {e}"),
         };
-        self.kill_call(id, marker).await;
+        self.kill_call(id, request).await;
         ProviderError::Failed(why)
     }
 }
@@ -817,11 +832,16 @@ async fn container_stopped(docker: &Docker, id: &str) {
 /// workload cannot kill its `reap` to escape the deadline, and the call's
 /// group is ended whole (no subreaper needed, so under gVisor too). Older
 /// containers' agents know no `--user`: there `reap` runs as the user.
-fn engine_exec_config(request: &ExecRequest, feeds: bool, exec_user: &str) -> ExecConfig {
+/// Whether the agent serves `request`'s container and the call runs as the
+/// sandbox user: then the engine runs it as root under `reap`, which gives
+/// it away to that user in a call group (and root's kill finds the group).
+fn given_away(request: &ExecRequest, exec_user: &str) -> bool {
     // File transfers name the sandbox user themselves: the same user.
-    let as_sandbox_user = request.user.as_deref().is_none_or(|u| u == exec_user);
-    let given_away = request.agent_serves && as_sandbox_user;
-    let (cmd, user) = if given_away {
+    request.agent_serves && request.user.as_deref().is_none_or(|u| u == exec_user)
+}
+
+fn engine_exec_config(request: &ExecRequest, feeds: bool, exec_user: &str) -> ExecConfig {
+    let (cmd, user) = if given_away(request, exec_user) {
         let group = crate::dataplane::agent::engine_call_group();
         let argv = crate::dataplane::agent::reap_argv_as(
             &request.command,
