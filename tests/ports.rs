@@ -198,3 +198,103 @@ while True:
     }
     served.abort();
 }
+
+/// The plane's directory of `container` in the harness's state: moved
+/// away, no plane pipe can be offered and a port goes through the engine.
+fn plane_dir(h: &Harness, container: &str) -> std::path::PathBuf {
+    let name = support::docker(&["inspect", "--format", "{{.Name}}", container]);
+    let nonce = support::docker(&[
+        "inspect",
+        "--format",
+        "{{index .Config.Labels \"sandbox.plane\"}}",
+        container,
+    ]);
+    h.config()
+        .workspace_root
+        .join(".sandbox/plane")
+        .join(format!(
+            "{}.{}",
+            name.trim().trim_start_matches('/'),
+            nonce.trim()
+        ))
+}
+
+fn gvisor() -> bool {
+    support::test_runtime().is_some_and(|r| r.contains("runsc"))
+}
+
+/// A port through the engine's exec (under gVisor always; under runc once
+/// the plane cannot offer a pipe) starts as root and is given away to the
+/// sandbox user: a workload stopping every process of its uid cannot stop
+/// the exec before it starts, which would leave the engine holding its
+/// lock on the container for good (inspect, calls, destroy all hang).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_port_through_the_engine_beside_a_stopper_cannot_wedge_the_engine() {
+    use sandbox_host::processes::ProcessOptions;
+    use std::time::Duration;
+    let h = Harness::new("portwedge");
+    let sandbox = h.sandbox().await;
+    let alice = sandbox.get_thread_backend("alice-1").await.unwrap();
+    serve_page(&alice, 8082).await;
+    let id = h.container_of("alice");
+    let (dir, away) = if gvisor() {
+        (None, None)
+    } else {
+        let dir = plane_dir(&h, &id);
+        assert!(dir.is_dir(), "{}", dir.display());
+        let away = dir.with_extension("away");
+        (Some(dir), Some(away))
+    };
+    let plane_away = |on: bool| {
+        if let (Some(dir), Some(away)) = (&dir, &away) {
+            let (from, to) = if on { (dir, away) } else { (away, dir) };
+            std::fs::rename(from, to).unwrap();
+        }
+    };
+
+    // Through the engine, the connection works (as the sandbox user: the
+    // server sees it from the sandbox's own loopback).
+    plane_away(true);
+    let mut conn = alice.connect_port(8082).await.unwrap();
+    conn.write_all(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).await.unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    plane_away(false);
+
+    alice
+        .start_process(
+            "while :; do kill -STOP -1 2>/dev/null; done",
+            ProcessOptions::default(),
+        )
+        .await
+        .unwrap();
+    plane_away(true);
+    for _ in 0..3 {
+        // Connected or not (the loop stops the server and the connection's
+        // own process too), it answers within the port's patience (8 s).
+        let tried = tokio::time::timeout(Duration::from_secs(20), alice.connect_port(8082)).await;
+        let conn = tried.expect("a port's connect hangs on the wedged engine");
+        drop(conn);
+    }
+    // The engine still answers for the container, and it goes.
+    let inspect = std::process::Command::new("timeout")
+        .args(["10", "docker", "inspect", "-f", "{{.State.Status}}", &id])
+        .output()
+        .unwrap();
+    assert!(
+        inspect.status.success(),
+        "the engine hangs on the container: {}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    plane_away(false);
+    let destroyed = tokio::time::timeout(
+        Duration::from_secs(30),
+        sandbox.destroy_user_backend("alice"),
+    )
+    .await
+    .expect("the destroy hangs on the wedged engine");
+    assert!(destroyed.unwrap());
+}

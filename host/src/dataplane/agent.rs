@@ -137,6 +137,29 @@ pub fn reap_argv_as(
     argv
 }
 
+/// The argv of a port's connection through the engine: `sandbox-agent
+/// connect PORT`, and where `given_away` names the sandbox user
+/// (`UID:GID`) and a call group, under a root `reap` that gives it away to
+/// that user, as the plane's ports do. A `docker exec` that starts as the
+/// sandbox user can be stopped by the workload before it execs, and the
+/// engine then holds its lock on the container for good.
+pub fn connect_argv(port: u16, given_away: Option<(&str, u32)>) -> Vec<String> {
+    let mut argv = vec![AGENT_MOUNT.to_owned()];
+    if let Some((user, group)) = given_away {
+        argv.extend([
+            "reap".to_owned(),
+            "--user".to_owned(),
+            user.to_owned(),
+            "--group".to_owned(),
+            group.to_string(),
+            "--".to_owned(),
+            AGENT_MOUNT.to_owned(),
+        ]);
+    }
+    argv.extend(["connect".to_owned(), port.to_string()]);
+    argv
+}
+
 /// A call group for a call the host runs through the engine: drawn at
 /// random from the agent's range (2^30 to 2^30 + 2^29), like serve's.
 pub fn engine_call_group() -> u32 {
@@ -148,6 +171,26 @@ pub fn engine_call_group() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_given_away_connects_under_a_root_reap_as_the_user() {
+        let argv = connect_argv(8080, Some(("1000:1000", 1 << 30)));
+        assert_eq!(
+            argv[1..],
+            [
+                "reap",
+                "--user",
+                "1000:1000",
+                "--group",
+                "1073741824",
+                "--",
+                AGENT_MOUNT,
+                "connect",
+                "8080"
+            ]
+        );
+        assert_eq!(connect_argv(9, None)[1..], ["connect", "9"]);
+    }
 
     #[test]
     fn a_reap_as_the_sandbox_user_names_it_and_its_group_before_the_command() {

@@ -23,7 +23,7 @@ use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
-use super::agent_link::{AgentLinks, LinkError, LinkOutcome, PortError, Sink};
+use super::agent_link::{AgentLinks, LinkError, LinkOutcome, PortError, Sink, PORT_PATIENCE};
 use super::plan::ContainerPlan;
 use super::{
     ContainerProvider, ContainerRecord, DoneStatus, ExecIo, ProviderError, ProviderResult, Status,
@@ -1258,7 +1258,12 @@ impl ContainerProvider for DockerProvider {
         }
     }
 
-    async fn connect_port(&self, id: &str, port: u16) -> ProviderResult<super::PortStream> {
+    async fn connect_port(
+        &self,
+        id: &str,
+        port: u16,
+        agent_serves: bool,
+    ) -> ProviderResult<super::PortStream> {
         let docker = self.client().await?;
         match self.links.port(docker, id, port).await {
             Ok(pipe) => return Ok(bridge(pipe)),
@@ -1275,16 +1280,23 @@ impl ContainerProvider for DockerProvider {
                 tracing::debug!(container = id, why, "a port through docker exec");
             }
         }
+        // Where the agent serves, as root under a `reap` that gives the
+        // connection away to the sandbox user (see `connect_argv`): an exec
+        // that starts as that user is the workload's to stop.
+        let (cmd, user) = if agent_serves {
+            let group = crate::dataplane::agent::engine_call_group();
+            let argv = crate::dataplane::agent::connect_argv(port, Some((&self.exec_user, group)));
+            (argv, ROOT.to_owned())
+        } else {
+            let argv = crate::dataplane::agent::connect_argv(port, None);
+            (argv, self.exec_user.clone())
+        };
         let config = ExecConfig {
-            cmd: Some(vec![
-                crate::dataplane::agent::AGENT_MOUNT.to_owned(),
-                "connect".to_owned(),
-                port.to_string(),
-            ]),
+            cmd: Some(cmd),
             attach_stdin: Some(true),
             attach_stdout: Some(true),
             attach_stderr: Some(true),
-            user: Some(self.exec_user.clone()),
+            user: Some(user),
             ..Default::default()
         };
         let exec = self.call(docker.create_exec(id, config)).await?;
@@ -1301,26 +1313,33 @@ impl ContainerProvider for DockerProvider {
             ));
         };
         // The agent says it connected (or why not) on stderr first.
+        // Within the port's patience: the workload may stop the process
+        // (the same user) before it says anything.
         let mut said = Vec::new();
-        let connected = self
-            .bounded(async {
-                while let Some(frame) = output.next().await {
-                    match frame? {
-                        LogOutput::StdErr { message } => {
-                            said.extend_from_slice(&message);
-                            // Bounded: the workload (the same user) may
-                            // write into this process's stderr.
-                            if said.ends_with(b"\n") || said.len() > 4096 {
-                                break;
-                            }
+        let listening = async {
+            while let Some(frame) = output.next().await {
+                match frame? {
+                    LogOutput::StdErr { message } => {
+                        said.extend_from_slice(&message);
+                        // Bounded: the workload (the same user) may
+                        // write into this process's stderr.
+                        if said.ends_with(b"\n") || said.len() > 4096 {
+                            break;
                         }
-                        LogOutput::StdOut { .. } => break,
-                        _ => {}
                     }
+                    LogOutput::StdOut { .. } => break,
+                    _ => {}
                 }
-                Ok(())
-            })
-            .await;
+            }
+            Ok(())
+        };
+        let connected = match tokio::time::timeout(PORT_PATIENCE, listening).await {
+            Ok(heard) => heard.map_err(|e: BollardError| convert(&e)),
+            Err(_) => Err(ProviderError::Failed(format!(
+                "port {port}: the connection was not made within {} s",
+                PORT_PATIENCE.as_secs()
+            ))),
+        };
         let said = String::from_utf8_lossy(&said).trim().to_owned();
         connected?;
         if said != PORT_CONNECTED {

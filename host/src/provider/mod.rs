@@ -151,8 +151,15 @@ pub trait ContainerProvider: Send + Sync + 'static {
     /// made there by the sandbox user (`sandbox-agent connect`) and carried
     /// by the engine: the container needs no network. An error names why
     /// nothing accepted it.
-    async fn connect_port(&self, id: &str, port: u16) -> ProviderResult<PortStream> {
-        let _ = (id, port);
+    /// `agent_serves`: the container's agent is current, and a connection
+    /// through the engine starts as root and is given away to the user.
+    async fn connect_port(
+        &self,
+        id: &str,
+        port: u16,
+        agent_serves: bool,
+    ) -> ProviderResult<PortStream> {
+        let _ = (id, port, agent_serves);
         Err(ProviderError::Failed(
             "this engine cannot reach a container's ports".into(),
         ))

@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::Backend;
+use crate::dataplane::agent::AgentMode;
 use crate::engine::usage::Work;
 use crate::error::{Result, SandboxError};
 use crate::provider::PortStream;
@@ -82,7 +83,7 @@ impl Backend {
         let stream = self
             .engine()
             .provider()
-            .connect_port(&container.id, port)
+            .connect_port(&container.id, port, container.agent == AgentMode::Serves)
             .await?;
         Ok(PortConnection {
             stream,
