@@ -949,3 +949,60 @@ async fn a_download_whose_reader_went_away_leaves_flight_within_seconds() {
     let r = b.execute("echo usable").await.unwrap();
     assert_eq!(r.output, "usable\n");
 }
+
+/// In a Debian image (the Python one: GNU coreutils, dash) files go both
+/// ways with their modes, an existing file keeps its mode, and a missing
+/// one is `file_not_found`: under gVisor too, whose Debian 12 release
+/// refuses GNU `stat`'s `statx` (the scripts fall back to `find`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn files_go_both_ways_in_a_debian_image() {
+    let h = Harness::new("debfiles");
+    let config = sandbox_host::Config {
+        image: support::python_image(),
+        ..h.config()
+    };
+    let sandbox = h
+        .sandbox_with(
+            config,
+            sandbox_host::PolicySource::Builtin("per-user".into()),
+        )
+        .await;
+    let b = sandbox.get_thread_backend("alice-1").await.unwrap();
+    let written = b
+        .upload_files(vec![
+            Upload {
+                path: "run.sh".into(),
+                content: b"#!/bin/sh\necho ran\n".to_vec(),
+                mode: Some(0o750),
+            },
+            up("notes/a.txt", b"one"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(written[0].error, None, "{written:?}");
+    assert_eq!(written[1].error, None, "{written:?}");
+    // Overwritten without a mode: it keeps 750.
+    let again = b
+        .upload_files(vec![up("run.sh", b"#!/bin/sh\necho again\n")])
+        .await;
+    assert_eq!(again.unwrap()[0].error, None);
+    let r = b.execute("./run.sh").await.unwrap();
+    assert_eq!(r.stdout, "again\n", "{r:?}");
+    let down = b
+        .download_files(&strings(&["run.sh", "notes/a.txt", "missing.txt"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        down[0].content.as_deref(),
+        Some(&b"#!/bin/sh\necho again\n"[..])
+    );
+    assert_eq!(down[0].mode, Some(0o750), "{:?}", down[0]);
+    assert_eq!(down[1].content.as_deref(), Some(&b"one"[..]));
+    assert_eq!(down[1].mode, Some(0o644), "{:?}", down[1]);
+    assert_eq!(
+        down[2].error,
+        Some(FileError::FileNotFound),
+        "{:?}",
+        down[2]
+    );
+}

@@ -24,7 +24,7 @@
 //!    integration and doc tests (they find the above through
 //!    `SANDBOX_PYTHON_IMAGE`, `SANDBOX_PYTHON_POLICY`,
 //!    `SANDBOX_PYTHON_FAILING_POLICY` and `SANDBOX_PYTHON_MINIMAL_POLICY`),
-//!    and the agent, file and process suites again under gVisor
+//!    and the agent, file, process and port suites again under gVisor
 //!    (`SANDBOX_TEST_RUNTIME=runsc`), in the background beside step 7;
 //! 7. a virtualenv under `target/xtask/venv` with the Python client's test
 //!    and deepagents dependencies (installs Debian's `python3-venv` when
@@ -251,12 +251,14 @@ fn test(options: &Options) -> Result<Vec<(String, f64)>, String> {
                 "files",
                 "--test",
                 "processes",
+                "--test",
+                "ports",
             ])
             .env("SANDBOX_TEST_RUNTIME", "runsc")
             .env("SANDBOX_PYTHON_IMAGE", &python_image)
             .envs(policy_env());
         gvisor_pass = Some(steps.run(
-            "the agent, file and process suites under gVisor: start them in the background",
+            "the agent, file, process and port suites under gVisor: start them in the background",
             || Background::start(&root, "gvisor-pass", pass),
         )?);
     }
@@ -306,7 +308,7 @@ fn test(options: &Options) -> Result<Vec<(String, f64)>, String> {
     }
     if let Some(pass) = gvisor_pass.take() {
         let took = steps.run(
-            "the agent, file and process suites under gVisor: wait for them",
+            "the agent, file, process and port suites under gVisor: wait for them",
             || pass.wait(),
         )?;
         steps

@@ -217,6 +217,18 @@ pub fn file_name(resolved: &str) -> &str {
     resolved.rsplit('/').next().unwrap_or(resolved)
 }
 
+/// `sm PATH`: the size and permission bits (octal) of what PATH names,
+/// symlinks followed, as `SIZE MODE`. `stat` first; where it fails, GNU
+/// `find`: the gVisor Debian 12 ships (release 20221219) refuses the
+/// `statx` flags of GNU coreutils 9 with EINVAL (`stat` and `ls` fail in
+/// Debian 12 images), and find's `fstatat` passes.
+macro_rules! size_and_mode {
+    () => {
+        r#"sm() { stat -L -c '%s %a' "$1" 2>/dev/null || find -L "$1" -prune -printf '%s %m\n' 2>/dev/null; }
+"#
+    };
+}
+
 /// Writes one upload, run as the sandbox user with `$1` the resolved path,
 /// `$2` the octal mode (`-`: keep the existing file's, else 644), `$3` the
 /// byte count, the content on stdin. Creates missing parent directories
@@ -227,9 +239,12 @@ pub fn file_name(resolved: &str) -> &str {
 /// an upload that breaks midway leaves the existing file whole. Prints one
 /// word: `ok`, `short` (fewer bytes arrived than announced) or an error
 /// literal.
-pub const UPLOAD_SCRIPT: &str = r#"
+pub const UPLOAD_SCRIPT: &str = concat!(
+    r#"
 exec 2>/dev/null
-p=$1; m=$2; n=$3
+"#,
+    size_and_mode!(),
+    r#"p=$1; m=$2; n=$3
 d=${p%/*}; d=${d:-/}
 umask 022
 mkdir -p "$d" || { echo permission_denied; exit 0; }
@@ -244,18 +259,19 @@ td=${t%/*}; td=${td:-/}
 [ -w "$td" ] || { echo permission_denied; exit 0; }
 if [ "$m" = - ]; then
   m=644
-  [ -e "$t" ] && m=$(printf %o $(( 0$(stat -L -c %a "$t") & 0777 )))
+  [ -e "$t" ] && { a=$(sm "$t"); m=$(printf %o $(( 0${a#* } & 0777 ))); }
 fi
 w="${td%/}/.sandbox-upload.$$"
 umask 077
 {
   cat >&3 || { rm -f "$w"; echo permission_denied; exit 0; }
-  [ "$(stat -L -c %s /proc/self/fd/3)" = "$n" ] || { rm -f "$w"; echo short; exit 0; }
+  i=$(sm /proc/self/fd/3); [ "${i%% *}" = "$n" ] || { rm -f "$w"; echo short; exit 0; }
 } 3> "$w" || { rm -f "$w"; echo permission_denied; exit 0; }
 chmod "$m" "$w" || { rm -f "$w"; echo permission_denied; exit 0; }
 mv -f "$w" "$t" || { rm -f "$w"; echo permission_denied; exit 0; }
 echo ok
-"#;
+"#
+);
 
 /// How long the download script waits for its open of the file (seconds):
 /// a regular file opens at once; a FIFO or device the workload swapped in
@@ -282,9 +298,12 @@ pub const OPEN_WAIT_SECS: u32 = 5;
 /// within `$3` seconds; the script stops the watchdog (and its timer) as
 /// soon as the open returns. The timer writes nowhere, so it never holds
 /// the call's output open.
-pub const DOWNLOAD_SCRIPT: &str = r#"
+pub const DOWNLOAD_SCRIPT: &str = concat!(
+    r#"
 exec 2>/dev/null
-p=$1; max=$2
+"#,
+    size_and_mode!(),
+    r#"p=$1; max=$2
 if [ ! -e "$p" ]; then
   [ -L "$p" ] && { echo file_not_found; exit 0; }
   a=${p%/*}
@@ -306,7 +325,7 @@ g=$!
 {
   kill $g
   [ -f /proc/self/fd/0 ] || { echo invalid_path; exit 0; }
-  i=$(stat -L -c '%s %a' /proc/self/fd/0) || { echo permission_denied; exit 0; }
+  i=$(sm /proc/self/fd/0) || { echo permission_denied; exit 0; }
   s=${i%% *}; m=${i#* }
   case "$s" in ''|*[!0-9]*) echo permission_denied; exit 0 ;; esac
   [ "$s" -gt "$max" ] && { echo "file_too_large $s"; exit 0; }
@@ -316,7 +335,8 @@ g=$!
   fi
   exec head -c "$s"
 } < "$p" || { kill $g; echo permission_denied; }
-"#;
+"#
+);
 
 /// The command uploading `len` bytes to `resolved` with `mode` (none:
 /// an existing file keeps its mode, a new one gets 0644).
