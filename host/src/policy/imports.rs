@@ -1,16 +1,16 @@
 //! The world's imports, implemented for a policy instance's store state.
 //!
 //! Each import is a thin conversion to [`Capabilities`], admitted first by
-//! the call's [`Scope`] and host-call budget; the time spent in them is
-//! added to the call clock so the guest-CPU deadline counts only the
-//! policy's own work (the wall-clock budget counts everything).
+//! the call's [`Scope`] and host-call budget; the guest-CPU deadline counts
+//! the epoch ticks the guest's own code ran in ([`CallClock`]), not the
+//! time spent in them (the wall-clock budget counts everything).
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -27,17 +27,28 @@ use super::bindings::v0_4::wasi::logging::logging;
 use crate::engine::{Engine, ManagedContainer, RemoveMode};
 use crate::error::SandboxError;
 
-/// Per-call accounting for the guest CPU deadline.
+/// Per-call accounting for the guest CPU deadline, in epoch ticks the
+/// guest ran in: a tick counts when the guest's own code sees the epoch
+/// advanced (the deadline callback). Time it spent off the CPU, yielded to
+/// other tasks, or in a host import counts one tick per resumption at most:
+/// on a loaded host a waiting guest does not spend its budget (wall-clock
+/// time, which counted all of it, interrupted Python instances starting
+/// side by side). The wall-clock call budget bounds the rest.
 #[derive(Debug, Clone, Copy)]
 pub struct CallClock {
-    pub started: Instant,
-    pub in_host: Duration,
+    pub ticks: u32,
     pub budget: Duration,
 }
 
 impl CallClock {
+    /// The guest's time so far, at the ticker's granularity.
     pub fn guest_time(&self) -> Duration {
-        self.started.elapsed().saturating_sub(self.in_host)
+        super::ticker::EPOCH_TICK.saturating_mul(self.ticks)
+    }
+
+    /// One more tick the guest ran in.
+    pub fn tick(&mut self) {
+        self.ticks = self.ticks.saturating_add(1);
     }
 }
 
@@ -129,11 +140,7 @@ impl InstanceState {
             engine,
             config,
             policy_name,
-            clock: CallClock {
-                started: Instant::now(),
-                in_host: Duration::ZERO,
-                budget,
-            },
+            clock: CallClock { ticks: 0, budget },
             call: CallState::new(Scope::Pure),
             max_host_calls,
             limiter,
@@ -213,12 +220,10 @@ impl InstanceState {
             .collect()
     }
 
-    /// Runs a host operation, excluding its time from the guest's budget.
+    /// Runs a host operation: its time is not the guest's (see
+    /// [`CallClock`]).
     async fn host<T>(&mut self, op: impl Future<Output = T>) -> T {
-        let start = Instant::now();
-        let out = op.await;
-        self.clock.in_host += start.elapsed();
-        out
+        op.await
     }
 }
 

@@ -6,8 +6,9 @@
 //! - [`lanes`]: one lane per routing key, calls for one key serialised;
 //!   [`pool`]: the instances they borrow, as many as the memory budget fits;
 //! - `imports`: the world's imports over the [`Engine`](crate::engine::Engine);
-//! - [`containment`]: every call gets a guest-CPU deadline (epoch
-//!   interruption, [`ticker`]; time in host imports excluded), one
+//! - [`containment`]: every call, and every instance's start, gets a
+//!   guest-CPU deadline (epoch interruption, [`ticker`]: the ticks the
+//!   guest ran in; time in host imports or waiting for a CPU excluded), one
 //!   wall-clock budget (host imports included) and a bound on host calls;
 //!   every instance gets memory, table, instance and resource ceilings, all
 //!   charged to one host-wide pool. A trap, an overrun or a call abandoned
@@ -315,8 +316,9 @@ impl CompiledPolicy {
         );
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_callback(|ctx| {
-            let state = ctx.data();
+        store.epoch_deadline_callback(|mut ctx| {
+            let state = ctx.data_mut();
+            state.clock.tick();
             if state.clock.guest_time() > state.clock.budget || state.call.exhausted.is_some() {
                 Ok(UpdateDeadline::Interrupt)
             } else if state.clock.guest_time() < YIELD_AFTER {
@@ -390,8 +392,7 @@ impl PolicyInstance {
     fn arm(&mut self, scope: Scope) {
         self.poisoned = true;
         let data = self.store.data_mut();
-        data.clock.started = Instant::now();
-        data.clock.in_host = Duration::ZERO;
+        data.clock.ticks = 0;
         data.call = imports::CallState::new(scope);
         data.clear_guest_stderr();
         self.store.set_epoch_deadline(1);
