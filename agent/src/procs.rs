@@ -2,6 +2,7 @@
 //! which processes exist, who their parents are, and ending a set of them.
 
 use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use crate::identity::SandboxUser;
@@ -22,14 +23,72 @@ pub fn pids() -> std::io::Result<Vec<libc::pid_t>> {
 /// Stops every process of `pids`, then kills them: stopping first means a
 /// fork loop cannot outrun the sweep.
 pub fn stop_then_kill(pids: &[libc::pid_t]) {
-    for &pid in pids {
-        // SAFETY: signalling a pid; a stale one fails harmlessly.
-        unsafe { libc::kill(pid, libc::SIGSTOP) };
+    stop_then_kill_if(pids, |_| true);
+}
+
+/// [`stop_then_kill`] for the processes of `pids` that still pass `check`
+/// once held: a pid found by a `/proc` walk may have been freed and given
+/// to another process since. Each is held by a pidfd first and checked
+/// after (so the check reads the process the pidfd holds, while it lives),
+/// and signalled through it: a process that has since gone takes no
+/// signal, and no other process in its stead. Where the kernel (or gVisor)
+/// has no pidfds, by pid, checked first, as before.
+pub fn stop_then_kill_if(pids: &[libc::pid_t], check: impl Fn(libc::pid_t) -> bool) {
+    signal_if(pids, &[libc::SIGSTOP, libc::SIGKILL], check);
+}
+
+/// Sends `signals`, in turn, to each process of `pids` that still passes
+/// `check` once held (see [`stop_then_kill_if`]): how many it held.
+pub fn signal_if(
+    pids: &[libc::pid_t],
+    signals: &[libc::c_int],
+    check: impl Fn(libc::pid_t) -> bool,
+) -> usize {
+    let held: Vec<(libc::pid_t, Option<OwnedFd>)> = pids
+        .iter()
+        .filter_map(|&pid| {
+            let fd = match pidfd_open(pid) {
+                Ok(fd) => Some(fd),
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return None,
+                Err(_) => None,
+            };
+            check(pid).then_some((pid, fd))
+        })
+        .collect();
+    for &signal in signals {
+        for (pid, fd) in &held {
+            match fd {
+                // SAFETY: a raw syscall on a descriptor we own.
+                Some(fd) => unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        fd.as_raw_fd(),
+                        signal,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    );
+                },
+                // SAFETY: signalling a pid; a stale one fails harmlessly.
+                None => unsafe {
+                    libc::kill(*pid, signal);
+                },
+            }
+        }
     }
-    for &pid in pids {
-        // SAFETY: as above.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+    held.len()
+}
+
+/// A descriptor that holds `pid` (and becomes readable when it exits). An
+/// error where the kernel (or gVisor) has no `pidfd_open`, or no such
+/// process is left (ESRCH).
+pub fn pidfd_open(pid: libc::pid_t) -> std::io::Result<OwnedFd> {
+    // SAFETY: a raw syscall with integer arguments; a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: the kernel just gave us this descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// Reaps every child (adopted orphans included) until `child` exits: its
@@ -127,12 +186,15 @@ pub fn in_group(gid: libc::gid_t, me: libc::pid_t) -> Vec<libc::pid_t> {
         .unwrap_or_default()
         .into_iter()
         .filter(|&pid| pid != me)
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .is_ok_and(|status| groups_of(&status).any(|g| g == gid))
-        })
+        .filter(|&pid| has_group(pid, gid))
         .filter(|&pid| is_live(pid))
         .collect()
+}
+
+/// Whether `pid` carries the supplementary group `gid` now.
+pub fn has_group(pid: libc::pid_t, gid: libc::gid_t) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .is_ok_and(|status| groups_of(&status).any(|g| g == gid))
 }
 
 /// The user `pid` runs as (its real ids), when not root: the sandbox user
@@ -161,35 +223,49 @@ pub fn holding_pipes(
     me: libc::pid_t,
     user: Option<SandboxUser>,
 ) -> Vec<libc::pid_t> {
-    if let Some(user) = user {
-        // SAFETY: raw syscalls: they change this thread's ids only.
-        unsafe {
-            libc::syscall(libc::SYS_setfsgid, user.gid);
-            libc::syscall(libc::SYS_setfsuid, user.uid);
-        }
-        let found = holding_pipes(pipes, me, None);
-        // SAFETY: as above, back to root's.
-        unsafe {
-            libc::syscall(libc::SYS_setfsuid, 0);
-            libc::syscall(libc::SYS_setfsgid, 0);
-        }
-        return found;
+    if user.is_some() {
+        return as_user(user, || holding_pipes(pipes, me, None));
     }
-    let names: Vec<String> = pipes.iter().map(|ino| format!("pipe:[{ino}]")).collect();
     pids()
         .unwrap_or_default()
         .into_iter()
         .filter(|&pid| pid != me)
-        .filter(|pid| {
-            std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
-                fds.flatten().any(|fd| {
-                    std::fs::read_link(fd.path())
-                        .is_ok_and(|to| names.iter().any(|n| to.as_os_str() == n.as_str()))
-                })
-            })
-        })
+        .filter(|&pid| holds_pipe(pid, pipes))
         .filter(|&pid| is_live(pid))
         .collect()
+}
+
+/// Whether `pid` has a descriptor on one of the pipes whose inodes are
+/// `pipes` now (as the calling thread's filesystem ids may look).
+fn holds_pipe(pid: libc::pid_t, pipes: &[u64]) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|to| {
+                pipes
+                    .iter()
+                    .any(|ino| to.as_os_str() == format!("pipe:[{ino}]").as_str())
+            })
+        })
+    })
+}
+
+/// Runs `f` with the calling thread looking as `user` (its filesystem
+/// ids), when given: the agent, root without `CAP_SYS_PTRACE`, may not read
+/// the descriptors of another uid's processes, their owner may.
+fn as_user<T>(user: Option<SandboxUser>, f: impl FnOnce() -> T) -> T {
+    let Some(user) = user else { return f() };
+    // SAFETY: raw syscalls: they change this thread's ids only.
+    unsafe {
+        libc::syscall(libc::SYS_setfsgid, user.gid);
+        libc::syscall(libc::SYS_setfsuid, user.uid);
+    }
+    let out = f();
+    // SAFETY: as above, back to root's.
+    unsafe {
+        libc::syscall(libc::SYS_setfsuid, 0);
+        libc::syscall(libc::SYS_setfsgid, 0);
+    }
+    out
 }
 
 /// How long a call's output may stay open after its command exited: what
@@ -218,7 +294,9 @@ pub fn end_pipe_holders(pipes: &[u64], me: libc::pid_t, user: Option<SandboxUser
         }
         // It reaps nothing (see `kill_group`): a killed holder is a zombie,
         // which holds no descriptor.
-        stop_then_kill(&holders);
+        as_user(user, || {
+            stop_then_kill_if(&holders, |pid| holds_pipe(pid, pipes))
+        });
         std::thread::sleep(SWEEP_PAUSE);
     }
     killed
@@ -266,7 +344,7 @@ pub fn kill_group(gid: libc::gid_t, user: Option<SandboxUser>) -> bool {
         if members.is_empty() {
             return true;
         }
-        stop_then_kill(&members);
+        stop_then_kill_if(&members, |pid| has_group(pid, gid));
         std::thread::sleep(SWEEP_PAUSE);
     }
     false
@@ -488,5 +566,24 @@ mod tests {
         let me = std::process::id() as libc::pid_t;
         assert!(pids().unwrap().contains(&me));
         assert!(is_live(me));
+    }
+
+    #[test]
+    fn a_signal_reaches_only_a_process_that_still_passes_its_check() {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as libc::pid_t;
+        // Failing its check (say, its pid now names another process): spared.
+        assert_eq!(signal_if(&[pid], &[libc::SIGKILL], |_| false), 0);
+        assert!(child.try_wait().unwrap().is_none(), "killed though spared");
+        assert_eq!(signal_if(&[pid], &[libc::SIGKILL], |p| p == pid), 1);
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        // Gone and reaped: nothing left to hold.
+        let gone = pidfd_open(pid).err().and_then(|e| e.raw_os_error());
+        assert!(matches!(gone, Some(libc::ESRCH) | Some(libc::ENOSYS)), "{gone:?}");
     }
 }

@@ -160,20 +160,18 @@ impl Proc {
 
     /// Sends `signal` to every process of its tree; true when it has one.
     fn signal(&self, signal: libc::c_int) -> bool {
-        let members = match (self.group, self.pid) {
-            (Some(group), _) => procs::in_group(group, std::process::id() as libc::pid_t),
+        match (self.group, self.pid) {
+            (Some(group), _) => {
+                let members = procs::in_group(group, std::process::id() as libc::pid_t);
+                procs::signal_if(&members, &[signal], |pid| procs::has_group(pid, group)) > 0
+            }
             (None, Some(pid)) => {
                 let mut tree = procs::descendants(pid);
                 tree.push(pid);
-                tree
+                procs::signal_if(&tree, &[signal], |_| true) > 0
             }
-            (None, None) => Vec::new(),
-        };
-        for &pid in &members {
-            // SAFETY: kill with integer arguments.
-            unsafe { libc::kill(pid, signal) };
+            (None, None) => false,
         }
-        !members.is_empty()
     }
 
     /// Ends its whole tree. A process that is starting has a child that

@@ -16,7 +16,7 @@
 //! gone the host's `sandbox-agent kill MARKER` still finds and ends them
 //! (and the host keeps its own deadline, which sends that kill).
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
@@ -93,7 +93,7 @@ pub(super) fn supervise(
         // No bytes: the pipe (if any) closes here, the command reads EOF.
         _ => None,
     };
-    let pidfd = pidfd_open(child.id() as libc::pid_t);
+    let pidfd = crate::procs::pidfd_open(child.id() as libc::pid_t).ok();
     let mut status: Option<ExitStatus> = None;
     let mut exited_at: Option<Instant> = None;
     let mut expired_at: Option<Instant> = None;
@@ -267,12 +267,4 @@ fn set_nonblocking(fd: RawFd) {
             libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
         }
     }
-}
-
-/// A descriptor that becomes readable when `pid` exits; `None` where the
-/// kernel (or gVisor) has no `pidfd_open`.
-fn pidfd_open(pid: libc::pid_t) -> Option<OwnedFd> {
-    // SAFETY: a raw syscall with integer arguments; a new descriptor.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
