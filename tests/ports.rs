@@ -272,13 +272,32 @@ async fn a_port_through_the_engine_beside_a_stopper_cannot_wedge_the_engine() {
         .await
         .unwrap();
     plane_away(true);
-    for _ in 0..3 {
-        // Connected or not (the loop stops the server and the connection's
-        // own process too), it answers within the port's patience (8 s).
-        let tried = tokio::time::timeout(Duration::from_secs(20), alice.connect_port(8082)).await;
-        let conn = tried.expect("a port's connect hangs on the wedged engine");
-        drop(conn);
+    // Three at once, each an exec the loop may stop on its way in. Connected
+    // or not (the loop stops the server and the connection's own process
+    // too), each answers within the port's patience (12 s).
+    let attempt = || tokio::time::timeout(Duration::from_secs(20), alice.connect_port(8082));
+    let (a, b, c) = tokio::join!(attempt(), attempt(), attempt());
+    for tried in [a.map(drop), b.map(drop), c.map(drop)] {
+        tried.expect("a port's connect hangs on the wedged engine");
     }
+    // Given up on, each connection's processes are ended, stopped or not.
+    let mut left = String::new();
+    for _ in 0..60 {
+        left = support::docker(&[
+            "exec",
+            "-u",
+            "0:0",
+            &id,
+            "sh",
+            "-c",
+            "ps -o args | grep '[a]gent connect' || true",
+        ]);
+        if left.trim().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(left.trim().is_empty(), "left running: {left}");
     // The engine still answers for the container, and it goes.
     let inspect = std::process::Command::new("timeout")
         .args(["10", "docker", "inspect", "-f", "{{.State.Status}}", &id])

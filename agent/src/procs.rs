@@ -49,29 +49,35 @@ pub fn signal_if(
         .filter_map(|&pid| {
             let fd = match pidfd_open(pid) {
                 Ok(fd) => Some(fd),
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return None,
-                Err(_) => None,
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::ESRCH) => return None,
+                    // Out of descriptors (the check needs one too): by pid,
+                    // unchecked, as before pidfds.
+                    Some(libc::EMFILE) | Some(libc::ENFILE) => return Some((pid, None)),
+                    _ => None,
+                },
             };
             check(pid).then_some((pid, fd))
         })
         .collect();
     for &signal in signals {
         for (pid, fd) in &held {
-            match fd {
-                // SAFETY: a raw syscall on a descriptor we own.
-                Some(fd) => unsafe {
-                    libc::syscall(
-                        libc::SYS_pidfd_send_signal,
-                        fd.as_raw_fd(),
-                        signal,
-                        std::ptr::null::<libc::siginfo_t>(),
-                        0,
-                    );
-                },
+            // SAFETY: a raw syscall on a descriptor we own.
+            let sent = fd.as_ref().map(|fd| unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    signal,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            });
+            let gone = || std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+            if sent.is_none() || sent.is_some_and(|r| r != 0 && !gone()) {
+                // No pidfd, or a kernel that opens them and sends through
+                // none: by pid (checked above).
                 // SAFETY: signalling a pid; a stale one fails harmlessly.
-                None => unsafe {
-                    libc::kill(*pid, signal);
-                },
+                unsafe { libc::kill(*pid, signal) };
             }
         }
     }
@@ -584,6 +590,9 @@ mod tests {
         assert_eq!(status.signal(), Some(libc::SIGKILL));
         // Gone and reaped: nothing left to hold.
         let gone = pidfd_open(pid).err().and_then(|e| e.raw_os_error());
-        assert!(matches!(gone, Some(libc::ESRCH) | Some(libc::ENOSYS)), "{gone:?}");
+        assert!(
+            matches!(gone, Some(libc::ESRCH) | Some(libc::ENOSYS)),
+            "{gone:?}"
+        );
     }
 }

@@ -218,13 +218,14 @@ pub fn file_name(resolved: &str) -> &str {
 }
 
 /// `sm PATH`: the size and permission bits (octal) of what PATH names,
-/// symlinks followed, as `SIZE MODE`. `stat` first; where it fails, GNU
-/// `find`: the gVisor Debian 12 ships (release 20221219) refuses the
+/// symlinks followed, as `SIZE MODE` (fails, printing nothing, for a
+/// broken symlink or when neither tool can tell). `stat` first; where it
+/// fails, GNU `find`: the gVisor Debian 12 ships (release 20221219) refuses the
 /// `statx` flags of GNU coreutils 9 with EINVAL (`stat` and `ls` fail in
 /// Debian 12 images), and find's `fstatat` passes.
 macro_rules! size_and_mode {
     () => {
-        r#"sm() { stat -L -c '%s %a' "$1" 2>/dev/null || find -L "$1" -prune -printf '%s %m\n' 2>/dev/null; }
+        r#"sm() { stat -L -c '%s %a' "$1" 2>/dev/null || find -L "$1" -prune ! -type l -printf '%s %m\n' 2>/dev/null | grep .; }
 "#
     };
 }
@@ -259,13 +260,17 @@ td=${t%/*}; td=${td:-/}
 [ -w "$td" ] || { echo permission_denied; exit 0; }
 if [ "$m" = - ]; then
   m=644
-  [ -e "$t" ] && { a=$(sm "$t"); m=$(printf %o $(( 0${a#* } & 0777 ))); }
+  if [ -e "$t" ]; then
+    a=$(sm "$t") || { echo permission_denied; exit 0; }
+    m=$(printf %o $(( 0${a#* } & 0777 )))
+  fi
 fi
 w="${td%/}/.sandbox-upload.$$"
 umask 077
 {
   cat >&3 || { rm -f "$w"; echo permission_denied; exit 0; }
-  i=$(sm /proc/self/fd/3); [ "${i%% *}" = "$n" ] || { rm -f "$w"; echo short; exit 0; }
+  i=$(sm /proc/self/fd/3) || { rm -f "$w"; echo permission_denied; exit 0; }
+  [ "${i%% *}" = "$n" ] || { rm -f "$w"; echo short; exit 0; }
 } 3> "$w" || { rm -f "$w"; echo permission_denied; exit 0; }
 chmod "$m" "$w" || { rm -f "$w"; echo permission_denied; exit 0; }
 mv -f "$w" "$t" || { rm -f "$w"; echo permission_denied; exit 0; }

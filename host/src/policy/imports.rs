@@ -38,6 +38,9 @@ use crate::error::SandboxError;
 pub struct CallClock {
     pub ticks: u32,
     pub budget: Duration,
+    /// A host import returned since the last tick: the next one is the
+    /// import's (a slow one spans a tick), not the guest's.
+    pub after_import: bool,
 }
 
 impl CallClock {
@@ -46,8 +49,11 @@ impl CallClock {
         super::ticker::EPOCH_TICK.saturating_mul(self.ticks)
     }
 
-    /// One more tick the guest ran in.
+    /// One more tick the guest ran in (none just after a host import).
     pub fn tick(&mut self) {
+        if std::mem::take(&mut self.after_import) {
+            return;
+        }
         self.ticks = self.ticks.saturating_add(1);
     }
 }
@@ -140,7 +146,11 @@ impl InstanceState {
             engine,
             config,
             policy_name,
-            clock: CallClock { ticks: 0, budget },
+            clock: CallClock {
+                ticks: 0,
+                budget,
+                after_import: false,
+            },
             call: CallState::new(Scope::Pure),
             max_host_calls,
             limiter,
@@ -223,7 +233,9 @@ impl InstanceState {
     /// Runs a host operation: its time is not the guest's (see
     /// [`CallClock`]).
     async fn host<T>(&mut self, op: impl Future<Output = T>) -> T {
-        op.await
+        let out = op.await;
+        self.clock.after_import = true;
+        out
     }
 }
 

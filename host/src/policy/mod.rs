@@ -393,6 +393,7 @@ impl PolicyInstance {
         self.poisoned = true;
         let data = self.store.data_mut();
         data.clock.ticks = 0;
+        data.clock.after_import = false;
         data.call = imports::CallState::new(scope);
         data.clear_guest_stderr();
         self.store.set_epoch_deadline(1);

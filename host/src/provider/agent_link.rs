@@ -1032,9 +1032,9 @@ impl Link {
 }
 
 /// How long connecting to a port may take, through the plane or the
-/// engine's exec (the agent's own connect is bounded at 5 s; the workload
-/// may stop it, as the same user).
-pub(super) const PORT_PATIENCE: Duration = Duration::from_secs(8);
+/// engine's exec (the agent's own connect tries IPv4 and IPv6 loopback, 5 s
+/// each; the workload may stop it, as the same user).
+pub(super) const PORT_PATIENCE: Duration = Duration::from_secs(12);
 
 /// How long past a read's own wait the agent has to finish an answer about
 /// processes (a kill's sweep takes up to a few seconds).

@@ -1291,13 +1291,32 @@ impl ContainerProvider for DockerProvider {
             let argv = crate::dataplane::agent::connect_argv(port, None);
             (argv, self.exec_user.clone())
         };
+        // Marked, so that the connection's processes end with it (see
+        // `end` below), whatever the workload does to them.
+        let marker = crate::dataplane::exec::new_execution_id();
         let config = ExecConfig {
             cmd: Some(cmd),
             attach_stdin: Some(true),
             attach_stdout: Some(true),
             attach_stderr: Some(true),
+            env: Some(vec![format!(
+                "{}={marker}",
+                sandbox_agent::protocol::EXEC_MARKER_VAR
+            )]),
             user: Some(user),
             ..Default::default()
+        };
+        // Once the host is done with it (refused, given up on, or closed),
+        // the engine-side kill ends its root `reap` and `connect` by the
+        // marker: the workload may have stopped them, and nothing else would.
+        let end = {
+            let (docker, id) = (docker.clone(), id.to_owned());
+            let kill_as = (!agent_serves).then(|| self.exec_user.clone());
+            let patience = self.timeout;
+            move || async move {
+                let kill = run_kill(&docker, &id, &marker, kill_as.as_deref());
+                let _ = tokio::time::timeout(patience, kill).await;
+            }
         };
         let exec = self.call(docker.create_exec(id, config)).await?;
         let started = self
@@ -1341,8 +1360,12 @@ impl ContainerProvider for DockerProvider {
             ))),
         };
         let said = String::from_utf8_lossy(&said).trim().to_owned();
-        connected?;
+        if let Err(e) = connected {
+            tokio::spawn(end());
+            return Err(e);
+        }
         if said != PORT_CONNECTED {
+            tokio::spawn(end());
             let why = if said.is_empty() {
                 format!("nothing answered on port {port} (no sandbox agent in the container?)")
             } else {
@@ -1376,6 +1399,7 @@ impl ContainerProvider for DockerProvider {
                 () = to_container => {}
                 () = from_container => {}
             }
+            end().await;
         });
         Ok(ours)
     }
