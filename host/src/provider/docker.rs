@@ -1383,23 +1383,37 @@ impl ContainerProvider for DockerProvider {
                 // answer, then the exec goes (a silent server holds nothing).
                 tokio::time::sleep(PORT_LINGER).await;
             };
+            // True when the exec's output ended (its processes are gone).
             let from_container = async {
-                while let Some(Ok(frame)) = output.next().await {
-                    if let LogOutput::StdOut { message } = frame {
-                        if to_client.write_all(&message).await.is_err() {
+                let mut ended = true;
+                while let Some(frame) = output.next().await {
+                    match frame {
+                        Ok(LogOutput::StdOut { message }) => {
+                            if to_client.write_all(&message).await.is_err() {
+                                ended = false;
+                                break;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => {
+                            ended = false;
                             break;
                         }
                     }
                 }
                 let _ = to_client.shutdown().await;
+                ended
             };
             // The server closing ends the connection; the client closing
             // ends only its half (the response may still come).
-            tokio::select! {
-                () = to_container => {}
-                () = from_container => {}
+            let ended = tokio::select! {
+                () = to_container => false,
+                ended = from_container => ended,
+            };
+            // An engine exec to end what may still run, only then.
+            if !ended {
+                end().await;
             }
-            end().await;
         });
         Ok(ours)
     }
