@@ -1014,15 +1014,7 @@ async fn a_background_stopper_cannot_wedge_the_engine_on_its_container() {
         assert!(r.timed_out, "{}", brief(&r));
     }
     // The engine still answers for the container, and it goes.
-    let inspect = std::process::Command::new("timeout")
-        .args(["10", "docker", "inspect", "-f", "{{.State.Status}}", &id])
-        .output()
-        .unwrap();
-    assert!(
-        inspect.status.success(),
-        "the engine hangs on the container: {}",
-        String::from_utf8_lossy(&inspect.stderr)
-    );
+    support::assert_engine_answers_for(&id);
     let destroyed = tokio::time::timeout(
         Duration::from_secs(30),
         sandbox.destroy_user_backend("alice"),

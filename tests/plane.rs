@@ -47,14 +47,6 @@ fn events_between(container: &str, since: &str, until: &str) -> Vec<String> {
     .collect()
 }
 
-/// The container's name (`/` trimmed).
-fn name_of(container: &str) -> String {
-    docker(&["inspect", "--format", "{{.Name}}", container])
-        .trim()
-        .trim_start_matches('/')
-        .to_owned()
-}
-
 /// The host pid of the agent's `serve` in `container`.
 fn serve_pid(container: &str) -> String {
     docker(&["top", container, "-eo", "pid,args"])
@@ -169,17 +161,7 @@ async fn a_plane_broken_mid_command_loses_that_command_once_and_the_attach_strea
     let b = sandbox.get_thread_backend("alice-1").await.unwrap();
     warm(&b).await;
     let id = h.container_of("alice");
-    let nonce = docker(&[
-        "inspect",
-        "--format",
-        "{{index .Config.Labels \"sandbox.plane\"}}",
-        &id,
-    ]);
-    let dir = h
-        .config()
-        .workspace_root
-        .join(".sandbox/plane")
-        .join(format!("{}.{}", name_of(&id), nonce.trim()));
+    let dir = h.plane_dir(&id);
     assert!(dir.is_dir(), "{}", dir.display());
     let away = dir.with_extension("away");
 

@@ -199,26 +199,6 @@ while True:
     served.abort();
 }
 
-/// The plane's directory of `container` in the harness's state: moved
-/// away, no plane pipe can be offered and a port goes through the engine.
-fn plane_dir(h: &Harness, container: &str) -> std::path::PathBuf {
-    let name = support::docker(&["inspect", "--format", "{{.Name}}", container]);
-    let nonce = support::docker(&[
-        "inspect",
-        "--format",
-        "{{index .Config.Labels \"sandbox.plane\"}}",
-        container,
-    ]);
-    h.config()
-        .workspace_root
-        .join(".sandbox/plane")
-        .join(format!(
-            "{}.{}",
-            name.trim().trim_start_matches('/'),
-            nonce.trim()
-        ))
-}
-
 fn gvisor() -> bool {
     support::test_runtime().is_some_and(|r| r.contains("runsc"))
 }
@@ -240,7 +220,7 @@ async fn a_port_through_the_engine_beside_a_stopper_cannot_wedge_the_engine() {
     let (dir, away) = if gvisor() {
         (None, None)
     } else {
-        let dir = plane_dir(&h, &id);
+        let dir = h.plane_dir(&id);
         assert!(dir.is_dir(), "{}", dir.display());
         let away = dir.with_extension("away");
         (Some(dir), Some(away))
@@ -299,15 +279,7 @@ async fn a_port_through_the_engine_beside_a_stopper_cannot_wedge_the_engine() {
     }
     assert!(left.trim().is_empty(), "left running: {left}");
     // The engine still answers for the container, and it goes.
-    let inspect = std::process::Command::new("timeout")
-        .args(["10", "docker", "inspect", "-f", "{{.State.Status}}", &id])
-        .output()
-        .unwrap();
-    assert!(
-        inspect.status.success(),
-        "the engine hangs on the container: {}",
-        String::from_utf8_lossy(&inspect.stderr)
-    );
+    support::assert_engine_answers_for(&id);
     plane_away(false);
     let destroyed = tokio::time::timeout(
         Duration::from_secs(30),

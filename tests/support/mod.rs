@@ -104,6 +104,26 @@ impl Harness {
         }
     }
 
+    /// The plane directory of `container` in this harness's state (moved
+    /// away, no plane pipe can be offered and calls take the engine's way).
+    pub fn plane_dir(&self, container: &str) -> std::path::PathBuf {
+        let name = docker(&["inspect", "--format", "{{.Name}}", container]);
+        let nonce = docker(&[
+            "inspect",
+            "--format",
+            "{{index .Config.Labels \"sandbox.plane\"}}",
+            container,
+        ]);
+        self.config()
+            .workspace_root
+            .join(".sandbox/plane")
+            .join(format!(
+                "{}.{}",
+                name.trim().trim_start_matches('/'),
+                nonce.trim()
+            ))
+    }
+
     /// A running container without sandbox labels, as another tenant of the
     /// engine would have. Returns its id.
     pub fn victim(&self) -> String {
@@ -337,6 +357,27 @@ pub fn pause(container: &str) {
 }
 
 /// Runs the docker CLI (to act behind the sandbox's back) and returns stdout.
+/// Panics unless the engine answers an inspect of `container` within
+/// 10 s (a wedged engine holds its lock on it).
+pub fn assert_engine_answers_for(container: &str) {
+    let inspect = std::process::Command::new("timeout")
+        .args([
+            "10",
+            "docker",
+            "inspect",
+            "-f",
+            "{{.State.Status}}",
+            container,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        inspect.status.success(),
+        "the engine hangs on the container: {}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+}
+
 pub fn docker(args: &[&str]) -> String {
     let out = Command::new("docker")
         .args(args)
