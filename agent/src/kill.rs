@@ -49,14 +49,13 @@ pub fn kill_marked(marker: &str) -> i32 {
         let roots = marked(entry.as_bytes(), me);
         let mut tree: Vec<libc::pid_t> =
             roots.iter().flat_map(|&r| procs::descendants(r)).collect();
-        tree.extend(&roots);
         tree.retain(|&p| p != me);
-        tree.sort_unstable();
-        tree.dedup();
-        if tree.is_empty() {
+        if tree.is_empty() && roots.is_empty() {
             return if all_gone { 0 } else { 1 };
         }
-        procs::stop_then_kill(&tree);
+        // A root still carries the marker once held; a descendant still
+        // hangs from the tree.
+        procs::stop_then_kill_tree(&roots, &tree, |pid| carries(pid, entry.as_bytes()));
         std::thread::sleep(procs::SWEEP_PAUSE);
     }
     1
@@ -129,12 +128,16 @@ fn marked(entry: &[u8], me: libc::pid_t) -> Vec<libc::pid_t> {
         .unwrap_or_default()
         .into_iter()
         .filter(|&pid| pid != me)
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ"))
-                .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == entry))
-        })
+        .filter(|&pid| carries(pid, entry))
         .filter(|&pid| procs::is_live(pid))
         .collect()
+}
+
+/// Whether the environment of `pid` has exactly `entry` as one of its
+/// NUL-separated entries.
+fn carries(pid: libc::pid_t, entry: &[u8]) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == entry))
 }
 
 #[cfg(test)]

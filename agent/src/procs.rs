@@ -20,14 +20,8 @@ pub fn pids() -> std::io::Result<Vec<libc::pid_t>> {
         .collect())
 }
 
-/// Stops every process of `pids`, then kills them: stopping first means a
-/// fork loop cannot outrun the sweep.
-pub fn stop_then_kill(pids: &[libc::pid_t]) {
-    stop_then_kill_if(pids, |_| true);
-}
-
-/// [`stop_then_kill`] for the processes of `pids` that still pass `check`
-/// once held: a pid found by a `/proc` walk may have been freed and given
+/// Stops, then kills, the processes of `pids` (stopping first means a fork
+/// loop cannot outrun the sweep) that still pass `check` once held: a pid found by a `/proc` walk may have been freed and given
 /// to another process since. Each is held by a pidfd first and checked
 /// after (so the check reads the process the pidfd holds, while it lives),
 /// and signalled through it: a process that has since gone takes no
@@ -35,6 +29,44 @@ pub fn stop_then_kill(pids: &[libc::pid_t]) {
 /// has no pidfds, by pid, checked first, as before.
 pub fn stop_then_kill_if(pids: &[libc::pid_t], check: impl Fn(libc::pid_t) -> bool) {
     signal_if(pids, &[libc::SIGSTOP, libc::SIGKILL], check);
+}
+
+/// Sends `signals`, in turn, to a tree a `/proc` walk found: `roots` and
+/// `members` (their descendants, see [`descendants`]), each held as in
+/// [`stop_then_kill_if`]. A member is signalled only while its parent is a
+/// root or a member, so a pid freed and given to a process outside the
+/// tree since (another call's `reap`, say) is spared; a root only while it
+/// passes `root_check`. How many it held.
+pub fn signal_tree(
+    roots: &[libc::pid_t],
+    members: &[libc::pid_t],
+    signals: &[libc::c_int],
+    root_check: impl Fn(libc::pid_t) -> bool,
+) -> usize {
+    let within: HashSet<libc::pid_t> = roots.iter().chain(members).copied().collect();
+    let all: Vec<libc::pid_t> = within.iter().copied().collect();
+    signal_if(&all, signals, |pid| {
+        if roots.contains(&pid) {
+            root_check(pid)
+        } else {
+            parent_of(pid).is_some_and(|parent| within.contains(&parent))
+        }
+    })
+}
+
+/// [`signal_tree`] with SIGSTOP, then SIGKILL.
+pub fn stop_then_kill_tree(
+    roots: &[libc::pid_t],
+    members: &[libc::pid_t],
+    root_check: impl Fn(libc::pid_t) -> bool,
+) {
+    signal_tree(roots, members, &[libc::SIGSTOP, libc::SIGKILL], root_check);
+}
+
+/// The parent of `pid` now, from its `/proc` stat.
+fn parent_of(pid: libc::pid_t) -> Option<libc::pid_t> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&stat).map(|(_, parent)| parent)
 }
 
 /// Sends `signals`, in turn, to each process of `pids` that still passes
@@ -594,5 +626,27 @@ mod tests {
             matches!(gone, Some(libc::ESRCH) | Some(libc::ENOSYS)),
             "{gone:?}"
         );
+    }
+
+    #[test]
+    fn a_tree_signal_spares_a_member_no_longer_hanging_from_the_tree() {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as libc::pid_t;
+        let me = std::process::id() as libc::pid_t;
+        // Listed under another root (its pid reused since, say): spared.
+        let other_root = 1;
+        assert_eq!(
+            signal_tree(&[other_root], &[pid], &[libc::SIGKILL], |_| false),
+            0
+        );
+        assert!(child.try_wait().unwrap().is_none(), "killed though spared");
+        // A root that fails its check is spared too, its child is not.
+        assert_eq!(signal_tree(&[me], &[pid], &[libc::SIGKILL], |_| false), 1);
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
     }
 }

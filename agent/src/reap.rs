@@ -348,7 +348,7 @@ fn kill_tree(root: libc::pid_t) {
         if tree.is_empty() {
             return;
         }
-        procs::stop_then_kill(&tree);
+        procs::stop_then_kill_tree(&[root], &tree, |_| false);
         procs::reap_zombies();
         std::thread::sleep(procs::SWEEP_PAUSE);
     }

@@ -165,10 +165,11 @@ impl Proc {
                 let members = procs::in_group(group, std::process::id() as libc::pid_t);
                 procs::signal_if(&members, &[signal], |pid| procs::has_group(pid, group)) > 0
             }
+            // Only while `reap` has not been waited for (see `kill`).
             (None, Some(pid)) => {
-                let mut tree = procs::descendants(pid);
-                tree.push(pid);
-                procs::signal_if(&tree, &[signal], |_| true) > 0
+                let tree = procs::descendants(pid);
+                let unreaped = |_| !self.reaped.load(Ordering::SeqCst);
+                procs::signal_tree(&[pid], &tree, &[signal], unreaped) > 0
             }
             (None, None) => false,
         }
@@ -192,9 +193,9 @@ impl Proc {
                 // Only while `reap` has not been waited for: its pid is
                 // not reused before.
                 (None, Some(pid)) if !self.reaped.load(Ordering::SeqCst) => {
-                    let mut tree = procs::descendants(pid);
-                    tree.push(pid);
-                    procs::stop_then_kill(&tree);
+                    let tree = procs::descendants(pid);
+                    let unreaped = |_| !self.reaped.load(Ordering::SeqCst);
+                    procs::stop_then_kill_tree(&[pid], &tree, unreaped);
                 }
                 _ => return,
             }
