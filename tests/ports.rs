@@ -18,11 +18,28 @@ async fn serve_page(backend: &sandbox_host::Backend, port: u16) {
     let r = backend
         .execute(&format!(
             "mkdir -p www && echo {PAGE} > www/index.html && \
-             (httpd -f -p 127.0.0.1:{port} -h www >/dev/null 2>&1 &) && sleep 0.3"
+             (httpd -f -p 127.0.0.1:{port} -h www >/dev/null 2>&1 &)"
         ))
         .await
         .unwrap();
     assert_eq!(r.exit_code, 0, "{r:?}");
+    wait_listening(backend, port).await;
+}
+
+/// Waits (20 s at most) until a server listens on `port` of the sandbox's
+/// loopback: a server started in the background may take a while (Python
+/// under gVisor on a loaded host), and a connection tried before it
+/// listens is refused.
+async fn wait_listening(backend: &sandbox_host::Backend, port: u16) {
+    let r = backend
+        .execute(&format!(
+            "for _ in $(seq 200); do \
+               grep -q ':{port:04X} 00000000:0000 0A' /proc/net/tcp && exit 0; sleep 0.1; \
+             done; cat /proc/net/tcp; exit 1"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, 0, "nothing listens on port {port}: {r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -160,10 +177,11 @@ while True:
         .await
         .unwrap();
     let r = alice
-        .execute("(python3 echo.py >/dev/null 2>&1 &); sleep 0.5")
+        .execute("(python3 echo.py >/dev/null 2>&1 &)")
         .await
         .unwrap();
     assert_eq!(r.exit_code, 0, "{r:?}");
+    wait_listening(&alice, 8090).await;
 
     let state = std::sync::Arc::new(sandbox_host::serve::AppState::new(
         sandbox.clone(),
@@ -254,13 +272,16 @@ async fn a_port_through_the_engine_beside_a_stopper_cannot_wedge_the_engine() {
     plane_away(true);
     // Three at once, each an exec the loop may stop on its way in. Connected
     // or not (the loop stops the server and the connection's own process
-    // too), each answers within the port's patience (12 s).
+    // too), each answers within the port's patience (12 s). A fourth caller
+    // goes away while its connection is still being made.
     let attempt = || tokio::time::timeout(Duration::from_secs(20), alice.connect_port(8082));
-    let (a, b, c) = tokio::join!(attempt(), attempt(), attempt());
+    let dropped = tokio::time::timeout(Duration::from_secs(2), alice.connect_port(8082));
+    let (a, b, c, _) = tokio::join!(attempt(), attempt(), attempt(), dropped);
     for tried in [a.map(drop), b.map(drop), c.map(drop)] {
         tried.expect("a port's connect hangs on the wedged engine");
     }
-    // Given up on, each connection's processes are ended, stopped or not.
+    // Given up on, by the host or by its caller, each connection's
+    // processes are ended, stopped or not.
     let mut left = String::new();
     for _ in 0..60 {
         left = support::docker(&[

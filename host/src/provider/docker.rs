@@ -65,6 +65,8 @@ struct CancelOnDrop {
     cancels: Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
     /// Tried first: a kill through the container's agent link.
     links: Option<Arc<AgentLinks>>,
+    /// Logged with the kill: why the processes go.
+    why: &'static str,
     armed: bool,
 }
 
@@ -82,7 +84,7 @@ impl Drop for CancelOnDrop {
             std::mem::take(&mut self.marker),
             std::mem::take(&mut self.user),
         );
-        tracing::info!(container, "call abandoned: killing its processes");
+        tracing::info!(container, "{}: killing its processes", self.why);
         let links = self.links.take();
         let kill = async move {
             if let Some(links) = links {
@@ -260,13 +262,32 @@ impl DockerProvider {
         request: &ExecRequest,
         through_link: bool,
     ) -> CancelOnDrop {
+        let user = self.kill_user(request);
+        let (marker, why) = (&request.marker, "call abandoned");
+        self.kill_on_drop(docker, container, marker, user, through_link, why)
+    }
+
+    /// Kills the processes marked `marker` in `container` when dropped
+    /// armed (logged as `why`): through the agent link first when
+    /// `through_link`, else (or when that fails) by an engine-side kill as
+    /// root and `user`.
+    fn kill_on_drop(
+        &self,
+        docker: &Docker,
+        container: &str,
+        marker: &str,
+        user: Option<String>,
+        through_link: bool,
+        why: &'static str,
+    ) -> CancelOnDrop {
         CancelOnDrop {
             docker: docker.clone(),
             container: container.to_owned(),
-            marker: request.marker.clone(),
-            user: self.kill_user(request),
+            marker: marker.to_owned(),
+            user,
             cancels: self.cancels.clone(),
             links: through_link.then(|| self.links.clone()),
+            why,
             armed: true,
         }
     }
@@ -732,8 +753,8 @@ impl DockerProvider {
                 }
             }
         };
-        // Close the whole attach connection (both halves): a half-open one
-        // keeps the engine from starting any other exec in this container.
+        // Close the whole attach connection (both halves): the engine holds
+        // the exec's streams for as long as it stays open.
         drop(stream);
         drop(input);
         // From here on the call has ended or is killed below.
@@ -1306,19 +1327,15 @@ impl ContainerProvider for DockerProvider {
             user: Some(user),
             ..Default::default()
         };
-        // Once the host is done with it (refused, given up on, or closed),
-        // the engine-side kill ends its root `reap` and `connect` by the
-        // marker: the workload may have stopped them, and nothing else would.
-        let end = {
-            let (docker, id) = (docker.clone(), id.to_owned());
-            let kill_as = (!agent_serves).then(|| self.exec_user.clone());
-            let patience = self.timeout;
-            move || async move {
-                let kill = run_kill(&docker, &id, &marker, kill_as.as_deref());
-                let _ = tokio::time::timeout(patience, kill).await;
-            }
-        };
         let exec = self.call(docker.create_exec(id, config)).await?;
+        // Once the host is done with it (refused, given up on, closed, or
+        // the caller went away while it connected), the kill ends its root
+        // `reap` and `connect` by the marker: the workload may have stopped
+        // them, and nothing else would. Only an exec whose output ended
+        // (its processes are gone) is spared it.
+        let kill_as = (!agent_serves).then(|| self.exec_user.clone());
+        let why = "port connection over";
+        let end = self.kill_on_drop(docker, id, &marker, kill_as, agent_serves, why);
         let started = self
             .call(docker.start_exec(&exec.id, None::<StartExecOptions>))
             .await?;
@@ -1360,12 +1377,8 @@ impl ContainerProvider for DockerProvider {
             ))),
         };
         let said = String::from_utf8_lossy(&said).trim().to_owned();
-        if let Err(e) = connected {
-            tokio::spawn(end());
-            return Err(e);
-        }
+        connected?;
         if said != PORT_CONNECTED {
-            tokio::spawn(end());
             let why = if said.is_empty() {
                 format!("nothing answered on port {port} (no sandbox agent in the container?)")
             } else {
@@ -1376,6 +1389,8 @@ impl ContainerProvider for DockerProvider {
         let (ours, theirs) = tokio::io::duplex(PORT_BUFFER);
         let (mut from_client, mut to_client) = tokio::io::split(theirs);
         tokio::spawn(async move {
+            // The guard itself (not just its flag) goes with the relay.
+            let mut end = end;
             let to_container = async {
                 let _ = tokio::io::copy(&mut from_client, &mut input).await;
                 let _ = input.shutdown().await;
@@ -1410,10 +1425,8 @@ impl ContainerProvider for DockerProvider {
                 () = to_container => false,
                 ended = from_container => ended,
             };
-            // An engine exec to end what may still run, only then.
-            if !ended {
-                end().await;
-            }
+            // A kill of what may still run, only then (on `end`'s drop).
+            end.armed = !ended;
         });
         Ok(ours)
     }
