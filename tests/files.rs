@@ -858,8 +858,15 @@ async fn a_file_swapped_for_a_fifo_before_its_open_never_blocks_a_download() {
         *outcomes.entry(outcome).or_insert(0) += 1;
         // The script's open waits at most its few seconds for a FIFO.
         if took > Duration::from_secs(4) {
-            assert_eq!(got[0].error, Some(FileError::InvalidPath), "{got:?}");
-            opened_a_fifo += 1;
+            // Under gVisor, beside the swapper's forks, a download that
+            // met no FIFO may be as slow on a loaded host: it is only
+            // counted when it answered the watchdog's word.
+            if support::test_runtime().is_none() {
+                assert_eq!(got[0].error, Some(FileError::InvalidPath), "{got:?}");
+            }
+            if got[0].error == Some(FileError::InvalidPath) {
+                opened_a_fifo += 1;
+            }
             if opened_a_fifo == 2 {
                 break;
             }
