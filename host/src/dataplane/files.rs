@@ -294,7 +294,9 @@ pub const OPEN_WAIT_SECS: u32 = 5;
 /// nearest existing directory above it may not be searched (whether the
 /// file exists is then not the user's to know), else `file_not_found`. The
 /// file is opened once; its type and apparent size are taken from that open
-/// file, before any content is read.
+/// file, before any content is read. A check (or the open) that fails is
+/// made again: only a failure that holds is reported, and a file the
+/// workload swapped away in between was not found (`file_not_found`).
 ///
 /// The open cannot wait long: the shell has no non-blocking open, so a FIFO
 /// swapped in between the check and the open (with no writer) would block
@@ -317,10 +319,11 @@ if [ ! -e "$p" ]; then
   [ -d "$a" ] && [ ! -x "$a" ] && { echo permission_denied; exit 0; }
   echo file_not_found; exit 0
 fi
+held() { [ -e "$p" ] && ! test "$1" "$p"; }
 [ -d "$p" ] && { echo is_directory; exit 0; }
-[ -f "$p" ] || { echo invalid_path; exit 0; }
+[ -f "$p" ] || { held -f && echo invalid_path || echo file_not_found; exit 0; }
 case "$(readlink -f "$p")" in /proc/*|/sys/*) echo invalid_path; exit 0 ;; esac
-[ -r "$p" ] || { echo permission_denied; exit 0; }
+[ -r "$p" ] || { held -r && echo permission_denied || echo file_not_found; exit 0; }
 (
   trap 'kill $! 2>/dev/null; exit 0' TERM
   sleep "$3" </dev/null >/dev/null 2>&1 &
@@ -339,7 +342,7 @@ g=$!
     exec dd bs=65536 count="$s" iflag=count_bytes
   fi
   exec head -c "$s"
-} < "$p" || { kill $g; echo permission_denied; }
+} < "$p" || { kill $g; held -r && echo permission_denied || echo file_not_found; }
 "#
 );
 
