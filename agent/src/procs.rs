@@ -36,7 +36,7 @@ pub fn stop_then_kill_if(pids: &[libc::pid_t], check: impl Fn(libc::pid_t) -> bo
 /// [`stop_then_kill_if`]. A member is signalled only while its parent is a
 /// root or a member, so a pid freed and given to a process outside the
 /// tree since (another call's `reap`, say) is spared; a root only while it
-/// passes `root_check`. How many it held.
+/// passes `root_check` (or hangs from the tree too). How many it held.
 pub fn signal_tree(
     roots: &[libc::pid_t],
     members: &[libc::pid_t],
@@ -46,10 +46,13 @@ pub fn signal_tree(
     let within: HashSet<libc::pid_t> = roots.iter().chain(members).copied().collect();
     let all: Vec<libc::pid_t> = within.iter().copied().collect();
     signal_if(&all, signals, |pid| {
+        let hangs = || parent_of(pid).is_some_and(|parent| within.contains(&parent));
+        // A root that is also a member (a marked child of a marked `reap`)
+        // passes either way: a failed root check alone must not spare it.
         if roots.contains(&pid) {
-            root_check(pid)
+            root_check(pid) || hangs()
         } else {
-            parent_of(pid).is_some_and(|parent| within.contains(&parent))
+            hangs()
         }
     })
 }
@@ -644,8 +647,13 @@ mod tests {
             0
         );
         assert!(child.try_wait().unwrap().is_none(), "killed though spared");
-        // A root that fails its check is spared too, its child is not.
-        assert_eq!(signal_tree(&[me], &[pid], &[libc::SIGKILL], |_| false), 1);
+        // A root that fails its check is spared; its child, a root failing
+        // its check too but hanging from the tree (a marked child of a
+        // marked `reap`), is not.
+        assert_eq!(
+            signal_tree(&[me, pid], &[pid], &[libc::SIGKILL], |_| false),
+            1
+        );
         let status = child.wait().unwrap();
         assert_eq!(status.signal(), Some(libc::SIGKILL));
     }

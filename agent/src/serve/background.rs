@@ -166,12 +166,17 @@ impl Proc {
                 procs::signal_if(&members, &[signal], |pid| procs::has_group(pid, group)) > 0
             }
             // Only while `reap` has not been waited for (see `kill`).
-            (None, Some(pid)) => {
+            (None, Some(pid)) if !self.reaped.load(Ordering::SeqCst) => {
                 let tree = procs::descendants(pid);
+                // Waited for during the walk: the pid may since name
+                // another process, and the tree that one's.
+                if self.reaped.load(Ordering::SeqCst) {
+                    return false;
+                }
                 let unreaped = |_| !self.reaped.load(Ordering::SeqCst);
                 procs::signal_tree(&[pid], &tree, &[signal], unreaped) > 0
             }
-            (None, None) => false,
+            (None, _) => false,
         }
     }
 
@@ -194,6 +199,10 @@ impl Proc {
                 // not reused before.
                 (None, Some(pid)) if !self.reaped.load(Ordering::SeqCst) => {
                     let tree = procs::descendants(pid);
+                    // Not when it was waited for during the walk (`signal`).
+                    if self.reaped.load(Ordering::SeqCst) {
+                        return;
+                    }
                     let unreaped = |_| !self.reaped.load(Ordering::SeqCst);
                     procs::stop_then_kill_tree(&[pid], &tree, unreaped);
                 }

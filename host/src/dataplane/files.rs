@@ -294,9 +294,11 @@ pub const OPEN_WAIT_SECS: u32 = 5;
 /// nearest existing directory above it may not be searched (whether the
 /// file exists is then not the user's to know), else `file_not_found`. The
 /// file is opened once; its type and apparent size are taken from that open
-/// file, before any content is read. A check (or the open) that fails is
-/// made again: only a failure that holds is reported, and a file the
-/// workload swapped away in between was not found (`file_not_found`).
+/// file, before any content is read. A check or an open that fails is
+/// tried again from the start, five times in all: a file the workload
+/// swapped away and back in between is read, and only a failure that holds
+/// is reported (an open still refused is `permission_denied`, or
+/// `file_not_found` once the file is gone).
 ///
 /// The open cannot wait long: the shell has no non-blocking open, so a FIFO
 /// swapped in between the check and the open (with no writer) would block
@@ -311,6 +313,8 @@ exec 2>/dev/null
 "#,
     size_and_mode!(),
     r#"p=$1; max=$2
+last() { [ -e "$p" ] && echo "$1" || echo file_not_found; exit 0; }
+for try in 1 2 3 4 5; do
 if [ ! -e "$p" ]; then
   [ -L "$p" ] && { echo file_not_found; exit 0; }
   a=${p%/*}
@@ -319,11 +323,10 @@ if [ ! -e "$p" ]; then
   [ -d "$a" ] && [ ! -x "$a" ] && { echo permission_denied; exit 0; }
   echo file_not_found; exit 0
 fi
-held() { [ -e "$p" ] && ! test "$1" "$p"; }
 [ -d "$p" ] && { echo is_directory; exit 0; }
-[ -f "$p" ] || { held -f && echo invalid_path || echo file_not_found; exit 0; }
+[ -f "$p" ] || { [ $try = 5 ] && last invalid_path; continue; }
 case "$(readlink -f "$p")" in /proc/*|/sys/*) echo invalid_path; exit 0 ;; esac
-[ -r "$p" ] || { held -r && echo permission_denied || echo file_not_found; exit 0; }
+[ -r "$p" ] || { [ $try = 5 ] && last permission_denied; continue; }
 (
   trap 'kill $! 2>/dev/null; exit 0' TERM
   sleep "$3" </dev/null >/dev/null 2>&1 &
@@ -342,7 +345,10 @@ g=$!
     exec dd bs=65536 count="$s" iflag=count_bytes
   fi
   exec head -c "$s"
-} < "$p" || { kill $g; held -r && echo permission_denied || echo file_not_found; }
+} < "$p"
+kill $g
+done
+last permission_denied
 "#
 );
 

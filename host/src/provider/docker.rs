@@ -66,8 +66,16 @@ struct CancelOnDrop {
     /// Tried first: a kill through the container's agent link.
     links: Option<Arc<AgentLinks>>,
     /// Logged with the kill: why the processes go.
-    why: &'static str,
+    why: KillReason,
     armed: bool,
+}
+
+/// Why a [`CancelOnDrop`] kills: a call abandoned mid-way is news (info);
+/// a port connection's end is routine (debug).
+#[derive(Clone, Copy)]
+enum KillReason {
+    CallAbandoned,
+    PortConnectionOver,
 }
 
 impl Drop for CancelOnDrop {
@@ -84,7 +92,14 @@ impl Drop for CancelOnDrop {
             std::mem::take(&mut self.marker),
             std::mem::take(&mut self.user),
         );
-        tracing::info!(container, "{}: killing its processes", self.why);
+        match self.why {
+            KillReason::CallAbandoned => {
+                tracing::info!(container, "call abandoned: killing its processes")
+            }
+            KillReason::PortConnectionOver => {
+                tracing::debug!(container, "port connection over: ending its processes")
+            }
+        }
         let links = self.links.take();
         let kill = async move {
             if let Some(links) = links {
@@ -101,7 +116,11 @@ impl Drop for CancelOnDrop {
                 tracing::warn!(container, "could not kill an abandoned call");
             }
         };
-        self.cancels.lock().unwrap().spawn_on(kill, &runtime);
+        // Finished kills are collected here, not only by `settle`: every
+        // port connection through the engine adds one.
+        let mut cancels = self.cancels.lock().unwrap();
+        while cancels.try_join_next().is_some() {}
+        cancels.spawn_on(kill, &runtime);
     }
 }
 
@@ -263,7 +282,7 @@ impl DockerProvider {
         through_link: bool,
     ) -> CancelOnDrop {
         let user = self.kill_user(request);
-        let (marker, why) = (&request.marker, "call abandoned");
+        let (marker, why) = (&request.marker, KillReason::CallAbandoned);
         self.kill_on_drop(docker, container, marker, user, through_link, why)
     }
 
@@ -278,7 +297,7 @@ impl DockerProvider {
         marker: &str,
         user: Option<String>,
         through_link: bool,
-        why: &'static str,
+        why: KillReason,
     ) -> CancelOnDrop {
         CancelOnDrop {
             docker: docker.clone(),
@@ -1334,7 +1353,7 @@ impl ContainerProvider for DockerProvider {
         // them, and nothing else would. Only an exec whose output ended
         // (its processes are gone) is spared it.
         let kill_as = (!agent_serves).then(|| self.exec_user.clone());
-        let why = "port connection over";
+        let why = KillReason::PortConnectionOver;
         let end = self.kill_on_drop(docker, id, &marker, kill_as, agent_serves, why);
         let started = self
             .call(docker.start_exec(&exec.id, None::<StartExecOptions>))
