@@ -21,8 +21,9 @@ pub fn pids() -> std::io::Result<Vec<libc::pid_t>> {
 }
 
 /// Stops, then kills, the processes of `pids` (stopping first means a fork
-/// loop cannot outrun the sweep) that still pass `check` once held: a pid found by a `/proc` walk may have been freed and given
-/// to another process since. Each is held by a pidfd first and checked
+/// loop cannot outrun the sweep) that still pass `check` once held: a pid
+/// found by a `/proc` walk may have been freed and given to another
+/// process since. Each is held by a pidfd first and checked
 /// after (so the check reads the process the pidfd holds, while it lives),
 /// and signalled through it: a process that has since gone takes no
 /// signal, and no other process in its stead. Where the kernel (or gVisor)

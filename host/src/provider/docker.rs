@@ -67,6 +67,9 @@ struct CancelOnDrop {
     links: Option<Arc<AgentLinks>>,
     /// Logged with the kill: why the processes go.
     why: KillReason,
+    /// While the engine may still be starting the exec: the kill is made
+    /// again a moment later, for processes that were not there yet.
+    starting: bool,
     armed: bool,
 }
 
@@ -101,19 +104,29 @@ impl Drop for CancelOnDrop {
             }
         }
         let links = self.links.take();
+        let why = match self.why {
+            KillReason::CallAbandoned => "an abandoned call",
+            KillReason::PortConnectionOver => "a port connection",
+        };
+        let rounds = if self.starting { 2 } else { 1 };
         let kill = async move {
-            if let Some(links) = links {
-                if links.kill(&container, &marker).await == Ok(true) {
-                    return;
+            for round in 1..=rounds {
+                if round > 1 {
+                    tokio::time::sleep(STARTING_GRACE).await;
                 }
-            }
-            let killed = tokio::time::timeout(
-                CANCEL_TIMEOUT,
-                run_kill(&docker, &container, &marker, user.as_deref()),
-            )
-            .await;
-            if !matches!(killed, Ok(Ok(ref r)) if r.exit_code == Some(0)) {
-                tracing::warn!(container, "could not kill an abandoned call");
+                if let Some(links) = &links {
+                    if links.kill(&container, &marker).await == Ok(true) {
+                        continue;
+                    }
+                }
+                let killed = tokio::time::timeout(
+                    CANCEL_TIMEOUT,
+                    run_kill(&docker, &container, &marker, user.as_deref()),
+                )
+                .await;
+                if !matches!(killed, Ok(Ok(ref r)) if r.exit_code == Some(0)) {
+                    tracing::warn!(container, "could not kill the processes of {why}");
+                }
             }
         };
         // Finished kills are collected here, not only by `settle`: every
@@ -126,6 +139,9 @@ impl Drop for CancelOnDrop {
 
 /// Bound on killing an abandoned call.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long after a kill that may have come before its exec started the
+/// kill is made again.
+const STARTING_GRACE: Duration = Duration::from_secs(1);
 
 impl DockerProvider {
     /// A provider that connects on first use; each API call is bounded by
@@ -307,6 +323,7 @@ impl DockerProvider {
             cancels: self.cancels.clone(),
             links: through_link.then(|| self.links.clone()),
             why,
+            starting: false,
             armed: true,
         }
     }
@@ -740,9 +757,11 @@ impl DockerProvider {
         let config = engine_exec_config(request, feeds, &self.exec_user);
         let exec = self.call(docker.create_exec(id, config)).await?;
         let mut cancel = self.cancel_on_drop(docker, id, request, false);
+        cancel.starting = true;
         let started = self
             .call(docker.start_exec(&exec.id, None::<StartExecOptions>))
             .await?;
+        cancel.starting = false;
         let StartExecResults::Attached {
             output: mut stream,
             mut input,
@@ -1354,10 +1373,12 @@ impl ContainerProvider for DockerProvider {
         // (its processes are gone) is spared it.
         let kill_as = (!agent_serves).then(|| self.exec_user.clone());
         let why = KillReason::PortConnectionOver;
-        let end = self.kill_on_drop(docker, id, &marker, kill_as, agent_serves, why);
+        let mut end = self.kill_on_drop(docker, id, &marker, kill_as, agent_serves, why);
+        end.starting = true;
         let started = self
             .call(docker.start_exec(&exec.id, None::<StartExecOptions>))
             .await?;
+        end.starting = false;
         let StartExecResults::Attached {
             mut output,
             mut input,
