@@ -251,15 +251,10 @@ async fn a_stalled_agent_means_docker_exec_until_the_host_restarts_it() {
     let id = container_of(&h, "alice");
     // Stop serve (SIGSTOP; the workload cannot, a fault of the agent's own
     // could leave it as stuck): it reads nothing more.
-    let serve = docker(&[
-        "exec",
-        "-u",
-        "0:0",
+    let serve = support::root_sh(
         &id,
-        "sh",
-        "-c",
         "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null | grep -q '^/.sandbox/agent serve' && echo ${p#/proc/}; done; true",
-    ]);
+    );
     let serve = serve.trim().to_owned();
     assert!(!serve.is_empty());
     let refused = b
@@ -332,15 +327,10 @@ async fn forged_or_garbled_replies_only_touch_their_own_sandbox() {
     // A faulty agent still could: root writes what a broken one might.
     let mallory_id = container_of(&h, "mallory");
     let as_agent = |text: &str| {
-        docker(&[
-            "exec",
-            "-u",
-            "0:0",
+        support::root_sh(
             &mallory_id,
-            "sh",
-            "-c",
             &format!("{find_serve} printf '{text}' > /proc/$s/fd/1"),
-        ]);
+        );
     };
     // Well-formed replies for calls that are not in flight change nothing.
     as_agent(&format!(

@@ -284,15 +284,7 @@ async fn a_port_through_the_engine_beside_a_stopper_cannot_wedge_the_engine() {
     // processes are ended, stopped or not.
     let mut left = String::new();
     for _ in 0..60 {
-        left = support::docker(&[
-            "exec",
-            "-u",
-            "0:0",
-            &id,
-            "sh",
-            "-c",
-            "ps -o args | grep '[a]gent connect' || true",
-        ]);
+        left = support::root_sh(&id, "ps -o args | grep '[a]gent connect' || true");
         if left.trim().is_empty() {
             break;
         }

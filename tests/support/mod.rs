@@ -391,6 +391,12 @@ pub fn docker(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `script` with `sh -c` as root in `container` (beside the
+/// workload, out of its reach): its stdout.
+pub fn root_sh(container: &str, script: &str) -> String {
+    docker(&["exec", "-u", "0:0", container, "sh", "-c", script])
+}
+
 /// The path of the test-only fixture component `crate_name` (e.g.
 /// `hostile-policy`), built with the host by `artifacts/build.rs`.
 pub fn fixture(crate_name: &str) -> std::path::PathBuf {
